@@ -1,0 +1,50 @@
+"""Python client of the knn-classifier gRPC service.
+
+>>> from knn_classifier.client import Client
+>>> with Client("localhost:50051") as client:
+...     client.create_classifier("intents")
+...     client.add_exemplars("intents", [("where is my card?", "card_arrival")])
+...     prediction = client.classify("intents", "my card has not come yet")
+"""
+
+from knn_classifier.v1.classifier_pb2 import (
+    Classifier,
+    Exemplar,
+    ExemplarInput,
+    LabelScore,
+    Neighbour,
+    Prediction,
+    UnknownReason,
+)
+
+from ._client import AsyncClient, Client
+from ._errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    KnnClassifierError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncClient",
+    "Classifier",
+    "Client",
+    "DeadlineExceededError",
+    "Exemplar",
+    "ExemplarInput",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "KnnClassifierError",
+    "LabelScore",
+    "Neighbour",
+    "NotFoundError",
+    "Prediction",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "UnknownReason",
+]

@@ -1,0 +1,305 @@
+"""Client and AsyncClient: typed wrappers over the generated stub, one method per RPC.
+
+Both take the server address once, a default deadline for every call (``timeout``, seconds) that
+each method can override, and raise :class:`KnnClassifierError` subclasses instead of
+``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+from knn_classifier.v1 import classifier_pb2 as pb
+from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
+
+from . import _requests as build
+from ._errors import from_rpc_error
+from ._requests import ExemplarLike, VotingName
+
+Response = TypeVar("Response")
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class Client:
+    """Blocking client. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.ClassifierServiceStub(self._channel)
+        self._timeout = timeout
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(
+        self, method: Callable[..., Response], request: Any, timeout: float | None
+    ) -> Response:
+        try:
+            return method(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def create_classifier(
+        self,
+        name: str,
+        *,
+        instruction: str = "",
+        k: int | None = None,
+        voting: VotingName | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.Classifier:
+        request = build.create_classifier(
+            name, instruction, k, voting, min_similarity, min_confidence
+        )
+        return self._call(self._stub.CreateClassifier, request, timeout)
+
+    def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
+        return self._call(self._stub.GetClassifier, pb.GetClassifierRequest(name=name), timeout)
+
+    def list_classifiers(self, *, timeout: float | None = None) -> list[pb.Classifier]:
+        response = self._call(self._stub.ListClassifiers, pb.ListClassifiersRequest(), timeout)
+        return list(response.classifiers)
+
+    def delete_classifier(self, name: str, *, timeout: float | None = None) -> int:
+        request = pb.DeleteClassifierRequest(name=name)
+        return self._call(self._stub.DeleteClassifier, request, timeout).deleted_exemplars
+
+    def add_exemplars(
+        self, classifier: str, exemplars: Iterable[ExemplarLike], *, timeout: float | None = None
+    ) -> list[str]:
+        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
+        request = build.add_exemplars(classifier, exemplars)
+        return list(self._call(self._stub.AddExemplars, request, timeout).ids)
+
+    def delete_exemplars(
+        self,
+        classifier: str,
+        *,
+        ids: Sequence[str] = (),
+        label: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        request = pb.DeleteExemplarsRequest(classifier=classifier, ids=ids, label=label)
+        return self._call(self._stub.DeleteExemplars, request, timeout).deleted
+
+    def list_exemplars(
+        self,
+        classifier: str,
+        *,
+        page_size: int | None = None,
+        page_token: str = "",
+        label: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListExemplarsResponse:
+        request = pb.ListExemplarsRequest(
+            classifier=classifier, page_size=page_size, page_token=page_token, label=label
+        )
+        return self._call(self._stub.ListExemplars, request, timeout)
+
+    def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
+        """Label -> number of exemplars, most exemplars first."""
+        request = pb.ListLabelsRequest(classifier=classifier)
+        response = self._call(self._stub.ListLabels, request, timeout)
+        return {item.label: item.count for item in response.labels}
+
+    def classify(
+        self,
+        classifier: str,
+        text: str,
+        *,
+        k: int | None = None,
+        dimension: int | None = None,
+        voting: VotingName | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        include_neighbours: bool = False,
+        timeout: float | None = None,
+    ) -> pb.Prediction:
+        options = build.classify_options(
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+        )
+        request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
+        return self._call(self._stub.Classify, request, timeout).prediction
+
+    def classify_batch(
+        self,
+        classifier: str,
+        texts: Sequence[str],
+        *,
+        k: int | None = None,
+        dimension: int | None = None,
+        voting: VotingName | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        include_neighbours: bool = False,
+        timeout: float | None = None,
+    ) -> list[pb.Prediction]:
+        options = build.classify_options(
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+        )
+        request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
+        return list(self._call(self._stub.ClassifyBatch, request, timeout).predictions)
+
+
+class AsyncClient:
+    """``asyncio`` client. Use as an async context manager, or await :meth:`close`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.ClassifierServiceAsyncStub(self._channel)
+        self._timeout = timeout
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def _call(
+        self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None
+    ) -> Response:
+        try:
+            return await method(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def create_classifier(
+        self,
+        name: str,
+        *,
+        instruction: str = "",
+        k: int | None = None,
+        voting: VotingName | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.Classifier:
+        request = build.create_classifier(
+            name, instruction, k, voting, min_similarity, min_confidence
+        )
+        return await self._call(self._stub.CreateClassifier, request, timeout)
+
+    async def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
+        request = pb.GetClassifierRequest(name=name)
+        return await self._call(self._stub.GetClassifier, request, timeout)
+
+    async def list_classifiers(self, *, timeout: float | None = None) -> list[pb.Classifier]:
+        request = pb.ListClassifiersRequest()
+        return list((await self._call(self._stub.ListClassifiers, request, timeout)).classifiers)
+
+    async def delete_classifier(self, name: str, *, timeout: float | None = None) -> int:
+        request = pb.DeleteClassifierRequest(name=name)
+        response = await self._call(self._stub.DeleteClassifier, request, timeout)
+        return response.deleted_exemplars
+
+    async def add_exemplars(
+        self, classifier: str, exemplars: Iterable[ExemplarLike], *, timeout: float | None = None
+    ) -> list[str]:
+        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
+        request = build.add_exemplars(classifier, exemplars)
+        return list((await self._call(self._stub.AddExemplars, request, timeout)).ids)
+
+    async def delete_exemplars(
+        self,
+        classifier: str,
+        *,
+        ids: Sequence[str] = (),
+        label: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        request = pb.DeleteExemplarsRequest(classifier=classifier, ids=ids, label=label)
+        return (await self._call(self._stub.DeleteExemplars, request, timeout)).deleted
+
+    async def list_exemplars(
+        self,
+        classifier: str,
+        *,
+        page_size: int | None = None,
+        page_token: str = "",
+        label: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListExemplarsResponse:
+        request = pb.ListExemplarsRequest(
+            classifier=classifier, page_size=page_size, page_token=page_token, label=label
+        )
+        return await self._call(self._stub.ListExemplars, request, timeout)
+
+    async def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
+        """Label -> number of exemplars, most exemplars first."""
+        request = pb.ListLabelsRequest(classifier=classifier)
+        response = await self._call(self._stub.ListLabels, request, timeout)
+        return {item.label: item.count for item in response.labels}
+
+    async def classify(
+        self,
+        classifier: str,
+        text: str,
+        *,
+        k: int | None = None,
+        dimension: int | None = None,
+        voting: VotingName | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        include_neighbours: bool = False,
+        timeout: float | None = None,
+    ) -> pb.Prediction:
+        options = build.classify_options(
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+        )
+        request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
+        return (await self._call(self._stub.Classify, request, timeout)).prediction
+
+    async def classify_batch(
+        self,
+        classifier: str,
+        texts: Sequence[str],
+        *,
+        k: int | None = None,
+        dimension: int | None = None,
+        voting: VotingName | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        include_neighbours: bool = False,
+        timeout: float | None = None,
+    ) -> list[pb.Prediction]:
+        options = build.classify_options(
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+        )
+        request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
+        return list((await self._call(self._stub.ClassifyBatch, request, timeout)).predictions)

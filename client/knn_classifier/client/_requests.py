@@ -1,0 +1,73 @@
+"""Request builders shared by Client and AsyncClient, so both speak the API the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Literal, TypeAlias
+
+from knn_classifier.v1 import classifier_pb2 as pb
+
+VotingName: TypeAlias = Literal["majority", "similarity_weighted"]
+ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
+"""An exemplar: a message, or a ``(text, label)`` pair."""
+
+_VOTING: dict[str, pb.Voting.ValueType] = {
+    "majority": pb.VOTING_MAJORITY,
+    "similarity_weighted": pb.VOTING_SIMILARITY_WEIGHTED,
+}
+
+
+def voting(name: VotingName | None) -> pb.Voting.ValueType:
+    if name is None:
+        return pb.VOTING_UNSPECIFIED
+    try:
+        return _VOTING[name]
+    except KeyError:
+        raise ValueError(f"voting must be one of {sorted(_VOTING)}, not {name!r}") from None
+
+
+def create_classifier(
+    name: str,
+    instruction: str,
+    k: int | None,
+    voting_name: VotingName | None,
+    min_similarity: float | None,
+    min_confidence: float | None,
+) -> pb.CreateClassifierRequest:
+    return pb.CreateClassifierRequest(
+        name=name,
+        instruction=instruction,
+        k=k,
+        voting=voting(voting_name),
+        min_similarity=min_similarity,
+        min_confidence=min_confidence,
+    )
+
+
+def exemplar(item: ExemplarLike, metadata: Mapping[str, str] | None = None) -> pb.ExemplarInput:
+    if isinstance(item, pb.ExemplarInput):
+        return item
+    text, label = item
+    return pb.ExemplarInput(text=text, label=label, metadata=metadata)
+
+
+def add_exemplars(classifier: str, items: Iterable[ExemplarLike]) -> pb.AddExemplarsRequest:
+    return pb.AddExemplarsRequest(classifier=classifier, exemplars=[exemplar(i) for i in items])
+
+
+def classify_options(
+    k: int | None,
+    dimension: int | None,
+    voting_name: VotingName | None,
+    min_similarity: float | None,
+    min_confidence: float | None,
+    include_neighbours: bool,
+) -> pb.ClassifyOptions:
+    return pb.ClassifyOptions(
+        k=k,
+        dimension=dimension,
+        voting=voting(voting_name),
+        min_similarity=min_similarity,
+        min_confidence=min_confidence,
+        include_neighbours=include_neighbours,
+    )

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Generates the Python code for proto/ into a directory (default: client/), with the tools pinned
+# in pyproject.toml (grpcio-tools, mypy-protobuf). `make proto` writes client/;
+# `make proto-check` generates into a temporary directory and fails if client/ differs.
+set -euo pipefail
+out=${1:-client}
+cd "$(dirname "$0")/.."
+mkdir -p "$out/knn_classifier/v1"
+python -m grpc_tools.protoc -I proto \
+  --python_out="$out" --grpc_python_out="$out" \
+  --mypy_out="$out" --mypy_grpc_out="$out" \
+  proto/knn_classifier/v1/classifier.proto
+touch "$out/knn_classifier/v1/py.typed"

@@ -1,0 +1,1 @@
+"""knn-classifier server: k-nearest-neighbour text classification over gRPC."""

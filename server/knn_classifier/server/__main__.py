@@ -1,0 +1,47 @@
+"""``python -m knn_classifier.server``: runs the service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from .app import App
+from .errors import StartupError
+from .settings import Settings
+
+log = logging.getLogger("knn_classifier.server")
+
+
+async def serve(settings: Settings) -> None:
+    app = App(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace period %gs)", settings.server.grace_period_s)
+    await app.stop()
+
+
+def main() -> None:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        sys.exit(f"invalid settings:\n{exc}")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        sys.exit(f"knn-classifier cannot start: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Assembles the running service: store, embedder, core, gRPC server, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
+from grpc_reflection.v1alpha import reflection
+from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from qdrant_client import AsyncQdrantClient
+
+from .api import ClassifierServicer
+from .embedding import Embedder
+from .service import ClassifierService
+from .settings import Settings
+from .store import EdgeStore, QdrantServerStore, Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["ClassifierService"].full_name
+
+
+def build_store(settings: Settings) -> Store:
+    """The Qdrant server store if ``store.url`` is set, else the embedded store in data_dir."""
+    if settings.store.url:
+        client = AsyncQdrantClient(
+            url=settings.store.url,
+            grpc_port=settings.store.grpc_port,
+            prefer_grpc=True,
+            api_key=settings.store.api_key.get_secret_value() if settings.store.api_key else None,
+            timeout=settings.store.timeout_s,
+        )
+        return QdrantServerStore(client, settings.store.collection_prefix)
+    return EdgeStore(settings.data_dir)
+
+
+class App:
+    """The service and its gRPC server. ``start`` returns the bound port."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.service = ClassifierService(
+            settings, Embedder(settings.embedding), store or build_store(settings)
+        )
+        self.health = health_aio.HealthServicer()
+        limit = settings.limits.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
+            ClassifierServicer(self.service), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+
+    async def start(self) -> int:
+        await self.service.start()
+        address = f"{self.settings.server.host}:{self.settings.server.port}"
+        port = self.server.add_insecure_port(address)
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d", SERVICE_NAME, self.settings.server.host, port)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish within ``grace``, then closes."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.server.grace_period_s if grace is None else grace)
+        await self.service.stop()
+        log.info("stopped")

@@ -1,0 +1,165 @@
+"""Embeddings through an OpenAI-compatible ``/v1/embeddings`` endpoint (SGLang in production).
+
+One call embeds a batch at the model's full width; :func:`truncate` then derives each configured
+Matryoshka dimension (first ``d`` components, L2-normalised), which is what the model's own
+``dimensions`` option computes, so one call serves every collection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+import openai
+
+from .errors import InvalidArgument, StartupError, Unavailable
+from .settings import EmbeddingSettings
+
+log = logging.getLogger(__name__)
+
+Matrix = npt.NDArray[np.float32]
+
+_RETRYABLE_STATUS = {429, 503}
+_PROBE_TEXT = "dimension probe"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two vectors comparable: the same model, prompt template and width."""
+
+    model: str
+    template: str
+    width: int
+
+    def as_payload(self) -> dict[str, str | int]:
+        return {"model": self.model, "template": self.template, "width": self.width}
+
+
+def truncate(vectors: Matrix, dimension: int) -> Matrix:
+    """The first ``dimension`` components of each row, L2-normalised (Matryoshka truncation)."""
+    head = vectors[:, :dimension]
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    if np.any(norms == 0.0):
+        raise Unavailable("the embedding server returned an all-zero vector")
+    return cast(Matrix, (head / norms).astype(np.float32, copy=False))
+
+
+class Embedder:
+    """Client of the embedding server; one instance per service, safe for concurrent use."""
+
+    def __init__(self, settings: EmbeddingSettings) -> None:
+        self._settings = settings
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.base_url,
+            api_key=settings.api_key.get_secret_value(),
+            max_retries=0,  # retries are ours: only where they can help (see _call)
+            timeout=settings.timeout_s,
+        )
+        self._width: int | None = None
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        if self._width is None:
+            raise RuntimeError("probe() must run before the fingerprint is known")
+        return Fingerprint(self._settings.model, self._settings.template, self._width)
+
+    def prompt(self, instruction: str, text: str) -> str:
+        """The text as the model sees it: the template filled with the classifier's instruction."""
+        return self._settings.template.format(instruction=instruction, text=text)
+
+    async def probe(self) -> int:
+        """Learns the model's full width, waiting up to ``startup_timeout_s`` for the server."""
+        deadline = time.monotonic() + self._settings.startup_timeout_s
+        while True:
+            try:
+                vectors = await self.embed([_PROBE_TEXT])
+            except Unavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        f"the embedding server at {self._settings.base_url} did not answer "
+                        f"within {self._settings.startup_timeout_s:g}s ({exc}); start it or set "
+                        "KNN_EMBEDDING__BASE_URL"
+                    ) from exc
+                log.info("waiting for the embedding server: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except InvalidArgument as exc:
+                raise StartupError(
+                    f"the embedding server rejected the probe call ({exc}); check "
+                    "KNN_EMBEDDING__MODEL"
+                ) from exc
+            self._width = int(vectors.shape[1])
+            return self._width
+
+    async def embed(self, texts: Sequence[str]) -> Matrix:
+        """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order."""
+        step = self._settings.max_texts_per_call
+        parts = [await self._call(texts[i : i + step]) for i in range(0, len(texts), step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, texts: Sequence[str]) -> Matrix:
+        attempt = 0
+        while True:
+            try:
+                response = await self._client.embeddings.create(
+                    model=self._settings.model, input=list(texts), encoding_format="base64"
+                )
+                return self._decode(response, len(texts))
+            except openai.BadRequestError as exc:
+                raise InvalidArgument(
+                    f"the embedding model rejected the input: {_message(exc)}"
+                ) from exc
+            except openai.APIStatusError as exc:
+                if exc.status_code not in _RETRYABLE_STATUS or attempt >= self._settings.retries:
+                    raise Unavailable(
+                        f"the embedding server answered HTTP {exc.status_code}"
+                    ) from exc
+                reason = f"HTTP {exc.status_code}"
+            except openai.APIConnectionError as exc:  # includes timeouts
+                if attempt >= self._settings.retries:
+                    raise Unavailable(
+                        f"the embedding server cannot be reached ({type(exc).__name__})"
+                    ) from exc
+                reason = type(exc).__name__
+            delay = 0.1 * 2**attempt * (1.0 + random.random())
+            log.warning("embedding call failed (%s); retry %d in %.2fs", reason, attempt + 1, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _decode(self, response: openai.types.CreateEmbeddingResponse, expected: int) -> Matrix:
+        if len(response.data) != expected:
+            raise Unavailable(
+                f"the embedding server returned {len(response.data)} vectors for {expected} texts"
+            )
+        rows = [
+            np.frombuffer(base64.b64decode(cast(str, item.embedding)), dtype="<f4")
+            for item in sorted(response.data, key=lambda item: item.index)
+        ]
+        widths = {row.shape[0] for row in rows}
+        if len(widths) != 1 or (self._width is not None and widths != {self._width}):
+            raise Unavailable(f"the embedding server returned vectors of width {sorted(widths)}")
+        matrix = np.vstack(rows).astype(np.float32, copy=False)
+        if not np.all(np.isfinite(matrix)):
+            raise Unavailable("the embedding server returned non-finite values")
+        return matrix
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        detail = body.get("message") or body.get("error") or body
+        if isinstance(detail, dict):
+            detail = detail.get("message", detail)
+        return str(detail)[:300]
+    return str(exc.message)[:300]

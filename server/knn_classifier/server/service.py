@@ -1,0 +1,305 @@
+"""The transport-free core: classifiers, exemplars and classification over an embedder and a store.
+
+Knows nothing of gRPC: it takes and returns domain types and raises the errors of ``errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from . import validation
+from .domain import (
+    ClassifierConfig,
+    ClassifierInfo,
+    ClassifyOptions,
+    Exemplar,
+    ExemplarInput,
+    NewClassifier,
+)
+from .embedding import Embedder, Fingerprint, truncate
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, StartupError
+from .settings import Settings
+from .store import Record, Selection, Store
+from .voting import Neighbour, Vote, Voting, vote
+
+log = logging.getLogger(__name__)
+
+_ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
+_FINGERPRINT_KEY = "embedder-fingerprint"
+_DEFAULT_PAGE_SIZE = 100
+
+T = TypeVar("T")
+
+
+def _classifier_key(name: str) -> str:
+    return f"classifier:{name}"
+
+
+def derived_exemplar_id(classifier: str, text: str) -> str:
+    """The id of an exemplar added without one: adding the same text again updates it."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"text\x00{classifier}\x00{text}"))
+
+
+def _point_id(classifier: str, exemplar_id: str) -> str:
+    """The store's point id: exemplar ids are per classifier, point ids are global UUIDs."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"point\x00{classifier}\x00{exemplar_id}"))
+
+
+class ClassifierService:
+    def __init__(self, settings: Settings, embedder: Embedder, store: Store) -> None:
+        self._settings = settings
+        self._limits = settings.limits
+        self._dimensions = settings.dimensions
+        self._embedder = embedder
+        self._store = store
+        self._create_lock = asyncio.Lock()
+
+    @property
+    def dimensions(self) -> list[int]:
+        return list(self._dimensions)
+
+    # Life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Probes the embedder, opens the store and checks that both agree with the data."""
+        width = await self._embedder.probe()
+        too_wide = [d for d in self._dimensions if d > width]
+        if too_wide:
+            fitting = [d for d in self._dimensions if d <= width] or [width]
+            raise StartupError(
+                f"dimensions {too_wide} exceed the width {width} of the embedding model "
+                f"{self._settings.embedding.model!r}; set KNN_DIMENSIONS to values up to {width}, "
+                f"e.g. KNN_DIMENSIONS={','.join(map(str, fitting))}"
+            )
+        await self._store.open(self._dimensions)
+        await self._check_fingerprint(self._embedder.fingerprint)
+        log.info("embedder width %d; dimensions %s", width, self._dimensions)
+
+    async def _check_fingerprint(self, current: Fingerprint) -> None:
+        recorded = await self._store.get_meta(_FINGERPRINT_KEY)
+        has_data = bool(await self._store.list_meta("classifier"))
+        if recorded is not None and has_data:
+            stored = Fingerprint(
+                str(recorded["model"]), str(recorded["template"]), int(recorded["width"])
+            )
+            if stored != current:
+                raise StartupError(
+                    f"the store holds vectors made by model={stored.model!r}, "
+                    f"template={stored.template!r}, width={stored.width}, but this service "
+                    f"embeds with model={current.model!r}, template={current.template!r}, "
+                    f"width={current.width}; vectors of different embedders cannot be compared. "
+                    "Use the same embedder settings, or a new KNN_DATA_DIR / collection prefix"
+                )
+            missing = sorted(set(self._dimensions) - set(recorded.get("dimensions", [])))
+            if missing:
+                raise StartupError(
+                    f"dimensions {missing} are new, but the store already holds exemplars that "
+                    "have no vectors in them; remove them from KNN_DIMENSIONS or start on an "
+                    "empty store"
+                )
+        payload: dict[str, Any] = {
+            **current.as_payload(),
+            "kind": "fingerprint",
+            "dimensions": self._dimensions,
+        }
+        await self._store.put_meta(_FINGERPRINT_KEY, payload)
+
+    async def stop(self) -> None:
+        await self._store.close()
+        await self._embedder.close()
+
+    # Classifiers -----------------------------------------------------------------------------
+
+    async def create_classifier(self, request: NewClassifier) -> ClassifierInfo:
+        defaults = self._settings.defaults
+        config = ClassifierConfig(
+            name=validation.classifier_name(request.name),
+            instruction=validation.instruction(request.instruction) or defaults.instruction,
+            k=validation.k(request.k if request.k is not None else defaults.k, self._limits),
+            voting=request.voting or Voting(defaults.voting),
+            min_similarity=validation.fraction(
+                _either(request.min_similarity, defaults.min_similarity), "min_similarity", -1, 1
+            ),
+            min_confidence=validation.fraction(
+                _either(request.min_confidence, defaults.min_confidence), "min_confidence", 0, 1
+            ),
+            created_at=time.time(),
+        )
+        async with self._create_lock:
+            if await self._store.get_meta(_classifier_key(config.name)) is not None:
+                raise AlreadyExists(f"classifier {config.name!r} already exists")
+            await self._store.put_meta(_classifier_key(config.name), config.to_payload())
+        log.info("created classifier %s", config.name)
+        return ClassifierInfo(config, 0)
+
+    async def get_classifier(self, name: str) -> ClassifierInfo:
+        config = await self._config(name)
+        return ClassifierInfo(config, await self._count(Selection(name)))
+
+    async def list_classifiers(self) -> list[ClassifierInfo]:
+        configs = sorted(
+            (ClassifierConfig.from_payload(p) for p in await self._store.list_meta("classifier")),
+            key=lambda c: c.name,
+        )
+        return [ClassifierInfo(c, await self._count(Selection(c.name))) for c in configs]
+
+    async def delete_classifier(self, name: str) -> int:
+        await self._config(name)
+        deleted = await self._delete(Selection(name))
+        # The record goes last: if this is interrupted, the classifier still exists and
+        # deleting it again finishes the job.
+        await self._store.delete_meta(_classifier_key(name))
+        log.info("deleted classifier %s (%d exemplars)", name, deleted)
+        return deleted
+
+    async def _config(self, name: str) -> ClassifierConfig:
+        payload = await self._store.get_meta(_classifier_key(validation.classifier_name(name)))
+        if payload is None:
+            raise NotFound(f"classifier {name!r} does not exist")
+        return ClassifierConfig.from_payload(payload)
+
+    async def _count(self, selection: Selection) -> int:
+        return await self._store.count(self._dimensions[0], selection)
+
+    # Exemplars -------------------------------------------------------------------------------
+
+    async def add_exemplars(self, classifier: str, items: Sequence[ExemplarInput]) -> list[str]:
+        """Embeds ``items`` once and writes them to every dimension; returns their ids."""
+        validation.batch_size(len(items), self._limits, "exemplars")
+        for i, item in enumerate(items):
+            validation.text(item.text, self._limits, f"exemplars[{i}].text")
+            validation.label(item.label, f"exemplars[{i}].label")
+            validation.exemplar_id(item.id, f"exemplars[{i}].id")
+            validation.metadata(item.metadata, f"exemplars[{i}].metadata")
+        config = await self._config(classifier)
+
+        ids = [item.id or derived_exemplar_id(classifier, item.text) for item in items]
+        # A repeated id within the batch: the last occurrence wins, as it would across calls.
+        latest = {exemplar_id: i for i, exemplar_id in enumerate(ids)}
+        chosen = sorted(latest.values())
+        now = time.time()
+        point_ids = [_point_id(classifier, ids[i]) for i in chosen]
+        payloads = [
+            {
+                "classifier": classifier,
+                "id": ids[i],
+                "label": items[i].label,
+                "text": items[i].text,
+                "metadata": dict(items[i].metadata),
+                "created_at": now,
+            }
+            for i in chosen
+        ]
+        prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
+        vectors = await self._embedder.embed(prompts)
+        for dimension in self._dimensions:
+            await self._store.upsert(dimension, point_ids, truncate(vectors, dimension), payloads)
+        return ids
+
+    async def delete_exemplars(
+        self, classifier: str, ids: Sequence[str] = (), label: str = ""
+    ) -> int:
+        if bool(ids) == bool(label):
+            raise InvalidArgument("give either ids or a label, not both and not neither")
+        await self._config(classifier)
+        if ids:
+            for i, exemplar_id in enumerate(ids):
+                validation.exemplar_id(exemplar_id, f"ids[{i}]")
+            point_ids = [_point_id(classifier, exemplar_id) for exemplar_id in ids]
+            return await self._delete(Selection(classifier, ids=point_ids))
+        return await self._delete(Selection(classifier, label=validation.label(label)))
+
+    async def _delete(self, selection: Selection) -> int:
+        count = await self._count(selection)
+        for dimension in self._dimensions:
+            await self._store.delete(dimension, selection)
+        return count
+
+    async def list_exemplars(
+        self, classifier: str, page_size: int | None, page_token: str, label: str
+    ) -> tuple[list[Exemplar], str]:
+        limit = _DEFAULT_PAGE_SIZE if page_size is None else page_size
+        if not 1 <= limit <= self._limits.max_page_size:
+            raise InvalidArgument(
+                f"page_size={limit} is out of range; use 1 to {self._limits.max_page_size}"
+            )
+        offset = _parse_page_token(page_token)
+        await self._config(classifier)
+        selection = Selection(classifier, label=validation.label(label) if label else None)
+        records, next_offset = await self._store.scroll(
+            self._dimensions[0], selection, limit, offset
+        )
+        return [_exemplar(record) for record in records], next_offset or ""
+
+    async def list_labels(self, classifier: str) -> list[tuple[str, int]]:
+        await self._config(classifier)
+        counts = await self._store.label_counts(self._dimensions[0], classifier)
+        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+    # Classification --------------------------------------------------------------------------
+
+    async def classify(
+        self, classifier: str, texts: Sequence[str], options: ClassifyOptions
+    ) -> list[Vote]:
+        """Classifies ``texts`` with one embedding call and one batched store query."""
+        validation.batch_size(len(texts), self._limits, "texts")
+        for i, text in enumerate(texts):
+            validation.text(text, self._limits, "text" if len(texts) == 1 else f"texts[{i}]")
+        config = await self._config(classifier)
+        k = validation.k(_either(options.k, config.k), self._limits)
+        dimension = validation.dimension(
+            _either(options.dimension, self._dimensions[-1]), self._dimensions
+        )
+        voting = options.voting or config.voting
+        min_similarity = validation.fraction(
+            _either(options.min_similarity, config.min_similarity), "min_similarity", -1, 1
+        )
+        min_confidence = validation.fraction(
+            _either(options.min_confidence, config.min_confidence), "min_confidence", 0, 1
+        )
+
+        prompts = [self._embedder.prompt(config.instruction, text) for text in texts]
+        vectors = truncate(await self._embedder.embed(prompts), dimension)
+        results = await self._store.query(dimension, classifier, vectors, k)
+        if not results or not results[0]:
+            raise FailedPrecondition(
+                f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
+            )
+        return [
+            vote([_neighbour(hit) for hit in hits], voting, min_similarity, min_confidence)
+            for hits in results
+        ]
+
+
+def _either(override: T | None, default: T) -> T:
+    return default if override is None else override
+
+
+def _neighbour(record: Record) -> Neighbour:
+    payload = record.payload
+    return Neighbour(str(payload["id"]), str(payload["label"]), str(payload["text"]), record.score)
+
+
+def _exemplar(record: Record) -> Exemplar:
+    payload = record.payload
+    return Exemplar(
+        id=str(payload["id"]),
+        text=str(payload["text"]),
+        label=str(payload["label"]),
+        metadata={str(k): str(v) for k, v in (payload.get("metadata") or {}).items()},
+        created_at=float(payload.get("created_at", 0.0)),
+    )
+
+
+def _parse_page_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        return str(uuid.UUID(token))
+    except ValueError:
+        raise InvalidArgument("invalid page_token; pass next_page_token unchanged") from None

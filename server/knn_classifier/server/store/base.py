@@ -1,0 +1,106 @@
+"""The store interface: what the service needs from a vector database, and nothing more.
+
+Exemplars live in one collection per dimension, each point carrying the same id and payload in
+every collection. Small records (classifiers, the embedder fingerprint) live in a ``meta``
+collection of the same store, so that service replicas sharing a Qdrant server share them too.
+Every exemplar operation is scoped to one classifier.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Payload = dict[str, Any]
+Matrix = npt.NDArray[np.float32]
+
+_META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
+
+
+def meta_point_id(key: str) -> str:
+    """The point id of a meta record: stable, so a key is written in one place only."""
+    return str(uuid.uuid5(_META_NAMESPACE, key))
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A stored point: its id, payload and, for query results, its cosine similarity."""
+
+    id: str
+    payload: Payload
+    score: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which exemplars of one classifier an operation touches: all, by ids, or by label."""
+
+    classifier: str
+    ids: Sequence[str] | None = None
+    label: str | None = None
+
+
+class Store(ABC):
+    """A vector store with one exemplar collection per dimension and a meta collection."""
+
+    @abstractmethod
+    async def open(self, dimensions: Sequence[int]) -> None:
+        """Opens or creates the collections for ``dimensions`` and the meta collection."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Releases the store; every acknowledged write is already durable."""
+
+    @abstractmethod
+    async def existing_dimensions(self) -> list[int]:
+        """Dimensions that have an exemplar collection, before :meth:`open` creates any."""
+
+    # Meta records ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def get_meta(self, key: str) -> Payload | None: ...
+
+    @abstractmethod
+    async def put_meta(self, key: str, payload: Payload) -> None: ...
+
+    @abstractmethod
+    async def delete_meta(self, key: str) -> None: ...
+
+    @abstractmethod
+    async def list_meta(self, kind: str) -> list[Payload]:
+        """Meta records whose payload has ``kind`` equal to ``kind``."""
+
+    # Exemplars -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def upsert(
+        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+    ) -> None:
+        """Writes points durably; returns once they survive a crash of this process."""
+
+    @abstractmethod
+    async def delete(self, dimension: int, selection: Selection) -> None: ...
+
+    @abstractmethod
+    async def count(self, dimension: int, selection: Selection) -> int: ...
+
+    @abstractmethod
+    async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def scroll(
+        self, dimension: int, selection: Selection, limit: int, offset: str | None
+    ) -> tuple[list[Record], str | None]:
+        """A page of points in id order and the offset of the next page (None: last page)."""
+
+    @abstractmethod
+    async def query(
+        self, dimension: int, classifier: str, vectors: Matrix, k: int
+    ) -> list[list[Record]]:
+        """For each row of ``vectors``, the ``k`` most similar points, most similar first."""

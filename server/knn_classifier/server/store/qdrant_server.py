@@ -1,0 +1,207 @@
+"""The Qdrant server store: ``qdrant_client.AsyncQdrantClient``, one collection per dimension.
+
+Collections follow Qdrant's multitenancy recipe: an ``is_tenant`` keyword index on
+``classifier``, and HNSW graphs built per tenant (``payload_m``) instead of one global graph
+(``m=0``), so a classifier's query searches its own graph. Writes use ``wait=True``: the call
+returns once the server has applied them. Any client or server failure becomes
+:class:`Unavailable`, so callers see UNAVAILABLE instead of an internal error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import grpc
+import httpx
+from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.conversions import common_types as types
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from ..errors import Unavailable
+from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
+
+log = logging.getLogger(__name__)
+
+_FACET_LIMIT = 1_000_000
+_CLIENT_FAILURES = (
+    UnexpectedResponse,
+    ResponseHandlingException,
+    grpc.RpcError,
+    httpx.HTTPError,
+    OSError,
+    TimeoutError,
+)
+
+
+class QdrantServerStore(Store):
+    def __init__(self, client: AsyncQdrantClient, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+
+    def _collection(self, dimension: int) -> str:
+        return f"{self._prefix}_d{dimension}"
+
+    @property
+    def _meta(self) -> str:
+        return f"{self._prefix}_meta"
+
+    async def existing_dimensions(self) -> list[int]:
+        head = f"{self._prefix}_d"
+        async with _unavailable_on_failure():
+            response = await self._client.get_collections()
+        return sorted(
+            int(c.name[len(head) :])
+            for c in response.collections
+            if c.name.startswith(head) and c.name[len(head) :].isdigit()
+        )
+
+    async def open(self, dimensions: Sequence[int]) -> None:
+        async with _unavailable_on_failure():
+            await self._ensure_collection(self._meta, 1, tenant_index=False)
+            for dimension in dimensions:
+                await self._ensure_collection(self._collection(dimension), dimension)
+
+    async def _ensure_collection(self, name: str, size: int, *, tenant_index: bool = True) -> None:
+        if await self._client.collection_exists(name):
+            return
+        await self._client.create_collection(
+            name,
+            vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
+            hnsw_config=models.HnswConfigDiff(m=0, payload_m=16) if tenant_index else None,
+        )
+        if tenant_index:
+            await self._client.create_payload_index(
+                name,
+                "classifier",
+                field_schema=models.KeywordIndexParams(
+                    type=models.KeywordIndexType.KEYWORD, is_tenant=True
+                ),
+                wait=True,
+            )
+            await self._client.create_payload_index(
+                name, "label", field_schema=models.PayloadSchemaType.KEYWORD, wait=True
+            )
+        log.info("created collection %s (size %d)", name, size)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # Meta records ----------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> Payload | None:
+        async with _unavailable_on_failure():
+            records = await self._client.retrieve(self._meta, [meta_point_id(key)])
+        return dict(records[0].payload or {}) if records else None
+
+    async def put_meta(self, key: str, payload: Payload) -> None:
+        point = models.PointStruct(
+            id=meta_point_id(key), vector=[1.0], payload={**payload, "key": key}
+        )
+        async with _unavailable_on_failure():
+            await self._client.upsert(self._meta, [point], wait=True)
+
+    async def delete_meta(self, key: str) -> None:
+        selector = models.PointIdsList(points=[meta_point_id(key)])
+        async with _unavailable_on_failure():
+            await self._client.delete(self._meta, selector, wait=True)
+
+    async def list_meta(self, kind: str) -> list[Payload]:
+        where = models.Filter(
+            must=[models.FieldCondition(key="kind", match=models.MatchValue(value=kind))]
+        )
+        payloads: list[Payload] = []
+        offset: types.PointId | None = None
+        async with _unavailable_on_failure():
+            while True:
+                page, offset = await self._client.scroll(
+                    self._meta, where, limit=1000, offset=offset, with_payload=True
+                )
+                payloads.extend(dict(record.payload or {}) for record in page)
+                if offset is None:
+                    return payloads
+
+    # Exemplars -------------------------------------------------------------------------------
+
+    async def upsert(
+        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+    ) -> None:
+        batch = models.Batch(ids=list(ids), vectors=vectors.tolist(), payloads=list(payloads))
+        async with _unavailable_on_failure():
+            await self._client.upsert(self._collection(dimension), batch, wait=True)
+
+    async def delete(self, dimension: int, selection: Selection) -> None:
+        selector = models.FilterSelector(filter=_filter(selection))
+        async with _unavailable_on_failure():
+            await self._client.delete(self._collection(dimension), selector, wait=True)
+
+    async def count(self, dimension: int, selection: Selection) -> int:
+        async with _unavailable_on_failure():
+            result = await self._client.count(
+                self._collection(dimension), _filter(selection), exact=True
+            )
+        return result.count
+
+    async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]:
+        async with _unavailable_on_failure():
+            response = await self._client.facet(
+                self._collection(dimension),
+                "label",
+                facet_filter=_filter(Selection(classifier)),
+                limit=_FACET_LIMIT,
+                exact=True,
+            )
+        return {str(hit.value): hit.count for hit in response.hits}
+
+    async def scroll(
+        self, dimension: int, selection: Selection, limit: int, offset: str | None
+    ) -> tuple[list[Record], str | None]:
+        async with _unavailable_on_failure():
+            records, next_offset = await self._client.scroll(
+                self._collection(dimension),
+                _filter(selection),
+                limit=limit,
+                offset=offset,
+                with_payload=True,
+            )
+        page = [Record(str(record.id), dict(record.payload or {})) for record in records]
+        return page, None if next_offset is None else str(next_offset)
+
+    async def query(
+        self, dimension: int, classifier: str, vectors: Matrix, k: int
+    ) -> list[list[Record]]:
+        tenant = _filter(Selection(classifier))
+        requests = [
+            models.QueryRequest(query=vector, filter=tenant, limit=k, with_payload=True)
+            for vector in vectors.tolist()
+        ]
+        async with _unavailable_on_failure():
+            responses = await self._client.query_batch_points(self._collection(dimension), requests)
+        return [
+            [Record(str(p.id), dict(p.payload or {}), p.score) for p in response.points]
+            for response in responses
+        ]
+
+
+def _filter(selection: Selection) -> models.Filter:
+    must: list[models.Condition] = [
+        models.FieldCondition(key="classifier", match=models.MatchValue(value=selection.classifier))
+    ]
+    if selection.label is not None:
+        must.append(
+            models.FieldCondition(key="label", match=models.MatchValue(value=selection.label))
+        )
+    if selection.ids is not None:
+        must.append(models.HasIdCondition(has_id=list(selection.ids)))
+    return models.Filter(must=must)
+
+
+@asynccontextmanager
+async def _unavailable_on_failure() -> AsyncIterator[None]:
+    """Turns a failure of the Qdrant client (network, HTTP or gRPC status) into Unavailable."""
+    try:
+        yield
+    except _CLIENT_FAILURES as exc:
+        log.warning("Qdrant call failed: %r", exc)
+        raise Unavailable("the vector store (Qdrant) is unavailable") from exc
