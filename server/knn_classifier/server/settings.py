@@ -153,11 +153,21 @@ class Settings(BaseSettings):
         ),
     )
     log_level: str = Field("INFO", description="Python logging level.")
-    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
-    store: StoreSettings = Field(default_factory=StoreSettings)
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    limits: LimitSettings = Field(default_factory=LimitSettings)
-    defaults: ClassifierDefaults = Field(default_factory=ClassifierDefaults)
+    embedding: EmbeddingSettings = Field(
+        default_factory=EmbeddingSettings, description="The embedding server (KNN_EMBEDDING__*)."
+    )
+    store: StoreSettings = Field(
+        default_factory=StoreSettings, description="The vector store (KNN_STORE__*)."
+    )
+    server: ServerSettings = Field(
+        default_factory=ServerSettings, description="The gRPC listener (KNN_SERVER__*)."
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings, description="Request limits (KNN_LIMITS__*)."
+    )
+    defaults: ClassifierDefaults = Field(
+        default_factory=ClassifierDefaults, description="Defaults of new classifiers (KNN_DEFAULTS__*)."
+    )
 
     @field_validator("dimensions", mode="before")
     @classmethod

@@ -1,0 +1,121 @@
+"""Shared fixtures: the fake embedder, settings, and the real gRPC server in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from knn_classifier.client import Client
+from knn_classifier.server.app import App
+from knn_classifier.server.settings import Settings
+from knn_classifier.server.store import Store
+
+from .fake_embedder import FakeEmbeddingServer
+
+
+@pytest.fixture(scope="session")
+def fake_embedder_server() -> Iterator[FakeEmbeddingServer]:
+    server = FakeEmbeddingServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_embedder(fake_embedder_server: FakeEmbeddingServer) -> FakeEmbeddingServer:
+    """The fake embedding server, reset to well-behaved with width 64."""
+    fake_embedder_server.reset()
+    return fake_embedder_server
+
+
+def make_settings(data_dir: Path, base_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "dimensions": [16, 64],
+        "embedding": {
+            "base_url": base_url,
+            "model": "fake",
+            "template": "{text}",
+            "startup_timeout_s": 0,
+            "retries": 1,
+        },
+        "server": {"port": 0, "grace_period_s": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return Settings(**values)
+
+
+class ServerThread:
+    """The real gRPC server (App) on a free port, on its own event loop in a thread."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.app: App | None = None
+        self.port = 0
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+
+        async def start() -> int:
+            self.app = App(self.settings, self._store)
+            return await self.app.start()
+
+        try:
+            self.port = self.run(start())
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.app is not None:
+            self.run(self.app.stop(grace=0))
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self) -> Client:
+        return Client(self.address, timeout=30)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> Settings:
+    return make_settings(tmp_path / "data", fake_embedder.base_url)
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[ServerThread]:
+    running = ServerThread(settings).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    with server.client() as c:
+        yield c

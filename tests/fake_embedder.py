@@ -1,0 +1,148 @@
+"""A deterministic OpenAI-compatible embedding server for fast tests: real HTTP, SGLang's errors.
+
+A text's vector is the normalised sum of one pseudo-random vector per lower-cased word, so texts
+sharing words are similar and the same text always gets the same vector. Tests can make it
+answer with an error status, slowly, or with malformed vectors.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+_WORD = re.compile(r"\w+")
+
+
+def fake_vector(text: str, width: int) -> np.ndarray:
+    total = np.zeros(width, dtype=np.float64)
+    for word in _WORD.findall(text.lower()) or [""]:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+        total += np.random.default_rng(seed).standard_normal(width)
+    return (total / np.linalg.norm(total)).astype(np.float32)
+
+
+@dataclass
+class Behaviour:
+    """What the server does next; tests change it between calls."""
+
+    width: int = 64
+    max_input_chars: int = 2000
+    fail_status: int | None = None
+    fail_times: int = 0
+    """How many of the next calls fail with fail_status (then it recovers)."""
+    bad_width: bool = False
+    nan: bool = False
+    calls: int = 0
+    inputs: list[list[str]] = field(default_factory=list)
+
+
+class FakeEmbeddingServer:
+    def __init__(self) -> None:
+        self.behaviour = Behaviour()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> FakeEmbeddingServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def reset(self, **changes: Any) -> Behaviour:
+        self.behaviour = Behaviour(**changes)
+        return self.behaviour
+
+    def _respond(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        b = self.behaviour
+        with self._lock:
+            b.calls += 1
+            if b.fail_times > 0 and b.fail_status is not None:
+                b.fail_times -= 1
+                return b.fail_status, _sglang_error(b.fail_status, "injected failure")
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return 400, _sglang_error(400, "input must be a non-empty string or list of strings")
+        b.inputs.append(texts)
+        for text in texts:
+            if not text:
+                return 400, _sglang_error(400, "input is empty")
+            if len(text) > b.max_input_chars:
+                return 400, _sglang_error(
+                    400, f"The input ({len(text)} tokens) is longer than the model's context"
+                )
+        data = []
+        for i, text in enumerate(texts):
+            vector = fake_vector(text, b.width + (i if b.bad_width else 0))
+            if b.nan:
+                vector[0] = np.nan
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": base64.b64encode(vector.astype("<f4").tobytes()).decode(),
+                }
+            )
+        tokens = sum(len(t.split()) for t in texts)
+        return 200, {
+            "object": "list",
+            "data": data,
+            "model": body.get("model", ""),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._send(200, {"status": "ok"} if self.path == "/health" else {})
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/embeddings":
+                    self._send(404, _sglang_error(404, "not found"))
+                    return
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    self._send(400, _sglang_error(400, "invalid JSON"))
+                    return
+                self._send(*server._respond(body))
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def _sglang_error(status: int, message: str) -> dict[str, Any]:
+    """SGLang's error body (sglang.srt.entrypoints.openai.protocol.ErrorResponse)."""
+    kind = "BadRequestError" if status == 400 else "ServiceUnavailableError"
+    return {"object": "error", "message": message, "type": kind, "param": None, "code": status}

@@ -1,0 +1,139 @@
+"""One contract, run unchanged against the embedded store and the Qdrant server store.
+
+The server store runs on ``AsyncQdrantClient(":memory:")``, which has the server's API.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.server.store import EdgeStore, QdrantServerStore, Selection, Store
+
+DIMENSIONS = [4, 8]
+
+
+def unit_rows(rows: list[list[float]], dimension: int) -> np.ndarray:
+    matrix = np.zeros((len(rows), dimension), dtype=np.float32)
+    for i, row in enumerate(rows):
+        matrix[i, : len(row)] = row
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def payload(classifier: str, label: str, text: str) -> dict[str, object]:
+    return {"classifier": classifier, "label": label, "text": text, "id": text}
+
+
+def ids(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+@pytest.fixture(params=["edge", "qdrant-server"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "edge":
+        opened: Store = EdgeStore(tmp_path)
+    else:
+        opened = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "test")
+    await opened.open(DIMENSIONS)
+    yield opened
+    await opened.close()
+
+
+async def fill(store: Store) -> list[str]:
+    """Three points of classifier a (two 'x', one 'y') and one of b, in every dimension."""
+    point_ids = ids(4)
+    rows = [[1, 0], [0.9, 0.1], [0, 1], [1, 0]]
+    payloads = [
+        payload("a", "x", "a1"),
+        payload("a", "x", "a2"),
+        payload("a", "y", "a3"),
+        payload("b", "x", "b1"),
+    ]
+    for d in DIMENSIONS:
+        await store.upsert(d, point_ids, unit_rows(rows, d), payloads)
+    return point_ids
+
+
+async def test_query_is_scoped_to_the_classifier_and_ordered(store: Store) -> None:
+    await fill(store)
+    for d in DIMENSIONS:
+        results = await store.query(d, "a", unit_rows([[1, 0], [0, 1]], d), 10)
+        assert [r.payload["text"] for r in results[0]] == ["a1", "a2", "a3"]
+        assert results[0][0].score == pytest.approx(1.0, abs=1e-5)
+        assert results[0][2].score == pytest.approx(0.0, abs=1e-5)
+        assert results[1][0].payload["text"] == "a3"
+        only_b = await store.query(d, "b", unit_rows([[0, 1]], d), 10)
+        assert [r.payload["text"] for r in only_b[0]] == ["b1"]
+
+
+async def test_query_limit_and_unknown_classifier(store: Store) -> None:
+    await fill(store)
+    assert len((await store.query(4, "a", unit_rows([[1, 0]], 4), 2))[0]) == 2
+    assert await store.query(4, "nobody", unit_rows([[1, 0]], 4), 2) == [[]]
+
+
+async def test_count_and_label_counts(store: Store) -> None:
+    await fill(store)
+    assert await store.count(4, Selection("a")) == 3
+    assert await store.count(4, Selection("a", label="x")) == 2
+    assert await store.label_counts(8, "a") == {"x": 2, "y": 1}
+    assert await store.label_counts(8, "nobody") == {}
+
+
+async def test_upsert_same_id_replaces(store: Store) -> None:
+    point_ids = await fill(store)
+    await store.upsert(4, point_ids[:1], unit_rows([[0, 1]], 4), [payload("a", "y", "a1")])
+    assert await store.label_counts(4, "a") == {"x": 1, "y": 2}
+    assert await store.count(4, Selection("a")) == 3
+
+
+async def test_delete_by_ids_by_label_and_all(store: Store) -> None:
+    point_ids = await fill(store)
+    # An id of another classifier is not deleted through classifier a.
+    await store.delete(4, Selection("a", ids=[point_ids[0], point_ids[3]]))
+    assert await store.count(4, Selection("a")) == 2
+    assert await store.count(4, Selection("b")) == 1
+    await store.delete(4, Selection("a", label="y"))
+    assert await store.label_counts(4, "a") == {"x": 1}
+    await store.delete(4, Selection("a"))
+    assert await store.count(4, Selection("a")) == 0
+    assert await store.count(8, Selection("a")) == 3  # other dimensions are separate
+
+
+async def test_scroll_pages_through_everything_once(store: Store) -> None:
+    point_ids = ids(25)
+    payloads = [payload("a", "x", f"t{i}") for i in range(25)]
+    await store.upsert(4, point_ids, unit_rows([[1, i] for i in range(25)], 4), payloads)
+    seen: list[str] = []
+    offset = None
+    while True:
+        page, offset = await store.scroll(4, Selection("a"), 10, offset)
+        assert len(page) <= 10
+        seen.extend(r.payload["text"] for r in page)
+        if offset is None:
+            break
+    assert sorted(seen) == sorted(p["text"] for p in payloads)  # type: ignore[type-var]
+    page, _ = await store.scroll(4, Selection("a", label="nope"), 10, None)
+    assert page == []
+
+
+async def test_meta_records(store: Store) -> None:
+    assert await store.get_meta("classifier:a") is None
+    await store.put_meta("classifier:a", {"kind": "classifier", "name": "a"})
+    await store.put_meta("classifier:b", {"kind": "classifier", "name": "b"})
+    await store.put_meta("other", {"kind": "fingerprint", "width": 3})
+    assert (await store.get_meta("classifier:a") or {})["name"] == "a"
+    names = sorted(p["name"] for p in await store.list_meta("classifier"))
+    assert names == ["a", "b"]
+    await store.delete_meta("classifier:a")
+    assert await store.get_meta("classifier:a") is None
+    assert [p["name"] for p in await store.list_meta("classifier")] == ["b"]
+
+
+async def test_existing_dimensions(store: Store) -> None:
+    assert await store.existing_dimensions() == DIMENSIONS
