@@ -50,6 +50,7 @@ class FakeEmbeddingServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._stopped = False
 
     @property
     def base_url(self) -> str:
@@ -60,6 +61,8 @@ class FakeEmbeddingServer:
         return self
 
     def stop(self) -> None:
+        """Stops listening; kept-alive connections are dropped at their next request."""
+        self._stopped = True
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -121,6 +124,9 @@ class FakeEmbeddingServer:
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if server._stopped:
+                    self.close_connection = True
+                    return
                 if self.path != "/v1/embeddings":
                     self._send(404, _sglang_error(404, "not found"))
                     return

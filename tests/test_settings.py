@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
-
 from knn_classifier.server.settings import Settings
+from pydantic import ValidationError
 
 
 def test_defaults_target_sglang_and_qwen3() -> None:

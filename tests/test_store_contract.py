@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qdrant_client import AsyncQdrantClient
-
 from knn_classifier.server.store import EdgeStore, QdrantServerStore, Selection, Store
+from qdrant_client import AsyncQdrantClient
 
 DIMENSIONS = [4, 8]
 

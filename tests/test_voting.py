@@ -1,5 +1,4 @@
 import pytest
-
 from knn_classifier.server.voting import Neighbour, UnknownReason, Voting, vote
 
 

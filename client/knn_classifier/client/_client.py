@@ -174,7 +174,7 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._channel = channel or grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.ClassifierServiceAsyncStub(self._channel)
+        self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
 
     async def __aenter__(self) -> Self:

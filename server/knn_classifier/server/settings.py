@@ -166,7 +166,8 @@ class Settings(BaseSettings):
         default_factory=LimitSettings, description="Request limits (KNN_LIMITS__*)."
     )
     defaults: ClassifierDefaults = Field(
-        default_factory=ClassifierDefaults, description="Defaults of new classifiers (KNN_DEFAULTS__*)."
+        default_factory=ClassifierDefaults,
+        description="Defaults of new classifiers (KNN_DEFAULTS__*).",
     )
 
     @field_validator("dimensions", mode="before")
