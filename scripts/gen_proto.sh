@@ -4,9 +4,11 @@
 # `make proto-check` generates into a temporary directory and fails if client/ differs.
 set -euo pipefail
 out=${1:-client}
+python=$(command -v "${PYTHON:-python}")
+export PATH="$(dirname "$python"):$PATH"  # the protoc plugins of mypy-protobuf live beside it
 cd "$(dirname "$0")/.."
 mkdir -p "$out/knn_classifier/v1"
-python -m grpc_tools.protoc -I proto \
+"$python" -m grpc_tools.protoc -I proto \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
   proto/knn_classifier/v1/classifier.proto

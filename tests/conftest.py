@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from knn_classifier.client import Client
 from knn_classifier.server.app import App
 from knn_classifier.server.settings import Settings

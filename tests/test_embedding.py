@@ -2,6 +2,7 @@ import socket
 
 import numpy as np
 import pytest
+
 from knn_classifier.server.embedding import Embedder, truncate
 from knn_classifier.server.errors import InvalidArgument, StartupError, Unavailable
 from knn_classifier.server.settings import EmbeddingSettings

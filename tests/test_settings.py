@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
-from knn_classifier.server.settings import Settings
 from pydantic import ValidationError
+
+from knn_classifier.server.settings import Settings
 
 
 def test_defaults_target_sglang_and_qwen3() -> None:
@@ -63,3 +64,20 @@ def test_every_field_is_documented() -> None:
 
     undocumented = [name for name, description in fields(Settings) if not description]
     assert undocumented == []
+
+
+def test_the_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def names(model: type, prefix: str) -> list[str]:
+        found = []
+        for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+            annotation = info.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                found.extend(names(annotation, f"{prefix}{name.upper()}__"))
+            else:
+                found.append(f"{prefix}{name.upper()}")
+        return found
+
+    missing = [name for name in names(Settings, "KNN_") if f"| `{name}` |" not in readme]
+    assert missing == []

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from knn_classifier.server.store import EdgeStore, QdrantServerStore, Selection, Store
 from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.server.store import EdgeStore, QdrantServerStore, Selection, Store
 
 DIMENSIONS = [4, 8]
 

@@ -1,4 +1,5 @@
 import pytest
+
 from knn_classifier.server.voting import Neighbour, UnknownReason, Voting, vote
 
 

@@ -8,8 +8,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
 from grpc_reflection.v1alpha import reflection
-from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .api import ClassifierServicer
 from .embedding import Embedder
@@ -61,7 +62,11 @@ class App:
         )
 
     async def start(self) -> int:
-        await self.service.start()
+        try:
+            await self.service.start()
+        except BaseException:
+            await self.service.stop()  # release the embedder's connections and the store's lock
+            raise
         address = f"{self.settings.server.host}:{self.settings.server.port}"
         port = self.server.add_insecure_port(address)
         await self.server.start()

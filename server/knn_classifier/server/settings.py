@@ -6,7 +6,6 @@ comma-separated string: ``KNN_DIMENSIONS=256,1024``. Tests pass values to the co
 
 from __future__ import annotations
 
-import ipaddress
 import string
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,14 +90,6 @@ class ServerSettings(BaseModel):
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
 
-    @property
-    def is_loopback(self) -> bool:
-        """Whether the listener is reachable from this machine only."""
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host == "localhost"
-
 
 class LimitSettings(BaseModel):
     """Bounds on requests; anything over them is refused with INVALID_ARGUMENT."""
@@ -128,10 +119,13 @@ class ClassifierDefaults(BaseModel):
         description="majority or similarity_weighted.",
     )
     min_similarity: float = Field(
-        0.0, ge=-1, le=1, description="Below this nearest similarity the answer is unknown."
+        0.0,
+        ge=-1,
+        le=1,
+        description="Neighbours less similar than this do not vote; if none is left: unknown.",
     )
     min_confidence: float = Field(
-        0.0, ge=0, le=1, description="Below this confidence the answer is unknown."
+        0.0, ge=0, le=1, description="Below this winning share of the vote the answer is unknown."
     )
 
 

@@ -1,0 +1,38 @@
+# One command each: `make serve` runs the service, `make test` runs every check.
+# Both set up what they need (uv, then the locked virtual environment in .venv).
+SHELL := /bin/bash
+UV_VERSION := 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN := $(UV) run --frozen
+
+.PHONY: setup serve test lint typecheck pytest proto proto-check clean
+
+setup: .venv/.synced
+
+$(UV):
+	python3 -m venv .tools && .tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+.venv/.synced: $(UV) pyproject.toml uv.lock client/pyproject.toml server/pyproject.toml
+	$(UV) sync --frozen
+	touch $@
+
+serve: setup
+	$(RUN) bash scripts/serve.sh
+
+test: lint typecheck pytest
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+typecheck: setup
+	$(RUN) mypy
+
+pytest: setup
+	$(RUN) pytest
+
+proto: setup
+	$(RUN) bash scripts/gen_proto.sh
+
+clean:
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,38 @@
+"""The client distribution stays light, and the generated code matches the proto."""
+
+import os
+import subprocess
+import sys
+from importlib.metadata import requires
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_client_distribution_depends_on_grpcio_and_protobuf_only() -> None:
+    names = {Requirement(r).name for r in requires("knn-classifier-client") or []}
+    assert names == {"grpcio", "protobuf"}
+
+
+def test_client_imports_without_the_server_stack() -> None:
+    code = (
+        "import sys, knn_classifier.client\n"
+        "heavy = {'numpy', 'openai', 'qdrant_client', 'qdrant_edge', 'pydantic'}\n"
+        "heavy &= set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    script = str(ROOT / "scripts" / "gen_proto.sh")
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", script, str(tmp_path)], check=True, env=env)
+    generated = tmp_path / "knn_classifier" / "v1"
+    committed = ROOT / "client" / "knn_classifier" / "v1"
+    names = sorted(p.name for p in generated.iterdir())
+    assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__")
+    stale = [n for n in names if (generated / n).read_bytes() != (committed / n).read_bytes()]
+    assert stale == [], "generated code is stale: run `make proto`"
