@@ -4,6 +4,8 @@ SHELL := /bin/bash
 UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
+# Trust the machine's certificate store (package registries may sit behind a TLS proxy).
+export UV_SYSTEM_CERTS := 1
 
 .PHONY: setup serve test lint typecheck pytest proto proto-check clean
 
