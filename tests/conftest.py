@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,19 @@ from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import Store
 
 from .fake_embedder import FakeEmbeddingServer
+
+
+def shared_data_dir() -> Path:
+    """The shared labelled data sets: $KNN_SHARED_DATA, else ../shared/data beside the checkout."""
+    candidates = [
+        os.environ.get("KNN_SHARED_DATA", ""),
+        Path(__file__).resolve().parents[2] / "shared" / "data",
+        "/work/shared/data",
+    ]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "banking77").is_dir():
+            return Path(candidate)
+    raise FileNotFoundError(f"shared data not found in {candidates}; set KNN_SHARED_DATA")
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,10 @@ import pytest
 
 from knn_classifier.client import Client
 
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, shared_data_dir
 from .test_embedding import free_port
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 pytestmark = pytest.mark.e2e
 
 
