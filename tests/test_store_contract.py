@@ -137,3 +137,15 @@ async def test_meta_records(store: Store) -> None:
 
 async def test_existing_dimensions(store: Store) -> None:
     assert await store.existing_dimensions() == DIMENSIONS
+
+
+async def test_vectors_returns_every_point_of_the_classifier_with_its_vector(store: Store) -> None:
+    await fill(store)
+    records, matrix = await store.vectors(8, "a")
+    assert sorted(r.payload["text"] for r in records) == ["a1", "a2", "a3"]
+    assert matrix.shape == (3, 8)
+    by_text = {r.payload["text"]: row for r, row in zip(records, matrix, strict=True)}
+    np.testing.assert_allclose(by_text["a3"], unit_rows([[0, 1]], 8)[0], atol=1e-6)
+    empty, nothing = await store.vectors(8, "nobody")
+    assert empty == []
+    assert nothing.shape == (0, 8)

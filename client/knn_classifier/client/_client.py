@@ -69,10 +69,11 @@ class Client:
         voting: VotingName | None = None,
         min_similarity: float | None = None,
         min_confidence: float | None = None,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Classifier:
         request = build.create_classifier(
-            name, instruction, k, voting, min_similarity, min_confidence
+            name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
         return self._call(self._stub.CreateClassifier, request, timeout)
 
@@ -136,10 +137,11 @@ class Client:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         include_neighbours: bool = False,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Prediction:
         options = build.classify_options(
-            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
         request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
         return self._call(self._stub.Classify, request, timeout).prediction
@@ -155,13 +157,33 @@ class Client:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         include_neighbours: bool = False,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> list[pb.Prediction]:
         options = build.classify_options(
-            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
         request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
         return list(self._call(self._stub.ClassifyBatch, request, timeout).predictions)
+
+    def evaluate(
+        self,
+        classifier: str,
+        *,
+        held_out: Iterable[tuple[str, str]] = (),
+        k: Iterable[int] = (),
+        voting: Iterable[VotingName] = (),
+        dimension: Iterable[int] = (),
+        temperature: Iterable[float] = (),
+        apply_best: bool = False,
+        target_precision: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.EvaluateResponse:
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
+        request = build.evaluate(
+            classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
+        )
+        return self._call(self._stub.Evaluate, request, timeout)
 
 
 class AsyncClient:
@@ -209,10 +231,11 @@ class AsyncClient:
         voting: VotingName | None = None,
         min_similarity: float | None = None,
         min_confidence: float | None = None,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Classifier:
         request = build.create_classifier(
-            name, instruction, k, voting, min_similarity, min_confidence
+            name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
         return await self._call(self._stub.CreateClassifier, request, timeout)
 
@@ -278,10 +301,11 @@ class AsyncClient:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         include_neighbours: bool = False,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Prediction:
         options = build.classify_options(
-            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
         request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
         return (await self._call(self._stub.Classify, request, timeout)).prediction
@@ -297,10 +321,30 @@ class AsyncClient:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         include_neighbours: bool = False,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> list[pb.Prediction]:
         options = build.classify_options(
-            k, dimension, voting, min_similarity, min_confidence, include_neighbours
+            k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
         request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
         return list((await self._call(self._stub.ClassifyBatch, request, timeout)).predictions)
+
+    async def evaluate(
+        self,
+        classifier: str,
+        *,
+        held_out: Iterable[tuple[str, str]] = (),
+        k: Iterable[int] = (),
+        voting: Iterable[VotingName] = (),
+        dimension: Iterable[int] = (),
+        temperature: Iterable[float] = (),
+        apply_best: bool = False,
+        target_precision: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.EvaluateResponse:
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
+        request = build.evaluate(
+            classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
+        )
+        return await self._call(self._stub.Evaluate, request, timeout)

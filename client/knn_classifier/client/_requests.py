@@ -7,13 +7,14 @@ from typing import Literal, TypeAlias
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
-VotingName: TypeAlias = Literal["majority", "similarity_weighted"]
+VotingName: TypeAlias = Literal["majority", "similarity_weighted", "softmax"]
 ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
 """An exemplar: a message, or a ``(text, label)`` pair."""
 
 _VOTING: dict[str, pb.Voting.ValueType] = {
     "majority": pb.VOTING_MAJORITY,
     "similarity_weighted": pb.VOTING_SIMILARITY_WEIGHTED,
+    "softmax": pb.VOTING_SOFTMAX,
 }
 
 
@@ -33,6 +34,7 @@ def create_classifier(
     voting_name: VotingName | None,
     min_similarity: float | None,
     min_confidence: float | None,
+    temperature: float | None,
 ) -> pb.CreateClassifierRequest:
     return pb.CreateClassifierRequest(
         name=name,
@@ -41,6 +43,7 @@ def create_classifier(
         voting=voting(voting_name),
         min_similarity=min_similarity,
         min_confidence=min_confidence,
+        temperature=temperature,
     )
 
 
@@ -62,6 +65,7 @@ def classify_options(
     min_similarity: float | None,
     min_confidence: float | None,
     include_neighbours: bool,
+    temperature: float | None,
 ) -> pb.ClassifyOptions:
     return pb.ClassifyOptions(
         k=k,
@@ -70,4 +74,27 @@ def classify_options(
         min_similarity=min_similarity,
         min_confidence=min_confidence,
         include_neighbours=include_neighbours,
+        temperature=temperature,
+    )
+
+
+def evaluate(
+    classifier: str,
+    held_out: Iterable[tuple[str, str]],
+    k: Iterable[int],
+    votings: Iterable[VotingName],
+    dimensions: Iterable[int],
+    temperatures: Iterable[float],
+    apply_best: bool,
+    target_precision: float | None,
+) -> pb.EvaluateRequest:
+    return pb.EvaluateRequest(
+        classifier=classifier,
+        held_out=[pb.LabelledText(text=text, label=label) for text, label in held_out],
+        k=k,
+        voting=[voting(v) for v in votings],
+        dimension=dimensions,
+        temperature=temperatures,
+        apply_best=apply_best,
+        target_precision=target_precision,
     )

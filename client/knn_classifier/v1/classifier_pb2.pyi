@@ -36,6 +36,8 @@ class _VotingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Voting.ValueTy
     """One vote per neighbour."""
     VOTING_SIMILARITY_WEIGHTED: _Voting.ValueType  # 2
     """Each neighbour votes with its cosine similarity (negative similarities count as zero)."""
+    VOTING_SOFTMAX: _Voting.ValueType  # 3
+    """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
 
 class Voting(_Voting, metaclass=_VotingEnumTypeWrapper):
     """How the k nearest neighbours turn into per-label scores."""
@@ -46,6 +48,8 @@ VOTING_MAJORITY: Voting.ValueType  # 1
 """One vote per neighbour."""
 VOTING_SIMILARITY_WEIGHTED: Voting.ValueType  # 2
 """Each neighbour votes with its cosine similarity (negative similarities count as zero)."""
+VOTING_SOFTMAX: Voting.ValueType  # 3
+"""Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
 Global___Voting: _TypeAlias = Voting  # noqa: Y015
 
 class _UnknownReason:
@@ -82,6 +86,9 @@ class Classifier(_message.Message):
     MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXEMPLAR_COUNT_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    CALIBRATED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     instruction: _builtins.str
     """The task description given to the embedding model with every text, e.g.
@@ -93,6 +100,14 @@ class Classifier(_message.Message):
     min_similarity: _builtins.float
     min_confidence: _builtins.float
     exemplar_count: _builtins.int
+    temperature: _builtins.float
+    """Softmax voting's temperature."""
+    dimension: _builtins.int
+    """The dimension Classify uses by default; 0: the largest configured."""
+    calibrated: _builtins.bool
+    """Whether confidence is a calibrated probability (fitted by Evaluate with apply_best) rather
+    than the winner's share of the vote.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -106,10 +121,13 @@ class Classifier(_message.Message):
         min_confidence: _builtins.float = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         exemplar_count: _builtins.int = ...,
+        temperature: _builtins.float = ...,
+        dimension: _builtins.int = ...,
+        calibrated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "created_at", b"created_at", "dimension", b"dimension", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -125,6 +143,7 @@ class CreateClassifierRequest(_message.Message):
     VOTING_FIELD_NUMBER: _builtins.int
     MIN_SIMILARITY_FIELD_NUMBER: _builtins.int
     MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-64 characters: letters, digits, '_', '-', '.'; starts with a letter or digit."""
     instruction: _builtins.str
@@ -134,6 +153,7 @@ class CreateClassifierRequest(_message.Message):
     voting: Global___Voting.ValueType
     min_similarity: _builtins.float
     min_confidence: _builtins.float
+    temperature: _builtins.float
     def __init__(
         self,
         *,
@@ -143,10 +163,11 @@ class CreateClassifierRequest(_message.Message):
         voting: Global___Voting.ValueType = ...,
         min_similarity: _builtins.float | None = ...,
         min_confidence: _builtins.float | None = ...,
+        temperature: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__k: _TypeAlias = _typing.Literal["k"]  # noqa: Y015
     _WhichOneofArgType__k: _TypeAlias = _typing.Literal["_k", b"_k"]  # noqa: Y015
@@ -154,12 +175,16 @@ class CreateClassifierRequest(_message.Message):
     _WhichOneofArgType__min_confidence: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence"]  # noqa: Y015
     _WhichOneofReturnType__min_similarity: _TypeAlias = _typing.Literal["min_similarity"]  # noqa: Y015
     _WhichOneofArgType__min_similarity: _TypeAlias = _typing.Literal["_min_similarity", b"_min_similarity"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__k) -> _WhichOneofReturnType__k | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_confidence) -> _WhichOneofReturnType__min_confidence | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_similarity) -> _WhichOneofReturnType__min_similarity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___CreateClassifierRequest: _TypeAlias = CreateClassifierRequest  # noqa: Y015
 
@@ -584,13 +609,15 @@ class ClassifyOptions(_message.Message):
     MIN_SIMILARITY_FIELD_NUMBER: _builtins.int
     MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     INCLUDE_NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     dimension: _builtins.int
-    """One of the server's configured dimensions. Unset: the largest."""
+    """One of the server's configured dimensions. Unset: the classifier's default."""
     voting: Global___Voting.ValueType
     min_similarity: _builtins.float
     min_confidence: _builtins.float
     include_neighbours: _builtins.bool
+    temperature: _builtins.float
     def __init__(
         self,
         *,
@@ -600,10 +627,11 @@ class ClassifyOptions(_message.Message):
         min_similarity: _builtins.float | None = ...,
         min_confidence: _builtins.float | None = ...,
         include_neighbours: _builtins.bool = ...,
+        temperature: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "dimension", b"dimension", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "dimension", b"dimension", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "dimension", b"dimension", "include_neighbours", b"include_neighbours", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "dimension", b"dimension", "include_neighbours", b"include_neighbours", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimension: _TypeAlias = _typing.Literal["dimension"]  # noqa: Y015
     _WhichOneofArgType__dimension: _TypeAlias = _typing.Literal["_dimension", b"_dimension"]  # noqa: Y015
@@ -613,6 +641,8 @@ class ClassifyOptions(_message.Message):
     _WhichOneofArgType__min_confidence: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence"]  # noqa: Y015
     _WhichOneofReturnType__min_similarity: _TypeAlias = _typing.Literal["min_similarity"]  # noqa: Y015
     _WhichOneofArgType__min_similarity: _TypeAlias = _typing.Literal["_min_similarity", b"_min_similarity"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dimension) -> _WhichOneofReturnType__dimension | None: ...
     @_typing.overload
@@ -621,6 +651,8 @@ class ClassifyOptions(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_confidence) -> _WhichOneofReturnType__min_confidence | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_similarity) -> _WhichOneofReturnType__min_similarity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___ClassifyOptions: _TypeAlias = ClassifyOptions  # noqa: Y015
 
@@ -745,7 +777,9 @@ class Prediction(_message.Message):
     unknown: _builtins.bool
     unknown_reason: Global___UnknownReason.ValueType
     confidence: _builtins.float
-    """The winning label's score (for an unknown, the best label's score)."""
+    """The probability that the best label is right if the classifier is calibrated, else the
+    best label's share of the vote. Given for unknowns too.
+    """
     top_similarity: _builtins.float
     """The similarity of the nearest exemplar."""
     @_builtins.property
@@ -816,3 +850,235 @@ class ClassifyBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassifyBatchResponse: _TypeAlias = ClassifyBatchResponse  # noqa: Y015
+
+@_typing.final
+class LabelledText(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelledText: _TypeAlias = LabelledText  # noqa: Y015
+
+@_typing.final
+class EvaluateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    VOTING_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    APPLY_BEST_FIELD_NUMBER: _builtins.int
+    TARGET_PRECISION_FIELD_NUMBER: _builtins.int
+    classifier: _builtins.str
+    apply_best: _builtins.bool
+    """Make the best setting the classifier's defaults and, from leave-one-out, fit its
+    confidence calibration. Leave-one-out only.
+    """
+    target_precision: _builtins.float
+    """With apply_best: fit min_confidence and min_similarity so that answers that are not
+    unknown are right this often (e.g. 0.95). Unset: thresholds stay as they are.
+    """
+    @_builtins.property
+    def held_out(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
+        """Texts to classify and their true labels; not stored. Empty: leave-one-out over the stored
+        exemplars, each classified by all the others from its stored vectors.
+        """
+
+    @_builtins.property
+    def k(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The sweep: every combination is evaluated. An empty list takes the classifier's default."""
+
+    @_builtins.property
+    def voting(self) -> _containers.RepeatedScalarFieldContainer[Global___Voting.ValueType]: ...
+    @_builtins.property
+    def dimension(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def temperature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Softmax temperatures (used by VOTING_SOFTMAX only)."""
+
+    def __init__(
+        self,
+        *,
+        classifier: _builtins.str = ...,
+        held_out: _abc.Iterable[Global___LabelledText] | None = ...,
+        k: _abc.Iterable[_builtins.int] | None = ...,
+        voting: _abc.Iterable[Global___Voting.ValueType] | None = ...,
+        dimension: _abc.Iterable[_builtins.int] | None = ...,
+        temperature: _abc.Iterable[_builtins.float] | None = ...,
+        apply_best: _builtins.bool = ...,
+        target_precision: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "target_precision", b"target_precision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimension", b"dimension", "held_out", b"held_out", "k", b"k", "target_precision", b"target_precision", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__target_precision: _TypeAlias = _typing.Literal["target_precision"]  # noqa: Y015
+    _WhichOneofArgType__target_precision: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_precision) -> _WhichOneofReturnType__target_precision | None: ...
+
+Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
+
+@_typing.final
+class LabelMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    F1_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    precision: _builtins.float
+    recall: _builtins.float
+    f1: _builtins.float
+    support: _builtins.int
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        precision: _builtins.float = ...,
+        recall: _builtins.float = ...,
+        f1: _builtins.float = ...,
+        support: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["f1", b"f1", "label", b"label", "precision", b"precision", "recall", b"recall", "support", b"support"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelMetrics: _TypeAlias = LabelMetrics  # noqa: Y015
+
+@_typing.final
+class Confusion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUE_LABEL_FIELD_NUMBER: _builtins.int
+    PREDICTED_LABEL_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    true_label: _builtins.str
+    predicted_label: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        true_label: _builtins.str = ...,
+        predicted_label: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "predicted_label", b"predicted_label", "true_label", b"true_label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Confusion: _TypeAlias = Confusion  # noqa: Y015
+
+@_typing.final
+class EvaluationResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    K_FIELD_NUMBER: _builtins.int
+    VOTING_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    MACRO_F1_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    ACCURACY_ON_COVERED_FIELD_NUMBER: _builtins.int
+    EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _builtins.int
+    EVALUATED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TOP_CONFUSIONS_FIELD_NUMBER: _builtins.int
+    k: _builtins.int
+    voting: Global___Voting.ValueType
+    dimension: _builtins.int
+    temperature: _builtins.float
+    accuracy: _builtins.float
+    """Share of texts answered with their true label (unknown counts as wrong)."""
+    macro_f1: _builtins.float
+    coverage: _builtins.float
+    """Share of texts answered with a label rather than unknown, under the classifier's thresholds."""
+    accuracy_on_covered: _builtins.float
+    expected_calibration_error: _builtins.float
+    """Of the returned confidence, over 10 equal-width bins."""
+    evaluated: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelMetrics]: ...
+    @_builtins.property
+    def top_confusions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Confusion]:
+        """The most frequent confusions, most frequent first."""
+
+    def __init__(
+        self,
+        *,
+        k: _builtins.int = ...,
+        voting: Global___Voting.ValueType = ...,
+        dimension: _builtins.int = ...,
+        temperature: _builtins.float = ...,
+        accuracy: _builtins.float = ...,
+        macro_f1: _builtins.float = ...,
+        coverage: _builtins.float = ...,
+        accuracy_on_covered: _builtins.float = ...,
+        expected_calibration_error: _builtins.float = ...,
+        evaluated: _builtins.int = ...,
+        labels: _abc.Iterable[Global___LabelMetrics] | None = ...,
+        top_confusions: _abc.Iterable[Global___Confusion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+
+@_typing.final
+class EvaluateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    UNKNOWN_LABELS_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
+        """One per setting of the sweep, best (accuracy, then macro-F1) first."""
+
+    @_builtins.property
+    def unknown_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Held-out labels the classifier has no exemplars of; their texts count as errors."""
+
+    @_builtins.property
+    def classifier(self) -> Global___Classifier:
+        """The classifier after the request (with the best settings if apply_best)."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___EvaluationResult] | None = ...,
+        unknown_labels: _abc.Iterable[_builtins.str] | None = ...,
+        classifier: Global___Classifier | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "results", b"results", "unknown_labels", b"unknown_labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class ClassifierServiceStub:
                 request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.ClassifyBatchRequest.SerializeToString,
                 response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.ClassifyBatchResponse.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/knn_classifier.v1.ClassifierService/Evaluate',
+                request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServiceServicer:
@@ -157,6 +162,16 @@ class ClassifierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request, context):
+        """Measures the classifier over a sweep of settings, by leave-one-out over its stored
+        exemplars or on held-out texts; optionally makes the best settings its defaults and fits
+        its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
+        labels or exemplars.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +224,11 @@ def add_ClassifierServiceServicer_to_server(servicer, server):
                     servicer.ClassifyBatch,
                     request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.ClassifyBatchRequest.FromString,
                     response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.ClassifyBatchResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateRequest.FromString,
+                    response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +501,33 @@ class ClassifierService:
             '/knn_classifier.v1.ClassifierService/ClassifyBatch',
             knn__classifier_dot_v1_dot_classifier__pb2.ClassifyBatchRequest.SerializeToString,
             knn__classifier_dot_v1_dot_classifier__pb2.ClassifyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knn_classifier.v1.ClassifierService/Evaluate',
+            knn__classifier_dot_v1_dot_classifier__pb2.EvaluateRequest.SerializeToString,
+            knn__classifier_dot_v1_dot_classifier__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,

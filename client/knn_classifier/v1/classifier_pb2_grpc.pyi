@@ -54,6 +54,12 @@ class ClassifierServiceStub:
     """Classifies one text. FAILED_PRECONDITION if the classifier has no exemplars."""
     ClassifyBatch: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyBatchRequest, _classifier_pb2.ClassifyBatchResponse]
     """Classifies many texts with one embedding call and one batched store query."""
+    Evaluate: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.EvaluateRequest, _classifier_pb2.EvaluateResponse]
+    """Measures the classifier over a sweep of settings, by leave-one-out over its stored
+    exemplars or on held-out texts; optionally makes the best settings its defaults and fits
+    its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
+    labels or exemplars.
+    """
 
 @_typing.type_check_only
 class ClassifierServiceAsyncStub(ClassifierServiceStub):
@@ -77,6 +83,12 @@ class ClassifierServiceAsyncStub(ClassifierServiceStub):
     """Classifies one text. FAILED_PRECONDITION if the classifier has no exemplars."""
     ClassifyBatch: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyBatchRequest, _classifier_pb2.ClassifyBatchResponse]  # type: ignore[assignment]
     """Classifies many texts with one embedding call and one batched store query."""
+    Evaluate: _aio.UnaryUnaryMultiCallable[_classifier_pb2.EvaluateRequest, _classifier_pb2.EvaluateResponse]  # type: ignore[assignment]
+    """Measures the classifier over a sweep of settings, by leave-one-out over its stored
+    exemplars or on held-out texts; optionally makes the best settings its defaults and fits
+    its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
+    labels or exemplars.
+    """
 
 class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -157,5 +169,17 @@ class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_classifier_pb2.ClassifyBatchResponse, _abc.Awaitable[_classifier_pb2.ClassifyBatchResponse]]:
         """Classifies many texts with one embedding call and one batched store query."""
+
+    @_abc_1.abstractmethod
+    def Evaluate(
+        self,
+        request: _classifier_pb2.EvaluateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_classifier_pb2.EvaluateResponse, _abc.Awaitable[_classifier_pb2.EvaluateResponse]]:
+        """Measures the classifier over a sweep of settings, by leave-one-out over its stored
+        exemplars or on held-out texts; optionally makes the best settings its defaults and fits
+        its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
+        labels or exemplars.
+        """
 
 def add_ClassifierServiceServicer_to_server(servicer: ClassifierServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

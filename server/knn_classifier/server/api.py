@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +19,14 @@ from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from . import errors
-from .domain import ClassifierInfo, ClassifyOptions, ExemplarInput, NewClassifier
+from .domain import (
+    ClassifierInfo,
+    ClassifyOptions,
+    EvaluateRequest,
+    ExemplarInput,
+    NewClassifier,
+)
+from .evaluation import Report
 from .service import ClassifierService
 from .voting import UnknownReason, Vote, Voting
 
@@ -35,11 +43,13 @@ _STATUS: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 _VOTING_FROM_PB = {
     pb.VOTING_MAJORITY: Voting.MAJORITY,
     pb.VOTING_SIMILARITY_WEIGHTED: Voting.SIMILARITY_WEIGHTED,
+    pb.VOTING_SOFTMAX: Voting.SOFTMAX,
 }
 _VOTING_TO_PB = {value: key for key, value in _VOTING_FROM_PB.items()}
 _REASON_TO_PB = {
@@ -78,6 +88,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             voting=_voting(request.voting),
             min_similarity=request.min_similarity if request.HasField("min_similarity") else None,
             min_confidence=request.min_confidence if request.HasField("min_confidence") else None,
+            temperature=request.temperature if request.HasField("temperature") else None,
         )
         return _classifier(await self._service.create_classifier(new))
 
@@ -173,6 +184,63 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         include = request.options.include_neighbours
         return pb.ClassifyBatchResponse(predictions=[_prediction(v, include) for v in votes])
 
+    @_status_on_error
+    async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
+        remaining = context.time_remaining()
+        evaluate = EvaluateRequest(
+            held_out=[(item.text, item.label) for item in request.held_out],
+            k=list(request.k),
+            voting=[_required_voting(v) for v in request.voting],
+            dimension=list(request.dimension),
+            temperature=list(request.temperature),
+            apply_best=request.apply_best,
+            target_precision=(
+                request.target_precision if request.HasField("target_precision") else None
+            ),
+        )
+        reports, unknown_labels, info = await self._service.evaluate(
+            request.classifier,
+            evaluate,
+            None if remaining is None else time.monotonic() + remaining,
+        )
+        return pb.EvaluateResponse(
+            results=[_evaluation_result(r) for r in reports],
+            unknown_labels=unknown_labels,
+            classifier=_classifier(info),
+        )
+
+
+def _required_voting(value: pb.Voting.ValueType) -> Voting:
+    voting = _voting(value)
+    if voting is None:
+        raise errors.InvalidArgument("a voting method to sweep must be specified")
+    return voting
+
+
+def _evaluation_result(report: Report) -> pb.EvaluationResult:
+    setting = report.setting
+    return pb.EvaluationResult(
+        k=setting.k,
+        voting=_VOTING_TO_PB[setting.voting],
+        dimension=setting.dimension,
+        temperature=setting.temperature,
+        accuracy=report.accuracy,
+        macro_f1=report.macro_f1,
+        coverage=report.coverage,
+        accuracy_on_covered=report.accuracy_on_covered,
+        expected_calibration_error=report.expected_calibration_error,
+        evaluated=report.evaluated,
+        labels=[
+            pb.LabelMetrics(
+                label=m.label, precision=m.precision, recall=m.recall, f1=m.f1, support=m.support
+            )
+            for m in report.labels
+        ],
+        top_confusions=[
+            pb.Confusion(true_label=t, predicted_label=p, count=c) for t, p, c in report.confusions
+        ],
+    )
+
 
 def _voting(value: pb.Voting.ValueType) -> Voting | None:
     if value == pb.VOTING_UNSPECIFIED:
@@ -190,6 +258,7 @@ def _options(options: pb.ClassifyOptions) -> ClassifyOptions:
         voting=_voting(options.voting),
         min_similarity=options.min_similarity if options.HasField("min_similarity") else None,
         min_confidence=options.min_confidence if options.HasField("min_confidence") else None,
+        temperature=options.temperature if options.HasField("temperature") else None,
     )
 
 
@@ -210,6 +279,9 @@ def _classifier(info: ClassifierInfo) -> pb.Classifier:
         min_confidence=config.min_confidence,
         created_at=_timestamp(config.created_at),
         exemplar_count=info.exemplar_count,
+        temperature=config.temperature,
+        dimension=config.dimension,
+        calibrated=config.calibration is not None,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .voting import Voting
+from .voting import Calibration, Voting
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,13 @@ class ClassifierConfig:
     min_confidence: float
     created_at: float
     """Seconds since the epoch."""
+    temperature: float
+    dimension: int = 0
+    """The default dimension; 0: the largest configured."""
+    calibration: Calibration | None = None
 
     def to_payload(self) -> dict[str, Any]:
+        calibration = self.calibration
         return {
             "kind": "classifier",
             "name": self.name,
@@ -31,6 +36,16 @@ class ClassifierConfig:
             "min_similarity": self.min_similarity,
             "min_confidence": self.min_confidence,
             "created_at": self.created_at,
+            "temperature": self.temperature,
+            "dimension": self.dimension,
+            "calibration": (
+                {
+                    "shares": list(calibration.shares),
+                    "probabilities": list(calibration.probabilities),
+                }
+                if calibration
+                else None
+            ),
         }
 
     @classmethod
@@ -43,6 +58,16 @@ class ClassifierConfig:
             min_similarity=float(payload["min_similarity"]),
             min_confidence=float(payload["min_confidence"]),
             created_at=float(payload["created_at"]),
+            temperature=float(payload["temperature"]),
+            dimension=int(payload["dimension"]),
+            calibration=(
+                Calibration(
+                    tuple(payload["calibration"]["shares"]),
+                    tuple(payload["calibration"]["probabilities"]),
+                )
+                if payload.get("calibration")
+                else None
+            ),
         )
 
 
@@ -62,6 +87,7 @@ class NewClassifier:
     voting: Voting | None = None
     min_similarity: float | None = None
     min_confidence: float | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +117,18 @@ class ClassifyOptions:
     voting: Voting | None = None
     min_similarity: float | None = None
     min_confidence: float | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateRequest:
+    """A sweep: every combination of the lists; an empty list takes the classifier's default."""
+
+    held_out: list[tuple[str, str]] = field(default_factory=list)
+    """(text, label) pairs; empty: leave-one-out over the stored exemplars."""
+    k: list[int] = field(default_factory=list)
+    voting: list[Voting] = field(default_factory=list)
+    dimension: list[int] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    apply_best: bool = False
+    target_precision: float | None = None

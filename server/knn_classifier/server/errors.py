@@ -29,5 +29,9 @@ class Unavailable(ServiceError):
     """A dependency (the embedder or the store) cannot be reached; retrying later may help."""
 
 
+class DeadlineExceeded(ServiceError):
+    """The work could not finish within the caller's deadline."""
+
+
 class StartupError(Exception):
     """The service cannot start as configured; the message says what to change."""

@@ -100,6 +100,15 @@ class LimitSettings(BaseModel):
     )
     max_k: int = Field(200, ge=1, description="Largest k a request may ask for.")
     max_page_size: int = Field(1000, ge=1, description="Largest ListExemplars page.")
+    max_sweep: int = Field(64, ge=1, description="Settings one Evaluate call may sweep.")
+    max_evaluated: int = Field(
+        5000,
+        ge=1,
+        description=(
+            "Texts one Evaluate call classifies: held-out texts beyond it are refused; "
+            "leave-one-out classifies a fixed random sample of this many exemplars."
+        ),
+    )
     max_message_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest gRPC message received or sent."
     )
@@ -115,8 +124,11 @@ class ClassifierDefaults(BaseModel):
     k: int = Field(10, ge=1, description="Neighbours that vote.")
     voting: str = Field(
         "similarity_weighted",
-        pattern="^(majority|similarity_weighted)$",
-        description="majority or similarity_weighted.",
+        pattern="^(majority|similarity_weighted|softmax)$",
+        description="majority, similarity_weighted or softmax.",
+    )
+    temperature: float = Field(
+        0.05, gt=0, le=10, description="Softmax voting's temperature (similarity scale)."
     )
     min_similarity: float = Field(
         0.0,

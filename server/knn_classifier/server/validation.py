@@ -92,3 +92,9 @@ def fraction(value: float, name: str, low: float, high: float) -> float:
     if math.isnan(value) or not low <= value <= high:
         raise InvalidArgument(f"{name}={value} is out of range; use {low:g} to {high:g}")
     return value
+
+
+def temperature(value: float) -> float:
+    if math.isnan(value) or not 0.0 < value <= 10.0:
+        raise InvalidArgument(f"temperature={value} is out of range; use more than 0, up to 10")
+    return value

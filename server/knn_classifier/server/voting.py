@@ -6,8 +6,11 @@ A pure function of its inputs, so it is tested without a server, a store or an e
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class Voting(enum.StrEnum):
@@ -15,6 +18,8 @@ class Voting(enum.StrEnum):
     """One vote per neighbour."""
     SIMILARITY_WEIGHTED = "similarity_weighted"
     """Each neighbour votes with its cosine similarity, negative similarities counting as 0."""
+    SOFTMAX = "softmax"
+    """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
 
 
 class UnknownReason(enum.StrEnum):
@@ -31,11 +36,51 @@ class Neighbour:
 
 
 @dataclass(frozen=True, slots=True)
+class Calibration:
+    """A monotone map from the winner's share of the vote to the probability it is right.
+
+    Fitted by isotonic regression (pool adjacent violators) on leave-one-out results.
+    """
+
+    shares: tuple[float, ...]
+    probabilities: tuple[float, ...]
+
+    def __call__(self, share: float) -> float:
+        return float(np.interp(share, self.shares, self.probabilities))
+
+    @classmethod
+    def fit(cls, shares: Sequence[float], correct: Sequence[bool], points: int = 64) -> Calibration:
+        order = np.argsort(np.asarray(shares, dtype=np.float64), kind="stable")
+        x = np.asarray(shares, dtype=np.float64)[order]
+        y = np.asarray(correct, dtype=np.float64)[order]
+        # Pool adjacent violators: blocks of (sum of y, sum of x, count), merged while the
+        # block means of y decrease; each block maps its mean share to its mean accuracy.
+        y_sums: list[float] = []
+        x_sums: list[float] = []
+        counts: list[int] = []
+        for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
+            y_sums.append(yi)
+            x_sums.append(xi)
+            counts.append(1)
+            while len(y_sums) > 1 and y_sums[-2] / counts[-2] >= y_sums[-1] / counts[-1]:
+                y_total, x_total, count = y_sums.pop(), x_sums.pop(), counts.pop()
+                y_sums[-1] += y_total
+                x_sums[-1] += x_total
+                counts[-1] += count
+        xs = np.asarray(x_sums) / np.asarray(counts)
+        ys = np.asarray(y_sums) / np.asarray(counts)
+        if len(xs) > points:  # keep the stored map small; interpolation fills the gaps
+            keep = np.unique(np.linspace(0, len(xs) - 1, points).round().astype(int))
+            xs, ys = xs[keep], ys[keep]
+        return cls(tuple(xs.tolist()), tuple(ys.tolist()))
+
+
+@dataclass(frozen=True, slots=True)
 class Vote:
     label: str | None
     """The winning label, or None for unknown."""
     confidence: float
-    """The best label's share of the vote, in [0, 1]."""
+    """The winner's share of the vote, or the calibrated probability that it is right."""
     scores: list[tuple[str, float]]
     """Every label that received a vote and its share, best first; the shares sum to 1."""
     voters: list[Neighbour]
@@ -43,6 +88,8 @@ class Vote:
     top_similarity: float
     """Similarity of the nearest neighbour (voter or not); -1 when there is none."""
     unknown_reason: UnknownReason | None
+    best_label: str | None = None
+    """The label with the highest score, even when the answer is unknown."""
 
 
 def vote(
@@ -50,6 +97,8 @@ def vote(
     voting: Voting,
     min_similarity: float = -1.0,
     min_confidence: float = 0.0,
+    temperature: float = 0.05,
+    calibration: Calibration | None = None,
 ) -> Vote:
     """Votes over ``neighbours``; those under ``min_similarity`` do not vote.
 
@@ -62,7 +111,7 @@ def vote(
     if not voters:
         return Vote(None, 0.0, [], [], top_similarity, UnknownReason.BELOW_MIN_SIMILARITY)
 
-    weights = _weights(voters, voting)
+    weights = _weights(voters, voting, temperature)
     totals: dict[str, float] = {}
     best_similarity: dict[str, float] = {}
     for neighbour, weight in zip(voters, weights, strict=True):
@@ -72,15 +121,18 @@ def vote(
     order = sorted(totals, key=lambda label: (-totals[label], -best_similarity[label], label))
     scores = [(label, totals[label] / grand_total) for label in order]
 
-    winner, confidence = scores[0]
+    winner, share = scores[0]
+    confidence = calibration(share) if calibration else share
     if confidence < min_confidence:
-        return Vote(
-            None, confidence, scores, voters, top_similarity, UnknownReason.BELOW_MIN_CONFIDENCE
-        )
-    return Vote(winner, confidence, scores, voters, top_similarity, None)
+        reason = UnknownReason.BELOW_MIN_CONFIDENCE
+        return Vote(None, confidence, scores, voters, top_similarity, reason, winner)
+    return Vote(winner, confidence, scores, voters, top_similarity, None, winner)
 
 
-def _weights(voters: Sequence[Neighbour], voting: Voting) -> list[float]:
+def _weights(voters: Sequence[Neighbour], voting: Voting, temperature: float) -> list[float]:
+    if voting is Voting.SOFTMAX:
+        top = voters[0].similarity
+        return [math.exp((n.similarity - top) / temperature) for n in voters]
     if voting is Voting.SIMILARITY_WEIGHTED:
         weights = [max(n.similarity, 0.0) for n in voters]
         if sum(weights) > 0.0:

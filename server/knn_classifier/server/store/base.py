@@ -100,6 +100,10 @@ class Store(ABC):
         """A page of points in id order and the offset of the next page (None: last page)."""
 
     @abstractmethod
+    async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
+
+    @abstractmethod
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int
     ) -> list[list[Record]]:

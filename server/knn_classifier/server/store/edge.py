@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import qdrant_edge as qe
 
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
@@ -111,6 +112,11 @@ class EdgeStore(Store):
         page = [Record(str(record.id), dict(record.payload or {})) for record in records]
         return page, None if next_offset is None else str(next_offset)
 
+    async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        records = _scroll_all(self._shard(dimension), _filter(Selection(classifier)), vectors=True)
+        matrix = np.asarray([r.vector for r in records], dtype=np.float32).reshape(-1, dimension)
+        return [Record(str(r.id), dict(r.payload or {})) for r in records], matrix
+
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int
     ) -> list[list[Record]]:
@@ -160,13 +166,14 @@ def _filter(selection: Selection) -> qe.Filter:
     return qe.Filter(must=must)
 
 
-def _scroll_all(shard: qe.EdgeShard, where: qe.Filter) -> list[qe.Record]:
+def _scroll_all(shard: qe.EdgeShard, where: qe.Filter, vectors: bool = False) -> list[qe.Record]:
     records: list[qe.Record] = []
     offset: qe.PointId | None = None
     while True:
-        page, offset = shard.scroll(
-            qe.ScrollRequest(offset=offset, limit=1000, filter=where, with_payload=True)
+        request = qe.ScrollRequest(
+            offset=offset, limit=1000, filter=where, with_payload=True, with_vector=vectors
         )
+        page, offset = shard.scroll(request)
         records.extend(page)
         if offset is None:
             return records

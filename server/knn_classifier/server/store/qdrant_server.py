@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import cast
 
 import grpc
 import httpx
+import numpy as np
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.conversions import common_types as types
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -167,6 +169,27 @@ class QdrantServerStore(Store):
             )
         page = [Record(str(record.id), dict(record.payload or {})) for record in records]
         return page, None if next_offset is None else str(next_offset)
+
+    async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        records: list[Record] = []
+        rows: list[list[float]] = []
+        offset: types.PointId | None = None
+        async with _unavailable_on_failure():
+            while True:
+                page, offset = await self._client.scroll(
+                    self._collection(dimension),
+                    _filter(Selection(classifier)),
+                    limit=1000,
+                    offset=offset,
+                    with_payload=True,
+                    with_vectors=True,
+                )
+                for point in page:
+                    records.append(Record(str(point.id), dict(point.payload or {})))
+                    rows.append(cast(list[float], point.vector))
+                if offset is None:
+                    break
+        return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
 
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int

@@ -1,0 +1,142 @@
+"""Evaluate through the client, on the fake embedder; and exact agreement with scikit-learn."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+
+from knn_classifier.client import Client, FailedPreconditionError, InvalidArgumentError
+from knn_classifier.server.domain import EvaluateRequest
+from knn_classifier.server.errors import DeadlineExceeded
+
+from .conftest import ServerThread
+from .fake_embedder import fake_vector
+
+TOPICS = {
+    "sport": "football match goal team player score league coach",
+    "food": "pizza pasta recipe cheese dinner kitchen bake sauce",
+    "money": "bank loan account card transfer payment credit cash",
+}
+
+
+def topical_texts(n: int, seed: int) -> list[tuple[str, str]]:
+    """Texts of two words from one topic's vocabulary and four random words."""
+    rng = random.Random(seed)
+    noise = [f"w{i}" for i in range(200)]
+    rows = []
+    for i in range(n):
+        label = sorted(TOPICS)[i % len(TOPICS)]
+        words = rng.sample(TOPICS[label].split(), 2) + rng.sample(noise, 4)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture
+def topics(client: Client) -> Client:
+    client.create_classifier("topics", k=5)
+    client.add_exemplars("topics", topical_texts(150, seed=0))
+    return client
+
+
+def test_leave_one_out_sweep_is_sorted_best_first(topics: Client) -> None:
+    response = topics.evaluate(
+        "topics", k=[1, 5, 15], voting=["majority", "similarity_weighted", "softmax"]
+    )
+    assert len(response.results) == 9
+    accuracies = [r.accuracy for r in response.results]
+    assert accuracies == sorted(accuracies, reverse=True)
+    best = response.results[0]
+    assert best.evaluated == 150
+    assert 0.6 < best.accuracy < 0.99
+    assert best.coverage == 1.0
+    assert {m.label for m in best.labels} == set(TOPICS)
+    assert sum(m.support for m in best.labels) == 150
+    assert 0.0 <= best.expected_calibration_error <= 1.0
+    assert best.dimension == 64  # the classifier's default: the largest dimension
+    assert not response.classifier.calibrated  # nothing applied
+
+
+def test_held_out_counts_unknown_labels_as_errors(topics: Client) -> None:
+    held_out = [*topical_texts(30, seed=1), ("weather rain sun cloud", "weather")]
+    response = topics.evaluate("topics", held_out=held_out, dimension=[16, 64])
+    assert list(response.unknown_labels) == ["weather"]
+    assert [r.evaluated for r in response.results] == [31, 31]
+    best = response.results[0]
+    assert best.accuracy <= 30 / 31
+    weather = next(m for m in best.labels if m.label == "weather")
+    assert (weather.support, weather.recall) == (1, 0.0)
+
+
+def test_apply_best_sets_defaults_and_calibrates(topics: Client) -> None:
+    response = topics.evaluate(
+        "topics", k=[3, 9], voting=["majority", "softmax"], apply_best=True, target_precision=0.99
+    )
+    best = response.results[0]
+    classifier = topics.get_classifier("topics")
+    assert (classifier.k, classifier.voting) == (best.k, best.voting)
+    assert classifier.calibrated
+    assert classifier == response.classifier
+    assert classifier.min_confidence > 0.0  # 99 % precision needs some abstention
+    prediction = topics.classify("topics", "football goal w1 w2")
+    assert 0.0 <= prediction.confidence <= 1.0
+    held_out = topics.evaluate("topics", held_out=topical_texts(60, seed=2)).results[0]
+    assert held_out.accuracy_on_covered >= held_out.accuracy
+
+
+def test_evaluate_needs_two_labels_and_two_exemplars(client: Client) -> None:
+    client.create_classifier("single")
+    client.add_exemplars("single", [("a b", "x"), ("c d", "x")])
+    with pytest.raises(FailedPreconditionError, match="at least two"):
+        client.evaluate("single")
+    client.create_classifier("empty")
+    with pytest.raises(FailedPreconditionError, match="0 exemplars"):
+        client.evaluate("empty")
+
+
+def test_bad_evaluate_requests(topics: Client) -> None:
+    with pytest.raises(InvalidArgumentError, match="the limit is 64"):
+        topics.evaluate(
+            "topics", k=list(range(1, 30)), voting=["majority", "softmax", "similarity_weighted"]
+        )
+    with pytest.raises(InvalidArgumentError, match="leave-one-out"):
+        topics.evaluate("topics", held_out=[("a", "b")], apply_best=True)
+    with pytest.raises(InvalidArgumentError, match="dimension 7"):
+        topics.evaluate("topics", dimension=[7])
+    with pytest.raises(InvalidArgumentError, match="temperature"):
+        topics.evaluate("topics", voting=["softmax"], temperature=[0.0])
+
+
+def test_a_passed_deadline_stops_the_sweep(topics: Client, server: ServerThread) -> None:
+    assert server.app is not None
+    service = server.app.service
+    with pytest.raises(DeadlineExceeded):
+        server.run(service.evaluate("topics", EvaluateRequest(k=[1, 3]), time.monotonic() - 1))
+
+
+@pytest.mark.parametrize(("k", "labels"), [(5, 2), (7, 2), (1, 5)])
+def test_plain_knn_agrees_exactly_with_scikit_learn(client: Client, k: int, labels: int) -> None:
+    """Majority voting with no ties possible (odd k over two labels, or k=1)."""
+    rng = random.Random(k * 10 + labels)
+    words = [f"v{i}" for i in range(60)]
+
+    def text() -> str:
+        return " ".join(rng.sample(words, 4))
+
+    train = [(text(), f"label{rng.randrange(labels)}") for _ in range(200)]
+    train = list(dict(train).items())  # one label per text
+    queries = [text() for _ in range(100)]
+    client.create_classifier("agree")
+    client.add_exemplars("agree", train)
+    ours = [p.label for p in client.classify_batch("agree", queries, k=k, voting="majority")]
+
+    vectors = np.vstack([fake_vector(t, 64) for t, _ in train])
+    reference = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+    reference.fit(vectors, [label for _, label in train])
+    theirs = reference.predict(np.vstack([fake_vector(q, 64) for q in queries])).tolist()
+    assert ours == theirs
+    assert len(set(ours)) > 1

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from knn_classifier.server.evaluation import (
+    Outcome,
+    Setting,
+    expected_calibration_error,
+    nearest,
+    report,
+    threshold_for_precision,
+)
+from knn_classifier.server.voting import Calibration, Voting
+
+SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_nearest_matches_a_full_sort() -> None:
+    rng = np.random.default_rng(1)
+    base = unit(rng.standard_normal((2500, 8)))
+    queries = unit(rng.standard_normal((30, 8)))
+    indices, sims = nearest(queries, base, 7)
+    expected = np.argsort(-(queries @ base.T), axis=1)[:, :7]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(queries @ base.T, expected, axis=1))
+
+
+def test_leave_one_out_never_finds_itself() -> None:
+    rng = np.random.default_rng(2)
+    base = unit(rng.standard_normal((1500, 4)))
+    self_index = np.array([0, 5, 1499, 700], dtype=np.intp)
+    indices, _ = nearest(base[self_index], base, 3, self_index)
+    for row, own in zip(indices, self_index, strict=True):
+        assert own not in row
+    full = np.argsort(-(base[self_index] @ base.T), axis=1)[:, 1:4]
+    np.testing.assert_array_equal(indices, full)
+
+
+def test_report_counts_unknown_as_wrong_and_lists_confusions() -> None:
+    truth = ["a", "a", "b", "b", "c"]
+    outcomes = [
+        Outcome("a", "a", 0.9, 0.9),
+        Outcome("b", "b", 0.6, 0.8),
+        Outcome("b", "b", 0.8, 0.9),
+        Outcome(None, "b", 0.3, 0.2),
+        Outcome("a", "a", 0.5, 0.5),
+    ]
+    r = report(SETTING, truth, outcomes)
+    assert r.accuracy == pytest.approx(2 / 5)
+    assert r.coverage == pytest.approx(4 / 5)
+    assert r.accuracy_on_covered == pytest.approx(2 / 4)
+    by_label = {m.label: m for m in r.labels}
+    assert by_label["a"].precision == pytest.approx(1 / 2)
+    assert by_label["a"].recall == pytest.approx(1 / 2)
+    assert by_label["b"].precision == pytest.approx(1 / 2)
+    assert by_label["c"].f1 == 0.0
+    assert r.macro_f1 == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert r.confusions == [("a", "b", 1), ("c", "a", 1)]
+    assert r.evaluated == 5
+
+
+def test_expected_calibration_error() -> None:
+    assert expected_calibration_error([0.75] * 4, [True, True, True, False]) == pytest.approx(0.0)
+    assert expected_calibration_error([0.95] * 2, [True, False]) == pytest.approx(0.45)
+
+
+def test_threshold_for_precision() -> None:
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    correct = [True, True, True, False, False]
+    assert threshold_for_precision(scores, correct, 1.0) == pytest.approx(0.7)
+    assert threshold_for_precision(scores, correct, 0.75) == pytest.approx(0.6)
+    assert threshold_for_precision(scores, correct, 0.5) == -1.0
+    assert threshold_for_precision([0.9], [False], 0.9) > 0.9
+
+
+def test_calibration_is_monotone_and_matches_observed_accuracy() -> None:
+    rng = np.random.default_rng(3)
+    shares = rng.uniform(0, 1, 5000)
+    correct = rng.uniform(0, 1, 5000) < shares**2  # over-confident shares
+    calibration = Calibration.fit(shares.tolist(), correct.tolist())
+    values = [calibration(x) for x in np.linspace(0, 1, 50)]
+    assert values == sorted(values)
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert calibration(0.5) == pytest.approx(0.25, abs=0.06)
+    assert len(calibration.shares) <= 64
+    calibrated = [calibration(x) for x in shares]
+    assert expected_calibration_error(calibrated, correct.tolist()) < 0.03
+    assert expected_calibration_error(shares.tolist(), correct.tolist()) > 0.1
