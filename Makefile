@@ -7,7 +7,7 @@ RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
 
-.PHONY: setup serve test lint typecheck pytest proto proto-check clean
+.PHONY: setup serve test lint typecheck pytest proto bench-accuracy clean
 
 setup: .venv/.synced
 
@@ -35,6 +35,9 @@ pytest: setup
 
 proto: setup
 	$(RUN) bash scripts/gen_proto.sh
+
+bench-accuracy: setup
+	$(RUN) python bench/accuracy.py
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache
