@@ -17,7 +17,7 @@ from knn_classifier.v1.classifier_pb2 import (
     UnknownReason,
 )
 
-from ._client import AsyncClient, Client
+from ._client import AsyncClient, Client, Tls
 from ._errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -25,7 +25,9 @@ from ._errors import (
     InvalidArgumentError,
     KnnClassifierError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -43,8 +45,11 @@ __all__ = [
     "LabelScore",
     "Neighbour",
     "NotFoundError",
+    "PermissionDeniedError",
     "Prediction",
     "ResourceExhaustedError",
+    "Tls",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnknownReason",
 ]

@@ -1,13 +1,14 @@
 """Client and AsyncClient: typed wrappers over the generated stub, one method per RPC.
 
-Both take the server address once, a default deadline for every call (``timeout``, seconds) that
-each method can override, and raise :class:`KnnClassifierError` subclasses instead of
-``grpc.RpcError``.
+Both take the server address once, an API key sent with every call (``api_key``), TLS
+settings (``tls``), a default deadline for every call (``timeout``, seconds) that each method
+can override, and raise :class:`KnnClassifierError` subclasses instead of ``grpc.RpcError``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -24,6 +25,25 @@ Response = TypeVar("Response")
 DEFAULT_TIMEOUT_S = 30.0
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the channel: the CA that signed the server's certificate (None: the system's),
+    and for mutual TLS the client's own PEM key and certificate chain."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class Client:
     """Blocking client. Use as a context manager, or call :meth:`close`."""
 
@@ -31,12 +51,21 @@ class Client:
         self,
         target: str = "localhost:50051",
         *,
+        api_key: str | None = None,
+        tls: Tls | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, tls.credentials())
+                if tls
+                else grpc.insecure_channel(target)
+            )
+        self._channel = channel
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
+        self._metadata = _metadata(api_key)
 
     def __enter__(self) -> Self:
         return self
@@ -56,7 +85,8 @@ class Client:
         self, method: Callable[..., Response], request: Any, timeout: float | None
     ) -> Response:
         try:
-            return method(request, timeout=self._timeout if timeout is None else timeout)
+            deadline = self._timeout if timeout is None else timeout
+            return method(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -193,12 +223,21 @@ class AsyncClient:
         self,
         target: str = "localhost:50051",
         *,
+        api_key: str | None = None,
+        tls: Tls | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, tls.credentials())
+                if tls
+                else grpc.aio.insecure_channel(target)
+            )
+        self._channel = channel
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
+        self._metadata = _metadata(api_key)
 
     async def __aenter__(self) -> Self:
         return self
@@ -218,7 +257,8 @@ class AsyncClient:
         self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None
     ) -> Response:
         try:
-            return await method(request, timeout=self._timeout if timeout is None else timeout)
+            deadline = self._timeout if timeout is None else timeout
+            return await method(request, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 

@@ -38,6 +38,14 @@ class UnavailableError(KnnClassifierError):
     """The server or one of its dependencies is down; retry later with backoff."""
 
 
+class UnauthenticatedError(KnnClassifierError):
+    """No API key, or one the server does not know."""
+
+
+class PermissionDeniedError(KnnClassifierError):
+    """The API key may not make this call (a read key asked to write)."""
+
+
 class DeadlineExceededError(KnnClassifierError):
     """The call did not finish within its deadline."""
 
@@ -50,6 +58,8 @@ _BY_CODE: dict[grpc.StatusCode, type[KnnClassifierError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,9 +14,10 @@ from qdrant_client import AsyncQdrantClient
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .api import ClassifierServicer
+from .auth import ApiKeyInterceptor, KeyRing
 from .embedding import Embedder
 from .service import ClassifierService
-from .settings import Settings
+from .settings import Settings, TlsSettings
 from .store import EdgeStore, QdrantServerStore, Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,15 @@ def build_store(settings: Settings) -> Store:
     return EdgeStore(settings.data_dir)
 
 
+def _server_credentials(cert: Path, key: Path, tls: TlsSettings) -> grpc.ServerCredentials:
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class App:
     """The service and its gRPC server. ``start`` returns the bound port."""
 
@@ -47,11 +58,18 @@ class App:
         )
         self.health = health_aio.HealthServicer()
         limit = settings.limits.max_message_bytes
+        interceptors = (
+            [ApiKeyInterceptor(KeyRing.from_settings(settings.auth))]
+            if settings.auth.enabled
+            else []
+        )
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-            ]
+            ],
+            maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
         )
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.service), self.server
@@ -68,7 +86,12 @@ class App:
             await self.service.stop()  # release the embedder's connections and the store's lock
             raise
         address = f"{self.settings.server.host}:{self.settings.server.port}"
-        port = self.server.add_insecure_port(address)
+        tls = self.settings.tls
+        if tls.cert_file and tls.key_file:
+            credentials = _server_credentials(tls.cert_file, tls.key_file, tls)
+            port = self.server.add_secure_port(address, credentials)
+        else:
+            port = self.server.add_insecure_port(address)
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -25,6 +25,10 @@ class FailedPrecondition(ServiceError):
     """The request is valid but the classifier is not in a state to serve it."""
 
 
+class ResourceExhausted(ServiceError):
+    """A limit is reached; the message names it."""
+
+
 class Unavailable(ServiceError):
     """A dependency (the embedder or the store) cannot be reached; retrying later may help."""
 

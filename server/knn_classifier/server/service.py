@@ -33,6 +33,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     StartupError,
 )
 from .evaluation import Exemplars, Outcome, Report, Setting
@@ -191,6 +192,7 @@ class ClassifierService:
             validation.exemplar_id(item.id, f"exemplars[{i}].id")
             validation.metadata(item.metadata, f"exemplars[{i}].metadata")
         config = await self._config(classifier)
+        await self._check_room(classifier, len(items))
 
         ids = [item.id or derived_exemplar_id(classifier, item.text) for item in items]
         # A repeated id within the batch: the last occurrence wins, as it would across calls.
@@ -214,6 +216,20 @@ class ClassifierService:
         for dimension in self._dimensions:
             await self._store.upsert(dimension, point_ids, truncate(vectors, dimension), payloads)
         return ids
+
+    async def _check_room(self, classifier: str, adding: int) -> None:
+        """Refuses a batch that could take the classifier past its exemplar limit.
+
+        Counts the batch as all new (some may update existing exemplars), so the limit is never
+        passed, at the price of refusing a batch that would have just fitted.
+        """
+        limit = self._limits.max_exemplars_per_classifier
+        held = await self._count(Selection(classifier))
+        if held + adding > limit:
+            raise ResourceExhausted(
+                f"classifier {classifier!r} holds {held} exemplars; adding {adding} could pass "
+                f"the limit of {limit} exemplars per classifier"
+            )
 
     async def delete_exemplars(
         self, classifier: str, ids: Sequence[str] = (), label: str = ""

@@ -6,6 +6,7 @@ comma-separated string: ``KNN_DIMENSIONS=256,1024``. Tests pass values to the co
 
 from __future__ import annotations
 
+import ipaddress
 import string
 from pathlib import Path
 from typing import Annotated, Any
@@ -89,6 +90,56 @@ class ServerSettings(BaseModel):
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
+    trusted_proxy: bool = Field(
+        False,
+        description=(
+            "Allow listening beyond loopback without API keys, because a trusted proxy in "
+            "front authenticates callers."
+        ),
+    )
+
+
+class AuthSettings(BaseModel):
+    """API keys. With none, the service listens on loopback only (see server.trusted_proxy)."""
+
+    read_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Keys that may classify and list (comma-separated)."
+    )
+    write_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Keys that may do everything (comma-separated)."
+    )
+    keys_file: Path | None = Field(
+        None, description="File of '<sha256 hex of key> read|write' lines, read at start."
+    )
+
+    @field_validator("read_keys", "write_keys", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.read_keys or self.write_keys or self.keys_file)
+
+
+class TlsSettings(BaseModel):
+    """TLS for the gRPC listener; off unless cert_file and key_file are set."""
+
+    cert_file: Path | None = Field(None, description="PEM server certificate chain.")
+    key_file: Path | None = Field(None, description="PEM private key of the certificate.")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; if set, clients must present a certificate it signed."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both tls.cert_file and tls.key_file, or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        return self
 
 
 class LimitSettings(BaseModel):
@@ -108,6 +159,12 @@ class LimitSettings(BaseModel):
             "Texts one Evaluate call classifies: held-out texts beyond it are refused; "
             "leave-one-out classifies a fixed random sample of this many exemplars."
         ),
+    )
+    max_exemplars_per_classifier: int = Field(
+        1_000_000, ge=1, description="Exemplars one classifier may hold."
+    )
+    max_concurrent_rpcs: int = Field(
+        1000, ge=1, description="Calls served at once; more get RESOURCE_EXHAUSTED."
     )
     max_message_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest gRPC message received or sent."
@@ -168,6 +225,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(
         default_factory=ServerSettings, description="The gRPC listener (KNN_SERVER__*)."
     )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys (KNN_AUTH__*).")
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS (KNN_TLS__*).")
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Request limits (KNN_LIMITS__*)."
     )
@@ -196,9 +255,30 @@ class Settings(BaseSettings):
         return sorted(value)
 
     @model_validator(mode="after")
+    def _refuse_open_listener(self) -> Settings:
+        open_to_network = not _is_loopback(self.server.host)
+        if open_to_network and not self.auth.enabled and not self.server.trusted_proxy:
+            raise ValueError(
+                f"server.host={self.server.host} is reachable from other machines but no API "
+                "keys are set: set KNN_AUTH__WRITE_KEYS (and KNN_AUTH__READ_KEYS) or "
+                "KNN_AUTH__KEYS_FILE, or KNN_SERVER__TRUSTED_PROXY=true if a proxy in front "
+                "authenticates callers"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_defaults_fit_limits(self) -> Settings:
         if self.defaults.k > self.limits.max_k:
             raise ValueError(
                 f"defaults.k={self.defaults.k} exceeds limits.max_k={self.limits.max_k}"
             )
         return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

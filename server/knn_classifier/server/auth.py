@@ -1,0 +1,128 @@
+"""API keys: a server interceptor that admits only callers presenting a known key.
+
+Keys arrive as ``authorization: Bearer <key>`` metadata. The server keeps SHA-256 digests only
+and compares every known digest with :func:`hmac.compare_digest`, so timing reveals nothing about
+which key nearly matched. Read keys may classify and list; write keys may do everything. The
+health service is open to all, so that load balancers need no key.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from .settings import AuthSettings
+
+_OPEN_PREFIX = "/grpc.health.v1.Health/"
+_SERVICE = "/knn_classifier.v1.ClassifierService/"
+READ_METHODS = frozenset(
+    _SERVICE + name
+    for name in (
+        "GetClassifier",
+        "ListClassifiers",
+        "ListExemplars",
+        "ListLabels",
+        "Classify",
+        "ClassifyBatch",
+    )
+)
+
+
+class Role(enum.StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Digests of the accepted keys and the role of each."""
+
+    entries: tuple[tuple[bytes, Role], ...]
+
+    @classmethod
+    def from_settings(cls, settings: AuthSettings) -> KeyRing:
+        entries = [(digest(k.get_secret_value()), Role.READ) for k in settings.read_keys]
+        entries += [(digest(k.get_secret_value()), Role.WRITE) for k in settings.write_keys]
+        if settings.keys_file is not None:
+            entries += list(_read_keys_file(settings.keys_file))
+        return cls(tuple(entries))
+
+    def role(self, presented: str) -> Role | None:
+        """The role of ``presented``, comparing against every key in constant time each."""
+        candidate = digest(presented)
+        found: Role | None = None
+        for known, role in self.entries:
+            if hmac.compare_digest(known, candidate):
+                found = role
+        return found
+
+
+def _read_keys_file(path: Path) -> Iterable[tuple[bytes, Role]]:
+    """Lines of ``<sha256 hex of the key> <read|write>``; '#' starts a comment."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        try:
+            hex_digest, role = fields[0], Role(fields[1])
+            raw = bytes.fromhex(hex_digest)
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}:{number}: expected '<sha256 hex> read|write'") from None
+        if len(raw) != 32:
+            raise ValueError(f"{path}:{number}: not a SHA-256 digest")
+        yield raw, role
+
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+def _deny(code: grpc.StatusCode, message: str) -> Handler:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class ApiKeyInterceptor(_ServerInterceptor):
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        method = details.method
+        if method.startswith(_OPEN_PREFIX):
+            return await continuation(details)
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, key = str(header).partition(" ")
+        role = self._keys.role(key) if scheme.lower() == "bearer" and key else None
+        if role is None:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown API key; send 'authorization: Bearer <key>'",
+            )
+        if role is Role.READ and method not in READ_METHODS:
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this API key is read-only; {method.rsplit('/', 1)[-1]} needs a write key",
+            )
+        return await continuation(details)
