@@ -58,7 +58,8 @@ def make_settings(data_dir: Path, base_url: str, **overrides: Any) -> Settings:
             "startup_timeout_s": 0,
             "retries": 1,
         },
-        "server": {"port": 0, "grace_period_s": 1},
+        # No background health checks unless a test asks: they would add embedding calls.
+        "server": {"port": 0, "grace_period_s": 1, "health_interval_s": 3600},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):

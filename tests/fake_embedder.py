@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,6 +41,10 @@ class Behaviour:
     """How many of the next calls fail with fail_status (then it recovers)."""
     bad_width: bool = False
     nan: bool = False
+    malformed: bool = False
+    """Answer 200 with a body that is not JSON."""
+    delay_s: float = 0.0
+    """Wait this long before answering."""
     calls: int = 0
     inputs: list[list[str]] = field(default_factory=list)
 
@@ -135,10 +140,18 @@ class FakeEmbeddingServer:
                 except ValueError:
                     self._send(400, _sglang_error(400, "invalid JSON"))
                     return
+                behaviour = server.behaviour
+                if behaviour.delay_s:
+                    time.sleep(behaviour.delay_s)
+                if behaviour.malformed:
+                    self._send_raw(200, b"<html>upstream proxy error</html>")
+                    return
                 self._send(*server._respond(body))
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
+                self._send_raw(status, json.dumps(body).encode())
+
+            def _send_raw(self, status: int, data: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from knn_classifier.client import Client, FailedPreconditionError, InvalidArgumentError
+from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
 
@@ -114,8 +114,13 @@ def test_bad_evaluate_requests(topics: Client) -> None:
 def test_a_passed_deadline_stops_the_sweep(topics: Client, server: ServerThread) -> None:
     assert server.app is not None
     service = server.app.service
-    with pytest.raises(DeadlineExceeded):
-        server.run(service.evaluate("topics", EvaluateRequest(k=[1, 3]), time.monotonic() - 1))
+
+    async def late() -> object:
+        with deadlines.within(-1):
+            return await service.evaluate("topics", EvaluateRequest(k=[1, 3]))
+
+    with pytest.raises(DeadlineExceeded, match="before the next setting"):
+        server.run(late())
 
 
 @pytest.mark.parametrize(("k", "labels"), [(5, 2), (7, 2), (1, 5)])

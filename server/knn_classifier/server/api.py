@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-from . import errors
+from . import deadlines, errors
 from .domain import (
     ClassifierInfo,
     ClassifyOptions,
@@ -63,7 +62,8 @@ def _status_on_error(handler: Handler[Request, Response]) -> Handler[Request, Re
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: Context) -> Response:
         try:
-            return await handler(self, request, context)
+            with deadlines.within(context.time_remaining()):
+                return await handler(self, request, context)
         except errors.ServiceError as exc:
             await context.abort(_STATUS[type(exc)], str(exc))
         except Exception:
@@ -187,7 +187,6 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     @_status_on_error
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
-        remaining = context.time_remaining()
         evaluate = EvaluateRequest(
             held_out=[(item.text, item.label) for item in request.held_out],
             k=list(request.k),
@@ -199,11 +198,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 request.target_precision if request.HasField("target_precision") else None
             ),
         )
-        reports, unknown_labels, info = await self._service.evaluate(
-            request.classifier,
-            evaluate,
-            None if remaining is None else time.monotonic() + remaining,
-        )
+        reports, unknown_labels, info = await self._service.evaluate(request.classifier, evaluate)
         return pb.EvaluateResponse(
             results=[_evaluation_result(r) for r in reports],
             unknown_labels=unknown_labels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class App:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         try:
@@ -93,13 +95,37 @@ class App:
         else:
             port = self.server.add_insecure_port(address)
         await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._report_health(serving=True)
+        self._watcher = asyncio.create_task(self._watch_health())
         log.info("serving %s on %s:%d", SERVICE_NAME, self.settings.server.host, port)
         return port
 
+    async def _report_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        """Turns health NOT_SERVING while the embedder or the store is down, SERVING after."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.server.health_interval_s)
+            now = await self.service.healthy()
+            if now != serving:
+                log.warning(
+                    "health: %s", "SERVING" if now else "NOT_SERVING (a dependency is down)"
+                )
+                await self._report_health(now)
+                serving = now
+
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within ``grace``, then closes."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.server.grace_period_s if grace is None else grace)
         await self.service.stop()

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import openai
 
+from . import deadlines
 from .errors import InvalidArgument, StartupError, Unavailable
 from .settings import EmbeddingSettings
 
@@ -105,15 +106,37 @@ class Embedder:
         parts = [await self._call(texts[i : i + step]) for i in range(0, len(texts), step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    async def ping(self, within_s: float) -> bool:
+        """Whether the server embeds a short text correctly within ``within_s``; no retries."""
+        try:
+            response = await self._client.embeddings.create(
+                model=self._settings.model,
+                input=[_PROBE_TEXT],
+                encoding_format="base64",
+                timeout=within_s,
+            )
+            self._decode(response, 1)
+        except (openai.OpenAIError, Unavailable, ValueError, TypeError):
+            return False
+        return True
+
     async def close(self) -> None:
         await self._client.close()
 
     async def _call(self, texts: Sequence[str]) -> Matrix:
         attempt = 0
         while True:
+            deadlines.check("calling the embedding server")
+            left = deadlines.remaining()
+            timeout = (
+                self._settings.timeout_s if left is None else min(self._settings.timeout_s, left)
+            )
             try:
                 response = await self._client.embeddings.create(
-                    model=self._settings.model, input=list(texts), encoding_format="base64"
+                    model=self._settings.model,
+                    input=list(texts),
+                    encoding_format="base64",
+                    timeout=timeout,
                 )
                 return self._decode(response, len(texts))
             except openai.BadRequestError as exc:
@@ -127,12 +150,18 @@ class Embedder:
                     ) from exc
                 reason = f"HTTP {exc.status_code}"
             except openai.APIConnectionError as exc:  # includes timeouts
+                deadlines.check("the embedding server answered")
                 if attempt >= self._settings.retries:
                     raise Unavailable(
                         f"the embedding server cannot be reached ({type(exc).__name__})"
                     ) from exc
                 reason = type(exc).__name__
+            except (openai.APIResponseValidationError, ValueError, TypeError) as exc:
+                raise Unavailable("the embedding server sent a malformed answer") from exc
             delay = 0.1 * 2**attempt * (1.0 + random.random())
+            left = deadlines.remaining()
+            if left is not None and delay >= left:
+                raise Unavailable(f"the embedding server failed ({reason}); no time left to retry")
             log.warning("embedding call failed (%s); retry %d in %.2fs", reason, attempt + 1, delay)
             await asyncio.sleep(delay)
             attempt += 1

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from . import evaluation, validation
+from . import deadlines, evaluation, validation
 from .domain import (
     ClassifierConfig,
     ClassifierInfo,
@@ -29,12 +29,12 @@ from .domain import (
 from .embedding import Embedder, Fingerprint, Matrix, truncate
 from .errors import (
     AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     StartupError,
+    Unavailable,
 )
 from .evaluation import Exemplars, Outcome, Report, Setting
 from .settings import Settings
@@ -122,6 +122,16 @@ class ClassifierService:
             "dimensions": self._dimensions,
         }
         await self._store.put_meta(_FINGERPRINT_KEY, payload)
+
+    async def healthy(self) -> bool:
+        """Whether the embedder and the store both answer (for the health service)."""
+        if not await self._embedder.ping(within_s=5.0):
+            return False
+        try:
+            await self._store.get_meta(_FINGERPRINT_KEY)
+        except Unavailable:
+            return False
+        return True
 
     async def stop(self) -> None:
         await self._store.close()
@@ -213,9 +223,44 @@ class ClassifierService:
         ]
         prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
         vectors = await self._embedder.embed(prompts)
-        for dimension in self._dimensions:
-            await self._store.upsert(dimension, point_ids, truncate(vectors, dimension), payloads)
+        await self._write_everywhere(classifier, point_ids, vectors, payloads)
         return ids
+
+    async def _write_everywhere(
+        self,
+        classifier: str,
+        point_ids: list[str],
+        vectors: Matrix,
+        payloads: list[dict[str, Any]],
+    ) -> None:
+        """Writes the points to every dimension, or (best effort) to none.
+
+        If a dimension fails, the points this call created are deleted again from the
+        dimensions already written, so no new exemplar is left half-present. Points that existed
+        before keep the new version where it was written; start-up repair completes any that an
+        interrupted rollback leaves behind.
+        """
+        existing, _ = await self._store.scroll(
+            self._dimensions[0], Selection(classifier, ids=point_ids), len(point_ids), None
+        )
+        created = sorted(set(point_ids) - {record.id for record in existing})
+        written: list[int] = []
+        try:
+            for dimension in self._dimensions:
+                await self._store.upsert(
+                    dimension, point_ids, truncate(vectors, dimension), payloads
+                )
+                written.append(dimension)
+        except Unavailable:
+            if created:
+                try:
+                    for dimension in written:
+                        await self._store.delete(dimension, Selection(classifier, ids=created))
+                except Unavailable:
+                    log.warning(
+                        "rollback of %d new exemplars failed; repair at start-up", len(created)
+                    )
+            raise
 
     async def _check_room(self, classifier: str, adding: int) -> None:
         """Refuses a batch that could take the classifier past its exemplar limit.
@@ -328,7 +373,7 @@ class ClassifierService:
     # Evaluation ------------------------------------------------------------------------------
 
     async def evaluate(
-        self, classifier: str, request: EvaluateRequest, deadline: float | None = None
+        self, classifier: str, request: EvaluateRequest
     ) -> tuple[list[Report], list[str], ClassifierInfo]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC."""
         config = await self._config(classifier)
@@ -380,7 +425,7 @@ class ClassifierService:
                 evaluation.nearest, queries, exemplars.vectors, largest_k, self_index
             )
             for setting in (s for s in sweep if s.dimension == dimension):
-                _check_deadline(deadline)
+                deadlines.check("the next setting of the sweep")
                 outcomes, raw_shares = await asyncio.to_thread(
                     self._outcomes,
                     config,
@@ -537,11 +582,6 @@ def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[flo
         for i in apply_to:
             calibrated[i] = calibration(shares[i])
     return calibrated
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("the evaluation did not finish within the deadline; sweep less")
 
 
 def _neighbour(record: Record) -> Neighbour:

@@ -90,6 +90,11 @@ class ServerSettings(BaseModel):
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
+    health_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often health checks the embedder and the store (NOT_SERVING if down).",
+    )
     trusted_proxy: bool = Field(
         False,
         description=(
