@@ -75,8 +75,7 @@ class FakeEmbeddingServer:
         self.behaviour = Behaviour(**changes)
         return self.behaviour
 
-    def _respond(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        b = self.behaviour
+    def _respond(self, body: dict[str, Any], b: Behaviour) -> tuple[int, dict[str, Any]]:
         with self._lock:
             b.calls += 1
             if b.fail_times > 0 and b.fail_status is not None:
@@ -140,13 +139,15 @@ class FakeEmbeddingServer:
                 except ValueError:
                     self._send(400, _sglang_error(400, "invalid JSON"))
                     return
+                # What the server did when the request arrived: a reset during a slow answer
+                # must not make it count against the next test.
                 behaviour = server.behaviour
                 if behaviour.delay_s:
                     time.sleep(behaviour.delay_s)
                 if behaviour.malformed:
                     self._send_raw(200, b"<html>upstream proxy error</html>")
                     return
-                self._send(*server._respond(body))
+                self._send(*server._respond(body, behaviour))
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
                 self._send_raw(status, json.dumps(body).encode())
