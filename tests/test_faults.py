@@ -14,7 +14,7 @@ from qdrant_client import AsyncQdrantClient
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from knn_classifier.client import DeadlineExceededError, UnavailableError
-from knn_classifier.server.store import QdrantServerStore
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer

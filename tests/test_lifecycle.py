@@ -162,3 +162,14 @@ def test_python_m_explains_an_unreachable_embedder(tmp_path: Path) -> None:
     assert "cannot start" in done.stderr
     assert "KNN_EMBEDDING__BASE_URL" in done.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_store_url_selects_the_qdrant_server_store(tmp_path: Path) -> None:
+    from knn_classifier.server.app import build_store
+    from knn_classifier.server.settings import Settings
+    from knn_classifier.server.store import EdgeStore
+    from knn_classifier.server.store.qdrant_server import QdrantServerStore
+
+    assert isinstance(build_store(Settings(data_dir=tmp_path)), EdgeStore)
+    remote = build_store(Settings(store={"url": "http://qdrant.invalid:6333"}))  # type: ignore[arg-type]
+    assert isinstance(remote, QdrantServerStore)

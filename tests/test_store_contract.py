@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from qdrant_client import AsyncQdrantClient
 
-from knn_classifier.server.store import EdgeStore, QdrantServerStore, Selection, Store
+from knn_classifier.server.store import EdgeStore, Selection, Store
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
 DIMENSIONS = [4, 8]
 
@@ -149,3 +150,12 @@ async def test_vectors_returns_every_point_of_the_classifier_with_its_vector(sto
     empty, nothing = await store.vectors(8, "nobody")
     assert empty == []
     assert nothing.shape == (0, 8)
+
+
+async def test_point_ids_and_retrieve(store: Store) -> None:
+    point_ids = await fill(store)
+    assert await store.point_ids(4, "a") == set(point_ids[:3])
+    records, matrix = await store.retrieve(8, [point_ids[2], str(uuid.uuid4())])
+    assert [r.id for r in records] == [point_ids[2]]
+    assert records[0].payload["text"] == "a3"
+    np.testing.assert_allclose(matrix[0], unit_rows([[0, 1]], 8)[0], atol=1e-6)

@@ -10,7 +10,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
 from grpc_reflection.v1alpha import reflection
-from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -19,7 +18,7 @@ from .auth import ApiKeyInterceptor, KeyRing
 from .embedding import Embedder
 from .service import ClassifierService
 from .settings import Settings, TlsSettings
-from .store import EdgeStore, QdrantServerStore, Store
+from .store import EdgeStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +28,19 @@ SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["ClassifierService"].f
 def build_store(settings: Settings) -> Store:
     """The Qdrant server store if ``store.url`` is set, else the embedded store in data_dir."""
     if settings.store.url:
+        from qdrant_client import AsyncQdrantClient
+
+        from .store.qdrant_server import QdrantServerStore
+
         client = AsyncQdrantClient(
             url=settings.store.url,
             grpc_port=settings.store.grpc_port,
             prefer_grpc=True,
             api_key=settings.store.api_key.get_secret_value() if settings.store.api_key else None,
             timeout=settings.store.timeout_s,
+            # Start-up opens the collections and says clearly if Qdrant is unreachable; the
+            # client's own check would only add a warning from a background thread.
+            check_compatibility=False,
         )
         return QdrantServerStore(client, settings.store.collection_prefix)
     return EdgeStore(settings.data_dir)

@@ -90,8 +90,14 @@ class ClassifierService:
                 f"{self._settings.embedding.model!r}; set KNN_DIMENSIONS to values up to {width}, "
                 f"e.g. KNN_DIMENSIONS={','.join(map(str, fitting))}"
             )
-        await self._store.open(self._dimensions)
+        try:
+            await self._store.open(self._dimensions)
+        except Unavailable as exc:
+            raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
         await self._check_fingerprint(self._embedder.fingerprint)
+        repaired = await self.repair()
+        if repaired:
+            log.warning("repaired %d exemplar(s) missing from some dimensions", repaired)
         log.info("embedder width %d; dimensions %s", width, self._dimensions)
 
     async def _check_fingerprint(self, current: Fingerprint) -> None:
@@ -122,6 +128,41 @@ class ClassifierService:
             "dimensions": self._dimensions,
         }
         await self._store.put_meta(_FINGERPRINT_KEY, payload)
+
+    async def repair(self) -> int:
+        """Completes exemplars that an interrupted write or delete left in some dimensions only.
+
+        A missing vector is the truncation of the exemplar's vector in a wider dimension where
+        there is one, else the stored text is embedded again. Returns how many (exemplar,
+        dimension) pairs were written.
+        """
+        repaired = 0
+        for payload in await self._store.list_meta("classifier"):
+            config = ClassifierConfig.from_payload(payload)
+            present = {d: await self._store.point_ids(d, config.name) for d in self._dimensions}
+            every = set().union(*present.values())
+            for dimension in self._dimensions:
+                missing = every - present[dimension]
+                for source in sorted(present, reverse=True):  # widest first
+                    found = sorted(missing & present[source])
+                    if not found:
+                        continue
+                    records, vectors = await self._store.retrieve(source, found)
+                    if source < dimension:
+                        prompts = [
+                            self._embedder.prompt(config.instruction, str(r.payload["text"]))
+                            for r in records
+                        ]
+                        vectors = await self._embedder.embed(prompts)
+                    await self._store.upsert(
+                        dimension,
+                        [r.id for r in records],
+                        truncate(vectors, dimension),
+                        [r.payload for r in records],
+                    )
+                    missing -= set(found)
+                    repaired += len(found)
+        return repaired
 
     async def healthy(self) -> bool:
         """Whether the embedder and the store both answer (for the health service)."""

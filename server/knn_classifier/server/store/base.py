@@ -100,6 +100,14 @@ class Store(ABC):
         """A page of points in id order and the offset of the next page (None: last page)."""
 
     @abstractmethod
+    async def point_ids(self, dimension: int, classifier: str) -> set[str]:
+        """The ids of every point of ``classifier``."""
+
+    @abstractmethod
+    async def retrieve(self, dimension: int, ids: Sequence[str]) -> tuple[list[Record], Matrix]:
+        """The points with these ids that exist, with their vectors (row i is record i)."""
+
+    @abstractmethod
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
 

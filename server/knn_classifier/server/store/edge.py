@@ -112,6 +112,15 @@ class EdgeStore(Store):
         page = [Record(str(record.id), dict(record.payload or {})) for record in records]
         return page, None if next_offset is None else str(next_offset)
 
+    async def point_ids(self, dimension: int, classifier: str) -> set[str]:
+        records = _scroll_all(self._shard(dimension), _filter(Selection(classifier)), payload=False)
+        return {str(record.id) for record in records}
+
+    async def retrieve(self, dimension: int, ids: Sequence[str]) -> tuple[list[Record], Matrix]:
+        records = self._shard(dimension).retrieve(list(ids), True, True)
+        matrix = np.asarray([r.vector for r in records], dtype=np.float32).reshape(-1, dimension)
+        return [Record(str(r.id), dict(r.payload or {})) for r in records], matrix
+
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         records = _scroll_all(self._shard(dimension), _filter(Selection(classifier)), vectors=True)
         matrix = np.asarray([r.vector for r in records], dtype=np.float32).reshape(-1, dimension)
@@ -166,12 +175,14 @@ def _filter(selection: Selection) -> qe.Filter:
     return qe.Filter(must=must)
 
 
-def _scroll_all(shard: qe.EdgeShard, where: qe.Filter, vectors: bool = False) -> list[qe.Record]:
+def _scroll_all(
+    shard: qe.EdgeShard, where: qe.Filter, vectors: bool = False, payload: bool = True
+) -> list[qe.Record]:
     records: list[qe.Record] = []
     offset: qe.PointId | None = None
     while True:
         request = qe.ScrollRequest(
-            offset=offset, limit=1000, filter=where, with_payload=True, with_vector=vectors
+            offset=offset, limit=1000, filter=where, with_payload=payload, with_vector=vectors
         )
         page, offset = shard.scroll(request)
         records.extend(page)

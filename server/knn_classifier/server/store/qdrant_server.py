@@ -170,6 +170,31 @@ class QdrantServerStore(Store):
         page = [Record(str(record.id), dict(record.payload or {})) for record in records]
         return page, None if next_offset is None else str(next_offset)
 
+    async def point_ids(self, dimension: int, classifier: str) -> set[str]:
+        ids: set[str] = set()
+        offset: types.PointId | None = None
+        async with _unavailable_on_failure():
+            while True:
+                page, offset = await self._client.scroll(
+                    self._collection(dimension),
+                    _filter(Selection(classifier)),
+                    limit=1000,
+                    offset=offset,
+                    with_payload=False,
+                )
+                ids.update(str(point.id) for point in page)
+                if offset is None:
+                    return ids
+
+    async def retrieve(self, dimension: int, ids: Sequence[str]) -> tuple[list[Record], Matrix]:
+        async with _unavailable_on_failure():
+            points = await self._client.retrieve(
+                self._collection(dimension), list(ids), with_payload=True, with_vectors=True
+            )
+        records = [Record(str(p.id), dict(p.payload or {})) for p in points]
+        rows = [cast(list[float], p.vector) for p in points]
+        return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
+
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         records: list[Record] = []
         rows: list[list[float]] = []
