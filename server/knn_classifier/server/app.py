@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor, KeyRing
 from .embedding import Embedder
+from .parsing import RejectMalformedRequests
 from .service import ClassifierService
 from .settings import Settings, TlsSettings
 from .store import EdgeStore, Store
@@ -65,11 +67,9 @@ class App:
         )
         self.health = health_aio.HealthServicer()
         limit = settings.limits.max_message_bytes
-        interceptors = (
-            [ApiKeyInterceptor(KeyRing.from_settings(settings.auth))]
-            if settings.auth.enabled
-            else []
-        )
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformedRequests()]
+        if settings.auth.enabled:
+            interceptors.insert(0, ApiKeyInterceptor(KeyRing.from_settings(settings.auth)))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -1,0 +1,50 @@
+"""Rejects requests that are not valid protobuf with INVALID_ARGUMENT.
+
+gRPC answers a request it cannot deserialise with UNKNOWN, which tells the caller nothing. This
+interceptor takes the bytes itself, parses them with the method's own deserialiser, and answers
+INVALID_ARGUMENT when that fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class RejectMalformedRequests(_ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        # On an aio server the behaviour is a coroutine function taking an aio context.
+        behaviour = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
+        method = details.method.rsplit("/", 1)[-1]
+
+        async def guarded(raw: bytes, context: Context) -> Any:
+            try:
+                request = parse(raw)
+            except (DecodeError, ValueError, TypeError):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request is not valid protobuf"
+                )
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, response_serializer=handler.response_serializer
+        )
