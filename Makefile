@@ -7,7 +7,7 @@ RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
 
-.PHONY: setup serve test lint typecheck pytest proto bench-accuracy clean
+.PHONY: setup serve test lint typecheck pytest proto bench-accuracy bench-soak clean
 
 setup: .venv/.synced
 
@@ -38,6 +38,9 @@ proto: setup
 
 bench-accuracy: setup
 	$(RUN) python bench/accuracy.py
+
+bench-soak: setup
+	$(RUN) python bench/soak.py
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

