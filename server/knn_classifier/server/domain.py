@@ -8,6 +8,11 @@ from typing import Any
 from .voting import Calibration, Voting
 
 
+def classifier_key(name: str) -> str:
+    """The key of a classifier's record among the store's meta records."""
+    return f"classifier:{name}"
+
+
 @dataclass(frozen=True, slots=True)
 class ClassifierConfig:
     """A classifier: its name, the instruction given to the model, and its voting defaults."""

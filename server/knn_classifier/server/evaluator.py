@@ -1,0 +1,242 @@
+"""Evaluate: a classifier measured over a sweep of settings, and the best applied to it.
+
+Leave-one-out classifies stored exemplars by the others from their stored vectors; held-out
+evaluation embeds labelled texts that are not stored. Neighbours come from
+:func:`evaluation.nearest` and votes from the same function Classify uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from . import deadlines, evaluation, validation
+from .domain import ClassifierConfig, EvaluateRequest, classifier_key
+from .embedding import Embedder, Matrix, truncate
+from .errors import FailedPrecondition, InvalidArgument
+from .evaluation import Exemplars, Outcome, Report, Setting
+from .settings import Settings
+from .store import Store
+from .voting import Calibration, Voting
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Evaluated:
+    """One setting's report, its answers, and their uncalibrated shares."""
+
+    report: Report
+    outcomes: list[Outcome]
+    raw_shares: list[float]
+
+
+def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[float]:
+    """Each half's confidences calibrated by an isotonic map fitted on the other half."""
+    shares = [o.confidence for o in outcomes]
+    right = [o.best_label == t for o, t in zip(outcomes, truth, strict=True)]
+    halves = [list(range(0, len(shares), 2)), list(range(1, len(shares), 2))]
+    calibrated = list(shares)
+    for fit_on, apply_to in (halves, halves[::-1]):
+        if not fit_on:
+            continue
+        calibration = Calibration.fit([shares[i] for i in fit_on], [right[i] for i in fit_on])
+        for i in apply_to:
+            calibrated[i] = calibration(shares[i])
+    return calibrated
+
+
+class Evaluator:
+    def __init__(self, settings: Settings, embedder: Embedder, store: Store) -> None:
+        self._limits = settings.limits
+        self._dimensions = settings.dimensions
+        self._embedder = embedder
+        self._store = store
+
+    async def evaluate(
+        self, config: ClassifierConfig, request: EvaluateRequest
+    ) -> tuple[list[Report], list[str], ClassifierConfig, int]:
+        """Reports for every setting of the sweep, best first; the labels of held-out texts
+        the classifier does not know; the classifier afterwards; its exemplar count."""
+        classifier = config.name
+        sweep = self._sweep(config, request)
+        held_out = request.held_out
+        if len(held_out) > self._limits.max_evaluated:
+            raise InvalidArgument(
+                f"{len(held_out)} held-out texts; the limit is {self._limits.max_evaluated}"
+            )
+        for i, (text, label) in enumerate(held_out):
+            validation.text(text, self._limits, f"held_out[{i}].text")
+            validation.label(label, f"held_out[{i}].label")
+        if request.apply_best and held_out:
+            raise InvalidArgument("apply_best fits from leave-one-out: send no held_out texts")
+        if request.target_precision is not None and not request.apply_best:
+            raise InvalidArgument("target_precision needs apply_best")
+        if request.target_precision is not None:
+            validation.fraction(request.target_precision, "target_precision", 0.01, 1)
+
+        stored = {d: await self._exemplars(classifier, d) for d in {s.dimension for s in sweep}}
+        some = next(iter(stored.values()))
+        if len(some.ids) < 2 or len(set(some.labels)) < 2:
+            raise FailedPrecondition(
+                f"classifier {classifier!r} has {len(some.ids)} exemplars in "
+                f"{len(set(some.labels))} labels; evaluating needs at least two of each"
+            )
+        if held_out:
+            prompts = [self._embedder.prompt(config.instruction, text) for text, _ in held_out]
+            embedded = await self._embedder.embed(prompts)
+            truth = [label for _, label in held_out]
+            sample_ids: list[str] = []
+        else:
+            rng = np.random.default_rng(0)
+            count = min(len(some.ids), self._limits.max_evaluated)
+            sample_ids = [some.ids[i] for i in sorted(rng.choice(len(some.ids), count, False))]
+            by_id = dict(zip(some.ids, some.labels, strict=True))
+            truth = [by_id[i] for i in sample_ids]
+
+        results: list[Evaluated] = []
+        largest_k = max(s.k for s in sweep)
+        for dimension, exemplars in stored.items():
+            if held_out:
+                queries, self_index = truncate(embedded, dimension), None
+            else:
+                position = {exemplar_id: i for i, exemplar_id in enumerate(exemplars.ids)}
+                self_index = np.asarray([position[i] for i in sample_ids], dtype=np.intp)
+                queries = exemplars.vectors[self_index]
+            indices, similarities = await asyncio.to_thread(
+                evaluation.nearest, queries, exemplars.vectors, largest_k, self_index
+            )
+            for setting in (s for s in sweep if s.dimension == dimension):
+                deadlines.check("the next setting of the sweep")
+                outcomes, raw_shares = await asyncio.to_thread(
+                    self._outcomes,
+                    config,
+                    setting,
+                    exemplars,
+                    indices,
+                    similarities,
+                    truth,
+                    bool(held_out),
+                )
+                report = evaluation.report(setting, truth, outcomes)
+                results.append(Evaluated(report, outcomes, raw_shares))
+        results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
+
+        if request.apply_best:
+            config = await self._apply(config, results[0], truth, request.target_precision)
+        unknown_labels = sorted(set(truth) - set(some.labels)) if held_out else []
+        return [r.report for r in results], unknown_labels, config, len(some.ids)
+
+    def _sweep(self, config: ClassifierConfig, request: EvaluateRequest) -> list[Setting]:
+        ks = [validation.k(k, self._limits) for k in request.k] or [config.k]
+        votings = request.voting or [config.voting]
+        dimensions = [validation.dimension(d, self._dimensions) for d in request.dimension] or [
+            config.dimension or self._dimensions[-1]
+        ]
+        temperatures = [validation.temperature(t) for t in request.temperature] or [
+            config.temperature
+        ]
+        sweep = list(
+            dict.fromkeys(
+                Setting(k, voting, dimension, t if voting is Voting.SOFTMAX else config.temperature)
+                for dimension in dimensions
+                for voting in votings
+                for k in ks
+                for t in temperatures
+            )
+        )
+        if len(sweep) > self._limits.max_sweep:
+            raise InvalidArgument(
+                f"the sweep has {len(sweep)} settings; the limit is {self._limits.max_sweep}"
+            )
+        return sweep
+
+    async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
+        records, vectors = await self._store.vectors(dimension, classifier)
+        return Exemplars(
+            ids=[str(r.payload["id"]) for r in records],
+            labels=[str(r.payload["label"]) for r in records],
+            texts=[str(r.payload["text"]) for r in records],
+            vectors=vectors,
+        )
+
+    @staticmethod
+    def _outcomes(
+        config: ClassifierConfig,
+        setting: Setting,
+        exemplars: Exemplars,
+        indices: npt.NDArray[np.intp],
+        similarities: Matrix,
+        truth: Sequence[str],
+        held_out: bool,
+    ) -> tuple[list[Outcome], list[float]]:
+        """The answers under ``setting`` with the classifier's thresholds.
+
+        Held out, the classifier's calibration applies if it was fitted for this setting.
+        Leave-one-out, confidences are calibrated by two-fold cross-fitting (each half by a
+        calibration fitted on the other), which is what apply_best would give, measured honestly.
+        Also returns the uncalibrated shares, which apply_best fits its calibration on.
+        """
+        current = Setting(
+            config.k, config.voting, config.dimension or setting.dimension, config.temperature
+        )
+        calibration = config.calibration if held_out and setting == current else None
+        raw = [
+            evaluation.outcome(v)
+            for v in evaluation.votes(
+                exemplars, indices, similarities, setting, config.min_similarity, 0.0, calibration
+            )
+        ]
+        confidences = [o.confidence for o in raw] if held_out else _cross_fitted(raw, truth)
+        outcomes = [
+            Outcome(
+                o.label if c >= config.min_confidence else None, o.best_label, c, o.top_similarity
+            )
+            for o, c in zip(raw, confidences, strict=True)
+        ]
+        return outcomes, [o.confidence for o in raw]
+
+    async def _apply(
+        self,
+        config: ClassifierConfig,
+        best: Evaluated,
+        truth: Sequence[str],
+        target_precision: float | None,
+    ) -> ClassifierConfig:
+        """Makes the best setting the defaults, with a calibration fitted on all its shares."""
+        setting = best.report.setting
+        calibration = Calibration.fit(
+            best.raw_shares,
+            [o.best_label == t for o, t in zip(best.outcomes, truth, strict=True)],
+        )
+        updated = dataclasses.replace(
+            config,
+            k=setting.k,
+            voting=setting.voting,
+            dimension=setting.dimension,
+            temperature=setting.temperature,
+            calibration=calibration,
+        )
+        if target_precision is not None:
+            outcomes = best.outcomes
+            correct = [o.best_label == t for o, t in zip(outcomes, truth, strict=True)]
+            updated = dataclasses.replace(
+                updated,
+                min_confidence=max(
+                    0.0,
+                    evaluation.threshold_for_precision(
+                        [o.confidence for o in outcomes], correct, target_precision
+                    ),
+                ),
+                min_similarity=evaluation.threshold_for_precision(
+                    [o.top_similarity for o in outcomes], correct, target_precision
+                ),
+            )
+        await self._store.put_meta(classifier_key(config.name), updated.to_payload())
+        log.info("classifier %s: applied %s", config.name, setting)
+        return updated
