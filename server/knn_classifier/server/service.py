@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import validation
+from .coalescing import Coalescer
 from .domain import (
     ClassifierConfig,
     ClassifierInfo,
@@ -67,6 +68,12 @@ class ClassifierService:
         self._store = store
         self._create_lock = asyncio.Lock()
         self._evaluator = Evaluator(settings, embedder, store)
+        self._coalescer = Coalescer(
+            embedder.embed,
+            settings.embedding.max_texts_per_call,
+            settings.embedding.max_concurrent_calls,
+            settings.limits.max_queued_texts,
+        )
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -166,6 +173,7 @@ class ClassifierService:
         return True
 
     async def stop(self) -> None:
+        await self._coalescer.close()
         await self._store.close()
         await self._embedder.close()
 
@@ -372,7 +380,7 @@ class ClassifierService:
         )
 
         prompts = [self._embedder.prompt(config.instruction, text) for text in texts]
-        vectors = truncate(await self._embedder.embed(prompts), dimension)
+        vectors = truncate(await self._coalescer.embed(prompts), dimension)
         results = await self._store.query(dimension, classifier, vectors, k)
         if not results or not results[0]:
             raise FailedPrecondition(

@@ -39,6 +39,13 @@ class EmbeddingSettings(BaseModel):
     max_texts_per_call: int = Field(
         256, ge=1, le=4096, description="Larger batches are split into calls of this many texts."
     )
+    max_concurrent_calls: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Classify embedding calls in flight at once; requests arriving meanwhile "
+        "are sent together in the next call.",
+    )
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one HTTP call, in seconds.")
     retries: int = Field(
         3, ge=0, le=10, description="Retries of a call answered 503 or not reached, with backoff."
@@ -164,6 +171,9 @@ class LimitSettings(BaseModel):
             "Texts one Evaluate call classifies: held-out texts beyond it are refused; "
             "leave-one-out classifies a fixed random sample of this many exemplars."
         ),
+    )
+    max_queued_texts: int = Field(
+        8192, ge=1, description="Texts waiting for an embedding call; more: RESOURCE_EXHAUSTED."
     )
     max_exemplars_per_classifier: int = Field(
         1_000_000, ge=1, description="Exemplars one classifier may hold."
