@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from knn_classifier.client import (
+    AsyncClient,
     Client,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -186,5 +188,27 @@ def test_message_size_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServer) 
             with pytest.raises(grpc.RpcError) as caught:
                 stub_call(b"\x0a" + b"\x80\x40" + b"x" * 8192, timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    finally:
+        running.stop()
+
+
+def test_concurrent_call_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> None:
+    settings = make_settings(tmp_path, fake_embedder.base_url, limits={"max_concurrent_rpcs": 2})
+    running = ServerThread(settings).start()
+    try:
+        with running.client() as client:
+            client.create_classifier("busy")
+            client.add_exemplars("busy", [("alpha words", "a"), ("beta words", "b")])
+        fake_embedder.reset(delay_s=0.4)
+
+        async def burst() -> list[object]:
+            async with AsyncClient(running.address) as client:
+                calls = [client.classify("busy", f"alpha {i}") for i in range(6)]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        answers = asyncio.run(burst())
+        refused = [a for a in answers if isinstance(a, ResourceExhaustedError)]
+        assert refused
+        assert len(refused) < len(answers)
     finally:
         running.stop()
