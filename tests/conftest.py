@@ -57,6 +57,9 @@ def make_settings(data_dir: Path, base_url: str, **overrides: Any) -> Settings:
             "template": "{text}",
             "startup_timeout_s": 0,
             "retries": 1,
+            # Off unless a test asks: a cache hit would hide what the embedder does.
+            "cache_entries": 0,
+            "cache_file": False,
         },
         # No background health checks unless a test asks: they would add embedding calls.
         "server": {"port": 0, "grace_period_s": 1, "health_interval_s": 3600},

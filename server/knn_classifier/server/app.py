@@ -16,6 +16,7 @@ from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor, KeyRing
+from .cache import EmbeddingCache
 from .embedding import Embedder
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
@@ -48,6 +49,15 @@ def build_store(settings: Settings) -> Store:
     return EdgeStore(settings.data_dir)
 
 
+def build_cache(settings: Settings) -> EmbeddingCache | None:
+    """The embedding cache the settings ask for, or None."""
+    embedding = settings.embedding
+    if embedding.cache_entries == 0 and not embedding.cache_file:
+        return None
+    path = settings.data_dir / "embedding-cache.sqlite" if embedding.cache_file else None
+    return EmbeddingCache(path, embedding.cache_entries)
+
+
 def _server_credentials(cert: Path, key: Path, tls: TlsSettings) -> grpc.ServerCredentials:
     client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
     return grpc.ssl_server_credentials(
@@ -63,7 +73,9 @@ class App:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self.service = ClassifierService(
-            settings, Embedder(settings.embedding), store or build_store(settings)
+            settings,
+            Embedder(settings.embedding, build_cache(settings)),
+            store or build_store(settings),
         )
         self.health = health_aio.HealthServicer()
         limit = settings.limits.max_message_bytes

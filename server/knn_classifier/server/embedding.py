@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ import openai
 
 from . import deadlines
 from .errors import InvalidArgument, StartupError, Unavailable
+
+if TYPE_CHECKING:
+    from .cache import EmbeddingCache
 from .settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,9 @@ def truncate(vectors: Matrix, dimension: int) -> Matrix:
 class Embedder:
     """Client of the embedding server; one instance per service, safe for concurrent use."""
 
-    def __init__(self, settings: EmbeddingSettings) -> None:
+    def __init__(self, settings: EmbeddingSettings, cache: EmbeddingCache | None = None) -> None:
         self._settings = settings
+        self._cache = cache
         self._client = openai.AsyncOpenAI(
             base_url=settings.base_url,
             api_key=settings.api_key.get_secret_value(),
@@ -98,10 +102,29 @@ class Embedder:
                     "KNN_EMBEDDING__MODEL"
                 ) from exc
             self._width = int(vectors.shape[1])
+            if self._cache is not None:
+                self._cache.bind(self.fingerprint)
             return self._width
 
     async def embed(self, texts: Sequence[str]) -> Matrix:
-        """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order."""
+        """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order.
+
+        Texts the cache knows are not sent; a batch that is all hits makes no call.
+        """
+        if self._cache is None or self._width is None:
+            return await self._embed_all(texts)
+        cached = self._cache.get_many(texts)
+        missing = list(dict.fromkeys(t for t, v in zip(texts, cached, strict=True) if v is None))
+        if not missing:
+            return np.vstack(cached)  # type: ignore[arg-type]
+        fresh = await self._embed_all(missing)
+        self._cache.put_many(missing, fresh)
+        by_text = dict(zip(missing, fresh, strict=True))
+        return np.vstack(
+            [by_text[t] if v is None else v for t, v in zip(texts, cached, strict=True)]
+        )
+
+    async def _embed_all(self, texts: Sequence[str]) -> Matrix:
         step = self._settings.max_texts_per_call
         parts = [await self._call(texts[i : i + step]) for i in range(0, len(texts), step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -122,6 +145,8 @@ class Embedder:
 
     async def close(self) -> None:
         await self._client.close()
+        if self._cache is not None:
+            self._cache.close()
 
     async def _call(self, texts: Sequence[str]) -> Matrix:
         attempt = 0

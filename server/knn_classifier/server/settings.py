@@ -50,6 +50,14 @@ class EmbeddingSettings(BaseModel):
     retries: int = Field(
         3, ge=0, le=10, description="Retries of a call answered 503 or not reached, with backoff."
     )
+    cache_entries: int = Field(
+        10_000,
+        ge=0,
+        description="Vectors kept in memory (LRU), so repeated texts are not embedded again.",
+    )
+    cache_file: bool = Field(
+        True, description="Also keep vectors in data_dir/embedding-cache.sqlite across restarts."
+    )
     startup_timeout_s: float = Field(
         120.0,
         ge=0,

@@ -1,0 +1,92 @@
+"""The embedding cache: hits make no embedding call, survive restarts, and never break serving."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knn_classifier.server.cache import EmbeddingCache
+from knn_classifier.server.embedding import Fingerprint
+
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer, fake_vector
+
+FINGERPRINT = Fingerprint("fake", "{text}", 64)
+
+
+def cached_settings(tmp_path: Path, base_url: str, entries: int = 100, file: bool = True) -> object:
+    return make_settings(
+        tmp_path, base_url, embedding={"cache_entries": entries, "cache_file": file}
+    )
+
+
+def test_hits_make_no_embedding_call_and_survive_a_restart(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = cached_settings(tmp_path, fake_embedder.base_url)
+    running = ServerThread(settings).start()  # type: ignore[arg-type]
+    with running.client() as client:
+        client.create_classifier("c")
+        client.add_exemplars("c", [("red apple", "fruit"), ("blue car", "car")])
+        calls = fake_embedder.behaviour.calls
+        assert client.classify("c", "red apple").label == "fruit"  # cached by the add
+        assert client.classify_batch("c", ["blue car", "red apple"])[0].label == "car"
+        assert fake_embedder.behaviour.calls == calls
+        client.classify("c", "green apple")
+        assert fake_embedder.behaviour.calls == calls + 1
+    running.stop()
+
+    running = ServerThread(settings).start()  # type: ignore[arg-type]
+    with running.client() as client:
+        calls = fake_embedder.behaviour.calls  # the start-up probe is not cached
+        assert client.classify("c", "green apple").label == "fruit"
+        assert fake_embedder.behaviour.calls == calls
+    running.stop()
+
+
+def test_the_key_covers_the_embedder(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path / "c.sqlite", 10)
+    cache.bind(FINGERPRINT)
+    cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
+    assert cache.get_many(["hello"])[0] is not None
+    other = EmbeddingCache(tmp_path / "c.sqlite", 10)
+    other.bind(Fingerprint("another-model", "{text}", 64))
+    assert other.get_many(["hello"]) == [None]
+
+
+def test_the_memory_layer_is_bounded(tmp_path: Path) -> None:
+    cache = EmbeddingCache(None, 2)
+    cache.bind(FINGERPRINT)
+    cache.put_many(["a", "b", "c"], np.vstack([fake_vector(t, 64) for t in "abc"]))
+    found = cache.get_many(["a", "b", "c"])
+    assert found[0] is None
+    np.testing.assert_array_equal(found[2], fake_vector("c", 64))
+
+
+def test_a_corrupt_file_degrades_to_no_cache_with_a_warning(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "embedding-cache.sqlite").write_bytes(b"this is not a database" * 100)
+    settings = cached_settings(tmp_path, fake_embedder.base_url, entries=0)
+    running = ServerThread(settings).start()  # type: ignore[arg-type]
+    try:
+        with running.client() as client:
+            client.create_classifier("c")
+            client.add_exemplars("c", [("red apple", "fruit"), ("blue car", "car")])
+            assert client.classify("c", "red apple").label == "fruit"
+    finally:
+        running.stop()
+    assert "embedding cache file unusable" in caplog.text
+
+
+def test_rows_of_the_wrong_size_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    cache = EmbeddingCache(path, 0)
+    cache.bind(FINGERPRINT)
+    cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE vectors SET vector = ?", (b"\x00" * 12,))
+    assert cache.get_many(["hello"]) == [None]
