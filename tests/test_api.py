@@ -390,3 +390,26 @@ def test_embedder_unreachable_is_unavailable_and_nothing_is_written(tmp_path: Pa
             assert health_status(running) == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop()
+
+
+def test_classify_batch_fails_only_the_bad_texts(intents: Client) -> None:
+    texts = ["top up failed", "", "x" * 8193, "card not delivered"]
+    predictions = intents.classify_batch("intents", texts)
+    assert [p.label for p in predictions] == ["top_up", "", "", "card_arrival"]
+    assert not predictions[0].HasField("error")
+    assert (predictions[1].error.code, predictions[1].error.message) == (
+        "INVALID_ARGUMENT",
+        "texts[1] is empty",
+    )
+    assert "the limit is 8192" in predictions[2].error.message
+
+
+def test_classify_batch_isolates_a_text_the_model_rejects(
+    intents: Client, fake_embedder: FakeEmbeddingServer
+) -> None:
+    fake_embedder.behaviour.max_input_chars = 30
+    texts = ["top up failed", "a text that the model finds far too long", "card not delivered"]
+    predictions = intents.classify_batch("intents", texts)
+    assert [p.label for p in predictions] == ["top_up", "", "card_arrival"]
+    assert predictions[1].error.code == "INVALID_ARGUMENT"
+    assert "longer than the model's context" in predictions[1].error.message

@@ -190,6 +190,7 @@ class Client:
         temperature: float | None = None,
         timeout: float | None = None,
     ) -> list[pb.Prediction]:
+        """One prediction per text; one that could not be classified has ``error`` set."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
@@ -364,6 +365,7 @@ class AsyncClient:
         temperature: float | None = None,
         timeout: float | None = None,
     ) -> list[pb.Prediction]:
+        """One prediction per text; one that could not be classified has ``error`` set."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )

@@ -772,6 +772,7 @@ class Prediction(_message.Message):
     SCORES_FIELD_NUMBER: _builtins.int
     NEIGHBOURS_FIELD_NUMBER: _builtins.int
     TOP_SIMILARITY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The winning label; empty when unknown is true."""
     unknown: _builtins.bool
@@ -790,6 +791,13 @@ class Prediction(_message.Message):
     def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]:
         """The neighbours that voted, most similar first (only with include_neighbours)."""
 
+    @_builtins.property
+    def error(self) -> Global___ItemError:
+        """ClassifyBatch only: set for a text that could not be classified (empty, too long, or
+        rejected by the embedding model); the other fields are then empty. The other texts of the
+        batch are classified as usual.
+        """
+
     def __init__(
         self,
         *,
@@ -800,14 +808,38 @@ class Prediction(_message.Message):
         scores: _abc.Iterable[Global___LabelScore] | None = ...,
         neighbours: _abc.Iterable[Global___Neighbour] | None = ...,
         top_similarity: _builtins.float = ...,
+        error: Global___ItemError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "label", b"label", "neighbours", b"neighbours", "scores", b"scores", "top_similarity", b"top_similarity", "unknown", b"unknown", "unknown_reason", b"unknown_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "error", b"error", "label", b"label", "neighbours", b"neighbours", "scores", b"scores", "top_similarity", b"top_similarity", "unknown", b"unknown", "unknown_reason", b"unknown_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
+
+@_typing.final
+class ItemError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The gRPC status name this text would have had alone, e.g. "INVALID_ARGUMENT"."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemError: _TypeAlias = ItemError  # noqa: Y015
 
 @_typing.final
 class ClassifyResponse(_message.Message):

@@ -168,22 +168,32 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     @_status_on_error
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        votes = await self._service.classify(
+        answers = await self._service.classify(
             request.classifier, [request.text], _options(request.options)
         )
+        answer = answers[0]
+        if isinstance(answer, errors.InvalidArgument):
+            raise answer
         return pb.ClassifyResponse(
-            prediction=_prediction(votes[0], request.options.include_neighbours)
+            prediction=_prediction(answer, request.options.include_neighbours)
         )
 
     @_status_on_error
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: Context
     ) -> pb.ClassifyBatchResponse:
-        votes = await self._service.classify(
+        answers = await self._service.classify(
             request.classifier, list(request.texts), _options(request.options)
         )
         include = request.options.include_neighbours
-        return pb.ClassifyBatchResponse(predictions=[_prediction(v, include) for v in votes])
+        return pb.ClassifyBatchResponse(
+            predictions=[
+                pb.Prediction(error=pb.ItemError(code="INVALID_ARGUMENT", message=str(a)))
+                if isinstance(a, errors.InvalidArgument)
+                else _prediction(a, include)
+                for a in answers
+            ]
+        )
 
     @_status_on_error
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
 from . import validation
 from .coalescing import Coalescer
 from .domain import (
@@ -360,11 +362,14 @@ class ClassifierService:
 
     async def classify(
         self, classifier: str, texts: Sequence[str], options: ClassifyOptions
-    ) -> list[Vote]:
-        """Classifies ``texts`` with one embedding call and one batched store query."""
+    ) -> list[Vote | InvalidArgument]:
+        """Classifies ``texts`` with one embedding call and one batched store query.
+
+        A text that is invalid, or that the embedding model rejects, gets its InvalidArgument in
+        its slot instead of a vote, and the others are classified; any other failure fails the
+        whole call.
+        """
         validation.batch_size(len(texts), self._limits, "texts")
-        for i, text in enumerate(texts):
-            validation.text(text, self._limits, "text" if len(texts) == 1 else f"texts[{i}]")
         config = await self._config(classifier)
         k = validation.k(_either(options.k, config.k), self._limits)
         dimension = validation.dimension(
@@ -378,37 +383,68 @@ class ClassifierService:
         min_confidence = validation.fraction(
             _either(options.min_confidence, config.min_confidence), "min_confidence", 0, 1
         )
-
-        prompts = [self._embedder.prompt(config.instruction, text) for text in texts]
-        vectors = truncate(await self._coalescer.embed(prompts), dimension)
-        results = await self._store.query(dimension, classifier, vectors, k)
-        if not results or not results[0]:
-            raise FailedPrecondition(
-                f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
-            )
         # The calibration was fitted for the classifier's own settings; others get raw shares.
-        calibration = (
-            config.calibration
-            if (k, voting, dimension, temperature)
-            == (
-                config.k,
-                config.voting,
-                config.dimension or self._dimensions[-1],
-                config.temperature,
-            )
-            else None
+        own = (
+            config.k,
+            config.voting,
+            config.dimension or self._dimensions[-1],
+            config.temperature,
         )
-        return [
-            vote(
-                [_neighbour(hit) for hit in hits],
-                voting,
-                min_similarity,
-                min_confidence,
-                temperature,
-                calibration,
+        calibration = config.calibration if (k, voting, dimension, temperature) == own else None
+
+        answers: list[Vote | InvalidArgument | None] = [None] * len(texts)
+        valid: list[int] = []
+        for i, text in enumerate(texts):
+            try:
+                validation.text(text, self._limits, "text" if len(texts) == 1 else f"texts[{i}]")
+                valid.append(i)
+            except InvalidArgument as invalid:
+                answers[i] = invalid
+        prompts = [self._embedder.prompt(config.instruction, texts[i]) for i in valid]
+        embedded, vectors, rejected = await self._embed_isolating_rejects(prompts)
+        for j, rejection in rejected.items():
+            answers[valid[j]] = rejection
+        if embedded:
+            results = await self._store.query(
+                dimension, classifier, truncate(vectors, dimension), k
             )
-            for hits in results
-        ]
+            if not results[0]:
+                raise FailedPrecondition(
+                    f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
+                )
+            for j, hits in zip(embedded, results, strict=True):
+                neighbours = [_neighbour(hit) for hit in hits]
+                answers[valid[j]] = vote(
+                    neighbours, voting, min_similarity, min_confidence, temperature, calibration
+                )
+        return [a for a in answers if a is not None]
+
+    async def _embed_isolating_rejects(
+        self, prompts: Sequence[str]
+    ) -> tuple[list[int], Matrix, dict[int, InvalidArgument]]:
+        """Embeds ``prompts`` together; if the model rejects the batch, finds the culprits.
+
+        Returns the positions embedded, their vectors (row i for position i of the list) and the
+        rejection of each other position. SGLang rejects a whole batch for one bad text, so a
+        rejected batch is retried one text per call.
+        """
+        if not prompts:
+            return [], np.empty((0, 0), dtype=np.float32), {}
+        try:
+            return list(range(len(prompts))), await self._coalescer.embed(prompts), {}
+        except InvalidArgument as whole:
+            if len(prompts) == 1:
+                return [], np.empty((0, 0), dtype=np.float32), {0: whole}
+        rows: dict[int, Matrix] = {}
+        rejected: dict[int, InvalidArgument] = {}
+        for j, prompt in enumerate(prompts):
+            try:
+                rows[j] = await self._coalescer.embed([prompt])
+            except InvalidArgument as one:
+                rejected[j] = one
+        embedded = sorted(rows)
+        vectors = np.vstack([rows[j] for j in embedded]) if embedded else np.empty((0, 0))
+        return embedded, vectors.astype(np.float32, copy=False), rejected
 
     # Evaluation ------------------------------------------------------------------------------
 
