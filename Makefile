@@ -7,7 +7,7 @@ RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
 
-.PHONY: setup serve test lint typecheck pytest proto bench-accuracy bench-soak clean
+.PHONY: setup serve test lint typecheck pytest redis-server proto bench-accuracy bench-soak clean
 
 setup: .venv/.synced
 
@@ -30,8 +30,11 @@ lint: setup
 typecheck: setup
 	$(RUN) mypy
 
-pytest: setup
+pytest: setup redis-server
 	$(RUN) pytest
+
+redis-server:
+	@bash scripts/install_redis.sh
 
 proto: setup
 	$(RUN) bash scripts/gen_proto.sh

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
-from knn_classifier.server.cache import EmbeddingCache
+from knn_classifier.server.cache import EmbeddingCache, RedisBackend, SqliteBackend
 from knn_classifier.server.embedding import Fingerprint
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer, fake_vector
+from .test_embedding import free_port
 
 FINGERPRINT = Fingerprint("fake", "{text}", 64)
 
@@ -48,11 +53,11 @@ def test_hits_make_no_embedding_call_and_survive_a_restart(
 
 
 def test_the_key_covers_the_embedder(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "c.sqlite", 10)
+    cache = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
     cache.bind(FINGERPRINT)
     cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
     assert cache.get_many(["hello"])[0] is not None
-    other = EmbeddingCache(tmp_path / "c.sqlite", 10)
+    other = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
     other.bind(Fingerprint("another-model", "{text}", 64))
     assert other.get_many(["hello"]) == [None]
 
@@ -79,14 +84,85 @@ def test_a_corrupt_file_degrades_to_no_cache_with_a_warning(
             assert client.classify("c", "red apple").label == "fruit"
     finally:
         running.stop()
-    assert "embedding cache file unusable" in caplog.text
+    assert "embedding cache unusable" in caplog.text
 
 
 def test_rows_of_the_wrong_size_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
-    cache = EmbeddingCache(path, 0)
+    cache = EmbeddingCache(SqliteBackend(path), 0)
     cache.bind(FINGERPRINT)
     cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
     with sqlite3.connect(path) as db:
         db.execute("UPDATE vectors SET vector = ?", (b"\x00" * 12,))
     assert cache.get_many(["hello"]) == [None]
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server (Debian package, installed by .ci/run) on a free port."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_replicas_share_vectors_through_redis(redis_url: str) -> None:
+    first = EmbeddingCache(RedisBackend(redis_url), 10)
+    second = EmbeddingCache(RedisBackend(redis_url), 10)
+    for cache in (first, second):
+        cache.bind(FINGERPRINT)
+    first.put_many(["shared text"], np.vstack([fake_vector("shared text", 64)]))
+    found = second.get_many(["shared text", "never seen"])
+    np.testing.assert_array_equal(found[0], fake_vector("shared text", 64))
+    assert found[1] is None
+
+
+def test_the_service_uses_redis_and_survives_its_loss(
+    tmp_path: Path,
+    fake_embedder: FakeEmbeddingServer,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        fake_embedder.base_url,
+        embedding={"cache_entries": 0, "cache_file": False, "cache_redis_url": redis_url},
+    )
+    running = ServerThread(settings).start()
+    try:
+        with running.client() as client:
+            client.create_classifier("c")
+            client.add_exemplars("c", [("red apple", "fruit"), ("blue car", "car")])
+            calls = fake_embedder.behaviour.calls
+            assert client.classify("c", "red apple").label == "fruit"
+            assert fake_embedder.behaviour.calls == calls  # a Redis hit
+            assert redis.Redis.from_url(redis_url).dbsize() == 2
+            redis.Redis.from_url(redis_url).shutdown(nosave=True)
+            assert client.classify("c", "blue car").label == "car"
+            assert client.classify("c", "green apple").label == "fruit"
+    finally:
+        running.stop()
+    assert "embedding cache unusable" in caplog.text

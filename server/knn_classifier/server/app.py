@@ -16,7 +16,7 @@ from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor, KeyRing
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, persistent_backend
 from .embedding import Embedder
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
@@ -52,10 +52,11 @@ def build_store(settings: Settings) -> Store:
 def build_cache(settings: Settings) -> EmbeddingCache | None:
     """The embedding cache the settings ask for, or None."""
     embedding = settings.embedding
-    if embedding.cache_entries == 0 and not embedding.cache_file:
-        return None
     path = settings.data_dir / "embedding-cache.sqlite" if embedding.cache_file else None
-    return EmbeddingCache(path, embedding.cache_entries)
+    backend = persistent_backend(embedding.cache_redis_url, path)
+    if embedding.cache_entries == 0 and backend is None:
+        return None
+    return EmbeddingCache(backend, embedding.cache_entries)
 
 
 def _server_credentials(cert: Path, key: Path, tls: TlsSettings) -> grpc.ServerCredentials:

@@ -1,10 +1,11 @@
-"""Embedding cache: an in-process LRU in front of a SQLite file in the data directory.
+"""Embedding cache: an in-process LRU in front of a persistent layer shared across restarts.
 
-Keys are SHA-256 digests of the embedder fingerprint and the exact prompt (the classifier's
+The persistent layer is a SQLite file in the data directory, or Redis when replicas should share
+it. Keys are SHA-256 digests of the embedder fingerprint and the exact prompt (the classifier's
 instruction and the text, as the model sees them), so a vector is only ever reused for the very
-same model input. Anything wrong with the SQLite file (corrupt, unreadable, full disk) turns the
-persistent layer off with a warning: the service then embeds, never fails and never serves a
-vector it cannot trust (rows of the wrong size are ignored).
+same model input. Anything wrong with the persistent layer (corrupt file, full disk, Redis
+unreachable) turns it off with a warning: the service then embeds, never fails and never serves
+a vector it cannot trust (values of the wrong size or not finite are misses).
 """
 
 from __future__ import annotations
@@ -15,30 +16,96 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import redis
 
 from .embedding import Fingerprint, Matrix
 
 log = logging.getLogger(__name__)
 
 
+class Backend(Protocol):
+    """A persistent key -> vector bytes store; its errors are the classes in ``failures``."""
+
+    failures: tuple[type[Exception], ...]
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]: ...
+
+    def put_many(self, rows: Sequence[tuple[bytes, bytes]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteBackend:
+    failures: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vector BLOB)")
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT key, vector FROM vectors WHERE key IN ({marks})"
+            found.update(self._db.execute(query, chunk).fetchall())
+        return found
+
+    def put_many(self, rows: Sequence[tuple[bytes, bytes]]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?)", rows)
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class RedisBackend:
+    """Vectors in Redis under ``knn:embedding:<key>``; short timeouts, so an outage costs little."""
+
+    failures: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    @staticmethod
+    def _name(key: bytes) -> bytes:
+        return b"knn:embedding:" + key
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        values = self._redis.mget([self._name(k) for k in keys])
+        return {k: v for k, v in zip(keys, values, strict=True) if isinstance(v, bytes)}
+
+    def put_many(self, rows: Sequence[tuple[bytes, bytes]]) -> None:
+        self._redis.mset({self._name(k): v for k, v in rows})
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def persistent_backend(redis_url: str | None, sqlite_path: Path | None) -> Backend | None:
+    """Redis if a URL is given, else SQLite at ``sqlite_path``, else none; None (with a
+    warning) if it cannot be opened."""
+    try:
+        if redis_url:
+            return RedisBackend(redis_url)
+        if sqlite_path is not None:
+            return SqliteBackend(sqlite_path)
+    except (*SqliteBackend.failures, *RedisBackend.failures) as exc:
+        log.warning("embedding cache unusable (%s); continuing without it", exc)
+    return None
+
+
 class EmbeddingCache:
-    def __init__(self, path: Path | None, memory_entries: int) -> None:
+    def __init__(self, backend: Backend | None, memory_entries: int) -> None:
         self._memory: OrderedDict[bytes, bytes] = OrderedDict()
         self._memory_entries = memory_entries
-        self._db: sqlite3.Connection | None = None
+        self._backend = backend
         self._prefix = b""
         self._width = 0
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(path)
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vector BLOB)"
-                )
-            except sqlite3.Error as exc:
-                self._disable(exc)
 
     def bind(self, fingerprint: Fingerprint) -> None:
         """Scopes every key to the embedder the service runs with."""
@@ -51,17 +118,15 @@ class EmbeddingCache:
         for key in found:
             self._memory.move_to_end(key)
         missing = [k for k in dict.fromkeys(keys) if k not in found]
-        if missing and self._db is not None:
+        if missing and self._backend is not None:
             try:
-                for start in range(0, len(missing), 500):
-                    chunk = missing[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    query = f"SELECT key, vector FROM vectors WHERE key IN ({marks})"
-                    for key, blob in self._db.execute(query, chunk):
-                        found[key] = blob
-                        self._remember(key, blob)
-            except sqlite3.Error as exc:
+                stored = self._backend.get_many(missing)
+            except self._backend.failures as exc:
                 self._disable(exc)
+            else:
+                for key, blob in stored.items():
+                    found[key] = blob
+                    self._remember(key, blob)
         return [self._vector(found.get(k)) for k in keys]
 
     def put_many(self, prompts: Sequence[str], vectors: Matrix) -> None:
@@ -70,17 +135,16 @@ class EmbeddingCache:
         ]
         for key, blob in rows:
             self._remember(key, blob)
-        if self._db is not None:
+        if self._backend is not None:
             try:
-                self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?)", rows)
-                self._db.commit()
-            except sqlite3.Error as exc:
+                self._backend.put_many(rows)
+            except self._backend.failures as exc:
                 self._disable(exc)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
     def _key(self, prompt: str) -> bytes:
         return hashlib.sha256(self._prefix + b"\x00" + prompt.encode()).digest()
@@ -98,5 +162,5 @@ class EmbeddingCache:
             self._memory.popitem(last=False)
 
     def _disable(self, exc: Exception) -> None:
-        log.warning("embedding cache file unusable (%s); continuing without it", exc)
-        self._db = None
+        log.warning("embedding cache unusable (%s); continuing without it", exc)
+        self._backend = None

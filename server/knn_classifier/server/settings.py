@@ -58,6 +58,10 @@ class EmbeddingSettings(BaseModel):
     cache_file: bool = Field(
         True, description="Also keep vectors in data_dir/embedding-cache.sqlite across restarts."
     )
+    cache_redis_url: str | None = Field(
+        None,
+        description="Keep vectors in this Redis (redis://host:6379/0) instead, shared by replicas.",
+    )
     startup_timeout_s: float = Field(
         120.0,
         ge=0,
