@@ -244,12 +244,12 @@ class ClassifierService:
             validation.exemplar_id(item.id, f"exemplars[{i}].id")
             validation.metadata(item.metadata, f"exemplars[{i}].metadata")
         config = await self._config(classifier)
-        await self._check_room(classifier, len(items))
 
         ids = [item.id or derived_exemplar_id(classifier, item.text) for item in items]
         # A repeated id within the batch: the last occurrence wins, as it would across calls.
         latest = {exemplar_id: i for i, exemplar_id in enumerate(ids)}
         chosen = sorted(latest.values())
+        await self._check_room(classifier, len(chosen))
         now = time.time()
         point_ids = [_point_id(classifier, ids[i]) for i in chosen]
         payloads = [
@@ -279,8 +279,8 @@ class ClassifierService:
 
         If a dimension fails, the points this call created are deleted again from the
         dimensions already written, so no new exemplar is left half-present. Points that existed
-        before keep the new version where it was written; start-up repair completes any that an
-        interrupted rollback leaves behind.
+        before keep the new version where it was written. If the rollback itself fails, start-up
+        repair completes the leftovers in every dimension instead.
         """
         existing, _ = await self._store.scroll(
             self._dimensions[0], Selection(classifier, ids=point_ids), len(point_ids), None
