@@ -44,6 +44,10 @@ class SqliteBackend:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path)
+        # A cache may lose its last writes in a power cut, so it need not wait for the disk on
+        # every commit: write-ahead log with synchronous=NORMAL (never corrupt, just behind).
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vector BLOB)")
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:

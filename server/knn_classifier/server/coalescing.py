@@ -1,11 +1,17 @@
-"""Coalescing: concurrent Classify calls share embedding calls.
+"""Coalescing: concurrent Classify calls share embedding calls and store queries.
 
-Each waiting request joins a queue. One worker sends the queue's texts as one call whenever a
-call slot is free (at most ``max_concurrent_calls`` in flight), up to ``max_texts_per_call``
-texts. An idle service therefore adds no latency, while a busy one sends few large calls: the
-requests that arrive while every slot is busy ride together in the next call. The queue is
-bounded: a request that does not fit is refused at once with RESOURCE_EXHAUSTED, and a request
-whose deadline passed while it waited is never sent.
+Embedding (:class:`Coalescer`): each waiting request joins a queue. One worker turns the queue
+into calls of up to ``max_texts_per_call`` texts, at most ``max_concurrent_calls`` in flight. An
+idle service sends a request at once, so it adds no latency. A busy one (a call is in flight, or
+the last call carried several requests) starts calls at most every ``max_wait_s`` unless the
+next call is full, so requests arriving meanwhile ride together even when the embedder answers
+fast (each call through the openai SDK costs about 2 ms of CPU here). The queue is bounded: a
+request that does not fit is refused at once with RESOURCE_EXHAUSTED, and a request whose
+deadline passed while it waited is never sent.
+
+Store queries (:class:`QueryBatcher`): the requests of one embedding call resume together, and
+their queries of the same classifier and dimension become one batched store query, which costs
+far less than one query each.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from . import deadlines
 from .embedding import Matrix
 from .errors import DeadlineExceeded, ResourceExhausted
+from .store import Record, Store
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +47,21 @@ class Coalescer:
         max_texts_per_call: int,
         max_concurrent_calls: int,
         max_queued_texts: int,
+        max_wait_s: float,
     ) -> None:
         self._embed = embed
         self._max_texts = max_texts_per_call
         self._max_queued = max_queued_texts
+        self._max_wait_s = max_wait_s
         self._slots = asyncio.Semaphore(max_concurrent_calls)
         self._queue: deque[_Waiting] = deque()
         self._queued_texts = 0
+        self._in_flight = 0
+        self._last_start = 0.0
+        self._last_requests = 0
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        self.calls_made = 0
 
     async def embed(self, texts: Sequence[str]) -> Matrix:
         """The full-width vectors of ``texts``, embedded together with other waiting requests."""
@@ -80,17 +91,37 @@ class Coalescer:
 
     async def _work(self) -> None:
         while True:
-            if not self._queue:
+            while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
+            await self._pace()
             await self._slots.acquire()
             batch = self._take()
             if not batch:
                 self._slots.release()
                 continue
+            self._in_flight += 1
+            self._last_start = asyncio.get_running_loop().time()
+            self._last_requests = len(batch)
             task = asyncio.create_task(self._send(batch))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
+
+    async def _pace(self) -> None:
+        """When busy, waits until max_wait_s after the last call started or the next is full."""
+        if not (self._in_flight or self._last_requests > 1):
+            return
+        loop = asyncio.get_running_loop()
+        until = self._last_start + self._max_wait_s
+        while self._queued_texts < self._max_texts:
+            left = until - loop.time()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
 
     def _take(self) -> list[_Waiting]:
         """Up to max_texts_per_call texts from the queue; expired requests are failed."""
@@ -120,10 +151,13 @@ class Coalescer:
             ends = [w.deadline for w in batch]
             left = None if None in ends else max(e for e in ends if e is not None) - now
             texts = [text for waiting in batch for text in waiting.texts]
-            self.calls_made += 1
+            unique = list(dict.fromkeys(texts))  # concurrent requests often repeat a text
             try:
                 with deadlines.within(left):
-                    vectors = await self._embed(texts)
+                    vectors = await self._embed(unique)
+                if len(unique) < len(texts):
+                    row = {text: i for i, text in enumerate(unique)}
+                    vectors = vectors[[row[text] for text in texts]]
             except Exception as exc:
                 for waiting in batch:
                     if not waiting.future.done():
@@ -134,4 +168,58 @@ class Coalescer:
                 if not waiting.future.done():
                     waiting.future.set_result(vectors[start:end])
         finally:
+            self._in_flight -= 1
             self._slots.release()
+
+
+@dataclass(eq=False)
+class _Query:
+    vectors: Matrix
+    k: int
+    future: asyncio.Future[list[list[Record]]]
+
+
+class QueryBatcher:
+    """Queries of one classifier and dimension made in the same event-loop turn run as one.
+
+    The batch asks for the largest k among them; each caller gets its own rows, cut to its k.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: dict[tuple[int, str], list[_Query]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def query(
+        self, dimension: int, classifier: str, vectors: Matrix, k: int
+    ) -> list[list[Record]]:
+        """For each row of ``vectors``, the ``k`` most similar points (see Store.query)."""
+        key = (dimension, classifier)
+        query = _Query(vectors, k, asyncio.get_running_loop().create_future())
+        if key not in self._pending:
+            self._pending[key] = []
+            # The task starts after the callbacks already scheduled: the other requests
+            # resumed by the same embedding call join the batch first.
+            task = asyncio.create_task(self._run(key))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        self._pending[key].append(query)
+        return await query.future
+
+    async def _run(self, key: tuple[int, str]) -> None:
+        batch = self._pending.pop(key)
+        dimension, classifier = key
+        vectors = batch[0].vectors if len(batch) == 1 else np.vstack([q.vectors for q in batch])
+        try:
+            rows = await self._store.query(dimension, classifier, vectors, max(q.k for q in batch))
+        except Exception as exc:
+            for query in batch:
+                if not query.future.done():
+                    query.future.set_exception(exc)
+            return
+        start = 0
+        for query in batch:
+            end = start + len(query.vectors)
+            if not query.future.done():
+                query.future.set_result([hits[: query.k] for hits in rows[start:end]])
+            start = end

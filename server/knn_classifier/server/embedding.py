@@ -12,7 +12,7 @@ import base64
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -30,6 +30,7 @@ from .settings import EmbeddingSettings
 log = logging.getLogger(__name__)
 
 Matrix = npt.NDArray[np.float32]
+Send = Callable[[Sequence[str]], Awaitable[Matrix]]
 
 _RETRYABLE_STATUS = {429, 503}
 _PROBE_TEXT = "dimension probe"
@@ -106,25 +107,28 @@ class Embedder:
                 self._cache.bind(self.fingerprint)
             return self._width
 
-    async def embed(self, texts: Sequence[str]) -> Matrix:
+    async def embed(self, texts: Sequence[str], send: Send | None = None) -> Matrix:
         """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order.
 
-        Texts the cache knows are not sent; a batch that is all hits makes no call.
+        Texts the cache knows are not sent; a batch that is all hits makes no call. The others
+        go to ``send`` (default :meth:`embed_uncached`; the service passes its coalescer).
         """
+        send = send or self.embed_uncached
         if self._cache is None or self._width is None:
-            return await self._embed_all(texts)
+            return await send(texts)
         cached = self._cache.get_many(texts)
         missing = list(dict.fromkeys(t for t, v in zip(texts, cached, strict=True) if v is None))
         if not missing:
             return np.vstack(cached)  # type: ignore[arg-type]
-        fresh = await self._embed_all(missing)
+        fresh = await send(missing)
         self._cache.put_many(missing, fresh)
         by_text = dict(zip(missing, fresh, strict=True))
         return np.vstack(
             [by_text[t] if v is None else v for t, v in zip(texts, cached, strict=True)]
         )
 
-    async def _embed_all(self, texts: Sequence[str]) -> Matrix:
+    async def embed_uncached(self, texts: Sequence[str]) -> Matrix:
+        """Embeds ``texts`` by calls to the server (of at most max_texts_per_call texts each)."""
         step = self._settings.max_texts_per_call
         parts = [await self._call(texts[i : i + step]) for i in range(0, len(texts), step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import validation
-from .coalescing import Coalescer
+from .coalescing import Coalescer, QueryBatcher
 from .domain import (
     ClassifierConfig,
     ClassifierInfo,
@@ -71,11 +71,13 @@ class ClassifierService:
         self._create_lock = asyncio.Lock()
         self._evaluator = Evaluator(settings, embedder, store)
         self._coalescer = Coalescer(
-            embedder.embed,
+            embedder.embed_uncached,
             settings.embedding.max_texts_per_call,
             settings.embedding.max_concurrent_calls,
             settings.limits.max_queued_texts,
+            settings.embedding.max_wait_ms / 1000,
         )
+        self._queries = QueryBatcher(store)
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -405,7 +407,7 @@ class ClassifierService:
         for j, rejection in rejected.items():
             answers[valid[j]] = rejection
         if embedded:
-            results = await self._store.query(
+            results = await self._queries.query(
                 dimension, classifier, truncate(vectors, dimension), k
             )
             if not results[0]:
@@ -431,7 +433,8 @@ class ClassifierService:
         if not prompts:
             return [], np.empty((0, 0), dtype=np.float32), {}
         try:
-            return list(range(len(prompts))), await self._coalescer.embed(prompts), {}
+            every = await self._embedder.embed(prompts, self._coalescer.embed)
+            return list(range(len(prompts))), every, {}
         except InvalidArgument as whole:
             if len(prompts) == 1:
                 return [], np.empty((0, 0), dtype=np.float32), {0: whole}
@@ -439,7 +442,7 @@ class ClassifierService:
         rejected: dict[int, InvalidArgument] = {}
         for j, prompt in enumerate(prompts):
             try:
-                rows[j] = await self._coalescer.embed([prompt])
+                rows[j] = await self._embedder.embed([prompt], self._coalescer.embed)
             except InvalidArgument as one:
                 rejected[j] = one
         embedded = sorted(rows)

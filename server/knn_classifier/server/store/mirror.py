@@ -1,0 +1,104 @@
+"""An in-memory copy of one classifier's vectors in one dimension, searched with numpy.
+
+The embedded store keeps its data in Qdrant Edge and answers nearest-neighbour queries from
+these copies: an exact search by one matrix product over a classifier's vectors costs a fraction
+of Edge's filtered exact search plus its payload reads (measured in docs/benchmarks.md). A copy
+holds each point's id and the payload fields a vote needs (``id``, ``label``, ``text``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .base import Matrix, Payload, Record, Selection
+
+VOTE_FIELDS = ("id", "label", "text")
+
+
+class Mirror:
+    def __init__(self, dimension: int) -> None:
+        self._matrix: Matrix = np.empty((16, dimension), dtype=np.float32)
+        self._count = 0
+        self._ids: list[str] = []
+        self._payloads: list[Payload] = []
+        self._rows: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def upsert(self, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]) -> None:
+        """Adds or replaces points; vectors are normalised, as a cosine collection does."""
+        for point_id, vector, payload in zip(ids, _unit(vectors), payloads, strict=True):
+            row = self._rows.get(point_id)
+            if row is None:
+                row = self._append(point_id)
+            self._matrix[row] = vector
+            self._payloads[row] = {field: payload.get(field) for field in VOTE_FIELDS}
+
+    def delete(self, selection: Selection) -> None:
+        """Removes the points ``selection`` names (its classifier is this copy's)."""
+        candidates = range(self._count) if selection.ids is None else self._id_rows(selection.ids)
+        doomed = [
+            row
+            for row in candidates
+            if selection.label is None or self._payloads[row]["label"] == selection.label
+        ]
+        for row in sorted(doomed, reverse=True):  # highest first: moves never touch doomed rows
+            self._remove(row)
+
+    def query(self, vectors: Matrix, k: int) -> list[list[Record]]:
+        """For each row of ``vectors``, the ``k`` points of highest cosine similarity."""
+        if self._count == 0:
+            return [[] for _ in vectors]
+        scores = _unit(vectors) @ self._matrix[: self._count].T
+        if k < self._count:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(self._count), scores.shape)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        rows = np.take_along_axis(top, order, axis=1).tolist()
+        similarities = np.take_along_axis(top_scores, order, axis=1).tolist()
+        return [
+            [
+                Record(self._ids[row], self._payloads[row], score)
+                for row, score in zip(hit_rows, hit_scores, strict=True)
+            ]
+            for hit_rows, hit_scores in zip(rows, similarities, strict=True)
+        ]
+
+    def _id_rows(self, ids: Sequence[str]) -> list[int]:
+        return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
+
+    def _append(self, point_id: str) -> int:
+        if self._count == len(self._matrix):
+            grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), dtype=np.float32)
+            grown[: self._count] = self._matrix[: self._count]
+            self._matrix = grown
+        row = self._count
+        self._count += 1
+        self._ids.append(point_id)
+        self._payloads.append({})
+        self._rows[point_id] = row
+        return row
+
+    def _remove(self, row: int) -> None:
+        """Deletes ``row`` by moving the last row into its place."""
+        last = self._count - 1
+        del self._rows[self._ids[row]]
+        if row != last:
+            self._matrix[row] = self._matrix[last]
+            self._ids[row] = self._ids[last]
+            self._payloads[row] = self._payloads[last]
+            self._rows[self._ids[row]] = row
+        self._ids.pop()
+        self._payloads.pop()
+        self._count = last
+
+
+def _unit(vectors: Matrix) -> Matrix:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: Matrix = (vectors / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
+    return unit
