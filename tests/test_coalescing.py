@@ -1,13 +1,21 @@
-"""Concurrent Classify calls share embedding calls; a full queue and late requests are refused."""
+"""Concurrent Classify calls share embedding calls and store queries; a full queue and late
+requests are refused."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from knn_classifier.client import AsyncClient, KnnClassifierError
+from knn_classifier.server.coalescing import Coalescer, QueryBatcher
+from knn_classifier.server.errors import Unavailable
+from knn_classifier.server.store import EdgeStore
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
@@ -102,3 +110,96 @@ def test_a_failed_call_fails_every_request_in_it(
         assert {a.code.name for a in answers} == {expected}  # type: ignore[attr-defined]
     finally:
         running.stop()
+
+
+class RecordingEmbed:
+    """An embedding function that records its calls and answers after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls: list[list[str]] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        await asyncio.sleep(self.delay_s)
+        return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+
+
+async def test_an_idle_service_sends_at_once_however_long_the_wait_setting() -> None:
+    embed = RecordingEmbed()
+    coalescer = Coalescer(embed, 256, 4, 1000, max_wait_s=30.0)
+    try:
+        for text in ["a", "bb", "ccc"]:  # one after another: never busy
+            rows = await asyncio.wait_for(coalescer.embed([text]), timeout=10)
+            assert rows.tolist() == [[float(len(text)), 1.0]]
+    finally:
+        await coalescer.close()
+    assert embed.calls == [["a"], ["bb"], ["ccc"]]
+
+
+async def test_a_busy_service_gathers_requests_and_sends_a_repeated_text_once() -> None:
+    embed = RecordingEmbed(delay_s=0.05)
+    coalescer = Coalescer(embed, 256, 4, 1000, max_wait_s=0.2)
+    try:
+        first = asyncio.ensure_future(coalescer.embed(["first"]))
+        await asyncio.sleep(0.01)  # the first call is in flight: the service is busy
+        texts = ["x", "yy", "x", "zzz", "yy"]
+        rows = await asyncio.gather(*(coalescer.embed([t]) for t in texts))
+        await first
+    finally:
+        await coalescer.close()
+    assert embed.calls == [["first"], ["x", "yy", "zzz"]]
+    assert [r.tolist() for r in rows] == [[[float(len(t)), 1.0]] for t in texts]
+
+
+async def test_queries_made_together_become_one_store_query_cut_to_each_k(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    await store.open([2])
+    calls: list[int] = []
+    query = store.query
+
+    async def counting(dimension: int, classifier: str, vectors: np.ndarray, k: int) -> Any:
+        calls.append(len(vectors))
+        return await query(dimension, classifier, vectors, k)
+
+    try:
+        points = [str(uuid.uuid4()) for _ in range(3)]
+        payloads = [{"classifier": "c", "id": p, "label": "l", "text": p} for p in points]
+        await store.upsert(2, points, np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32), payloads)
+        store.query = counting  # type: ignore[method-assign]
+        batcher = QueryBatcher(store)
+        east, north = np.array([[1, 0]], np.float32), np.array([[0, 1]], np.float32)
+        answers = await asyncio.gather(
+            batcher.query(2, "c", east, 1),
+            batcher.query(2, "c", north, 3),
+            batcher.query(2, "c", np.vstack([east, north]), 2),
+        )
+    finally:
+        await store.close()
+    assert calls == [4]
+    assert [[[h.id for h in hits] for hits in answer] for answer in answers] == [
+        [[points[0]]],
+        [[points[2], points[1], points[0]]],
+        [[points[0], points[1]], [points[2], points[1]]],
+    ]
+
+
+async def test_a_failed_batched_query_fails_each_caller(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    await store.open([2])
+    try:
+
+        async def broken(*args: object) -> Any:
+            raise Unavailable("store down")
+
+        store.query = broken  # type: ignore[method-assign]
+        batcher = QueryBatcher(store)
+        vector = np.array([[1, 0]], np.float32)
+        answers = await asyncio.gather(
+            batcher.query(2, "c", vector, 1),
+            batcher.query(2, "c", vector, 1),
+            return_exceptions=True,
+        )
+    finally:
+        await store.close()
+    assert [type(a) for a in answers] == [Unavailable, Unavailable]

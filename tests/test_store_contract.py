@@ -78,6 +78,32 @@ async def test_query_limit_and_unknown_classifier(store: Store) -> None:
     assert await store.query(4, "nobody", unit_rows([[1, 0]], 4), 2) == [[]]
 
 
+async def test_queries_see_every_write_made_after_the_first_query(store: Store) -> None:
+    """The embedded store answers from in-memory copies; they must follow every write."""
+    point_ids = await fill(store)
+    d = 4
+    near_y = unit_rows([[0.1, 1]], d)
+
+    async def texts() -> list[str]:
+        return [r.payload["text"] for r in (await store.query(d, "a", near_y, 10))[0]]
+
+    assert (await texts())[0] == "a3"
+    added = ids(1)
+    await store.upsert(d, added, unit_rows([[0.1, 1]], d), [payload("a", "z", "a4")])
+    assert (await texts())[0] == "a4"
+    await store.upsert(d, added, unit_rows([[1, -0.1]], d), [payload("a", "z", "a4 moved")])
+    assert await texts() == ["a3", "a2", "a1", "a4 moved"]
+    await store.delete(d, Selection("a", label="y"))
+    assert await texts() == ["a2", "a1", "a4 moved"]
+    await store.delete(d, Selection("a", ids=[point_ids[1], point_ids[3]]))  # b1 is not a's
+    assert await texts() == ["a1", "a4 moved"]
+    await store.delete(d, Selection("a"))
+    assert await texts() == []
+    await store.upsert(d, ids(1), unit_rows([[0, 1]], d), [payload("a", "y", "a5")])
+    assert await texts() == ["a5"]
+    assert [r.payload["text"] for r in (await store.query(d, "b", near_y, 10))[0]] == ["b1"]
+
+
 async def test_count_and_label_counts(store: Store) -> None:
     await fill(store)
     assert await store.count(4, Selection("a")) == 3

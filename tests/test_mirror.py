@@ -1,0 +1,85 @@
+"""The embedded store's in-memory copies: exact search, writes in any order, and a restart."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.mirror import Mirror
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    rows = rng.standard_normal((n, d)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_random_writes_and_deletes_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    pick = random.Random(0)
+    mirror = Mirror(16)
+    truth: dict[str, tuple[np.ndarray, str]] = {}
+    for step in range(300):
+        action = pick.random()
+        if action < 0.6 or not truth:
+            names = [pick.choice([*truth, str(uuid.uuid4())]) for _ in range(pick.randint(1, 5))]
+            names = list(dict.fromkeys(names))
+            vectors = unit(rng, len(names), 16) * 3  # not unit length: the copy normalises
+            labels = [f"l{pick.randrange(4)}" for _ in names]
+            payloads = [
+                {"id": n, "label": y, "text": n, "extra": step}
+                for n, y in zip(names, labels, strict=True)
+            ]
+            mirror.upsert(names, vectors, payloads)
+            for n, v, y in zip(names, vectors, labels, strict=True):
+                truth[n] = (v / np.linalg.norm(v), y)
+        elif action < 0.8:
+            doomed = pick.sample(sorted(truth), min(len(truth), 3))
+            mirror.delete(Selection("c", ids=doomed))
+            for n in doomed:
+                del truth[n]
+        else:
+            label = f"l{pick.randrange(4)}"
+            mirror.delete(Selection("c", label=label))
+            truth = {n: (v, y) for n, (v, y) in truth.items() if y != label}
+        assert len(mirror) == len(truth)
+        if truth and step % 10 == 0:
+            queries = unit(rng, 3, 16)
+            names = sorted(truth)
+            matrix = np.stack([truth[n][0] for n in names])
+            expected = np.argsort(-(queries @ matrix.T), axis=1)[:, :5]
+            for hits, want in zip(mirror.query(queries, 5), expected, strict=True):
+                assert [h.id for h in hits] == [names[i] for i in want]
+                assert set(hits[0].payload) == {"id", "label", "text"}
+
+
+def test_k_larger_than_the_classifier_and_an_empty_copy() -> None:
+    mirror = Mirror(2)
+    assert mirror.query(np.array([[1.0, 0.0]], dtype=np.float32), 3) == [[]]
+    mirror.upsert(["p", "q"], np.array([[1, 0], [0, 1]], dtype=np.float32), [{}, {}])
+    hits = mirror.query(np.array([[1.0, 0.2]], dtype=np.float32), 10)[0]
+    assert [h.id for h in hits] == ["p", "q"]
+    assert hits[0].score > hits[1].score
+
+
+async def test_a_restarted_store_answers_from_what_it_wrote(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    await store.open([4])
+    point_ids = [str(uuid.uuid4()) for _ in range(3)]
+    vectors = np.eye(4, dtype=np.float32)[:3]
+    payloads = [{"classifier": "c", "id": str(i), "label": "x", "text": f"t{i}"} for i in range(3)]
+    await store.upsert(4, point_ids, vectors, payloads)
+    assert len((await store.query(4, "c", vectors[:1], 10))[0]) == 3  # loads the copy
+    await store.delete(4, Selection("c", ids=point_ids[:1]))
+    await store.close()
+
+    reopened = EdgeStore(tmp_path)
+    await reopened.open([4])
+    hits = (await reopened.query(4, "c", vectors[1:2], 10))[0]
+    await reopened.close()
+    assert [h.payload["text"] for h in hits] == ["t1", "t2"]
+    assert hits[0].score == pytest.approx(1.0)
