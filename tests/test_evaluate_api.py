@@ -9,7 +9,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from knn_classifier.client import Client, FailedPreconditionError, InvalidArgumentError
-from knn_classifier.server import deadlines
+from knn_classifier.server import deadlines, evaluation
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
 
@@ -145,3 +145,51 @@ def test_plain_knn_agrees_exactly_with_scikit_learn(client: Client, k: int, labe
     theirs = reference.predict(np.vstack([fake_vector(q, 64) for q in queries])).tolist()
     assert ours == theirs
     assert len(set(ours)) > 1
+
+
+def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> None:
+    """Classify and held-out Evaluate with centroid voting agree with a numpy reference."""
+    train = topical_texts(60, seed=3)
+    queries = [text for text, _ in topical_texts(40, seed=4)]
+    client.create_classifier("centroids")
+    client.add_exemplars("centroids", train)
+    answers = client.classify_batch("centroids", queries, voting="centroid", temperature=0.05)
+
+    labels = sorted(TOPICS)
+    sums = np.zeros((len(labels), 64))
+    for text, label in train:
+        sums[labels.index(label)] += fake_vector(text, 64)
+    centroids = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    similarities = np.vstack([fake_vector(q, 64) for q in queries]) @ centroids.T
+    assert [a.label for a in answers] == [labels[i] for i in similarities.argmax(axis=1)]
+    shares = np.exp((similarities - similarities.max(axis=1, keepdims=True)) / 0.05)
+    shares /= shares.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose([a.confidence for a in answers], shares.max(axis=1), rtol=1e-4)
+
+    held = client.evaluate(
+        "centroids",
+        held_out=list(zip(queries, [a.label for a in answers], strict=True)),
+        voting=["centroid"],
+        temperature=[0.05],
+    )
+    assert held.results[0].accuracy == pytest.approx(1.0)
+
+
+def test_centroid_leave_one_out_leaves_the_exemplar_out_of_its_centroid() -> None:
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = [f"l{i % 3}" for i in range(29)] + ["alone"]
+    exemplars = evaluation.Exemplars([str(i) for i in range(30)], labels, labels, vectors)
+    self_index = np.arange(30, dtype=np.intp)
+    names, similarities = evaluation.centroid_similarities(vectors, exemplars, self_index)
+    assert names == ["alone", "l0", "l1", "l2"]
+    for i in range(30):
+        for j, name in enumerate(names):
+            members = [m for m in range(30) if labels[m] == name and m != i]
+            if not members:
+                assert similarities[i, j] == -np.inf
+                continue
+            centroid = vectors[members].sum(axis=0)
+            expected = vectors[i] @ centroid / np.linalg.norm(centroid)
+            assert similarities[i, j] == pytest.approx(expected, abs=1e-5)

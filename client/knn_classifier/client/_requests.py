@@ -7,7 +7,7 @@ from typing import Literal, TypeAlias
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
-VotingName: TypeAlias = Literal["majority", "similarity_weighted", "softmax"]
+VotingName: TypeAlias = Literal["majority", "similarity_weighted", "softmax", "centroid"]
 ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
 """An exemplar: a message, or a ``(text, label)`` pair."""
 
@@ -15,6 +15,7 @@ _VOTING: dict[str, pb.Voting.ValueType] = {
     "majority": pb.VOTING_MAJORITY,
     "similarity_weighted": pb.VOTING_SIMILARITY_WEIGHTED,
     "softmax": pb.VOTING_SOFTMAX,
+    "centroid": pb.VOTING_CENTROID,
 }
 
 

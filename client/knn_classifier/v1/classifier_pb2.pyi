@@ -38,6 +38,11 @@ class _VotingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Voting.ValueTy
     """Each neighbour votes with its cosine similarity (negative similarities count as zero)."""
     VOTING_SOFTMAX: _Voting.ValueType  # 3
     """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
+    VOTING_CENTROID: _Voting.ValueType  # 4
+    """Each label scores exp(similarity / temperature) of the text to the label's centroid (the
+    normalised mean of its exemplars); k only sets how many neighbours are returned. Strong
+    with few exemplars per label.
+    """
 
 class Voting(_Voting, metaclass=_VotingEnumTypeWrapper):
     """How the k nearest neighbours turn into per-label scores."""
@@ -50,6 +55,11 @@ VOTING_SIMILARITY_WEIGHTED: Voting.ValueType  # 2
 """Each neighbour votes with its cosine similarity (negative similarities count as zero)."""
 VOTING_SOFTMAX: Voting.ValueType  # 3
 """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
+VOTING_CENTROID: Voting.ValueType  # 4
+"""Each label scores exp(similarity / temperature) of the text to the label's centroid (the
+normalised mean of its exemplars); k only sets how many neighbours are returned. Strong
+with few exemplars per label.
+"""
 Global___Voting: _TypeAlias = Voting  # noqa: Y015
 
 class _UnknownReason:
@@ -101,7 +111,7 @@ class Classifier(_message.Message):
     min_confidence: _builtins.float
     exemplar_count: _builtins.int
     temperature: _builtins.float
-    """Softmax voting's temperature."""
+    """The temperature of softmax and centroid voting."""
     dimension: _builtins.int
     """The dimension Classify uses by default; 0: the largest configured."""
     calibrated: _builtins.bool
@@ -942,7 +952,7 @@ class EvaluateRequest(_message.Message):
     def dimension(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def temperature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Softmax temperatures (used by VOTING_SOFTMAX only)."""
+        """Temperatures (used by VOTING_SOFTMAX and VOTING_CENTROID only)."""
 
     def __init__(
         self,

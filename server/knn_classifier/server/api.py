@@ -50,6 +50,7 @@ _VOTING_FROM_PB = {
     pb.VOTING_MAJORITY: Voting.MAJORITY,
     pb.VOTING_SIMILARITY_WEIGHTED: Voting.SIMILARITY_WEIGHTED,
     pb.VOTING_SOFTMAX: Voting.SOFTMAX,
+    pb.VOTING_CENTROID: Voting.CENTROID,
 }
 _VOTING_TO_PB = {value: key for key, value in _VOTING_FROM_PB.items()}
 _REASON_TO_PB = {

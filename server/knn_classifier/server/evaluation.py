@@ -88,6 +88,38 @@ def nearest(
     return indices, similarities
 
 
+def centroid_similarities(
+    queries: Matrix, exemplars: Exemplars, self_index: npt.NDArray[np.intp] | None = None
+) -> tuple[list[str], Matrix]:
+    """The labels, sorted, and each query's cosine similarity to each label's centroid.
+
+    A centroid is the normalised mean of the label's exemplars, as the stores compute it. With
+    ``self_index`` (leave-one-out), query i is exemplar ``self_index[i]`` and is left out of its
+    own label's centroid; a label that leaves empty gets -inf.
+    """
+    labels = sorted(set(exemplars.labels))
+    index = {label: i for i, label in enumerate(labels)}
+    member = np.asarray([index[label] for label in exemplars.labels], dtype=np.intp)
+    base = exemplars.vectors.astype(np.float64)
+    sums = np.zeros((len(labels), base.shape[1]))
+    np.add.at(sums, member, base)
+    dots = queries.astype(np.float64) @ sums.T
+    norms = np.linalg.norm(sums, axis=1)
+    similarities = dots / np.where(norms == 0, 1, norms)
+    if self_index is not None:
+        rows = np.arange(len(self_index))
+        own = member[self_index]
+        left_out = base[self_index]
+        rest = sums[own] - left_out
+        rest_norm = np.linalg.norm(rest, axis=1)
+        own_dot = dots[rows, own] - np.einsum("ij,ij->i", queries.astype(np.float64), left_out)
+        counts = np.bincount(member, minlength=len(labels))[own]
+        similarities[rows, own] = np.where(
+            counts > 1, own_dot / np.where(rest_norm == 0, 1, rest_norm), -np.inf
+        )
+    return labels, similarities.astype(np.float32)
+
+
 def votes(
     exemplars: Exemplars,
     indices: npt.NDArray[np.intp],
@@ -96,11 +128,14 @@ def votes(
     min_similarity: float = -1.0,
     min_confidence: float = 0.0,
     calibration: Calibration | None = None,
+    centroids: tuple[list[str], Matrix] | None = None,
 ) -> list[Vote]:
-    """The vote for every query row, from its first ``setting.k`` neighbours."""
+    """The vote for every query row, from its first ``setting.k`` neighbours (and, for centroid
+    voting, from ``centroids``: see :func:`centroid_similarities`)."""
+    labels, by_label = centroids or ([], np.empty((len(indices), 0), dtype=np.float32))
     results = []
-    for row_indices, row_sims in zip(
-        indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True
+    for row, (row_indices, row_sims) in enumerate(
+        zip(indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True)
     ):
         neighbours = [
             Neighbour(exemplars.ids[i], exemplars.labels[i], exemplars.texts[i], s)
@@ -114,6 +149,11 @@ def votes(
                 min_confidence,
                 setting.temperature,
                 calibration,
+                [
+                    (label, similarity)
+                    for label, similarity in zip(labels, by_label[row].tolist(), strict=True)
+                    if similarity > -np.inf
+                ],
             )
         )
     return results

@@ -24,6 +24,9 @@ from .settings import Settings
 from .store import Store
 from .voting import Calibration, Voting
 
+_TEMPERED = {Voting.SOFTMAX, Voting.CENTROID}
+"""The voting methods that use a temperature."""
+
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +114,11 @@ class Evaluator:
             indices, similarities = await asyncio.to_thread(
                 evaluation.nearest, queries, exemplars.vectors, largest_k, self_index
             )
+            centroids = (
+                evaluation.centroid_similarities(queries, exemplars, self_index)
+                if any(s.voting is Voting.CENTROID for s in sweep)
+                else None
+            )
             for setting in (s for s in sweep if s.dimension == dimension):
                 deadlines.check("the next setting of the sweep")
                 outcomes, raw_shares = await asyncio.to_thread(
@@ -120,6 +128,7 @@ class Evaluator:
                     exemplars,
                     indices,
                     similarities,
+                    centroids,
                     truth,
                     bool(held_out),
                 )
@@ -143,7 +152,12 @@ class Evaluator:
         ]
         sweep = list(
             dict.fromkeys(
-                Setting(k, voting, dimension, t if voting is Voting.SOFTMAX else config.temperature)
+                Setting(
+                    ks[0] if voting is Voting.CENTROID else k,  # k does not change its scores
+                    voting,
+                    dimension,
+                    t if voting in _TEMPERED else config.temperature,
+                )
                 for dimension in dimensions
                 for voting in votings
                 for k in ks
@@ -172,6 +186,7 @@ class Evaluator:
         exemplars: Exemplars,
         indices: npt.NDArray[np.intp],
         similarities: Matrix,
+        centroids: tuple[list[str], Matrix] | None,
         truth: Sequence[str],
         held_out: bool,
     ) -> tuple[list[Outcome], list[float]]:
@@ -189,7 +204,14 @@ class Evaluator:
         raw = [
             evaluation.outcome(v)
             for v in evaluation.votes(
-                exemplars, indices, similarities, setting, config.min_similarity, 0.0, calibration
+                exemplars,
+                indices,
+                similarities,
+                setting,
+                config.min_similarity,
+                0.0,
+                calibration,
+                centroids,
             )
         ]
         confidences = [o.confidence for o in raw] if held_out else _cross_fitted(raw, truth)

@@ -407,17 +407,27 @@ class ClassifierService:
         for j, rejection in rejected.items():
             answers[valid[j]] = rejection
         if embedded:
-            results = await self._queries.query(
-                dimension, classifier, truncate(vectors, dimension), k
-            )
+            queries = truncate(vectors, dimension)
+            results = await self._queries.query(dimension, classifier, queries, k)
             if not results[0]:
                 raise FailedPrecondition(
                     f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
                 )
-            for j, hits in zip(embedded, results, strict=True):
+            labels: list[str] = []
+            by_label = np.empty((len(queries), 0), dtype=np.float32)
+            if voting is Voting.CENTROID:
+                labels, centroids = await self._store.centroids(dimension, classifier)
+                by_label = queries @ centroids.T
+            for j, hits in enumerate(results):
                 neighbours = [_neighbour(hit) for hit in hits]
-                answers[valid[j]] = vote(
-                    neighbours, voting, min_similarity, min_confidence, temperature, calibration
+                answers[valid[embedded[j]]] = vote(
+                    neighbours,
+                    voting,
+                    min_similarity,
+                    min_confidence,
+                    temperature,
+                    calibration,
+                    list(zip(labels, by_label[j].tolist(), strict=True)),
                 )
         return [a for a in answers if a is not None]
 

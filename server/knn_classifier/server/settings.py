@@ -216,11 +216,14 @@ class ClassifierDefaults(BaseModel):
     k: int = Field(10, ge=1, description="Neighbours that vote.")
     voting: str = Field(
         "similarity_weighted",
-        pattern="^(majority|similarity_weighted|softmax)$",
-        description="majority, similarity_weighted or softmax.",
+        pattern="^(majority|similarity_weighted|softmax|centroid)$",
+        description="majority, similarity_weighted, softmax or centroid.",
     )
     temperature: float = Field(
-        0.05, gt=0, le=10, description="Softmax voting's temperature (similarity scale)."
+        0.05,
+        gt=0,
+        le=10,
+        description="Softmax and centroid voting's temperature (similarity scale).",
     )
     min_similarity: float = Field(
         0.0,

@@ -20,6 +20,10 @@ class Voting(enum.StrEnum):
     """Each neighbour votes with its cosine similarity, negative similarities counting as 0."""
     SOFTMAX = "softmax"
     """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
+    CENTROID = "centroid"
+    """Each label scores exp(similarity / temperature) of the text to the label's centroid (the
+    normalised mean of its exemplars); the neighbours are the explanation, not the votes. With
+    few exemplars per label a centroid averages out their noise (docs/accuracy.md)."""
 
 
 class UnknownReason(enum.StrEnum):
@@ -99,8 +103,12 @@ def vote(
     min_confidence: float = 0.0,
     temperature: float = 0.05,
     calibration: Calibration | None = None,
+    centroids: Sequence[tuple[str, float]] = (),
 ) -> Vote:
     """Votes over ``neighbours``; those under ``min_similarity`` do not vote.
+
+    Centroid voting scores the labels in ``centroids`` (label, similarity of the text to its
+    centroid) instead; ``min_similarity`` still applies to the nearest neighbour.
 
     Ties go to the label whose best neighbour is the most similar, then to the smaller label, so
     the answer never depends on the order the store returned equal scores in.
@@ -111,12 +119,18 @@ def vote(
     if not voters:
         return Vote(None, 0.0, [], [], top_similarity, UnknownReason.BELOW_MIN_SIMILARITY)
 
-    weights = _weights(voters, voting, temperature)
     totals: dict[str, float] = {}
     best_similarity: dict[str, float] = {}
-    for neighbour, weight in zip(voters, weights, strict=True):
-        totals[neighbour.label] = totals.get(neighbour.label, 0.0) + weight
-        best_similarity.setdefault(neighbour.label, neighbour.similarity)
+    if voting is Voting.CENTROID:
+        top = max(similarity for _, similarity in centroids)
+        for label, similarity in centroids:
+            totals[label] = math.exp((similarity - top) / temperature)
+            best_similarity[label] = similarity
+    else:
+        weights = _weights(voters, voting, temperature)
+        for neighbour, weight in zip(voters, weights, strict=True):
+            totals[neighbour.label] = totals.get(neighbour.label, 0.0) + weight
+            best_similarity.setdefault(neighbour.label, neighbour.similarity)
     grand_total = sum(totals.values())
     order = sorted(totals, key=lambda label: (-totals[label], -best_similarity[label], label))
     scores = [(label, totals[label] / grand_total) for label in order]

@@ -23,6 +23,17 @@ Matrix = npt.NDArray[np.float32]
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
 
 
+def label_centroids(labels: Sequence[str], vectors: Matrix) -> tuple[list[str], Matrix]:
+    """The labels, sorted, and each one's centroid: the normalised mean of its vectors."""
+    names = sorted(set(labels))
+    index = {label: i for i, label in enumerate(names)}
+    sums = np.zeros((len(names), vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, [index[label] for label in labels], vectors)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    centroids: Matrix = (sums / np.where(norms == 0, 1, norms)).astype(np.float32)
+    return names, centroids
+
+
 def meta_point_id(key: str) -> str:
     """The point id of a meta record: stable, so a key is written in one place only."""
     return str(uuid.uuid5(_META_NAMESPACE, key))
@@ -110,6 +121,14 @@ class Store(ABC):
     @abstractmethod
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
+
+    async def centroids(self, dimension: int, classifier: str) -> tuple[list[str], Matrix]:
+        """Each label of ``classifier`` and its centroid, for centroid voting.
+
+        This default reads every vector of the classifier on each call.
+        """
+        records, vectors = await self.vectors(dimension, classifier)
+        return label_centroids([str(r.payload["label"]) for r in records], vectors)
 
     @abstractmethod
     async def query(

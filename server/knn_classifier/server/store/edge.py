@@ -34,6 +34,7 @@ class EdgeStore(Store):
         self._shards: dict[int, qe.EdgeShard] = {}
         self._meta: qe.EdgeShard | None = None
         self._mirrors: dict[tuple[int, str], Mirror] = {}
+        self._meta_read: dict[str, Payload] = {}
 
     async def existing_dimensions(self) -> list[int]:
         if not self._root.is_dir():
@@ -55,6 +56,7 @@ class EdgeStore(Store):
             shard.close()
         self._shards.clear()
         self._mirrors.clear()
+        self._meta_read.clear()
         self._meta = None
 
     # Meta records ----------------------------------------------------------------------------
@@ -65,14 +67,23 @@ class EdgeStore(Store):
         return self._meta
 
     async def get_meta(self, key: str) -> Payload | None:
-        records = self._meta_shard().retrieve([meta_point_id(key)], True, False)
-        return dict(records[0].payload or {}) if records else None
+        """The record as last read from the shard: every request reads its classifier's, and
+        this process is the only writer, so a record read is kept until this process writes it
+        (absent keys are not kept: any name may be asked for)."""
+        if key not in self._meta_read:
+            records = self._meta_shard().retrieve([meta_point_id(key)], True, False)
+            if not records:
+                return None
+            self._meta_read[key] = dict(records[0].payload or {})
+        return dict(self._meta_read[key])
 
     async def put_meta(self, key: str, payload: Payload) -> None:
+        self._meta_read.pop(key, None)
         point = qe.Point(meta_point_id(key), [1.0], {**payload, "key": key})
         self._meta_shard().update(qe.UpdateOperation.upsert_points([point]))
 
     async def delete_meta(self, key: str) -> None:
+        self._meta_read.pop(key, None)
         self._meta_shard().update(qe.UpdateOperation.delete_points([meta_point_id(key)]))
 
     async def list_meta(self, kind: str) -> list[Payload]:
@@ -146,6 +157,9 @@ class EdgeStore(Store):
         self, dimension: int, classifier: str, vectors: Matrix, k: int
     ) -> list[list[Record]]:
         return self._mirror(dimension, classifier).query(vectors, k)
+
+    async def centroids(self, dimension: int, classifier: str) -> tuple[list[str], Matrix]:
+        return self._mirror(dimension, classifier).centroids()
 
     def _mirror(self, dimension: int, classifier: str) -> Mirror:
         key = (dimension, classifier)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import Matrix, Payload, Record, Selection
+from .base import Matrix, Payload, Record, Selection, label_centroids
 
 VOTE_FIELDS = ("id", "label", "text")
 
@@ -24,12 +24,14 @@ class Mirror:
         self._ids: list[str] = []
         self._payloads: list[Payload] = []
         self._rows: dict[str, int] = {}
+        self._centroids: tuple[list[str], Matrix] | None = None
 
     def __len__(self) -> int:
         return self._count
 
     def upsert(self, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]) -> None:
         """Adds or replaces points; vectors are normalised, as a cosine collection does."""
+        self._centroids = None
         for point_id, vector, payload in zip(ids, _unit(vectors), payloads, strict=True):
             row = self._rows.get(point_id)
             if row is None:
@@ -39,6 +41,7 @@ class Mirror:
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
+        self._centroids = None
         candidates = range(self._count) if selection.ids is None else self._id_rows(selection.ids)
         doomed = [
             row
@@ -68,6 +71,13 @@ class Mirror:
             ]
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
         ]
+
+    def centroids(self) -> tuple[list[str], Matrix]:
+        """Each label and its centroid, kept until the next write."""
+        if self._centroids is None:
+            labels = [str(payload["label"]) for payload in self._payloads]
+            self._centroids = label_centroids(labels, self._matrix[: self._count])
+        return self._centroids
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
