@@ -166,3 +166,15 @@ def test_the_service_uses_redis_and_survives_its_loss(
     finally:
         running.stop()
     assert "embedding cache unusable" in caplog.text
+
+
+def test_the_file_keeps_the_most_recently_written_vectors_only(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "c.sqlite", max_entries=10)
+    rows = [(f"key{i}".encode(), bytes([i])) for i in range(25)]
+    for start in range(0, 20, 4):
+        backend.put_many(rows[start : start + 4])
+    backend.put_many([rows[3]])  # written again: now among the newest
+    backend.put_many(rows[20:25])
+    kept = backend.get_many([key for key, _ in rows])
+    backend.close()
+    assert sorted(kept) == sorted([rows[3][0]] + [key for key, _ in rows[16:25]])

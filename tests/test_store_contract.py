@@ -185,3 +185,17 @@ async def test_point_ids_and_retrieve(store: Store) -> None:
     assert [r.id for r in records] == [point_ids[2]]
     assert records[0].payload["text"] == "a3"
     np.testing.assert_allclose(matrix[0], unit_rows([[0, 1]], 8)[0], atol=1e-6)
+
+
+async def test_centroids_are_the_normalised_label_means_and_follow_writes(store: Store) -> None:
+    point_ids = await fill(store)
+    labels, centroids = await store.centroids(4, "a")
+    assert labels == ["x", "y"]
+    x_mean = unit_rows([[1, 0]], 4)[0] + unit_rows([[0.9, 0.1]], 4)[0]
+    np.testing.assert_allclose(centroids[0], x_mean / np.linalg.norm(x_mean), atol=1e-6)
+    np.testing.assert_allclose(centroids[1], unit_rows([[0, 1]], 4)[0], atol=1e-6)
+    await store.delete(4, Selection("a", ids=[point_ids[1]]))
+    await store.upsert(4, ids(1), unit_rows([[0, 0, 1]], 4), [payload("a", "z", "a4")])
+    labels, centroids = await store.centroids(4, "a")
+    assert labels == ["x", "y", "z"]
+    np.testing.assert_allclose(centroids[0], unit_rows([[1, 0]], 4)[0], atol=1e-6)

@@ -53,7 +53,7 @@ def build_cache(settings: Settings) -> EmbeddingCache | None:
     """The embedding cache the settings ask for, or None."""
     embedding = settings.embedding
     path = settings.data_dir / "embedding-cache.sqlite" if embedding.cache_file else None
-    backend = persistent_backend(embedding.cache_redis_url, path)
+    backend = persistent_backend(embedding.cache_redis_url, path, embedding.cache_file_entries)
     if embedding.cache_entries == 0 and backend is None:
         return None
     return EmbeddingCache(backend, embedding.cache_entries)

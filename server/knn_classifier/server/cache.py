@@ -39,9 +39,12 @@ class Backend(Protocol):
 
 
 class SqliteBackend:
+    """Vectors in a SQLite file, at most ``max_entries``: the least recently written go first."""
+
     failures: tuple[type[Exception], ...] = (sqlite3.Error,)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_entries: int = 1_000_000) -> None:
+        self._max_entries = max_entries
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path)
         # A cache may lose its last writes in a power cut, so it need not wait for the disk on
@@ -60,7 +63,13 @@ class SqliteBackend:
         return found
 
     def put_many(self, rows: Sequence[tuple[bytes, bytes]]) -> None:
+        # A replaced row gets a new, highest rowid, so rowids order rows by their last write
+        # and everything more than max_entries below the newest is the oldest to drop.
         self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?)", rows)
+        self._db.execute(
+            "DELETE FROM vectors WHERE rowid <= (SELECT max(rowid) FROM vectors) - ?",
+            (self._max_entries,),
+        )
         self._db.commit()
 
     def close(self) -> None:
@@ -90,14 +99,16 @@ class RedisBackend:
         self._redis.close()
 
 
-def persistent_backend(redis_url: str | None, sqlite_path: Path | None) -> Backend | None:
-    """Redis if a URL is given, else SQLite at ``sqlite_path``, else none; None (with a
-    warning) if it cannot be opened."""
+def persistent_backend(
+    redis_url: str | None, sqlite_path: Path | None, sqlite_entries: int
+) -> Backend | None:
+    """Redis if a URL is given, else SQLite at ``sqlite_path`` (at most ``sqlite_entries``
+    vectors), else none; None (with a warning) if it cannot be opened."""
     try:
         if redis_url:
             return RedisBackend(redis_url)
         if sqlite_path is not None:
-            return SqliteBackend(sqlite_path)
+            return SqliteBackend(sqlite_path, sqlite_entries)
     except (*SqliteBackend.failures, *RedisBackend.failures) as exc:
         log.warning("embedding cache unusable (%s); continuing without it", exc)
     return None

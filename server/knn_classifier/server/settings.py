@@ -66,6 +66,13 @@ class EmbeddingSettings(BaseModel):
     cache_file: bool = Field(
         True, description="Also keep vectors in data_dir/embedding-cache.sqlite across restarts."
     )
+    cache_file_entries: int = Field(
+        1_000_000,
+        ge=1,
+        description="Vectors kept in the SQLite file at most (4 bytes x model width each); the "
+        "least recently written are removed first. For Redis, set maxmemory and an LRU policy "
+        "on the server instead.",
+    )
     cache_redis_url: str | None = Field(
         None,
         description="Keep vectors in this Redis (redis://host:6379/0) instead, shared by replicas.",
