@@ -194,7 +194,7 @@ async def load_exemplars(stub: pb_grpc.ClassifierServiceStub, total: int) -> flo
     return total / (time.perf_counter() - started)
 
 
-def classify_request(size: int, dimension: int, tag: str, w: int, n: int) -> pb.ClassifyRequest:
+def classify_request(dimension: int, tag: str, w: int, n: int) -> pb.ClassifyRequest:
     """A text never sent before (so no cache hit), unless ``tag`` repeats a finished run."""
     rng = random.Random(f"{tag}-{w}-{n}")
     return pb.ClassifyRequest(
@@ -237,7 +237,7 @@ async def echo_runs(reply: bytes, concurrencies: list[int], seconds: float) -> d
                 runs = {}
                 for concurrency in concurrencies:
                     runs[concurrency] = await closed_loop(
-                        lambda w, n: stub.Classify(classify_request(0, 256, "echo", w, n)),
+                        lambda w, n: stub.Classify(classify_request(256, "echo", w, n)),
                         concurrency,
                         seconds,
                     )
@@ -275,16 +275,14 @@ async def measure_service(
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ClassifierServiceStub(channel)
         figures = ServiceFigures(await load_exemplars(stub, size))
-        first = await stub.Classify(classify_request(size, dimensions[0], "reply", 0, 0))
+        first = await stub.Classify(classify_request(dimensions[0], "reply", 0, 0))
         figures.reply = first.SerializeToString()
         for dimension in dimensions:
             for concurrency in (1, 16, 64):
                 tag = f"unary-{dimension}-{concurrency}"
                 before = embedder_stats(embedder_url)["calls"]
                 run = await closed_loop(
-                    lambda w, n, t=tag, d=dimension: stub.Classify(
-                        classify_request(size, d, t, w, n)
-                    ),
+                    lambda w, n, t=tag, d=dimension: stub.Classify(classify_request(d, t, w, n)),
                     concurrency,
                     seconds,
                 )
@@ -306,23 +304,18 @@ async def measure_service(
                     )
 
                 figures.batch[dimension, batch] = await closed_loop(classify_batch, 4, seconds)
-            figures.cached[dimension], *calls = await cache_hits(
-                stub, embedder_url, size, dimension, seconds
-            )
-            figures.cache_hit_calls[dimension] = (calls[0], calls[1])
+            cached, calls, requests = await cache_hits(stub, embedder_url, dimension, seconds)
+            figures.cached[dimension] = cached
+            figures.cache_hit_calls[dimension] = (calls, requests)
     return figures
 
 
 async def cache_hits(
-    stub: pb_grpc.ClassifierServiceStub,
-    embedder_url: str,
-    size: int,
-    dimension: int,
-    seconds: float,
+    stub: pb_grpc.ClassifierServiceStub, embedder_url: str, dimension: int, seconds: float
 ) -> tuple[Run, int, int]:
     """Classify on texts the service has embedded before (no embedding call): the latency at
     concurrency 1, and the embedding calls made while 64 workers repeat them."""
-    hot = [classify_request(size, dimension, "hot", 0, n) for n in range(256)]
+    hot = [classify_request(dimension, "hot", 0, n) for n in range(256)]
     for request in hot:
         await stub.Classify(request)
     alone = await closed_loop(lambda w, n: stub.Classify(hot[n % len(hot)]), 1, seconds)
