@@ -3,12 +3,14 @@ import pytest
 
 from knn_classifier.server.evaluation import (
     Outcome,
+    Report,
     Setting,
     expected_calibration_error,
     nearest,
     report,
     threshold_for_precision,
 )
+from knn_classifier.server.evaluator import Evaluated, recommended_first
 from knn_classifier.server.voting import Calibration, Voting
 
 SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
@@ -89,3 +91,23 @@ def test_calibration_is_monotone_and_matches_observed_accuracy() -> None:
     calibrated = [calibration(x) for x in shares]
     assert expected_calibration_error(calibrated, correct.tolist()) < 0.03
     assert expected_calibration_error(shares.tolist(), correct.tolist()) > 0.1
+
+
+def evaluated(voting: Voting, k: int, accuracy: float, n: int) -> Evaluated:
+    setting = Setting(k, voting, 8, 0.05)
+    return Evaluated(Report(setting, accuracy, accuracy, 1.0, accuracy, 0.0, n, [], []), [], [])
+
+
+def test_a_centroid_setting_within_one_standard_error_is_recommended() -> None:
+    best, runner_up = (
+        evaluated(Voting.MAJORITY, 1, 0.90, 20),
+        evaluated(Voting.SOFTMAX, 5, 0.85, 20),
+    )
+    centroid = evaluated(Voting.CENTROID, 1, 0.85, 20)  # 0.05 below; one SE is 0.067 at n=20
+    ranked = recommended_first([best, runner_up, centroid])
+    assert ranked == [centroid, best, runner_up]
+    # With 2,000 leave-one-out texts one SE is 0.0067: the centroid stays where it was.
+    many = [evaluated(v, k, a, 2000) for v, k, a in [(Voting.MAJORITY, 1, 0.90)]]
+    far = evaluated(Voting.CENTROID, 1, 0.85, 2000)
+    assert recommended_first([*many, far]) == [*many, far]
+    assert recommended_first([best, runner_up]) == [best, runner_up]

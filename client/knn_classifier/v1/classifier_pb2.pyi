@@ -1100,7 +1100,10 @@ class EvaluateResponse(_message.Message):
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
-        """One per setting of the sweep, best (accuracy, then macro-F1) first."""
+        """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
+        comes first: the most accurate, or a centroid setting within one standard error of it
+        (with few exemplars, leave-one-out cannot tell them apart and centroids generalise better).
+        """
 
     @_builtins.property
     def unknown_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
