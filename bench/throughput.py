@@ -330,8 +330,8 @@ class StoreFigures:
     single_numpy_ms: float
     batch_ms_per_text: float
     batch_numpy_ms_per_text: float
-    single_edge_ms: float = 0.0
-    batch_edge_ms_per_text: float = 0.0
+    single_edge_ms: float
+    batch_edge_ms_per_text: float
 
 
 def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -362,40 +362,44 @@ async def async_timed(repeat: int, work: Callable[[], Awaitable[object]]) -> flo
     return 1000 * statistics.median(times)
 
 
+def unit_queries(dimension: int) -> np.ndarray:
+    """128 random unit vectors, the same for a dimension in every run."""
+    queries = np.random.default_rng(dimension).standard_normal((128, dimension))
+    return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+
+
 async def time_store(
     store: EdgeStore, dimension: int, matrix: np.ndarray, queries: np.ndarray
-) -> StoreFigures:
+) -> tuple[float, float, float, float]:
+    """The store's query and numpy on ``matrix``: ms for one vector, ms per vector of all."""
     one = queries[:1]
-    return StoreFigures(
-        single_ms=await async_timed(50, lambda: store.query(dimension, "c0", one, K)),
-        single_numpy_ms=timed(50, lambda: brute_force(matrix, one, K)),
-        batch_ms_per_text=await async_timed(5, lambda: store.query(dimension, "c0", queries, K))
-        / len(queries),
-        batch_numpy_ms_per_text=timed(5, lambda: brute_force(matrix, queries, K)) / len(queries),
+    return (
+        await async_timed(50, lambda: store.query(dimension, "c0", one, K)),
+        timed(50, lambda: brute_force(matrix, one, K)),
+        await async_timed(5, lambda: store.query(dimension, "c0", queries, K)) / len(queries),
+        timed(5, lambda: brute_force(matrix, queries, K)) / len(queries),
     )
 
 
 async def measure_store(data_dir: Path, dimensions: list[int]) -> dict[int, StoreFigures]:
-    """The store's own query call on the service's data, and numpy on the same vectors."""
+    """The store's own query call on the service's data, numpy on the same vectors, and Qdrant
+    Edge's own search on the same shard (once the store has let go of it)."""
     store = EdgeStore(data_dir)
     await store.open(dimensions)
-    figures = {}
+    timings = {}
     try:
         for dimension in dimensions:
             _, matrix = await store.vectors(dimension, "c0")
-            rng = np.random.default_rng(dimension)
-            queries = rng.standard_normal((128, dimension)).astype(np.float32)
-            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-
-            figures[dimension] = await time_store(store, dimension, matrix, queries)
+            timings[dimension] = await time_store(store, dimension, matrix, unit_queries(dimension))
     finally:
         await store.close()
-    for dimension, figure in figures.items():
-        queries = np.random.default_rng(dimension).standard_normal((128, dimension))
-        figure.single_edge_ms, figure.batch_edge_ms_per_text = raw_edge_query(
-            data_dir / "edge" / f"d{dimension}", queries / np.linalg.norm(queries, axis=1)[:, None]
+    return {
+        dimension: StoreFigures(
+            *timings[dimension],
+            *raw_edge_query(data_dir / "edge" / f"d{dimension}", unit_queries(dimension)),
         )
-    return figures
+        for dimension in dimensions
+    }
 
 
 def raw_edge_query(shard_dir: Path, queries: np.ndarray) -> tuple[float, float]:
