@@ -11,7 +11,7 @@ from knn_classifier.server.evaluation import (
     threshold_for_precision,
 )
 from knn_classifier.server.evaluator import Evaluated, recommended_first
-from knn_classifier.server.voting import Calibration, Voting
+from knn_classifier.server.voting import Voting
 
 SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
 
@@ -76,21 +76,6 @@ def test_threshold_for_precision() -> None:
     assert threshold_for_precision(scores, correct, 0.75) == pytest.approx(0.6)
     assert threshold_for_precision(scores, correct, 0.5) == -1.0
     assert threshold_for_precision([0.9], [False], 0.9) > 0.9
-
-
-def test_calibration_is_monotone_and_matches_observed_accuracy() -> None:
-    rng = np.random.default_rng(3)
-    shares = rng.uniform(0, 1, 5000)
-    correct = rng.uniform(0, 1, 5000) < shares**2  # over-confident shares
-    calibration = Calibration.fit(shares.tolist(), correct.tolist())
-    values = [calibration(x) for x in np.linspace(0, 1, 50)]
-    assert values == sorted(values)
-    assert all(0.0 <= v <= 1.0 for v in values)
-    assert calibration(0.5) == pytest.approx(0.25, abs=0.06)
-    assert len(calibration.shares) <= 64
-    calibrated = [calibration(x) for x in shares]
-    assert expected_calibration_error(calibrated, correct.tolist()) < 0.03
-    assert expected_calibration_error(shares.tolist(), correct.tolist()) > 0.1
 
 
 def evaluated(voting: Voting, k: int, accuracy: float, n: int) -> Evaluated:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .voting import Calibration, Voting
+from .calibration import Calibration
+from .voting import Voting
 
 
 def classifier_key(name: str) -> str:

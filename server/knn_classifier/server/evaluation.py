@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .voting import Calibration, Neighbour, Vote, Voting, vote
+from .calibration import Calibration
+from .voting import Neighbour, Vote, Voting, vote
 
 Matrix = npt.NDArray[np.float32]
 _BLOCK = 1024

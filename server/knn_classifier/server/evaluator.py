@@ -17,13 +17,14 @@ import numpy as np
 import numpy.typing as npt
 
 from . import deadlines, evaluation, validation
+from .calibration import Calibration
 from .domain import ClassifierConfig, EvaluateRequest, classifier_key
 from .embedding import Embedder, Matrix, truncate
 from .errors import FailedPrecondition, InvalidArgument
 from .evaluation import Exemplars, Outcome, Report, Setting
 from .settings import Settings
 from .store import Store
-from .voting import Calibration, Voting
+from .voting import Voting
 
 _TEMPERED = {Voting.SOFTMAX, Voting.CENTROID}
 """The voting methods that use a temperature."""

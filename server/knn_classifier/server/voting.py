@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
+from .calibration import Calibration
 
 
 class Voting(enum.StrEnum):
@@ -37,46 +37,6 @@ class Neighbour:
     label: str
     text: str
     similarity: float
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """A monotone map from the winner's share of the vote to the probability it is right.
-
-    Fitted by isotonic regression (pool adjacent violators) on leave-one-out results.
-    """
-
-    shares: tuple[float, ...]
-    probabilities: tuple[float, ...]
-
-    def __call__(self, share: float) -> float:
-        return float(np.interp(share, self.shares, self.probabilities))
-
-    @classmethod
-    def fit(cls, shares: Sequence[float], correct: Sequence[bool], points: int = 64) -> Calibration:
-        order = np.argsort(np.asarray(shares, dtype=np.float64), kind="stable")
-        x = np.asarray(shares, dtype=np.float64)[order]
-        y = np.asarray(correct, dtype=np.float64)[order]
-        # Pool adjacent violators: blocks of (sum of y, sum of x, count), merged while the
-        # block means of y decrease; each block maps its mean share to its mean accuracy.
-        y_sums: list[float] = []
-        x_sums: list[float] = []
-        counts: list[int] = []
-        for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
-            y_sums.append(yi)
-            x_sums.append(xi)
-            counts.append(1)
-            while len(y_sums) > 1 and y_sums[-2] / counts[-2] >= y_sums[-1] / counts[-1]:
-                y_total, x_total, count = y_sums.pop(), x_sums.pop(), counts.pop()
-                y_sums[-1] += y_total
-                x_sums[-1] += x_total
-                counts[-1] += count
-        xs = np.asarray(x_sums) / np.asarray(counts)
-        ys = np.asarray(y_sums) / np.asarray(counts)
-        if len(xs) > points:  # keep the stored map small; interpolation fills the gaps
-            keep = np.unique(np.linspace(0, len(xs) - 1, points).round().astype(int))
-            xs, ys = xs[keep], ys[keep]
-        return cls(tuple(xs.tolist()), tuple(ys.tolist()))
 
 
 @dataclass(frozen=True, slots=True)
