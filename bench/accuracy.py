@@ -41,7 +41,7 @@ from knn_classifier.v1 import classifier_pb2 as pb
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "e5-query"
 K_SWEEP = [1, 3, 5, 10, 20, 30, 50]
-VOTINGS = ["majority", "similarity_weighted", "softmax", "centroid"]
+VOTINGS = ["majority", "similarity_weighted", "softmax", "centroid", "discriminant"]
 TEMPERATURES = [0.01, 0.02, 0.05]
 
 Rows = list[tuple[str, str]]
@@ -122,7 +122,7 @@ def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[s
 
 def _setting(result: pb.EvaluationResult) -> str:
     name = pb.Voting.Name(result.voting).removeprefix("VOTING_").lower()
-    tempered = result.voting in (pb.VOTING_SOFTMAX, pb.VOTING_CENTROID)
+    tempered = result.voting in (pb.VOTING_SOFTMAX, pb.VOTING_CENTROID, pb.VOTING_DISCRIMINANT)
     temperature = f" T={result.temperature:g}" if tempered else ""
     return f"{name} k={result.k}{temperature}"
 

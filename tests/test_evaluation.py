@@ -96,3 +96,10 @@ def test_a_centroid_setting_within_one_standard_error_is_recommended() -> None:
     far = evaluated(Voting.CENTROID, 1, 0.85, 2000)
     assert recommended_first([*many, far]) == [*many, far]
     assert recommended_first([best, runner_up]) == [best, runner_up]
+
+
+def test_the_most_accurate_label_model_within_one_standard_error_is_recommended() -> None:
+    best = evaluated(Voting.SOFTMAX, 5, 0.90, 20)
+    discriminant = evaluated(Voting.DISCRIMINANT, 1, 0.88, 20)
+    centroid = evaluated(Voting.CENTROID, 1, 0.86, 20)
+    assert recommended_first([best, discriminant, centroid]) == [discriminant, best, centroid]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from qdrant_client import AsyncQdrantClient
 
+from knn_classifier.server import label_models
 from knn_classifier.server.store import EdgeStore, Selection, Store
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
@@ -187,15 +188,18 @@ async def test_point_ids_and_retrieve(store: Store) -> None:
     np.testing.assert_allclose(matrix[0], unit_rows([[0, 1]], 8)[0], atol=1e-6)
 
 
-async def test_centroids_are_the_normalised_label_means_and_follow_writes(store: Store) -> None:
+async def test_label_models_are_fitted_on_the_classifier_and_follow_writes(store: Store) -> None:
     point_ids = await fill(store)
-    labels, centroids = await store.centroids(4, "a")
-    assert labels == ["x", "y"]
+    model = await store.label_model(4, "a", label_models.centroids)
+    assert model.labels == ["x", "y"]
     x_mean = unit_rows([[1, 0]], 4)[0] + unit_rows([[0.9, 0.1]], 4)[0]
-    np.testing.assert_allclose(centroids[0], x_mean / np.linalg.norm(x_mean), atol=1e-6)
-    np.testing.assert_allclose(centroids[1], unit_rows([[0, 1]], 4)[0], atol=1e-6)
+    np.testing.assert_allclose(model.weights[:, 0], x_mean / np.linalg.norm(x_mean), atol=1e-6)
+    np.testing.assert_allclose(model.weights[:, 1], unit_rows([[0, 1]], 4)[0], atol=1e-6)
     await store.delete(4, Selection("a", ids=[point_ids[1]]))
     await store.upsert(4, ids(1), unit_rows([[0, 0, 1]], 4), [payload("a", "z", "a4")])
-    labels, centroids = await store.centroids(4, "a")
-    assert labels == ["x", "y", "z"]
-    np.testing.assert_allclose(centroids[0], unit_rows([[1, 0]], 4)[0], atol=1e-6)
+    model = await store.label_model(4, "a", label_models.centroids)
+    assert model.labels == ["x", "y", "z"]
+    np.testing.assert_allclose(model.weights[:, 0], unit_rows([[1, 0]], 4)[0], atol=1e-6)
+    discriminant = await store.label_model(4, "a", label_models.discriminant)
+    assert discriminant.labels == ["x", "y", "z"]
+    assert discriminant.weights.shape == (4, 3)

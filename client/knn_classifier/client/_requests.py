@@ -7,7 +7,9 @@ from typing import Literal, TypeAlias
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
-VotingName: TypeAlias = Literal["majority", "similarity_weighted", "softmax", "centroid"]
+VotingName: TypeAlias = Literal[
+    "majority", "similarity_weighted", "softmax", "centroid", "discriminant"
+]
 ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
 """An exemplar: a message, or a ``(text, label)`` pair."""
 
@@ -16,6 +18,7 @@ _VOTING: dict[str, pb.Voting.ValueType] = {
     "similarity_weighted": pb.VOTING_SIMILARITY_WEIGHTED,
     "softmax": pb.VOTING_SOFTMAX,
     "centroid": pb.VOTING_CENTROID,
+    "discriminant": pb.VOTING_DISCRIMINANT,
 }
 
 

@@ -43,6 +43,12 @@ class _VotingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Voting.ValueTy
     normalised mean of its exemplars); k only sets how many neighbours are returned. Strong
     with few exemplars per label.
     """
+    VOTING_DISCRIMINANT: _Voting.ValueType  # 5
+    """Each label scores exp(score / temperature), its score the text's linear discriminant: the
+    label's mean exemplar compared in a space whitened by how the exemplars vary within their
+    labels. k only sets how many neighbours are returned. Strongest with 5-20 exemplars per
+    label and many labels; fitting it costs O(n d min(n, d)) after every write (n exemplars).
+    """
 
 class Voting(_Voting, metaclass=_VotingEnumTypeWrapper):
     """How the k nearest neighbours turn into per-label scores."""
@@ -59,6 +65,12 @@ VOTING_CENTROID: Voting.ValueType  # 4
 """Each label scores exp(similarity / temperature) of the text to the label's centroid (the
 normalised mean of its exemplars); k only sets how many neighbours are returned. Strong
 with few exemplars per label.
+"""
+VOTING_DISCRIMINANT: Voting.ValueType  # 5
+"""Each label scores exp(score / temperature), its score the text's linear discriminant: the
+label's mean exemplar compared in a space whitened by how the exemplars vary within their
+labels. k only sets how many neighbours are returned. Strongest with 5-20 exemplars per
+label and many labels; fitting it costs O(n d min(n, d)) after every write (n exemplars).
 """
 Global___Voting: _TypeAlias = Voting  # noqa: Y015
 
@@ -111,7 +123,7 @@ class Classifier(_message.Message):
     min_confidence: _builtins.float
     exemplar_count: _builtins.int
     temperature: _builtins.float
-    """The temperature of softmax and centroid voting."""
+    """The temperature of softmax, centroid and discriminant voting."""
     dimension: _builtins.int
     """The dimension Classify uses by default; 0: the largest configured."""
     calibrated: _builtins.bool
@@ -952,7 +964,7 @@ class EvaluateRequest(_message.Message):
     def dimension(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def temperature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Temperatures (used by VOTING_SOFTMAX and VOTING_CENTROID only)."""
+        """Temperatures (used by VOTING_SOFTMAX, VOTING_CENTROID and VOTING_DISCRIMINANT only)."""
 
     def __init__(
         self,
@@ -1100,9 +1112,11 @@ class EvaluateResponse(_message.Message):
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
-        """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
-        comes first: the most accurate, or a centroid setting within one standard error of it
-        (with few exemplars, leave-one-out cannot tell them apart and centroids generalise better).
+        """One per setting of the sweep, by accuracy, macro-F1, then calibration error (lowest
+        first), except that the recommended one comes first: the most accurate, or the most
+        accurate centroid or discriminant setting if within one standard error of it (with few
+        exemplars, leave-one-out cannot tell them apart and label models, which fit no k,
+        generalise better).
         """
 
     @_builtins.property

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from . import label_models
 from .calibration import Calibration
 from .voting import Neighbour, Vote, Voting, vote
 
@@ -89,36 +90,19 @@ def nearest(
     return indices, similarities
 
 
-def centroid_similarities(
-    queries: Matrix, exemplars: Exemplars, self_index: npt.NDArray[np.intp] | None = None
+def label_scores(
+    voting: Voting,
+    exemplars: Exemplars,
+    queries: Matrix,
+    self_index: npt.NDArray[np.intp] | None = None,
 ) -> tuple[list[str], Matrix]:
-    """The labels, sorted, and each query's cosine similarity to each label's centroid.
-
-    A centroid is the normalised mean of the label's exemplars, as the stores compute it. With
-    ``self_index`` (leave-one-out), query i is exemplar ``self_index[i]`` and is left out of its
-    own label's centroid; a label that leaves empty gets -inf.
-    """
-    labels = sorted(set(exemplars.labels))
-    index = {label: i for i, label in enumerate(labels)}
-    member = np.asarray([index[label] for label in exemplars.labels], dtype=np.intp)
-    base = exemplars.vectors.astype(np.float64)
-    sums = np.zeros((len(labels), base.shape[1]))
-    np.add.at(sums, member, base)
-    dots = queries.astype(np.float64) @ sums.T
-    norms = np.linalg.norm(sums, axis=1)
-    similarities = dots / np.where(norms == 0, 1, norms)
+    """The labels and each query's score for each label under centroid or discriminant voting;
+    with ``self_index`` (leave-one-out), exemplar ``self_index[i]`` is query i and is left out
+    of every statistic it would be in (:mod:`label_models`)."""
     if self_index is not None:
-        rows = np.arange(len(self_index))
-        own = member[self_index]
-        left_out = base[self_index]
-        rest = sums[own] - left_out
-        rest_norm = np.linalg.norm(rest, axis=1)
-        own_dot = dots[rows, own] - np.einsum("ij,ij->i", queries.astype(np.float64), left_out)
-        counts = np.bincount(member, minlength=len(labels))[own]
-        similarities[rows, own] = np.where(
-            counts > 1, own_dot / np.where(rest_norm == 0, 1, rest_norm), -np.inf
-        )
-    return labels, similarities.astype(np.float32)
+        return label_models.LEAVE_ONE_OUT[voting](exemplars.labels, exemplars.vectors, self_index)
+    model = label_models.FIT[voting](exemplars.labels, exemplars.vectors)
+    return model.labels, model.scores(queries)
 
 
 def votes(
@@ -129,11 +113,12 @@ def votes(
     min_similarity: float = -1.0,
     min_confidence: float = 0.0,
     calibration: Calibration | None = None,
-    centroids: tuple[list[str], Matrix] | None = None,
+    label_scores: tuple[list[str], Matrix] | None = None,
 ) -> list[Vote]:
     """The vote for every query row, from its first ``setting.k`` neighbours (and, for centroid
-    voting, from ``centroids``: see :func:`centroid_similarities`)."""
-    labels, by_label = centroids or ([], np.empty((len(indices), 0), dtype=np.float32))
+    and discriminant voting, from ``label_scores``: the labels and one row of scores per query,
+    -inf for a label a query does not score)."""
+    labels, by_label = label_scores or ([], np.empty((len(indices), 0), dtype=np.float32))
     results = []
     for row, (row_indices, row_sims) in enumerate(
         zip(indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True)
@@ -151,9 +136,9 @@ def votes(
                 setting.temperature,
                 calibration,
                 [
-                    (label, similarity)
-                    for label, similarity in zip(labels, by_label[row].tolist(), strict=True)
-                    if similarity > -np.inf
+                    (label, score)
+                    for label, score in zip(labels, by_label[row].tolist(), strict=True)
+                    if score > -np.inf
                 ],
             )
         )

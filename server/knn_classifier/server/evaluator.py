@@ -24,9 +24,9 @@ from .errors import FailedPrecondition, InvalidArgument
 from .evaluation import Exemplars, Outcome, Report, Setting
 from .settings import Settings
 from .store import Store
-from .voting import Voting
+from .voting import LABEL_SCORED, Voting
 
-_TEMPERED = {Voting.SOFTMAX, Voting.CENTROID}
+_TEMPERED = {Voting.SOFTMAX, *LABEL_SCORED}
 """The voting methods that use a temperature."""
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,19 @@ class Evaluated:
 
 def recommended_first(ranked: list[Evaluated]) -> list[Evaluated]:
     """``ranked`` (by accuracy) with the recommended setting first: the most accurate, unless a
-    centroid setting is within one standard error of its accuracy (the one-standard-error rule).
+    centroid or discriminant setting is within one standard error of its accuracy (the
+    one-standard-error rule); then the most accurate of those.
 
     With few exemplars, leave-one-out accuracy moves in steps of several points and often
-    crowns 1-NN by luck; centroid voting has no k to fit and generalises better there, while on
-    large classifiers it falls many standard errors behind (docs/accuracy.md).
+    crowns 1-NN by luck; label models have no k to fit and generalise better there, while on
+    large classifiers they fall many standard errors behind (docs/accuracy.md).
     """
     top = ranked[0].report
     error = math.sqrt(top.accuracy * (1 - top.accuracy) / max(top.evaluated, 1))
-    centroid = next((r for r in ranked if r.report.setting.voting is Voting.CENTROID), None)
-    if centroid is None or centroid.report.accuracy < top.accuracy - error:
+    label_model = next((r for r in ranked if r.report.setting.voting in LABEL_SCORED), None)
+    if label_model is None or label_model.report.accuracy < top.accuracy - error:
         return ranked
-    return [centroid, *(r for r in ranked if r is not centroid)]
+    return [label_model, *(r for r in ranked if r is not label_model)]
 
 
 def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[float]:
@@ -132,11 +133,12 @@ class Evaluator:
             indices, similarities = await asyncio.to_thread(
                 evaluation.nearest, queries, exemplars.vectors, largest_k, self_index
             )
-            centroids = (
-                evaluation.centroid_similarities(queries, exemplars, self_index)
-                if any(s.voting is Voting.CENTROID for s in sweep)
-                else None
-            )
+            label_scores = {
+                voting: await asyncio.to_thread(
+                    evaluation.label_scores, voting, exemplars, queries, self_index
+                )
+                for voting in LABEL_SCORED & {s.voting for s in sweep}
+            }
             for setting in (s for s in sweep if s.dimension == dimension):
                 deadlines.check("the next setting of the sweep")
                 outcomes, raw_shares = await asyncio.to_thread(
@@ -146,13 +148,21 @@ class Evaluator:
                     exemplars,
                     indices,
                     similarities,
-                    centroids,
+                    label_scores.get(setting.voting),
                     truth,
                     bool(held_out),
                 )
                 report = evaluation.report(setting, truth, outcomes)
                 results.append(Evaluated(report, outcomes, raw_shares))
-        results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
+        # Temperature never changes a label model's answers, only its confidences: among equal
+        # answers the best calibrated (leave-one-out, cross-fitted) comes first.
+        results.sort(
+            key=lambda r: (
+                -r.report.accuracy,
+                -r.report.macro_f1,
+                r.report.expected_calibration_error,
+            )
+        )
         results = recommended_first(results)
 
         if request.apply_best:
@@ -172,7 +182,7 @@ class Evaluator:
         sweep = list(
             dict.fromkeys(
                 Setting(
-                    ks[0] if voting is Voting.CENTROID else k,  # k does not change its scores
+                    ks[0] if voting in LABEL_SCORED else k,  # k does not change their scores
                     voting,
                     dimension,
                     t if voting in _TEMPERED else config.temperature,
@@ -205,7 +215,7 @@ class Evaluator:
         exemplars: Exemplars,
         indices: npt.NDArray[np.intp],
         similarities: Matrix,
-        centroids: tuple[list[str], Matrix] | None,
+        label_scores: tuple[list[str], Matrix] | None,
         truth: Sequence[str],
         held_out: bool,
     ) -> tuple[list[Outcome], list[float]]:
@@ -230,7 +240,7 @@ class Evaluator:
                 config.min_similarity,
                 0.0,
                 calibration,
-                centroids,
+                label_scores,
             )
         ]
         confidences = [o.confidence for o in raw] if held_out else _cross_fitted(raw, truth)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import validation
+from . import label_models, validation
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
     ClassifierConfig,
@@ -40,7 +40,7 @@ from .evaluation import Report
 from .evaluator import Evaluator
 from .settings import Settings
 from .store import Record, Selection, Store
-from .voting import Neighbour, Vote, Voting, vote
+from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 
 log = logging.getLogger(__name__)
 
@@ -415,9 +415,10 @@ class ClassifierService:
                 )
             labels: list[str] = []
             by_label = np.empty((len(queries), 0), dtype=np.float32)
-            if voting is Voting.CENTROID:
-                labels, centroids = await self._store.centroids(dimension, classifier)
-                by_label = queries @ centroids.T
+            if voting in LABEL_SCORED:
+                fit = label_models.FIT[voting]
+                model = await self._store.label_model(dimension, classifier, fit)
+                labels, by_label = model.labels, model.scores(queries)
             for j, hits in enumerate(results):
                 neighbours = [_neighbour(hit) for hit in hits]
                 answers[valid[embedded[j]]] = vote(

@@ -223,14 +223,14 @@ class ClassifierDefaults(BaseModel):
     k: int = Field(10, ge=1, description="Neighbours that vote.")
     voting: str = Field(
         "similarity_weighted",
-        pattern="^(majority|similarity_weighted|softmax|centroid)$",
-        description="majority, similarity_weighted, softmax or centroid.",
+        pattern="^(majority|similarity_weighted|softmax|centroid|discriminant)$",
+        description="majority, similarity_weighted, softmax, centroid or discriminant.",
     )
     temperature: float = Field(
         0.05,
         gt=0,
         le=10,
-        description="Softmax and centroid voting's temperature (similarity scale).",
+        description="Softmax, centroid and discriminant voting's temperature (score scale).",
     )
     min_similarity: float = Field(
         0.0,

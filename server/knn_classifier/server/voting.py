@@ -24,6 +24,13 @@ class Voting(enum.StrEnum):
     """Each label scores exp(similarity / temperature) of the text to the label's centroid (the
     normalised mean of its exemplars); the neighbours are the explanation, not the votes. With
     few exemplars per label a centroid averages out their noise (docs/accuracy.md)."""
+    DISCRIMINANT = "discriminant"
+    """Each label scores exp(score / temperature), its score the text's linear discriminant for
+    the label (see :mod:`label_models`); the neighbours are the explanation, not the votes."""
+
+
+LABEL_SCORED = frozenset({Voting.CENTROID, Voting.DISCRIMINANT})
+"""The methods that score labels as a whole (:mod:`label_models`) rather than by neighbours."""
 
 
 class UnknownReason(enum.StrEnum):
@@ -63,12 +70,12 @@ def vote(
     min_confidence: float = 0.0,
     temperature: float = 0.05,
     calibration: Calibration | None = None,
-    centroids: Sequence[tuple[str, float]] = (),
+    label_scores: Sequence[tuple[str, float]] = (),
 ) -> Vote:
     """Votes over ``neighbours``; those under ``min_similarity`` do not vote.
 
-    Centroid voting scores the labels in ``centroids`` (label, similarity of the text to its
-    centroid) instead; ``min_similarity`` still applies to the nearest neighbour.
+    Centroid and discriminant voting score the labels in ``label_scores`` (label, the text's
+    score for it) instead; ``min_similarity`` still applies to the nearest neighbour.
 
     Ties go to the label whose best neighbour is the most similar, then to the smaller label, so
     the answer never depends on the order the store returned equal scores in.
@@ -81,11 +88,11 @@ def vote(
 
     totals: dict[str, float] = {}
     best_similarity: dict[str, float] = {}
-    if voting is Voting.CENTROID:
-        top = max(similarity for _, similarity in centroids)
-        for label, similarity in centroids:
-            totals[label] = math.exp((similarity - top) / temperature)
-            best_similarity[label] = similarity
+    if voting in LABEL_SCORED:
+        top = max(score for _, score in label_scores)
+        for label, score in label_scores:
+            totals[label] = math.exp((score - top) / temperature)
+            best_similarity[label] = score
     else:
         weights = _weights(voters, voting, temperature)
         for neighbour, weight in zip(voters, weights, strict=True):

@@ -8,30 +8,23 @@ Every exemplar operation is scoped to one classifier.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ..label_models import LabelModel
+
 Payload = dict[str, Any]
 Matrix = npt.NDArray[np.float32]
+LabelModelFit = Callable[[Sequence[str], Matrix], LabelModel]
 
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
-
-
-def label_centroids(labels: Sequence[str], vectors: Matrix) -> tuple[list[str], Matrix]:
-    """The labels, sorted, and each one's centroid: the normalised mean of its vectors."""
-    names = sorted(set(labels))
-    index = {label: i for i, label in enumerate(names)}
-    sums = np.zeros((len(names), vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, [index[label] for label in labels], vectors)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    centroids: Matrix = (sums / np.where(norms == 0, 1, norms)).astype(np.float32)
-    return names, centroids
 
 
 def meta_point_id(key: str) -> str:
@@ -122,13 +115,15 @@ class Store(ABC):
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
 
-    async def centroids(self, dimension: int, classifier: str) -> tuple[list[str], Matrix]:
-        """Each label of ``classifier`` and its centroid, for centroid voting.
+    async def label_model(self, dimension: int, classifier: str, fit: LabelModelFit) -> LabelModel:
+        """``fit`` of the labels and vectors of ``classifier``'s points, for centroid and
+        discriminant voting (:mod:`label_models`).
 
-        This default reads every vector of the classifier on each call.
+        This default reads every vector of the classifier on each call and fits in a worker
+        thread.
         """
         records, vectors = await self.vectors(dimension, classifier)
-        return label_centroids([str(r.payload["label"]) for r in records], vectors)
+        return await asyncio.to_thread(fit, [str(r.payload["label"]) for r in records], vectors)
 
     @abstractmethod
     async def query(

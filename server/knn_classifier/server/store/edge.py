@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
+from ..label_models import LabelModel
+from .base import LabelModelFit, Matrix, Payload, Record, Selection, Store, meta_point_id
 from .mirror import VOTE_FIELDS, Mirror
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ class EdgeStore(Store):
     ) -> list[list[Record]]:
         return self._mirror(dimension, classifier).query(vectors, k)
 
-    async def centroids(self, dimension: int, classifier: str) -> tuple[list[str], Matrix]:
-        return self._mirror(dimension, classifier).centroids()
+    async def label_model(self, dimension: int, classifier: str, fit: LabelModelFit) -> LabelModel:
+        return await self._mirror(dimension, classifier).label_model(fit)
 
     def _mirror(self, dimension: int, classifier: str) -> Mirror:
         key = (dimension, classifier)

@@ -1,0 +1,77 @@
+"""Label models: leave-one-out agrees with refitting without the exemplar; what each one scores."""
+
+import numpy as np
+import pytest
+
+from knn_classifier.server import label_models
+from knn_classifier.server.voting import Voting
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("voting", [Voting.CENTROID, Voting.DISCRIMINANT])
+# More exemplars than dimensions, then fewer.
+@pytest.mark.parametrize(("count", "dimension"), [(30, 8), (20, 48)])
+def test_leave_one_out_equals_refitting_without_the_exemplar(
+    voting: Voting, count: int, dimension: int
+) -> None:
+    rng = np.random.default_rng(count)
+    vectors = unit(rng.standard_normal((count, dimension)))
+    labels = [f"l{i % 3}" for i in range(count - 1)] + ["alone"]
+    every = np.arange(count)
+    names, scores = label_models.LEAVE_ONE_OUT[voting](labels, vectors, every)
+    assert names == ["alone", "l0", "l1", "l2"]
+    for i in every:
+        others = every != i
+        refit = label_models.FIT[voting]([labels[j] for j in every[others]], vectors[others])
+        expected = dict(zip(refit.labels, refit.scores(vectors[i : i + 1])[0], strict=True))
+        for j, name in enumerate(names):
+            if name in expected:
+                assert scores[i, j] == pytest.approx(expected[name], abs=1e-5)
+            else:  # the exemplar was its label's only one
+                assert scores[i, j] == -np.inf
+
+
+def test_centroid_scores_are_cosine_similarities_to_normalised_means() -> None:
+    vectors = unit(np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1]]))
+    model = label_models.centroids(["a", "a", "b"], vectors)
+    mean = vectors[0] + vectors[1]
+    query = unit(np.array([[0.0, 1, 0.5]]))
+    expected = [float(query[0] @ mean / np.linalg.norm(mean)), float(query[0] @ vectors[2])]
+    np.testing.assert_allclose(model.scores(query)[0], expected, atol=1e-6)
+
+
+def test_discriminant_discounts_directions_in_which_labels_vary() -> None:
+    """Two labels 0.2 apart along x, each spread widely along y, and one label's mean slightly
+    further along y: centroids confuse them, the discriminant discounts y."""
+    rng = np.random.default_rng(0)
+
+    def sample(count: int) -> tuple[list[str], np.ndarray]:
+        labels = ["left", "right"] * (count // 2)
+        x = np.where(np.array(labels) == "left", -0.1, 0.1) + 0.03 * rng.standard_normal(count)
+        y = np.where(np.array(labels) == "left", 0.2, 0.0) + 0.2 * rng.standard_normal(count)
+        return labels, unit(np.column_stack([x, y, np.full(count, 1.0)]))
+
+    labels, vectors = sample(40)
+    test_labels, test_vectors = sample(2000)
+
+    def accuracy(model: label_models.LabelModel) -> float:
+        predicted = np.array(model.labels)[model.scores(test_vectors).argmax(axis=1)]
+        return float(np.mean(predicted == np.array(test_labels)))
+
+    centroid = accuracy(label_models.centroids(labels, vectors))
+    discriminant = accuracy(label_models.discriminant(labels, vectors))
+    assert discriminant > 0.95
+    assert centroid < 0.88
+
+
+def test_discriminant_without_scatter_is_nearest_centroid() -> None:
+    """One exemplar per label: nothing varies within a label, and unit means rank like cosine."""
+    vectors = unit(np.random.default_rng(1).standard_normal((5, 6)))
+    labels = list("abcde")
+    queries = unit(np.random.default_rng(2).standard_normal((50, 6)))
+    discriminant = label_models.discriminant(labels, vectors).scores(queries)
+    centroid = label_models.centroids(labels, vectors).scores(queries)
+    assert (discriminant.argmax(axis=1) == centroid.argmax(axis=1)).all()
