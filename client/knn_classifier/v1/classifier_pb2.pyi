@@ -1112,11 +1112,10 @@ class EvaluateResponse(_message.Message):
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
-        """One per setting of the sweep, by accuracy, macro-F1, then calibration error (lowest
-        first), except that the recommended one comes first: the most accurate, or the most
-        accurate centroid or discriminant setting if within one standard error of it (with few
-        exemplars, leave-one-out cannot tell them apart and label models, which fit no k,
-        generalise better).
+        """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
+        comes first: the most accurate, or the most accurate centroid or discriminant setting if
+        within one standard error of it (with few exemplars, leave-one-out cannot tell them apart
+        and label models, which fit no k, generalise better).
         """
 
     @_builtins.property

@@ -154,15 +154,7 @@ class Evaluator:
                 )
                 report = evaluation.report(setting, truth, outcomes)
                 results.append(Evaluated(report, outcomes, raw_shares))
-        # Temperature never changes a label model's answers, only its confidences: among equal
-        # answers the best calibrated (leave-one-out, cross-fitted) comes first.
-        results.sort(
-            key=lambda r: (
-                -r.report.accuracy,
-                -r.report.macro_f1,
-                r.report.expected_calibration_error,
-            )
-        )
+        results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
         results = recommended_first(results)
 
         if request.apply_best:
