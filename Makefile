@@ -7,7 +7,7 @@ RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
 
-.PHONY: setup serve test lint typecheck pytest redis-server proto bench bench-accuracy bench-soak clean
+.PHONY: setup serve test lint typecheck pytest redis-server proto bench bench-accuracy bench-ablations bench-soak clean
 
 setup: .venv/.synced
 
@@ -44,6 +44,9 @@ bench: setup
 
 bench-accuracy: setup
 	$(RUN) python bench/accuracy.py
+
+bench-ablations: setup
+	$(RUN) python bench/ablations.py
 
 bench-soak: setup
 	$(RUN) python bench/soak.py

@@ -2,16 +2,16 @@
 
 Fitted on leave-one-out results (each answer's share and whether its best label was right):
 isotonic regression (pool adjacent violators), whose blocks' accuracies are estimated with a
-Platt fit as their prior, worth ``_PRIOR_ANSWERS`` answers. Platt scaling maps the share's logit
+Platt fit as their prior, worth ``PRIOR_ANSWERS`` answers. Platt scaling maps the share's logit
 through a sigmoid whose two parameters have a Gaussian prior centred on the identity map.
 
 Why both: isotonic regression follows any monotone shape, but over a few dozen answers its
-blocks hold one to three answers and map shares to 0 or 1 (held-out ECE 8-18 % at 5-20
-exemplars per label); Platt fits few points, staying near the raw share when they are very few,
-but cannot follow the saturated shares of large classifiers (many answers at a share of 1.0; ECE
-4-6 % where isotonic gets 1.6 %). With the prior, large blocks keep their own accuracy and small
-ones lean on Platt (docs/accuracy.md). The map is stored as the points of a piecewise-linear
-function.
+blocks hold one to three answers and map shares to 0 or 1 (held-out ECE 7.5-18 % on waimai_10k
+at 5-20 exemplars per label); Platt fits few points, staying near the raw share when they are
+very few, but cannot follow the saturated shares of large classifiers (many answers at a share
+of 1.0; ECE 5.7 % on waimai_10k's full set, where isotonic gets 1.7 %). With the prior, large
+blocks keep their own accuracy and small ones lean on Platt (`make bench-ablations`,
+docs/accuracy.md). The map is stored as the points of a piecewise-linear function.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _POINTS = 64
 """At most this many points are stored; interpolation fills the gaps."""
 _PRIOR_VARIANCE = 0.1
 """Of Platt's slope around 1 and intercept around 0: as strong as about 60 answers' evidence."""
-_PRIOR_ANSWERS = 20.0
+PRIOR_ANSWERS = 20.0
 """How many answers' evidence the Platt fit is worth to each isotonic block."""
 _EDGE = 1e-4
 """Shares are clipped to [_EDGE, 1 - _EDGE] before their logit is taken."""
@@ -44,8 +44,14 @@ class Calibration:
         return float(np.interp(share, self.shares, self.probabilities))
 
     @classmethod
-    def fit(cls, shares: Sequence[float], correct: Sequence[bool]) -> Calibration:
-        """Isotonic regression of ``correct`` on ``shares``, the Platt fit as each block's prior."""
+    def fit(
+        cls,
+        shares: Sequence[float],
+        correct: Sequence[bool],
+        prior_answers: float = PRIOR_ANSWERS,
+    ) -> Calibration:
+        """Isotonic regression of ``correct`` on ``shares``, the Platt fit as each block's prior
+        worth ``prior_answers`` answers (0: isotonic regression alone)."""
         x = np.asarray(shares, dtype=np.float64)
         y = np.asarray(correct, dtype=np.float64)
         prior = platt(x, y)
@@ -53,7 +59,7 @@ class Calibration:
             return prior
         mean_shares, hits, counts = _isotonic_blocks(x, y)
         expected = np.interp(mean_shares, prior.shares, prior.probabilities)
-        probabilities = (hits + _PRIOR_ANSWERS * expected) / (counts + _PRIOR_ANSWERS)
+        probabilities = (hits + prior_answers * expected) / (counts + prior_answers)
         # Blocks increase in accuracy, but a small block's prior may pull it under its neighbour.
         probabilities = np.maximum.accumulate(probabilities)
         if len(mean_shares) > _POINTS:

