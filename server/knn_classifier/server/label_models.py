@@ -103,37 +103,40 @@ def leave_one_out_discriminant(
     means = _label_sums(member, len(names), vectors) / counts[:, None]
     scatter = _Scatter.of(x - means[member])
     means_in_basis = means @ scatter.basis
+    points_in_basis = x[self_index] @ scatter.basis  # one product, not one per exemplar
     scores = np.empty((len(self_index), len(names)))
     for row, i in enumerate(self_index.tolist()):
-        scores[row] = _left_out_scores(x[i], int(member[i]), means, means_in_basis, counts, scatter)
+        point = (x[i], points_in_basis[row])
+        scores[row] = _left_out_scores(
+            point, int(member[i]), means, means_in_basis, counts, scatter
+        )
     return names, scores.astype(np.float32)
 
 
 def _left_out_scores(
-    point: _Float,
+    point: tuple[_Float, _Float],
     own: int,
     means: _Float,
     means_in_basis: _Float,
     counts: npt.NDArray[np.intp],
     scatter: _Scatter,
 ) -> _Float:
-    """The discriminant scores of exemplar ``point`` (label ``own``) from the model without it."""
+    """The discriminant scores of an exemplar (``point``: it and its coordinates in the scatter's
+    basis; label ``own``) from the model without it."""
     n_own = int(counts[own])
-    residual = point - means[own]
+    residual = (point[0] - means[own], point[1] - means_in_basis[own])
     removed = n_own / (n_own - 1) if n_own > 1 else 0.0  # a lone exemplar is its own mean
     # Without the exemplar: one exemplar fewer, and one label fewer if it was its label's only one.
     freedom = int(counts.sum()) - 1 - (len(counts) - (n_own == 1))
     scale, identity = _scale(
-        scatter.trace - removed * float(residual @ residual), len(point), freedom
+        scatter.trace - removed * float(residual[0] @ residual[0]), len(point[0]), freedom
     )
     weight = 1 / (scale * scatter.variances + identity)  # of each basis direction
     label_means, label_means_in_basis = means.copy(), means_in_basis.copy()
     if n_own > 1:
-        label_means[own] -= residual / (n_own - 1)
-        label_means_in_basis[own] = label_means[own] @ scatter.basis
-    m = (label_means, label_means_in_basis)
-    p = (point, point @ scatter.basis)
-    r = (residual, residual @ scatter.basis)
+        label_means[own] -= residual[0] / (n_own - 1)
+        label_means_in_basis[own] -= residual[1] / (n_own - 1)
+    m, p, r = (label_means, label_means_in_basis), point, residual
 
     def inner(a: tuple[_Float, _Float], b: tuple[_Float, _Float]) -> _Float:
         """a^T C^-1 b, C the covariance before the rank-one change: by the eigenbasis, and by
