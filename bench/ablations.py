@@ -116,8 +116,8 @@ def main() -> None:
         unit: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
         return unit
 
-    ece: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
-    accuracy: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    ece: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    accuracy: dict[tuple[str, ...], list[float]] = defaultdict(list)
     try:
         for dataset in ("banking77", "waimai_10k"):
             train, test = load(dataset)
@@ -136,19 +136,24 @@ def main() -> None:
         proxy.stop()
         embedder.stop()
 
-    print(f"Held-out ECE %, mean of {SEEDS} seeds for few-shot rows\n")
-    print("| data set | exemplars | voting | " + " | ".join(CALIBRATORS) + " |")
-    print("|---|---|---|" + "---|" * len(CALIBRATORS))
-    for key in dict.fromkeys(k[:3] for k in ece):
-        cells = [f"{100 * statistics.mean(ece[(*key, m)]):.1f}" for m in CALIBRATORS]
-        print("| " + " | ".join([*key, *cells]) + " |")
-    methods = list(dict.fromkeys(k[2] for k in accuracy))
-    print(f"\nTest accuracy %, mean of {SEEDS} seeds for few-shot rows\n")
-    print("| data set | exemplars | " + " | ".join(methods) + " |")
-    print("|---|---|" + "---|" * len(methods))
-    for key in dict.fromkeys(k[:2] for k in accuracy):
-        cells = [f"{100 * statistics.mean(accuracy[(*key, m)]):.2f}" for m in methods]
-        print("| " + " | ".join([*key, *cells]) + " |")
+    print_table(f"Held-out ECE %, mean of {SEEDS} seeds for few-shot rows", ["voting"], ece, 1)
+    print()
+    print_table(f"Test accuracy %, mean of {SEEDS} seeds for few-shot rows", [], accuracy, 2)
+
+
+def print_table(
+    title: str, key_columns: list[str], values: dict[tuple[str, ...], list[float]], digits: int
+) -> None:
+    """One row per key without its last part (data set, regime, ``key_columns``), one column
+    per last part (the method), each cell the mean in percent."""
+    methods = list(dict.fromkeys(key[-1] for key in values))
+    columns = ["data set", "exemplars", *key_columns, *methods]
+    print(f"{title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in dict.fromkeys(key[:-1] for key in values):
+        cells = [f"{100 * statistics.mean(values[(*row, m)]):.{digits}f}" for m in methods]
+        print("| " + " | ".join([*row, *cells]) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
 from knn_classifier.server.label_models import leave_one_out_discriminant, shrinkage
+from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread
 from .fake_embedder import fake_vector
@@ -149,14 +151,27 @@ def test_plain_knn_agrees_exactly_with_scikit_learn(client: Client, k: int, labe
     assert len(set(ours)) > 1
 
 
-def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> None:
-    """Classify and held-out Evaluate with centroid voting agree with a numpy reference."""
+def label_scored(
+    client: Client, voting: Literal["centroid", "discriminant"]
+) -> tuple[list[tuple[str, str]], list[str], list[pb.Prediction]]:
+    """Sixty topical exemplars in a classifier named after ``voting``, forty queries, and their
+    answers under ``voting`` at temperature 0.05."""
     train = topical_texts(60, seed=3)
     queries = [text for text, _ in topical_texts(40, seed=4)]
-    client.create_classifier("centroids")
-    client.add_exemplars("centroids", train)
-    answers = client.classify_batch("centroids", queries, voting="centroid", temperature=0.05)
+    client.create_classifier(voting)
+    client.add_exemplars(voting, train)
+    return train, queries, client.classify_batch(voting, queries, voting=voting, temperature=0.05)
 
+
+def top_shares(scores: np.ndarray) -> np.ndarray:
+    """Each row's largest share of exp(score / 0.05)."""
+    shares = np.exp((scores - scores.max(axis=1, keepdims=True)) / 0.05)
+    return np.asarray((shares / shares.sum(axis=1, keepdims=True)).max(axis=1))
+
+
+def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> None:
+    """Classify and held-out Evaluate with centroid voting agree with a numpy reference."""
+    train, queries, answers = label_scored(client, "centroid")
     labels = sorted(TOPICS)
     sums = np.zeros((len(labels), 64))
     for text, label in train:
@@ -164,12 +179,10 @@ def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> Non
     centroids = sums / np.linalg.norm(sums, axis=1, keepdims=True)
     similarities = np.vstack([fake_vector(q, 64) for q in queries]) @ centroids.T
     assert [a.label for a in answers] == [labels[i] for i in similarities.argmax(axis=1)]
-    shares = np.exp((similarities - similarities.max(axis=1, keepdims=True)) / 0.05)
-    shares /= shares.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose([a.confidence for a in answers], shares.max(axis=1), rtol=1e-4)
+    np.testing.assert_allclose([a.confidence for a in answers], top_shares(similarities), rtol=1e-4)
 
     held = client.evaluate(
-        "centroids",
+        "centroid",
         held_out=list(zip(queries, [a.label for a in answers], strict=True)),
         voting=["centroid"],
         temperature=[0.05],
@@ -179,12 +192,7 @@ def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> Non
 
 def test_discriminant_voting_matches_scikit_learn_lda(client: Client) -> None:
     """With as many exemplars per label, discriminant voting is shrunk LDA with equal priors."""
-    train = topical_texts(60, seed=3)
-    queries = [text for text, _ in topical_texts(40, seed=4)]
-    client.create_classifier("lda")
-    client.add_exemplars("lda", train)
-    answers = client.classify_batch("lda", queries, voting="discriminant", temperature=0.05)
-
+    train, queries, answers = label_scored(client, "discriminant")
     vectors = np.vstack([fake_vector(t, 64) for t, _ in train])
     labels = [label for _, label in train]
     weight = shrinkage(64, len(train) - 3)
@@ -197,9 +205,7 @@ def test_discriminant_voting_matches_scikit_learn_lda(client: Client) -> None:
     residuals = vectors - np.vstack([vectors[[m == x for m in labels]].mean(0) for x in labels])
     mean_variance = np.sum(residuals**2) / residuals.size
     scores = mean_variance * reference.decision_function(query_vectors)
-    shares = np.exp((scores - scores.max(axis=1, keepdims=True)) / 0.05)
-    shares /= shares.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose([a.confidence for a in answers], shares.max(axis=1), rtol=1e-3)
+    np.testing.assert_allclose([a.confidence for a in answers], top_shares(scores), rtol=1e-3)
 
 
 def test_discriminant_leave_one_out_through_evaluate(client: Client) -> None:
