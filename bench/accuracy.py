@@ -166,7 +166,7 @@ def main() -> None:
     )
     parser.add_argument("--datasets", nargs="+", default=["banking77", "waimai_10k"])
     parser.add_argument("--shots", nargs="*", type=int, default=[5, 10, 20])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--no-full", action="store_true", help="skip the full training sets")
     args = parser.parse_args()
 
