@@ -172,15 +172,13 @@ class _Scatter:
     @classmethod
     def of(cls, residuals: _Float) -> _Scatter:
         n, d = residuals.shape
-        if n <= d:  # through the n x n Gram matrix: cheaper, and the rank is at most n
-            values, vectors = np.linalg.eigh(residuals @ residuals.T)
-            keep = values > max(float(values.max(initial=0.0)), 1e-300) * 1e-10
-            basis = residuals.T @ vectors[:, keep] / np.sqrt(values[keep])
-        else:
-            values, vectors = np.linalg.eigh(residuals.T @ residuals)
-            keep = values > max(float(values.max(initial=0.0)), 1e-300) * 1e-10
-            basis = vectors[:, keep]
-        return cls(basis, values[keep], float(np.sum(residuals * residuals)))
+        by_gram = n <= d  # the n x n Gram matrix is then the smaller, and the rank is at most n
+        gram = residuals @ residuals.T if by_gram else residuals.T @ residuals
+        values, vectors = np.linalg.eigh(gram)
+        keep = values > max(float(values.max(initial=0.0)), 1e-300) * 1e-10
+        values, vectors = values[keep], vectors[:, keep]
+        basis = residuals.T @ vectors / np.sqrt(values) if by_gram else vectors
+        return cls(basis, values, float(np.sum(residuals * residuals)))
 
     def inverse_times(self, columns: _Float, freedom: int) -> _Float:
         """C^-1 columns, C as :func:`discriminant` makes it of this scatter with ``freedom``
