@@ -232,6 +232,8 @@ def _index(labels: Sequence[str]) -> tuple[list[str], npt.NDArray[np.intp]]:
 
 
 def _label_sums(member: npt.NDArray[np.intp], count: int, vectors: Matrix) -> _Float:
-    sums = np.zeros((count, vectors.shape[1]))
-    np.add.at(sums, member, vectors.astype(np.float64))
-    return sums
+    """Each label's sum of vectors (every label has at least one); rows grouped by label and
+    summed in runs, which is many times faster than ``np.add.at``."""
+    order = np.argsort(member, kind="stable")
+    starts = np.searchsorted(member[order], np.arange(count))
+    return np.asarray(np.add.reduceat(vectors[order].astype(np.float64), starts, axis=0))
