@@ -15,6 +15,7 @@ from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
 from knn_classifier.server.label_models import leave_one_out_discriminant, shrinkage
+from knn_classifier.server.voting import Voting
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread
@@ -125,6 +126,13 @@ def test_a_passed_deadline_stops_the_sweep(topics: Client, server: ServerThread)
 
     with pytest.raises(DeadlineExceeded, match="before the next setting"):
         server.run(late())
+
+    async def late_leave_one_out() -> object:
+        with deadlines.within(-1):
+            return await service.evaluate("topics", EvaluateRequest(voting=[Voting.DISCRIMINANT]))
+
+    with pytest.raises(DeadlineExceeded, match="discriminant leave-one-out"):
+        server.run(late_leave_one_out())
 
 
 @pytest.mark.parametrize(("k", "labels"), [(5, 2), (7, 2), (1, 5)])

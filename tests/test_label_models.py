@@ -75,3 +75,22 @@ def test_discriminant_without_scatter_is_nearest_centroid() -> None:
     discriminant = label_models.discriminant(labels, vectors).scores(queries)
     centroid = label_models.centroids(labels, vectors).scores(queries)
     assert (discriminant.argmax(axis=1) == centroid.argmax(axis=1)).all()
+
+
+def test_discriminant_leave_one_out_calls_its_checkpoint_as_it_goes() -> None:
+    vectors = unit(np.random.default_rng(3).standard_normal((600, 8)))
+    labels = [f"l{i % 4}" for i in range(600)]
+    calls: list[int] = []
+    label_models.leave_one_out_discriminant(
+        labels, vectors, np.arange(600), lambda: calls.append(1)
+    )
+    assert len(calls) == 3  # before rows 0, 256 and 512
+
+    class Stop(Exception):
+        pass
+
+    def stop() -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        label_models.leave_one_out_discriminant(labels, vectors, np.arange(600), stop)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from . import label_models
+from . import deadlines, label_models
 from .calibration import Calibration
 from .voting import Neighbour, Vote, Voting, vote
 
@@ -98,9 +98,15 @@ def label_scores(
 ) -> tuple[list[str], Matrix]:
     """The labels and each query's score for each label under centroid or discriminant voting;
     with ``self_index`` (leave-one-out), exemplar ``self_index[i]`` is query i and is left out
-    of every statistic it would be in (:mod:`label_models`)."""
+    of every statistic it would be in (:mod:`label_models`), and the call's deadline is checked
+    as it goes."""
     if self_index is not None:
-        return label_models.LEAVE_ONE_OUT[voting](exemplars.labels, exemplars.vectors, self_index)
+        return label_models.LEAVE_ONE_OUT[voting](
+            exemplars.labels,
+            exemplars.vectors,
+            self_index,
+            lambda: deadlines.check(f"the next rows of {voting} leave-one-out"),
+        )
     model = label_models.FIT[voting](exemplars.labels, exemplars.vectors)
     return model.labels, model.scores(queries)
 
