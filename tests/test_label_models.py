@@ -23,9 +23,12 @@ def test_leave_one_out_equals_refitting_without_the_exemplar(
     every = np.arange(count)
     names, scores = label_models.LEAVE_ONE_OUT[voting](labels, vectors, every)
     assert names == ["alone", "l0", "l1", "l2"]
+    noise = label_models.FIT[voting](labels, vectors).noise  # leave-one-out keeps all's noise
+    assert noise > 0
     for i in every:
         others = every != i
-        refit = label_models.FIT[voting]([labels[j] for j in every[others]], vectors[others])
+        kept = [labels[j] for j in every[others]]
+        refit = label_models.FIT[voting](kept, vectors[others], noise)
         expected = dict(zip(refit.labels, refit.scores(vectors[i : i + 1])[0], strict=True))
         for j, name in enumerate(names):
             if name in expected:
@@ -36,11 +39,44 @@ def test_leave_one_out_equals_refitting_without_the_exemplar(
 
 def test_centroid_scores_are_cosine_similarities_to_normalised_means() -> None:
     vectors = unit(np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1]]))
-    model = label_models.centroids(["a", "a", "b"], vectors)
+    model = label_models.centroids(["a", "a", "b"], vectors, noise=0.0)
     mean = vectors[0] + vectors[1]
     query = unit(np.array([[0.0, 1, 0.5]]))
     expected = [float(query[0] @ mean / np.linalg.norm(mean)), float(query[0] @ vectors[2])]
     np.testing.assert_allclose(model.scores(query)[0], expected, atol=1e-6)
+
+
+def test_centroids_divide_by_the_mean_length_less_its_noise() -> None:
+    vectors = unit(np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1]]))
+    model = label_models.centroids(["a", "a", "b"], vectors)
+    # The pooled variance: both of a's exemplars are |v0 - v1| / 2 from its mean; b has no spread.
+    assert model.noise == pytest.approx(2 * (np.linalg.norm(vectors[0] - vectors[1]) / 2) ** 2)
+    mean = (vectors[0] + vectors[1]) / 2
+    length = np.sqrt(mean @ mean - model.noise / 2)
+    np.testing.assert_allclose(model.weights[:, 0], mean / length, atol=1e-6)
+    np.testing.assert_allclose(model.weights[:, 1], vectors[2] / np.sqrt(1 - model.noise))
+
+
+@pytest.mark.parametrize("voting", [Voting.CENTROID, Voting.DISCRIMINANT])
+def test_scores_do_not_favour_labels_with_more_exemplars(voting: Voting) -> None:
+    """Two labels drawn alike, one with 4 exemplars and one with 40: texts from either split
+    evenly between them once the means are debiased, and go to the bigger label without it."""
+    rng = np.random.default_rng(5)
+    centre = unit(rng.standard_normal((1, 32)))[0]
+
+    def draw(count: int) -> np.ndarray:
+        return unit(centre + 0.15 * rng.standard_normal((count, 32)))
+
+    small_share, biased_share = [], []
+    for _ in range(200):
+        labels = ["few"] * 4 + ["many"] * 40
+        vectors = np.vstack([draw(4), draw(40)])
+        queries = draw(20)
+        for noise, shares in ((None, small_share), (0.0, biased_share)):
+            model = label_models.FIT[voting](labels, vectors, noise)
+            shares.append(np.mean(model.scores(queries).argmax(axis=1) == 0))
+    assert abs(np.mean(small_share) - 0.5) < 0.05
+    assert np.mean(biased_share) < 0.3
 
 
 def test_discriminant_discounts_directions_in_which_labels_vary() -> None:

@@ -28,6 +28,8 @@ from .voting import LABEL_SCORED, Voting
 
 _TEMPERED = {Voting.SOFTMAX, *LABEL_SCORED}
 """The voting methods that use a temperature."""
+SIMPLEST_FIRST = (Voting.CENTROID, Voting.DISCRIMINANT)
+"""The label models by their number of parameters: a mean per label, then also a covariance."""
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +44,24 @@ class Evaluated:
 
 
 def recommended_first(ranked: list[Evaluated]) -> list[Evaluated]:
-    """``ranked`` (by accuracy) with the recommended setting first: the most accurate, unless a
-    centroid or discriminant setting is within one standard error of its accuracy (the
-    one-standard-error rule); then the most accurate of those.
+    """``ranked`` (by accuracy) with the recommended setting first: the simplest label model
+    whose accuracy is within one standard error of the most accurate setting's (the
+    one-standard-error rule), centroids before the discriminant; the most accurate setting when
+    neither is.
 
     With few exemplars, leave-one-out accuracy moves in steps of several points and often
-    crowns 1-NN by luck; label models have no k to fit and generalise better there, while on
-    large classifiers they fall many standard errors behind (docs/accuracy.md).
+    crowns 1-NN, or the discriminant's covariance, by luck; the centroid has the fewest
+    parameters and generalises best there, while on large classifiers it falls many standard
+    errors behind (docs/accuracy.md).
     """
     top = ranked[0].report
     error = math.sqrt(top.accuracy * (1 - top.accuracy) / max(top.evaluated, 1))
-    label_model = next((r for r in ranked if r.report.setting.voting in LABEL_SCORED), None)
-    if label_model is None or label_model.report.accuracy < top.accuracy - error:
-        return ranked
-    return [label_model, *(r for r in ranked if r is not label_model)]
+    close = [r for r in ranked if r.report.accuracy >= top.accuracy - error]
+    for voting in SIMPLEST_FIRST:
+        simplest = next((r for r in close if r.report.setting.voting is voting), None)
+        if simplest is not None:
+            return [simplest, *(r for r in ranked if r is not simplest)]
+    return ranked
 
 
 def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[float]:
