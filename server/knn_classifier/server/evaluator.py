@@ -28,8 +28,6 @@ from .voting import LABEL_SCORED, Voting
 
 _TEMPERED = {Voting.SOFTMAX, *LABEL_SCORED}
 """The voting methods that use a temperature."""
-SIMPLEST_FIRST = (Voting.CENTROID, Voting.DISCRIMINANT)
-"""The label models by their number of parameters: a mean per label, then also a covariance."""
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +41,44 @@ class Evaluated:
     raw_shares: list[float]
 
 
-def recommended_first(ranked: list[Evaluated]) -> list[Evaluated]:
-    """``ranked`` (by accuracy) with the recommended setting first: the simplest label model
-    whose accuracy is within one standard error of the most accurate setting's (the
-    one-standard-error rule), centroids before the discriminant; the most accurate setting when
-    neither is.
+def recommended_first(ranked: list[Evaluated], truth: Sequence[str]) -> list[Evaluated]:
+    """``ranked`` (by accuracy; ``truth`` the texts' labels) with the recommended setting first:
+    a label model whose accuracy is within one standard error of the most accurate setting's
+    (the one-standard-error rule), else the most accurate setting. Of the two label models the
+    centroid, which has fewer parameters, unless the discriminant is right more often by more
+    than the standard error of the difference on the same texts.
 
     With few exemplars, leave-one-out accuracy moves in steps of several points and often
-    crowns 1-NN, or the discriminant's covariance, by luck; the centroid has the fewest
-    parameters and generalises best there, while on large classifiers it falls many standard
-    errors behind (docs/accuracy.md).
+    crowns 1-NN, or the discriminant's covariance, by luck; label models generalise better
+    there, while on large classifiers they fall many standard errors behind (docs/accuracy.md).
     """
     top = ranked[0].report
-    error = math.sqrt(top.accuracy * (1 - top.accuracy) / max(top.evaluated, 1))
-    close = [r for r in ranked if r.report.accuracy >= top.accuracy - error]
-    for voting in SIMPLEST_FIRST:
-        simplest = next((r for r in close if r.report.setting.voting is voting), None)
-        if simplest is not None:
-            return [simplest, *(r for r in ranked if r is not simplest)]
-    return ranked
+    close = [r for r in ranked if r.report.accuracy >= top.accuracy - standard_error(top)]
+    centroid, discriminant = (
+        next((r for r in close if r.report.setting.voting is voting), None)
+        for voting in (Voting.CENTROID, Voting.DISCRIMINANT)
+    )
+    if centroid and discriminant:
+        gain = _right(discriminant, truth) - _right(centroid, truth)
+        better = gain.mean() > gain.std() / math.sqrt(len(gain))
+        recommended = discriminant if better else centroid
+    else:
+        recommended = centroid or discriminant or ranked[0]
+    return [recommended, *(r for r in ranked if r is not recommended)]
+
+
+def _right(evaluated: Evaluated, truth: Sequence[str]) -> npt.NDArray[np.float64]:
+    """1 for each text the setting answered right, else 0."""
+    answers = [o.label for o in evaluated.outcomes]
+    return np.array([a == t for a, t in zip(answers, truth, strict=True)], dtype=np.float64)
+
+
+def standard_error(report: Report) -> float:
+    """Of ``report``'s accuracy, binomial, with its hits and misses each counted one more (the
+    rule of succession): 10 right of 10 is not a certainty."""
+    n = max(report.evaluated, 1)
+    smoothed = (report.accuracy * n + 1) / (n + 2)
+    return math.sqrt(smoothed * (1 - smoothed) / n)
 
 
 def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[float]:
@@ -161,7 +178,7 @@ class Evaluator:
                 report = evaluation.report(setting, truth, outcomes)
                 results.append(Evaluated(report, outcomes, raw_shares))
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
-        results = recommended_first(results)
+        results = recommended_first(results, truth)
 
         if request.apply_best:
             config = await self._apply(config, results[0], truth, request.target_precision)
