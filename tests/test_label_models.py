@@ -57,6 +57,16 @@ def test_centroids_divide_by_the_mean_length_less_its_noise() -> None:
     np.testing.assert_allclose(model.weights[:, 1], vectors[2] / np.sqrt(1 - model.noise))
 
 
+def test_a_mean_shorter_than_its_noise_keeps_half_its_length() -> None:
+    """Two near-opposite exemplars: their mean is shorter than the noise says it should be, and
+    the debiased length stops at half the measured one rather than at zero."""
+    vectors = unit(np.array([[1.0, 0.1, 0], [-1.0, 0.1, 0], [0, 0, 1]]))
+    model = label_models.centroids(["a", "a", "b"], vectors)
+    mean = vectors[:2].mean(axis=0)
+    assert mean @ mean < model.noise / 2
+    np.testing.assert_allclose(model.weights[:, 0], mean / (np.linalg.norm(mean) / 2), atol=1e-5)
+
+
 @pytest.mark.parametrize("voting", [Voting.CENTROID, Voting.DISCRIMINANT])
 def test_scores_do_not_favour_labels_with_more_exemplars(voting: Voting) -> None:
     """Two labels drawn alike, one with 4 exemplars and one with 40: texts from either split
