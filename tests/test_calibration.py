@@ -3,7 +3,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from knn_classifier.server.calibration import Calibration, platt
+from knn_classifier.server.calibration import Calibration, fitted_temperature, platt
 from knn_classifier.server.evaluation import expected_calibration_error
 
 
@@ -77,3 +77,33 @@ def test_one_answer_keeps_close_to_the_raw_share() -> None:
     calibration = Calibration.fit([0.7], [True])
     assert 0.7 < calibration(0.7) < 0.8
     assert Calibration.fit([], [])(0.7) == pytest.approx(0.7, abs=1e-3)
+
+
+def labelled_scores(seed: int, rows: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores for 5 labels, and labels drawn from softmax(scores / temperature)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 0.05, (rows, 5))
+    weights = np.exp((scores - scores.max(axis=1, keepdims=True)) / temperature)
+    probabilities = weights / weights.sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(5, p=p) for p in probabilities], dtype=np.intp)
+    return scores, labels
+
+
+def test_the_temperature_that_generated_the_labels_is_found() -> None:
+    scores, labels = labelled_scores(5, 4000, 0.02)
+    assert fitted_temperature(scores, labels, requested=0.05) == pytest.approx(0.02, rel=0.1)
+
+
+def test_few_answers_keep_the_temperature_near_the_requested_one() -> None:
+    scores, labels = labelled_scores(6, 8, 0.02)
+    free = fitted_temperature(scores, labels, requested=0.05)
+    assert 0.05 / 1.7 < free <= 0.05 * 1.7
+
+
+def test_labels_without_a_score_are_skipped() -> None:
+    scores, labels = labelled_scores(7, 4000, 0.02)
+    scores[:10, :] = -np.inf  # as if left out of their label's only exemplar
+    scores[:10, 0] = 0.0
+    labels[:10] = 1
+    assert fitted_temperature(scores, labels, requested=0.05) == pytest.approx(0.02, rel=0.1)
+    assert fitted_temperature(scores[:10], labels[:10], requested=0.05) == 0.05

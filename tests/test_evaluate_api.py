@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Literal
 
@@ -91,6 +92,20 @@ def test_apply_best_sets_defaults_and_calibrates(topics: Client) -> None:
     assert 0.0 <= prediction.confidence <= 1.0
     held_out = topics.evaluate("topics", held_out=topical_texts(60, seed=2)).results[0]
     assert held_out.accuracy_on_covered >= held_out.accuracy
+
+
+def test_label_models_fit_their_temperature_on_leave_one_out(topics: Client) -> None:
+    """The temperature changes no label-model answer: leave-one-out fits it around the requested
+    one, apply_best keeps the fitted one, and held-out evaluation uses what it is given."""
+    response = topics.evaluate("topics", voting=["centroid"], temperature=[0.05], apply_best=True)
+    fitted = response.results[0].temperature
+    assert fitted != pytest.approx(0.05, rel=0.01)
+    assert 0.05 * math.exp(-3) <= fitted <= 0.05 * math.exp(3)
+    assert topics.get_classifier("topics").temperature == pytest.approx(fitted)
+    held = topics.evaluate(
+        "topics", held_out=topical_texts(30, seed=9), voting=["centroid"], temperature=[0.05]
+    )
+    assert held.results[0].temperature == pytest.approx(0.05)
 
 
 def test_evaluate_needs_two_labels_and_two_exemplars(client: Client) -> None:

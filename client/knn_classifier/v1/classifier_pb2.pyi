@@ -966,7 +966,11 @@ class EvaluateRequest(_message.Message):
     def dimension(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def temperature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Temperatures (used by VOTING_SOFTMAX, VOTING_CENTROID and VOTING_DISCRIMINANT only)."""
+        """Temperatures (used by VOTING_SOFTMAX, VOTING_CENTROID and VOTING_DISCRIMINANT only).
+        Centroid and discriminant answers do not depend on it, only their confidences: in
+        leave-one-out they fit it to the exemplars' labels, each requested temperature the centre
+        of the fit's prior, and the result reports the fitted one.
+        """
 
     def __init__(
         self,

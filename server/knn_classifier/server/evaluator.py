@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import deadlines, evaluation, validation
-from .calibration import Calibration
+from .calibration import Calibration, fitted_temperature
 from .domain import ClassifierConfig, EvaluateRequest, classifier_key
 from .embedding import Embedder, Matrix, truncate
 from .errors import FailedPrecondition, InvalidArgument
@@ -65,6 +65,18 @@ def recommended_first(ranked: list[Evaluated], truth: Sequence[str]) -> list[Eva
     else:
         recommended = centroid or discriminant or ranked[0]
     return [recommended, *(r for r in ranked if r is not recommended)]
+
+
+def with_fitted_temperature(
+    setting: Setting, label_scores: tuple[list[str], Matrix], truth: Sequence[str]
+) -> Setting:
+    """``setting`` (a label model's) with the temperature fitted on its leave-one-out scores,
+    the requested one as the prior's centre (:func:`calibration.fitted_temperature`)."""
+    labels, scores = label_scores
+    position = {label: i for i, label in enumerate(labels)}
+    columns = np.asarray([position[label] for label in truth], dtype=np.intp)
+    fitted = fitted_temperature(scores.astype(np.float64), columns, setting.temperature)
+    return dataclasses.replace(setting, temperature=min(fitted, validation.MAX_TEMPERATURE))
 
 
 def _right(evaluated: Evaluated, truth: Sequence[str]) -> npt.NDArray[np.float64]:
@@ -162,8 +174,12 @@ class Evaluator:
                 )
                 for voting in LABEL_SCORED & {s.voting for s in sweep}
             }
-            for setting in (s for s in sweep if s.dimension == dimension):
+            for swept in (s for s in sweep if s.dimension == dimension):
                 deadlines.check("the next setting of the sweep")
+                scores = label_scores.get(swept.voting)
+                setting = swept
+                if scores is not None and not held_out:
+                    setting = await asyncio.to_thread(with_fitted_temperature, swept, scores, truth)
                 outcomes, raw_shares = await asyncio.to_thread(
                     self._outcomes,
                     config,
@@ -171,7 +187,7 @@ class Evaluator:
                     exemplars,
                     indices,
                     similarities,
-                    label_scores.get(setting.voting),
+                    scores,
                     truth,
                     bool(held_out),
                 )

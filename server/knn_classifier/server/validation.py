@@ -94,7 +94,12 @@ def fraction(value: float, name: str, low: float, high: float) -> float:
     return value
 
 
+MAX_TEMPERATURE = 10.0
+
+
 def temperature(value: float) -> float:
-    if math.isnan(value) or not 0.0 < value <= 10.0:
-        raise InvalidArgument(f"temperature={value} is out of range; use more than 0, up to 10")
+    if math.isnan(value) or not 0.0 < value <= MAX_TEMPERATURE:
+        raise InvalidArgument(
+            f"temperature={value} is out of range; use more than 0, up to {MAX_TEMPERATURE:g}"
+        )
     return value
