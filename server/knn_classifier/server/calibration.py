@@ -36,8 +36,9 @@ _EDGE = 1e-4
 TEMPERATURE_PRIOR = 20.0
 """The prior's weight on (ln T - ln requested)^2 in :func:`fitted_temperature`, in nats: a
 Gaussian on ln T with standard deviation 0.16. 5 measured about the same (docs/accuracy.md)."""
-_LOG_STEPS = np.linspace(-3.0, 3.0, 121)
-"""The temperatures tried: the requested one times e^-3 to e^3, in steps of 5 %."""
+_LOG_STEPS = np.linspace(-5.0, 5.0, 201)
+"""The temperatures tried: the requested one times e^-5 to e^5 (1/148 to 148), in steps of 5 %.
+The discriminant on the full waimai_10k (9,589 exemplars, 2 labels) fits 0.00047 from 0.01."""
 
 
 @dataclass(frozen=True, slots=True)
