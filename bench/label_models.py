@@ -1,11 +1,13 @@
-"""What fitting discriminant voting costs, beside the numpy work it cannot avoid.
+"""What fitting the label models costs, beside the numpy work it cannot avoid.
 
-    python bench/label_models.py        # `make bench-label-models`; prints a table
+    python bench/label_models.py        # `make bench-label-models`; prints two tables
 
 For random unit vectors in 77 labels at several sizes, one BLAS thread (as the service runs):
 the discriminant fit (done once after each write, in a worker thread), its exact leave-one-out
 over at most 2,000 exemplars (Evaluate), the centroid fit, and the baseline: numpy's
 eigendecomposition of the smaller Gram matrix of the same vectors, which the fit contains.
+Then Evaluate's temperature fit over 2,000 leave-one-out rows of scores for 2 to 1,000 labels,
+beside one softmax over the same scores.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from knn_classifier.server import label_models
+from knn_classifier.server import calibration, label_models
 
 SIZES = [(385, 384), (10_000, 384), (385, 2560), (2_000, 2560), (10_000, 2560)]
 LABELS = 77
 LEAVE_ONE_OUT = 2_000
+TEMPERATURE_LABELS = [2, 77, 1_000]
 
 
 def seconds(work: Callable[..., object], *args: object) -> float:
@@ -63,6 +66,23 @@ def main() -> None:
             f"{cells[2]:.3f} | {cells[3]:.2f} |",
             flush=True,
         )
+    print()
+    temperature_table(rng)
+
+
+def softmax(scores: np.ndarray) -> None:
+    margins = scores - scores.max(axis=1, keepdims=True)
+    np.exp(margins) / np.exp(margins).sum(axis=1, keepdims=True)
+
+
+def temperature_table(rng: np.random.Generator) -> None:
+    print("| rows x labels | temperature fit s | one softmax s |")
+    print("|---|---|---|")
+    for labels in TEMPERATURE_LABELS:
+        scores = rng.normal(0, 0.05, (LEAVE_ONE_OUT, labels))
+        truth = rng.integers(0, labels, LEAVE_ONE_OUT)
+        fit = seconds(calibration.fitted_temperature, scores, truth, 0.01)
+        print(f"| {LEAVE_ONE_OUT:,} x {labels:,} | {fit:.3f} | {seconds(softmax, scores):.4f} |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ _Float = npt.NDArray[np.float64]
 
 CHECKPOINT_ROWS = 256
 """Leave-one-out rows between checkpoints: about a second at 2,560 dimensions."""
+NOISE_ROWS = 2_000
+"""At most this many exemplars measure the discriminant's noise (:func:`discriminant_noise`):
+each costs a product with the scatter's basis (a quarter of the fit at 10,000 x 2,560 when all were
+measured). On the full banking77 and waimai_10k the sample's mean was 0.9 and 1.5 % below all
+exemplars', where the noise / n it corrects by is itself about 1e-5 of a score."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +121,14 @@ def discriminant_noise(
     the exemplar's share of the scatter's trace); x n / (n - 1) for that mean's own noise. The
     in-sample tr(C^-1 S) / (n - L) is 1.2-2x too small with few exemplars per label, because S
     is flattest where C^-1 weighs most. Labels with a single exemplar say nothing about it.
+    A mean over exemplars, so at most :data:`NOISE_ROWS` of them, evenly spaced, are measured.
     """
     counts = np.bincount(member)[member]
     keep = counts > 1
     if not keep.any() or freedom <= 0:
         return 0.0
-    r, n = residuals[keep], counts[keep]
+    stride = -(-int(keep.sum()) // NOISE_ROWS)
+    r, n = residuals[keep][::stride], counts[keep][::stride]
     scale, identity = _scale(scatter.trace, residuals.shape[1], freedom)
     in_basis = r @ scatter.basis
     weight = 1 / (scale * scatter.variances + identity)
