@@ -46,10 +46,12 @@ SETTINGS = {
     "discriminant T=0.01": Setting(1, Voting.DISCRIMINANT, 384, 0.01),
 }
 Calibrator = Callable[[np.ndarray, np.ndarray], calibration.Calibration]
+SERVICE = "isotonic, Platt prior"
+"""The calibration Evaluate's apply_best fits."""
 CALIBRATORS: dict[str, Calibrator] = {
     "isotonic": lambda shares, right: calibration.Calibration.fit(shares, right, prior_answers=0),
     "Platt": calibration.platt,
-    "isotonic, Platt prior": lambda shares, right: calibration.Calibration.fit(shares, right),
+    SERVICE: lambda shares, right: calibration.Calibration.fit(shares, right),
 }
 
 
@@ -69,39 +71,44 @@ def shares(
     return np.array([v.confidence for v in votes]), np.array(right, dtype=np.float64)
 
 
+Shares = tuple[np.ndarray, np.ndarray]
+
+
+def leave_one_out_and_held_out(
+    exemplars: Exemplars, x_test: np.ndarray, truth: Sequence[str], setting: Setting
+) -> tuple[Shares, Shares]:
+    """The shares and rightness of the exemplars' leave-one-out answers, then of the test set's."""
+    fit = shares(exemplars, exemplars.vectors, exemplars.labels, setting, loo=True)
+    return fit, shares(exemplars, x_test, truth, setting, loo=False)
+
+
+def held_out_ece(calibrator: Calibrator, fit: Shares, held: Shares) -> float:
+    """The test set's ECE of the calibration ``calibrator`` fits on the leave-one-out shares."""
+    fitted = calibrator(*fit)
+    return evaluation.expected_calibration_error(
+        [fitted(s) for s in held[0]], held[1].astype(bool).tolist()
+    )
+
+
 def calibration_errors(
     train: Rows, test: Rows, vectors: Callable[[Rows], np.ndarray]
 ) -> dict[tuple[str, str], float]:
     x, x_test = vectors(train), vectors(test)
     labels = [label for _, label in train]
+    truth = [label for _, label in test]
     exemplars = Exemplars([str(i) for i in range(len(train))], labels, labels, x)
     errors = {}
     for name, setting in SETTINGS.items():
         if setting.k >= len(train) - 1:
             continue
-        fit_shares, fit_right = shares(exemplars, x, labels, setting, loo=True)
-        test_shares, test_right = shares(
-            exemplars, x_test, [label for _, label in test], setting, loo=False
-        )
+        fit, held = leave_one_out_and_held_out(exemplars, x_test, truth, setting)
         for method, calibrator in CALIBRATORS.items():
-            fitted = calibrator(fit_shares, fit_right)
-            confidences = [fitted(s) for s in test_shares]
-            errors[(name, method)] = evaluation.expected_calibration_error(
-                confidences, test_right.astype(bool).tolist()
-            )
-        errors[(name, "the same, T fitted")] = errors[(name, "isotonic, Platt prior")]
+            errors[(name, method)] = held_out_ece(calibrator, fit, held)
         if setting.voting in LABEL_SCORED:  # what Evaluate does: fit T on leave-one-out first
-            every = np.arange(len(x))
-            scores = evaluation.label_scores(setting.voting, exemplars, x, every)
+            scores = evaluation.label_scores(setting.voting, exemplars, x, np.arange(len(x)))
             tempered = evaluator.with_fitted_temperature(setting, scores, labels)
-            fit_shares, fit_right = shares(exemplars, x, labels, tempered, loo=True)
-            test_shares, test_right = shares(
-                exemplars, x_test, [label for _, label in test], tempered, loo=False
-            )
-            fitted = calibration.Calibration.fit(fit_shares, fit_right)
-            errors[(name, "the same, T fitted")] = evaluation.expected_calibration_error(
-                [fitted(s) for s in test_shares], test_right.astype(bool).tolist()
-            )
+            fit, held = leave_one_out_and_held_out(exemplars, x_test, truth, tempered)
+        errors[(name, "the same, T fitted")] = held_out_ece(CALIBRATORS[SERVICE], fit, held)
     return errors
 
 
@@ -140,16 +147,13 @@ def debiasing(
                 stack.enter_context(mock.patch.object(label_models, noise, return_value=0.0))
             for voting in (Voting.CENTROID, Voting.DISCRIMINANT):
                 setting = Setting(1, voting, 384, 0.01)
-                fit_shares, fit_right = shares(exemplars, x, labels, setting, loo=True)
-                test_shares, test_right = shares(exemplars, x_test, truth, setting, loo=False)
-                fitted = calibration.Calibration.fit(fit_shares, fit_right)
-                error = evaluation.expected_calibration_error(
-                    [fitted(s) for s in test_shares], test_right.astype(bool).tolist()
-                )
+                fit, held = leave_one_out_and_held_out(exemplars, x_test, truth, setting)
                 how = "debiased" if debiased else "not debiased"
-                values[(voting.value, f"leave-one-out, {how}")] = float(fit_right.mean())
-                values[(voting.value, f"test, {how}")] = float(test_right.mean())
-                values[(voting.value, f"ECE, {how}")] = error
+                values[(voting.value, f"leave-one-out, {how}")] = float(fit[1].mean())
+                values[(voting.value, f"test, {how}")] = float(held[1].mean())
+                values[(voting.value, f"ECE, {how}")] = held_out_ece(
+                    CALIBRATORS[SERVICE], fit, held
+                )
     return values
 
 

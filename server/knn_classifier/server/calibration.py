@@ -163,7 +163,7 @@ def fitted_temperature(scores: Array, truth: npt.NDArray[np.intp], requested: fl
         return requested
     scored = scores[known]
     margins = scored - scored.max(axis=1, keepdims=True)  # <= 0: exp cannot overflow
-    own = margins[rows[: int(known.sum())], truth[known]]
+    own = margins[np.arange(len(margins)), truth[known]]
 
     def cost(step: float) -> float:
         """Minus the log posterior of T = requested * e^step, up to a constant."""
