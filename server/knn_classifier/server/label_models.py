@@ -146,7 +146,8 @@ def leave_one_out_centroids(
     checkpoint: Callable[[], None] = lambda: None,
 ) -> tuple[list[str], Matrix]:
     """The labels, sorted, and the centroid score of exemplar ``self_index[i]`` (row i) for each
-    label, the exemplar left out of its own label's centroid; a label it empties gets -inf.
+    label, the exemplar left out of its own label's centroid (the pooled noise kept from all
+    exemplars); a label it empties gets -inf.
 
     One vectorised pass: ``checkpoint`` (which may raise to stop the work) is called once.
     """
