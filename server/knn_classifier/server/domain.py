@@ -30,6 +30,18 @@ class ClassifierConfig:
     dimension: int = 0
     """The default dimension; 0: the largest configured."""
     calibration: Calibration | None = None
+    uid: str = ""
+    """This incarnation of the name: a classifier deleted and created again gets a new one.
+    Empty for records written before incarnations existed."""
+    revision: int = 0
+    """Bumped by every write to the classifier: its settings and its exemplars."""
+    deleting: bool = False
+    """Set while the classifier's exemplars are deleted; the record goes last."""
+
+    @property
+    def etag(self) -> str:
+        """The incarnation and revision, as one opaque string (AIP-154)."""
+        return f"{self.uid}.{self.revision}"
 
     def to_payload(self) -> dict[str, Any]:
         calibration = self.calibration
@@ -52,6 +64,9 @@ class ClassifierConfig:
                 if calibration
                 else None
             ),
+            "uid": self.uid,
+            "revision": self.revision,
+            "deleting": self.deleting,
         }
 
     @classmethod
@@ -74,6 +89,9 @@ class ClassifierConfig:
                 if payload.get("calibration")
                 else None
             ),
+            uid=str(payload.get("uid", "")),
+            revision=int(payload.get("revision", 0)),
+            deleting=bool(payload.get("deleting", False)),
         )
 
 

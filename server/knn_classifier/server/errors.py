@@ -33,6 +33,10 @@ class Unavailable(ServiceError):
     """A dependency (the embedder or the store) cannot be reached; retrying later may help."""
 
 
+class Aborted(ServiceError):
+    """A concurrent change conflicts with the request; re-read and retry."""
+
+
 class DeadlineExceeded(ServiceError):
     """The work could not finish within the caller's deadline."""
 

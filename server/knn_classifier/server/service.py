@@ -5,7 +5,6 @@ Knows nothing of gRPC: it takes and returns domain types and raises the errors o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import label_models, validation
+from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
     ClassifierConfig,
@@ -24,11 +24,9 @@ from .domain import (
     Exemplar,
     ExemplarInput,
     NewClassifier,
-    classifier_key,
 )
 from .embedding import Embedder, Fingerprint, Matrix, truncate
 from .errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -56,9 +54,14 @@ def derived_exemplar_id(classifier: str, text: str) -> str:
     return str(uuid.uuid5(_ID_NAMESPACE, f"text\x00{classifier}\x00{text}"))
 
 
-def _point_id(classifier: str, exemplar_id: str) -> str:
-    """The store's point id: exemplar ids are per classifier, point ids are global UUIDs."""
-    return str(uuid.uuid5(_ID_NAMESPACE, f"point\x00{classifier}\x00{exemplar_id}"))
+def _point_id(classifier: ClassifierConfig, exemplar_id: str) -> str:
+    """The store's point id: exemplar ids are per classifier, point ids are global UUIDs.
+
+    The classifier's incarnation is part of it, so a classifier created again under an old name
+    can never share a point with the old one (records from before incarnations have none)."""
+    incarnation = f"\x00{classifier.uid}" if classifier.uid else ""
+    key = f"point\x00{classifier.name}\x00{exemplar_id}{incarnation}"
+    return str(uuid.uuid5(_ID_NAMESPACE, key))
 
 
 class ClassifierService:
@@ -68,7 +71,7 @@ class ClassifierService:
         self._dimensions = settings.dimensions
         self._embedder = embedder
         self._store = store
-        self._create_lock = asyncio.Lock()
+        self._classifiers = Classifiers(store)
         self._evaluator = Evaluator(settings, embedder, store)
         self._coalescer = Coalescer(
             embedder.embed_uncached,
@@ -97,6 +100,10 @@ class ClassifierService:
         except Unavailable as exc:
             raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
         await self._check_fingerprint(self._embedder.fingerprint)
+        for config in await self._classifiers.deleting():
+            async with self._classifiers.deleting_classifier(config.name):
+                deleted = await self._delete(Selection(config.name))
+            log.warning("finished deleting classifier %s (%d exemplars)", config.name, deleted)
         repaired = await self.repair()
         if repaired:
             log.warning("repaired %d exemplar(s) missing from some dimensions", repaired)
@@ -139,8 +146,7 @@ class ClassifierService:
         dimension) pairs were written.
         """
         repaired = 0
-        for payload in await self._store.list_meta("classifier"):
-            config = ClassifierConfig.from_payload(payload)
+        for config in await self._classifiers.all():
             present = {d: await self._store.point_ids(d, config.name) for d in self._dimensions}
             every = set().union(*present.values())
             for dimension in self._dimensions:
@@ -199,95 +205,100 @@ class ClassifierService:
             created_at=time.time(),
             temperature=validation.temperature(_either(request.temperature, defaults.temperature)),
         )
-        async with self._create_lock:
-            if await self._store.get_meta(classifier_key(config.name)) is not None:
-                raise AlreadyExists(f"classifier {config.name!r} already exists")
-            await self._store.put_meta(classifier_key(config.name), config.to_payload())
-        log.info("created classifier %s", config.name)
-        return ClassifierInfo(config, 0)
+        return ClassifierInfo(await self._classifiers.create(config), 0)
 
     async def get_classifier(self, name: str) -> ClassifierInfo:
-        config = await self._config(name)
-        return ClassifierInfo(config, await self._count(Selection(name)))
+        config = await self._classifiers.get(name)
+        return ClassifierInfo(config, await self._count(Selection(config.name)))
 
     async def list_classifiers(self) -> list[ClassifierInfo]:
-        configs = sorted(
-            (ClassifierConfig.from_payload(p) for p in await self._store.list_meta("classifier")),
-            key=lambda c: c.name,
-        )
+        configs = await self._classifiers.all()
         return [ClassifierInfo(c, await self._count(Selection(c.name))) for c in configs]
 
-    async def delete_classifier(self, name: str) -> int:
-        await self._config(name)
-        deleted = await self._delete(Selection(name))
-        # The record goes last: if this is interrupted, the classifier still exists and
-        # deleting it again finishes the job.
-        await self._store.delete_meta(classifier_key(name))
+    async def delete_classifier(self, name: str, etag: str = "") -> int:
+        """Deletes the classifier's exemplars, then its record; see :class:`Classifiers`."""
+        async with self._classifiers.deleting_classifier(name, etag=etag) as config:
+            deleted = await self._delete(Selection(config.name))
         log.info("deleted classifier %s (%d exemplars)", name, deleted)
         return deleted
-
-    async def _config(self, name: str) -> ClassifierConfig:
-        payload = await self._store.get_meta(classifier_key(validation.classifier_name(name)))
-        if payload is None:
-            raise NotFound(f"classifier {name!r} does not exist")
-        return ClassifierConfig.from_payload(payload)
 
     async def _count(self, selection: Selection) -> int:
         return await self._store.count(self._dimensions[0], selection)
 
     # Exemplars -------------------------------------------------------------------------------
 
-    async def add_exemplars(self, classifier: str, items: Sequence[ExemplarInput]) -> list[str]:
-        """Embeds ``items`` once and writes them to every dimension; returns their ids."""
+    async def add_exemplars(
+        self, classifier: str, items: Sequence[ExemplarInput], etag: str = ""
+    ) -> list[str]:
+        """Embeds ``items`` once and writes them to every dimension; returns their ids.
+
+        The embedding call may take long and the classifier may change meanwhile, so the write
+        happens under the classifier's write lock, on the record as it is then: deleted or
+        re-created since, the add fails with NOT_FOUND and writes nothing.
+        """
         validation.batch_size(len(items), self._limits, "exemplars")
         for i, item in enumerate(items):
             validation.text(item.text, self._limits, f"exemplars[{i}].text")
             validation.label(item.label, f"exemplars[{i}].label")
             validation.exemplar_id(item.id, f"exemplars[{i}].id")
             validation.metadata(item.metadata, f"exemplars[{i}].metadata")
-        config = await self._config(classifier)
+        config = await self._classifiers.get(classifier)
 
         ids = [item.id or derived_exemplar_id(classifier, item.text) for item in items]
         # A repeated id within the batch: the last occurrence wins, as it would across calls.
         latest = {exemplar_id: i for i, exemplar_id in enumerate(ids)}
         chosen = sorted(latest.values())
-        await self._check_room(classifier, len(chosen))
-        now = time.time()
-        point_ids = [_point_id(classifier, ids[i]) for i in chosen]
-        payloads = [
-            {
-                "classifier": classifier,
-                "id": ids[i],
-                "label": items[i].label,
-                "text": items[i].text,
-                "metadata": dict(items[i].metadata),
-                "created_at": now,
-            }
-            for i in chosen
-        ]
+        if len(chosen) > self._limits.max_exemplars_per_classifier:
+            raise ResourceExhausted(self._limit_message(classifier, 0, len(chosen)))
         prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
         vectors = await self._embedder.embed(prompts)
-        await self._write_everywhere(classifier, point_ids, vectors, payloads)
+
+        async with self._classifiers.writing(classifier, uid=config.uid, etag=etag) as current:
+            now = time.time()
+            point_ids = [_point_id(current, ids[i]) for i in chosen]
+            payloads = [
+                {
+                    "classifier": classifier,
+                    "id": ids[i],
+                    "label": items[i].label,
+                    "text": items[i].text,
+                    "metadata": dict(items[i].metadata),
+                    "created_at": now,
+                }
+                for i in chosen
+            ]
+            created = await self._absent(classifier, point_ids)
+            await self._check_room(classifier, len(created))
+            await self._write_everywhere(classifier, point_ids, created, vectors, payloads)
+            try:
+                await self._classifiers.bump(current)
+            except NotFound:
+                await self._delete(Selection(classifier, ids=point_ids))
+                raise
         return ids
+
+    async def _absent(self, classifier: str, point_ids: list[str]) -> list[str]:
+        """Which of ``point_ids`` the classifier does not hold yet."""
+        existing, _ = await self._store.scroll(
+            self._dimensions[0], Selection(classifier, ids=point_ids), len(point_ids), None
+        )
+        return sorted(set(point_ids) - {record.id for record in existing})
 
     async def _write_everywhere(
         self,
         classifier: str,
         point_ids: list[str],
+        created: list[str],
         vectors: Matrix,
         payloads: list[dict[str, Any]],
     ) -> None:
         """Writes the points to every dimension, or (best effort) to none.
 
-        If a dimension fails, the points this call created are deleted again from the
-        dimensions already written, so no new exemplar is left half-present. Points that existed
-        before keep the new version where it was written. If the rollback itself fails, start-up
-        repair completes the leftovers in every dimension instead.
+        If a dimension fails, the ``created`` points (new with this call) are deleted again
+        from the dimensions already written, so no new exemplar is left half-present. Points
+        that existed before keep the new version where it was written. If the rollback itself
+        fails, start-up repair completes the leftovers in every dimension instead.
         """
-        existing, _ = await self._store.scroll(
-            self._dimensions[0], Selection(classifier, ids=point_ids), len(point_ids), None
-        )
-        created = sorted(set(point_ids) - {record.id for record in existing})
         written: list[int] = []
         try:
             for dimension in self._dimensions:
@@ -295,43 +306,54 @@ class ClassifierService:
                     dimension, point_ids, truncate(vectors, dimension), payloads
                 )
                 written.append(dimension)
-        except Unavailable:
+        except (Unavailable, ResourceExhausted):
             if created:
                 try:
                     for dimension in written:
                         await self._store.delete(dimension, Selection(classifier, ids=created))
-                except Unavailable:
+                except (Unavailable, ResourceExhausted):
                     log.warning(
                         "rollback of %d new exemplars failed; repair at start-up", len(created)
                     )
             raise
 
     async def _check_room(self, classifier: str, adding: int) -> None:
-        """Refuses a batch that could take the classifier past its exemplar limit.
+        """Refuses new exemplars that would take the classifier past its exemplar limit.
 
-        Counts the batch as all new (some may update existing exemplars), so the limit is never
-        passed, at the price of refusing a batch that would have just fitted.
+        Runs under the classifier's write lock with ``adding`` the points that are new, so within
+        one process the limit is never passed.
         """
-        limit = self._limits.max_exemplars_per_classifier
         held = await self._count(Selection(classifier))
-        if held + adding > limit:
-            raise ResourceExhausted(
-                f"classifier {classifier!r} holds {held} exemplars; adding {adding} could pass "
-                f"the limit of {limit} exemplars per classifier"
-            )
+        if held + adding > self._limits.max_exemplars_per_classifier:
+            raise ResourceExhausted(self._limit_message(classifier, held, adding))
+
+    def _limit_message(self, classifier: str, held: int, adding: int) -> str:
+        return (
+            f"classifier {classifier!r} holds {held} exemplars; adding {adding} new ones would "
+            f"pass the limit of {self._limits.max_exemplars_per_classifier} exemplars per "
+            "classifier"
+        )
 
     async def delete_exemplars(
-        self, classifier: str, ids: Sequence[str] = (), label: str = ""
+        self, classifier: str, ids: Sequence[str] = (), label: str = "", etag: str = ""
     ) -> int:
         if bool(ids) == bool(label):
             raise InvalidArgument("give either ids or a label, not both and not neither")
-        await self._config(classifier)
         if ids:
+            validation.batch_size(len(ids), self._limits, "ids")
             for i, exemplar_id in enumerate(ids):
                 validation.exemplar_id(exemplar_id, f"ids[{i}]")
-            point_ids = [_point_id(classifier, exemplar_id) for exemplar_id in ids]
-            return await self._delete(Selection(classifier, ids=point_ids))
-        return await self._delete(Selection(classifier, label=validation.label(label)))
+        else:
+            validation.label(label)
+        async with self._classifiers.writing(classifier, etag=etag) as current:
+            selection = Selection(
+                current.name,
+                ids=[_point_id(current, exemplar_id) for exemplar_id in ids] if ids else None,
+                label=label or None,
+            )
+            deleted = await self._delete(selection)
+            await self._classifiers.bump(current)
+        return deleted
 
     async def _delete(self, selection: Selection) -> int:
         count = await self._count(selection)
@@ -348,7 +370,7 @@ class ClassifierService:
                 f"page_size={limit} is out of range; use 1 to {self._limits.max_page_size}"
             )
         offset = _parse_page_token(page_token)
-        await self._config(classifier)
+        await self._classifiers.get(classifier)
         selection = Selection(classifier, label=validation.label(label) if label else None)
         records, next_offset = await self._store.scroll(
             self._dimensions[0], selection, limit, offset
@@ -356,7 +378,7 @@ class ClassifierService:
         return [_exemplar(record) for record in records], next_offset or ""
 
     async def list_labels(self, classifier: str) -> list[tuple[str, int]]:
-        await self._config(classifier)
+        await self._classifiers.get(classifier)
         counts = await self._store.label_counts(self._dimensions[0], classifier)
         return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
@@ -372,7 +394,7 @@ class ClassifierService:
         whole call.
         """
         validation.batch_size(len(texts), self._limits, "texts")
-        config = await self._config(classifier)
+        config = await self._classifiers.get(classifier)
         k = validation.k(_either(options.k, config.k), self._limits)
         dimension = validation.dimension(
             _either(options.dimension, config.dimension or self._dimensions[-1]), self._dimensions
@@ -410,14 +432,14 @@ class ClassifierService:
             queries = truncate(vectors, dimension)
             results = await self._queries.query(dimension, classifier, queries, k)
             if not results[0]:
-                raise FailedPrecondition(
-                    f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
-                )
+                raise FailedPrecondition(_no_exemplars(classifier))
             labels: list[str] = []
             by_label = np.empty((len(queries), 0), dtype=np.float32)
             if voting in LABEL_SCORED:
                 fit = label_models.FIT[voting]
                 model = await self._store.label_model(dimension, classifier, fit)
+                if not model.labels:  # every exemplar was deleted since the neighbour query
+                    raise FailedPrecondition(_no_exemplars(classifier))
                 labels, by_label = model.labels, model.scores(queries)
             for j, hits in enumerate(results):
                 neighbours = [_neighbour(hit) for hit in hits]
@@ -466,9 +488,13 @@ class ClassifierService:
         self, classifier: str, request: EvaluateRequest
     ) -> tuple[list[Report], list[str], ClassifierInfo]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC."""
-        config = await self._config(classifier)
+        config = await self._classifiers.get(classifier)
         reports, unknown_labels, config, count = await self._evaluator.evaluate(config, request)
         return reports, unknown_labels, ClassifierInfo(config, count)
+
+
+def _no_exemplars(classifier: str) -> str:
+    return f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
 
 
 def _either(override: T | None, default: T) -> T:

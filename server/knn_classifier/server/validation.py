@@ -46,8 +46,15 @@ def batch_size(count: int, limits: LimitSettings, what: str) -> None:
 
 
 def label(value: str, what: str = "label") -> str:
+    """Labels are exact, case-sensitive names; whitespace around one or a control character in
+    one would silently make a second label that prints like the first, so both are refused."""
     if not value.strip():
         raise InvalidArgument(f"{what} is empty")
+    if value != value.strip() or not value.isprintable():
+        raise InvalidArgument(
+            f"{what} {value[:80]!r} has whitespace around it or a control character; "
+            "send the label exactly as it should be stored"
+        )
     if len(value) > MAX_LABEL_CHARS:
         raise InvalidArgument(f"{what} is longer than {MAX_LABEL_CHARS} characters")
     return value

@@ -1,0 +1,180 @@
+"""The classifiers repository: the one writer of classifier records.
+
+Every change to a classifier goes through here: creation, settings (UpdateClassifier, Evaluate's
+apply_best), deletion, and every write of its exemplars, which bumps the record's revision.
+
+Guarantees (docs/design.md, "Classifier records"):
+- Within one process, writes to one classifier are serialised by a lock per name, and each
+  re-reads the record under the lock: a writer that started on a classifier since deleted (or
+  deleted and created again: a new ``uid``) fails with NOT_FOUND instead of writing; a
+  conditional writer whose revision is stale fails with ABORTED.
+- Across replicas sharing a Qdrant server there is no lock. An exemplar write re-reads the record
+  after writing its points (:meth:`Classifiers.bump`) and removes them again if the classifier
+  it wrote to is gone or is another incarnation; a delete marks the record ``deleting`` before it
+  deletes the exemplars and removes the record last, so a concurrent writer sees either the
+  mark or the absence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from . import validation
+from .domain import ClassifierConfig, classifier_key
+from .errors import Aborted, AlreadyExists, NotFound
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Classifiers:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}
+
+    async def get(self, name: str) -> ClassifierConfig:
+        """The classifier's record; NOT_FOUND if there is none or it is being deleted."""
+        config = await self._read(validation.classifier_name(name))
+        if config is None or config.deleting:
+            raise NotFound(f"classifier {name!r} does not exist")
+        return config
+
+    async def all(self) -> list[ClassifierConfig]:
+        """Every classifier not being deleted, by name."""
+        configs = [
+            ClassifierConfig.from_payload(payload)
+            for payload in await self._store.list_meta("classifier")
+        ]
+        return sorted((c for c in configs if not c.deleting), key=lambda c: c.name)
+
+    async def deleting(self) -> list[ClassifierConfig]:
+        """Classifiers whose deletion was interrupted (start-up finishes them)."""
+        configs = [
+            ClassifierConfig.from_payload(payload)
+            for payload in await self._store.list_meta("classifier")
+        ]
+        return [c for c in configs if c.deleting]
+
+    async def create(self, config: ClassifierConfig) -> ClassifierConfig:
+        """Stores a new classifier with a fresh incarnation; ALREADY_EXISTS if the name is taken."""
+        async with self._locked(config.name):
+            current = await self._read(config.name)
+            if current is not None:
+                if current.deleting:
+                    raise Aborted(f"classifier {config.name!r} is being deleted; retry shortly")
+                raise AlreadyExists(f"classifier {config.name!r} already exists")
+            created = dataclasses.replace(config, uid=uuid.uuid4().hex, revision=1)
+            await self._write(created)
+        log.info("created classifier %s", config.name)
+        return created
+
+    async def update(
+        self,
+        name: str,
+        change: Callable[[ClassifierConfig], ClassifierConfig],
+        *,
+        uid: str | None = None,
+        etag: str = "",
+    ) -> ClassifierConfig:
+        """Applies ``change`` to the current record and bumps its revision.
+
+        ``uid``: the incarnation the caller read (NOT_FOUND if it is gone); ``etag``: the exact
+        revision the caller's change is based on (ABORTED if the record moved on since).
+        """
+        async with self._locked(name):
+            current = await self._current(name, uid, etag)
+            updated = dataclasses.replace(
+                change(current),
+                name=current.name,
+                uid=current.uid,
+                created_at=current.created_at,
+                revision=current.revision + 1,
+                deleting=False,
+            )
+            await self._write(updated)
+        return updated
+
+    @asynccontextmanager
+    async def writing(
+        self, name: str, *, uid: str | None = None, etag: str = ""
+    ) -> AsyncIterator[ClassifierConfig]:
+        """Holds the classifier's write lock around a change of its exemplars.
+
+        Yields the current record, checked against ``uid`` and ``etag`` as in :meth:`update`.
+        The caller writes its points, then calls :meth:`bump` before leaving.
+        """
+        async with self._locked(name):
+            yield await self._current(name, uid, etag)
+
+    async def bump(self, config: ClassifierConfig) -> ClassifierConfig:
+        """Records that ``config``'s exemplars changed: re-reads the record and bumps its
+        revision. NOT_FOUND if the classifier was deleted or re-created meanwhile (possible
+        across replicas only): the caller must then remove what it wrote."""
+        current = await self._read(config.name)
+        if current is None or current.deleting or current.uid != config.uid:
+            raise NotFound(f"classifier {config.name!r} was deleted during the write")
+        bumped = dataclasses.replace(current, revision=current.revision + 1)
+        await self._write(bumped)
+        return bumped
+
+    @asynccontextmanager
+    async def deleting_classifier(
+        self, name: str, *, etag: str = ""
+    ) -> AsyncIterator[ClassifierConfig]:
+        """Marks the classifier ``deleting`` for the caller to delete its exemplars, then
+        removes the record. If the body fails, the mark stays: the classifier answers NOT_FOUND
+        and start-up (or deleting it again) finishes the job."""
+        async with self._locked(name):
+            config = await self._read(validation.classifier_name(name))
+            if config is None:
+                raise NotFound(f"classifier {name!r} does not exist")
+            if etag and not config.deleting and config.etag != etag:
+                raise Aborted(_stale(name, etag, config))
+            marked = dataclasses.replace(config, deleting=True, revision=config.revision + 1)
+            await self._write(marked)
+            yield marked
+            await self._store.delete_meta(classifier_key(config.name))
+
+    # Internals -------------------------------------------------------------------------------
+
+    async def _read(self, name: str) -> ClassifierConfig | None:
+        payload = await self._store.get_meta(classifier_key(name))
+        return None if payload is None else ClassifierConfig.from_payload(payload)
+
+    async def _write(self, config: ClassifierConfig) -> None:
+        await self._store.put_meta(classifier_key(config.name), config.to_payload())
+
+    async def _current(self, name: str, uid: str | None, etag: str) -> ClassifierConfig:
+        current = await self._read(validation.classifier_name(name))
+        if current is None or current.deleting or (uid is not None and current.uid != uid):
+            raise NotFound(f"classifier {name!r} does not exist")
+        if etag and current.etag != etag:
+            raise Aborted(_stale(name, etag, current))
+        return current
+
+    @asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """The per-name lock, dropped from the table when its last holder leaves."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        self._holders[name] = self._holders.get(name, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders[name] -= 1
+            if not self._holders[name]:
+                del self._holders[name]
+                del self._locks[name]
+
+
+def _stale(name: str, etag: str, current: ClassifierConfig) -> str:
+    return (
+        f"classifier {name!r} changed since etag {etag!r} (now {current.etag!r}); "
+        "read it again and retry"
+    )
