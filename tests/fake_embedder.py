@@ -45,6 +45,10 @@ class Behaviour:
     """Answer 200 with a body that is not JSON."""
     delay_s: float = 0.0
     """Wait this long before answering."""
+    gate: threading.Event | None = None
+    """If set, every call waits for this event before answering (see :meth:`wait_for_held`)."""
+    held: int = 0
+    """Calls waiting at the gate now."""
     calls: int = 0
     inputs: list[list[str]] = field(default_factory=list)
 
@@ -53,6 +57,7 @@ class FakeEmbeddingServer:
     def __init__(self) -> None:
         self.behaviour = Behaviour()
         self._lock = threading.Lock()
+        self._held_changed = threading.Condition()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._stopped = False
@@ -74,6 +79,29 @@ class FakeEmbeddingServer:
     def reset(self, **changes: Any) -> Behaviour:
         self.behaviour = Behaviour(**changes)
         return self.behaviour
+
+    def hold(self) -> threading.Event:
+        """Makes every call wait until the returned event is set."""
+        self.behaviour.gate = threading.Event()
+        return self.behaviour.gate
+
+    def wait_for_held(self, calls: int, timeout_s: float = 60.0) -> None:
+        """Waits until ``calls`` calls are waiting at the gate."""
+        with self._held_changed:
+            if not self._held_changed.wait_for(
+                lambda: self.behaviour.held >= calls, timeout=timeout_s
+            ):
+                raise TimeoutError(f"{self.behaviour.held} of {calls} calls arrived")
+
+    def _wait_at_gate(self, behaviour: Behaviour) -> None:
+        if behaviour.gate is None:
+            return
+        with self._held_changed:
+            behaviour.held += 1
+            self._held_changed.notify_all()
+        behaviour.gate.wait(timeout=120)
+        with self._held_changed:
+            behaviour.held -= 1
 
     def _respond(self, body: dict[str, Any], b: Behaviour) -> tuple[int, dict[str, Any]]:
         with self._lock:
@@ -142,6 +170,7 @@ class FakeEmbeddingServer:
                 # What the server did when the request arrived: a reset during a slow answer
                 # must not make it count against the next test.
                 behaviour = server.behaviour
+                server._wait_at_gate(behaviour)
                 if behaviour.delay_s:
                     time.sleep(behaviour.delay_s)
                 if behaviour.malformed:

@@ -1,0 +1,255 @@
+"""Integrity when calls race each other: one writer per classifier, no orphans, no resurrection.
+
+Each race is made deterministic: the fake embedder holds its calls at a gate, or the store pauses
+after a query, until the competing call has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.client import (
+    Client,
+    FailedPreconditionError,
+    KnnClassifierError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from knn_classifier.server.domain import ExemplarInput, NewClassifier
+from knn_classifier.server.embedding import Embedder
+from knn_classifier.server.errors import NotFound
+from knn_classifier.server.service import ClassifierService
+from knn_classifier.server.settings import Settings
+from knn_classifier.server.store import EdgeStore, Record, Selection, Store
+from knn_classifier.server.store.base import Matrix, Payload
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
+
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer
+from .test_crash import points_by_dimension
+
+T = TypeVar("T")
+
+
+def in_background(call: Callable[[], T]) -> Any:
+    """Runs ``call`` in a thread; returns its future."""
+    return ThreadPoolExecutor(max_workers=1).submit(call)
+
+
+def test_add_racing_a_delete_writes_nothing_and_a_recreated_classifier_starts_empty(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        client.create_classifier("c")
+        gate = fake_embedder.hold()
+        adding = in_background(lambda: client.add_exemplars("c", [("late words", "a")]))
+        fake_embedder.wait_for_held(1)
+        client.delete_classifier("c")
+        client.create_classifier("c")
+        gate.set()
+        with pytest.raises(NotFoundError):
+            adding.result(timeout=60)
+        assert client.get_classifier("c").exemplar_count == 0
+    running.stop()
+    assert points_by_dimension(tmp_path, "c") == {16: {}, 64: {}}
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        assert client.get_classifier("c").exemplar_count == 0
+    running.stop()
+
+
+def test_concurrent_adds_never_pass_the_exemplar_limit(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = make_settings(
+        tmp_path, fake_embedder.base_url, limits={"max_exemplars_per_classifier": 10}
+    )
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        client.create_classifier("c")
+        gate = fake_embedder.hold()
+        batches = [[(f"text {b} {i}", f"l{i % 2}") for i in range(5)] for b in range(6)]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            adds = [pool.submit(client.add_exemplars, "c", batch) for batch in batches]
+            fake_embedder.wait_for_held(6)  # every add has passed its checks before embedding
+            gate.set()
+            outcomes = []
+            for add in adds:
+                try:
+                    outcomes.append(len(add.result(timeout=60)))
+                except ResourceExhaustedError:
+                    outcomes.append(0)
+        assert sorted(outcomes) == [0, 0, 0, 0, 5, 5]
+        assert client.get_classifier("c").exemplar_count == 10
+    running.stop()
+    assert [len(points) for points in points_by_dimension(tmp_path, "c").values()] == [10, 10]
+
+
+class PausingStore(EdgeStore):
+    """The embedded store, pausing after each query until a test lets it go on."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    async def query(
+        self, dimension: int, classifier: str, vectors: Matrix, k: int
+    ) -> list[list[Record]]:
+        hits = await super().query(dimension, classifier, vectors, k)
+        self.paused.set()
+        await asyncio.to_thread(self.resume.wait, 60)
+        return hits
+
+
+@pytest.mark.parametrize("voting", ["centroid", "discriminant"])
+def test_classify_with_a_label_model_while_every_exemplar_is_deleted(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer, voting: str
+) -> None:
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store = PausingStore(settings.data_dir)
+    store.resume.set()
+    running = ServerThread(settings, store).start()
+    with running.client() as client:
+        client.create_classifier("c", voting=voting)  # type: ignore[arg-type]
+        client.add_exemplars("c", [("red apple", "fruit"), ("green pear", "fruit")])
+        store.resume.clear()
+        classifying = in_background(lambda: client.classify("c", "apple"))
+        assert store.paused.wait(60)
+        client.delete_exemplars("c", label="fruit")
+        store.resume.set()
+        with pytest.raises(FailedPreconditionError):
+            classifying.result(timeout=60)
+    running.stop()
+
+
+def test_records_and_derived_ids_of_a_recreated_classifier_are_new(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        client.create_classifier("c")
+        client.add_exemplars("c", [("one text", "a")])
+        client.delete_classifier("c")
+        client.create_classifier("c")
+        client.add_exemplars("c", [("one text", "b")])
+        assert [e.label for e in client.list_exemplars("c").exemplars] == ["b"]
+    running.stop()
+
+
+def test_start_up_finishes_an_interrupted_classifier_delete(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        client.create_classifier("gone")
+        client.add_exemplars("gone", [("some words", "a"), ("other words", "b")])
+        client.create_classifier("kept")
+        client.add_exemplars("kept", [("kept words", "a")])
+    running.stop()
+
+    async def interrupt_delete() -> None:
+        """What a crash right after the record was marked ``deleting`` leaves behind."""
+        store = EdgeStore(settings.data_dir)
+        await store.open(settings.dimensions)
+        payload = await store.get_meta("classifier:gone")
+        assert payload is not None
+        await store.put_meta("classifier:gone", {**payload, "deleting": True})
+        await store.delete(16, Selection("gone"))
+        await store.close()
+
+    asyncio.run(interrupt_delete())
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        assert [c.name for c in client.list_classifiers()] == ["kept"]
+        with pytest.raises(NotFoundError):
+            client.get_classifier("gone")
+        client.create_classifier("gone")
+        assert client.get_classifier("gone").exemplar_count == 0
+    running.stop()
+    assert points_by_dimension(tmp_path, "gone") == {16: {}, 64: {}}
+
+
+def test_labels_with_surrounding_whitespace_are_refused(client: Client) -> None:
+    client.create_classifier("c")
+    for label in ("fruit ", " fruit", "fru\nit"):
+        with pytest.raises(KnnClassifierError) as refused:
+            client.add_exemplars("c", [("apple", label)])
+        assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert client.get_classifier("c").exemplar_count == 0
+
+
+# Across replicas: two services sharing one Qdrant store, no shared lock -------------------------
+
+
+class PausingQdrantStore(QdrantServerStore):
+    """The Qdrant server store (local mode), pausing before upserts while ``hold`` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__(AsyncQdrantClient(":memory:"), "knn")
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.holding = asyncio.Event()
+
+    async def upsert(
+        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+    ) -> None:
+        if not self.hold.is_set():
+            self.holding.set()
+            await self.hold.wait()
+        await super().upsert(dimension, ids, vectors, payloads)
+
+
+async def open_replica(settings: Settings, store: Store) -> ClassifierService:
+    service = ClassifierService(settings, Embedder(settings.embedding), store)
+    await service.start()
+    return service
+
+
+@pytest.mark.parametrize("race_at", ["embedding", "writing"])
+async def test_a_replica_removes_what_it_wrote_when_another_deleted_the_classifier(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer, race_at: str
+) -> None:
+    """Replica A adds while replica B deletes and re-creates the classifier: during A's
+    embedding call (A's check under its lock catches it) or during A's write (A's re-check
+    after writing catches it and removes its points)."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store = PausingQdrantStore()
+    replica_a = await open_replica(settings, store)
+    replica_b = await open_replica(settings, store)
+    await replica_a.create_classifier(NewClassifier("c"))
+    if race_at == "embedding":
+        gate = fake_embedder.hold()
+    else:
+        store.hold.clear()
+    adding = asyncio.create_task(replica_a.add_exemplars("c", [ExemplarInput("late words", "a")]))
+    if race_at == "embedding":
+        await asyncio.to_thread(fake_embedder.wait_for_held, 1)
+    else:
+        await store.holding.wait()
+    await replica_b.delete_classifier("c")
+    await replica_b.create_classifier(NewClassifier("c"))
+    if race_at == "embedding":
+        gate.set()
+    else:
+        store.hold.set()
+    with pytest.raises(NotFound):
+        await adding
+    for dimension in settings.dimensions:
+        assert await store.count(dimension, Selection("c")) == 0
+    assert (await replica_b.get_classifier("c")).exemplar_count == 0
+    await replica_a.stop()
+    await replica_b.stop()
