@@ -253,3 +253,21 @@ async def test_a_replica_removes_what_it_wrote_when_another_deleted_the_classifi
     assert (await replica_b.get_classifier("c")).exemplar_count == 0
     await replica_a.stop()
     await replica_b.stop()
+
+
+def test_delete_exemplars_refuses_more_ids_than_a_batch(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """300,000 ids held the event loop for 3 s; ids per call are bounded like texts per call."""
+    settings = make_settings(tmp_path, fake_embedder.base_url, limits={"max_batch_size": 100})
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        client.create_classifier("c")
+        client.add_exemplars("c", [("kept words", "a")])
+        with pytest.raises(KnnClassifierError) as refused:
+            client.delete_exemplars("c", ids=[f"id{i}" for i in range(101)])
+        assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "100" in refused.value.details
+        assert client.delete_exemplars("c", ids=[f"id{i}" for i in range(100)]) == 0
+        assert client.get_classifier("c").exemplar_count == 1
+    running.stop()
