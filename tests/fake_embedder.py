@@ -2,7 +2,7 @@
 
 A text's vector is the normalised sum of one pseudo-random vector per lower-cased word, so texts
 sharing words are similar and the same text always gets the same vector. Tests can make it
-answer with an error status, slowly, or with malformed vectors.
+answer with an error status, slowly, with malformed vectors, or hold a call until they let it go.
 """
 
 from __future__ import annotations
@@ -41,10 +41,16 @@ class Behaviour:
     """How many of the next calls fail with fail_status (then it recovers)."""
     bad_width: bool = False
     nan: bool = False
+    zero_texts: set[str] = field(default_factory=set)
+    """Texts answered with an all-zero vector."""
     malformed: bool = False
     """Answer 200 with a body that is not JSON."""
     delay_s: float = 0.0
     """Wait this long before answering."""
+    hold: threading.Event | None = None
+    """The next call waits until this event is set (at most 60 s); the calls after it do not."""
+    holding: threading.Event = field(default_factory=threading.Event)
+    """Set when the held call has arrived."""
     calls: int = 0
     inputs: list[list[str]] = field(default_factory=list)
 
@@ -92,11 +98,15 @@ class FakeEmbeddingServer:
                 return 400, _sglang_error(400, "input is empty")
             if len(text) > b.max_input_chars:
                 return 400, _sglang_error(
-                    400, f"The input ({len(text)} tokens) is longer than the model's context"
+                    400,
+                    f"The input ({len(text)} tokens) is longer than the model's context length "
+                    f"({b.max_input_chars} tokens).",
                 )
         data = []
         for i, text in enumerate(texts):
             vector = fake_vector(text, b.width + (i if b.bad_width else 0))
+            if text in b.zero_texts:
+                vector[:] = 0.0
             if b.nan:
                 vector[0] = np.nan
             data.append(
@@ -142,6 +152,11 @@ class FakeEmbeddingServer:
                 # What the server did when the request arrived: a reset during a slow answer
                 # must not make it count against the next test.
                 behaviour = server.behaviour
+                with server._lock:
+                    hold, behaviour.hold = behaviour.hold, None
+                if hold is not None:
+                    behaviour.holding.set()
+                    hold.wait(60)
                 if behaviour.delay_s:
                     time.sleep(behaviour.delay_s)
                 if behaviour.malformed:
