@@ -53,11 +53,12 @@ def usable_rows(vectors: Matrix) -> npt.NDArray[np.bool_]:
 
     A row with a NaN or an infinity has no finite norm, and an all-zero row cannot be
     normalised: such a row is a fault of the embedding server, never the meaning of a text.
-    The norm is computed as :func:`truncate` computes it (float32, so absurd magnitudes fail).
+    Computed in float32 like :func:`truncate`'s norms, so magnitudes that it could not
+    normalise fail too.
     """
     with np.errstate(over="ignore"):
-        norms = np.linalg.norm(vectors, axis=1)
-    return cast(npt.NDArray[np.bool_], np.isfinite(norms) & (norms > 0))
+        squares = np.einsum("ij,ij->i", vectors, vectors)
+    return cast(npt.NDArray[np.bool_], np.isfinite(squares) & (squares > 0))
 
 
 def truncate(vectors: Matrix, dimension: int) -> Matrix:
