@@ -2,7 +2,7 @@
 
 A text's vector is the normalised sum of one pseudo-random vector per lower-cased word, so texts
 sharing words are similar and the same text always gets the same vector. Tests can make it
-answer with an error status, slowly, or with malformed vectors.
+answer with an error status, slowly, with malformed vectors, or hold calls until they let them go.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Behaviour:
     """How many of the next calls fail with fail_status (then it recovers)."""
     bad_width: bool = False
     nan: bool = False
+    zero_texts: set[str] = field(default_factory=set)
+    """Texts answered with an all-zero vector."""
     malformed: bool = False
     """Answer 200 with a body that is not JSON."""
     delay_s: float = 0.0
@@ -120,11 +122,15 @@ class FakeEmbeddingServer:
                 return 400, _sglang_error(400, "input is empty")
             if len(text) > b.max_input_chars:
                 return 400, _sglang_error(
-                    400, f"The input ({len(text)} tokens) is longer than the model's context"
+                    400,
+                    f"The input ({len(text)} tokens) is longer than the model's context length "
+                    f"({b.max_input_chars} tokens).",
                 )
         data = []
         for i, text in enumerate(texts):
             vector = fake_vector(text, b.width + (i if b.bad_width else 0))
+            if text in b.zero_texts:
+                vector[:] = 0.0
             if b.nan:
                 vector[0] = np.nan
             data.append(

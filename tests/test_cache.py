@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import subprocess
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from knn_classifier.client import UnavailableError
 from knn_classifier.server.cache import EmbeddingCache, RedisBackend, SqliteBackend
 from knn_classifier.server.embedding import Fingerprint
 
@@ -52,6 +54,49 @@ def test_hits_make_no_embedding_call_and_survive_a_restart(
     running.stop()
 
 
+def test_an_unusable_vector_is_not_cached_and_its_text_heals_with_the_embedder(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = cached_settings(tmp_path, fake_embedder.base_url)
+    running = ServerThread(settings).start()  # type: ignore[arg-type]
+    try:
+        with running.client() as client:
+            client.create_classifier("c")
+            client.add_exemplars("c", [("red apple", "fruit"), ("blue car", "car")])
+            fake_embedder.reset(zero_texts={"green apple", "green car"})
+            for text in ["green apple", "green car"]:
+                with pytest.raises(UnavailableError, match="all-zero or non-finite"):
+                    client.classify("c", text)
+            fake_embedder.reset()  # healed
+            assert client.classify("c", "green apple").label == "fruit"
+            assert fake_embedder.behaviour.inputs == [["green apple"]]
+    finally:
+        running.stop()
+
+    running = ServerThread(settings).start()  # type: ignore[arg-type]
+    try:
+        with running.client() as client:
+            fake_embedder.reset()  # forget the start-up probe
+            assert client.classify("c", "green car").label == "car"
+            assert client.classify("c", "green apple").label == "fruit"  # cached, this time
+            assert fake_embedder.behaviour.inputs == [["green car"]]
+    finally:
+        running.stop()
+
+
+def test_unusable_vectors_are_left_out(tmp_path: Path) -> None:
+    cache = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
+    cache.bind(FINGERPRINT)
+    vectors = np.vstack([fake_vector("a", 64), np.zeros(64), np.full(64, np.nan)])
+    cache.put_many(["a", "zero", "nan"], vectors.astype(np.float32))
+    found = cache.get_many(["a", "zero", "nan"])
+    np.testing.assert_array_equal(found[0], fake_vector("a", 64))
+    assert found[1:] == [None, None]
+    fresh = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)  # the file alone
+    fresh.bind(FINGERPRINT)
+    assert [v is None for v in fresh.get_many(["a", "zero", "nan"])] == [False, True, True]
+
+
 def test_the_key_covers_the_embedder(tmp_path: Path) -> None:
     cache = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
     cache.bind(FINGERPRINT)
@@ -87,13 +132,22 @@ def test_a_corrupt_file_degrades_to_no_cache_with_a_warning(
     assert "embedding cache unusable" in caplog.text
 
 
-def test_rows_of_the_wrong_size_are_ignored(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"\x00" * 12,  # the wrong size
+        b"\x00" * 256,  # all zero (written by a version that cached it)
+        np.full(64, np.nan, dtype="<f4").tobytes(),
+    ],
+    ids=["wrong size", "zero", "nan"],
+)
+def test_rows_that_are_not_usable_vectors_are_ignored(tmp_path: Path, stored: bytes) -> None:
     path = tmp_path / "c.sqlite"
     cache = EmbeddingCache(SqliteBackend(path), 0)
     cache.bind(FINGERPRINT)
     cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE vectors SET vector = ?", (b"\x00" * 12,))
+        db.execute("UPDATE vectors SET vector = ?", (stored,))
     assert cache.get_many(["hello"]) == [None]
 
 
@@ -166,6 +220,94 @@ def test_the_service_uses_redis_and_survives_its_loss(
     finally:
         running.stop()
     assert "embedding cache unusable" in caplog.text
+
+
+def warnings_about_the_cache(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "embedding cache unusable" in r.getMessage()]
+
+
+def test_a_refused_redis_write_fails_no_request(
+    tmp_path: Path,
+    fake_embedder: FakeEmbeddingServer,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        fake_embedder.base_url,
+        embedding={"cache_entries": 0, "cache_file": False, "cache_redis_url": redis_url},
+    )
+    running = ServerThread(settings).start()
+    try:
+        with running.client() as client:
+            client.create_classifier("c")
+            client.add_exemplars("c", [("red apple", "fruit"), ("blue car", "car")])
+            # Out of memory: Redis still answers reads but refuses every write.
+            redis.Redis.from_url(redis_url).config_set("maxmemory", 1)
+            assert client.classify("c", "green apple").label == "fruit"
+            labels = [p.label for p in client.classify_batch("c", ["red pear", "green car"])]
+            assert labels == ["fruit", "car"]
+    finally:
+        running.stop()
+    [warning] = warnings_about_the_cache(caplog)
+    assert "maxmemory" in warning
+
+
+@pytest.fixture
+def full_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a tiny tmpfs the test mounts; ``fill`` it to make writes there fail."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def fill(directory: Path) -> None:
+    """Writes a file in ``directory`` until its file system has no space left."""
+    with (directory / "filler").open("wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\xff" * 4096)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
+def test_a_full_disk_under_the_cache_file_fails_no_request(
+    tmp_path: Path,
+    fake_embedder: FakeEmbeddingServer,
+    full_filesystem: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # Only the cache file is on the tiny file system; the store has room.
+    (data_dir / "embedding-cache.sqlite").symlink_to(full_filesystem / "cache.sqlite")
+    settings = cached_settings(data_dir, fake_embedder.base_url, entries=0)
+    running = ServerThread(settings).start()  # type: ignore[arg-type]
+    try:
+        with running.client() as client:
+            client.create_classifier("c")
+            client.add_exemplars("c", [("red apple", "fruit"), ("blue car", "car")])
+            assert (full_filesystem / "cache.sqlite-wal").exists()  # the cache is in use
+            fill(full_filesystem)
+            texts = [f"green apple {i}" for i in range(50)]
+            assert {p.label for p in client.classify_batch("c", texts)} == {"fruit"}
+            assert client.classify("c", "green car").label == "car"
+            assert client.classify("c", "red apple").label == "fruit"
+    finally:
+        running.stop()
+    [warning] = warnings_about_the_cache(caplog)
+    assert "database or disk is full" in warning
 
 
 def test_the_file_keeps_the_most_recently_written_vectors_only(tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ requests are refused."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from knn_classifier.client import AsyncClient, KnnClassifierError
+from knn_classifier.server import deadlines
 from knn_classifier.server.coalescing import Coalescer, QueryBatcher
-from knn_classifier.server.errors import Unavailable
+from knn_classifier.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from knn_classifier.server.store import EdgeStore
 
 from .conftest import ServerThread, make_settings
@@ -98,6 +100,106 @@ def test_requests_that_expire_in_the_queue_are_not_sent(
         running.stop()
 
 
+def wait_until(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def share_one_call(
+    running: ServerThread,
+    fake_embedder: FakeEmbeddingServer,
+    calls: Sequence[Callable[[AsyncClient], Awaitable[object]]],
+    texts: int,
+) -> list[object]:
+    """Makes ``calls`` (of ``texts`` texts in all) share one embedding call, deterministically.
+
+    A first Classify holds the server's only embedding slot at the fake embedder until the
+    others are all queued; then all of them are sent together. Returns their answers.
+    """
+    assert running.app is not None
+    coalescer = running.app.service._coalescer
+    gate = fake_embedder.hold()
+
+    async def scenario() -> list[object]:
+        async with AsyncClient(running.address, timeout=30) as client:
+            first = asyncio.ensure_future(client.classify("c", "green pear"))
+            await asyncio.to_thread(fake_embedder.wait_for_held, 1)
+            together = asyncio.gather(*(call(client) for call in calls), return_exceptions=True)
+            await asyncio.to_thread(
+                wait_until, lambda: coalescer.queued_texts == texts, "every request is queued"
+            )
+            gate.set()
+            assert (await first).label == "fruit"
+            return list(await together)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        gate.set()
+
+
+def test_a_text_the_model_rejects_fails_only_its_own_caller(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Two Classify calls share one embedding call and the model rejects one's text (HTTP 400):
+    each is sent again alone, so the other is classified and the rejection describes only the
+    rejected text."""
+    running = serve(tmp_path, fake_embedder.base_url)
+    try:
+        behaviour = fake_embedder.reset(max_input_chars=40)
+        good, bad = "red fruit basket", "blue car on a long and winding road " * 3
+        classified, rejected = share_one_call(
+            running,
+            fake_embedder,
+            [lambda client: client.classify("c", good), lambda client: client.classify("c", bad)],
+            texts=2,
+        )
+    finally:
+        running.stop()
+    assert classified.label == "fruit"  # type: ignore[attr-defined]
+    assert isinstance(rejected, KnnClassifierError)
+    assert rejected.code.name == "INVALID_ARGUMENT"
+    assert f"The input ({len(bad)} tokens) is longer" in rejected.details
+    assert str(len(good)) not in rejected.details
+    calls = behaviour.inputs
+    assert calls[0] == ["green pear"]
+    assert sorted(calls[1]) == sorted([good, bad])  # the shared call, rejected
+    assert sorted(calls[2:]) == sorted([[good], [bad]])  # each sent once more, alone
+
+
+def test_a_rejected_batch_in_a_shared_call_is_split_once_more_and_no_further(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """The coalescer resends each request alone; the service then splits the rejected batch
+    into single texts: each text is sent at most three times, and only the bad one fails."""
+    running = serve(tmp_path, fake_embedder.base_url)
+    try:
+        behaviour = fake_embedder.reset(max_input_chars=40)
+        good, fine, bad = "red fruit basket", "blue car road", "green pear fruit " * 5
+        classified, batch = share_one_call(
+            running,
+            fake_embedder,
+            [
+                lambda client: client.classify("c", good),
+                lambda client: client.classify_batch("c", [fine, bad]),
+            ],
+            texts=3,
+        )
+    finally:
+        running.stop()
+    assert classified.label == "fruit"  # type: ignore[attr-defined]
+    fine_answer, bad_answer = batch  # type: ignore[misc]
+    assert fine_answer.label == "car"
+    assert bad_answer.error.code == "INVALID_ARGUMENT"
+    assert f"The input ({len(bad)} tokens) is longer" in bad_answer.error.message
+    calls = behaviour.inputs
+    assert sorted(calls[1]) == sorted([good, fine, bad])  # shared, rejected
+    assert sorted(calls[2:4]) == sorted([[good], [fine, bad]])  # each request alone
+    assert calls[4:] == [[fine], [bad]]  # the rejected batch, one text per call
+
+
 @pytest.mark.parametrize("failure", [503, 400])
 def test_a_failed_call_fails_every_request_in_it(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer, failure: int
@@ -150,6 +252,101 @@ async def test_a_busy_service_gathers_requests_and_sends_a_repeated_text_once() 
         await coalescer.close()
     assert embed.calls == [["first"], ["x", "yy", "zzz"]]
     assert [r.tolist() for r in rows] == [[[float(len(t)), 1.0]] for t in texts]
+
+
+class RejectingEmbed:
+    """Rejects a call holding a text that starts with "bad", naming every text of the call (as
+    SGLang's reason names the text it rejects); holds the first call until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.first_started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if len(self.calls) == 1:
+                self.first_started.set()
+                await self.release.wait()
+            await asyncio.sleep(0)  # let concurrent calls overlap
+            if any(t.startswith("bad") for t in texts):
+                raise InvalidArgument(f"the model rejected the call {list(texts)}")
+            return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_rejected_shared_call_is_sent_again_one_request_per_call_within_the_bound() -> None:
+    embed = RejectingEmbed()
+    coalescer = Coalescer(embed, 256, 2, 1000, max_wait_s=0.0)
+    try:
+        first = asyncio.ensure_future(coalescer.embed(["first"]))
+        await embed.first_started.wait()  # the first call holds one of the two slots
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                coalescer.embed(["good", "fine"]),
+                coalescer.embed(["bad"]),
+                coalescer.embed(["good"]),
+                return_exceptions=True,
+            ),
+            timeout=30,
+        )
+        embed.release.set()
+        await first
+    finally:
+        await coalescer.close()
+    assert embed.calls == [
+        ["first"],
+        ["good", "fine", "bad"],  # shared (a repeated text once) and rejected
+        ["good", "fine"],
+        ["bad"],
+        ["good"],
+    ]
+    assert embed.most_in_flight == 2
+    good_fine, rejected, good = answers
+    assert good_fine.tolist() == [[4.0, 1.0], [4.0, 1.0]]  # type: ignore[union-attr]
+    assert good.tolist() == [[4.0, 1.0]]  # type: ignore[union-attr]
+    assert isinstance(rejected, InvalidArgument)
+    assert str(rejected) == "the model rejected the call ['bad']"
+
+
+async def test_a_rejected_call_of_one_request_is_not_sent_again() -> None:
+    embed = RejectingEmbed()
+    embed.release.set()
+    coalescer = Coalescer(embed, 256, 2, 1000, max_wait_s=0.0)
+    try:
+        with pytest.raises(InvalidArgument):
+            await asyncio.wait_for(coalescer.embed(["good", "bad"]), timeout=30)
+    finally:
+        await coalescer.close()
+    assert embed.calls == [["good", "bad"]]
+
+
+async def test_a_request_whose_deadline_passed_in_a_rejected_call_is_not_sent_again() -> None:
+    embed = RejectingEmbed()
+    coalescer = Coalescer(embed, 256, 2, 1000, max_wait_s=0.0)
+    try:
+        with deadlines.within(0.05):
+            hasty = asyncio.ensure_future(coalescer.embed(["bad hasty"]))
+            hasty_deadline = time.monotonic() + (deadlines.remaining() or 0.0)
+        patient = asyncio.ensure_future(coalescer.embed(["patient"]))
+        await embed.first_started.wait()  # both are in the first call
+        await asyncio.sleep(hasty_deadline - time.monotonic() + 0.01)
+        assert time.monotonic() > hasty_deadline  # the hasty request's deadline has passed
+        embed.release.set()
+        answers = await asyncio.wait_for(
+            asyncio.gather(hasty, patient, return_exceptions=True), timeout=30
+        )
+    finally:
+        await coalescer.close()
+    assert embed.calls == [["bad hasty", "patient"], ["patient"]]
+    assert isinstance(answers[0], DeadlineExceeded)
+    assert answers[1].tolist() == [[7.0, 1.0]]  # type: ignore[union-attr]
 
 
 async def test_queries_made_together_become_one_store_query_cut_to_each_k(tmp_path: Path) -> None:

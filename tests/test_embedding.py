@@ -3,14 +3,15 @@ import socket
 import numpy as np
 import pytest
 
-from knn_classifier.server.embedding import Embedder, truncate
+from knn_classifier.server.cache import EmbeddingCache
+from knn_classifier.server.embedding import Embedder, truncate, usable_rows
 from knn_classifier.server.errors import InvalidArgument, StartupError, Unavailable
 from knn_classifier.server.settings import EmbeddingSettings
 
 from .fake_embedder import FakeEmbeddingServer, fake_vector
 
 
-def embedder(base_url: str, **changes: object) -> Embedder:
+def embedder(base_url: str, cache: EmbeddingCache | None = None, **changes: object) -> Embedder:
     values: dict[str, object] = {
         "base_url": base_url,
         "model": "fake",
@@ -19,7 +20,7 @@ def embedder(base_url: str, **changes: object) -> Embedder:
         "startup_timeout_s": 0,
         **changes,
     }
-    return Embedder(EmbeddingSettings(**values))  # type: ignore[arg-type]
+    return Embedder(EmbeddingSettings(**values), cache)  # type: ignore[arg-type]
 
 
 def free_port() -> int:
@@ -122,12 +123,36 @@ async def test_probe_of_an_unreachable_server_refuses_start_up() -> None:
     await e.close()
 
 
-@pytest.mark.parametrize("fault", ["bad_width", "nan"])
+@pytest.mark.parametrize("fault", [{"bad_width": True}, {"nan": True}, {"zero_texts": {"two"}}])
 async def test_malformed_vectors_are_unavailable(
-    fake_embedder: FakeEmbeddingServer, fault: str
+    fake_embedder: FakeEmbeddingServer, fault: dict[str, object]
 ) -> None:
-    fake_embedder.reset(**{fault: True})
+    fake_embedder.reset(**fault)
     e = embedder(fake_embedder.base_url)
     with pytest.raises(Unavailable):
         await e.embed(["one", "two"])
     await e.close()
+
+
+@pytest.mark.parametrize("fault", [{"nan": True}, {"zero_texts": {"two"}}])
+async def test_unusable_vectors_are_not_cached(
+    fake_embedder: FakeEmbeddingServer, fault: dict[str, object]
+) -> None:
+    e = embedder(fake_embedder.base_url, EmbeddingCache(None, 100))
+    await e.probe()
+    fake_embedder.reset(**fault)
+    with pytest.raises(Unavailable, match="all-zero or non-finite"):
+        await e.embed(["one", "two"])
+    fake_embedder.reset()  # healed: the texts are embedded again, not served from the cache
+    vectors = await e.embed(["one", "two"])
+    assert fake_embedder.behaviour.inputs == [["one", "two"]]
+    np.testing.assert_allclose(vectors, [fake_vector("one", 64), fake_vector("two", 64)])
+    await e.close()
+
+
+def test_usable_rows_have_a_finite_non_zero_norm() -> None:
+    rows = np.array(
+        [[0.6, 0.8], [0.0, 0.0], [np.nan, 1.0], [np.inf, 0.0], [3e38, 3e38], [1e-30, 0.0]],
+        dtype=np.float32,
+    )
+    assert usable_rows(rows).tolist() == [True, False, False, False, False, False]

@@ -4,12 +4,15 @@ The persistent layer is a SQLite file in the data directory, or Redis when repli
 it. Keys are SHA-256 digests of the embedder fingerprint and the exact prompt (the classifier's
 instruction and the text, as the model sees them), so a vector is only ever reused for the very
 same model input. Anything wrong with the persistent layer (corrupt file, full disk, Redis
-unreachable) turns it off with a warning: the service then embeds, never fails and never serves
-a vector it cannot trust (values of the wrong size or not finite are misses).
+unreachable, a write refused) turns it off with one warning: the service then embeds, never
+fails and never serves a vector it cannot trust. Only usable vectors go in (finite, with a
+non-zero norm; see :func:`usable_rows`), and values of the wrong size or not usable are misses,
+so a bad vector written by an older version is never served either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -21,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import redis
 
-from .embedding import Fingerprint, Matrix
+from .embedding import Fingerprint, Matrix, usable_rows
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +148,12 @@ class EmbeddingCache:
         return [self._vector(found.get(k)) for k in keys]
 
     def put_many(self, prompts: Sequence[str], vectors: Matrix) -> None:
+        """Remembers the vectors of ``prompts``; rows that are not usable are left out."""
+        usable = usable_rows(vectors)
         rows = [
-            (self._key(p), v.astype("<f4").tobytes()) for p, v in zip(prompts, vectors, strict=True)
+            (self._key(p), v.astype("<f4").tobytes())
+            for p, v, ok in zip(prompts, vectors, usable, strict=True)
+            if ok
         ]
         for key, blob in rows:
             self._remember(key, blob)
@@ -168,7 +175,7 @@ class EmbeddingCache:
         if blob is None or len(blob) != 4 * self._width:
             return None
         vector = np.frombuffer(blob, dtype="<f4")
-        return vector if bool(np.all(np.isfinite(vector))) else None
+        return vector if usable_rows(vector[np.newaxis])[0] else None
 
     def _remember(self, key: bytes, blob: bytes) -> None:
         self._memory[key] = blob
@@ -178,4 +185,7 @@ class EmbeddingCache:
 
     def _disable(self, exc: Exception) -> None:
         log.warning("embedding cache unusable (%s); continuing without it", exc)
-        self._backend = None
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            with contextlib.suppress(*backend.failures):
+                backend.close()

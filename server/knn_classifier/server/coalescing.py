@@ -7,7 +7,8 @@ the last call carried several requests) starts calls at most every ``max_wait_s`
 next call is full, so requests arriving meanwhile ride together even when the embedder answers
 fast (each call through the openai SDK costs about 2 ms of CPU here). The queue is bounded: a
 request that does not fit is refused at once with RESOURCE_EXHAUSTED, and a request whose
-deadline passed while it waited is never sent.
+deadline passed while it waited is never sent. When the model rejects a shared call, each of its
+requests is sent again alone, so one caller's bad text fails only that caller.
 
 Store queries (:class:`QueryBatcher`): the requests of one embedding call resume together, and
 their queries of the same classifier and dimension become one batched store query, which costs
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import deadlines
 from .embedding import Matrix
-from .errors import DeadlineExceeded, ResourceExhausted
+from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from .store import Record, Store
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,16 @@ class _Waiting:
     future: asyncio.Future[Matrix]
     deadline: float | None
     """The caller's deadline on the event loop's clock (None: none)."""
+
+
+def _fail_if_late(waiting: _Waiting, now: float) -> bool:
+    """Fails the request if its deadline has passed; whether it did."""
+    if waiting.deadline is None or waiting.deadline > now:
+        return False
+    waiting.future.set_exception(
+        DeadlineExceeded("the deadline passed while waiting for the embedding server")
+    )
+    return True
 
 
 class Coalescer:
@@ -62,6 +73,11 @@ class Coalescer:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued_texts(self) -> int:
+        """Texts waiting for an embedding call to start."""
+        return self._queued_texts
 
     async def embed(self, texts: Sequence[str]) -> Matrix:
         """The full-width vectors of ``texts``, embedded together with other waiting requests."""
@@ -134,42 +150,74 @@ class Coalescer:
                 break
             self._queue.popleft()
             self._queued_texts -= len(head.texts)
-            if head.future.done():  # the caller gave up
-                continue
-            if head.deadline is not None and head.deadline <= now:
-                head.future.set_exception(
-                    DeadlineExceeded("the deadline passed while waiting for the embedding server")
-                )
+            if head.future.done() or _fail_if_late(head, now):  # done: the caller gave up
                 continue
             batch.append(head)
             count += len(head.texts)
         return batch
 
     async def _send(self, batch: list[_Waiting]) -> None:
+        """Sends one call for ``batch`` in the slot the worker took, and answers its requests.
+
+        SGLang rejects a whole call for one bad text, and its reason describes that text. So
+        when the model rejects a call shared by several requests, each is sent again on its own
+        (:meth:`_resend`) and gets its own answer: its vectors, or its own rejection. A request
+        alone in its call gets the rejection at once, so nothing is ever sent more than twice.
+        """
         try:
-            now = asyncio.get_running_loop().time()
-            ends = [w.deadline for w in batch]
-            left = None if None in ends else max(e for e in ends if e is not None) - now
-            texts = [text for waiting in batch for text in waiting.texts]
-            unique = list(dict.fromkeys(texts))  # concurrent requests often repeat a text
-            try:
-                with deadlines.within(left):
-                    vectors = await self._embed(unique)
-                if len(unique) < len(texts):
-                    row = {text: i for i, text in enumerate(unique)}
-                    vectors = vectors[[row[text] for text in texts]]
-            except Exception as exc:
-                for waiting in batch:
-                    if not waiting.future.done():
-                        waiting.future.set_exception(exc)
-                return
-            offsets = np.cumsum([0, *(len(w.texts) for w in batch)])
-            for waiting, start, end in zip(batch, offsets[:-1], offsets[1:], strict=True):
-                if not waiting.future.done():
-                    waiting.future.set_result(vectors[start:end])
+            outcome = await self._outcome(batch)
         finally:
             self._in_flight -= 1
             self._slots.release()
+        if isinstance(outcome, InvalidArgument) and len(batch) > 1:
+            await asyncio.gather(*(self._resend(waiting) for waiting in batch))
+        else:
+            self._answer(batch, outcome)
+
+    async def _resend(self, waiting: _Waiting) -> None:
+        """Sends one request on its own, in a slot of its own, unless its caller gave up."""
+        async with self._slots:
+            if waiting.future.done() or _fail_if_late(waiting, asyncio.get_running_loop().time()):
+                return
+            self._in_flight += 1
+            try:
+                outcome = await self._outcome([waiting])
+            finally:
+                self._in_flight -= 1
+        self._answer([waiting], outcome)
+
+    async def _outcome(self, batch: list[_Waiting]) -> Matrix | Exception:
+        """The vectors of the batch's texts, in order, or the error the call failed with.
+
+        The call may last until the latest deadline of the batch (none if one has none).
+        """
+        now = asyncio.get_running_loop().time()
+        ends = [w.deadline for w in batch]
+        left = None if None in ends else max(e for e in ends if e is not None) - now
+        texts = [text for waiting in batch for text in waiting.texts]
+        unique = list(dict.fromkeys(texts))  # concurrent requests often repeat a text
+        try:
+            with deadlines.within(left):
+                vectors = await self._embed(unique)
+        except Exception as exc:
+            return exc
+        if len(unique) < len(texts):
+            row = {text: i for i, text in enumerate(unique)}
+            vectors = vectors[[row[text] for text in texts]]
+        return vectors
+
+    @staticmethod
+    def _answer(batch: list[_Waiting], outcome: Matrix | Exception) -> None:
+        """Gives each request still waiting its rows of ``outcome``, or the error."""
+        if isinstance(outcome, Exception):
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(outcome)
+            return
+        offsets = np.cumsum([0, *(len(w.texts) for w in batch)])
+        for waiting, start, end in zip(batch, offsets[:-1], offsets[1:], strict=True):
+            if not waiting.future.done():
+                waiting.future.set_result(outcome[start:end])
 
 
 @dataclass(eq=False)

@@ -48,6 +48,19 @@ class Fingerprint:
         return {"model": self.model, "template": self.template, "width": self.width}
 
 
+def usable_rows(vectors: Matrix) -> npt.NDArray[np.bool_]:
+    """Which rows can serve as embeddings: those with a finite, non-zero norm.
+
+    A row with a NaN or an infinity has no finite norm, and an all-zero row cannot be
+    normalised: such a row is a fault of the embedding server, never the meaning of a text.
+    Computed in float32 like :func:`truncate`'s norms, so magnitudes that it could not
+    normalise fail too.
+    """
+    with np.errstate(over="ignore"):
+        squares = np.einsum("ij,ij->i", vectors, vectors)
+    return cast(npt.NDArray[np.bool_], np.isfinite(squares) & (squares > 0))
+
+
 def truncate(vectors: Matrix, dimension: int) -> Matrix:
     """The first ``dimension`` components of each row, L2-normalised (Matryoshka truncation)."""
     head = vectors[:, :dimension]
@@ -208,8 +221,12 @@ class Embedder:
         if len(widths) != 1 or (self._width is not None and widths != {self._width}):
             raise Unavailable(f"the embedding server returned vectors of width {sorted(widths)}")
         matrix = np.vstack(rows).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(matrix)):
-            raise Unavailable("the embedding server returned non-finite values")
+        # Checked here, before any cache sees the rows: a bad row cached would be served again.
+        if not np.all(usable_rows(matrix)):
+            raise Unavailable(
+                "the embedding server returned an all-zero or non-finite vector; retry later, "
+                "and check the embedding server if it persists"
+            )
         return matrix
 
 
