@@ -36,8 +36,7 @@ from .errors import (
     StartupError,
     Unavailable,
 )
-from .evaluation import Report
-from .evaluator import Evaluator
+from .evaluator import Evaluation, Evaluator
 from .settings import Settings
 from .store import Record, Selection, Store
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
@@ -464,11 +463,15 @@ class ClassifierService:
 
     async def evaluate(
         self, classifier: str, request: EvaluateRequest
-    ) -> tuple[list[Report], list[str], ClassifierInfo]:
+    ) -> tuple[Evaluation, ClassifierInfo]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC."""
         config = await self._config(classifier)
-        reports, unknown_labels, config, count = await self._evaluator.evaluate(config, request)
-        return reports, unknown_labels, ClassifierInfo(config, count)
+        evaluation = await self._evaluator.evaluate(config, request)
+        if evaluation.updated is not None:
+            config = evaluation.updated
+            await self._store.put_meta(classifier_key(config.name), config.to_payload())
+            log.info("classifier %s: applied the best setting of an Evaluate", config.name)
+        return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
 
 
 def _either(override: T | None, default: T) -> T:
