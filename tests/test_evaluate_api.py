@@ -15,6 +15,7 @@ from knn_classifier.client import Client, FailedPreconditionError, InvalidArgume
 from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
+from knn_classifier.server.evaluator import Evaluation
 from knn_classifier.server.label_models import leave_one_out_discriminant, shrinkage
 from knn_classifier.server.voting import Voting
 from knn_classifier.v1 import classifier_pb2 as pb
@@ -80,18 +81,49 @@ def test_held_out_counts_unknown_labels_as_errors(topics: Client) -> None:
 
 def test_apply_best_sets_defaults_and_calibrates(topics: Client) -> None:
     response = topics.evaluate(
-        "topics", k=[3, 9], voting=["majority", "softmax"], apply_best=True, target_precision=0.99
+        "topics", k=[3, 9], voting=["majority", "softmax"], apply_best=True, target_precision=0.95
     )
     best = response.results[0]
     classifier = topics.get_classifier("topics")
     assert (classifier.k, classifier.voting) == (best.k, best.voting)
     assert classifier.calibrated
     assert classifier == response.classifier
-    assert classifier.min_confidence > 0.0  # 99 % precision needs some abstention
+    reached = response.thresholds
+    assert reached.target_met
+    assert reached.precision >= 0.95 > best.accuracy  # reached by abstaining on some texts
+    assert 0.0 < reached.coverage < 1.0
+    assert classifier.min_confidence > 0.0 or classifier.min_similarity > -1.0
     prediction = topics.classify("topics", "football goal w1 w2")
     assert 0.0 <= prediction.confidence <= 1.0
     held_out = topics.evaluate("topics", held_out=topical_texts(60, seed=2)).results[0]
     assert held_out.accuracy_on_covered >= held_out.accuracy
+
+
+def test_a_target_precision_out_of_reach_leaves_the_thresholds(client: Client) -> None:
+    """Two labels over one vocabulary: no thresholds make leave-one-out 95 % precise, so the
+    classifier keeps answering, calibrated, and the response says the target was not met.
+    (Fitting each threshold alone set min_similarity above every score: all unknown.)"""
+    rng = random.Random(5)
+    words = [f"v{i}" for i in range(40)]
+    texts = list(dict.fromkeys(" ".join(rng.sample(words, 4)) for _ in range(120)))
+    client.create_classifier("overlap", k=5)
+    client.add_exemplars("overlap", [(t, "ab"[i % 2]) for i, t in enumerate(texts)])
+    before = client.get_classifier("overlap")
+
+    response = client.evaluate("overlap", apply_best=True, target_precision=0.95)
+    reached = response.thresholds
+    assert not reached.target_met
+    assert reached.coverage == 1.0  # the thresholds as they were: every text is answered
+    assert 0.3 < reached.precision < 0.8
+    after = client.get_classifier("overlap")
+    assert after.calibrated
+    assert (after.min_similarity, after.min_confidence) == (
+        before.min_similarity,
+        before.min_confidence,
+    )
+    answers = client.classify_batch("overlap", texts[:20])
+    assert all(not a.unknown for a in answers)
+    assert not client.evaluate("overlap").HasField("thresholds")  # only with target_precision
 
 
 def test_label_models_fit_their_temperature_on_leave_one_out(topics: Client) -> None:
@@ -129,6 +161,42 @@ def test_bad_evaluate_requests(topics: Client) -> None:
         topics.evaluate("topics", dimension=[7])
     with pytest.raises(InvalidArgumentError, match="temperature"):
         topics.evaluate("topics", voting=["softmax"], temperature=[0.0])
+
+
+def test_sweep_lists_are_bounded_and_deduplicated_before_expanding(topics: Client) -> None:
+    """A 15 KB request of repeated values once made millions of combinations on the event loop
+    (9 s for these two lists of 1,500, then one setting) before the sweep's size was checked."""
+    with pytest.raises(InvalidArgumentError, match="k lists 1500 values; the limit is 64"):
+        topics.evaluate("topics", k=[5] * 1500, temperature=[0.05] * 1500)
+    # Lists at the bound: 64^4 combinations as written, 12 distinct settings (2 dimensions x
+    # (2 k of softmax + 1 centroid) x 2 temperatures).
+    response = topics.evaluate(
+        "topics",
+        k=[3, 5] * 32,
+        voting=["softmax", "centroid"] * 32,
+        dimension=[16, 64] * 32,
+        temperature=[0.05, 0.1] * 32,
+    )
+    settings = {(r.k, r.voting, r.dimension, round(r.temperature, 6)) for r in response.results}
+    assert len(response.results) == len(settings) == 12
+
+
+def test_the_evaluator_proposes_and_writes_nothing(topics: Client, server: ServerThread) -> None:
+    """apply_best's result is stored by the service, which owns the classifier's record (a
+    write by the evaluator after its sweep brought back a classifier deleted meanwhile)."""
+    assert server.app is not None
+    service = server.app.service
+
+    async def propose() -> Evaluation:
+        config = (await service.get_classifier("topics")).config
+        request = EvaluateRequest(apply_best=True, target_precision=0.95)
+        return await service._evaluator.evaluate(config, request)
+
+    evaluation = server.run(propose())
+    assert evaluation.updated is not None
+    assert evaluation.updated.calibration is not None
+    assert evaluation.reached is not None
+    assert not topics.get_classifier("topics").calibrated
 
 
 def test_a_passed_deadline_stops_the_sweep(topics: Client, server: ServerThread) -> None:

@@ -10,9 +10,9 @@ from knn_classifier.server.evaluation import (
     expected_calibration_error,
     nearest,
     report,
-    threshold_for_precision,
 )
 from knn_classifier.server.evaluator import Evaluated, recommended_first, standard_error
+from knn_classifier.server.thresholds import Thresholds, fit, kept
 from knn_classifier.server.voting import Voting
 
 SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
@@ -71,13 +71,54 @@ def test_expected_calibration_error() -> None:
     assert expected_calibration_error([0.95] * 2, [True, False]) == pytest.approx(0.45)
 
 
-def test_threshold_for_precision() -> None:
-    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
-    correct = [True, True, True, False, False]
-    assert threshold_for_precision(scores, correct, 1.0) == pytest.approx(0.7)
-    assert threshold_for_precision(scores, correct, 0.75) == pytest.approx(0.6)
-    assert threshold_for_precision(scores, correct, 0.5) == -1.0
-    assert threshold_for_precision([0.9], [False], 0.9) > 0.9
+def smoothed(precision: float, coverage: float, n: int) -> float:
+    """The precision with one right and one wrong answer added."""
+    count = round(coverage * n)
+    return (precision * count + 1) / (count + 2)
+
+
+def test_thresholds_keep_the_most_answers_that_reach_the_target() -> None:
+    """Against every pair of thresholds (fewer than 64 distinct similarities: all are tried)."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = 60
+        sims = rng.uniform(0.2, 0.9, n).round(3).tolist()
+        conf = rng.choice([0.3, 0.5, 0.6, 0.7, 0.8, 0.95, 1.0], n).tolist()
+        right = (rng.uniform(size=n) < 0.3 + 0.35 * np.array(conf) + 0.3 * np.array(sims)).tolist()
+        target = float(rng.choice([0.8, 0.9, 0.95]))
+        best = 0
+        for s in [-1.0, *sims]:
+            for c in [0.0, *conf]:
+                precision, coverage = kept(sims, conf, right, Thresholds(s, c))
+                if smoothed(precision, coverage, n) >= target:
+                    best = max(best, round(coverage * n))
+        fitted = fit(sims, conf, right, target)
+        if best == 0:
+            assert fitted is None
+            continue
+        assert fitted is not None
+        precision, coverage = kept(sims, conf, right, fitted)
+        assert round(coverage * n) == best
+        assert smoothed(precision, coverage, n) >= target
+
+
+def test_thresholds_are_fitted_jointly() -> None:
+    """Similarity alone cannot reach 0.9 here (its best answers are half wrong) nor confidence
+    alone (its best are the dissimilar ones), but the two together keep 40 of 100 answers."""
+    sims = [0.9] * 20 + [0.8] * 40 + [0.3] * 40
+    conf = [0.5] * 20 + [0.9] * 40 + [0.95] * 40
+    right = [True, False] * 10 + [True] * 40 + [True, False] * 20
+    fitted = fit(sims, conf, right, 0.9)
+    assert fitted == Thresholds(min_similarity=0.8, min_confidence=0.9)
+    assert kept(sims, conf, right, fitted) == (1.0, 0.4)
+
+
+def test_a_target_out_of_reach_fits_nothing() -> None:
+    # 12 right of 12 does not show 0.95 (13 / 14 = 0.93), 18 of 18 does.
+    lucky = [0.9] * 12 + [0.5] * 88
+    assert fit(lucky, lucky, [True] * 12 + [False] * 88, 0.95) is None
+    assert fit([0.9] * 18, [0.9] * 18, [True] * 18, 0.95) == Thresholds(-1.0, 0.0)
+    assert fit([0.9] * 1000, [0.9] * 1000, [True] * 1000, 1.0) is None
 
 
 def evaluated(voting: Voting, k: int, right: str) -> Evaluated:

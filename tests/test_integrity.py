@@ -271,3 +271,60 @@ def test_delete_exemplars_refuses_more_ids_than_a_batch(
         assert client.delete_exemplars("c", ids=[f"id{i}" for i in range(100)]) == 0
         assert client.get_classifier("c").exemplar_count == 1
     running.stop()
+
+
+class PausedEvaluator:
+    """The service's evaluator, pausing after its sweep until the test lets it go on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.swept = threading.Event()
+        self.go_on = threading.Event()
+
+    async def evaluate(self, config: Any, request: Any) -> Any:
+        evaluation = await self.inner.evaluate(config, request)
+        self.swept.set()
+        await asyncio.to_thread(self.go_on.wait, 60)
+        return evaluation
+
+
+@pytest.mark.parametrize("meanwhile", ["delete", "add"])
+def test_apply_best_never_overwrites_a_classifier_changed_during_the_sweep(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer, meanwhile: str
+) -> None:
+    """Deleted during the sweep: Evaluate answers NOT_FOUND and the classifier stays deleted.
+    Given an exemplar during the sweep: ABORTED, and the settings stay as they were."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    running = ServerThread(settings).start()
+    assert running.app is not None
+    paused = PausedEvaluator(running.app.service._evaluator)
+    running.app.service._evaluator = paused  # type: ignore[assignment]
+    with running.client() as client:
+        client.create_classifier("c")
+        client.add_exemplars(
+            "c", [(f"{w} fruit {i}", "fruit") for i, w in enumerate(["apple", "pear", "fig"])]
+        )
+        client.add_exemplars(
+            "c", [(f"{w} car {i}", "car") for i, w in enumerate(["red", "fast", "old"])]
+        )
+        before = client.get_classifier("c")
+        evaluating = in_background(
+            lambda: client.evaluate("c", k=[1, 3], apply_best=True, target_precision=0.9)
+        )
+        assert paused.swept.wait(60)
+        if meanwhile == "delete":
+            client.delete_classifier("c")
+        else:
+            client.add_exemplars("c", [("plum fruit", "fruit")])
+        paused.go_on.set()
+        with pytest.raises(KnnClassifierError) as refused:
+            evaluating.result(timeout=60)
+        if meanwhile == "delete":
+            assert refused.value.code is grpc.StatusCode.NOT_FOUND
+            assert client.list_classifiers() == []
+        else:
+            assert refused.value.code is grpc.StatusCode.ABORTED
+            after = client.get_classifier("c")
+            assert not after.calibrated
+            assert (after.k, after.min_similarity) == (before.k, before.min_similarity)
+    running.stop()

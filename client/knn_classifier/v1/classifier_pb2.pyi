@@ -947,8 +947,11 @@ class EvaluateRequest(_message.Message):
     confidence calibration. Leave-one-out only.
     """
     target_precision: _builtins.float
-    """With apply_best: fit min_confidence and min_similarity so that answers that are not
-    unknown are right this often (e.g. 0.95). Unset: thresholds stay as they are.
+    """With apply_best: fit min_similarity and min_confidence together so that as many
+    leave-one-out answers as possible are kept (not unknown) while the kept ones are right this
+    often (e.g. 0.95), counting one more right and one more wrong answer (so 12 right of 12 does
+    not show 0.95, and 1.0 is never reached). When no thresholds reach it, both stay as they
+    are (see EvaluateResponse.thresholds). Unset: thresholds stay as they are.
     """
     @_builtins.property
     def held_out(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
@@ -1116,6 +1119,7 @@ class EvaluateResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     UNKNOWN_LABELS_FIELD_NUMBER: _builtins.int
     CLASSIFIER_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
         """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
@@ -1133,17 +1137,55 @@ class EvaluateResponse(_message.Message):
     def classifier(self) -> Global___Classifier:
         """The classifier after the request (with the best settings if apply_best)."""
 
+    @_builtins.property
+    def thresholds(self) -> Global___ThresholdsReached:
+        """With target_precision: what the classifier's thresholds after the request give on the
+        leave-one-out answers of the applied setting.
+        """
+
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___EvaluationResult] | None = ...,
         unknown_labels: _abc.Iterable[_builtins.str] | None = ...,
         classifier: Global___Classifier | None = ...,
+        thresholds: Global___ThresholdsReached | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "results", b"results", "unknown_labels", b"unknown_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "results", b"results", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015
+
+@_typing.final
+class ThresholdsReached(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_MET_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    target_met: _builtins.bool
+    """True: min_similarity and min_confidence were fitted to reach target_precision. False: no
+    thresholds reach it (the classifier would answer "unknown" to nearly everything), so they
+    were left as they were; the best setting and the calibration are applied all the same.
+    """
+    precision: _builtins.float
+    """Share of the kept (not unknown) leave-one-out answers that are right; 0 when none is kept."""
+    coverage: _builtins.float
+    """Share of the leave-one-out texts that are kept."""
+    def __init__(
+        self,
+        *,
+        target_met: _builtins.bool = ...,
+        precision: _builtins.float = ...,
+        coverage: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "precision", b"precision", "target_met", b"target_met"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThresholdsReached: _TypeAlias = ThresholdsReached  # noqa: Y015

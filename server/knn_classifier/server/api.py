@@ -211,11 +211,21 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 request.target_precision if request.HasField("target_precision") else None
             ),
         )
-        reports, unknown_labels, info = await self._service.evaluate(request.classifier, evaluate)
+        evaluation, info = await self._service.evaluate(request.classifier, evaluate)
+        reached = evaluation.reached
         return pb.EvaluateResponse(
-            results=[_evaluation_result(r) for r in reports],
-            unknown_labels=unknown_labels,
+            results=[_evaluation_result(r) for r in evaluation.reports],
+            unknown_labels=evaluation.unknown_labels,
             classifier=_classifier(info),
+            thresholds=(
+                pb.ThresholdsReached(
+                    target_met=reached.target_met,
+                    precision=reached.precision,
+                    coverage=reached.coverage,
+                )
+                if reached
+                else None
+            ),
         )
 
 

@@ -216,24 +216,3 @@ def report(setting: Setting, truth: Sequence[str], outcomes: Sequence[Outcome]) 
         labels=per_label,
         confusions=[(t, p, c) for (t, p), c in confusions.most_common(10)],
     )
-
-
-def threshold_for_precision(
-    scores: Sequence[float], correct: Sequence[bool], target: float
-) -> float:
-    """The lowest score threshold at which the answers scoring at least it are ``target`` precise.
-
-    -1 when every answer may be kept; above every score when no threshold reaches the target.
-    """
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    sorted_scores = np.asarray(scores, dtype=np.float64)[order]
-    precision = np.cumsum(np.asarray(correct, dtype=np.float64)[order]) / np.arange(
-        1, len(order) + 1
-    )
-    ok = np.nonzero(precision >= target)[0]
-    if len(ok) == 0:
-        return float(sorted_scores[0] + 1e-6)
-    last = int(ok[-1])
-    if last == len(order) - 1:
-        return -1.0
-    return float(sorted_scores[last])

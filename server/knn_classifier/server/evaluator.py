@@ -11,25 +11,29 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from . import deadlines, evaluation, validation
+from . import deadlines, evaluation, thresholds, validation
 from .calibration import Calibration, fitted_temperature
-from .domain import ClassifierConfig, EvaluateRequest, classifier_key
+from .domain import ClassifierConfig, EvaluateRequest
 from .embedding import Embedder, Matrix, truncate
 from .errors import FailedPrecondition, InvalidArgument
 from .evaluation import Exemplars, Outcome, Report, Setting
 from .settings import Settings
 from .store import Store
+from .thresholds import Reached, Thresholds
 from .voting import LABEL_SCORED, Voting
 
 _TEMPERED = {Voting.SOFTMAX, *LABEL_SCORED}
 """The voting methods that use a temperature."""
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,6 +83,11 @@ def with_fitted_temperature(
     return dataclasses.replace(setting, temperature=min(fitted, validation.MAX_TEMPERATURE))
 
 
+def _distinct(values: Iterable[T]) -> list[T]:
+    """``values`` without repeats, in first-seen order."""
+    return list(dict.fromkeys(values))
+
+
 def _right(evaluated: Evaluated, truth: Sequence[str]) -> npt.NDArray[np.float64]:
     """1 for each text the setting answered right, else 0."""
     answers = [o.label for o in evaluated.outcomes]
@@ -108,6 +117,19 @@ def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[flo
     return calibrated
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Evaluation:
+    reports: list[Report]
+    """One per setting of the sweep, the recommended one first."""
+    unknown_labels: list[str]
+    """Held-out labels the classifier has no exemplars of."""
+    exemplar_count: int
+    updated: ClassifierConfig | None
+    """With apply_best: the classifier with the best setting applied, to be stored."""
+    reached: Reached | None
+    """With target_precision: what the updated classifier's thresholds reach."""
+
+
 class Evaluator:
     def __init__(self, settings: Settings, embedder: Embedder, store: Store) -> None:
         self._limits = settings.limits
@@ -115,11 +137,10 @@ class Evaluator:
         self._embedder = embedder
         self._store = store
 
-    async def evaluate(
-        self, config: ClassifierConfig, request: EvaluateRequest
-    ) -> tuple[list[Report], list[str], ClassifierConfig, int]:
-        """Reports for every setting of the sweep, best first; the labels of held-out texts
-        the classifier does not know; the classifier afterwards; its exemplar count."""
+    async def evaluate(self, config: ClassifierConfig, request: EvaluateRequest) -> Evaluation:
+        """Evaluates ``config``'s sweep; with apply_best, proposes the classifier updated with
+        the best setting. Writes nothing: storing the proposal is the caller's (the classifier
+        may have changed or gone meanwhile)."""
         classifier = config.name
         sweep = self._sweep(config, request)
         held_out = request.held_out
@@ -196,39 +217,60 @@ class Evaluator:
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
         results = recommended_first(results, truth)
 
+        updated, reached = None, None
         if request.apply_best:
-            config = await self._apply(config, results[0], truth, request.target_precision)
+            updated, reached = await asyncio.to_thread(
+                self._proposal, config, results[0], truth, request.target_precision
+            )
         unknown_labels = sorted(set(truth) - set(some.labels)) if held_out else []
-        return [r.report for r in results], unknown_labels, config, len(some.ids)
+        return Evaluation(
+            [r.report for r in results], unknown_labels, len(some.ids), updated, reached
+        )
 
     def _sweep(self, config: ClassifierConfig, request: EvaluateRequest) -> list[Setting]:
-        ks = [validation.k(k, self._limits) for k in request.k] or [config.k]
-        votings = request.voting or [config.voting]
-        dimensions = [validation.dimension(d, self._dimensions) for d in request.dimension] or [
-            config.dimension or self._dimensions[-1]
-        ]
-        temperatures = [validation.temperature(t) for t in request.temperature] or [
+        """The settings of the request's sweep, each once.
+
+        Every list is bounded and deduplicated, and the sweep's size counted, before any
+        combination is made: expanding first let a 15 KB request of repeated values make
+        millions of combinations on the event loop.
+        """
+        limit = self._limits.max_sweep
+        lists: dict[str, Sequence[object]] = {
+            "k": request.k,
+            "voting": request.voting,
+            "dimension": request.dimension,
+            "temperature": request.temperature,
+        }
+        for name, values in lists.items():
+            if len(values) > limit:
+                raise InvalidArgument(
+                    f"{name} lists {len(values)} values; the limit is {limit} per list"
+                )
+        ks = _distinct(validation.k(k, self._limits) for k in request.k) or [config.k]
+        votings = _distinct(request.voting) or [config.voting]
+        dimensions = _distinct(
+            validation.dimension(d, self._dimensions) for d in request.dimension
+        ) or [config.dimension or self._dimensions[-1]]
+        temperatures = _distinct(validation.temperature(t) for t in request.temperature) or [
             config.temperature
         ]
-        sweep = list(
-            dict.fromkeys(
-                Setting(
-                    ks[0] if voting in LABEL_SCORED else k,  # k does not change their scores
-                    voting,
-                    dimension,
-                    t if voting in _TEMPERED else config.temperature,
-                )
-                for dimension in dimensions
-                for voting in votings
-                for k in ks
-                for t in temperatures
-            )
-        )
-        if len(sweep) > self._limits.max_sweep:
-            raise InvalidArgument(
-                f"the sweep has {len(sweep)} settings; the limit is {self._limits.max_sweep}"
-            )
-        return sweep
+
+        def ks_of(voting: Voting) -> list[int]:
+            return ks[:1] if voting in LABEL_SCORED else ks  # k does not change their scores
+
+        def temperatures_of(voting: Voting) -> list[float]:
+            return temperatures if voting in _TEMPERED else [config.temperature]
+
+        size = len(dimensions) * sum(len(ks_of(v)) * len(temperatures_of(v)) for v in votings)
+        if size > limit:
+            raise InvalidArgument(f"the sweep has {size} settings; the limit is {limit}")
+        return [
+            Setting(k, voting, dimension, t)
+            for dimension in dimensions
+            for voting in votings
+            for k in ks_of(voting)
+            for t in temperatures_of(voting)
+        ]
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
         records, vectors = await self._store.vectors(dimension, classifier)
@@ -283,42 +325,47 @@ class Evaluator:
         ]
         return outcomes, [o.confidence for o in raw]
 
-    async def _apply(
-        self,
+    @staticmethod
+    def _proposal(
         config: ClassifierConfig,
         best: Evaluated,
         truth: Sequence[str],
         target_precision: float | None,
-    ) -> ClassifierConfig:
-        """Makes the best setting the defaults, with a calibration fitted on all its shares."""
+    ) -> tuple[ClassifierConfig, Reached | None]:
+        """``config`` with the best setting as its defaults and a calibration fitted on all its
+        shares; with ``target_precision``, also its thresholds fitted jointly to it
+        (:mod:`thresholds`), or left as they are when it is out of reach; and what they reach."""
         setting = best.report.setting
-        calibration = Calibration.fit(
-            best.raw_shares,
-            [o.best_label == t for o, t in zip(best.outcomes, truth, strict=True)],
-        )
+        correct = [o.best_label == t for o, t in zip(best.outcomes, truth, strict=True)]
         updated = dataclasses.replace(
             config,
             k=setting.k,
             voting=setting.voting,
             dimension=setting.dimension,
             temperature=setting.temperature,
-            calibration=calibration,
+            calibration=Calibration.fit(best.raw_shares, correct),
         )
-        if target_precision is not None:
-            outcomes = best.outcomes
-            correct = [o.best_label == t for o, t in zip(outcomes, truth, strict=True)]
-            updated = dataclasses.replace(
-                updated,
-                min_confidence=max(
-                    0.0,
-                    evaluation.threshold_for_precision(
-                        [o.confidence for o in outcomes], correct, target_precision
-                    ),
-                ),
-                min_similarity=evaluation.threshold_for_precision(
-                    [o.top_similarity for o in outcomes], correct, target_precision
-                ),
+        if target_precision is None:
+            return updated, None
+        similarities = [o.top_similarity for o in best.outcomes]
+        confidences = [o.confidence for o in best.outcomes]
+        fitted = thresholds.fit(similarities, confidences, correct, target_precision)
+        if fitted is None:
+            log.warning(
+                "classifier %s: no thresholds reach precision %g on %d leave-one-out answers; "
+                "min_similarity and min_confidence left as they were",
+                config.name,
+                target_precision,
+                len(correct),
             )
-        await self._store.put_meta(classifier_key(config.name), updated.to_payload())
-        log.info("classifier %s: applied %s", config.name, setting)
-        return updated
+        else:
+            updated = dataclasses.replace(
+                updated, min_similarity=fitted.min_similarity, min_confidence=fitted.min_confidence
+            )
+        precision, coverage = thresholds.kept(
+            similarities,
+            confidences,
+            correct,
+            Thresholds(updated.min_similarity, updated.min_confidence),
+        )
+        return updated, Reached(fitted is not None, precision, coverage)

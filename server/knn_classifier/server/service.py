@@ -34,8 +34,7 @@ from .errors import (
     StartupError,
     Unavailable,
 )
-from .evaluation import Report
-from .evaluator import Evaluator
+from .evaluator import Evaluation, Evaluator
 from .settings import Settings
 from .store import Record, Selection, Store
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
@@ -486,11 +485,19 @@ class ClassifierService:
 
     async def evaluate(
         self, classifier: str, request: EvaluateRequest
-    ) -> tuple[list[Report], list[str], ClassifierInfo]:
+    ) -> tuple[Evaluation, ClassifierInfo]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC."""
         config = await self._classifiers.get(classifier)
-        reports, unknown_labels, config, count = await self._evaluator.evaluate(config, request)
-        return reports, unknown_labels, ClassifierInfo(config, count)
+        evaluation = await self._evaluator.evaluate(config, request)
+        proposed = evaluation.updated
+        if proposed is not None:
+            # Conditional on the revision the sweep read: a classifier deleted or changed
+            # during the sweep is not overwritten with settings fitted to its old exemplars.
+            config = await self._classifiers.update(
+                classifier, lambda _: proposed, uid=config.uid, etag=config.etag
+            )
+            log.info("classifier %s: applied the best setting of an Evaluate", config.name)
+        return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
 
 
 def _no_exemplars(classifier: str) -> str:
