@@ -24,11 +24,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import free_port
+from bench.harness import free_port, wait_until_serving
 from knn_classifier.client import AsyncClient, KnnClassifierError
 from tests.fake_embedder import FakeEmbeddingServer
 
@@ -134,8 +132,7 @@ def run_soak(seconds: float, concurrency: int, embedder_url: str, data_dir: Path
     server = subprocess.Popen([sys.executable, "-m", "knn_classifier.server"], env=env)
     report = SoakReport(seconds)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=60)
+        wait_until_serving(f"127.0.0.1:{port}")
         report.rss_start_kb = rss_kb(server.pid)
         asyncio.run(drive(f"127.0.0.1:{port}", seconds, concurrency, report))
         report.rss_end_kb = rss_kb(server.pid)
