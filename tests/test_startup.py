@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from knn_classifier.client import Client, UnavailableError
 from knn_classifier.server.app import SERVICE_NAME, App
 from knn_classifier.server.errors import StartupError
-from knn_classifier.server.settings import Settings
+from knn_classifier.server.settings import ServerSettings, Settings
 
 from .certificates import make_ca, make_leaf
 from .conftest import ServerThread, make_settings
@@ -272,10 +272,8 @@ def test_ipv6_loopback_needs_no_keys_with_or_without_brackets() -> None:
         Settings(server={"host": "[::]"})  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match=r"\[nonsense\] is not an IPv6 address"):
         Settings(server={"host": "[nonsense]"})  # type: ignore[arg-type]
-    assert (
-        Settings(server={"host": "0.0.0.0", "port": 7}, auth={"write_keys": "k"}).server.address
-        == "0.0.0.0:7"
-    )  # type: ignore[arg-type]
+    assert ServerSettings(host="0.0.0.0", port=7).address == "0.0.0.0:7"
+    assert ServerSettings(host="localhost").address == "localhost:50051"
 
 
 # Listening while the service starts -----------------------------------------------------------
