@@ -214,8 +214,8 @@ def test_python_m_refuses_an_occupied_port_at_once(
         first.stop()
     assert_one_line_refusal(
         done,
-        f"cannot listen on 127.0.0.1:{first.port} (Address already in use); if another "
-        "knn-classifier runs there, stop it or set KNN_SERVER__PORT (or KNN_SERVER__HOST)",
+        f"cannot listen on 127.0.0.1:{first.port} (Address already in use); another process, "
+        "perhaps another knn-classifier, listens there: stop it or set KNN_SERVER__PORT",
     )
 
 

@@ -70,7 +70,7 @@ class App:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self._credentials = tls_credentials(settings.tls)
-        self._gate = StartingGate()
+        self._gate = StartingGate(SERVICE_NAME)  # health and reflection answer while starting
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
             self._gate,
             RejectMalformedRequests(),

@@ -8,6 +8,7 @@ is opened. The port is bound next, so that a port conflict fails fast too and he
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -21,8 +22,6 @@ from .errors import StartupError
 from .settings import AuthSettings, ServerSettings, TlsSettings
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-_GATED_PREFIX = "/knn_classifier.v1.ClassifierService/"
 
 
 def _read(setting: str, path: Path) -> bytes:
@@ -108,26 +107,31 @@ def listen(
             return server.add_insecure_port(settings.address)
         return server.add_secure_port(settings.address, credentials)
     except RuntimeError:
-        raise StartupError(
-            f"cannot listen on {settings.address} ({_why_not_bindable(settings)}); if another "
-            "knn-classifier runs there, stop it or set KNN_SERVER__PORT (or KNN_SERVER__HOST)"
-        ) from None
+        reason, in_use = _why_not_bindable(settings)
+        advice = (
+            "another process, perhaps another knn-classifier, listens there: stop it or set "
+            "KNN_SERVER__PORT"
+            if in_use
+            else "check KNN_SERVER__HOST and KNN_SERVER__PORT"
+        )
+        raise StartupError(f"cannot listen on {settings.address} ({reason}); {advice}") from None
 
 
-def _why_not_bindable(settings: ServerSettings) -> str:
-    """The operating system's reason (gRPC's exception does not say), found by binding again."""
+def _why_not_bindable(settings: ServerSettings) -> tuple[str, bool]:
+    """The operating system's reason (gRPC's exception does not say), found by binding again,
+    and whether it is that the address is in use."""
     try:
         found = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        return f"cannot resolve {settings.host}: {exc.strerror}"
+        return f"cannot resolve {settings.host}: {exc.strerror}", False
     for family, kind, protocol, _, address in found:
         with socket.socket(family, kind, protocol) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
             try:
                 probe.bind(address)
             except OSError as exc:
-                return str(exc.strerror)
-    return "gRPC could not bind it"
+                return str(exc.strerror), exc.errno == errno.EADDRINUSE
+    return "gRPC could not bind it", False
 
 
 if TYPE_CHECKING:
@@ -137,9 +141,10 @@ else:  # not subscriptable at run time
 
 
 class StartingGate(_ServerInterceptor):
-    """Answers classifier calls UNAVAILABLE until :meth:`open`; health and reflection pass."""
+    """Answers calls to ``service`` UNAVAILABLE until :meth:`open`; other services pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: str) -> None:
+        self._prefix = f"/{service}/"
         self._open = False
 
     def open(self) -> None:
@@ -150,7 +155,7 @@ class StartingGate(_ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
     ) -> Handler:
-        if self._open or not details.method.startswith(_GATED_PREFIX):
+        if self._open or not details.method.startswith(self._prefix):
             return await continuation(details)
         return grpc.unary_unary_rpc_method_handler(_refuse_while_starting)
 
