@@ -12,6 +12,9 @@ import urllib.request
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from knn_classifier.server.app import App
 from knn_classifier.server.settings import Settings
 
@@ -22,6 +25,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def serving(address: str) -> bool:
+    """Whether the service at ``address`` reports health SERVING.
+
+    An open port is not enough: the service listens while it starts (NOT_SERVING until ready).
+    """
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def wait_until_serving(address: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not serving(address):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the service at {address} did not report SERVING in {timeout_s:g}s")
+        time.sleep(0.1)
 
 
 class ServiceThread:

@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import free_port
+from bench.harness import free_port, wait_until_serving
 from knn_classifier.client import AsyncClient, KnnClassifierError
 from knn_classifier.client._requests import VotingName
 from knn_classifier.server.service import derived_exemplar_id
@@ -308,8 +306,7 @@ def run_soak(seconds: float, concurrency: int, embedder_url: str, data_dir: Path
     server = subprocess.Popen([sys.executable, "-m", "knn_classifier.server"], env=env)
     report = SoakReport(seconds)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=60)
+        wait_until_serving(f"127.0.0.1:{port}")
         report.rss_start_kb = rss_kb(server.pid)
         asyncio.run(drive(f"127.0.0.1:{port}", seconds, concurrency, report))
         report.rss_end_kb = rss_kb(server.pid)

@@ -46,7 +46,7 @@ import qdrant_edge as qe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import free_port
+from bench.harness import free_port, serving
 from knn_classifier.server.store.edge import EdgeStore
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -118,7 +118,7 @@ def service(
         "KNN_SERVER__HEALTH_INTERVAL_S": "3600",  # its pings would count as embedding calls
     }
     address = f"127.0.0.1:{port}"
-    with process(["-m", "knn_classifier.server"], lambda: grpc_ready(address), env):
+    with process(["-m", "knn_classifier.server"], lambda: serving(address), env):
         yield address
 
 

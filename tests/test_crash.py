@@ -13,9 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
+from bench.harness import wait_until_serving
 from knn_classifier.client import Client, KnnClassifierError
 from knn_classifier.server.store import EdgeStore, Selection
 
@@ -101,8 +101,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=60)
+        wait_until_serving(f"127.0.0.1:{self.port}")
 
     def kill(self) -> None:
         assert self.process is not None

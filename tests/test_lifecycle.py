@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.harness import wait_until_serving
 from knn_classifier.client import Client
 from knn_classifier.server.errors import StartupError
 
@@ -108,11 +107,7 @@ def test_python_m_serves_and_shuts_down_gracefully_on_sigterm(
         text=True,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            health = health_pb2_grpc.HealthStub(channel)
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            assert status == health_pb2.HealthCheckResponse.SERVING
+        wait_until_serving(f"127.0.0.1:{port}")  # health SERVING
         with Client(f"127.0.0.1:{port}") as client:
             client.create_classifier("proc")
             client.add_exemplars("proc", [("hello world", "greeting")])

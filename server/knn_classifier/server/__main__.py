@@ -48,8 +48,8 @@ def main() -> None:
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         asyncio.run(serve(settings))
-    except StartupError as exc:
-        sys.exit(f"knn-classifier cannot start: {exc}")
+    except StartupError as exc:  # one line, no traceback: the message says what to change
+        sys.exit(f"knn-classifier cannot start: {' '.join(str(exc).split())}")
 
 
 if __name__ == "__main__":

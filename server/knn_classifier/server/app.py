@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,12 +14,13 @@ from grpc_reflection.v1alpha import reflection
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .api import ClassifierServicer
-from .auth import ApiKeyInterceptor, KeyRing
+from .auth import ApiKeyInterceptor
 from .cache import EmbeddingCache, persistent_backend
 from .embedding import Embedder
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
-from .settings import Settings, TlsSettings
+from .settings import Settings, host_port
+from .startup import StartingGate, key_ring, listen, tls_credentials
 from .store import EdgeStore, Store
 
 log = logging.getLogger(__name__)
@@ -59,20 +59,24 @@ def build_cache(settings: Settings) -> EmbeddingCache | None:
     return EmbeddingCache(backend, embedding.cache_entries)
 
 
-def _server_credentials(cert: Path, key: Path, tls: TlsSettings) -> grpc.ServerCredentials:
-    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
-
-
 class App:
-    """The service and its gRPC server. ``start`` returns the bound port."""
+    """The service and its gRPC server.
+
+    Construction checks the files the settings name (StartupError if one is bad). ``listen``
+    binds the port and answers health (NOT_SERVING) and reflection; ``start`` listens if that
+    was not done yet, starts the service, and returns the bound port once serving.
+    """
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
+        self._credentials = tls_credentials(settings.tls)
+        self._gate = StartingGate(SERVICE_NAME)  # health and reflection answer while starting
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            self._gate,
+            RejectMalformedRequests(),
+        ]
+        if settings.auth.enabled:
+            interceptors.insert(0, ApiKeyInterceptor(key_ring(settings.auth)))
         self.service = ClassifierService(
             settings,
             Embedder(settings.embedding, build_cache(settings)),
@@ -80,14 +84,14 @@ class App:
         )
         self.health = health_aio.HealthServicer()
         limit = settings.limits.max_message_bytes
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformedRequests()]
-        if settings.auth.enabled:
-            interceptors.insert(0, ApiKeyInterceptor(KeyRing.from_settings(settings.auth)))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Without this a second instance on the same port would start and take a share
+                # of the calls (gRPC sets SO_REUSEPORT by default).
+                ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
         )
@@ -99,24 +103,28 @@ class App:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self._watcher: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def listen(self) -> int:
+        """Binds the port and starts answering: health NOT_SERVING, classifier calls UNAVAILABLE."""
+        self.port = listen(self.server, self.settings.server, self._credentials)
+        await self._report_health(serving=False)
+        await self.server.start()
+        log.info("listening on %s; starting", host_port(self.settings.server.host, self.port))
+        return self.port
 
     async def start(self) -> int:
         try:
+            port = self.port if self.port is not None else await self.listen()
             await self.service.start()
         except BaseException:
+            await self.server.stop(0)
             await self.service.stop()  # release the embedder's connections and the store's lock
             raise
-        address = f"{self.settings.server.host}:{self.settings.server.port}"
-        tls = self.settings.tls
-        if tls.cert_file and tls.key_file:
-            credentials = _server_credentials(tls.cert_file, tls.key_file, tls)
-            port = self.server.add_secure_port(address, credentials)
-        else:
-            port = self.server.add_insecure_port(address)
-        await self.server.start()
+        self._gate.open()
         await self._report_health(serving=True)
         self._watcher = asyncio.create_task(self._watch_health())
-        log.info("serving %s on %s:%d", SERVICE_NAME, self.settings.server.host, port)
+        log.info("serving %s on %s", SERVICE_NAME, host_port(self.settings.server.host, port))
         return port
 
     async def _report_health(self, serving: bool) -> None:

@@ -69,18 +69,21 @@ class KeyRing:
 
 
 def _read_keys_file(path: Path) -> Iterable[tuple[bytes, Role]]:
-    """Lines of ``<sha256 hex of the key> <read|write>``; '#' starts a comment."""
+    """Lines of ``<sha256 hex of the key> <read|write>``; '#' starts a comment.
+
+    OSError if the file cannot be read; ValueError naming the line if one is malformed.
+    """
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
         try:
-            hex_digest, role = fields[0], Role(fields[1])
-            raw = bytes.fromhex(hex_digest)
-        except (IndexError, ValueError):
-            raise ValueError(f"{path}:{number}: expected '<sha256 hex> read|write'") from None
+            hex_digest, role_name = fields
+            role, raw = Role(role_name), bytes.fromhex(hex_digest)
+        except ValueError:
+            raise ValueError(f"line {number}: expected '<sha256 hex> read|write'") from None
         if len(raw) != 32:
-            raise ValueError(f"{path}:{number}: not a SHA-256 digest")
+            raise ValueError(f"line {number}: not a SHA-256 digest (64 hex digits)")
         yield raw, role
 
 

@@ -119,7 +119,11 @@ class StoreSettings(BaseModel):
 class ServerSettings(BaseModel):
     """The gRPC listener."""
 
-    host: str = Field("127.0.0.1", description="Address to listen on.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on: a name, an IPv4 address, or an IPv6 address with or "
+        "without brackets (::1, [::1]).",
+    )
     port: int = Field(50051, ge=0, le=65535, description="Port to listen on (0: any free port).")
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
@@ -136,6 +140,22 @@ class ServerSettings(BaseModel):
             "front authenticates callers."
         ),
     )
+
+    @field_validator("host")
+    @classmethod
+    def _unbracket_ipv6(cls, value: str) -> str:
+        """Keeps an IPv6 address bare (``::1``); :attr:`address` adds the brackets gRPC needs."""
+        if value.startswith("[") and value.endswith("]"):
+            try:
+                return str(ipaddress.IPv6Address(value[1:-1]))
+            except ValueError:
+                raise ValueError(f"{value} is not an IPv6 address in brackets") from None
+        return value
+
+    @property
+    def address(self) -> str:
+        """The address to bind, as gRPC takes it."""
+        return host_port(self.host, self.port)
 
 
 class AuthSettings(BaseModel):
@@ -327,3 +347,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC takes it, with an IPv6 address in brackets (``[::1]:50051``)."""
+    try:
+        ipv6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        ipv6 = False
+    return f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
