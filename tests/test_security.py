@@ -180,7 +180,7 @@ def test_exemplars_per_classifier_limit(tmp_path: Path, fake_embedder: FakeEmbed
 
 
 def test_message_size_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> None:
-    settings = make_settings(tmp_path, fake_embedder.base_url, limits={"max_message_bytes": 4096})
+    settings = make_settings(tmp_path, fake_embedder.base_url, limits={"max_request_bytes": 4096})
     running = ServerThread(settings).start()
     try:
         with running.channel() as channel:

@@ -79,7 +79,9 @@ class App:
             store or build_store(settings),
         )
         self.health = health_aio.HealthServicer()
-        limit = settings.limits.max_message_bytes
+        # Requests up to max_request_bytes (a full AddExemplars batch of long texts); responses
+        # are kept under max_response_bytes by the service, and this hard cap is only a backstop.
+        limit = settings.limits.max_request_bytes
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformedRequests()]
         if settings.auth.enabled:
             interceptors.insert(0, ApiKeyInterceptor(KeyRing.from_settings(settings.auth)))

@@ -6,6 +6,8 @@ Knows nothing of gRPC: it takes and returns domain types and raises the errors o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -14,16 +16,19 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import label_models, validation
+from . import errors, label_models, paging, validation, wire_size
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
+    UPDATABLE_FIELDS,
     ClassifierConfig,
     ClassifierInfo,
+    ClassifierUpdate,
     ClassifyOptions,
     EvaluateRequest,
     Exemplar,
     ExemplarInput,
     NewClassifier,
+    ServiceInfo,
     classifier_key,
 )
 from .embedding import Embedder, Fingerprint, Matrix, truncate
@@ -32,13 +37,14 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
     StartupError,
     Unavailable,
 )
 from .evaluation import Report
 from .evaluator import Evaluator
-from .settings import Settings
+from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 
@@ -46,7 +52,6 @@ log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
 _FINGERPRINT_KEY = "embedder-fingerprint"
-_DEFAULT_PAGE_SIZE = 100
 
 T = TypeVar("T")
 
@@ -78,6 +83,10 @@ class ClassifierService:
             settings.embedding.max_wait_ms / 1000,
         )
         self._queries = QueryBatcher(store)
+
+    @property
+    def limits(self) -> LimitSettings:
+        return self._limits
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class ClassifierService:
     async def create_classifier(self, request: NewClassifier) -> ClassifierInfo:
         defaults = self._settings.defaults
         config = ClassifierConfig(
-            name=validation.classifier_name(request.name),
+            name=validation.classifier_name(request.name, "name"),
             instruction=validation.instruction(request.instruction) or defaults.instruction,
             k=validation.k(request.k if request.k is not None else defaults.k, self._limits),
             voting=request.voting or Voting(defaults.voting),
@@ -201,21 +210,103 @@ class ClassifierService:
         )
         async with self._create_lock:
             if await self._store.get_meta(classifier_key(config.name)) is not None:
-                raise AlreadyExists(f"classifier {config.name!r} already exists")
+                raise AlreadyExists(
+                    f"classifier {config.name!r} already exists",
+                    resource=errors.classifier(config.name),
+                )
             await self._store.put_meta(classifier_key(config.name), config.to_payload())
         log.info("created classifier %s", config.name)
         return ClassifierInfo(config, 0)
 
     async def get_classifier(self, name: str) -> ClassifierInfo:
-        config = await self._config(name)
+        config = await self._config(name, "name")
         return ClassifierInfo(config, await self._count(Selection(name)))
 
-    async def list_classifiers(self) -> list[ClassifierInfo]:
+    async def list_classifiers(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ClassifierInfo], str]:
+        """A page of classifiers by name, and the token of the next page ("" after the last)."""
+        size = paging.page_size(page_size, self._limits)
+        scope = ("ListClassifiers",)
+        after = paging.decode(page_token, scope)
         configs = sorted(
             (ClassifierConfig.from_payload(p) for p in await self._store.list_meta("classifier")),
             key=lambda c: c.name,
         )
-        return [ClassifierInfo(c, await self._count(Selection(c.name))) for c in configs]
+        following = [c for c in configs if after is None or c.name > after]
+        page = [ClassifierInfo(c, await self._count(Selection(c.name))) for c in following[:size]]
+        kept = paging.fitting(
+            page, wire_size.classifier, self._limits.max_response_bytes, "a classifier"
+        )
+        more = kept < len(following)
+        return page[:kept], paging.encode(page[kept - 1].config.name, scope) if more else ""
+
+    async def update_classifier(self, update: ClassifierUpdate) -> ClassifierInfo:
+        """Changes the fields of ``update.paths``; changing how votes are cast drops the
+        calibration, which was fitted for the old settings."""
+        changes = self._validated_changes(update)
+        # The lead's classifiers repository will make this a checked write (revision, etag);
+        # until then the lock only serialises it with creation in this process.
+        async with self._create_lock:
+            config = await self._config(update.name, "classifier.name")
+            updated = dataclasses.replace(config, **changes)
+            voting_changed = any(
+                getattr(updated, f) != getattr(config, f)
+                for f in ("k", "voting", "dimension", "temperature")
+            )
+            if voting_changed:
+                updated = dataclasses.replace(updated, calibration=None)
+            await self._store.put_meta(classifier_key(updated.name), updated.to_payload())
+        log.info("updated classifier %s: %s", updated.name, ", ".join(sorted(changes)))
+        return ClassifierInfo(updated, await self._count(Selection(updated.name)))
+
+    def _validated_changes(self, update: ClassifierUpdate) -> dict[str, Any]:
+        if not update.paths:
+            raise InvalidArgument(
+                "update_mask is empty; name the fields to change, e.g. paths: ['k']",
+                reason=Reason.FIELD_REQUIRED,
+                field="update_mask",
+            )
+        for i, path in enumerate(update.paths):
+            if path not in UPDATABLE_FIELDS:
+                why = _IMMUTABLE.get(path, f"{path[:80]!r} is not a field of Classifier")
+                raise InvalidArgument(
+                    f"{why}; update_mask may name {', '.join(sorted(UPDATABLE_FIELDS))}",
+                    reason=Reason.FIELD_NOT_UPDATABLE,
+                    field=f"update_mask.paths[{i}]",
+                )
+        changes: dict[str, Any] = {}
+        for path in set(update.paths):
+            value = getattr(update, path)
+            if path == "k":
+                value = validation.k(value, self._limits, "classifier.k")
+            elif path == "voting" and value is None:
+                raise InvalidArgument(
+                    "classifier.voting must name a voting method",
+                    reason=Reason.FIELD_REQUIRED,
+                    field="classifier.voting",
+                )
+            elif path == "temperature":
+                value = validation.temperature(value, "classifier.temperature")
+            elif path == "min_similarity":
+                value = validation.fraction(value, "classifier.min_similarity", -1, 1)
+            elif path == "min_confidence":
+                value = validation.fraction(value, "classifier.min_confidence", 0, 1)
+            elif path == "dimension" and value != 0:
+                value = validation.dimension(value, self._dimensions, "classifier.dimension")
+            changes[path] = value
+        return changes
+
+    def info(self) -> ServiceInfo:
+        """The dimensions, embedding model and limits a caller may adapt to."""
+        fingerprint = self._embedder.fingerprint
+        return ServiceInfo(
+            server_version=importlib.metadata.version("knn-classifier-server"),
+            dimensions=list(self._dimensions),
+            model=fingerprint.model,
+            width=fingerprint.width,
+            limits=self._limits,
+        )
 
     async def delete_classifier(self, name: str) -> int:
         await self._config(name)
@@ -226,10 +317,12 @@ class ClassifierService:
         log.info("deleted classifier %s (%d exemplars)", name, deleted)
         return deleted
 
-    async def _config(self, name: str) -> ClassifierConfig:
-        payload = await self._store.get_meta(classifier_key(validation.classifier_name(name)))
+    async def _config(self, name: str, field: str = "classifier") -> ClassifierConfig:
+        payload = await self._store.get_meta(
+            classifier_key(validation.classifier_name(name, field))
+        )
         if payload is None:
-            raise NotFound(f"classifier {name!r} does not exist")
+            raise NotFound(f"classifier {name!r} does not exist", resource=errors.classifier(name))
         return ClassifierConfig.from_payload(payload)
 
     async def _count(self, selection: Selection) -> int:
@@ -317,18 +410,24 @@ class ClassifierService:
         if held + adding > limit:
             raise ResourceExhausted(
                 f"classifier {classifier!r} holds {held} exemplars; adding {adding} could pass "
-                f"the limit of {limit} exemplars per classifier"
+                f"the limit of {limit} exemplars per classifier",
+                reason=Reason.EXEMPLAR_LIMIT_REACHED,
+                metadata={"limit": limit, "held": held, "adding": adding},
             )
 
     async def delete_exemplars(
         self, classifier: str, ids: Sequence[str] = (), label: str = ""
     ) -> int:
         if bool(ids) == bool(label):
-            raise InvalidArgument("give either ids or a label, not both and not neither")
+            raise InvalidArgument(
+                "give either ids or a label, not both and not neither",
+                reason=Reason.FIELD_REQUIRED,
+                field="selector",
+            )
         await self._config(classifier)
         if ids:
             for i, exemplar_id in enumerate(ids):
-                validation.exemplar_id(exemplar_id, f"ids[{i}]")
+                validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
             point_ids = [_point_id(classifier, exemplar_id) for exemplar_id in ids]
             return await self._delete(Selection(classifier, ids=point_ids))
         return await self._delete(Selection(classifier, label=validation.label(label)))
@@ -340,25 +439,50 @@ class ClassifierService:
         return count
 
     async def list_exemplars(
-        self, classifier: str, page_size: int | None, page_token: str, label: str
+        self, classifier: str, page_size: int, page_token: str, label: str
     ) -> tuple[list[Exemplar], str]:
-        limit = _DEFAULT_PAGE_SIZE if page_size is None else page_size
-        if not 1 <= limit <= self._limits.max_page_size:
-            raise InvalidArgument(
-                f"page_size={limit} is out of range; use 1 to {self._limits.max_page_size}"
-            )
-        offset = _parse_page_token(page_token)
+        """A page of exemplars in id order, and the token of the next page ("" after the last)."""
+        size = paging.page_size(page_size, self._limits)
+        scope = ("ListExemplars", classifier, label)
+        offset = _point_offset(paging.decode(page_token, scope))
         await self._config(classifier)
         selection = Selection(classifier, label=validation.label(label) if label else None)
         records, next_offset = await self._store.scroll(
-            self._dimensions[0], selection, limit, offset
+            self._dimensions[0], selection, size, offset
         )
-        return [_exemplar(record) for record in records], next_offset or ""
+        exemplars = [_exemplar(record) for record in records]
+        kept = paging.fitting(
+            exemplars, wire_size.exemplar, self._limits.max_response_bytes, "one exemplar"
+        )
+        if kept < len(records):
+            next_offset = records[kept].id  # the store's offsets are the first id of a page
+        return exemplars[:kept], paging.encode(next_offset, scope) if next_offset else ""
 
-    async def list_labels(self, classifier: str) -> list[tuple[str, int]]:
+    async def list_labels(
+        self, classifier: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[tuple[str, int]], str]:
+        """A page of (label, exemplar count), most exemplars first, then by label; and the token
+        of the next page ("" after the last). A page continues after the previous page's last
+        (count, label), so labels whose counts change between pages may be listed twice or not
+        at all."""
+        size = paging.page_size(page_size, self._limits)
+        scope = ("ListLabels", classifier)
+        after = _label_position(paging.decode(page_token, scope))
         await self._config(classifier)
         counts = await self._store.label_counts(self._dimensions[0], classifier)
-        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        following = [i for i in ordered if after is None or (-i[1], i[0]) > after]
+        kept = paging.fitting(
+            following[:size],
+            lambda item: wire_size.label_count(item[0]),
+            self._limits.max_response_bytes,
+            "a label",
+        )
+        page = following[:kept]
+        if kept == len(following):
+            return page, ""
+        last_label, last_count = page[-1]
+        return page, paging.encode(f"{last_count}:{last_label}", scope)
 
     # Classification --------------------------------------------------------------------------
 
@@ -373,17 +497,22 @@ class ClassifierService:
         """
         validation.batch_size(len(texts), self._limits, "texts")
         config = await self._config(classifier)
-        k = validation.k(_either(options.k, config.k), self._limits)
+        k = validation.k(_either(options.k, config.k), self._limits, "options.k")
+        validation.neighbours(len(texts), k, self._limits)
         dimension = validation.dimension(
-            _either(options.dimension, config.dimension or self._dimensions[-1]), self._dimensions
+            _either(options.dimension, config.dimension or self._dimensions[-1]),
+            self._dimensions,
+            "options.dimension",
         )
         voting = options.voting or config.voting
-        temperature = validation.temperature(_either(options.temperature, config.temperature))
+        temperature = validation.temperature(
+            _either(options.temperature, config.temperature), "options.temperature"
+        )
         min_similarity = validation.fraction(
-            _either(options.min_similarity, config.min_similarity), "min_similarity", -1, 1
+            _either(options.min_similarity, config.min_similarity), "options.min_similarity", -1, 1
         )
         min_confidence = validation.fraction(
-            _either(options.min_confidence, config.min_confidence), "min_confidence", 0, 1
+            _either(options.min_confidence, config.min_confidence), "options.min_confidence", 0, 1
         )
         # The calibration was fitted for the classifier's own settings; others get raw shares.
         own = (
@@ -398,20 +527,25 @@ class ClassifierService:
         valid: list[int] = []
         for i, text in enumerate(texts):
             try:
-                validation.text(text, self._limits, "text" if len(texts) == 1 else f"texts[{i}]")
+                validation.text(text, self._limits, _text_field(i, len(texts)))
                 valid.append(i)
             except InvalidArgument as invalid:
                 answers[i] = invalid
         prompts = [self._embedder.prompt(config.instruction, texts[i]) for i in valid]
         embedded, vectors, rejected = await self._embed_isolating_rejects(prompts)
         for j, rejection in rejected.items():
-            answers[valid[j]] = rejection
+            i = valid[j]
+            answers[i] = InvalidArgument(
+                rejection.message, reason=rejection.reason, field=_text_field(i, len(texts))
+            )
         if embedded:
             queries = truncate(vectors, dimension)
             results = await self._queries.query(dimension, classifier, queries, k)
             if not results[0]:
                 raise FailedPrecondition(
-                    f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
+                    f"classifier {classifier!r} has no exemplars; add some with AddExemplars",
+                    reason=Reason.CLASSIFIER_EMPTY,
+                    resource=errors.classifier(classifier),
                 )
             labels: list[str] = []
             by_label = np.empty((len(queries), 0), dtype=np.float32)
@@ -471,6 +605,11 @@ class ClassifierService:
         return reports, unknown_labels, ClassifierInfo(config, count)
 
 
+def _text_field(i: int, count: int) -> str:
+    """The request field of text ``i``: Classify's ``text``, or ClassifyBatch's ``texts[i]``."""
+    return "text" if count == 1 else f"texts[{i}]"
+
+
 def _either(override: T | None, default: T) -> T:
     return default if override is None else override
 
@@ -491,10 +630,33 @@ def _exemplar(record: Record) -> Exemplar:
     )
 
 
-def _parse_page_token(token: str) -> str | None:
-    if not token:
+_IMMUTABLE = {
+    "name": "the name cannot change; create another classifier instead",
+    "instruction": "the instruction cannot change: every stored vector was made with it; "
+    "create another classifier instead",
+    "created_at": "created_at is output only",
+    "exemplar_count": "exemplar_count is output only",
+    "calibrated": "calibrated is output only: Evaluate with apply_best fits the calibration",
+    "etag": "etag is output only",
+}
+
+
+def _point_offset(cursor: str | None) -> str | None:
+    """The store offset (a point id) at which a ListExemplars page starts."""
+    if cursor is None:
         return None
     try:
-        return str(uuid.UUID(token))
+        return str(uuid.UUID(cursor))
     except ValueError:
-        raise InvalidArgument("invalid page_token; pass next_page_token unchanged") from None
+        raise paging.bad_token() from None
+
+
+def _label_position(cursor: str | None) -> tuple[int, str] | None:
+    """The sort key (-count, label) after which a ListLabels page starts."""
+    if cursor is None:
+        return None
+    count, _, label = cursor.partition(":")
+    try:
+        return -int(count), label
+    except ValueError:
+        raise paging.bad_token() from None
