@@ -403,8 +403,10 @@ def test_classify_batch_fails_only_the_bad_texts(intents: Client) -> None:
     texts = ["top up failed", "", "x" * 8193, "card not delivered"]
     results = intents.classify_batch("intents", texts)
     first, empty, long, last = results
-    assert isinstance(first, pb.Prediction) and first.label == "top_up"
-    assert isinstance(last, pb.Prediction) and last.label == "card_arrival"
+    assert isinstance(first, pb.Prediction)
+    assert first.label == "top_up"
+    assert isinstance(last, pb.Prediction)
+    assert last.label == "card_arrival"
     assert isinstance(empty, InvalidArgumentError)
     assert (empty.details, empty.reason) == ("texts[1] is empty", "FIELD_REQUIRED")
     assert [v.field for v in empty.field_violations] == ["texts[1]"]
