@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
 from knn_classifier.client import (
@@ -62,10 +63,32 @@ def test_write_key_does_everything_read_key_only_reads(secured: ServerThread) ->
         assert writer.list_labels("c") == {"greeting": 1, "farewell": 1}
 
 
+def test_a_read_key_may_use_reflection_and_read_the_service_info(secured: ServerThread) -> None:
+    with Client(secured.address, api_key=READ_KEY) as reader:
+        assert reader.get_service_info().api_version == "v1"
+        with pytest.raises(PermissionDeniedError) as caught:
+            reader.update_classifier("c", k=3)
+        assert caught.value.reason == "WRITE_KEY_REQUIRED"
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with secured.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = list(
+            stub.ServerReflectionInfo(
+                iter([request]), timeout=5, metadata=[("authorization", f"Bearer {READ_KEY}")]
+            )
+        )
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert "knn_classifier.v1.ClassifierService" in names
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key", READ_KEY + "x", ""])
 def test_missing_or_unknown_key_is_unauthenticated(secured: ServerThread, key: str | None) -> None:
-    with Client(secured.address, api_key=key) as client, pytest.raises(UnauthenticatedError):
+    with (
+        Client(secured.address, api_key=key) as client,
+        pytest.raises(UnauthenticatedError) as caught,
+    ):
         client.list_classifiers()
+    assert caught.value.reason == "API_KEY_INVALID"
 
 
 def test_health_needs_no_key(secured: ServerThread) -> None:
@@ -172,8 +195,13 @@ def test_exemplars_per_classifier_limit(tmp_path: Path, fake_embedder: FakeEmbed
         with running.client() as client:
             client.create_classifier("small")
             client.add_exemplars("small", [(f"text {i}", "a") for i in range(4)])
-            with pytest.raises(ResourceExhaustedError, match="limit of 5 exemplars"):
+            with pytest.raises(ResourceExhaustedError, match="limit of 5 exemplars") as caught:
                 client.add_exemplars("small", [("text 8", "a"), ("text 9", "b")])
+            assert (caught.value.reason, caught.value.retryable) == (
+                "EXEMPLAR_LIMIT_REACHED",
+                False,
+            )
+            assert caught.value.metadata == {"limit": "5", "held": "4", "adding": "2"}
             assert client.get_classifier("small").exemplar_count == 4
     finally:
         running.stop()
