@@ -19,11 +19,13 @@ from knn_classifier.client import (
     Client,
     PermissionDeniedError,
     ResourceExhaustedError,
+    RetryPolicy,
     Tls,
     UnauthenticatedError,
     UnavailableError,
 )
 from knn_classifier.server.settings import Settings
+from knn_classifier.v1 import classifier_pb2 as pb
 
 from .certificates import make_ca, make_leaf
 from .conftest import ServerThread, make_settings
@@ -229,14 +231,18 @@ def test_concurrent_call_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServe
             client.add_exemplars("busy", [("alpha words", "a"), ("beta words", "b")])
         fake_embedder.reset(delay_s=0.4)
 
-        async def burst() -> list[object]:
-            async with AsyncClient(running.address) as client:
+        async def burst(retry: RetryPolicy) -> list[object]:
+            async with AsyncClient(running.address, retry=retry) as client:
                 calls = [client.classify("busy", f"alpha {i}") for i in range(6)]
                 return await asyncio.gather(*calls, return_exceptions=True)
 
-        answers = asyncio.run(burst())
+        answers = asyncio.run(burst(RetryPolicy(max_attempts=1)))
         refused = [a for a in answers if isinstance(a, ResourceExhaustedError)]
         assert refused
         assert len(refused) < len(answers)
+        assert {(e.reason, e.retryable) for e in refused} == {("TOO_MANY_CALLS", True)}
+        # The client's default policy retries overload, and only overload, until served.
+        retried = asyncio.run(burst(RetryPolicy(max_attempts=100, max_backoff_s=0.5)))
+        assert all(isinstance(a, pb.Prediction) for a in retried), retried
     finally:
         running.stop()

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
+from .admission import LimitConcurrentCalls
 from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor, KeyRing
 from .cache import EmbeddingCache, persistent_backend
@@ -85,13 +86,13 @@ class App:
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformedRequests()]
         if settings.auth.enabled:
             interceptors.insert(0, ApiKeyInterceptor(KeyRing.from_settings(settings.auth)))
+        interceptors.insert(0, LimitConcurrentCalls(settings.limits.max_concurrent_rpcs))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
             ],
-            maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
         )
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.service), self.server
