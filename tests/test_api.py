@@ -149,6 +149,13 @@ def test_list_labels_and_delete_by_label(intents: Client) -> None:
     assert intents.classify("intents", "top up").label == "card_arrival"
 
 
+def test_delete_takes_ids_or_a_label_not_both(intents: Client) -> None:
+    # A oneof in the request: the client refuses to send both instead of dropping one.
+    with pytest.raises(ValueError, match="not both"):
+        intents.delete_exemplars("intents", ids=["x"], label="top_up")
+    assert intents.list_labels("intents") == {"card_arrival": 3, "top_up": 3}
+
+
 def test_list_exemplars_pages(client: Client) -> None:
     client.create_classifier("paged")
     client.add_exemplars("paged", [(f"text number {i}", f"l{i % 3}") for i in range(25)])

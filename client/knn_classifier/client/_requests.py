@@ -107,7 +107,9 @@ def evaluate(
 def delete_exemplars(
     classifier: str, ids: Sequence[str], label: str, etag: str
 ) -> pb.DeleteExemplarsRequest:
-    """Ids or a label: the server refuses both or neither with INVALID_ARGUMENT."""
+    """Ids or a label (a oneof: the request cannot carry both); the server refuses neither."""
+    if ids and label:
+        raise ValueError("give ids or a label to delete, not both")
     request = pb.DeleteExemplarsRequest(classifier=classifier, etag=etag)
     if ids:
         request.ids.ids.extend(ids)
