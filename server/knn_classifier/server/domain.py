@@ -141,13 +141,6 @@ class EvaluateRequest:
     target_precision: float | None = None
 
 
-UPDATABLE_FIELDS = frozenset(
-    {"k", "voting", "temperature", "min_similarity", "min_confidence", "dimension"}
-)
-"""The fields of a classifier that UpdateClassifier may change. Not the instruction: every
-stored vector was made with it."""
-
-
 @dataclass(frozen=True, slots=True)
 class ClassifierUpdate:
     """An UpdateClassifier request: the new values of the fields named in ``paths``; the other

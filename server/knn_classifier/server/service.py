@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, label_models, paging, validation, wire_size
+from . import errors, label_models, paging, updates, validation, wire_size
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
-    UPDATABLE_FIELDS,
     ClassifierConfig,
     ClassifierInfo,
     ClassifierUpdate,
@@ -244,7 +243,7 @@ class ClassifierService:
     async def update_classifier(self, update: ClassifierUpdate) -> ClassifierInfo:
         """Changes the fields of ``update.paths``; changing how votes are cast drops the
         calibration, which was fitted for the old settings."""
-        changes = self._validated_changes(update)
+        changes = updates.validated_changes(update, self._limits, self._dimensions)
         # The lead's classifiers repository will make this a checked write (revision, etag);
         # until then the lock only serialises it with creation in this process.
         async with self._create_lock:
@@ -259,43 +258,6 @@ class ClassifierService:
             await self._store.put_meta(classifier_key(updated.name), updated.to_payload())
         log.info("updated classifier %s: %s", updated.name, ", ".join(sorted(changes)))
         return ClassifierInfo(updated, await self._count(Selection(updated.name)))
-
-    def _validated_changes(self, update: ClassifierUpdate) -> dict[str, Any]:
-        if not update.paths:
-            raise InvalidArgument(
-                "update_mask is empty; name the fields to change, e.g. paths: ['k']",
-                reason=Reason.FIELD_REQUIRED,
-                field="update_mask",
-            )
-        for i, path in enumerate(update.paths):
-            if path not in UPDATABLE_FIELDS:
-                why = _IMMUTABLE.get(path, f"{path[:80]!r} is not a field of Classifier")
-                raise InvalidArgument(
-                    f"{why}; update_mask may name {', '.join(sorted(UPDATABLE_FIELDS))}",
-                    reason=Reason.FIELD_NOT_UPDATABLE,
-                    field=f"update_mask.paths[{i}]",
-                )
-        changes: dict[str, Any] = {}
-        for path in set(update.paths):
-            value = getattr(update, path)
-            if path == "k":
-                value = validation.k(value, self._limits, "classifier.k")
-            elif path == "voting" and value is None:
-                raise InvalidArgument(
-                    "classifier.voting must name a voting method",
-                    reason=Reason.FIELD_REQUIRED,
-                    field="classifier.voting",
-                )
-            elif path == "temperature":
-                value = validation.temperature(value, "classifier.temperature")
-            elif path == "min_similarity":
-                value = validation.fraction(value, "classifier.min_similarity", -1, 1)
-            elif path == "min_confidence":
-                value = validation.fraction(value, "classifier.min_confidence", 0, 1)
-            elif path == "dimension" and value != 0:
-                value = validation.dimension(value, self._dimensions, "classifier.dimension")
-            changes[path] = value
-        return changes
 
     def info(self) -> ServiceInfo:
         """The dimensions, embedding model and limits a caller may adapt to."""
@@ -628,17 +590,6 @@ def _exemplar(record: Record) -> Exemplar:
         metadata={str(k): str(v) for k, v in (payload.get("metadata") or {}).items()},
         created_at=float(payload.get("created_at", 0.0)),
     )
-
-
-_IMMUTABLE = {
-    "name": "the name cannot change; create another classifier instead",
-    "instruction": "the instruction cannot change: every stored vector was made with it; "
-    "create another classifier instead",
-    "created_at": "created_at is output only",
-    "exemplar_count": "exemplar_count is output only",
-    "calibrated": "calibrated is output only: Evaluate with apply_best fits the calibration",
-    "etag": "etag is output only",
-}
 
 
 def _point_offset(cursor: str | None) -> str | None:
