@@ -81,9 +81,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     adding. Not retryable: delete exemplars first.
     """
     RESPONSE_TOO_LARGE: _ErrorReason.ValueType  # 41
-    """[RESOURCE_EXHAUSTED] The response would be larger than the server's response budget.
-    Metadata: limitBytes, estimatedBytes. Not retryable: ask for fewer texts, a smaller k or no
-    neighbours.
+    """[RESOURCE_EXHAUSTED] The response (or one item of a list) would be larger than the
+    server's response budget. Metadata: limitBytes, estimatedBytes (counted until past the
+    limit, so a lower bound when far over). Not retryable: ask for fewer texts, a smaller k or
+    no neighbours.
     """
     EMBEDDING_QUEUE_FULL: _ErrorReason.ValueType  # 42
     """[RESOURCE_EXHAUSTED] The embedding queue is full. Retryable (RetryInfo)."""
@@ -182,9 +183,10 @@ EXEMPLAR_LIMIT_REACHED: ErrorReason.ValueType  # 40
 adding. Not retryable: delete exemplars first.
 """
 RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 41
-"""[RESOURCE_EXHAUSTED] The response would be larger than the server's response budget.
-Metadata: limitBytes, estimatedBytes. Not retryable: ask for fewer texts, a smaller k or no
-neighbours.
+"""[RESOURCE_EXHAUSTED] The response (or one item of a list) would be larger than the
+server's response budget. Metadata: limitBytes, estimatedBytes (counted until past the
+limit, so a lower bound when far over). Not retryable: ask for fewer texts, a smaller k or
+no neighbours.
 """
 EMBEDDING_QUEUE_FULL: ErrorReason.ValueType  # 42
 """[RESOURCE_EXHAUSTED] The embedding queue is full. Retryable (RetryInfo)."""
