@@ -23,7 +23,7 @@ from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import _requests as build
 from ._errors import KnnClassifierError, from_rpc_error, from_status
 from ._requests import ExemplarLike, VotingName
-from ._retry import RetryPolicy
+from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
 DEFAULT_TIMEOUT_S = 30.0
@@ -83,6 +83,7 @@ class Client:
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
         self._retry = retry
+        self._retryable = {getattr(self._stub, name) for name in IDEMPOTENT_METHODS}
         self._metadata = _metadata(api_key)
 
     def __enter__(self) -> Self:
@@ -104,7 +105,6 @@ class Client:
         method: Callable[..., Response],
         request: Any,
         timeout: float | None,
-        idempotent: bool = True,
     ) -> Response:
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
@@ -115,7 +115,7 @@ class Client:
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             wait = self._retry.delay(attempt, error, deadline - time.monotonic())
-            if not idempotent or wait is None:
+            if method not in self._retryable or wait is None:
                 raise error from None
             time.sleep(wait)
             attempt += 1
@@ -135,7 +135,7 @@ class Client:
         request = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
-        return self._call(self._stub.CreateClassifier, request, timeout, idempotent=False)
+        return self._call(self._stub.CreateClassifier, request, timeout)
 
     def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
         return self._call(self._stub.GetClassifier, pb.GetClassifierRequest(name=name), timeout)
@@ -173,7 +173,7 @@ class Client:
 
     def delete_classifier(self, name: str, *, etag: str = "", timeout: float | None = None) -> int:
         request = pb.DeleteClassifierRequest(name=name, etag=etag)
-        response = self._call(self._stub.DeleteClassifier, request, timeout, idempotent=False)
+        response = self._call(self._stub.DeleteClassifier, request, timeout)
         return response.deleted_exemplars
 
     def get_service_info(self, *, timeout: float | None = None) -> pb.ServiceInfo:
@@ -300,7 +300,7 @@ class Client:
         request = build.evaluate(
             classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
         )
-        return self._call(self._stub.Evaluate, request, timeout, idempotent=False)
+        return self._call(self._stub.Evaluate, request, timeout)
 
 
 class AsyncClient:
@@ -326,6 +326,7 @@ class AsyncClient:
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
         self._retry = retry
+        self._retryable = {getattr(self._stub, name) for name in IDEMPOTENT_METHODS}
         self._metadata = _metadata(api_key)
 
     async def __aenter__(self) -> Self:
@@ -347,7 +348,6 @@ class AsyncClient:
         method: Callable[..., Awaitable[Response]],
         request: Any,
         timeout: float | None,
-        idempotent: bool = True,
     ) -> Response:
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
@@ -358,7 +358,7 @@ class AsyncClient:
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             wait = self._retry.delay(attempt, error, deadline - time.monotonic())
-            if not idempotent or wait is None:
+            if method not in self._retryable or wait is None:
                 raise error from None
             await asyncio.sleep(wait)
             attempt += 1
@@ -378,7 +378,7 @@ class AsyncClient:
         request = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
-        return await self._call(self._stub.CreateClassifier, request, timeout, idempotent=False)
+        return await self._call(self._stub.CreateClassifier, request, timeout)
 
     async def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
         request = pb.GetClassifierRequest(name=name)
@@ -419,7 +419,7 @@ class AsyncClient:
         self, name: str, *, etag: str = "", timeout: float | None = None
     ) -> int:
         request = pb.DeleteClassifierRequest(name=name, etag=etag)
-        response = await self._call(self._stub.DeleteClassifier, request, timeout, idempotent=False)
+        response = await self._call(self._stub.DeleteClassifier, request, timeout)
         return response.deleted_exemplars
 
     async def get_service_info(self, *, timeout: float | None = None) -> pb.ServiceInfo:
@@ -548,4 +548,4 @@ class AsyncClient:
         request = build.evaluate(
             classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
         )
-        return await self._call(self._stub.Evaluate, request, timeout, idempotent=False)
+        return await self._call(self._stub.Evaluate, request, timeout)

@@ -1,10 +1,11 @@
 """The client's retry policy: which failures to retry, and how long to wait in between.
 
-Only idempotent calls are retried: GetClassifier, ListClassifiers, UpdateClassifier,
-AddExemplars (ids are derived from the text, or given), DeleteExemplars, ListExemplars,
-ListLabels, Classify, ClassifyBatch and GetServiceInfo. Never CreateClassifier and
-DeleteClassifier (a retry after a lost answer would fail with ALREADY_EXISTS / NOT_FOUND) nor
-Evaluate (costly, and it may apply settings).
+Only the methods the proto marks NO_SIDE_EFFECTS or IDEMPOTENT are retried
+(:data:`IDEMPOTENT_METHODS`): GetClassifier, ListClassifiers, UpdateClassifier, AddExemplars (ids
+are derived from the text, or given), DeleteExemplars, ListExemplars, ListLabels, Classify,
+ClassifyBatch and GetServiceInfo. Never CreateClassifier and DeleteClassifier (a retry after a
+lost answer would fail with ALREADY_EXISTS / NOT_FOUND) nor Evaluate (costly, and it may apply
+settings).
 
 A failure is retried only if it is :attr:`~KnnClassifierError.retryable`: the server attached a
 RetryInfo (the embedder or store is down, the embedding queue is full), or the transport failed
@@ -18,7 +19,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from google.protobuf import descriptor_pb2
+
+from knn_classifier.v1 import classifier_pb2 as pb
+
 from ._errors import KnnClassifierError
+
+IDEMPOTENT_METHODS = frozenset(
+    method.name
+    for method in pb.DESCRIPTOR.services_by_name["ClassifierService"].methods
+    if method.GetOptions().idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN
+)
 
 
 @dataclass(frozen=True)

@@ -735,7 +735,7 @@ class ListExemplarsResponse(_message.Message):
     """Empty on the last page."""
     @_builtins.property
     def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
-        """In id order."""
+        """In a stable order (of the store's point ids)."""
 
     def __init__(
         self,

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class ClassifierServiceStub:
-    """Classifiers, their exemplars, classification and evaluation.
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
     """
 
     def __init__(self, channel):
@@ -103,7 +105,9 @@ class ClassifierServiceStub:
 
 
 class ClassifierServiceServicer:
-    """Classifiers, their exemplars, classification and evaluation.
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
     """
 
     def CreateClassifier(self, request, context):
@@ -157,7 +161,7 @@ class ClassifierServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListExemplars(self, request, context):
-        """A classifier's exemplars in id order, a page at a time.
+        """A classifier's exemplars in a stable order, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,7 +283,9 @@ def add_ClassifierServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ClassifierService:
-    """Classifiers, their exemplars, classification and evaluation.
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
     """
 
     @staticmethod

@@ -36,7 +36,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ClassifierServiceStub:
-    """Classifiers, their exemplars, classification and evaluation."""
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -59,7 +62,7 @@ class ClassifierServiceStub:
     DeleteExemplars: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.DeleteExemplarsRequest, _classifier_pb2.DeleteExemplarsResponse]
     """Deletes exemplars by id or by label. Idempotent."""
     ListExemplars: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListExemplarsRequest, _classifier_pb2.ListExemplarsResponse]
-    """A classifier's exemplars in id order, a page at a time."""
+    """A classifier's exemplars in a stable order, a page at a time."""
     ListLabels: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListLabelsRequest, _classifier_pb2.ListLabelsResponse]
     """A classifier's labels and their exemplar counts, most exemplars first, a page at a time."""
     Classify: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyRequest, _classifier_pb2.ClassifyResponse]
@@ -79,7 +82,10 @@ class ClassifierServiceStub:
 
 @_typing.type_check_only
 class ClassifierServiceAsyncStub(ClassifierServiceStub):
-    """Classifiers, their exemplars, classification and evaluation."""
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateClassifier: _aio.UnaryUnaryMultiCallable[_classifier_pb2.CreateClassifierRequest, _classifier_pb2.Classifier]  # type: ignore[assignment]
@@ -99,7 +105,7 @@ class ClassifierServiceAsyncStub(ClassifierServiceStub):
     DeleteExemplars: _aio.UnaryUnaryMultiCallable[_classifier_pb2.DeleteExemplarsRequest, _classifier_pb2.DeleteExemplarsResponse]  # type: ignore[assignment]
     """Deletes exemplars by id or by label. Idempotent."""
     ListExemplars: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListExemplarsRequest, _classifier_pb2.ListExemplarsResponse]  # type: ignore[assignment]
-    """A classifier's exemplars in id order, a page at a time."""
+    """A classifier's exemplars in a stable order, a page at a time."""
     ListLabels: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListLabelsRequest, _classifier_pb2.ListLabelsResponse]  # type: ignore[assignment]
     """A classifier's labels and their exemplar counts, most exemplars first, a page at a time."""
     Classify: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyRequest, _classifier_pb2.ClassifyResponse]  # type: ignore[assignment]
@@ -118,7 +124,10 @@ class ClassifierServiceAsyncStub(ClassifierServiceStub):
     """
 
 class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Classifiers, their exemplars, classification and evaluation."""
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
 
     @_abc_1.abstractmethod
     def CreateClassifier(
@@ -184,7 +193,7 @@ class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _classifier_pb2.ListExemplarsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_classifier_pb2.ListExemplarsResponse, _abc.Awaitable[_classifier_pb2.ListExemplarsResponse]]:
-        """A classifier's exemplars in id order, a page at a time."""
+        """A classifier's exemplars in a stable order, a page at a time."""
 
     @_abc_1.abstractmethod
     def ListLabels(
