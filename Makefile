@@ -6,8 +6,12 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
+# npm packages, pinned by their committed package-lock.json: the buf CLI, and the Node.js client
+# of tests/test_node_interop.py. Install scripts are not needed by either.
+NPM_CI := npm ci --no-audit --no-fund --ignore-scripts --prefix
+BUF := scripts/buf/node_modules/.bin/buf
 
-.PHONY: setup serve test lint typecheck pytest redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-soak clean
+.PHONY: setup serve test lint proto-lint proto-baseline typecheck pytest node-deps redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-soak clean
 
 setup: .venv/.synced
 
@@ -21,17 +25,36 @@ $(UV):
 serve: setup
 	$(RUN) bash scripts/serve.sh
 
-test: lint typecheck pytest
+test: lint proto-lint typecheck pytest
 
 lint: setup
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 
+$(BUF): scripts/buf/package.json scripts/buf/package-lock.json
+	$(NPM_CI) scripts/buf
+	touch $@
+
+# buf lint, and buf breaking against the committed image of the released v1 API.
+proto-lint: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking proto --against proto/baseline.binpb
+
+# Only when a change to the API is released: later changes are then checked against it.
+proto-baseline: $(BUF)
+	$(BUF) build proto -o proto/baseline.binpb
+
 typecheck: setup
 	$(RUN) mypy
 
-pytest: setup redis-server
+pytest: setup redis-server node-deps
 	$(RUN) pytest
+
+node-deps: tests/node/node_modules/.installed
+
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	$(NPM_CI) tests/node
+	touch $@
 
 redis-server:
 	@bash scripts/install_redis.sh
@@ -55,4 +78,4 @@ bench-soak: setup
 	$(RUN) python bench/soak.py
 
 clean:
-	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache scripts/buf/node_modules tests/node/node_modules

@@ -8,8 +8,10 @@ python=$(command -v "${PYTHON:-python}")
 export PATH="$(dirname "$python"):$PATH"  # the protoc plugins of mypy-protobuf live beside it
 cd "$(dirname "$0")/.."
 mkdir -p "$out/knn_classifier/v1"
-"$python" -m grpc_tools.protoc -I proto \
+# third_party/googleapis holds google/rpc/*.proto; their Python code comes from the
+# googleapis-common-protos distribution, so only our own files are generated.
+"$python" -m grpc_tools.protoc -I proto -I third_party/googleapis \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
-  proto/knn_classifier/v1/classifier.proto
+  proto/knn_classifier/v1/*.proto
 touch "$out/knn_classifier/v1/py.typed"

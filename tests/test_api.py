@@ -99,7 +99,11 @@ def test_classify_batch_in_order_with_one_embedding_call(
     predictions = intents.classify_batch(
         "intents", ["top up failed", "card not delivered", "top up with transfer"]
     )
-    assert [p.label for p in predictions] == ["top_up", "card_arrival", "top_up"]
+    assert [p.label for p in predictions if isinstance(p, pb.Prediction)] == [
+        "top_up",
+        "card_arrival",
+        "top_up",
+    ]
     assert fake_embedder.behaviour.calls == before + 1
 
 
@@ -143,6 +147,13 @@ def test_list_labels_and_delete_by_label(intents: Client) -> None:
     assert intents.delete_exemplars("intents", label="top_up") == 3
     assert intents.list_labels("intents") == {"card_arrival": 3}
     assert intents.classify("intents", "top up").label == "card_arrival"
+
+
+def test_delete_takes_ids_or_a_label_not_both(intents: Client) -> None:
+    # A oneof in the request: the client refuses to send both instead of dropping one.
+    with pytest.raises(ValueError, match="not both"):
+        intents.delete_exemplars("intents", ids=["x"], label="top_up")
+    assert intents.list_labels("intents") == {"card_arrival": 3, "top_up": 3}
 
 
 def test_list_exemplars_pages(client: Client) -> None:
@@ -212,7 +223,10 @@ async def test_async_client(server: ServerThread) -> None:
         prediction = await client.classify("async", "top up account")
         assert prediction.label == "top_up"
         batch = await client.classify_batch("async", ["card arrive", "top up"])
-        assert [p.label for p in batch] == ["card_arrival", "top_up"]
+        assert [p.label for p in batch if isinstance(p, pb.Prediction)] == [
+            "card_arrival",
+            "top_up",
+        ]
         assert await client.list_labels("async") == {"card_arrival": 3, "top_up": 3}
         with pytest.raises(NotFoundError):
             await client.get_classifier("missing")
@@ -305,8 +319,8 @@ BAD_INPUTS = [
         "page_token",
     ),
     (
-        "page size zero",
-        lambda c: c.list_exemplars("intents", page_size=0),
+        "negative page size",
+        lambda c: c.list_exemplars("intents", page_size=-1),
         InvalidArgumentError,
         "page_size",
     ),
@@ -394,14 +408,21 @@ def test_embedder_unreachable_is_unavailable_and_nothing_is_written(tmp_path: Pa
 
 def test_classify_batch_fails_only_the_bad_texts(intents: Client) -> None:
     texts = ["top up failed", "", "x" * 8193, "card not delivered"]
-    predictions = intents.classify_batch("intents", texts)
-    assert [p.label for p in predictions] == ["top_up", "", "", "card_arrival"]
-    assert not predictions[0].HasField("error")
-    assert (predictions[1].error.code, predictions[1].error.message) == (
-        "INVALID_ARGUMENT",
-        "texts[1] is empty",
+    results = intents.classify_batch("intents", texts)
+    first, empty, long, last = results
+    assert isinstance(first, pb.Prediction)
+    assert first.label == "top_up"
+    assert isinstance(last, pb.Prediction)
+    assert last.label == "card_arrival"
+    assert isinstance(empty, InvalidArgumentError)
+    assert (empty.details, empty.reason) == ("texts[1] is empty", "FIELD_REQUIRED")
+    assert [v.field for v in empty.field_violations] == ["texts[1]"]
+    assert isinstance(long, InvalidArgumentError)
+    assert "the limit is 8192" in long.details
+    assert (long.reason, long.metadata) == (
+        "TEXT_TOO_LONG",
+        {"limitChars": "8192", "actualChars": "8193"},
     )
-    assert "the limit is 8192" in predictions[2].error.message
 
 
 def test_classify_batch_isolates_a_text_the_model_rejects(
@@ -409,7 +430,10 @@ def test_classify_batch_isolates_a_text_the_model_rejects(
 ) -> None:
     fake_embedder.behaviour.max_input_chars = 30
     texts = ["top up failed", "a text that the model finds far too long", "card not delivered"]
-    predictions = intents.classify_batch("intents", texts)
-    assert [p.label for p in predictions] == ["top_up", "", "card_arrival"]
-    assert predictions[1].error.code == "INVALID_ARGUMENT"
-    assert "longer than the model's context" in predictions[1].error.message
+    results = intents.classify_batch("intents", texts)
+    assert [r.label for r in results if isinstance(r, pb.Prediction)] == ["top_up", "card_arrival"]
+    rejected = results[1]
+    assert isinstance(rejected, InvalidArgumentError)
+    assert rejected.reason == "INPUT_REJECTED_BY_MODEL"
+    assert [v.field for v in rejected.field_violations] == ["texts[1]"]
+    assert "longer than the model's context" in rejected.details

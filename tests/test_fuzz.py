@@ -1,4 +1,5 @@
-"""Random and malformed requests: every answer is a defined status and the server stays healthy."""
+"""Random and malformed requests: every answer is a defined status with its ErrorInfo, and the
+server stays healthy."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,11 +53,20 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
 
 
 def status_of(channel: grpc.Channel, method: str, payload: bytes) -> grpc.StatusCode:
+    """The call's status; an error must carry a google.rpc.Status of the same code whose first
+    detail is an ErrorInfo of the service's domain."""
     call = channel.unary_unary(SERVICE + method)
     try:
         call(payload, timeout=10)
     except grpc.RpcError as error:
-        return error.code()  # type: ignore[attr-defined,no-any-return]
+        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+        trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+        details = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+        info = error_details_pb2.ErrorInfo()
+        assert details.code == code.value[0], (method, code, details)
+        assert details.details[0].Unpack(info), (method, details)
+        assert (info.domain, bool(info.reason)) == ("knn_classifier.v1", True), (method, info)
+        return code
     return grpc.StatusCode.OK
 
 
@@ -78,8 +89,8 @@ def test_random_bytes(
     classifier=st.sampled_from(["target", "missing", ""]) | text,
     texts=st.lists(text, max_size=5),
     label=text,
-    k=st.integers(0, 2**32 - 1) | st.none(),
-    dimension=st.integers(0, 2**32 - 1) | st.none(),
+    k=st.integers(-(2**31), 2**31 - 1) | st.none(),
+    dimension=st.integers(-(2**31), 2**31 - 1) | st.none(),
     voting=st.integers(-5, 10),
     similarity=st.floats(allow_nan=True, allow_infinity=True, width=32) | st.none(),
     page_token=text,
@@ -116,7 +127,23 @@ def test_malformed_fields(
         "ListExemplars": pb.ListExemplarsRequest(
             classifier=classifier, page_token=page_token, page_size=k, label=label
         ),
-        "DeleteExemplars": pb.DeleteExemplarsRequest(classifier=classifier, ids=texts),
+        "ListClassifiers": pb.ListClassifiersRequest(page_token=page_token, page_size=k),
+        "ListLabels": pb.ListLabelsRequest(
+            classifier=classifier, page_token=page_token, page_size=k
+        ),
+        "DeleteExemplars": pb.DeleteExemplarsRequest(
+            classifier=classifier, ids=pb.ExemplarIds(ids=texts)
+        ),
+        "UpdateClassifier": pb.UpdateClassifierRequest(
+            classifier=pb.Classifier(
+                name=classifier,
+                k=k or 0,
+                dimension=dimension or 0,
+                voting=voting,  # type: ignore[arg-type]
+                min_similarity=similarity or 0.0,
+            ),
+            update_mask={"paths": texts},
+        ),
         "CreateClassifier": pb.CreateClassifierRequest(
             name=classifier,
             instruction=label,
@@ -126,9 +153,9 @@ def test_malformed_fields(
         ),
         "Evaluate": pb.EvaluateRequest(
             classifier=classifier,
-            held_out=[pb.LabelledText(text=t, label=label) for t in texts],
-            k=[k] if k is not None else [],
-            voting=[voting],  # type: ignore[list-item]
+            held_out_texts=[pb.LabelledText(text=t, label=label) for t in texts],
+            k_values=[k] if k is not None else [],
+            voting_methods=[voting],  # type: ignore[list-item]
         ),
     }
     for method, request in requests.items():

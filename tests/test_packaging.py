@@ -1,19 +1,37 @@
 """The client distribution stays light, and the generated code matches the proto."""
 
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import requires
 from pathlib import Path
 
+import google.rpc
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_client_distribution_depends_on_grpcio_and_protobuf_only() -> None:
+def test_client_distribution_depends_on_grpcio_and_protobufs_only() -> None:
     names = {Requirement(r).name for r in requires("knn-classifier-client") or []}
-    assert names == {"grpcio", "protobuf"}
+    # googleapis-common-protos: google.rpc.Status and its details (protobuf code only).
+    assert names == {"grpcio", "protobuf", "googleapis-common-protos"}
+
+
+@pytest.mark.parametrize("name", ["status.proto", "error_details.proto"])
+def test_the_vendored_google_rpc_protos_are_the_installed_ones(name: str) -> None:
+    """buf and the Node.js test read third_party/; Python code comes from the package."""
+    installed = Path(google.rpc.__path__[0]) / name
+    vendored = ROOT / "third_party" / "googleapis" / "google" / "rpc" / name
+    assert vendored.read_text() == installed.read_text(), f"copy {installed} to {vendored}"
+
+
+def test_the_api_has_no_unsigned_integers() -> None:
+    """Java has no unsigned types and TypeScript maps 64-bit ones to strings or bigint."""
+    for proto in (ROOT / "proto").rglob("*.proto"):
+        assert not re.search(r"\b(uint32|uint64|fixed32|fixed64)\b", proto.read_text()), proto
 
 
 def test_client_imports_without_the_server_stack() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
 from knn_classifier.client import (
@@ -18,11 +19,13 @@ from knn_classifier.client import (
     Client,
     PermissionDeniedError,
     ResourceExhaustedError,
+    RetryPolicy,
     Tls,
     UnauthenticatedError,
     UnavailableError,
 )
 from knn_classifier.server.settings import Settings
+from knn_classifier.v1 import classifier_pb2 as pb
 
 from .certificates import make_ca, make_leaf
 from .conftest import ServerThread, make_settings
@@ -62,10 +65,32 @@ def test_write_key_does_everything_read_key_only_reads(secured: ServerThread) ->
         assert writer.list_labels("c") == {"greeting": 1, "farewell": 1}
 
 
+def test_a_read_key_may_use_reflection_and_read_the_service_info(secured: ServerThread) -> None:
+    with Client(secured.address, api_key=READ_KEY) as reader:
+        assert reader.get_service_info().api_version == "v1"
+        with pytest.raises(PermissionDeniedError) as caught:
+            reader.update_classifier("c", k=3)
+        assert caught.value.reason == "WRITE_KEY_REQUIRED"
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with secured.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = list(
+            stub.ServerReflectionInfo(
+                iter([request]), timeout=5, metadata=[("authorization", f"Bearer {READ_KEY}")]
+            )
+        )
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert "knn_classifier.v1.ClassifierService" in names
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key", READ_KEY + "x", ""])
 def test_missing_or_unknown_key_is_unauthenticated(secured: ServerThread, key: str | None) -> None:
-    with Client(secured.address, api_key=key) as client, pytest.raises(UnauthenticatedError):
+    with (
+        Client(secured.address, api_key=key) as client,
+        pytest.raises(UnauthenticatedError) as caught,
+    ):
         client.list_classifiers()
+    assert caught.value.reason == "API_KEY_INVALID"
 
 
 def test_health_needs_no_key(secured: ServerThread) -> None:
@@ -172,15 +197,20 @@ def test_exemplars_per_classifier_limit(tmp_path: Path, fake_embedder: FakeEmbed
         with running.client() as client:
             client.create_classifier("small")
             client.add_exemplars("small", [(f"text {i}", "a") for i in range(4)])
-            with pytest.raises(ResourceExhaustedError, match="limit of 5 exemplars"):
+            with pytest.raises(ResourceExhaustedError, match="limit of 5 exemplars") as caught:
                 client.add_exemplars("small", [("text 8", "a"), ("text 9", "b")])
+            assert (caught.value.reason, caught.value.retryable) == (
+                "EXEMPLAR_LIMIT_REACHED",
+                False,
+            )
+            assert caught.value.metadata == {"limit": "5", "held": "4", "adding": "2"}
             assert client.get_classifier("small").exemplar_count == 4
     finally:
         running.stop()
 
 
 def test_message_size_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> None:
-    settings = make_settings(tmp_path, fake_embedder.base_url, limits={"max_message_bytes": 4096})
+    settings = make_settings(tmp_path, fake_embedder.base_url, limits={"max_request_bytes": 4096})
     running = ServerThread(settings).start()
     try:
         with running.channel() as channel:
@@ -201,14 +231,18 @@ def test_concurrent_call_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServe
             client.add_exemplars("busy", [("alpha words", "a"), ("beta words", "b")])
         fake_embedder.reset(delay_s=0.4)
 
-        async def burst() -> list[object]:
-            async with AsyncClient(running.address) as client:
+        async def burst(retry: RetryPolicy) -> list[object]:
+            async with AsyncClient(running.address, retry=retry) as client:
                 calls = [client.classify("busy", f"alpha {i}") for i in range(6)]
                 return await asyncio.gather(*calls, return_exceptions=True)
 
-        answers = asyncio.run(burst())
+        answers = asyncio.run(burst(RetryPolicy(max_attempts=1)))
         refused = [a for a in answers if isinstance(a, ResourceExhaustedError)]
         assert refused
         assert len(refused) < len(answers)
+        assert {(e.reason, e.retryable) for e in refused} == {("TOO_MANY_CALLS", True)}
+        # The client's default policy retries overload, and only overload, until served.
+        retried = asyncio.run(burst(RetryPolicy(max_attempts=100, max_backoff_s=0.5)))
+        assert all(isinstance(a, pb.Prediction) for a in retried), retried
     finally:
         running.stop()

@@ -14,14 +14,17 @@ from knn_classifier.v1.classifier_pb2 import (
     LabelScore,
     Neighbour,
     Prediction,
+    ServiceInfo,
     UnknownReason,
 )
 
-from ._client import AsyncClient, Client, Tls
+from ._client import AsyncClient, BatchResult, Client, Tls
 from ._errors import (
+    AbortedError,
     AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
+    FieldViolation,
     InvalidArgumentError,
     KnnClassifierError,
     NotFoundError,
@@ -30,16 +33,20 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from ._retry import RetryPolicy
 
 __all__ = [
+    "AbortedError",
     "AlreadyExistsError",
     "AsyncClient",
+    "BatchResult",
     "Classifier",
     "Client",
     "DeadlineExceededError",
     "Exemplar",
     "ExemplarInput",
     "FailedPreconditionError",
+    "FieldViolation",
     "InvalidArgumentError",
     "KnnClassifierError",
     "LabelScore",
@@ -48,6 +55,8 @@ __all__ = [
     "PermissionDeniedError",
     "Prediction",
     "ResourceExhaustedError",
+    "RetryPolicy",
+    "ServiceInfo",
     "Tls",
     "UnauthenticatedError",
     "UnavailableError",

@@ -2,12 +2,15 @@
 
 Both take the server address once, an API key sent with every call (``api_key``), TLS
 settings (``tls``), a default deadline for every call (``timeout``, seconds) that each method
-can override, and raise :class:`KnnClassifierError` subclasses instead of ``grpc.RpcError``.
+can override, a :class:`RetryPolicy` for idempotent calls (``retry``), and raise
+:class:`KnnClassifierError` subclasses instead of ``grpc.RpcError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -18,11 +21,13 @@ from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from . import _requests as build
-from ._errors import from_rpc_error
+from ._errors import KnnClassifierError, from_rpc_error, from_status
 from ._requests import ExemplarLike, VotingName
+from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,17 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+BatchResult = pb.Prediction | KnnClassifierError
+"""One text of classify_batch: its prediction, or the error that text alone would have raised."""
+
+
+def _batch_results(response: pb.ClassifyBatchResponse) -> list[BatchResult]:
+    return [
+        from_status(result.error) if result.HasField("error") else result.prediction
+        for result in response.results
+    ]
+
+
 class Client:
     """Blocking client. Use as a context manager, or call :meth:`close`."""
 
@@ -54,6 +70,7 @@ class Client:
         api_key: str | None = None,
         tls: Tls | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = DEFAULT_RETRY,
         channel: grpc.Channel | None = None,
     ) -> None:
         if channel is None:
@@ -65,6 +82,8 @@ class Client:
         self._channel = channel
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
+        self._retry = retry
+        self._retryable = {getattr(self._stub, name) for name in IDEMPOTENT_METHODS}
         self._metadata = _metadata(api_key)
 
     def __enter__(self) -> Self:
@@ -82,13 +101,24 @@ class Client:
         self._channel.close()
 
     def _call(
-        self, method: Callable[..., Response], request: Any, timeout: float | None
+        self,
+        method: Callable[..., Response],
+        request: Any,
+        timeout: float | None,
     ) -> Response:
-        try:
-            deadline = self._timeout if timeout is None else timeout
-            return method(request, timeout=deadline, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            try:
+                left = deadline - time.monotonic()
+                return method(request, timeout=max(left, 0.0), metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+            wait = self._retry.delay(attempt, error, deadline - time.monotonic())
+            if method not in self._retryable or wait is None:
+                raise error from None
+            time.sleep(wait)
+            attempt += 1
 
     def create_classifier(
         self,
@@ -111,12 +141,44 @@ class Client:
         return self._call(self._stub.GetClassifier, pb.GetClassifierRequest(name=name), timeout)
 
     def list_classifiers(self, *, timeout: float | None = None) -> list[pb.Classifier]:
-        response = self._call(self._stub.ListClassifiers, pb.ListClassifiersRequest(), timeout)
-        return list(response.classifiers)
+        """Every classifier by name, reading page after page (``timeout`` per page)."""
+        classifiers: list[pb.Classifier] = []
+        token = ""
+        while True:
+            request = pb.ListClassifiersRequest(page_token=token)
+            response = self._call(self._stub.ListClassifiers, request, timeout)
+            classifiers.extend(response.classifiers)
+            token = response.next_page_token
+            if not token:
+                return classifiers
 
-    def delete_classifier(self, name: str, *, timeout: float | None = None) -> int:
-        request = pb.DeleteClassifierRequest(name=name)
-        return self._call(self._stub.DeleteClassifier, request, timeout).deleted_exemplars
+    def update_classifier(
+        self,
+        name: str,
+        *,
+        k: int | None = None,
+        voting: VotingName | None = None,
+        temperature: float | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        dimension: int | None = None,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> pb.Classifier:
+        """Changes the defaults given (not None), and nothing else."""
+        request = build.update_classifier(
+            name, etag, k, voting, temperature, min_similarity, min_confidence, dimension
+        )
+        return self._call(self._stub.UpdateClassifier, request, timeout)
+
+    def delete_classifier(self, name: str, *, etag: str = "", timeout: float | None = None) -> int:
+        request = pb.DeleteClassifierRequest(name=name, etag=etag)
+        response = self._call(self._stub.DeleteClassifier, request, timeout)
+        return response.deleted_exemplars
+
+    def get_service_info(self, *, timeout: float | None = None) -> pb.ServiceInfo:
+        """The server's dimensions, embedding model, limits and API version."""
+        return self._call(self._stub.GetServiceInfo, pb.GetServiceInfoRequest(), timeout)
 
     def add_exemplars(
         self, classifier: str, exemplars: Iterable[ExemplarLike], *, timeout: float | None = None
@@ -133,28 +195,50 @@ class Client:
         label: str = "",
         timeout: float | None = None,
     ) -> int:
-        request = pb.DeleteExemplarsRequest(classifier=classifier, ids=ids, label=label)
+        request = build.delete_exemplars(classifier, ids, label, "")
         return self._call(self._stub.DeleteExemplars, request, timeout).deleted
 
     def list_exemplars(
         self,
         classifier: str,
         *,
-        page_size: int | None = None,
+        page_size: int = 0,
         page_token: str = "",
         label: str = "",
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
+        """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
         request = pb.ListExemplarsRequest(
             classifier=classifier, page_size=page_size, page_token=page_token, label=label
         )
         return self._call(self._stub.ListExemplars, request, timeout)
 
+    def iter_exemplars(
+        self, classifier: str, *, label: str = "", timeout: float | None = None
+    ) -> Iterator[pb.Exemplar]:
+        """Every exemplar (of ``label``, if given), page after page (``timeout`` per page)."""
+        token = ""
+        while True:
+            page = self.list_exemplars(
+                classifier, page_token=token, label=label, page_size=1000, timeout=timeout
+            )
+            yield from page.exemplars
+            token = page.next_page_token
+            if not token:
+                return
+
     def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
-        """Label -> number of exemplars, most exemplars first."""
-        request = pb.ListLabelsRequest(classifier=classifier)
-        response = self._call(self._stub.ListLabels, request, timeout)
-        return {item.label: item.count for item in response.labels}
+        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each)."""
+        counts: dict[str, int] = {}
+        token = ""
+        while True:
+            request = pb.ListLabelsRequest(classifier=classifier, page_size=1000, page_token=token)
+            response = self._call(self._stub.ListLabels, request, timeout)
+            counts.update((item.label, item.count) for item in response.labels)
+            token = response.next_page_token
+            if not token:
+                return counts
 
     def classify(
         self,
@@ -189,13 +273,15 @@ class Client:
         include_neighbours: bool = False,
         temperature: float | None = None,
         timeout: float | None = None,
-    ) -> list[pb.Prediction]:
-        """One prediction per text; one that could not be classified has ``error`` set."""
+    ) -> list[BatchResult]:
+        """One result per text, in order: its prediction, or for a text that could not be
+        classified (empty, too long, refused by the model) the error it would have raised
+        alone, returned rather than raised. Errors of the whole call are raised."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
         request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
-        return list(self._call(self._stub.ClassifyBatch, request, timeout).predictions)
+        return _batch_results(self._call(self._stub.ClassifyBatch, request, timeout))
 
     def evaluate(
         self,
@@ -227,6 +313,7 @@ class AsyncClient:
         api_key: str | None = None,
         tls: Tls | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = DEFAULT_RETRY,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         if channel is None:
@@ -238,6 +325,8 @@ class AsyncClient:
         self._channel = channel
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self._timeout = timeout
+        self._retry = retry
+        self._retryable = {getattr(self._stub, name) for name in IDEMPOTENT_METHODS}
         self._metadata = _metadata(api_key)
 
     async def __aenter__(self) -> Self:
@@ -255,13 +344,24 @@ class AsyncClient:
         await self._channel.close(None)
 
     async def _call(
-        self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None
+        self,
+        method: Callable[..., Awaitable[Response]],
+        request: Any,
+        timeout: float | None,
     ) -> Response:
-        try:
-            deadline = self._timeout if timeout is None else timeout
-            return await method(request, timeout=deadline, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            try:
+                left = deadline - time.monotonic()
+                return await method(request, timeout=max(left, 0.0), metadata=self._metadata)
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+            wait = self._retry.delay(attempt, error, deadline - time.monotonic())
+            if method not in self._retryable or wait is None:
+                raise error from None
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def create_classifier(
         self,
@@ -285,13 +385,47 @@ class AsyncClient:
         return await self._call(self._stub.GetClassifier, request, timeout)
 
     async def list_classifiers(self, *, timeout: float | None = None) -> list[pb.Classifier]:
-        request = pb.ListClassifiersRequest()
-        return list((await self._call(self._stub.ListClassifiers, request, timeout)).classifiers)
+        """Every classifier by name, reading page after page (``timeout`` per page)."""
+        classifiers: list[pb.Classifier] = []
+        token = ""
+        while True:
+            request = pb.ListClassifiersRequest(page_token=token)
+            response = await self._call(self._stub.ListClassifiers, request, timeout)
+            classifiers.extend(response.classifiers)
+            token = response.next_page_token
+            if not token:
+                return classifiers
 
-    async def delete_classifier(self, name: str, *, timeout: float | None = None) -> int:
-        request = pb.DeleteClassifierRequest(name=name)
+    async def update_classifier(
+        self,
+        name: str,
+        *,
+        k: int | None = None,
+        voting: VotingName | None = None,
+        temperature: float | None = None,
+        min_similarity: float | None = None,
+        min_confidence: float | None = None,
+        dimension: int | None = None,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> pb.Classifier:
+        """Changes the defaults given (not None), and nothing else."""
+        request = build.update_classifier(
+            name, etag, k, voting, temperature, min_similarity, min_confidence, dimension
+        )
+        return await self._call(self._stub.UpdateClassifier, request, timeout)
+
+    async def delete_classifier(
+        self, name: str, *, etag: str = "", timeout: float | None = None
+    ) -> int:
+        request = pb.DeleteClassifierRequest(name=name, etag=etag)
         response = await self._call(self._stub.DeleteClassifier, request, timeout)
         return response.deleted_exemplars
+
+    async def get_service_info(self, *, timeout: float | None = None) -> pb.ServiceInfo:
+        """The server's dimensions, embedding model, limits and API version."""
+        request = pb.GetServiceInfoRequest()
+        return await self._call(self._stub.GetServiceInfo, request, timeout)
 
     async def add_exemplars(
         self, classifier: str, exemplars: Iterable[ExemplarLike], *, timeout: float | None = None
@@ -308,28 +442,51 @@ class AsyncClient:
         label: str = "",
         timeout: float | None = None,
     ) -> int:
-        request = pb.DeleteExemplarsRequest(classifier=classifier, ids=ids, label=label)
+        request = build.delete_exemplars(classifier, ids, label, "")
         return (await self._call(self._stub.DeleteExemplars, request, timeout)).deleted
 
     async def list_exemplars(
         self,
         classifier: str,
         *,
-        page_size: int | None = None,
+        page_size: int = 0,
         page_token: str = "",
         label: str = "",
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
+        """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
         request = pb.ListExemplarsRequest(
             classifier=classifier, page_size=page_size, page_token=page_token, label=label
         )
         return await self._call(self._stub.ListExemplars, request, timeout)
 
+    async def iter_exemplars(
+        self, classifier: str, *, label: str = "", timeout: float | None = None
+    ) -> AsyncIterator[pb.Exemplar]:
+        """Every exemplar (of ``label``, if given), page after page (``timeout`` per page)."""
+        token = ""
+        while True:
+            page = await self.list_exemplars(
+                classifier, page_token=token, label=label, page_size=1000, timeout=timeout
+            )
+            for exemplar in page.exemplars:
+                yield exemplar
+            token = page.next_page_token
+            if not token:
+                return
+
     async def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
-        """Label -> number of exemplars, most exemplars first."""
-        request = pb.ListLabelsRequest(classifier=classifier)
-        response = await self._call(self._stub.ListLabels, request, timeout)
-        return {item.label: item.count for item in response.labels}
+        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each)."""
+        counts: dict[str, int] = {}
+        token = ""
+        while True:
+            request = pb.ListLabelsRequest(classifier=classifier, page_size=1000, page_token=token)
+            response = await self._call(self._stub.ListLabels, request, timeout)
+            counts.update((item.label, item.count) for item in response.labels)
+            token = response.next_page_token
+            if not token:
+                return counts
 
     async def classify(
         self,
@@ -364,13 +521,15 @@ class AsyncClient:
         include_neighbours: bool = False,
         temperature: float | None = None,
         timeout: float | None = None,
-    ) -> list[pb.Prediction]:
-        """One prediction per text; one that could not be classified has ``error`` set."""
+    ) -> list[BatchResult]:
+        """One result per text, in order: its prediction, or for a text that could not be
+        classified (empty, too long, refused by the model) the error it would have raised
+        alone, returned rather than raised. Errors of the whole call are raised."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
         request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
-        return list((await self._call(self._stub.ClassifyBatch, request, timeout)).predictions)
+        return _batch_results(await self._call(self._stub.ClassifyBatch, request, timeout))
 
     async def evaluate(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, TypeAlias
 
 from knn_classifier.v1 import classifier_pb2 as pb
@@ -94,11 +94,61 @@ def evaluate(
 ) -> pb.EvaluateRequest:
     return pb.EvaluateRequest(
         classifier=classifier,
-        held_out=[pb.LabelledText(text=text, label=label) for text, label in held_out],
-        k=k,
-        voting=[voting(v) for v in votings],
-        dimension=dimensions,
-        temperature=temperatures,
+        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out],
+        k_values=k,
+        voting_methods=[voting(v) for v in votings],
+        dimensions=dimensions,
+        temperatures=temperatures,
         apply_best=apply_best,
         target_precision=target_precision,
     )
+
+
+def delete_exemplars(
+    classifier: str, ids: Sequence[str], label: str, etag: str
+) -> pb.DeleteExemplarsRequest:
+    """Ids or a label (a oneof: the request cannot carry both); the server refuses neither."""
+    if ids and label:
+        raise ValueError("give ids or a label to delete, not both")
+    request = pb.DeleteExemplarsRequest(classifier=classifier, etag=etag)
+    if ids:
+        request.ids.ids.extend(ids)
+    if label:
+        request.label = label
+    return request
+
+
+def update_classifier(
+    name: str,
+    etag: str,
+    k: int | None,
+    voting_name: VotingName | None,
+    temperature: float | None,
+    min_similarity: float | None,
+    min_confidence: float | None,
+    dimension: int | None,
+) -> pb.UpdateClassifierRequest:
+    """The update mask names exactly the fields given (not None)."""
+    classifier = pb.Classifier(name=name, etag=etag)
+    paths: list[str] = []
+    if k is not None:
+        classifier.k = k
+        paths.append("k")
+    if voting_name is not None:
+        classifier.voting = voting(voting_name)
+        paths.append("voting")
+    if temperature is not None:
+        classifier.temperature = temperature
+        paths.append("temperature")
+    if min_similarity is not None:
+        classifier.min_similarity = min_similarity
+        paths.append("min_similarity")
+    if min_confidence is not None:
+        classifier.min_confidence = min_confidence
+        paths.append("min_confidence")
+    if dimension is not None:
+        classifier.dimension = dimension
+        paths.append("dimension")
+    request = pb.UpdateClassifierRequest(classifier=classifier)
+    request.update_mask.paths.extend(paths)
+    return request

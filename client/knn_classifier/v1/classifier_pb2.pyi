@@ -5,14 +5,21 @@ knn-classifier API, version 1.
 
 A classifier is defined only by labelled example texts (exemplars). A text is classified by
 k-nearest-neighbour voting over cosine similarity between its embedding and the exemplars'.
+
+Errors: every failed call carries google.rpc.ErrorInfo (see ErrorReason in
+error_reason.proto) and, where they apply, BadRequest, ResourceInfo and RetryInfo.
+Sizes: list and batch responses stay under the server's response budget (GetServiceInfo,
+limits.max_response_bytes; below 4 MiB by default, so stock gRPC clients can receive them).
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -52,7 +59,11 @@ class _VotingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Voting.ValueTy
     """
 
 class Voting(_Voting, metaclass=_VotingEnumTypeWrapper):
-    """How the k nearest neighbours turn into per-label scores."""
+    """How the k nearest neighbours turn into per-label scores.
+
+    Open: methods may be added. A classifier created by a newer client may report a value this
+    client does not know.
+    """
 
 VOTING_UNSPECIFIED: Voting.ValueType  # 0
 """Use the classifier's default (requests) or the server's default (CreateClassifier)."""
@@ -83,15 +94,21 @@ class _UnknownReason:
 class _UnknownReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnknownReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     UNKNOWN_REASON_UNSPECIFIED: _UnknownReason.ValueType  # 0
+    """Not unknown."""
     UNKNOWN_REASON_BELOW_MIN_SIMILARITY: _UnknownReason.ValueType  # 1
     """No neighbour reached min_similarity."""
     UNKNOWN_REASON_BELOW_MIN_CONFIDENCE: _UnknownReason.ValueType  # 2
     """The winning label's confidence is under min_confidence."""
 
 class UnknownReason(_UnknownReason, metaclass=_UnknownReasonEnumTypeWrapper):
-    """Why a prediction is "unknown"."""
+    """Why a prediction is "unknown".
+
+    Open: reasons will be added (e.g. for texts judged out of scope). Treat an unknown value as
+    "unknown for another reason".
+    """
 
 UNKNOWN_REASON_UNSPECIFIED: UnknownReason.ValueType  # 0
+"""Not unknown."""
 UNKNOWN_REASON_BELOW_MIN_SIMILARITY: UnknownReason.ValueType  # 1
 """No neighbour reached min_similarity."""
 UNKNOWN_REASON_BELOW_MIN_CONFIDENCE: UnknownReason.ValueType  # 2
@@ -100,6 +117,10 @@ Global___UnknownReason: _TypeAlias = UnknownReason  # noqa: Y015
 
 @_typing.final
 class Classifier(_message.Message):
+    """A classifier: a name, the instruction given to the embedding model, and the defaults of its
+    Classify calls.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -113,27 +134,40 @@ class Classifier(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     DIMENSION_FIELD_NUMBER: _builtins.int
     CALIBRATED_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The identifier; immutable."""
     instruction: _builtins.str
     """The task description given to the embedding model with every text, e.g.
-    "Classify the intent of a banking customer's message".
+    "Classify the intent of a banking customer's message". Immutable: every stored vector was
+    made with it.
     """
     k: _builtins.int
     """Defaults used when a Classify request leaves the field unset."""
     voting: Global___Voting.ValueType
+    """The default voting method."""
     min_similarity: _builtins.float
+    """Neighbours less similar than this do not vote; if none is left, the answer is unknown."""
     min_confidence: _builtins.float
+    """Below this confidence the answer is unknown."""
     exemplar_count: _builtins.int
+    """Output only."""
     temperature: _builtins.float
     """The temperature of softmax, centroid and discriminant voting."""
     dimension: _builtins.int
     """The dimension Classify uses by default; 0: the largest configured."""
     calibrated: _builtins.bool
-    """Whether confidence is a calibrated probability (fitted by Evaluate with apply_best) rather
-    than the winner's share of the vote.
+    """Output only. Whether confidence is a calibrated probability (fitted by Evaluate with
+    apply_best) rather than the winner's share of the vote.
+    """
+    etag: _builtins.str
+    """Output only. The classifier's revision (AIP-154): it changes with every write to the
+    classifier or its exemplars. Send it back on a write to make the write conditional.
     """
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
     def __init__(
         self,
         *,
@@ -148,10 +182,11 @@ class Classifier(_message.Message):
         temperature: _builtins.float = ...,
         dimension: _builtins.int = ...,
         calibrated: _builtins.bool = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "created_at", b"created_at", "dimension", b"dimension", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "created_at", b"created_at", "dimension", b"dimension", "etag", b"etag", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,6 +194,8 @@ Global___Classifier: _TypeAlias = Classifier  # noqa: Y015
 
 @_typing.final
 class CreateClassifierRequest(_message.Message):
+    """The request of CreateClassifier."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -175,9 +212,13 @@ class CreateClassifierRequest(_message.Message):
     k: _builtins.int
     """Unset: the server's defaults."""
     voting: Global___Voting.ValueType
+    """Unspecified: the server's default."""
     min_similarity: _builtins.float
+    """Unset: the server's default."""
     min_confidence: _builtins.float
+    """Unset: the server's default."""
     temperature: _builtins.float
+    """Unset: the server's default."""
     def __init__(
         self,
         *,
@@ -214,10 +255,13 @@ Global___CreateClassifierRequest: _TypeAlias = CreateClassifierRequest  # noqa: 
 
 @_typing.final
 class GetClassifierRequest(_message.Message):
+    """The request of GetClassifier."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The classifier's name."""
     def __init__(
         self,
         *,
@@ -233,14 +277,27 @@ Global___GetClassifierRequest: _TypeAlias = GetClassifierRequest  # noqa: Y015
 
 @_typing.final
 class ListClassifiersRequest(_message.Message):
+    """The request of ListClassifiers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many classifiers; 0: 100; above the server's max_page_size: that. A page may
+    hold fewer, to stay under the response budget (AIP-158): read next_page_token.
+    """
+    page_token: _builtins.str
+    """From the previous response; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,38 +305,91 @@ Global___ListClassifiersRequest: _TypeAlias = ListClassifiersRequest  # noqa: Y0
 
 @_typing.final
 class ListClassifiersResponse(_message.Message):
+    """The response of ListClassifiers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def classifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Classifier]: ...
+    def classifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Classifier]:
+        """By name."""
+
     def __init__(
         self,
         *,
         classifiers: _abc.Iterable[Global___Classifier] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifiers", b"classifiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifiers", b"classifiers", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListClassifiersResponse: _TypeAlias = ListClassifiersResponse  # noqa: Y015
 
 @_typing.final
+class UpdateClassifierRequest(_message.Message):
+    """The request of UpdateClassifier (AIP-134)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def classifier(self) -> Global___Classifier:
+        """The classifier's name and the new values of the fields in update_mask; other fields are
+        ignored. If classifier.etag is set and differs from the current one: ABORTED with reason
+        ETAG_MISMATCH, nothing changed.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Required. The fields to change, among k, voting, temperature, min_similarity,
+        min_confidence and dimension. name and instruction may not change (every stored vector was
+        made with the instruction: create another classifier instead); the output-only fields
+        cannot. Changing k, voting, temperature or dimension drops the confidence calibration
+        (it was fitted for the old settings; run Evaluate with apply_best again).
+        """
+
+    def __init__(
+        self,
+        *,
+        classifier: Global___Classifier | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateClassifierRequest: _TypeAlias = UpdateClassifierRequest  # noqa: Y015
+
+@_typing.final
 class DeleteClassifierRequest(_message.Message):
+    """The request of DeleteClassifier."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The classifier's name."""
+    etag: _builtins.str
+    """Optional: if set and not the classifier's current etag, ABORTED (ETAG_MISMATCH)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -287,10 +397,13 @@ Global___DeleteClassifierRequest: _TypeAlias = DeleteClassifierRequest  # noqa: 
 
 @_typing.final
 class DeleteClassifierResponse(_message.Message):
+    """The response of DeleteClassifier."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_EXEMPLARS_FIELD_NUMBER: _builtins.int
     deleted_exemplars: _builtins.int
+    """How many exemplars were deleted with it."""
     def __init__(
         self,
         *,
@@ -306,6 +419,8 @@ Global___DeleteClassifierResponse: _TypeAlias = DeleteClassifierResponse  # noqa
 
 @_typing.final
 class ExemplarInput(_message.Message):
+    """An exemplar to add."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -333,13 +448,17 @@ class ExemplarInput(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """The text."""
     label: _builtins.str
+    """Its label."""
     id: _builtins.str
     """Optional caller-chosen id (1-128 characters). Empty: derived from classifier and text, so
     adding the same text twice updates one exemplar instead of duplicating it.
     """
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Stored with the exemplar and returned by ListExemplars."""
+
     def __init__(
         self,
         *,
@@ -358,22 +477,31 @@ Global___ExemplarInput: _TypeAlias = ExemplarInput  # noqa: Y015
 
 @_typing.final
 class AddExemplarsRequest(_message.Message):
+    """The request of AddExemplars."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     EXEMPLARS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
+    etag: _builtins.str
+    """Optional: if set and not the classifier's current etag, ABORTED (ETAG_MISMATCH)."""
     @_builtins.property
-    def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExemplarInput]: ...
+    def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExemplarInput]:
+        """At most the server's max_batch_size."""
+
     def __init__(
         self,
         *,
         classifier: _builtins.str = ...,
         exemplars: _abc.Iterable[Global___ExemplarInput] | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "exemplars", b"exemplars"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "etag", b"etag", "exemplars", b"exemplars"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,12 +509,42 @@ Global___AddExemplarsRequest: _TypeAlias = AddExemplarsRequest  # noqa: Y015
 
 @_typing.final
 class AddExemplarsResponse(_message.Message):
+    """The response of AddExemplars."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The classifier's etag after the write."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the exemplars, in request order."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddExemplarsResponse: _TypeAlias = AddExemplarsResponse  # noqa: Y015
+
+@_typing.final
+class ExemplarIds(_message.Message):
+    """The ids of exemplars."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The ids of the exemplars, in request order."""
+        """Exemplar ids."""
 
     def __init__(
         self,
@@ -399,50 +557,67 @@ class AddExemplarsResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AddExemplarsResponse: _TypeAlias = AddExemplarsResponse  # noqa: Y015
+Global___ExemplarIds: _TypeAlias = ExemplarIds  # noqa: Y015
 
 @_typing.final
 class DeleteExemplarsRequest(_message.Message):
+    """The request of DeleteExemplars."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
     label: _builtins.str
+    """Every exemplar with this label."""
+    etag: _builtins.str
+    """Optional: if set and not the classifier's current etag, ABORTED (ETAG_MISMATCH)."""
     @_builtins.property
-    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Exactly one of ids or label."""
+    def ids(self) -> Global___ExemplarIds:
+        """These ids (ids the classifier does not have are ignored)."""
 
     def __init__(
         self,
         *,
         classifier: _builtins.str = ...,
-        ids: _abc.Iterable[_builtins.str] | None = ...,
+        ids: Global___ExemplarIds | None = ...,
         label: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "label", b"label", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "ids", b"ids", "label", b"label"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "etag", b"etag", "ids", b"ids", "label", b"label", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["ids", "label"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
 
 Global___DeleteExemplarsRequest: _TypeAlias = DeleteExemplarsRequest  # noqa: Y015
 
 @_typing.final
 class DeleteExemplarsResponse(_message.Message):
+    """The response of DeleteExemplars."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     deleted: _builtins.int
+    """How many exemplars were deleted."""
+    etag: _builtins.str
+    """The classifier's etag after the write."""
     def __init__(
         self,
         *,
         deleted: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "etag", b"etag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,6 +625,8 @@ Global___DeleteExemplarsResponse: _TypeAlias = DeleteExemplarsResponse  # noqa: 
 
 @_typing.final
 class Exemplar(_message.Message):
+    """A stored exemplar."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -478,12 +655,19 @@ class Exemplar(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Its id."""
     text: _builtins.str
+    """Its text."""
     label: _builtins.str
+    """Its label."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """As given when it was added."""
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last written."""
+
     def __init__(
         self,
         *,
@@ -503,6 +687,8 @@ Global___Exemplar: _TypeAlias = Exemplar  # noqa: Y015
 
 @_typing.final
 class ListExemplarsRequest(_message.Message):
+    """The request of ListExemplars."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
@@ -510,32 +696,37 @@ class ListExemplarsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
     page_size: _builtins.int
-    """Unset: 100. At most the server's page limit."""
+    """At most this many exemplars; 0: 100; above the server's max_page_size: that. A page may
+    hold fewer, to stay under the response budget (AIP-158): read next_page_token.
+    """
     page_token: _builtins.str
-    """From the previous response; empty for the first page."""
+    """From the previous response; empty for the first page. Valid only with the same classifier
+    and label.
+    """
     label: _builtins.str
     """Only exemplars with this label, if set."""
     def __init__(
         self,
         *,
         classifier: _builtins.str = ...,
-        page_size: _builtins.int | None = ...,
+        page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         label: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_page_size", b"_page_size", "page_size", b"page_size"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_page_size", b"_page_size", "classifier", b"classifier", "label", b"label", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "label", b"label", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__page_size: _TypeAlias = _typing.Literal["page_size"]  # noqa: Y015
-    _WhichOneofArgType__page_size: _TypeAlias = _typing.Literal["_page_size", b"_page_size"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__page_size) -> _WhichOneofReturnType__page_size | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListExemplarsRequest: _TypeAlias = ListExemplarsRequest  # noqa: Y015
 
 @_typing.final
 class ListExemplarsResponse(_message.Message):
+    """The response of ListExemplars."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EXEMPLARS_FIELD_NUMBER: _builtins.int
@@ -543,7 +734,9 @@ class ListExemplarsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]: ...
+    def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
+        """In a stable order (of the store's point ids)."""
+
     def __init__(
         self,
         *,
@@ -560,18 +753,31 @@ Global___ListExemplarsResponse: _TypeAlias = ListExemplarsResponse  # noqa: Y015
 
 @_typing.final
 class ListLabelsRequest(_message.Message):
+    """The request of ListLabels."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
+    page_size: _builtins.int
+    """At most this many labels; 0: 100; above the server's max_page_size: that. A page may hold
+    fewer, to stay under the response budget (AIP-158): read next_page_token.
+    """
+    page_token: _builtins.str
+    """From the previous response; empty for the first page. Valid only with the same classifier."""
     def __init__(
         self,
         *,
         classifier: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,12 +785,16 @@ Global___ListLabelsRequest: _TypeAlias = ListLabelsRequest  # noqa: Y015
 
 @_typing.final
 class LabelCount(_message.Message):
+    """A label and how many exemplars it has."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LABEL_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     label: _builtins.str
+    """The label."""
     count: _builtins.int
+    """Its exemplars."""
     def __init__(
         self,
         *,
@@ -601,21 +811,27 @@ Global___LabelCount: _TypeAlias = LabelCount  # noqa: Y015
 
 @_typing.final
 class ListLabelsResponse(_message.Message):
+    """The response of ListLabels."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LABELS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCount]:
-        """Most exemplars first."""
+        """Most exemplars first, then by label."""
 
     def __init__(
         self,
         *,
         labels: _abc.Iterable[Global___LabelCount] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,13 +851,21 @@ class ClassifyOptions(_message.Message):
     INCLUDE_NEIGHBOURS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
+    """Neighbours that vote. Unset: the classifier's default."""
     dimension: _builtins.int
     """One of the server's configured dimensions. Unset: the classifier's default."""
     voting: Global___Voting.ValueType
+    """Unspecified: the classifier's default."""
     min_similarity: _builtins.float
+    """Unset: the classifier's default."""
     min_confidence: _builtins.float
+    """Unset: the classifier's default."""
     include_neighbours: _builtins.bool
+    """Return the neighbours (with their texts). The response must fit the server's response
+    budget, else RESOURCE_EXHAUSTED (RESPONSE_TOO_LARGE).
+    """
     temperature: _builtins.float
+    """Unset: the classifier's default."""
     def __init__(
         self,
         *,
@@ -682,15 +906,21 @@ Global___ClassifyOptions: _TypeAlias = ClassifyOptions  # noqa: Y015
 
 @_typing.final
 class ClassifyRequest(_message.Message):
+    """The request of Classify."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
     text: _builtins.str
+    """The text to classify."""
     @_builtins.property
-    def options(self) -> Global___ClassifyOptions: ...
+    def options(self) -> Global___ClassifyOptions:
+        """Overrides of the classifier's defaults."""
+
     def __init__(
         self,
         *,
@@ -708,16 +938,23 @@ Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
 
 @_typing.final
 class ClassifyBatchRequest(_message.Message):
+    """The request of ClassifyBatch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     TEXTS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
     @_builtins.property
-    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most the server's max_batch_size; texts times k at most its max_batch_neighbours."""
+
     @_builtins.property
-    def options(self) -> Global___ClassifyOptions: ...
+    def options(self) -> Global___ClassifyOptions:
+        """Overrides of the classifier's defaults, for every text."""
+
     def __init__(
         self,
         *,
@@ -735,11 +972,14 @@ Global___ClassifyBatchRequest: _TypeAlias = ClassifyBatchRequest  # noqa: Y015
 
 @_typing.final
 class LabelScore(_message.Message):
+    """A label's score."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LABEL_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     label: _builtins.str
+    """The label."""
     score: _builtins.float
     """Share of the vote, in [0, 1]; the scores of one prediction sum to 1."""
     def __init__(
@@ -758,6 +998,8 @@ Global___LabelScore: _TypeAlias = LabelScore  # noqa: Y015
 
 @_typing.final
 class Neighbour(_message.Message):
+    """An exemplar near the classified text."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -765,8 +1007,11 @@ class Neighbour(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     SIMILARITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The exemplar's id."""
     label: _builtins.str
+    """Its label."""
     text: _builtins.str
+    """Its text."""
     similarity: _builtins.float
     """Cosine similarity to the classified text, in [-1, 1]."""
     def __init__(
@@ -787,6 +1032,8 @@ Global___Neighbour: _TypeAlias = Neighbour  # noqa: Y015
 
 @_typing.final
 class Prediction(_message.Message):
+    """The answer for one text."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LABEL_FIELD_NUMBER: _builtins.int
@@ -796,11 +1043,12 @@ class Prediction(_message.Message):
     SCORES_FIELD_NUMBER: _builtins.int
     NEIGHBOURS_FIELD_NUMBER: _builtins.int
     TOP_SIMILARITY_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The winning label; empty when unknown is true."""
     unknown: _builtins.bool
+    """Whether nothing was close or sure enough to answer with a label."""
     unknown_reason: Global___UnknownReason.ValueType
+    """Why the answer is unknown."""
     confidence: _builtins.float
     """The probability that the best label is right if the classifier is calibrated, else the
     best label's share of the vote. Given for unknowns too.
@@ -815,13 +1063,6 @@ class Prediction(_message.Message):
     def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]:
         """The neighbours that voted, most similar first (only with include_neighbours)."""
 
-    @_builtins.property
-    def error(self) -> Global___ItemError:
-        """ClassifyBatch only: set for a text that could not be classified (empty, too long, or
-        rejected by the embedding model); the other fields are then empty. The other texts of the
-        batch are classified as usual.
-        """
-
     def __init__(
         self,
         *,
@@ -832,76 +1073,101 @@ class Prediction(_message.Message):
         scores: _abc.Iterable[Global___LabelScore] | None = ...,
         neighbours: _abc.Iterable[Global___Neighbour] | None = ...,
         top_similarity: _builtins.float = ...,
-        error: Global___ItemError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "error", b"error", "label", b"label", "neighbours", b"neighbours", "scores", b"scores", "top_similarity", b"top_similarity", "unknown", b"unknown", "unknown_reason", b"unknown_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "label", b"label", "neighbours", b"neighbours", "scores", b"scores", "top_similarity", b"top_similarity", "unknown", b"unknown", "unknown_reason", b"unknown_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
 
 @_typing.final
-class ItemError(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CODE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    code: _builtins.str
-    """The gRPC status name this text would have had alone, e.g. "INVALID_ARGUMENT"."""
-    message: _builtins.str
-    def __init__(
-        self,
-        *,
-        code: _builtins.str = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ItemError: _TypeAlias = ItemError  # noqa: Y015
-
-@_typing.final
 class ClassifyResponse(_message.Message):
+    """The response of Classify."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PREDICTION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The classifier's etag (revision) that answered."""
     @_builtins.property
-    def prediction(self) -> Global___Prediction: ...
+    def prediction(self) -> Global___Prediction:
+        """The answer."""
+
     def __init__(
         self,
         *,
         prediction: Global___Prediction | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prediction", b"prediction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "prediction", b"prediction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015
 
 @_typing.final
-class ClassifyBatchResponse(_message.Message):
+class ClassifyBatchResult(_message.Message):
+    """The answer for one text of a batch: a prediction, or why there is none."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    PREDICTION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
+    def prediction(self) -> Global___Prediction:
+        """The answer."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why this text could not be classified (empty, too long, or rejected by the embedding
+        model): the status it would have had alone, with the same details (ErrorInfo,
+        BadRequest naming texts[i]). The other texts of the batch are classified as usual.
+        """
+
+    def __init__(
+        self,
+        *,
+        prediction: Global___Prediction | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "prediction", b"prediction", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "prediction", b"prediction", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["prediction", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ClassifyBatchResult: _TypeAlias = ClassifyBatchResult  # noqa: Y015
+
+@_typing.final
+class ClassifyBatchResponse(_message.Message):
+    """The response of ClassifyBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The classifier's etag (revision) that answered."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassifyBatchResult]:
         """One per text, in request order."""
 
     def __init__(
         self,
         *,
-        predictions: _abc.Iterable[Global___Prediction] | None = ...,
+        results: _abc.Iterable[Global___ClassifyBatchResult] | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -909,12 +1175,16 @@ Global___ClassifyBatchResponse: _TypeAlias = ClassifyBatchResponse  # noqa: Y015
 
 @_typing.final
 class LabelledText(_message.Message):
+    """A text and its true label."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """The text."""
     label: _builtins.str
+    """Its true label."""
     def __init__(
         self,
         *,
@@ -931,17 +1201,21 @@ Global___LabelledText: _TypeAlias = LabelledText  # noqa: Y015
 
 @_typing.final
 class EvaluateRequest(_message.Message):
+    """The request of Evaluate."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASSIFIER_FIELD_NUMBER: _builtins.int
-    HELD_OUT_FIELD_NUMBER: _builtins.int
-    K_FIELD_NUMBER: _builtins.int
-    VOTING_FIELD_NUMBER: _builtins.int
-    DIMENSION_FIELD_NUMBER: _builtins.int
-    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    HELD_OUT_TEXTS_FIELD_NUMBER: _builtins.int
+    K_VALUES_FIELD_NUMBER: _builtins.int
+    VOTING_METHODS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    TEMPERATURES_FIELD_NUMBER: _builtins.int
     APPLY_BEST_FIELD_NUMBER: _builtins.int
     TARGET_PRECISION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
+    """The classifier's name."""
     apply_best: _builtins.bool
     """Make the best setting the classifier's defaults and, from leave-one-out, fit its
     confidence calibration. Leave-one-out only.
@@ -953,22 +1227,30 @@ class EvaluateRequest(_message.Message):
     not show 0.95, and 1.0 is never reached). When no thresholds reach it, both stay as they
     are (see EvaluateResponse.thresholds). Unset: thresholds stay as they are.
     """
+    etag: _builtins.str
+    """Optional, with apply_best: if set and not the classifier's current etag, ABORTED
+    (ETAG_MISMATCH).
+    """
     @_builtins.property
-    def held_out(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
+    def held_out_texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
         """Texts to classify and their true labels; not stored. Empty: leave-one-out over the stored
         exemplars, each classified by all the others from its stored vectors.
         """
 
     @_builtins.property
-    def k(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+    def k_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The sweep: every combination is evaluated. An empty list takes the classifier's default."""
 
     @_builtins.property
-    def voting(self) -> _containers.RepeatedScalarFieldContainer[Global___Voting.ValueType]: ...
+    def voting_methods(self) -> _containers.RepeatedScalarFieldContainer[Global___Voting.ValueType]:
+        """Voting methods to sweep."""
+
     @_builtins.property
-    def dimension(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Dimensions to sweep."""
+
     @_builtins.property
-    def temperature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+    def temperatures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Temperatures (used by VOTING_SOFTMAX, VOTING_CENTROID and VOTING_DISCRIMINANT only).
         Centroid and discriminant answers do not depend on it, only their confidences: in
         leave-one-out they fit it to the exemplars' labels, each requested temperature the centre
@@ -979,17 +1261,18 @@ class EvaluateRequest(_message.Message):
         self,
         *,
         classifier: _builtins.str = ...,
-        held_out: _abc.Iterable[Global___LabelledText] | None = ...,
-        k: _abc.Iterable[_builtins.int] | None = ...,
-        voting: _abc.Iterable[Global___Voting.ValueType] | None = ...,
-        dimension: _abc.Iterable[_builtins.int] | None = ...,
-        temperature: _abc.Iterable[_builtins.float] | None = ...,
+        held_out_texts: _abc.Iterable[Global___LabelledText] | None = ...,
+        k_values: _abc.Iterable[_builtins.int] | None = ...,
+        voting_methods: _abc.Iterable[Global___Voting.ValueType] | None = ...,
+        dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        temperatures: _abc.Iterable[_builtins.float] | None = ...,
         apply_best: _builtins.bool = ...,
         target_precision: _builtins.float | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "target_precision", b"target_precision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimension", b"dimension", "held_out", b"held_out", "k", b"k", "target_precision", b"target_precision", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimensions", b"dimensions", "etag", b"etag", "held_out_texts", b"held_out_texts", "k_values", b"k_values", "target_precision", b"target_precision", "temperatures", b"temperatures", "voting_methods", b"voting_methods"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__target_precision: _TypeAlias = _typing.Literal["target_precision"]  # noqa: Y015
     _WhichOneofArgType__target_precision: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision"]  # noqa: Y015
@@ -999,6 +1282,8 @@ Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
 
 @_typing.final
 class LabelMetrics(_message.Message):
+    """Precision, recall and F1 of one label."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LABEL_FIELD_NUMBER: _builtins.int
@@ -1007,10 +1292,15 @@ class LabelMetrics(_message.Message):
     F1_FIELD_NUMBER: _builtins.int
     SUPPORT_FIELD_NUMBER: _builtins.int
     label: _builtins.str
+    """The label."""
     precision: _builtins.float
+    """Of the texts answered with it, the share that had it."""
     recall: _builtins.float
+    """Of the texts that had it, the share answered with it."""
     f1: _builtins.float
+    """Harmonic mean of precision and recall."""
     support: _builtins.int
+    """Texts that had it."""
     def __init__(
         self,
         *,
@@ -1030,14 +1320,19 @@ Global___LabelMetrics: _TypeAlias = LabelMetrics  # noqa: Y015
 
 @_typing.final
 class Confusion(_message.Message):
+    """How often one label was taken for another."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRUE_LABEL_FIELD_NUMBER: _builtins.int
     PREDICTED_LABEL_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     true_label: _builtins.str
+    """The text's label."""
     predicted_label: _builtins.str
+    """The answer."""
     count: _builtins.int
+    """How often."""
     def __init__(
         self,
         *,
@@ -1055,6 +1350,8 @@ Global___Confusion: _TypeAlias = Confusion  # noqa: Y015
 
 @_typing.final
 class EvaluationResult(_message.Message):
+    """The measurements of one setting of the sweep."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     K_FIELD_NUMBER: _builtins.int
@@ -1070,20 +1367,29 @@ class EvaluationResult(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TOP_CONFUSIONS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
+    """The setting."""
     voting: Global___Voting.ValueType
+    """The setting."""
     dimension: _builtins.int
+    """The setting."""
     temperature: _builtins.float
+    """The setting."""
     accuracy: _builtins.float
     """Share of texts answered with their true label (unknown counts as wrong)."""
     macro_f1: _builtins.float
+    """Mean F1 over the labels."""
     coverage: _builtins.float
     """Share of texts answered with a label rather than unknown, under the classifier's thresholds."""
     accuracy_on_covered: _builtins.float
+    """Accuracy over the texts answered with a label."""
     expected_calibration_error: _builtins.float
     """Of the returned confidence, over 10 equal-width bins."""
     evaluated: _builtins.int
+    """Texts classified."""
     @_builtins.property
-    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelMetrics]: ...
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelMetrics]:
+        """Per label."""
+
     @_builtins.property
     def top_confusions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Confusion]:
         """The most frequent confusions, most frequent first."""
@@ -1114,6 +1420,8 @@ Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
 
 @_typing.final
 class EvaluateResponse(_message.Message):
+    """The response of Evaluate."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -1161,6 +1469,8 @@ Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015
 
 @_typing.final
 class ThresholdsReached(_message.Message):
+    """What the unknown thresholds fitted by Evaluate reach on leave-one-out."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TARGET_MET_FIELD_NUMBER: _builtins.int
@@ -1189,3 +1499,150 @@ class ThresholdsReached(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ThresholdsReached: _TypeAlias = ThresholdsReached  # noqa: Y015
+
+@_typing.final
+class GetServiceInfoRequest(_message.Message):
+    """The request of GetServiceInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServiceInfoRequest: _TypeAlias = GetServiceInfoRequest  # noqa: Y015
+
+@_typing.final
+class ServiceInfo(_message.Message):
+    """What a caller may need to know about the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_VERSION_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    EMBEDDER_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    api_version: _builtins.str
+    """The API version this server speaks: "v1"."""
+    server_version: _builtins.str
+    """The server's own version, e.g. "0.1.0"."""
+    @_builtins.property
+    def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The dimensions kept, ascending; Classify uses the largest unless told otherwise."""
+
+    @_builtins.property
+    def embedder(self) -> Global___Embedder:
+        """The embedding model."""
+
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """The request and response limits."""
+
+    def __init__(
+        self,
+        *,
+        api_version: _builtins.str = ...,
+        server_version: _builtins.str = ...,
+        dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        embedder: Global___Embedder | None = ...,
+        limits: Global___Limits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedder", b"embedder", "limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "dimensions", b"dimensions", "embedder", b"embedder", "limits", b"limits", "server_version", b"server_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceInfo: _TypeAlias = ServiceInfo  # noqa: Y015
+
+@_typing.final
+class Embedder(_message.Message):
+    """The embedding model behind the service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name, as the embedding server knows it."""
+    width: _builtins.int
+    """The width of its vectors (the largest dimension possible)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        width: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedder: _TypeAlias = Embedder  # noqa: Y015
+
+@_typing.final
+class Limits(_message.Message):
+    """Limits of one request; passing them is an error whose ErrorInfo names the limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_K_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    MAX_PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_SWEEP_FIELD_NUMBER: _builtins.int
+    MAX_EVALUATED_FIELD_NUMBER: _builtins.int
+    MAX_EXEMPLARS_PER_CLASSIFIER_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _builtins.int
+    max_text_chars: _builtins.int
+    """Characters per text (TEXT_TOO_LONG)."""
+    max_batch_size: _builtins.int
+    """Texts per ClassifyBatch and exemplars per AddExemplars (TOO_MANY_ITEMS)."""
+    max_k: _builtins.int
+    """The largest k (VALUE_OUT_OF_RANGE)."""
+    max_batch_neighbours: _builtins.int
+    """Texts times k per Classify or ClassifyBatch (TOO_MANY_NEIGHBOURS)."""
+    max_page_size: _builtins.int
+    """The largest page of a list; larger page sizes are reduced to it."""
+    max_sweep: _builtins.int
+    """Settings one Evaluate may sweep."""
+    max_evaluated: _builtins.int
+    """Texts one Evaluate classifies."""
+    max_exemplars_per_classifier: _builtins.int
+    """Exemplars one classifier may hold (EXEMPLAR_LIMIT_REACHED)."""
+    max_request_bytes: _builtins.int
+    """The largest request message the server accepts, in bytes."""
+    max_response_bytes: _builtins.int
+    """List and batch responses stay under this many bytes (RESPONSE_TOO_LARGE if one item or
+    a batch cannot).
+    """
+    def __init__(
+        self,
+        *,
+        max_text_chars: _builtins.int = ...,
+        max_batch_size: _builtins.int = ...,
+        max_k: _builtins.int = ...,
+        max_batch_neighbours: _builtins.int = ...,
+        max_page_size: _builtins.int = ...,
+        max_sweep: _builtins.int = ...,
+        max_evaluated: _builtins.int = ...,
+        max_exemplars_per_classifier: _builtins.int = ...,
+        max_request_bytes: _builtins.int = ...,
+        max_response_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_neighbours", b"max_batch_neighbours", "max_batch_size", b"max_batch_size", "max_evaluated", b"max_evaluated", "max_exemplars_per_classifier", b"max_exemplars_per_classifier", "max_k", b"max_k", "max_page_size", b"max_page_size", "max_request_bytes", b"max_request_bytes", "max_response_bytes", b"max_response_bytes", "max_sweep", b"max_sweep", "max_text_chars", b"max_text_chars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limits: _TypeAlias = Limits  # noqa: Y015

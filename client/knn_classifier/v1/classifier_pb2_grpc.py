@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class ClassifierServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -48,6 +51,11 @@ class ClassifierServiceStub:
                 '/knn_classifier.v1.ClassifierService/ListClassifiers',
                 request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.ListClassifiersRequest.SerializeToString,
                 response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.ListClassifiersResponse.FromString,
+                _registered_method=True)
+        self.UpdateClassifier = channel.unary_unary(
+                '/knn_classifier.v1.ClassifierService/UpdateClassifier',
+                request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.UpdateClassifierRequest.SerializeToString,
+                response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.Classifier.FromString,
                 _registered_method=True)
         self.DeleteClassifier = channel.unary_unary(
                 '/knn_classifier.v1.ClassifierService/DeleteClassifier',
@@ -89,10 +97,18 @@ class ClassifierServiceStub:
                 request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.GetServiceInfo = channel.unary_unary(
+                '/knn_classifier.v1.ClassifierService/GetServiceInfo',
+                request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.GetServiceInfoRequest.SerializeToString,
+                response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.ServiceInfo.FromString,
+                _registered_method=True)
 
 
 class ClassifierServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
 
     def CreateClassifier(self, request, context):
         """Creates a classifier. ALREADY_EXISTS if the name is taken.
@@ -109,7 +125,15 @@ class ClassifierServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListClassifiers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The classifiers by name, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateClassifier(self, request, context):
+        """Changes a classifier's defaults (the fields of update_mask). Idempotent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -130,20 +154,22 @@ class ClassifierServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteExemplars(self, request, context):
-        """Deletes exemplars by id or by label.
+        """Deletes exemplars by id or by label. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListExemplars(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A classifier's exemplars in a stable order, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListLabels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A classifier's labels and their exemplar counts, most exemplars first, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -172,6 +198,14 @@ class ClassifierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServiceInfo(self, request, context):
+        """The server's dimensions, limits, embedding model and API version, so that a caller can
+        adapt to them without reading the server's settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +223,11 @@ def add_ClassifierServiceServicer_to_server(servicer, server):
                     servicer.ListClassifiers,
                     request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.ListClassifiersRequest.FromString,
                     response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.ListClassifiersResponse.SerializeToString,
+            ),
+            'UpdateClassifier': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateClassifier,
+                    request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.UpdateClassifierRequest.FromString,
+                    response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.Classifier.SerializeToString,
             ),
             'DeleteClassifier': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteClassifier,
@@ -230,6 +269,11 @@ def add_ClassifierServiceServicer_to_server(servicer, server):
                     request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateRequest.FromString,
                     response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.EvaluateResponse.SerializeToString,
             ),
+            'GetServiceInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServiceInfo,
+                    request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.GetServiceInfoRequest.FromString,
+                    response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.ServiceInfo.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'knn_classifier.v1.ClassifierService', rpc_method_handlers)
@@ -239,7 +283,10 @@ def add_ClassifierServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ClassifierService:
-    """Missing associated documentation comment in .proto file."""
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
 
     @staticmethod
     def CreateClassifier(request,
@@ -312,6 +359,33 @@ class ClassifierService:
             '/knn_classifier.v1.ClassifierService/ListClassifiers',
             knn__classifier_dot_v1_dot_classifier__pb2.ListClassifiersRequest.SerializeToString,
             knn__classifier_dot_v1_dot_classifier__pb2.ListClassifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateClassifier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knn_classifier.v1.ClassifierService/UpdateClassifier',
+            knn__classifier_dot_v1_dot_classifier__pb2.UpdateClassifierRequest.SerializeToString,
+            knn__classifier_dot_v1_dot_classifier__pb2.Classifier.FromString,
             options,
             channel_credentials,
             insecure,
@@ -528,6 +602,33 @@ class ClassifierService:
             '/knn_classifier.v1.ClassifierService/Evaluate',
             knn__classifier_dot_v1_dot_classifier__pb2.EvaluateRequest.SerializeToString,
             knn__classifier_dot_v1_dot_classifier__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServiceInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knn_classifier.v1.ClassifierService/GetServiceInfo',
+            knn__classifier_dot_v1_dot_classifier__pb2.GetServiceInfoRequest.SerializeToString,
+            knn__classifier_dot_v1_dot_classifier__pb2.ServiceInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,11 @@ knn-classifier API, version 1.
 
 A classifier is defined only by labelled example texts (exemplars). A text is classified by
 k-nearest-neighbour voting over cosine similarity between its embedding and the exemplars'.
+
+Errors: every failed call carries google.rpc.ErrorInfo (see ErrorReason in
+error_reason.proto) and, where they apply, BadRequest, ResourceInfo and RetryInfo.
+Sizes: list and batch responses stay under the server's response budget (GetServiceInfo,
+limits.max_response_bytes; below 4 MiB by default, so stock gRPC clients can receive them).
 """
 
 from collections import abc as _abc
@@ -31,6 +36,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ClassifierServiceStub:
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -40,6 +50,9 @@ class ClassifierServiceStub:
     GetClassifier: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.GetClassifierRequest, _classifier_pb2.Classifier]
     """NOT_FOUND if there is no classifier of that name."""
     ListClassifiers: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListClassifiersRequest, _classifier_pb2.ListClassifiersResponse]
+    """The classifiers by name, a page at a time."""
+    UpdateClassifier: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.UpdateClassifierRequest, _classifier_pb2.Classifier]
+    """Changes a classifier's defaults (the fields of update_mask). Idempotent."""
     DeleteClassifier: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.DeleteClassifierRequest, _classifier_pb2.DeleteClassifierResponse]
     """Deletes a classifier and all its exemplars. NOT_FOUND if there is none of that name."""
     AddExemplars: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.AddExemplarsRequest, _classifier_pb2.AddExemplarsResponse]
@@ -47,9 +60,11 @@ class ClassifierServiceStub:
     exemplar's id is derived from its classifier and text unless the caller gives one.
     """
     DeleteExemplars: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.DeleteExemplarsRequest, _classifier_pb2.DeleteExemplarsResponse]
-    """Deletes exemplars by id or by label."""
+    """Deletes exemplars by id or by label. Idempotent."""
     ListExemplars: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListExemplarsRequest, _classifier_pb2.ListExemplarsResponse]
+    """A classifier's exemplars in a stable order, a page at a time."""
     ListLabels: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListLabelsRequest, _classifier_pb2.ListLabelsResponse]
+    """A classifier's labels and their exemplar counts, most exemplars first, a page at a time."""
     Classify: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyRequest, _classifier_pb2.ClassifyResponse]
     """Classifies one text. FAILED_PRECONDITION if the classifier has no exemplars."""
     ClassifyBatch: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyBatchRequest, _classifier_pb2.ClassifyBatchResponse]
@@ -60,15 +75,27 @@ class ClassifierServiceStub:
     its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
     labels or exemplars.
     """
+    GetServiceInfo: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.GetServiceInfoRequest, _classifier_pb2.ServiceInfo]
+    """The server's dimensions, limits, embedding model and API version, so that a caller can
+    adapt to them without reading the server's settings.
+    """
 
 @_typing.type_check_only
 class ClassifierServiceAsyncStub(ClassifierServiceStub):
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateClassifier: _aio.UnaryUnaryMultiCallable[_classifier_pb2.CreateClassifierRequest, _classifier_pb2.Classifier]  # type: ignore[assignment]
     """Creates a classifier. ALREADY_EXISTS if the name is taken."""
     GetClassifier: _aio.UnaryUnaryMultiCallable[_classifier_pb2.GetClassifierRequest, _classifier_pb2.Classifier]  # type: ignore[assignment]
     """NOT_FOUND if there is no classifier of that name."""
     ListClassifiers: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListClassifiersRequest, _classifier_pb2.ListClassifiersResponse]  # type: ignore[assignment]
+    """The classifiers by name, a page at a time."""
+    UpdateClassifier: _aio.UnaryUnaryMultiCallable[_classifier_pb2.UpdateClassifierRequest, _classifier_pb2.Classifier]  # type: ignore[assignment]
+    """Changes a classifier's defaults (the fields of update_mask). Idempotent."""
     DeleteClassifier: _aio.UnaryUnaryMultiCallable[_classifier_pb2.DeleteClassifierRequest, _classifier_pb2.DeleteClassifierResponse]  # type: ignore[assignment]
     """Deletes a classifier and all its exemplars. NOT_FOUND if there is none of that name."""
     AddExemplars: _aio.UnaryUnaryMultiCallable[_classifier_pb2.AddExemplarsRequest, _classifier_pb2.AddExemplarsResponse]  # type: ignore[assignment]
@@ -76,9 +103,11 @@ class ClassifierServiceAsyncStub(ClassifierServiceStub):
     exemplar's id is derived from its classifier and text unless the caller gives one.
     """
     DeleteExemplars: _aio.UnaryUnaryMultiCallable[_classifier_pb2.DeleteExemplarsRequest, _classifier_pb2.DeleteExemplarsResponse]  # type: ignore[assignment]
-    """Deletes exemplars by id or by label."""
+    """Deletes exemplars by id or by label. Idempotent."""
     ListExemplars: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListExemplarsRequest, _classifier_pb2.ListExemplarsResponse]  # type: ignore[assignment]
+    """A classifier's exemplars in a stable order, a page at a time."""
     ListLabels: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListLabelsRequest, _classifier_pb2.ListLabelsResponse]  # type: ignore[assignment]
+    """A classifier's labels and their exemplar counts, most exemplars first, a page at a time."""
     Classify: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyRequest, _classifier_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Classifies one text. FAILED_PRECONDITION if the classifier has no exemplars."""
     ClassifyBatch: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyBatchRequest, _classifier_pb2.ClassifyBatchResponse]  # type: ignore[assignment]
@@ -89,8 +118,17 @@ class ClassifierServiceAsyncStub(ClassifierServiceStub):
     its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
     labels or exemplars.
     """
+    GetServiceInfo: _aio.UnaryUnaryMultiCallable[_classifier_pb2.GetServiceInfoRequest, _classifier_pb2.ServiceInfo]  # type: ignore[assignment]
+    """The server's dimensions, limits, embedding model and API version, so that a caller can
+    adapt to them without reading the server's settings.
+    """
 
 class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Classifiers, their exemplars, classification and evaluation. Methods marked
+    NO_SIDE_EFFECTS or IDEMPOTENT may be retried safely (the Python client retries them when the
+    error's details say retrying can help).
+    """
+
     @_abc_1.abstractmethod
     def CreateClassifier(
         self,
@@ -112,7 +150,16 @@ class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _classifier_pb2.ListClassifiersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_classifier_pb2.ListClassifiersResponse, _abc.Awaitable[_classifier_pb2.ListClassifiersResponse]]: ...
+    ) -> _typing.Union[_classifier_pb2.ListClassifiersResponse, _abc.Awaitable[_classifier_pb2.ListClassifiersResponse]]:
+        """The classifiers by name, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def UpdateClassifier(
+        self,
+        request: _classifier_pb2.UpdateClassifierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_classifier_pb2.Classifier, _abc.Awaitable[_classifier_pb2.Classifier]]:
+        """Changes a classifier's defaults (the fields of update_mask). Idempotent."""
 
     @_abc_1.abstractmethod
     def DeleteClassifier(
@@ -138,21 +185,23 @@ class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _classifier_pb2.DeleteExemplarsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_classifier_pb2.DeleteExemplarsResponse, _abc.Awaitable[_classifier_pb2.DeleteExemplarsResponse]]:
-        """Deletes exemplars by id or by label."""
+        """Deletes exemplars by id or by label. Idempotent."""
 
     @_abc_1.abstractmethod
     def ListExemplars(
         self,
         request: _classifier_pb2.ListExemplarsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_classifier_pb2.ListExemplarsResponse, _abc.Awaitable[_classifier_pb2.ListExemplarsResponse]]: ...
+    ) -> _typing.Union[_classifier_pb2.ListExemplarsResponse, _abc.Awaitable[_classifier_pb2.ListExemplarsResponse]]:
+        """A classifier's exemplars in a stable order, a page at a time."""
 
     @_abc_1.abstractmethod
     def ListLabels(
         self,
         request: _classifier_pb2.ListLabelsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_classifier_pb2.ListLabelsResponse, _abc.Awaitable[_classifier_pb2.ListLabelsResponse]]: ...
+    ) -> _typing.Union[_classifier_pb2.ListLabelsResponse, _abc.Awaitable[_classifier_pb2.ListLabelsResponse]]:
+        """A classifier's labels and their exemplar counts, most exemplars first, a page at a time."""
 
     @_abc_1.abstractmethod
     def Classify(
@@ -180,6 +229,16 @@ class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
         exemplars or on held-out texts; optionally makes the best settings its defaults and fits
         its confidence calibration and unknown thresholds. FAILED_PRECONDITION with fewer than two
         labels or exemplars.
+        """
+
+    @_abc_1.abstractmethod
+    def GetServiceInfo(
+        self,
+        request: _classifier_pb2.GetServiceInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_classifier_pb2.ServiceInfo, _abc.Awaitable[_classifier_pb2.ServiceInfo]]:
+        """The server's dimensions, limits, embedding model and API version, so that a caller can
+        adapt to them without reading the server's settings.
         """
 
 def add_ClassifierServiceServicer_to_server(servicer: ClassifierServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

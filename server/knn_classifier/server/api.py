@@ -1,7 +1,8 @@
 """The gRPC servicer: protobuf in, domain types to the core, protobuf out.
 
-Errors are mapped to status codes in one place, :func:`_status_on_error`. Unexpected exceptions
-become INTERNAL with a generic message; the details go to the log only.
+Errors are mapped to statuses with their details in one place, :func:`_status_on_error` (by
+:mod:`statuses`). Unexpected exceptions become INTERNAL with a generic message; the details go
+to the log only.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-from . import deadlines, errors
+from . import deadlines, errors, paging, statuses, wire_size
 from .domain import (
     ClassifierInfo,
+    ClassifierUpdate,
     ClassifyOptions,
     EvaluateRequest,
     ExemplarInput,
     NewClassifier,
+    ServiceInfo,
 )
 from .evaluation import Report
 from .service import ClassifierService
@@ -36,16 +39,7 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, Context], Awaitable[Response]]
 
-_STATUS: dict[type[errors.ServiceError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-}
+API_VERSION = "v1"
 
 _VOTING_FROM_PB = {
     pb.VOTING_MAJORITY: Voting.MAJORITY,
@@ -68,11 +62,10 @@ def _status_on_error(handler: Handler[Request, Response]) -> Handler[Request, Re
             with deadlines.within(context.time_remaining()):
                 return await handler(self, request, context)
         except errors.ServiceError as exc:
-            await context.abort(_STATUS[type(exc)], str(exc))
+            await statuses.abort(context, statuses.of_error(exc))
         except Exception:
             log.exception("unexpected error in %s", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        raise AssertionError("context.abort returned")  # pragma: no cover
+            await statuses.abort(context, statuses.INTERNAL)
 
     return wrapper
 
@@ -106,8 +99,30 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     async def ListClassifiers(
         self, request: pb.ListClassifiersRequest, context: Context
     ) -> pb.ListClassifiersResponse:
-        infos = await self._service.list_classifiers()
-        return pb.ListClassifiersResponse(classifiers=[_classifier(info) for info in infos])
+        infos, next_token = await self._service.list_classifiers(
+            request.page_size, request.page_token
+        )
+        return pb.ListClassifiersResponse(
+            classifiers=[_classifier(info) for info in infos], next_page_token=next_token
+        )
+
+    @_status_on_error
+    async def UpdateClassifier(
+        self, request: pb.UpdateClassifierRequest, context: Context
+    ) -> pb.Classifier:
+        given = request.classifier
+        paths = tuple(request.update_mask.paths)
+        update = ClassifierUpdate(
+            name=given.name,
+            paths=paths,
+            k=given.k,
+            voting=_voting(given.voting) if "voting" in paths else None,
+            temperature=given.temperature,
+            min_similarity=given.min_similarity,
+            min_confidence=given.min_confidence,
+            dimension=given.dimension,
+        )
+        return _classifier(await self._service.update_classifier(update))
 
     @_status_on_error
     async def DeleteClassifier(
@@ -132,7 +147,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request: pb.DeleteExemplarsRequest, context: Context
     ) -> pb.DeleteExemplarsResponse:
         deleted = await self._service.delete_exemplars(
-            request.classifier, list(request.ids), request.label
+            request.classifier, list(request.ids.ids), request.label
         )
         return pb.DeleteExemplarsResponse(deleted=deleted)
 
@@ -141,10 +156,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request: pb.ListExemplarsRequest, context: Context
     ) -> pb.ListExemplarsResponse:
         exemplars, next_token = await self._service.list_exemplars(
-            request.classifier,
-            request.page_size if request.HasField("page_size") else None,
-            request.page_token,
-            request.label,
+            request.classifier, request.page_size, request.page_token, request.label
         )
         return pb.ListExemplarsResponse(
             exemplars=[
@@ -164,9 +176,12 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     async def ListLabels(
         self, request: pb.ListLabelsRequest, context: Context
     ) -> pb.ListLabelsResponse:
-        counts = await self._service.list_labels(request.classifier)
+        counts, next_token = await self._service.list_labels(
+            request.classifier, request.page_size, request.page_token
+        )
         return pb.ListLabelsResponse(
-            labels=[pb.LabelCount(label=label, count=count) for label, count in counts]
+            labels=[pb.LabelCount(label=label, count=count) for label, count in counts],
+            next_page_token=next_token,
         )
 
     @_status_on_error
@@ -177,9 +192,9 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         answer = answers[0]
         if isinstance(answer, errors.InvalidArgument):
             raise answer
-        return pb.ClassifyResponse(
-            prediction=_prediction(answer, request.options.include_neighbours)
-        )
+        include = request.options.include_neighbours
+        self._check_size(answers, include)
+        return pb.ClassifyResponse(prediction=_prediction(answer, include))
 
     @_status_on_error
     async def ClassifyBatch(
@@ -189,23 +204,39 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             request.classifier, list(request.texts), _options(request.options)
         )
         include = request.options.include_neighbours
+        self._check_size(answers, include)
         return pb.ClassifyBatchResponse(
-            predictions=[
-                pb.Prediction(error=pb.ItemError(code="INVALID_ARGUMENT", message=str(a)))
+            results=[
+                pb.ClassifyBatchResult(error=statuses.of_error(a))
                 if isinstance(a, errors.InvalidArgument)
-                else _prediction(a, include)
+                else pb.ClassifyBatchResult(prediction=_prediction(a, include))
                 for a in answers
             ]
+        )
+
+    def _check_size(self, answers: list[Vote | errors.InvalidArgument], include: bool) -> None:
+        """Refuses a classify response over the budget before any of it is built."""
+        budget = self._service.limits.max_response_bytes
+
+        def size(answer: Vote | errors.InvalidArgument) -> int:
+            if isinstance(answer, errors.InvalidArgument):
+                return wire_size.status(statuses.of_error(answer).ByteSize())
+            return wire_size.prediction(answer, include, stop_above=budget)
+
+        paging.ensure_fits(
+            (size(a) for a in answers),
+            budget,
+            "ask for fewer texts per call, a smaller k, or no neighbours",
         )
 
     @_status_on_error
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         evaluate = EvaluateRequest(
-            held_out=[(item.text, item.label) for item in request.held_out],
-            k=list(request.k),
-            voting=[_required_voting(v) for v in request.voting],
-            dimension=list(request.dimension),
-            temperature=list(request.temperature),
+            held_out=[(item.text, item.label) for item in request.held_out_texts],
+            k=list(request.k_values),
+            voting=[_required_voting(v) for v in request.voting_methods],
+            dimension=list(request.dimensions),
+            temperature=list(request.temperatures),
             apply_best=request.apply_best,
             target_precision=(
                 request.target_precision if request.HasField("target_precision") else None
@@ -228,11 +259,43 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             ),
         )
 
+    @_status_on_error
+    async def GetServiceInfo(
+        self, request: pb.GetServiceInfoRequest, context: Context
+    ) -> pb.ServiceInfo:
+        return _service_info(self._service.info())
+
+
+def _service_info(info: ServiceInfo) -> pb.ServiceInfo:
+    limits = info.limits
+    return pb.ServiceInfo(
+        api_version=API_VERSION,
+        server_version=info.server_version,
+        dimensions=info.dimensions,
+        embedder=pb.Embedder(model=info.model, width=info.width),
+        limits=pb.Limits(
+            max_text_chars=limits.max_text_chars,
+            max_batch_size=limits.max_batch_size,
+            max_k=limits.max_k,
+            max_batch_neighbours=limits.max_batch_neighbours,
+            max_page_size=limits.max_page_size,
+            max_sweep=limits.max_sweep,
+            max_evaluated=limits.max_evaluated,
+            max_exemplars_per_classifier=limits.max_exemplars_per_classifier,
+            max_request_bytes=limits.max_request_bytes,
+            max_response_bytes=limits.max_response_bytes,
+        ),
+    )
+
 
 def _required_voting(value: pb.Voting.ValueType) -> Voting:
     voting = _voting(value)
     if voting is None:
-        raise errors.InvalidArgument("a voting method to sweep must be specified")
+        raise errors.InvalidArgument(
+            "a voting method to sweep must be specified",
+            reason=errors.Reason.FIELD_REQUIRED,
+            field="voting_methods",
+        )
     return voting
 
 
@@ -267,7 +330,9 @@ def _voting(value: pb.Voting.ValueType) -> Voting | None:
     try:
         return _VOTING_FROM_PB[value]
     except KeyError:
-        raise errors.InvalidArgument(f"unknown voting method {value}") from None
+        raise errors.InvalidArgument(
+            f"unknown voting method {value}", reason=errors.Reason.VALUE_OUT_OF_RANGE
+        ) from None
 
 
 def _options(options: pb.ClassifyOptions) -> ClassifyOptions:

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
+from .admission import LimitConcurrentCalls
 from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor
 from .cache import EmbeddingCache, persistent_backend
@@ -83,7 +84,10 @@ class App:
             store or build_store(settings),
         )
         self.health = health_aio.HealthServicer()
-        limit = settings.limits.max_message_bytes
+        # Requests up to max_request_bytes (a full AddExemplars batch of long texts); responses
+        # are kept under max_response_bytes by the service, and this hard cap is only a backstop.
+        limit = settings.limits.max_request_bytes
+        interceptors.insert(0, LimitConcurrentCalls(settings.limits.max_concurrent_rpcs))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -93,7 +97,6 @@ class App:
                 # of the calls (gRPC sets SO_REUSEPORT by default).
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
         )
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.service), self.server

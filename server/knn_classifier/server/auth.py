@@ -2,8 +2,8 @@
 
 Keys arrive as ``authorization: Bearer <key>`` metadata. The server keeps SHA-256 digests only
 and compares every known digest with :func:`hmac.compare_digest`, so timing reveals nothing about
-which key nearly matched. Read keys may classify and list; write keys may do everything. The
-health service is open to all, so that load balancers need no key.
+which key nearly matched. Read keys may classify, list and use reflection; write keys may do
+everything. The health service is open to all, so that load balancers need no key.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
+from . import statuses
+from .errors import Reason
 from .settings import AuthSettings
 
 _OPEN_PREFIX = "/grpc.health.v1.Health/"
@@ -31,7 +33,12 @@ READ_METHODS = frozenset(
         "ListLabels",
         "Classify",
         "ClassifyBatch",
+        "GetServiceInfo",
     )
+) | frozenset(
+    # Reflection only describes the API (grpcurl and other tools need it to call anything).
+    f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    for version in ("v1alpha", "v1")
 )
 
 
@@ -90,9 +97,11 @@ def _read_keys_file(path: Path) -> Iterable[tuple[bytes, Role]]:
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-def _deny(code: grpc.StatusCode, message: str) -> Handler:
+def _deny(code: grpc.StatusCode, message: str, reason: Reason) -> Handler:
+    details = statuses.status(code, message, reason)
+
     async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+        await statuses.abort(context, details)
 
     return grpc.unary_unary_rpc_method_handler(abort)
 
@@ -122,10 +131,12 @@ class ApiKeyInterceptor(_ServerInterceptor):
             return _deny(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown API key; send 'authorization: Bearer <key>'",
+                Reason.API_KEY_INVALID,
             )
         if role is Role.READ and method not in READ_METHODS:
             return _deny(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this API key is read-only; {method.rsplit('/', 1)[-1]} needs a write key",
+                Reason.WRITE_KEY_REQUIRED,
             )
         return await continuation(details)

@@ -24,9 +24,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from . import validation
+from . import errors, validation
 from .domain import ClassifierConfig, classifier_key
-from .errors import Aborted, AlreadyExists, NotFound
+from .errors import Aborted, AlreadyExists, NotFound, Reason
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,10 @@ class Classifiers:
         self._locks: dict[str, asyncio.Lock] = {}
         self._holders: dict[str, int] = {}
 
-    async def get(self, name: str) -> ClassifierConfig:
-        """The classifier's record; NOT_FOUND if there is none or it is being deleted."""
-        config = await self._read(validation.classifier_name(name))
-        if config is None or config.deleting:
-            raise NotFound(f"classifier {name!r} does not exist")
-        return config
+    async def get(self, name: str, field: str = "classifier") -> ClassifierConfig:
+        """The classifier's record; NOT_FOUND if there is none or it is being deleted.
+        ``field`` names the request field that holds the name, for errors."""
+        return await self._current(name, None, "", field)
 
     async def all(self) -> list[ClassifierConfig]:
         """Every classifier not being deleted, by name."""
@@ -67,8 +65,14 @@ class Classifiers:
             current = await self._read(config.name)
             if current is not None:
                 if current.deleting:
-                    raise Aborted(f"classifier {config.name!r} is being deleted; retry shortly")
-                raise AlreadyExists(f"classifier {config.name!r} already exists")
+                    raise Aborted(
+                        f"classifier {config.name!r} is being deleted; retry shortly",
+                        resource=errors.classifier(config.name),
+                    )
+                raise AlreadyExists(
+                    f"classifier {config.name!r} already exists",
+                    resource=errors.classifier(config.name),
+                )
             created = dataclasses.replace(config, uid=uuid.uuid4().hex, revision=1)
             await self._write(created)
         log.info("created classifier %s", config.name)
@@ -81,6 +85,7 @@ class Classifiers:
         *,
         uid: str | None = None,
         etag: str = "",
+        field: str = "classifier",
     ) -> ClassifierConfig:
         """Applies ``change`` to the current record and bumps its revision.
 
@@ -88,7 +93,7 @@ class Classifiers:
         revision the caller's change is based on (ABORTED if the record moved on since).
         """
         async with self._locked(name):
-            current = await self._current(name, uid, etag)
+            current = await self._current(name, uid, etag, field)
             updated = dataclasses.replace(
                 change(current),
                 name=current.name,
@@ -110,7 +115,7 @@ class Classifiers:
         The caller writes its points, then calls :meth:`bump` before leaving.
         """
         async with self._locked(name):
-            yield await self._current(name, uid, etag)
+            yield await self._current(name, uid, etag, "classifier")
 
     async def bump(self, config: ClassifierConfig) -> ClassifierConfig:
         """Records that ``config``'s exemplars changed: re-reads the record and bumps its
@@ -118,7 +123,10 @@ class Classifiers:
         across replicas only): the caller must then remove what it wrote."""
         current = await self._read(config.name)
         if current is None or current.deleting or current.uid != config.uid:
-            raise NotFound(f"classifier {config.name!r} was deleted during the write")
+            raise NotFound(
+                f"classifier {config.name!r} was deleted during the write",
+                resource=errors.classifier(config.name),
+            )
         bumped = dataclasses.replace(current, revision=current.revision + 1)
         await self._write(bumped)
         return bumped
@@ -131,11 +139,11 @@ class Classifiers:
         removes the record. If the body fails, the mark stays: the classifier answers NOT_FOUND
         and start-up (or deleting it again) finishes the job."""
         async with self._locked(name):
-            config = await self._read(validation.classifier_name(name))
+            config = await self._read(validation.classifier_name(name, "name"))
             if config is None:
-                raise NotFound(f"classifier {name!r} does not exist")
+                raise _not_found(name)
             if etag and not config.deleting and config.etag != etag:
-                raise Aborted(_stale(name, etag, config))
+                raise _stale(name, etag, config)
             marked = dataclasses.replace(config, deleting=True, revision=config.revision + 1)
             await self._write(marked)
             yield marked
@@ -150,12 +158,12 @@ class Classifiers:
     async def _write(self, config: ClassifierConfig) -> None:
         await self._store.put_meta(classifier_key(config.name), config.to_payload())
 
-    async def _current(self, name: str, uid: str | None, etag: str) -> ClassifierConfig:
-        current = await self._read(validation.classifier_name(name))
+    async def _current(self, name: str, uid: str | None, etag: str, field: str) -> ClassifierConfig:
+        current = await self._read(validation.classifier_name(name, field))
         if current is None or current.deleting or (uid is not None and current.uid != uid):
-            raise NotFound(f"classifier {name!r} does not exist")
+            raise _not_found(name)
         if etag and current.etag != etag:
-            raise Aborted(_stale(name, etag, current))
+            raise _stale(name, etag, current)
         return current
 
     @asynccontextmanager
@@ -173,8 +181,15 @@ class Classifiers:
                 del self._locks[name]
 
 
-def _stale(name: str, etag: str, current: ClassifierConfig) -> str:
-    return (
+def _not_found(name: str) -> NotFound:
+    return NotFound(f"classifier {name!r} does not exist", resource=errors.classifier(name))
+
+
+def _stale(name: str, etag: str, current: ClassifierConfig) -> Aborted:
+    return Aborted(
         f"classifier {name!r} changed since etag {etag!r} (now {current.etag!r}); "
-        "read it again and retry"
+        "read it again and retry",
+        reason=Reason.ETAG_MISMATCH,
+        resource=errors.classifier(name),
+        metadata={"etag": current.etag},
     )

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import deadlines
 from .embedding import Matrix
-from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from .errors import DeadlineExceeded, InvalidArgument, Reason, ResourceExhausted
 from .store import Record, Store
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ class Coalescer:
         if self._queued_texts + len(texts) > self._max_queued:
             raise ResourceExhausted(
                 f"the embedding queue is full ({self._queued_texts} texts waiting, limit "
-                f"{self._max_queued}); retry with backoff"
+                f"{self._max_queued}); retry with backoff",
+                reason=Reason.EMBEDDING_QUEUE_FULL,
+                retry_after_s=0.2,
             )
         deadlines.check("queueing for the embedding server")
         left = deadlines.remaining()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calibration import Calibration
+from .settings import LimitSettings
 from .voting import Voting
 
 
@@ -156,3 +157,29 @@ class EvaluateRequest:
     temperature: list[float] = field(default_factory=list)
     apply_best: bool = False
     target_precision: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierUpdate:
+    """An UpdateClassifier request: the new values of the fields named in ``paths``; the other
+    values are ignored."""
+
+    name: str
+    paths: tuple[str, ...]
+    k: int = 0
+    voting: Voting | None = None
+    temperature: float = 0.0
+    min_similarity: float = 0.0
+    min_confidence: float = 0.0
+    dimension: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """What GetServiceInfo tells a caller about this server."""
+
+    server_version: str
+    dimensions: list[int]
+    model: str
+    width: int
+    limits: LimitSettings

@@ -21,7 +21,7 @@ import numpy.typing as npt
 import openai
 
 from . import deadlines
-from .errors import InvalidArgument, StartupError, Unavailable
+from .errors import EmbedderUnavailable, InvalidArgument, Reason, StartupError, Unavailable
 
 if TYPE_CHECKING:
     from .cache import EmbeddingCache
@@ -66,7 +66,7 @@ def truncate(vectors: Matrix, dimension: int) -> Matrix:
     head = vectors[:, :dimension]
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     if np.any(norms == 0.0):
-        raise Unavailable("the embedding server returned an all-zero vector")
+        raise EmbedderUnavailable("the embedding server returned an all-zero vector")
     return cast(Matrix, (head / norms).astype(np.float32, copy=False))
 
 
@@ -183,34 +183,37 @@ class Embedder:
                 return self._decode(response, len(texts))
             except openai.BadRequestError as exc:
                 raise InvalidArgument(
-                    f"the embedding model rejected the input: {_message(exc)}"
+                    f"the embedding model rejected the input: {_message(exc)}",
+                    reason=Reason.INPUT_REJECTED_BY_MODEL,
                 ) from exc
             except openai.APIStatusError as exc:
                 if exc.status_code not in _RETRYABLE_STATUS or attempt >= self._settings.retries:
-                    raise Unavailable(
+                    raise EmbedderUnavailable(
                         f"the embedding server answered HTTP {exc.status_code}"
                     ) from exc
                 reason = f"HTTP {exc.status_code}"
             except openai.APIConnectionError as exc:  # includes timeouts
                 deadlines.check("the embedding server answered")
                 if attempt >= self._settings.retries:
-                    raise Unavailable(
+                    raise EmbedderUnavailable(
                         f"the embedding server cannot be reached ({type(exc).__name__})"
                     ) from exc
                 reason = type(exc).__name__
             except (openai.APIResponseValidationError, ValueError, TypeError) as exc:
-                raise Unavailable("the embedding server sent a malformed answer") from exc
+                raise EmbedderUnavailable("the embedding server sent a malformed answer") from exc
             delay = 0.1 * 2**attempt * (1.0 + random.random())
             left = deadlines.remaining()
             if left is not None and delay >= left:
-                raise Unavailable(f"the embedding server failed ({reason}); no time left to retry")
+                raise EmbedderUnavailable(
+                    f"the embedding server failed ({reason}); no time left to retry"
+                )
             log.warning("embedding call failed (%s); retry %d in %.2fs", reason, attempt + 1, delay)
             await asyncio.sleep(delay)
             attempt += 1
 
     def _decode(self, response: openai.types.CreateEmbeddingResponse, expected: int) -> Matrix:
         if len(response.data) != expected:
-            raise Unavailable(
+            raise EmbedderUnavailable(
                 f"the embedding server returned {len(response.data)} vectors for {expected} texts"
             )
         rows = [
@@ -219,11 +222,13 @@ class Embedder:
         ]
         widths = {row.shape[0] for row in rows}
         if len(widths) != 1 or (self._width is not None and widths != {self._width}):
-            raise Unavailable(f"the embedding server returned vectors of width {sorted(widths)}")
+            raise EmbedderUnavailable(
+                f"the embedding server returned vectors of width {sorted(widths)}"
+            )
         matrix = np.vstack(rows).astype(np.float32, copy=False)
         # Checked here, before any cache sees the rows: a bad row cached would be served again.
         if not np.all(usable_rows(matrix)):
-            raise Unavailable(
+            raise EmbedderUnavailable(
                 "the embedding server returned an all-zero or non-finite vector; retry later, "
                 "and check the embedding server if it persists"
             )

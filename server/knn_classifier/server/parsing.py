@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import grpc
 from google.protobuf.message import DecodeError
 
+from . import statuses
+from .errors import Reason
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -40,8 +43,13 @@ class RejectMalformedRequests(_ServerInterceptor):
             try:
                 request = parse(raw)
             except (DecodeError, ValueError, TypeError):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request is not valid protobuf"
+                await statuses.abort(
+                    context,
+                    statuses.status(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the {method} request is not valid protobuf",
+                        Reason.MALFORMED_REQUEST,
+                    ),
                 )
             return await behaviour(request, context)
 

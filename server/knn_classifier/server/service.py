@@ -5,6 +5,8 @@ Knows nothing of gRPC: it takes and returns domain types and raises the errors o
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -13,29 +15,32 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import label_models, validation
+from . import errors, label_models, paging, updates, validation, wire_size
 from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
     ClassifierConfig,
     ClassifierInfo,
+    ClassifierUpdate,
     ClassifyOptions,
     EvaluateRequest,
     Exemplar,
     ExemplarInput,
     NewClassifier,
+    ServiceInfo,
 )
 from .embedding import Embedder, Fingerprint, Matrix, truncate
 from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
     StartupError,
     Unavailable,
 )
 from .evaluator import Evaluation, Evaluator
-from .settings import Settings
+from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 
@@ -43,7 +48,6 @@ log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
 _FINGERPRINT_KEY = "embedder-fingerprint"
-_DEFAULT_PAGE_SIZE = 100
 
 T = TypeVar("T")
 
@@ -80,6 +84,10 @@ class ClassifierService:
             settings.embedding.max_wait_ms / 1000,
         )
         self._queries = QueryBatcher(store)
+
+    @property
+    def limits(self) -> LimitSettings:
+        return self._limits
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -191,7 +199,7 @@ class ClassifierService:
     async def create_classifier(self, request: NewClassifier) -> ClassifierInfo:
         defaults = self._settings.defaults
         config = ClassifierConfig(
-            name=validation.classifier_name(request.name),
+            name=validation.classifier_name(request.name, "name"),
             instruction=validation.instruction(request.instruction) or defaults.instruction,
             k=validation.k(request.k if request.k is not None else defaults.k, self._limits),
             voting=request.voting or Voting(defaults.voting),
@@ -207,12 +215,54 @@ class ClassifierService:
         return ClassifierInfo(await self._classifiers.create(config), 0)
 
     async def get_classifier(self, name: str) -> ClassifierInfo:
-        config = await self._classifiers.get(name)
+        config = await self._classifiers.get(name, "name")
         return ClassifierInfo(config, await self._count(Selection(config.name)))
 
-    async def list_classifiers(self) -> list[ClassifierInfo]:
+    async def list_classifiers(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ClassifierInfo], str]:
+        """A page of classifiers by name, and the token of the next page ("" after the last)."""
+        size = paging.page_size(page_size, self._limits)
+        scope = ("ListClassifiers",)
+        after = paging.decode(page_token, scope)
         configs = await self._classifiers.all()
-        return [ClassifierInfo(c, await self._count(Selection(c.name))) for c in configs]
+        following = [c for c in configs if after is None or c.name > after]
+        page = [ClassifierInfo(c, await self._count(Selection(c.name))) for c in following[:size]]
+        kept = paging.fitting(
+            page, wire_size.classifier, self._limits.max_response_bytes, "a classifier"
+        )
+        more = kept < len(following)
+        return page[:kept], paging.encode(page[kept - 1].config.name, scope) if more else ""
+
+    async def update_classifier(self, update: ClassifierUpdate, etag: str = "") -> ClassifierInfo:
+        """Changes the fields of ``update.paths``; changing how votes are cast drops the
+        calibration, which was fitted for the old settings."""
+        changes = updates.validated_changes(update, self._limits, self._dimensions)
+
+        def change(config: ClassifierConfig) -> ClassifierConfig:
+            updated = dataclasses.replace(config, **changes)
+            voting_changed = any(
+                getattr(updated, f) != getattr(config, f)
+                for f in ("k", "voting", "dimension", "temperature")
+            )
+            return dataclasses.replace(updated, calibration=None) if voting_changed else updated
+
+        updated = await self._classifiers.update(
+            update.name, change, etag=etag, field="classifier.name"
+        )
+        log.info("updated classifier %s: %s", updated.name, ", ".join(sorted(changes)))
+        return ClassifierInfo(updated, await self._count(Selection(updated.name)))
+
+    def info(self) -> ServiceInfo:
+        """The dimensions, embedding model and limits a caller may adapt to."""
+        fingerprint = self._embedder.fingerprint
+        return ServiceInfo(
+            server_version=importlib.metadata.version("knn-classifier-server"),
+            dimensions=list(self._dimensions),
+            model=fingerprint.model,
+            width=fingerprint.width,
+            limits=self._limits,
+        )
 
     async def delete_classifier(self, name: str, etag: str = "") -> int:
         """Deletes the classifier's exemplars, then its record; see :class:`Classifiers`."""
@@ -248,7 +298,7 @@ class ClassifierService:
         latest = {exemplar_id: i for i, exemplar_id in enumerate(ids)}
         chosen = sorted(latest.values())
         if len(chosen) > self._limits.max_exemplars_per_classifier:
-            raise ResourceExhausted(self._limit_message(classifier, 0, len(chosen)))
+            raise self._limit_reached(classifier, 0, len(chosen))
         prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
         vectors = await self._embedder.embed(prompts)
 
@@ -324,24 +374,30 @@ class ClassifierService:
         """
         held = await self._count(Selection(classifier))
         if held + adding > self._limits.max_exemplars_per_classifier:
-            raise ResourceExhausted(self._limit_message(classifier, held, adding))
+            raise self._limit_reached(classifier, held, adding)
 
-    def _limit_message(self, classifier: str, held: int, adding: int) -> str:
-        return (
+    def _limit_reached(self, classifier: str, held: int, adding: int) -> ResourceExhausted:
+        limit = self._limits.max_exemplars_per_classifier
+        return ResourceExhausted(
             f"classifier {classifier!r} holds {held} exemplars; adding {adding} new ones would "
-            f"pass the limit of {self._limits.max_exemplars_per_classifier} exemplars per "
-            "classifier"
+            f"pass the limit of {limit} exemplars per classifier",
+            reason=Reason.EXEMPLAR_LIMIT_REACHED,
+            metadata={"limit": limit, "held": held, "adding": adding},
         )
 
     async def delete_exemplars(
         self, classifier: str, ids: Sequence[str] = (), label: str = "", etag: str = ""
     ) -> int:
         if bool(ids) == bool(label):
-            raise InvalidArgument("give either ids or a label, not both and not neither")
+            raise InvalidArgument(
+                "give either ids or a label, not both and not neither",
+                reason=Reason.FIELD_REQUIRED,
+                field="selector",
+            )
         if ids:
             validation.batch_size(len(ids), self._limits, "ids")
             for i, exemplar_id in enumerate(ids):
-                validation.exemplar_id(exemplar_id, f"ids[{i}]")
+                validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
         else:
             validation.label(label)
         async with self._classifiers.writing(classifier, etag=etag) as current:
@@ -361,25 +417,50 @@ class ClassifierService:
         return count
 
     async def list_exemplars(
-        self, classifier: str, page_size: int | None, page_token: str, label: str
+        self, classifier: str, page_size: int, page_token: str, label: str
     ) -> tuple[list[Exemplar], str]:
-        limit = _DEFAULT_PAGE_SIZE if page_size is None else page_size
-        if not 1 <= limit <= self._limits.max_page_size:
-            raise InvalidArgument(
-                f"page_size={limit} is out of range; use 1 to {self._limits.max_page_size}"
-            )
-        offset = _parse_page_token(page_token)
+        """A page of exemplars in id order, and the token of the next page ("" after the last)."""
+        size = paging.page_size(page_size, self._limits)
+        scope = ("ListExemplars", classifier, label)
+        offset = _point_offset(paging.decode(page_token, scope))
         await self._classifiers.get(classifier)
         selection = Selection(classifier, label=validation.label(label) if label else None)
         records, next_offset = await self._store.scroll(
-            self._dimensions[0], selection, limit, offset
+            self._dimensions[0], selection, size, offset
         )
-        return [_exemplar(record) for record in records], next_offset or ""
+        exemplars = [_exemplar(record) for record in records]
+        kept = paging.fitting(
+            exemplars, wire_size.exemplar, self._limits.max_response_bytes, "one exemplar"
+        )
+        if kept < len(records):
+            next_offset = records[kept].id  # the store's offsets are the first id of a page
+        return exemplars[:kept], paging.encode(next_offset, scope) if next_offset else ""
 
-    async def list_labels(self, classifier: str) -> list[tuple[str, int]]:
+    async def list_labels(
+        self, classifier: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[tuple[str, int]], str]:
+        """A page of (label, exemplar count), most exemplars first, then by label; and the token
+        of the next page ("" after the last). A page continues after the previous page's last
+        (count, label), so labels whose counts change between pages may be listed twice or not
+        at all."""
+        size = paging.page_size(page_size, self._limits)
+        scope = ("ListLabels", classifier)
+        after = _label_position(paging.decode(page_token, scope))
         await self._classifiers.get(classifier)
         counts = await self._store.label_counts(self._dimensions[0], classifier)
-        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        following = [i for i in ordered if after is None or (-i[1], i[0]) > after]
+        kept = paging.fitting(
+            following[:size],
+            lambda item: wire_size.label_count(item[0]),
+            self._limits.max_response_bytes,
+            "a label",
+        )
+        page = following[:kept]
+        if kept == len(following):
+            return page, ""
+        last_label, last_count = page[-1]
+        return page, paging.encode(f"{last_count}:{last_label}", scope)
 
     # Classification --------------------------------------------------------------------------
 
@@ -394,17 +475,22 @@ class ClassifierService:
         """
         validation.batch_size(len(texts), self._limits, "texts")
         config = await self._classifiers.get(classifier)
-        k = validation.k(_either(options.k, config.k), self._limits)
+        k = validation.k(_either(options.k, config.k), self._limits, "options.k")
+        validation.neighbours(len(texts), k, self._limits)
         dimension = validation.dimension(
-            _either(options.dimension, config.dimension or self._dimensions[-1]), self._dimensions
+            _either(options.dimension, config.dimension or self._dimensions[-1]),
+            self._dimensions,
+            "options.dimension",
         )
         voting = options.voting or config.voting
-        temperature = validation.temperature(_either(options.temperature, config.temperature))
+        temperature = validation.temperature(
+            _either(options.temperature, config.temperature), "options.temperature"
+        )
         min_similarity = validation.fraction(
-            _either(options.min_similarity, config.min_similarity), "min_similarity", -1, 1
+            _either(options.min_similarity, config.min_similarity), "options.min_similarity", -1, 1
         )
         min_confidence = validation.fraction(
-            _either(options.min_confidence, config.min_confidence), "min_confidence", 0, 1
+            _either(options.min_confidence, config.min_confidence), "options.min_confidence", 0, 1
         )
         # The calibration was fitted for the classifier's own settings; others get raw shares.
         own = (
@@ -419,26 +505,29 @@ class ClassifierService:
         valid: list[int] = []
         for i, text in enumerate(texts):
             try:
-                validation.text(text, self._limits, "text" if len(texts) == 1 else f"texts[{i}]")
+                validation.text(text, self._limits, _text_field(i, len(texts)))
                 valid.append(i)
             except InvalidArgument as invalid:
                 answers[i] = invalid
         prompts = [self._embedder.prompt(config.instruction, texts[i]) for i in valid]
         embedded, vectors, rejected = await self._embed_isolating_rejects(prompts)
         for j, rejection in rejected.items():
-            answers[valid[j]] = rejection
+            i = valid[j]
+            answers[i] = InvalidArgument(
+                rejection.message, reason=rejection.reason, field=_text_field(i, len(texts))
+            )
         if embedded:
             queries = truncate(vectors, dimension)
             results = await self._queries.query(dimension, classifier, queries, k)
             if not results[0]:
-                raise FailedPrecondition(_no_exemplars(classifier))
+                raise _no_exemplars(classifier)
             labels: list[str] = []
             by_label = np.empty((len(queries), 0), dtype=np.float32)
             if voting in LABEL_SCORED:
                 fit = label_models.FIT[voting]
                 model = await self._store.label_model(dimension, classifier, fit)
                 if not model.labels:  # every exemplar was deleted since the neighbour query
-                    raise FailedPrecondition(_no_exemplars(classifier))
+                    raise _no_exemplars(classifier)
                 labels, by_label = model.labels, model.scores(queries)
             for j, hits in enumerate(results):
                 neighbours = [_neighbour(hit) for hit in hits]
@@ -500,8 +589,17 @@ class ClassifierService:
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
 
 
-def _no_exemplars(classifier: str) -> str:
-    return f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
+def _no_exemplars(classifier: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"classifier {classifier!r} has no exemplars; add some with AddExemplars",
+        reason=Reason.CLASSIFIER_EMPTY,
+        resource=errors.classifier(classifier),
+    )
+
+
+def _text_field(i: int, count: int) -> str:
+    """The request field of text ``i``: Classify's ``text``, or ClassifyBatch's ``texts[i]``."""
+    return "text" if count == 1 else f"texts[{i}]"
 
 
 def _either(override: T | None, default: T) -> T:
@@ -524,10 +622,22 @@ def _exemplar(record: Record) -> Exemplar:
     )
 
 
-def _parse_page_token(token: str) -> str | None:
-    if not token:
+def _point_offset(cursor: str | None) -> str | None:
+    """The store offset (a point id) at which a ListExemplars page starts."""
+    if cursor is None:
         return None
     try:
-        return str(uuid.UUID(token))
+        return str(uuid.UUID(cursor))
     except ValueError:
-        raise InvalidArgument("invalid page_token; pass next_page_token unchanged") from None
+        raise paging.bad_token() from None
+
+
+def _label_position(cursor: str | None) -> tuple[int, str] | None:
+    """The sort key (-count, label) after which a ListLabels page starts."""
+    if cursor is None:
+        return None
+    count, _, label = cursor.partition(":")
+    try:
+        return -int(count), label
+    except ValueError:
+        raise paging.bad_token() from None

@@ -209,7 +209,15 @@ class LimitSettings(BaseModel):
         1024, ge=1, description="Texts per ClassifyBatch, exemplars per AddExemplars."
     )
     max_k: int = Field(200, ge=1, description="Largest k a request may ask for.")
-    max_page_size: int = Field(1000, ge=1, description="Largest ListExemplars page.")
+    max_batch_neighbours: int = Field(
+        51_200,
+        ge=1,
+        description="Texts x k one Classify or ClassifyBatch call may ask for (e.g. 256 texts "
+        "at k=200); bounds the work and memory of one call.",
+    )
+    max_page_size: int = Field(
+        1000, ge=1, description="Largest page of a list; larger page sizes are reduced to it."
+    )
     max_sweep: int = Field(64, ge=1, description="Settings one Evaluate call may sweep.")
     max_evaluated: int = Field(
         5000,
@@ -228,8 +236,20 @@ class LimitSettings(BaseModel):
     max_concurrent_rpcs: int = Field(
         1000, ge=1, description="Calls served at once; more get RESOURCE_EXHAUSTED."
     )
-    max_message_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Largest gRPC message received or sent."
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description="Largest request message received (a full AddExemplars batch of long texts "
+        "needs more than 4 MiB). Also the hard cap on any response.",
+    )
+    max_response_bytes: int = Field(
+        4 * 1024 * 1024 - 64 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description="List and batch responses stay under this size: a page holds fewer items, "
+        "a ClassifyBatch or Classify that cannot fit is refused. Below the 4 MiB that stock "
+        "gRPC clients accept.",
     )
 
 

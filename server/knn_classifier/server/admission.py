@@ -1,0 +1,66 @@
+"""Admission: at most ``max_concurrent_rpcs`` calls are served at once; more are refused.
+
+gRPC's own ``maximum_concurrent_rpcs`` refuses with a bare RESOURCE_EXHAUSTED that a client
+cannot tell from a limit it must not retry (a message too large, a full classifier). This
+interceptor refuses with the reason TOO_MANY_CALLS and a RetryInfo instead, so that clients
+retry overload, and only overload, after a short delay. Health checks are always admitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
+
+import grpc
+
+from . import statuses
+from .errors import Reason
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+RETRY_AFTER_S = 0.1
+_HEALTH = "/grpc.health.v1.Health/"
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class LimitConcurrentCalls(_ServerInterceptor):
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._active = 0
+        self._refusal = statuses.status(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the server is serving its limit of {limit} calls at once; retry shortly",
+            Reason.TOO_MANY_CALLS,
+            metadata={"limit": str(limit)},
+            retry_after_s=RETRY_AFTER_S,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or details.method.startswith(_HEALTH):
+            return handler
+        behaviour = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
+
+        async def admitted(request: Any, context: Context) -> Any:
+            if self._active >= self._limit:
+                await statuses.abort(context, self._refusal)
+            self._active += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._active -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            admitted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

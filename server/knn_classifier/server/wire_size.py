@@ -1,0 +1,75 @@
+"""Upper bounds on the encoded size of response messages, computed from domain objects.
+
+List and batch responses must stay under the response budget (``KNN_LIMITS__MAX_RESPONSE_BYTES``)
+before any protobuf message is built: a ClassifyBatch with neighbours over long exemplars once
+built a 364 MB response before gRPC's send limit refused it. Each function bounds the size of the
+message that :mod:`api` builds from the same object (a test checks the bound and its slack), by
+protobuf's encoding: a field costs its tag (1 byte for the field numbers used here), a length
+prefix (a varint of at most 5 bytes) and its bytes; a scalar at most 11 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .domain import ClassifierInfo, Exemplar
+from .voting import Vote
+
+_FIELD = 6
+"""Tag and length prefix of a string or message field, at most."""
+_SCALAR = 11
+"""Tag and value of a varint, float or fixed field, at most."""
+_TIMESTAMP = _FIELD + 2 * _SCALAR
+_ETAG = _FIELD + 64
+"""An etag (a revision) of up to 64 characters."""
+
+
+def utf8(text: str) -> int:
+    """Encoded length of ``text``; free for ASCII (CPython knows a string is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def string(text: str) -> int:
+    return _FIELD + utf8(text)
+
+
+def _strings(texts: Iterable[str]) -> int:
+    return sum(string(t) for t in texts)
+
+
+def exemplar(item: Exemplar) -> int:
+    """An ``Exemplar`` as one element of a repeated field."""
+    entries = sum(_FIELD + string(k) + string(v) for k, v in item.metadata.items())
+    return _FIELD + _strings((item.id, item.text, item.label)) + entries + _TIMESTAMP
+
+
+def classifier(info: ClassifierInfo) -> int:
+    """A ``Classifier`` as one element of a repeated field."""
+    config = info.config
+    return _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+
+
+def label_count(label: str) -> int:
+    return _FIELD + string(label) + _SCALAR
+
+
+def prediction(vote: Vote, include_neighbours: bool, stop_above: int | None = None) -> int:
+    """A ``Prediction`` wrapped in a ``ClassifyBatchResult``, as one element of a repeated field.
+
+    Stops adding neighbours once the size passes ``stop_above``, so that a response far over the
+    budget is not measured to the end.
+    """
+    size = 2 * _FIELD + string(vote.label or "") + 4 * _SCALAR
+    size += sum(_FIELD + string(label) + _SCALAR for label, _ in vote.scores)
+    if include_neighbours:
+        for neighbour in vote.voters:
+            size += _FIELD + _strings((neighbour.id, neighbour.label, neighbour.text)) + _SCALAR
+            if stop_above is not None and size > stop_above:
+                break
+    return size
+
+
+def status(encoded: int) -> int:
+    """A ``google.rpc.Status`` of ``encoded`` bytes wrapped in a ``ClassifyBatchResult``, as one
+    element of a repeated field."""
+    return 2 * _FIELD + encoded

@@ -1,0 +1,243 @@
+"""Responses that fit: paged lists under the byte budget, page tokens bound to their request, and
+classify responses refused before they are built when they would not fit (issue 11, defect 11)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from knn_classifier.client import (
+    Client,
+    ExemplarInput,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from knn_classifier.server import wire_size
+from knn_classifier.server.domain import ClassifierConfig, ClassifierInfo, Exemplar
+from knn_classifier.server.voting import Neighbour, Vote, Voting
+from knn_classifier.v1 import classifier_pb2 as pb
+from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
+
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer
+
+BUDGET = 16 * 1024
+
+
+def raw(server: ServerThread, method: str, request: object) -> object:
+    """One call through the generated stub, where the client would walk every page."""
+    with server.channel() as channel:
+        return getattr(pb_grpc.ClassifierServiceStub(channel), method)(request, timeout=30)
+
+
+@pytest.fixture
+def small_budget(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> Iterator[Client]:
+    """A server whose responses must stay under 16 KiB, with long texts allowed."""
+    fake_embedder.behaviour.max_input_chars = 10_000
+    settings = make_settings(
+        tmp_path, fake_embedder.base_url, limits={"max_response_bytes": BUDGET, "max_page_size": 50}
+    )
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        yield client
+    running.stop()
+
+
+def test_list_classifiers_pages_by_name(client: Client, server: ServerThread) -> None:
+    names = [f"c{i:02d}" for i in range(7)]
+    for name in reversed(names):
+        client.create_classifier(name)
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        request = pb.ListClassifiersRequest(page_size=3, page_token=token)
+        response = raw(server, "ListClassifiers", request)
+        assert isinstance(response, pb.ListClassifiersResponse)
+        seen.extend(c.name for c in response.classifiers)
+        pages += 1
+        token = response.next_page_token
+        if not token:
+            break
+    assert (seen, pages) == (names, 3)
+    assert [c.name for c in client.list_classifiers()] == names
+
+
+def test_a_page_holds_fewer_items_when_they_would_not_fit(small_budget: Client) -> None:
+    client = small_budget
+    client.create_classifier("long")
+    client.add_exemplars("long", [(f"{i} " + "x" * 3000, "a") for i in range(12)])
+    first = client.list_exemplars("long", page_size=50)
+    # Four 3 KB texts fit in 16 KiB (less the envelope), not five.
+    assert len(first.exemplars) == 4
+    assert first.next_page_token
+    texts = [e.text for e in client.iter_exemplars("long")]
+    assert sorted(texts) == sorted(f"{i} " + "x" * 3000 for i in range(12))
+
+
+def test_one_item_that_cannot_fit_is_an_error_that_says_why(small_budget: Client) -> None:
+    client = small_budget
+    client.create_classifier("huge")
+    item = ExemplarInput(
+        text="y" * 8000, label="a", metadata={f"k{i}": "v" * 1000 for i in range(10)}
+    )
+    client.add_exemplars("huge", [item])
+    with pytest.raises(ResourceExhaustedError, match="one exemplar takes about") as caught:
+        client.list_exemplars("huge")
+    error = caught.value
+    assert error.reason == "RESPONSE_TOO_LARGE"
+    assert error.metadata["limitBytes"] == str(BUDGET)
+    assert int(error.metadata["estimatedBytes"]) > BUDGET - 1024
+    assert not error.retryable
+
+
+def test_page_size_above_the_limit_is_reduced_to_it(small_budget: Client) -> None:
+    client = small_budget
+    client.create_classifier("many")
+    client.add_exemplars("many", [(f"text {i}", "a") for i in range(60)])
+    assert len(client.list_exemplars("many", page_size=1000).exemplars) == 50
+
+
+@pytest.mark.parametrize(
+    ("other", "why"),
+    [
+        ({"classifier": "second"}, "another classifier"),
+        ({"label": "b"}, "another label"),
+    ],
+)
+def test_a_page_token_only_works_for_its_own_request(
+    client: Client, server: ServerThread, other: dict[str, str], why: str
+) -> None:
+    for name in ("first", "second"):
+        client.create_classifier(name)
+        client.add_exemplars(name, [(f"{name} {i}", "ab"[i % 2]) for i in range(6)])
+    token = client.list_exemplars("first", page_size=2).next_page_token
+    assert token
+    request = {"classifier": "first", **other}
+    with pytest.raises(InvalidArgumentError, match="issued for another request") as caught:
+        client.list_exemplars(
+            request["classifier"], label=request.get("label", ""), page_token=token
+        )
+    assert caught.value.reason == "INVALID_PAGE_TOKEN"
+    assert [v.field for v in caught.value.field_violations] == ["page_token"]
+    # And tokens of one list are not tokens of another.
+    with pytest.raises(grpc.RpcError, match="issued for another request"):
+        raw(server, "ListLabels", pb.ListLabelsRequest(classifier="first", page_token=token))
+
+
+def test_list_labels_pages_most_exemplars_first(client: Client, server: ServerThread) -> None:
+    client.create_classifier("labels")
+    counts = {"a": 5, "b": 4, "c": 4, "d": 2, "e": 1}
+    client.add_exemplars(
+        "labels", [(f"{label} {i}", label) for label, n in counts.items() for i in range(n)]
+    )
+    first = raw(server, "ListLabels", pb.ListLabelsRequest(classifier="labels", page_size=2))
+    assert isinstance(first, pb.ListLabelsResponse)
+    request = pb.ListLabelsRequest(
+        classifier="labels", page_size=2, page_token=first.next_page_token
+    )
+    second = raw(server, "ListLabels", request)
+    assert isinstance(second, pb.ListLabelsResponse)
+    assert [(c.label, c.count) for c in [*first.labels, *second.labels]] == [
+        ("a", 5),
+        ("b", 4),
+        ("c", 4),
+        ("d", 2),
+    ]
+    assert client.list_labels("labels") == counts
+
+
+# Issue 11, defect 11: a ClassifyBatch with neighbours over long exemplars built a 364 MB
+# response before gRPC's send limit refused it. Now it is refused before anything is built.
+
+
+@pytest.fixture
+def long_exemplars(client: Client, fake_embedder: FakeEmbeddingServer) -> Client:
+    """200 exemplars of 8,000 characters: 1.6 MB of neighbour text for one text at k=200."""
+    fake_embedder.behaviour.max_input_chars = 10_000
+    client.create_classifier("long")
+    client.add_exemplars("long", [(f"{i:03d} " + "z" * 7996, "ab"[i % 2]) for i in range(200)])
+    return client
+
+
+def test_a_classify_batch_too_large_to_receive_is_refused_before_it_is_built(
+    long_exemplars: Client,
+) -> None:
+    client = long_exemplars
+    texts = [f"query {i}" for i in range(16)]
+    # 16 texts x 200 neighbours x 8 KB: 26 MB, over the default budget (4 MiB less 64 KiB)
+    # and under the old 32 MiB send limit, so the old server built and sent it.
+    with pytest.raises(ResourceExhaustedError, match="no neighbours") as caught:
+        client.classify_batch("long", texts, k=200, include_neighbours=True)
+    error = caught.value
+    assert error.reason == "RESPONSE_TOO_LARGE"
+    assert error.metadata["limitBytes"] == str(4 * 1024 * 1024 - 64 * 1024)
+    assert int(error.metadata["estimatedBytes"]) > 4 * 1024 * 1024 - 64 * 1024 - 1024
+    # Without neighbours, or with fewer, the same call fits.
+    assert len(client.classify_batch("long", texts, k=200)) == 16
+    assert len(client.classify_batch("long", texts[:2], k=200, include_neighbours=True)) == 2
+
+
+def test_one_classify_too_large_to_receive_is_refused(small_budget: Client) -> None:
+    client = small_budget
+    client.create_classifier("long")
+    client.add_exemplars("long", [(f"{i} " + "x" * 3000, "ab"[i % 2]) for i in range(12)])
+    with pytest.raises(ResourceExhaustedError, match="no neighbours") as caught:
+        client.classify("long", "x", k=10, min_similarity=-1, include_neighbours=True)
+    assert caught.value.reason == "RESPONSE_TOO_LARGE"
+    fits = client.classify("long", "x", k=4, min_similarity=-1, include_neighbours=True)
+    assert len(fits.neighbours) == 4
+
+
+def test_the_work_of_one_classify_call_is_capped(client: Client) -> None:
+    client.create_classifier("capped")
+    client.add_exemplars("capped", [("one text", "a"), ("another text", "b")])
+    # 257 texts x k=200 = 51,400 neighbours, over the default 51,200.
+    with pytest.raises(InvalidArgumentError, match="51400 neighbours") as caught:
+        client.classify_batch("capped", ["text"] * 257, k=200)
+    assert caught.value.reason == "TOO_MANY_NEIGHBOURS"
+    assert caught.value.metadata == {"limit": "51200", "actual": "51400"}
+    assert len(client.classify_batch("capped", ["text"] * 256, k=200)) == 256
+
+
+# The size bounds behind the budget ------------------------------------------------------------
+
+
+def _vote(texts: list[str]) -> Vote:
+    voters = [Neighbour(f"id-{i}", f"label-{i % 3}", t, 0.5) for i, t in enumerate(texts)]
+    return Vote("label-0", 0.7, [("label-0", 0.7), ("label-1", 0.3)], voters, 0.9, None)
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [["short"], ["ascii " * 300] * 20, ["中文評論很好吃" * 100, "émoji 🙂" * 50, ""]],
+    ids=["short", "ascii", "non-ascii"],
+)
+def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None:
+    from knn_classifier.server.api import _classifier, _prediction
+
+    vote = _vote(texts)
+    built = pb.ClassifyBatchResponse(
+        results=[pb.ClassifyBatchResult(prediction=_prediction(vote, True))]
+    )
+    estimate = wire_size.prediction(vote, include_neighbours=True)
+    assert built.ByteSize() <= estimate <= built.ByteSize() + 128 + 24 * len(texts)
+
+    exemplar = Exemplar("an-id", texts[0], "label", {"source": texts[-1], "k": "v"}, 1.7e9)
+    message = pb.ListExemplarsResponse(
+        exemplars=[
+            pb.Exemplar(
+                id=exemplar.id, text=exemplar.text, label=exemplar.label, metadata=exemplar.metadata
+            )
+        ]
+    )
+    message.exemplars[0].created_at.FromSeconds(int(exemplar.created_at))
+    assert message.ByteSize() <= wire_size.exemplar(exemplar) <= message.ByteSize() + 64
+
+    config = ClassifierConfig(texts[0][:64], texts[-1], 10, Voting.SOFTMAX, 0.1, 0.2, 1.7e9, 0.05)
+    listed = pb.ListClassifiersResponse(classifiers=[_classifier(ClassifierInfo(config, 123))])
+    listed.classifiers[0].etag = "e" * 64
+    assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(config, 123))
