@@ -18,6 +18,7 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import (
+    AbortedError,
     Client,
     FailedPreconditionError,
     KnnClassifierError,
@@ -32,6 +33,8 @@ from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import EdgeStore, Record, Selection, Store
 from knn_classifier.server.store.base import Matrix, Payload
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.v1 import classifier_pb2 as pb
+from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
@@ -328,3 +331,35 @@ def test_apply_best_never_overwrites_a_classifier_changed_during_the_sweep(
             assert not after.calibrated
             assert (after.k, after.min_similarity) == (before.k, before.min_similarity)
     running.stop()
+
+
+def test_etags_change_with_every_write_and_make_writes_conditional(
+    server: ServerThread, client: Client
+) -> None:
+    created = client.create_classifier("c")
+    assert created.etag
+    client.add_exemplars("c", [("red apple", "fruit")], etag=created.etag)
+    added = client.get_classifier("c")
+    assert added.etag != created.etag
+    for stale_write in (
+        lambda: client.add_exemplars("c", [("green pear", "fruit")], etag=created.etag),
+        lambda: client.delete_exemplars("c", label="fruit", etag=created.etag),
+        lambda: client.update_classifier("c", k=3, etag=created.etag),
+        lambda: client.evaluate("c", apply_best=True, etag=created.etag),
+        lambda: client.delete_classifier("c", etag=created.etag),
+    ):
+        with pytest.raises(AbortedError) as refused:
+            stale_write()
+        assert refused.value.reason == "ETAG_MISMATCH"
+    assert client.get_classifier("c").etag == added.etag  # no stale write changed anything
+    updated = client.update_classifier("c", k=3, etag=added.etag)
+    assert updated.etag != added.etag
+    stub = pb_grpc.ClassifierServiceStub(server.channel())
+    answered = stub.Classify(pb.ClassifyRequest(classifier="c", text="apple"))
+    assert answered.etag == updated.etag
+    removed = stub.DeleteExemplars(
+        pb.DeleteExemplarsRequest(classifier="c", label="fruit", etag=updated.etag)
+    )
+    assert (removed.deleted, removed.etag) == (1, client.get_classifier("c").etag)
+    client.delete_classifier("c", etag=removed.etag)
+    assert client.list_classifiers() == []

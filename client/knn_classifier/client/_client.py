@@ -181,10 +181,15 @@ class Client:
         return self._call(self._stub.GetServiceInfo, pb.GetServiceInfoRequest(), timeout)
 
     def add_exemplars(
-        self, classifier: str, exemplars: Iterable[ExemplarLike], *, timeout: float | None = None
+        self,
+        classifier: str,
+        exemplars: Iterable[ExemplarLike],
+        *,
+        etag: str = "",
+        timeout: float | None = None,
     ) -> list[str]:
         """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
-        request = build.add_exemplars(classifier, exemplars)
+        request = build.add_exemplars(classifier, exemplars, etag)
         return list(self._call(self._stub.AddExemplars, request, timeout).ids)
 
     def delete_exemplars(
@@ -193,9 +198,10 @@ class Client:
         *,
         ids: Sequence[str] = (),
         label: str = "",
+        etag: str = "",
         timeout: float | None = None,
     ) -> int:
-        request = build.delete_exemplars(classifier, ids, label, "")
+        request = build.delete_exemplars(classifier, ids, label, etag)
         return self._call(self._stub.DeleteExemplars, request, timeout).deleted
 
     def list_exemplars(
@@ -294,11 +300,20 @@ class Client:
         temperature: Iterable[float] = (),
         apply_best: bool = False,
         target_precision: float | None = None,
+        etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
         """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
         request = build.evaluate(
-            classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
+            classifier,
+            held_out,
+            k,
+            voting,
+            dimension,
+            temperature,
+            apply_best,
+            target_precision,
+            etag,
         )
         return self._call(self._stub.Evaluate, request, timeout)
 
@@ -428,10 +443,15 @@ class AsyncClient:
         return await self._call(self._stub.GetServiceInfo, request, timeout)
 
     async def add_exemplars(
-        self, classifier: str, exemplars: Iterable[ExemplarLike], *, timeout: float | None = None
+        self,
+        classifier: str,
+        exemplars: Iterable[ExemplarLike],
+        *,
+        etag: str = "",
+        timeout: float | None = None,
     ) -> list[str]:
         """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
-        request = build.add_exemplars(classifier, exemplars)
+        request = build.add_exemplars(classifier, exemplars, etag)
         return list((await self._call(self._stub.AddExemplars, request, timeout)).ids)
 
     async def delete_exemplars(
@@ -440,9 +460,10 @@ class AsyncClient:
         *,
         ids: Sequence[str] = (),
         label: str = "",
+        etag: str = "",
         timeout: float | None = None,
     ) -> int:
-        request = build.delete_exemplars(classifier, ids, label, "")
+        request = build.delete_exemplars(classifier, ids, label, etag)
         return (await self._call(self._stub.DeleteExemplars, request, timeout)).deleted
 
     async def list_exemplars(
@@ -542,10 +563,19 @@ class AsyncClient:
         temperature: Iterable[float] = (),
         apply_best: bool = False,
         target_precision: float | None = None,
+        etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
         """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
         request = build.evaluate(
-            classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
+            classifier,
+            held_out,
+            k,
+            voting,
+            dimension,
+            temperature,
+            apply_best,
+            target_precision,
+            etag,
         )
         return await self._call(self._stub.Evaluate, request, timeout)

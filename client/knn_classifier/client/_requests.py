@@ -58,8 +58,12 @@ def exemplar(item: ExemplarLike, metadata: Mapping[str, str] | None = None) -> p
     return pb.ExemplarInput(text=text, label=label, metadata=metadata)
 
 
-def add_exemplars(classifier: str, items: Iterable[ExemplarLike]) -> pb.AddExemplarsRequest:
-    return pb.AddExemplarsRequest(classifier=classifier, exemplars=[exemplar(i) for i in items])
+def add_exemplars(
+    classifier: str, items: Iterable[ExemplarLike], etag: str
+) -> pb.AddExemplarsRequest:
+    return pb.AddExemplarsRequest(
+        classifier=classifier, exemplars=[exemplar(i) for i in items], etag=etag
+    )
 
 
 def classify_options(
@@ -91,6 +95,7 @@ def evaluate(
     temperatures: Iterable[float],
     apply_best: bool,
     target_precision: float | None,
+    etag: str,
 ) -> pb.EvaluateRequest:
     return pb.EvaluateRequest(
         classifier=classifier,
@@ -101,6 +106,7 @@ def evaluate(
         temperatures=temperatures,
         apply_best=apply_best,
         target_precision=target_precision,
+        etag=etag,
     )
 
 

@@ -122,13 +122,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             min_confidence=given.min_confidence,
             dimension=given.dimension,
         )
-        return _classifier(await self._service.update_classifier(update))
+        return _classifier(await self._service.update_classifier(update, given.etag))
 
     @_status_on_error
     async def DeleteClassifier(
         self, request: pb.DeleteClassifierRequest, context: Context
     ) -> pb.DeleteClassifierResponse:
-        deleted = await self._service.delete_classifier(request.name)
+        deleted = await self._service.delete_classifier(request.name, request.etag)
         return pb.DeleteClassifierResponse(deleted_exemplars=deleted)
 
     @_status_on_error
@@ -139,17 +139,17 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             ExemplarInput(text=e.text, label=e.label, id=e.id, metadata=dict(e.metadata))
             for e in request.exemplars
         ]
-        ids = await self._service.add_exemplars(request.classifier, items)
-        return pb.AddExemplarsResponse(ids=ids)
+        ids, etag = await self._service.add_exemplars(request.classifier, items, request.etag)
+        return pb.AddExemplarsResponse(ids=ids, etag=etag)
 
     @_status_on_error
     async def DeleteExemplars(
         self, request: pb.DeleteExemplarsRequest, context: Context
     ) -> pb.DeleteExemplarsResponse:
-        deleted = await self._service.delete_exemplars(
-            request.classifier, list(request.ids.ids), request.label
+        deleted, etag = await self._service.delete_exemplars(
+            request.classifier, list(request.ids.ids), request.label, request.etag
         )
-        return pb.DeleteExemplarsResponse(deleted=deleted)
+        return pb.DeleteExemplarsResponse(deleted=deleted, etag=etag)
 
     @_status_on_error
     async def ListExemplars(
@@ -186,7 +186,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     @_status_on_error
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        answers = await self._service.classify(
+        answers, etag = await self._service.classify(
             request.classifier, [request.text], _options(request.options)
         )
         answer = answers[0]
@@ -194,13 +194,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             raise answer
         include = request.options.include_neighbours
         self._check_size(answers, include)
-        return pb.ClassifyResponse(prediction=_prediction(answer, include))
+        return pb.ClassifyResponse(prediction=_prediction(answer, include), etag=etag)
 
     @_status_on_error
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: Context
     ) -> pb.ClassifyBatchResponse:
-        answers = await self._service.classify(
+        answers, etag = await self._service.classify(
             request.classifier, list(request.texts), _options(request.options)
         )
         include = request.options.include_neighbours
@@ -211,7 +211,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 if isinstance(a, errors.InvalidArgument)
                 else pb.ClassifyBatchResult(prediction=_prediction(a, include))
                 for a in answers
-            ]
+            ],
+            etag=etag,
         )
 
     def _check_size(self, answers: list[Vote | errors.InvalidArgument], include: bool) -> None:
@@ -242,7 +243,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 request.target_precision if request.HasField("target_precision") else None
             ),
         )
-        evaluation, info = await self._service.evaluate(request.classifier, evaluate)
+        evaluation, info = await self._service.evaluate(request.classifier, evaluate, request.etag)
         reached = evaluation.reached
         return pb.EvaluateResponse(
             results=[_evaluation_result(r) for r in evaluation.reports],
@@ -366,6 +367,7 @@ def _classifier(info: ClassifierInfo) -> pb.Classifier:
         temperature=config.temperature,
         dimension=config.dimension,
         calibrated=config.calibration is not None,
+        etag=config.etag,
     )
 
 

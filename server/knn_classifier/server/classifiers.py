@@ -143,11 +143,22 @@ class Classifiers:
             if config is None:
                 raise _not_found(name)
             if etag and not config.deleting and config.etag != etag:
-                raise _stale(name, etag, config)
+                raise Classifiers.stale(name, etag, config)
             marked = dataclasses.replace(config, deleting=True, revision=config.revision + 1)
             await self._write(marked)
             yield marked
             await self._store.delete_meta(classifier_key(config.name))
+
+    @staticmethod
+    def stale(name: str, etag: str, current: ClassifierConfig) -> Aborted:
+        """The error of a conditional write whose ``etag`` is not ``current``'s."""
+        return Aborted(
+            f"classifier {name!r} changed since etag {etag!r} (now {current.etag!r}); "
+            "read it again and retry",
+            reason=Reason.ETAG_MISMATCH,
+            resource=errors.classifier(name),
+            metadata={"etag": current.etag},
+        )
 
     # Internals -------------------------------------------------------------------------------
 
@@ -163,7 +174,7 @@ class Classifiers:
         if current is None or current.deleting or (uid is not None and current.uid != uid):
             raise _not_found(name)
         if etag and current.etag != etag:
-            raise _stale(name, etag, current)
+            raise Classifiers.stale(name, etag, current)
         return current
 
     @asynccontextmanager
@@ -183,13 +194,3 @@ class Classifiers:
 
 def _not_found(name: str) -> NotFound:
     return NotFound(f"classifier {name!r} does not exist", resource=errors.classifier(name))
-
-
-def _stale(name: str, etag: str, current: ClassifierConfig) -> Aborted:
-    return Aborted(
-        f"classifier {name!r} changed since etag {etag!r} (now {current.etag!r}); "
-        "read it again and retry",
-        reason=Reason.ETAG_MISMATCH,
-        resource=errors.classifier(name),
-        metadata={"etag": current.etag},
-    )

@@ -278,8 +278,9 @@ class ClassifierService:
 
     async def add_exemplars(
         self, classifier: str, items: Sequence[ExemplarInput], etag: str = ""
-    ) -> list[str]:
-        """Embeds ``items`` once and writes them to every dimension; returns their ids.
+    ) -> tuple[list[str], str]:
+        """Embeds ``items`` once and writes them to every dimension; returns their ids and the
+        classifier's etag after the write.
 
         The embedding call may take long and the classifier may change meanwhile, so the write
         happens under the classifier's write lock, on the record as it is then: deleted or
@@ -320,11 +321,11 @@ class ClassifierService:
             await self._check_room(classifier, len(created))
             await self._write_everywhere(classifier, point_ids, created, vectors, payloads)
             try:
-                await self._classifiers.bump(current)
+                written = await self._classifiers.bump(current)
             except NotFound:
                 await self._delete(Selection(classifier, ids=point_ids))
                 raise
-        return ids
+        return ids, written.etag
 
     async def _absent(self, classifier: str, point_ids: list[str]) -> list[str]:
         """Which of ``point_ids`` the classifier does not hold yet."""
@@ -387,7 +388,8 @@ class ClassifierService:
 
     async def delete_exemplars(
         self, classifier: str, ids: Sequence[str] = (), label: str = "", etag: str = ""
-    ) -> int:
+    ) -> tuple[int, str]:
+        """Deletes exemplars by ids or by label; returns how many and the classifier's etag."""
         if bool(ids) == bool(label):
             raise InvalidArgument(
                 "give either ids or a label, not both and not neither",
@@ -407,8 +409,8 @@ class ClassifierService:
                 label=label or None,
             )
             deleted = await self._delete(selection)
-            await self._classifiers.bump(current)
-        return deleted
+            written = await self._classifiers.bump(current)
+        return deleted, written.etag
 
     async def _delete(self, selection: Selection) -> int:
         count = await self._count(selection)
@@ -466,8 +468,9 @@ class ClassifierService:
 
     async def classify(
         self, classifier: str, texts: Sequence[str], options: ClassifyOptions
-    ) -> list[Vote | InvalidArgument]:
-        """Classifies ``texts`` with one embedding call and one batched store query.
+    ) -> tuple[list[Vote | InvalidArgument], str]:
+        """Classifies ``texts`` with one embedding call and one batched store query; returns
+        the answers and the etag of the classifier's record they were given with.
 
         A text that is invalid, or that the embedding model rejects, gets its InvalidArgument in
         its slot instead of a vote, and the others are classified; any other failure fails the
@@ -540,7 +543,7 @@ class ClassifierService:
                     calibration,
                     list(zip(labels, by_label[j].tolist(), strict=True)),
                 )
-        return [a for a in answers if a is not None]
+        return [a for a in answers if a is not None], config.etag
 
     async def _embed_isolating_rejects(
         self, prompts: Sequence[str]
@@ -573,10 +576,13 @@ class ClassifierService:
     # Evaluation ------------------------------------------------------------------------------
 
     async def evaluate(
-        self, classifier: str, request: EvaluateRequest
+        self, classifier: str, request: EvaluateRequest, etag: str = ""
     ) -> tuple[Evaluation, ClassifierInfo]:
-        """Scores every setting of the sweep, best first; see the Evaluate RPC."""
+        """Scores every setting of the sweep, best first; see the Evaluate RPC. ``etag``: the
+        revision apply_best may change (ABORTED if the classifier is at another)."""
         config = await self._classifiers.get(classifier)
+        if etag and etag != config.etag:
+            raise Classifiers.stale(classifier, etag, config)
         evaluation = await self._evaluator.evaluate(config, request)
         proposed = evaluation.updated
         if proposed is not None:
