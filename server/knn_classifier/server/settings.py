@@ -120,8 +120,8 @@ class StoreSettings(BaseModel):
         description=(
             "Embedded store: free disk space, in bytes, kept in reserve on data_dir's file "
             "system. A write that would leave less is refused with RESOURCE_EXHAUSTED (reads go "
-            "on), and the store does not open with less: it writes through memory-mapped files, "
-            "and a full disk would kill the process with SIGBUS."
+            "on), and the store does not open with less than half of it: it writes through "
+            "memory-mapped files, and a full disk would kill the process with SIGBUS."
         ),
     )
 

@@ -15,8 +15,10 @@ from BaseException, so ``except Exception`` misses it), means a shard's files or
 state are damaged: it becomes :class:`Unavailable` naming the shard, and from then on the store
 refuses every call (its health check fails) until the process restarts, instead of writing on
 into a damaged shard. Edge writes through memory-mapped files, so a full disk would kill the
-process with SIGBUS: a write is refused with :class:`ResourceExhausted` while the file system
-would keep less than ``min_free_bytes`` free after it, and the store does not open with less.
+process with SIGBUS: a write is refused with :class:`ResourceExhausted` when the file system
+would keep less than ``min_free_bytes`` free after it. Opening writes too (WAL replay, index
+files), so the store opens only with half that reserve free: after writes stopped at the
+reserve, a restart still opens and serves reads.
 A shard that cannot be opened (damaged, locked by another process, not writable) is a
 :class:`StartupError` naming it.
 """
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 
 _FACET_LIMIT = 1_000_000
 _MIB = 2**20
+_REMEDY = (
+    "restore the data directory from a backup, or move a damaged dimension shard (d<N>) aside "
+    "and start again: start-up rebuilds it from the other dimensions"
+)
 # What an Edge call may raise that is not Edge's failure: these propagate unchanged.
 _NOT_EDGE_FAILURES = (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)
 
@@ -111,12 +117,12 @@ class EdgeStore(Store):
                 "a writable directory"
             )
         free = _free_bytes(self._root)
-        if free < self._min_free:
+        if free < self._min_free // 2:
             raise StartupError(
                 f"the disk of the data directory {self._root} has {free / _MIB:.1f} MiB free, "
-                f"less than the {self._min_free / _MIB:.1f} MiB the embedded store keeps in "
-                "reserve (KNN_STORE__MIN_FREE_BYTES); free disk space there, or move "
-                "KNN_DATA_DIR to a larger disk"
+                f"less than the {self._min_free / 2 / _MIB:.1f} MiB the embedded store needs to "
+                "open (half its reserve, KNN_STORE__MIN_FREE_BYTES); free disk space there, or "
+                "move KNN_DATA_DIR to a larger disk"
             )
 
     def _open_shard(self, name: str, size: int, *, indexed: bool = True) -> qe.EdgeShard:
@@ -138,7 +144,6 @@ class EdgeStore(Store):
         except _NOT_EDGE_FAILURES:
             raise
         except BaseException as exc:
-            log.error("opening the embedded store shard %s failed: %r", path, exc)
             raise StartupError(_open_failure(path, exc)) from exc
         log.info("created embedded shard %s (size %d)", path, size)
         return shard
@@ -165,9 +170,9 @@ class EdgeStore(Store):
                 exc,
             )
             self._broken = (
-                f"the embedded store failed in {path} and is out of service until the service "
-                "restarts; if it fails again after a restart, that shard's files are damaged "
-                "(details in the server log)"
+                f"the embedded store failed in {path} (details in the server log) and is out of "
+                "service until the service restarts; if it fails again, that shard's files are "
+                f"damaged: {_REMEDY}"
             )
             raise Unavailable(self._broken) from exc
 
@@ -270,7 +275,9 @@ class EdgeStore(Store):
     async def classifier_counts(self, dimension: int) -> dict[str, int]:
         request = qe.FacetRequest("classifier", limit=_FACET_LIMIT, exact=True)
         with self._using(dimension) as shard:
-            return {str(hit.value): hit.count for hit in shard.facet(request)}
+            hits = shard.facet(request)
+        # Unfiltered, Edge also lists values whose points were all deleted, with a count of 0.
+        return {str(hit.value): hit.count for hit in hits if hit.count}
 
     async def scroll(
         self, dimension: int, selection: Selection, limit: int, offset: str | None
@@ -342,11 +349,7 @@ def _open_failure(path: Path, exc: BaseException) -> str:
             f"the embedded store at {path} is not writable ({detail}); make the data directory "
             "writable for the service's user, or set KNN_DATA_DIR to a writable directory"
         )
-    return (
-        f"the embedded store at {path} cannot be opened ({detail}); its files are damaged. "
-        "Restore the data directory from a backup; a damaged dimension shard (d<N>) can instead "
-        "be moved aside, and start-up rebuilds it from the other dimensions"
-    )
+    return f"the embedded store at {path} cannot be opened ({detail}); it is damaged: {_REMEDY}"
 
 
 def _with_vectors(records: Sequence[qe.Record], dimension: int) -> tuple[list[Record], Matrix]:
