@@ -32,8 +32,8 @@ from knn_classifier.client import (
     UnavailableError,
 )
 from knn_classifier.server.coalescing import QueryBatcher
-from knn_classifier.server.errors import StartupError
-from knn_classifier.server.store import EdgeStore
+from knn_classifier.server.errors import ResourceExhausted, StartupError
+from knn_classifier.server.store import EdgeStore, Selection
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
@@ -355,6 +355,37 @@ def test_a_damaged_dimension_shard_moved_aside_is_rebuilt_at_start_up(
 
 
 # Defect 9: a full disk -------------------------------------------------------------------------
+
+
+async def test_within_the_reserve_additions_are_refused_and_deletions_go_on(
+    tmp_path: Path,
+) -> None:
+    """The reserve, on whatever disk tmp_path is: set to 1.5 times the free space, the store
+    opens (half is free), refuses additions and still deletes, so a refused write can be rolled
+    back; set to 3 times, it does not open."""
+    point = [str(uuid.uuid4())]
+    payload = [{"classifier": "c", "label": "l", "text": "t", "id": "t"}]
+    vector = np.array([[1, 0]], np.float32)
+    store = EdgeStore(tmp_path)
+    await store.open([2])
+    await store.upsert(2, point, vector, payload)
+    await store.close()
+    stats = os.statvfs(tmp_path)
+    free = stats.f_bavail * stats.f_frsize
+
+    store = EdgeStore(tmp_path, min_free_bytes=free * 3 // 2)
+    await store.open([2])
+    try:
+        with pytest.raises(ResourceExhausted, match="disk is nearly full"):
+            await store.upsert(2, [str(uuid.uuid4())], vector, payload)
+        with pytest.raises(ResourceExhausted):
+            await store.put_meta("classifier:c", {"kind": "classifier", "name": "c"})
+        await store.delete(2, Selection("c"))
+        assert await store.count(2, Selection("c")) == 0
+    finally:
+        await store.close()
+    with pytest.raises(StartupError, match="free disk space there"):
+        await EdgeStore(tmp_path, min_free_bytes=free * 3).open([2])
 
 
 @contextmanager

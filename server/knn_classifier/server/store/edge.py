@@ -176,10 +176,16 @@ class EdgeStore(Store):
             )
             raise Unavailable(self._broken) from exc
 
-    def _ensure_room(self, size: int) -> None:
-        """Refuses a write of about ``size`` bytes that would eat into the free-space reserve."""
+    def _ensure_room(self, size: int | None) -> None:
+        """Refuses a write that would eat into the free-space reserve: an addition of about
+        ``size`` bytes, or a deletion (None). A deletion writes a WAL record and a flag per
+        point and may use the reserve's first half, so that a refused write can be rolled back
+        where other dimensions took it."""
         free = _free_bytes(self._root)
-        if free - size >= self._min_free:
+        if size is None:
+            if free >= self._min_free // 2:
+                return
+        elif free - size >= self._min_free:
             if self._low_on_space:
                 log.warning("the data directory's disk has room again; writes are accepted")
                 self._low_on_space = False
@@ -223,7 +229,7 @@ class EdgeStore(Store):
 
     async def delete_meta(self, key: str) -> None:
         self._meta_read.pop(key, None)
-        self._ensure_room(0)
+        self._ensure_room(None)
         with self._using(None) as shard:
             shard.update(qe.UpdateOperation.delete_points([meta_point_id(key)]))
 
@@ -252,7 +258,7 @@ class EdgeStore(Store):
                 mirror.upsert([ids[i] for i in rows], vectors[rows], [payloads[i] for i in rows])
 
     async def delete(self, dimension: int, selection: Selection) -> None:
-        self._ensure_room(0)
+        self._ensure_room(None)
         with self._using(dimension) as shard:
             shard.update(qe.UpdateOperation.delete_points_by_filter(_filter(selection)))
         key = (dimension, selection.classifier)
