@@ -113,6 +113,17 @@ async def test_count_and_label_counts(store: Store) -> None:
     assert await store.label_counts(8, "nobody") == {}
 
 
+async def test_classifier_counts_cover_every_classifier_with_points(store: Store) -> None:
+    """Start-up compares these with the classifier records, so meta records are not counted."""
+    await store.put_meta("classifier:c", {"kind": "classifier", "name": "c"})
+    assert await store.classifier_counts(4) == {}
+    await fill(store)
+    assert await store.classifier_counts(4) == {"a": 3, "b": 1}
+    await store.delete(8, Selection("a"))
+    assert await store.classifier_counts(8) == {"b": 1}
+    assert await store.classifier_counts(4) == {"a": 3, "b": 1}
+
+
 async def test_upsert_same_id_replaces(store: Store) -> None:
     point_ids = await fill(store)
     await store.upsert(4, point_ids[:1], unit_rows([[0, 1]], 4), [payload("a", "y", "a1")])

@@ -47,7 +47,7 @@ def build_store(settings: Settings) -> Store:
             check_compatibility=False,
         )
         return QdrantServerStore(client, settings.store.collection_prefix)
-    return EdgeStore(settings.data_dir)
+    return EdgeStore(settings.data_dir, settings.store.min_free_bytes)
 
 
 def build_cache(settings: Settings) -> EmbeddingCache | None:

@@ -262,10 +262,20 @@ class QueryBatcher:
         vectors = batch[0].vectors if len(batch) == 1 else np.vstack([q.vectors for q in batch])
         try:
             rows = await self._store.query(dimension, classifier, vectors, max(q.k for q in batch))
-        except Exception as exc:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            for query in batch:
+                query.future.cancel()
+            raise
+        except BaseException as exc:
+            # Every caller is answered, whatever the store raised: a Rust panic from an
+            # embedded engine derives from BaseException, and an unanswered caller waits forever.
+            failure = exc
+            if not isinstance(exc, Exception):
+                log.error("store query of %r in dimension %d raised %r", classifier, dimension, exc)
+                failure = RuntimeError(f"the store query raised {exc!r}")
             for query in batch:
                 if not query.future.done():
-                    query.future.set_exception(exc)
+                    query.future.set_exception(failure)
             return
         start = 0
         for query in batch:

@@ -106,19 +106,42 @@ class ClassifierService:
             await self._store.open(self._dimensions)
         except Unavailable as exc:
             raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
-        await self._check_fingerprint(self._embedder.fingerprint)
-        for config in await self._classifiers.deleting():
-            async with self._classifiers.deleting_classifier(config.name):
-                deleted = await self._delete(Selection(config.name))
-            log.warning("finished deleting classifier %s (%d exemplars)", config.name, deleted)
-        repaired = await self.repair()
+        try:
+            await self._check_fingerprint(self._embedder.fingerprint)
+            for config in await self._classifiers.deleting():
+                async with self._classifiers.deleting_classifier(config.name):
+                    deleted = await self._delete(Selection(config.name))
+                log.warning("finished deleting classifier %s (%d exemplars)", config.name, deleted)
+            repaired = await self.repair()
+        except (Unavailable, ResourceExhausted) as exc:
+            raise StartupError(
+                f"start-up could not check or repair the stored data: {exc}"
+            ) from exc
         if repaired:
             log.warning("repaired %d exemplar(s) missing from some dimensions", repaired)
         log.info("embedder width %d; dimensions %s", width, self._dimensions)
 
     async def _check_fingerprint(self, current: Fingerprint) -> None:
+        """Refuses to start on exemplars without a classifier record, or on vectors of another
+        embedder or without the configured dimensions; records the fingerprint if it changed."""
         recorded = await self._store.get_meta(_FINGERPRINT_KEY)
-        has_data = bool(await self._store.list_meta("classifier"))
+        records = {str(p["name"]) for p in await self._store.list_meta("classifier")}
+        held: dict[str, int] = {}  # classifier -> exemplars, in the dimension holding most
+        for dimension in self._dimensions:
+            for name, count in (await self._store.classifier_counts(dimension)).items():
+                held[name] = max(held.get(name, 0), count)
+        orphaned = sorted(set(held) - records)
+        if orphaned:
+            shown = ", ".join(f"{name!r} ({held[name]} exemplars)" for name in orphaned[:5])
+            more = f" and {len(orphaned) - 5} more" if len(orphaned) > 5 else ""
+            raise StartupError(
+                f"the store holds {sum(held[name] for name in orphaned)} exemplars of "
+                f"{len(orphaned)} classifier(s) that have no classifier record: {shown}{more}. "
+                "The records (the store's meta collection, edge/meta in the data directory) were "
+                "lost; restore them from a backup. Starting without them would hide these "
+                "exemplars and give them to any classifier created later under the same name"
+            )
+        has_data = bool(records or held)
         if recorded is not None and has_data:
             stored = Fingerprint(
                 str(recorded["model"]), str(recorded["template"]), int(recorded["width"])
@@ -143,7 +166,8 @@ class ClassifierService:
             "kind": "fingerprint",
             "dimensions": self._dimensions,
         }
-        await self._store.put_meta(_FINGERPRINT_KEY, payload)
+        if recorded is None or {k: v for k, v in recorded.items() if k != "key"} != payload:
+            await self._store.put_meta(_FINGERPRINT_KEY, payload)  # no write when unchanged
 
     async def repair(self) -> int:
         """Completes exemplars that an interrupted write or delete left in some dimensions only.

@@ -114,6 +114,16 @@ class StoreSettings(BaseModel):
         description="Collections are named <prefix>_d<dimension> and <prefix>_meta.",
     )
     timeout_s: int = Field(10, ge=1, description="Qdrant server request timeout, in seconds.")
+    min_free_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description=(
+            "Embedded store: free disk space, in bytes, kept in reserve on data_dir's file "
+            "system. A write that would leave less is refused with RESOURCE_EXHAUSTED (reads go "
+            "on), and the store does not open with less than half of it: it writes through "
+            "memory-mapped files, and a full disk would kill the process with SIGBUS."
+        ),
+    )
 
 
 class ServerSettings(BaseModel):

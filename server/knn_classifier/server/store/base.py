@@ -98,6 +98,12 @@ class Store(ABC):
     async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]: ...
 
     @abstractmethod
+    async def classifier_counts(self, dimension: int) -> dict[str, int]:
+        """Classifier name -> number of points in ``dimension``, for every classifier that has
+        points there, whether or not it has a record (start-up uses it to find exemplars whose
+        record was lost)."""
+
+    @abstractmethod
     async def scroll(
         self, dimension: int, selection: Selection, limit: int, offset: str | None
     ) -> tuple[list[Record], str | None]:

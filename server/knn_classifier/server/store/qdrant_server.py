@@ -166,6 +166,13 @@ class QdrantServerStore(Store):
             )
         return {str(hit.value): hit.count for hit in response.hits}
 
+    async def classifier_counts(self, dimension: int) -> dict[str, int]:
+        async with _unavailable_on_failure():
+            response = await self._client.facet(
+                self._collection(dimension), "classifier", limit=_FACET_LIMIT, exact=True
+            )
+        return {str(hit.value): hit.count for hit in response.hits}
+
     async def scroll(
         self, dimension: int, selection: Selection, limit: int, offset: str | None
     ) -> tuple[list[Record], str | None]:
