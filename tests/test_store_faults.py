@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 
+from bench.harness import serving
 from knn_classifier.client import (
     Client,
     KnnClassifierError,
@@ -159,6 +160,19 @@ def test_exemplars_without_classifier_records_stop_start_up(
     assert "6 exemplars of 2 classifier(s) that have no classifier record" in message
     assert "'alpha' (4 exemplars), 'beta' (2 exemplars)" in message
     assert "restore them from a backup" in message
+    assert "KNN_STORE__DELETE_ORPHANED_EXEMPLARS=true" in message
+
+    told = make_settings(
+        tmp_path, fake_embedder.base_url, store={"delete_orphaned_exemplars": True}
+    )
+    running = ServerThread(told).start()
+    with running.client() as client:
+        assert client.list_classifiers() == []
+        client.create_classifier("alpha")  # a new classifier of an old name starts empty
+        assert client.get_classifier("alpha").exemplar_count == 0
+    running.stop()
+    running = ServerThread(settings).start()  # and nothing is left to refuse
+    running.stop()
 
 
 def test_a_classifier_without_exemplars_left_does_not_count_as_orphaned(
@@ -207,15 +221,15 @@ class ServerProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
             )
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            ready = grpc.channel_ready_future(channel)
-            for _ in range(240):
-                try:
-                    ready.result(timeout=0.5)
-                    return True
-                except grpc.FutureTimeoutError:
-                    if self.process.poll() is not None:
-                        return False
+        # The port opens before the store does (health NOT_SERVING while starting): wait for
+        # SERVING or for the process to exit.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if serving(f"127.0.0.1:{self.port}"):
+                return True
+            if self.process.poll() is not None:
+                return False
+            time.sleep(0.1)
         raise AssertionError("the server neither served nor exited within 120 s")
 
     @property

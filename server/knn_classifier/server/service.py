@@ -131,15 +131,22 @@ class ClassifierService:
             for name, count in (await self._store.classifier_counts(dimension)).items():
                 held[name] = max(held.get(name, 0), count)
         orphaned = sorted(set(held) - records)
-        if orphaned:
-            shown = ", ".join(f"{name!r} ({held[name]} exemplars)" for name in orphaned[:5])
-            more = f" and {len(orphaned) - 5} more" if len(orphaned) > 5 else ""
+        shown = ", ".join(f"{name!r} ({held[name]} exemplars)" for name in orphaned[:5])
+        more = f" and {len(orphaned) - 5} more" if len(orphaned) > 5 else ""
+        if orphaned and self._settings.store.delete_orphaned_exemplars:
+            for name in orphaned:
+                await self._delete(Selection(name))
+                del held[name]
+            log.warning("deleted exemplars without a classifier record: %s%s", shown, more)
+        elif orphaned:
             raise StartupError(
                 f"the store holds {sum(held[name] for name in orphaned)} exemplars of "
                 f"{len(orphaned)} classifier(s) that have no classifier record: {shown}{more}. "
                 "The records (the store's meta collection, edge/meta in the data directory) were "
                 "lost; restore them from a backup. Starting without them would hide these "
-                "exemplars and give them to any classifier created later under the same name"
+                "exemplars and give them to any classifier created later under the same name; "
+                "if the records are gone for good, start once with "
+                "KNN_STORE__DELETE_ORPHANED_EXEMPLARS=true to delete the exemplars"
             )
         has_data = bool(records or held)
         if recorded is not None and has_data:

@@ -124,6 +124,14 @@ class StoreSettings(BaseModel):
             "memory-mapped files, and a full disk would kill the process with SIGBUS."
         ),
     )
+    delete_orphaned_exemplars: bool = Field(
+        False,
+        description=(
+            "At start-up, delete exemplars whose classifier has no record (logged with their "
+            "counts) instead of refusing to start. Only for records that are gone for good: "
+            "restoring them from a backup keeps the exemplars."
+        ),
+    )
 
 
 class ServerSettings(BaseModel):
