@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -18,10 +19,14 @@ from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor, KeyRing
 from .cache import EmbeddingCache, persistent_backend
 from .embedding import Embedder
+from .errors import StartupError
+from .metrics import Metrics, MetricsServer
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
 from .settings import Settings, TlsSettings
 from .store import EdgeStore, Store
+from .telemetry import RpcTelemetry
+from .tracing import otlp_provider
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +54,14 @@ def build_store(settings: Settings) -> Store:
     return EdgeStore(settings.data_dir)
 
 
-def build_cache(settings: Settings) -> EmbeddingCache | None:
+def build_cache(settings: Settings, metrics: Metrics | None = None) -> EmbeddingCache | None:
     """The embedding cache the settings ask for, or None."""
     embedding = settings.embedding
     path = settings.data_dir / "embedding-cache.sqlite" if embedding.cache_file else None
     backend = persistent_backend(embedding.cache_redis_url, path, embedding.cache_file_entries)
     if embedding.cache_entries == 0 and backend is None:
         return None
-    return EmbeddingCache(backend, embedding.cache_entries)
+    return EmbeddingCache(backend, embedding.cache_entries, metrics)
 
 
 def _server_credentials(cert: Path, key: Path, tls: TlsSettings) -> grpc.ServerCredentials:
@@ -69,20 +74,39 @@ def _server_credentials(cert: Path, key: Path, tls: TlsSettings) -> grpc.ServerC
 
 
 class App:
-    """The service and its gRPC server. ``start`` returns the bound port."""
+    """The service and its gRPC server. ``start`` returns the bound port.
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    ``tracer_provider`` replaces the one the tracing settings describe (tests pass one with an
+    in-memory exporter).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = Metrics(settings.metrics.max_classifiers)
+        self._own_tracer_provider = tracer_provider is None
+        self.tracer_provider = tracer_provider or otlp_provider(settings.tracing)
         self.service = ClassifierService(
             settings,
-            Embedder(settings.embedding, build_cache(settings)),
+            Embedder(settings.embedding, build_cache(settings, self.metrics), self.metrics),
             store or build_store(settings),
+            self.metrics,
         )
         self.health = health_aio.HealthServicer()
         limit = settings.limits.max_message_bytes
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformedRequests()]
+        telemetry = RpcTelemetry(self.metrics, self.tracer_provider, settings.access_log)
+        # Telemetry first, to see every call, and its inner part last, to see parsed requests.
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            telemetry,
+            RejectMalformedRequests(),
+            telemetry.inner,
+        ]
         if settings.auth.enabled:
-            interceptors.insert(0, ApiKeyInterceptor(KeyRing.from_settings(settings.auth)))
+            interceptors.insert(1, ApiKeyInterceptor(KeyRing.from_settings(settings.auth)))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -99,10 +123,12 @@ class App:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self._watcher: asyncio.Task[None] | None = None
+        self._metrics_server: MetricsServer | None = None
 
     async def start(self) -> int:
         try:
             await self.service.start()
+            self._serve_metrics()
         except BaseException:
             await self.service.stop()  # release the embedder's connections and the store's lock
             raise
@@ -118,6 +144,29 @@ class App:
         self._watcher = asyncio.create_task(self._watch_health())
         log.info("serving %s on %s:%d", SERVICE_NAME, self.settings.server.host, port)
         return port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics, or None if metrics are off."""
+        return self._metrics_server.address[1] if self._metrics_server else None
+
+    def _serve_metrics(self) -> None:
+        config = self.settings.metrics
+        if not config.enabled:
+            return
+        self.metrics.watch_exemplars(asyncio.get_running_loop(), self._exemplar_counts)
+        try:
+            self._metrics_server = self.metrics.serve(config.host, config.port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {config.host}:{config.port} ({exc.strerror}); set "
+                "KNN_METRICS__PORT to a free port"
+            ) from exc
+        log.info("metrics on http://%s:%d/metrics", *self._metrics_server.address)
+
+    async def _exemplar_counts(self) -> list[tuple[str, int]]:
+        infos = await self.service.list_classifiers()
+        return [(info.config.name, info.exemplar_count) for info in infos]
 
     async def _report_health(self, serving: bool) -> None:
         status = (
@@ -147,5 +196,9 @@ class App:
             self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.server.grace_period_s if grace is None else grace)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         await self.service.stop()
+        if self.tracer_provider is not None and self._own_tracer_provider:
+            self.tracer_provider.shutdown()  # exports the spans still queued
         log.info("stopped")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import label_models, validation
+from . import label_models, tracing, validation
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
     ClassifierConfig,
@@ -38,6 +38,7 @@ from .errors import (
 )
 from .evaluation import Report
 from .evaluator import Evaluator
+from .metrics import Metrics
 from .settings import Settings
 from .store import Record, Selection, Store
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
@@ -62,7 +63,9 @@ def _point_id(classifier: str, exemplar_id: str) -> str:
 
 
 class ClassifierService:
-    def __init__(self, settings: Settings, embedder: Embedder, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, embedder: Embedder, store: Store, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._limits = settings.limits
         self._dimensions = settings.dimensions
@@ -76,8 +79,9 @@ class ClassifierService:
             settings.embedding.max_concurrent_calls,
             settings.limits.max_queued_texts,
             settings.embedding.max_wait_ms / 1000,
+            metrics,
         )
-        self._queries = QueryBatcher(store)
+        self._queries = QueryBatcher(store, metrics)
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -413,23 +417,25 @@ class ClassifierService:
                 raise FailedPrecondition(
                     f"classifier {classifier!r} has no exemplars; add some with AddExemplars"
                 )
-            labels: list[str] = []
-            by_label = np.empty((len(queries), 0), dtype=np.float32)
-            if voting in LABEL_SCORED:
-                fit = label_models.FIT[voting]
-                model = await self._store.label_model(dimension, classifier, fit)
-                labels, by_label = model.labels, model.scores(queries)
-            for j, hits in enumerate(results):
-                neighbours = [_neighbour(hit) for hit in hits]
-                answers[valid[embedded[j]]] = vote(
-                    neighbours,
-                    voting,
-                    min_similarity,
-                    min_confidence,
-                    temperature,
-                    calibration,
-                    list(zip(labels, by_label[j].tolist(), strict=True)),
-                )
+            with tracing.span("vote"):
+                tracing.annotate(voting=voting.value, texts=len(results))
+                labels: list[str] = []
+                by_label = np.empty((len(queries), 0), dtype=np.float32)
+                if voting in LABEL_SCORED:
+                    fit = label_models.FIT[voting]
+                    model = await self._store.label_model(dimension, classifier, fit)
+                    labels, by_label = model.labels, model.scores(queries)
+                for j, hits in enumerate(results):
+                    neighbours = [_neighbour(hit) for hit in hits]
+                    answers[valid[embedded[j]]] = vote(
+                        neighbours,
+                        voting,
+                        min_similarity,
+                        min_confidence,
+                        temperature,
+                        calibration,
+                        list(zip(labels, by_label[j].tolist(), strict=True)),
+                    )
         return [a for a in answers if a is not None]
 
     async def _embed_isolating_rejects(
