@@ -140,8 +140,8 @@ def test_json_lines_with_one_access_line_per_rpc_and_no_keys_or_texts(
     assert all(r["peer"].startswith("ipv4:127.0.0.1:") for r in access)
     # The caller's request id is used and returned; otherwise one is made and returned.
     assert classify["request_id"] == "caller-chose-this-id"
-    assert ("x-request-id", "caller-chose-this-id") in classified.initial_metadata()
-    made = dict(cast(grpc.Call, refused.value).initial_metadata())["x-request-id"]
+    assert ("x-request-id", "caller-chose-this-id") in classified.trailing_metadata()
+    made = dict(cast(grpc.Call, refused.value).trailing_metadata())["x-request-id"]
     assert denied["request_id"] == made
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     assert len({r["request_id"] for r in access}) == 4
@@ -179,7 +179,7 @@ def test_a_request_id_that_is_not_printable_ascii_is_replaced(
         _, call = stub.ListClassifiers.with_call(
             pb.ListClassifiersRequest(), metadata=(("x-request-id", "two words"),)
         )
-    returned = dict(call.initial_metadata())["x-request-id"]
+    returned = dict(call.trailing_metadata())["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", returned)
     assert [r.request_id for r in access_records(caplog)] == [returned]
 

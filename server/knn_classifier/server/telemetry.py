@@ -2,7 +2,7 @@
 
 :class:`RpcTelemetry` goes first in the interceptor chain, so it also sees the calls that the
 API-key check refuses. For each unary call it takes the request id from ``x-request-id`` metadata
-(or makes one) and returns it in the initial metadata, opens the server span (continuing the
+(or makes one) and returns it in the trailing metadata, opens the server span (continuing the
 caller's W3C ``traceparent`` if there is one), runs the handler, and then, knowing the status:
 counts the call and its latency per method and code, writes one access-log line and closes the
 span. The status is that of ``context.abort`` (the servicer's errors), UNKNOWN for an exception
@@ -113,8 +113,8 @@ class RpcTelemetry(_ServerInterceptor):
             span = self._start_span(service, method, metadata, request_id)
             code = grpc.StatusCode.OK
             try:
+                context.set_trailing_metadata(((REQUEST_ID, request_id),))
                 with self._within(span):
-                    await context.send_initial_metadata(((REQUEST_ID, request_id),))
                     return await behaviour(request, context)
             except asyncio.CancelledError:
                 left = context.time_remaining()
