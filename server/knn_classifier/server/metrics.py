@@ -153,6 +153,17 @@ class Metrics:
             registry=registry,
         )
         ProcessCollector(registry=registry)
+        self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+
+    def count_rpc(self, service: str, method: str, code: str, seconds: float) -> None:
+        """Counts one finished RPC and its latency (label lookups cached: this runs per call)."""
+        key = (service, method, code)
+        children = self._rpc_children.get(key)
+        if children is None:
+            children = self.rpcs.labels(*key), self.rpc_seconds.labels(*key)
+            self._rpc_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     @contextmanager
     def embedding_call(self, texts: int) -> Iterator[None]:

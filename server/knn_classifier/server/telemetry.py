@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from .metrics import Metrics
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Behaviour = Callable[[Any, Context], Awaitable[Any]]
+Metadata = Sequence[tuple[str, str | bytes]]
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -98,22 +99,19 @@ class RpcTelemetry(_ServerInterceptor):
             return handler  # unknown methods (UNIMPLEMENTED) and streams (reflection) pass
         behaviour = cast(Behaviour, handler.unary_unary)
         service, _, method = details.method.lstrip("/").rpartition("/")
-        metadata = {str(k): v for k, v in details.invocation_metadata or ()}
+        metadata = details.invocation_metadata or ()
 
         async def observed(request: Any, context: Context) -> Any:
             started = time.perf_counter()
-            offered = metadata.get(REQUEST_ID)
-            request_id = (
-                offered
-                if isinstance(offered, str) and _VALID_REQUEST_ID.fullmatch(offered)
-                else uuid.uuid4().hex
-            )
+            request_id = _request_id(metadata)
             call = _Call()
             call_token, id_token = _call.set(call), logs.request_id.set(request_id)
             span = self._start_span(service, method, metadata, request_id)
             code = grpc.StatusCode.OK
             try:
                 context.set_trailing_metadata(((REQUEST_ID, request_id),))
+                if span is None:
+                    return await behaviour(request, context)
                 with self._within(span):
                     return await behaviour(request, context)
             except asyncio.CancelledError:
@@ -128,8 +126,7 @@ class RpcTelemetry(_ServerInterceptor):
                 if code is grpc.StatusCode.OK:
                     code = context.code() or grpc.StatusCode.OK
                 seconds = time.perf_counter() - started
-                self._metrics.rpcs.labels(service, method, code.name).inc()
-                self._metrics.rpc_seconds.labels(service, method, code.name).observe(seconds)
+                self._metrics.count_rpc(service, method, code.name, seconds)
                 if self._access:
                     self._log(service, method, code, seconds, call, request_id, context)
                 _finish_span(span, code, call)
@@ -143,22 +140,20 @@ class RpcTelemetry(_ServerInterceptor):
         )
 
     @contextmanager
-    def _within(self, span: trace.Span | None) -> Iterator[None]:
+    def _within(self, span: trace.Span) -> Iterator[None]:
         """Makes ``span`` the current span and the App's tracer the one of child spans."""
-        if span is None or self._tracer is None:
-            yield
-            return
+        assert self._tracer is not None
         # The status comes from the gRPC code (see _finish_span), not from the exception.
         in_span = trace.use_span(span, record_exception=False, set_status_on_exception=False)
         with in_span, tracing.tracing_with(self._tracer):
             yield
 
     def _start_span(
-        self, service: str, method: str, metadata: dict[str, Any], request_id: str
+        self, service: str, method: str, metadata: Metadata, request_id: str
     ) -> trace.Span | None:
         if self._tracer is None:
             return None
-        parent = _PROPAGATOR.extract({k: v for k, v in metadata.items() if isinstance(v, str)})
+        parent = _PROPAGATOR.extract({str(k): v for k, v in metadata if isinstance(v, str)})
         return self._tracer.start_span(
             f"{service}/{method}",
             context=parent,
@@ -255,6 +250,14 @@ class _RequestNotes(_ServerInterceptor):
                 top_similarity.observe(prediction.top_similarity)
         for outcome, count in outcomes.items():
             self._metrics.predictions.labels(label, outcome).inc(count)
+
+
+def _request_id(metadata: Metadata) -> str:
+    """The caller's ``x-request-id`` if printable ASCII of 1-128 characters, else a new one."""
+    for key, value in metadata:
+        if key == REQUEST_ID and isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
+            return value
+    return os.urandom(16).hex()
 
 
 def _describe(request: Any) -> tuple[str, int]:
