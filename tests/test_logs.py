@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from knn_classifier.server import logs
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc
 
@@ -197,3 +198,42 @@ def test_a_classifier_name_cannot_forge_a_text_log_line(
     (record,) = access_records(caplog)
     assert "\n" not in record.getMessage()
     assert record.classifier == "x\\n2030-01-01 00:00:00 INFO knn_classifier.access: forged"
+
+
+class RequestIds(logging.Handler):
+    """Notes the request id in context when each record is emitted (as the JSON lines show it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[tuple[str, str | None]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((record.getMessage(), logs.request_id.get()))
+
+
+def test_the_shared_embedding_worker_does_not_log_under_another_callers_request_id(
+    server: ServerThread, fake_embedder: FakeEmbeddingServer
+) -> None:
+    ids = RequestIds()
+    logging.getLogger("knn_classifier.server.embedding").addHandler(ids)
+    try:
+        with server.channel() as channel:
+            stub = classifier_pb2_grpc.ClassifierServiceStub(channel)
+            stub.CreateClassifier(pb.CreateClassifierRequest(name="c"))
+            stub.AddExemplars(
+                pb.AddExemplarsRequest(
+                    classifier="c", exemplars=[pb.ExemplarInput(text="top up", label="t")]
+                )
+            )
+            # The first Classify starts the coalescer's worker; the second one's call is
+            # retried there, and the retry's warning must not carry the first caller's id.
+            for request_id in ("first-caller", "second-caller"):
+                stub.Classify(
+                    pb.ClassifyRequest(classifier="c", text=f"top up {request_id}"),
+                    metadata=(("x-request-id", request_id),),
+                )
+                fake_embedder.reset(fail_status=503, fail_times=1)
+    finally:
+        logging.getLogger("knn_classifier.server.embedding").removeHandler(ids)
+    (retry,) = [seen for seen in ids.seen if "retry" in seen[0]]
+    assert retry[1] != "first-caller"

@@ -62,6 +62,7 @@ _SERVER_FAULTS = frozenset(
     }
 )
 _MAX_LOGGED_NAME = 100
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 access_log = logging.getLogger("knn_classifier.access")
 
@@ -299,6 +300,3 @@ def _finish_span(span: trace.Span | None, code: grpc.StatusCode, call: _Call) ->
 def _printable(value: str) -> str:
     """``value`` with control characters escaped, so a name cannot forge a log line."""
     return value if value.isprintable() else repr(value)[1:-1]
-
-
-_PROPAGATOR = TraceContextTextMapPropagator()
