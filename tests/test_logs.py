@@ -1,4 +1,5 @@
-"""Structured logs and the access log, read from the output of a real server process."""
+"""Structured logs and the access log of the real server: a process for the JSON lines, in-process
+for the rest."""
 
 from __future__ import annotations
 
