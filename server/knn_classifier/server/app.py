@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.sdk.trace import TracerProvider
 
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -27,6 +26,9 @@ from .settings import Settings, TlsSettings
 from .store import EdgeStore, Store
 from .telemetry import RpcTelemetry
 from .tracing import otlp_provider
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 

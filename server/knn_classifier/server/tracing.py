@@ -14,16 +14,15 @@ import functools
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.util.types import AttributeValue
 
 from .settings import TracingSettings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -35,7 +34,12 @@ def otlp_provider(settings: TracingSettings) -> TracerProvider | None:
     """A provider exporting over OTLP/gRPC to ``settings.otlp_endpoint``, or None (no tracing)."""
     if not settings.otlp_endpoint:
         return None
+    # Imported only when tracing is on: the SDK and the exporter add to every start-up otherwise.
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     made = TracerProvider(
         resource=Resource.create({"service.name": settings.service_name}),
