@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ def shared_data_dir() -> Path:
         if candidate and (Path(candidate) / "banking77").is_dir():
             return Path(candidate)
     raise FileNotFoundError(f"shared data not found in {candidates}; set KNN_SHARED_DATA")
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Polls ``condition`` until it holds; fails the test if it does not within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")
@@ -75,9 +84,12 @@ def make_settings(data_dir: Path, base_url: str, **overrides: Any) -> Settings:
 class ServerThread:
     """The real gRPC server (App) on a free port, on its own event loop in a thread."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, tracer_provider: Any = None
+    ) -> None:
         self.settings = settings
         self._store = store
+        self._tracer_provider = tracer_provider
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.app: App | None = None
@@ -90,7 +102,7 @@ class ServerThread:
         self._thread.start()
 
         async def start() -> int:
-            self.app = App(self.settings, self._store)
+            self.app = App(self.settings, self._store, self._tracer_provider)
             return await self.app.start()
 
         try:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
+from knn_classifier.client import NotFoundError
 from knn_classifier.server.settings import Settings
+
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +27,32 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture
+def server_with_metrics(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> Iterator[int]:
+    """The metrics port of a real server that has served a few calls (so every series exists)."""
+    settings = make_settings(
+        tmp_path / "data",
+        fake_embedder.base_url,
+        metrics={"enabled": True, "port": 0},
+        embedding={"cache_entries": 10, "cache_file": True},
+    )
+    running = ServerThread(settings).start()
+    try:
+        with running.client() as client:
+            client.create_classifier("c")
+            fake_embedder.reset(fail_status=503, fail_times=1)  # one retry
+            client.add_exemplars("c", [("top up my card", "top_up"), ("card lost", "lost")])
+            client.classify("c", "top up")
+            client.classify("c", "zebra", min_similarity=0.99)
+            with pytest.raises(NotFoundError):
+                client.classify("missing", "text")
+        assert running.app is not None
+        assert running.app.metrics_port is not None
+        yield running.app.metrics_port
+    finally:
+        running.stop()
 
 
 def container_ports(service: dict[str, Any]) -> set[int]:
@@ -87,3 +122,108 @@ def test_the_service_waits_for_healthy_dependencies_and_sglang_gets_a_gpu(
     devices = services["sglang"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert any(v.endswith(":/qdrant/storage") for v in services["qdrant"]["volumes"])
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of the service's bind mounts of repository files."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("./"):
+            found[target] = ROOT / source
+    return found
+
+
+def test_prometheus_scrapes_every_replica_on_its_metrics_port(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    env = services["knn-classifier"]["environment"]
+    assert str(env["KNN_METRICS__ENABLED"]).lower() == "true"
+    assert env["KNN_METRICS__HOST"] == "0.0.0.0"  # reachable from the prometheus container
+    port = int(env["KNN_METRICS__PORT"])
+    assert str(port) in services["knn-classifier"]["expose"]
+
+    prometheus = services["prometheus"]
+    command = prometheus["command"]
+    (config_flag,) = [c for c in command if c.startswith("--config.file=")]
+    config_path = mounts(prometheus)[config_flag.split("=", 1)[1]]
+    config = yaml.safe_load(config_path.read_text())
+    (job,) = config["scrape_configs"]
+    (discovery,) = job["dns_sd_configs"]
+    # Docker's DNS answers the service name with every replica's address.
+    assert discovery["names"] == ["knn-classifier"]
+    assert discovery["type"] == "A"
+    assert discovery["port"] == port
+    assert job["job_name"] == "knn-classifier"
+
+
+def grafana_files(compose: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    grafana = compose["services"]["grafana"]
+    found = mounts(grafana)
+    provisioning = found["/etc/grafana/provisioning"]
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "knn-classifier.yml").read_text())[
+        "providers"
+    ]
+    dashboards = found[provider["options"]["path"]]
+    return datasource, provider, dashboards / "knn-classifier.json"
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
+    compose: dict[str, Any],
+) -> None:
+    datasource, _, dashboard_file = grafana_files(compose)
+    prometheus_port = container_ports(compose["services"]["prometheus"])
+    assert urlparse(datasource["url"]).hostname == "prometheus"
+    assert urlparse(datasource["url"]).port in prometheus_port
+    dashboard = json.loads(dashboard_file.read_text())
+    used = {
+        target["datasource"]["uid"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert used == {datasource["uid"]}
+
+
+def test_the_dashboard_charts_every_service_metric_and_only_real_ones(
+    compose: dict[str, Any], server_with_metrics: int
+) -> None:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{server_with_metrics}/metrics", timeout=30
+    ) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    exported = {
+        family.name + suffix for family in families for suffix in suffixes.get(family.type, [""])
+    }
+    labels = {"le", "instance", "job"} | {
+        label for family in families for sample in family.samples for label in sample.labels
+    }
+    _, _, dashboard_file = grafana_files(compose)
+    dashboard = json.loads(dashboard_file.read_text())
+    queries = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    queries.append(dashboard["templating"]["list"][0]["query"]["query"])
+    expressions = [re.sub(r'"[^"]*"', '""', query) for query in queries]  # without label values
+    named = {
+        name
+        for expr in expressions
+        for name in re.findall(r"\b(?:knn|grpc_server|process)_[a-z_]+\b", expr)
+    }
+    assert named - exported == set()  # no panel queries a metric the service does not export
+    service_families = {
+        f.name
+        for f in families
+        if f.name.startswith(("knn_", "grpc_server_")) and not f.name.endswith("_created")
+    }
+    charted = {f for f in service_families if any(n.startswith(f) for n in named)}
+    assert charted == service_families  # every metric of the service has a panel
+    grouped = {
+        label.strip()
+        for expr in expressions
+        for group in re.findall(r"by \(([^)]*)\)", expr)
+        for label in group.split(",")
+    }
+    assert grouped - labels == set()

@@ -16,6 +16,7 @@ import sys
 
 from pydantic import ValidationError
 
+from . import logs
 from .app import App
 from .errors import StartupError
 from .settings import Settings
@@ -40,12 +41,7 @@ def main() -> None:
         settings = Settings()
     except ValidationError as exc:
         sys.exit(f"invalid settings:\n{exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for chatty in ("httpx", "httpx2"):  # one INFO line per embedding call otherwise
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:  # one line, no traceback: the message says what to change

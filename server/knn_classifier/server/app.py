@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,11 +18,18 @@ from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor
 from .cache import EmbeddingCache, persistent_backend
 from .embedding import Embedder
+from .errors import StartupError
+from .metrics import Metrics, MetricsServer
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
 from .settings import Settings, host_port
 from .startup import StartingGate, key_ring, listen, tls_credentials
 from .store import EdgeStore, Store
+from .telemetry import RpcTelemetry
+from .tracing import otlp_provider
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +57,14 @@ def build_store(settings: Settings) -> Store:
     return EdgeStore(settings.data_dir, settings.store.min_free_bytes)
 
 
-def build_cache(settings: Settings) -> EmbeddingCache | None:
+def build_cache(settings: Settings, metrics: Metrics | None = None) -> EmbeddingCache | None:
     """The embedding cache the settings ask for, or None."""
     embedding = settings.embedding
     path = settings.data_dir / "embedding-cache.sqlite" if embedding.cache_file else None
     backend = persistent_backend(embedding.cache_redis_url, path, embedding.cache_file_entries)
     if embedding.cache_entries == 0 and backend is None:
         return None
-    return EmbeddingCache(backend, embedding.cache_entries)
+    return EmbeddingCache(backend, embedding.cache_entries, metrics)
 
 
 class App:
@@ -66,28 +73,44 @@ class App:
     Construction checks the files the settings name (StartupError if one is bad). ``listen``
     binds the port and answers health (NOT_SERVING) and reflection; ``start`` listens if that
     was not done yet, starts the service, and returns the bound port once serving.
+
+    ``tracer_provider`` replaces the one the tracing settings describe (tests pass one with an
+    in-memory exporter).
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
         self._credentials = tls_credentials(settings.tls)
-        self._gate = StartingGate(SERVICE_NAME)  # health and reflection answer while starting
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-            self._gate,
-            RejectMalformedRequests(),
-        ]
-        if settings.auth.enabled:
-            interceptors.insert(0, ApiKeyInterceptor(key_ring(settings.auth)))
+        self.metrics = Metrics(settings.metrics.max_classifiers)
+        self._own_tracer_provider = tracer_provider is None
+        self.tracer_provider = tracer_provider or otlp_provider(settings.tracing)
         self.service = ClassifierService(
             settings,
-            Embedder(settings.embedding, build_cache(settings)),
+            Embedder(settings.embedding, build_cache(settings, self.metrics), self.metrics),
             store or build_store(settings),
+            self.metrics,
         )
         self.health = health_aio.HealthServicer()
         # Requests up to max_request_bytes (a full AddExemplars batch of long texts); responses
         # are kept under max_response_bytes by the service, and this hard cap is only a backstop.
         limit = settings.limits.max_request_bytes
-        interceptors.insert(0, LimitConcurrentCalls(settings.limits.max_concurrent_rpcs))
+        self._gate = StartingGate(SERVICE_NAME)  # health and reflection answer while starting
+        telemetry = RpcTelemetry(self.metrics, self.tracer_provider, settings.access_log)
+        # Telemetry first, to see every call (refused ones too), and its inner part last, to see
+        # parsed requests.
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            telemetry,
+            LimitConcurrentCalls(settings.limits.max_concurrent_rpcs),
+            *([ApiKeyInterceptor(key_ring(settings.auth))] if settings.auth.enabled else []),
+            self._gate,
+            RejectMalformedRequests(),
+            telemetry.inner,
+        ]
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -106,6 +129,7 @@ class App:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self._watcher: asyncio.Task[None] | None = None
+        self._metrics_server: MetricsServer | None = None
         self.port: int | None = None
 
     async def listen(self) -> int:
@@ -120,6 +144,7 @@ class App:
         try:
             port = self.port if self.port is not None else await self.listen()
             await self.service.start()
+            self._serve_metrics()
         except BaseException:
             await self.server.stop(0)
             await self.service.stop()  # release the embedder's connections and the store's lock
@@ -129,6 +154,25 @@ class App:
         self._watcher = asyncio.create_task(self._watch_health())
         log.info("serving %s on %s", SERVICE_NAME, host_port(self.settings.server.host, port))
         return port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics, or None if metrics are off."""
+        return self._metrics_server.address[1] if self._metrics_server else None
+
+    def _serve_metrics(self) -> None:
+        config = self.settings.metrics
+        if not config.enabled:
+            return
+        self.metrics.watch_exemplars(asyncio.get_running_loop(), self.service.exemplar_counts)
+        try:
+            self._metrics_server = self.metrics.serve(config.host, config.port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {config.host}:{config.port} ({exc.strerror}); set "
+                "KNN_METRICS__PORT to a free port"
+            ) from exc
+        log.info("metrics on http://%s:%d/metrics", *self._metrics_server.address)
 
     async def _report_health(self, serving: bool) -> None:
         status = (
@@ -158,5 +202,9 @@ class App:
             self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.server.grace_period_s if grace is None else grace)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         await self.service.stop()
+        if self.tracer_provider is not None and self._own_tracer_provider:
+            self.tracer_provider.shutdown()  # exports the spans still queued
         log.info("stopped")

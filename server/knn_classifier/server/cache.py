@@ -25,6 +25,7 @@ import numpy as np
 import redis
 
 from .embedding import Fingerprint, Matrix, usable_rows
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Backend(Protocol):
     """A persistent key -> vector bytes store; its errors are the classes in ``failures``."""
 
     failures: tuple[type[Exception], ...]
+    name: str
+    """The layer's name in the cache metrics."""
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]: ...
 
@@ -45,6 +48,7 @@ class SqliteBackend:
     """Vectors in a SQLite file, at most ``max_entries``: the least recently written go first."""
 
     failures: tuple[type[Exception], ...] = (sqlite3.Error,)
+    name = "sqlite"
 
     def __init__(self, path: Path, max_entries: int = 1_000_000) -> None:
         self._max_entries = max_entries
@@ -83,6 +87,7 @@ class RedisBackend:
     """Vectors in Redis under ``knn:embedding:<key>``; short timeouts, so an outage costs little."""
 
     failures: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+    name = "redis"
 
     def __init__(self, url: str) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -118,7 +123,10 @@ def persistent_backend(
 
 
 class EmbeddingCache:
-    def __init__(self, backend: Backend | None, memory_entries: int) -> None:
+    def __init__(
+        self, backend: Backend | None, memory_entries: int, metrics: Metrics | None = None
+    ) -> None:
+        self._metrics = metrics or Metrics()
         self._memory: OrderedDict[bytes, bytes] = OrderedDict()
         self._memory_entries = memory_entries
         self._backend = backend
@@ -136,12 +144,15 @@ class EmbeddingCache:
         for key in found:
             self._memory.move_to_end(key)
         missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if self._memory_entries:
+            self._count("memory", len(found), len(missing))
         if missing and self._backend is not None:
             try:
                 stored = self._backend.get_many(missing)
             except self._backend.failures as exc:
                 self._disable(exc)
             else:
+                self._count(self._backend.name, len(stored), len(missing) - len(stored))
                 for key, blob in stored.items():
                     found[key] = blob
                     self._remember(key, blob)
@@ -167,6 +178,10 @@ class EmbeddingCache:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+    def _count(self, layer: str, hits: int, misses: int) -> None:
+        self._metrics.cache_lookups.labels(layer, "hit").inc(hits)
+        self._metrics.cache_lookups.labels(layer, "miss").inc(misses)
 
     def _key(self, prompt: str) -> bytes:
         return hashlib.sha256(self._prefix + b"\x00" + prompt.encode()).digest()

@@ -18,6 +18,7 @@ far less than one query each.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import deadlines
+from . import deadlines, tracing
 from .embedding import Matrix
 from .errors import DeadlineExceeded, InvalidArgument, Reason, ResourceExhausted
+from .metrics import Metrics
 from .store import Record, Store
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Coalescer:
         max_concurrent_calls: int,
         max_queued_texts: int,
         max_wait_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._embed = embed
         self._max_texts = max_texts_per_call
@@ -73,6 +76,8 @@ class Coalescer:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._metrics = metrics or Metrics()
+        self._metrics.embedding_queued_texts.set_function(lambda: self._queued_texts)
 
     @property
     def queued_texts(self) -> int:
@@ -98,7 +103,9 @@ class Coalescer:
         self._queued_texts += len(texts)
         self._arrived.set()
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._work())
+            # A fresh context: the worker serves every caller, so it must not carry the first
+            # one's request id (logs) or span (traces).
+            self._worker = asyncio.create_task(self._work(), context=contextvars.Context())
         return await waiting.future
 
     async def close(self) -> None:
@@ -121,6 +128,7 @@ class Coalescer:
             self._in_flight += 1
             self._last_start = asyncio.get_running_loop().time()
             self._last_requests = len(batch)
+            self._metrics.embedding_requests_per_call.observe(len(batch))
             task = asyncio.create_task(self._send(batch))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
@@ -235,15 +243,18 @@ class QueryBatcher:
     The batch asks for the largest k among them; each caller gets its own rows, cut to its k.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: Metrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._pending: dict[tuple[int, str], list[_Query]] = {}
         self._running: set[asyncio.Task[None]] = set()
 
+    @tracing.traced("store.query")
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int
     ) -> list[list[Record]]:
         """For each row of ``vectors``, the ``k`` most similar points (see Store.query)."""
+        tracing.annotate(dimension=dimension, k=k, queries=len(vectors))
         key = (dimension, classifier)
         query = _Query(vectors, k, asyncio.get_running_loop().create_future())
         if key not in self._pending:
@@ -261,7 +272,10 @@ class QueryBatcher:
         dimension, classifier = key
         vectors = batch[0].vectors if len(batch) == 1 else np.vstack([q.vectors for q in batch])
         try:
-            rows = await self._store.query(dimension, classifier, vectors, max(q.k for q in batch))
+            with self._metrics.store_query_seconds.labels(str(dimension)).time():
+                rows = await self._store.query(
+                    dimension, classifier, vectors, max(q.k for q in batch)
+                )
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             for query in batch:
                 query.future.cancel()

@@ -20,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 import openai
 
-from . import deadlines
+from . import deadlines, tracing
 from .errors import EmbedderUnavailable, InvalidArgument, Reason, StartupError, Unavailable
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from .cache import EmbeddingCache
@@ -73,9 +74,15 @@ def truncate(vectors: Matrix, dimension: int) -> Matrix:
 class Embedder:
     """Client of the embedding server; one instance per service, safe for concurrent use."""
 
-    def __init__(self, settings: EmbeddingSettings, cache: EmbeddingCache | None = None) -> None:
+    def __init__(
+        self,
+        settings: EmbeddingSettings,
+        cache: EmbeddingCache | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
         self._cache = cache
+        self._metrics = metrics or Metrics()
         self._client = openai.AsyncOpenAI(
             base_url=settings.base_url,
             api_key=settings.api_key.get_secret_value(),
@@ -120,12 +127,14 @@ class Embedder:
                 self._cache.bind(self.fingerprint)
             return self._width
 
+    @tracing.traced("embed")
     async def embed(self, texts: Sequence[str], send: Send | None = None) -> Matrix:
         """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order.
 
         Texts the cache knows are not sent; a batch that is all hits makes no call. The others
         go to ``send`` (default :meth:`embed_uncached`; the service passes its coalescer).
         """
+        tracing.annotate(texts=len(texts))
         send = send or self.embed_uncached
         if self._cache is None or self._width is None:
             return await send(texts)
@@ -174,12 +183,13 @@ class Embedder:
                 self._settings.timeout_s if left is None else min(self._settings.timeout_s, left)
             )
             try:
-                response = await self._client.embeddings.create(
-                    model=self._settings.model,
-                    input=list(texts),
-                    encoding_format="base64",
-                    timeout=timeout,
-                )
+                with self._metrics.embedding_call(len(texts)):
+                    response = await self._client.embeddings.create(
+                        model=self._settings.model,
+                        input=list(texts),
+                        encoding_format="base64",
+                        timeout=timeout,
+                    )
                 return self._decode(response, len(texts))
             except openai.BadRequestError as exc:
                 raise InvalidArgument(
@@ -208,6 +218,7 @@ class Embedder:
                     f"the embedding server failed ({reason}); no time left to retry"
                 )
             log.warning("embedding call failed (%s); retry %d in %.2fs", reason, attempt + 1, delay)
+            self._metrics.embedding_retries.labels(reason).inc()
             await asyncio.sleep(delay)
             attempt += 1
 

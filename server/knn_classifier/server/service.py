@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, label_models, paging, updates, validation, wire_size
+from . import errors, label_models, paging, tracing, updates, validation, wire_size
 from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
@@ -40,6 +40,7 @@ from .errors import (
     Unavailable,
 )
 from .evaluator import Evaluation, Evaluator
+from .metrics import Metrics
 from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
@@ -68,7 +69,9 @@ def _point_id(classifier: ClassifierConfig, exemplar_id: str) -> str:
 
 
 class ClassifierService:
-    def __init__(self, settings: Settings, embedder: Embedder, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, embedder: Embedder, store: Store, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._limits = settings.limits
         self._dimensions = settings.dimensions
@@ -82,8 +85,9 @@ class ClassifierService:
             settings.embedding.max_concurrent_calls,
             settings.limits.max_queued_texts,
             settings.embedding.max_wait_ms / 1000,
+            metrics,
         )
-        self._queries = QueryBatcher(store)
+        self._queries = QueryBatcher(store, metrics)
 
     @property
     def limits(self) -> LimitSettings:
@@ -283,6 +287,12 @@ class ClassifierService:
         )
         log.info("updated classifier %s: %s", updated.name, ", ".join(sorted(changes)))
         return ClassifierInfo(updated, await self._count(Selection(updated.name)))
+
+    async def exemplar_counts(self) -> list[tuple[str, int]]:
+        """Every classifier's name and exemplar count (for the metrics)."""
+        return [
+            (c.name, await self._count(Selection(c.name))) for c in await self._classifiers.all()
+        ]
 
     def info(self) -> ServiceInfo:
         """The dimensions, embedding model and limits a caller may adapt to."""
@@ -555,25 +565,27 @@ class ClassifierService:
             results = await self._queries.query(dimension, classifier, queries, k)
             if not results[0]:
                 raise _no_exemplars(classifier)
-            labels: list[str] = []
-            by_label = np.empty((len(queries), 0), dtype=np.float32)
-            if voting in LABEL_SCORED:
-                fit = label_models.FIT[voting]
-                model = await self._store.label_model(dimension, classifier, fit)
-                if not model.labels:  # every exemplar was deleted since the neighbour query
-                    raise _no_exemplars(classifier)
-                labels, by_label = model.labels, model.scores(queries)
-            for j, hits in enumerate(results):
-                neighbours = [_neighbour(hit) for hit in hits]
-                answers[valid[embedded[j]]] = vote(
-                    neighbours,
-                    voting,
-                    min_similarity,
-                    min_confidence,
-                    temperature,
-                    calibration,
-                    list(zip(labels, by_label[j].tolist(), strict=True)),
-                )
+            with tracing.span("vote"):
+                tracing.annotate(voting=voting.value, texts=len(results))
+                labels: list[str] = []
+                by_label = np.empty((len(queries), 0), dtype=np.float32)
+                if voting in LABEL_SCORED:
+                    fit = label_models.FIT[voting]
+                    model = await self._store.label_model(dimension, classifier, fit)
+                    if not model.labels:  # every exemplar was deleted since the neighbour query
+                        raise _no_exemplars(classifier)
+                    labels, by_label = model.labels, model.scores(queries)
+                for j, hits in enumerate(results):
+                    neighbours = [_neighbour(hit) for hit in hits]
+                    answers[valid[embedded[j]]] = vote(
+                        neighbours,
+                        voting,
+                        min_similarity,
+                        min_confidence,
+                        temperature,
+                        calibration,
+                        list(zip(labels, by_label[j].tolist(), strict=True)),
+                    )
         return [a for a in answers if a is not None], config.etag
 
     async def _embed_isolating_rejects(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import string
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -301,6 +301,46 @@ class ClassifierDefaults(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics on their own HTTP port; off unless enabled."""
+
+    enabled: bool = Field(
+        False, description="Serve Prometheus metrics at http://host:port/metrics."
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Address of the metrics listener; loopback unless told otherwise (0.0.0.0 "
+        "for a Prometheus on another host or container).",
+    )
+    port: int = Field(9464, ge=0, le=65535, description="Metrics port (0: any free port).")
+    max_classifiers: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        description="Classifiers with their own metric labels: the first this many seen; the "
+        "others are counted together as 'other', so the number of series stays bounded.",
+    )
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces, exported over OTLP; off unless an endpoint is set."""
+
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC collector to send spans to, e.g. http://otel-collector:4317. "
+        "Unset: no tracing. Headers and certificates: the standard OTEL_EXPORTER_OTLP_* "
+        "variables.",
+    )
+    service_name: str = Field("knn-classifier", description="The service.name of the spans.")
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of traces recorded when the caller did not decide; a caller's "
+        "sampled traceparent is always followed.",
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the service."""
 
@@ -319,6 +359,16 @@ class Settings(BaseSettings):
         ),
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one readable line per record; json: one JSON object per line "
+        "(timestamp, level, logger, message and the record's fields).",
+    )
+    access_log: bool = Field(
+        True,
+        description="One INFO line per RPC: method, status, duration, classifier, number of "
+        "texts, request id and peer (health checks at DEBUG). Never keys or texts.",
+    )
     embedding: EmbeddingSettings = Field(
         default_factory=EmbeddingSettings, description="The embedding server (KNN_EMBEDDING__*)."
     )
@@ -332,6 +382,12 @@ class Settings(BaseSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS (KNN_TLS__*).")
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Request limits (KNN_LIMITS__*)."
+    )
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings, description="Prometheus metrics (KNN_METRICS__*)."
+    )
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings, description="OpenTelemetry tracing (KNN_TRACING__*)."
     )
     defaults: ClassifierDefaults = Field(
         default_factory=ClassifierDefaults,

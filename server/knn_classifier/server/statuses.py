@@ -115,7 +115,9 @@ INTERNAL = status(
 async def abort(
     context: grpc.aio.ServicerContext[Any, Any], details: status_pb2.Status
 ) -> NoReturn:
-    """Ends the call with ``details``: code, message and the details trailer."""
+    """Ends the call with ``details``: code, message and the details trailer, beside the
+    trailing metadata already set (the request id), which aborting would otherwise replace."""
     wire = rpc_status.to_status(details)
-    await context.abort(wire.code, wire.details, wire.trailing_metadata)
+    kept = tuple(context.trailing_metadata() or ())
+    await context.abort(wire.code, wire.details, kept + tuple(wire.trailing_metadata))
     raise AssertionError("context.abort returned")  # pragma: no cover
