@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from ._errors import SettingsMismatchError
 from ._requests import voting_name
 
-_NUMBERS = ("k", "min_similarity", "min_confidence", "temperature")
+_NUMBERS: tuple[Literal["k", "min_similarity", "min_confidence", "temperature"], ...] = (
+    "k",
+    "min_similarity",
+    "min_confidence",
+    "temperature",
+)
 
 
 def differences(request: pb.CreateClassifierRequest, existing: pb.Classifier) -> list[str]:
