@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_client_distribution_depends_on_grpcio_and_protobuf_only() -> None:
-    names = {Requirement(r).name for r in requires("knn-classifier-client") or []}
-    assert names == {"grpcio", "protobuf"}
+    requirements = [Requirement(r) for r in requires("knn-classifier-client") or []]
+    plain = {r.name for r in requirements if r.marker is None}
+    assert plain == {"grpcio", "protobuf"}
+    # The command line's progress bars come with the optional [cli] extra only.
+    extra = {r.name for r in requirements if r.marker and r.marker.evaluate({"extra": "cli"})}
+    assert extra - plain == {"tqdm"}
 
 
 def test_client_imports_without_the_server_stack() -> None:
