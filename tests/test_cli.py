@@ -363,6 +363,9 @@ def test_connection_from_environment_and_its_failures(
             [*CLI, "list", "--json"], env={**os.environ, **env}, capture_output=True, check=False
         )
         assert listing.returncode == 0
+        # Connection flags may also follow the command.
+        after = [*CLI, "list", "--target", server.address, "--api-key", "s3cret"]
+        assert subprocess.run(after, capture_output=True, check=False).returncode == 0
     finally:
         server.stop()
     result = run(server, "list")  # stopped: nothing listens there now

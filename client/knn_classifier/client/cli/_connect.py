@@ -26,26 +26,39 @@ DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 60.0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """The connection flags; on a command's parser with ``default=argparse.SUPPRESS``, so that
+    they may also follow the command without hiding the ones given before it."""
     group = parser.add_argument_group("connection (flags override the environment)")
     group.add_argument(
-        "--target", help=f"host:port of the service (KNN_TARGET; default {DEFAULT_TARGET})"
+        "--target",
+        default=default,
+        help=f"host:port of the service (KNN_TARGET; default {DEFAULT_TARGET})",
     )
-    group.add_argument("--api-key", help="API key (KNN_API_KEY, preferred: flags show in ps)")
+    group.add_argument(
+        "--api-key", default=default, help="API key (KNN_API_KEY, preferred: flags show in ps)"
+    )
     group.add_argument(
         "--tls",
         action="store_true",
-        default=None,
+        default=default,
         help="TLS with the system's CA certificates (KNN_USE_TLS=1)",
     )
     group.add_argument(
-        "--ca-file", help="PEM CA of the server's certificate; implies TLS (KNN_CA_FILE)"
+        "--ca-file",
+        default=default,
+        help="PEM CA of the server's certificate; implies TLS (KNN_CA_FILE)",
     )
-    group.add_argument("--cert-file", help="PEM client certificate chain (KNN_CLIENT_CERT_FILE)")
-    group.add_argument("--key-file", help="PEM client private key (KNN_CLIENT_KEY_FILE)")
+    group.add_argument(
+        "--cert-file", default=default, help="PEM client certificate chain (KNN_CLIENT_CERT_FILE)"
+    )
+    group.add_argument(
+        "--key-file", default=default, help="PEM client private key (KNN_CLIENT_KEY_FILE)"
+    )
     group.add_argument(
         "--timeout",
         type=float,
+        default=default,
         help=f"deadline of each call in seconds (KNN_TIMEOUT; default {DEFAULT_TIMEOUT_S:g})",
     )
 

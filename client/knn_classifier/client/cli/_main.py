@@ -29,6 +29,16 @@ def _list_of(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
     return parse
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return number
+
+
 def _voting_list(value: str) -> list[str]:
     names = [item.strip() for item in value.split(",") if item.strip()]
     unknown = [name for name in names if name not in VOTINGS]
@@ -68,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(run=run)
+        _connect.add_arguments(sub, default=argparse.SUPPRESS)
         return sub
 
     create = command(
@@ -110,9 +121,15 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="comma-separated columns copied into metadata (JSONL: also a 'metadata' object)",
     )
-    load.add_argument("--batch-size", type=int, default=128, help="rows per call (default 128)")
-    load.add_argument("--concurrency", type=int, default=4, help="calls in flight (default 4)")
-    load.add_argument("--page-size", type=int, default=1000, help=argparse.SUPPRESS)
+    load.add_argument(
+        "--batch-size", type=_positive, default=128, help="rows per call (default 128)"
+    )
+    load.add_argument(
+        "--concurrency", type=_positive, default=4, help="calls in flight (default 4)"
+    )
+    load.add_argument(
+        "--page-size", type=_positive, default=1000, help="exemplars per call when listing first"
+    )
     load.add_argument("--rejected", help="rejected rows go here (default: FILE.rejected.EXT)")
     load.add_argument(
         "--progress",
@@ -126,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     )
     export.add_argument("name")
     export.add_argument("-o", "--output", help="file (default: standard output)")
-    export.add_argument("--page-size", type=int, default=1000, help="exemplars per call")
+    export.add_argument("--page-size", type=_positive, default=1000, help="exemplars per call")
     export.add_argument("--progress", action=argparse.BooleanOptionalAction)
 
     classify = command(
@@ -139,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     _add_settings(classify)
     classify.add_argument("--dimension", type=int)
     classify.add_argument("--neighbours", action="store_true", help="include the neighbours")
-    classify.add_argument("--batch-size", type=int, default=64, help="texts per call")
+    classify.add_argument("--batch-size", type=_positive, default=64, help="texts per call")
 
     evaluate = command(
         "evaluate",
