@@ -110,13 +110,18 @@ def labels(args: argparse.Namespace, client: Client) -> int:
 # Import and export -------------------------------------------------------------------------
 
 
-def _read_table(args: argparse.Namespace, path: Path, id_column: str | None = None) -> Table:
+def _read_table(
+    args: argparse.Namespace,
+    path: Path,
+    id_column: str | None = None,
+    metadata: Sequence[str] = (),
+) -> Table:
     columns = Columns(
         text=args.text_column,
         label=args.label_column,
         id=id_column or "id",
         id_required=id_column is not None,
-        metadata=getattr(args, "metadata_columns", ()),
+        metadata=metadata,
     )
     return read(path, file_format(path, args.format), columns)
 
@@ -171,7 +176,7 @@ def _print_summary(
 
 def import_rows(args: argparse.Namespace, client: Client) -> int:
     path = Path(args.file)
-    table = _read_table(args, path, args.id_column)
+    table = _read_table(args, path, args.id_column, args.metadata_columns)
     _prepare(client, args.name, table)
     summary = Summary(rejected=list(table.rejected))
     importer = Importer(

@@ -7,7 +7,8 @@
 - ``--ca-file`` / ``KNN_CA_FILE``: PEM CA that signed the server's certificate (implies TLS).
 - ``--cert-file``, ``--key-file`` / ``KNN_CLIENT_CERT_FILE``, ``KNN_CLIENT_KEY_FILE``: the
   client's certificate chain and key, for mutual TLS (imply TLS).
-- ``--timeout`` / ``KNN_TIMEOUT``: deadline of each call in seconds (default 60).
+- ``--timeout`` / ``KNN_TIMEOUT``: deadline of each call in seconds (default 300: a batch of
+  exemplars for a CPU model on a busy machine takes long).
 
 These names stay clear of the server's settings (``KNN_TLS__*``, ``KNN_AUTH__*``), so one shell
 can hold both.
@@ -23,7 +24,7 @@ from .._client import Client, Tls
 from ._errors import CliError
 
 DEFAULT_TARGET = "localhost:50051"
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def add_arguments(parser: argparse.ArgumentParser, default: object = None) -> None:

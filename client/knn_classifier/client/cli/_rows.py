@@ -155,7 +155,7 @@ def _add(
     if reason:
         table.rejected.append(Rejected(line, reason, original))
         return
-    metadata = record.get("metadata") if table.format == "jsonl" else None
+    metadata = record.get("metadata")  # a JSON object; in CSV it is an ordinary column
     entries = dict(metadata) if isinstance(metadata, dict) else {}
     entries.update({name: record[name] for name in columns.metadata if name in record})
     table.rows.append(
