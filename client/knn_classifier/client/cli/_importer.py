@@ -15,10 +15,10 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
@@ -33,8 +33,9 @@ from ._archive import pages
 from ._progress import Progress
 from ._rows import Rejected, Row
 
-T = TypeVar("T")
 RETRIES = 5
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
 _TRANSIENT = (UnavailableError, ResourceExhaustedError, DeadlineExceededError)
 _POSITION = re.compile(r"^exemplars\[\d+\]\.")
 
@@ -104,14 +105,12 @@ class Importer:
         batch_size: int,
         concurrency: int,
         page_size: int,
-        backoff_s: float = 0.5,
     ) -> None:
         self._client = client
         self._classifier = classifier
         self._batch_size = batch_size
         self._concurrency = concurrency
         self._page_size = page_size
-        self._backoff_s = backoff_s
 
     def plan(self, rows: Sequence[Row], summary: Summary) -> tuple[list[Row], set[str]]:
         """The rows to send, and the ids stored before the import.
@@ -173,9 +172,7 @@ class Importer:
     def _send(self, rows: Sequence[Row]) -> _Outcome:
         """Adds ``rows``; if the server refuses the batch, halves it to find the bad rows."""
         try:
-            ids = self._retrying(
-                lambda: self._client.add_exemplars(self._classifier, [r.exemplar() for r in rows])
-            )
+            ids = self._add(rows)
         except InvalidArgumentError as error:
             if len(rows) == 1:
                 reason = f"{error.code.name}: {_POSITION.sub('', error.details)}"
@@ -185,14 +182,15 @@ class Importer:
             return _Outcome(first.written + second.written, first.rejected + second.rejected)
         return _Outcome(written=ids)
 
-    def _retrying(self, call: Callable[[], T]) -> T:
+    def _add(self, rows: Sequence[Row]) -> list[str]:
+        """AddExemplars, retried with backoff while the server is down, busy or slow."""
         attempt = 0
         while True:
             try:
-                return call()
+                return self._client.add_exemplars(self._classifier, [r.exemplar() for r in rows])
             except _TRANSIENT:
                 attempt += 1
                 if attempt == RETRIES:
                     raise
-                delay = min(8.0, self._backoff_s * 2 ** (attempt - 1))
+                delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.0))

@@ -95,7 +95,7 @@ def read(path: Path, fmt: Format, columns: Columns) -> Table:
             if fmt == "jsonl":
                 return _read_jsonl(file, columns)
             return _read_delimited(file, fmt, columns)
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise CliError(f"cannot read {str(path)!r}: {error}") from None
 
 
@@ -103,11 +103,10 @@ def _read_delimited(lines: Iterator[str], fmt: Format, columns: Columns) -> Tabl
     table = Table(fmt)
     reader = csv.reader(lines, dialect="excel-tab" if fmt == "tsv" else "excel")
     table.fields = next(reader, [])
-    position = {name: i for i, name in enumerate(table.fields)}
     wanted = [columns.text, columns.label, *columns.metadata]
     if columns.id_required:
         wanted.append(columns.id)
-    missing = [name for name in wanted if name not in position]
+    missing = [name for name in wanted if name not in table.fields]
     if missing:
         raise CliError(
             f"column(s) {', '.join(map(repr, missing))} not in the header "
