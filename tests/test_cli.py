@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import Client, ExemplarInput
+from knn_classifier.server.settings import Settings
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
@@ -205,7 +208,21 @@ def test_import_names_missing_columns(
     assert "column(s) 'label' not in the header (text, category, source)" in result.stderr
 
 
-def test_export_then_import_into_another_classifier(server: ServerThread, tmp_path: Path) -> None:
+@pytest.fixture(params=["embedded", "qdrant-server"])
+def either_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[ServerThread]:
+    """The server on the embedded store, then on the Qdrant server store (":memory:")."""
+    store = None
+    if request.param == "qdrant-server":
+        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "knn")
+    running = ServerThread(settings, store).start()
+    yield running
+    running.stop()
+
+
+def test_export_then_import_into_another_classifier(
+    either_store: ServerThread, tmp_path: Path
+) -> None:
+    server = either_store
     with server.client() as client:
         client.create_classifier(
             "source", instruction="Sort it", k=3, voting="softmax", temperature=0.03,
