@@ -15,9 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_client_distribution_depends_on_grpcio_and_protobufs_only() -> None:
-    names = {Requirement(r).name for r in requires("knn-classifier-client") or []}
+    requirements = [Requirement(r) for r in requires("knn-classifier-client") or []]
+    plain = {r.name for r in requirements if r.marker is None}
     # googleapis-common-protos: google.rpc.Status and its details (protobuf code only).
-    assert names == {"grpcio", "protobuf", "googleapis-common-protos"}
+    assert plain == {"grpcio", "protobuf", "googleapis-common-protos"}
+    # The command line's progress bars come with the optional [cli] extra only.
+    extra = {r.name for r in requirements if r.marker and r.marker.evaluate({"extra": "cli"})}
+    assert extra - plain == {"tqdm"}
 
 
 @pytest.mark.parametrize("name", ["status.proto", "error_details.proto"])

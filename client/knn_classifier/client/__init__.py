@@ -2,7 +2,7 @@
 
 >>> from knn_classifier.client import Client
 >>> with Client("localhost:50051") as client:
-...     client.create_classifier("intents")
+...     client.create_classifier("intents", exist_ok=True)
 ...     client.add_exemplars("intents", [("where is my card?", "card_arrival")])
 ...     prediction = client.classify("intents", "my card has not come yet")
 """
@@ -30,6 +30,7 @@ from ._errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    SettingsMismatchError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RetryPolicy",
     "ServiceInfo",
+    "SettingsMismatchError",
     "Tls",
     "UnauthenticatedError",
     "UnavailableError",

@@ -21,7 +21,8 @@ from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from . import _requests as build
-from ._errors import KnnClassifierError, from_rpc_error, from_status
+from ._errors import AlreadyExistsError, KnnClassifierError, from_rpc_error, from_status
+from ._existing import matching
 from ._requests import ExemplarLike, VotingName
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
@@ -130,12 +131,23 @@ class Client:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         temperature: float | None = None,
+        exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
+        """Creates a classifier; settings left out take the server's defaults.
+
+        With ``exist_ok``, a classifier of that name that has every setting given here is
+        returned as it is; one with other settings raises :class:`SettingsMismatchError`.
+        """
         request = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
-        return self._call(self._stub.CreateClassifier, request, timeout)
+        try:
+            return self._call(self._stub.CreateClassifier, request, timeout)
+        except AlreadyExistsError:
+            if not exist_ok:
+                raise
+        return matching(request, self.get_classifier(name, timeout=timeout))
 
     def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
         return self._call(self._stub.GetClassifier, pb.GetClassifierRequest(name=name), timeout)
@@ -388,12 +400,23 @@ class AsyncClient:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         temperature: float | None = None,
+        exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
+        """Creates a classifier; settings left out take the server's defaults.
+
+        With ``exist_ok``, a classifier of that name that has every setting given here is
+        returned as it is; one with other settings raises :class:`SettingsMismatchError`.
+        """
         request = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
-        return await self._call(self._stub.CreateClassifier, request, timeout)
+        try:
+            return await self._call(self._stub.CreateClassifier, request, timeout)
+        except AlreadyExistsError:
+            if not exist_ok:
+                raise
+        return matching(request, await self.get_classifier(name, timeout=timeout))
 
     async def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
         request = pb.GetClassifierRequest(name=name)

@@ -16,6 +16,8 @@ from typing import cast
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from knn_classifier.v1 import classifier_pb2 as pb
+
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -74,6 +76,22 @@ class NotFoundError(KnnClassifierError):
 
 class AlreadyExistsError(KnnClassifierError):
     """The classifier to create exists already."""
+
+
+class SettingsMismatchError(AlreadyExistsError):
+    """``create_classifier(..., exist_ok=True)`` found the classifier with other settings.
+
+    ``existing`` is the classifier as it is; ``differences`` names each setting that differs.
+    """
+
+    def __init__(self, existing: pb.Classifier, differences: list[str]) -> None:
+        super().__init__(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"classifier {existing.name!r} exists with other settings: "
+            f"{'; '.join(differences)}. Create it with the settings it has, or delete it first",
+        )
+        self.existing = existing
+        self.differences = differences
 
 
 class FailedPreconditionError(KnnClassifierError):

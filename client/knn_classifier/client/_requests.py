@@ -31,6 +31,14 @@ def voting(name: VotingName | None) -> pb.Voting.ValueType:
         raise ValueError(f"voting must be one of {sorted(_VOTING)}, not {name!r}") from None
 
 
+def voting_name(value: pb.Voting.ValueType) -> str:
+    """The name of a voting method, as :func:`voting` takes it ("unspecified" for none)."""
+    for name, number in _VOTING.items():
+        if number == value:
+            return name
+    return "unspecified" if value == pb.VOTING_UNSPECIFIED else str(value)
+
+
 def create_classifier(
     name: str,
     instruction: str,

@@ -1,0 +1,343 @@
+"""One function per command: call the client, print the result (stdout) and notes (stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from knn_classifier.v1 import classifier_pb2 as pb
+
+from .._client import Client
+from .._errors import KnnClassifierError, NotFoundError
+from .._requests import voting_name
+from . import _archive, _progress
+from ._errors import CliError
+from ._importer import Importer, Summary
+from ._rows import Columns, Table, file_format, read, write_rejected
+
+REJECTED_ROWS = 3
+
+
+def _note(message: str) -> None:
+    print(f"knn-classifier: {message}", file=sys.stderr)
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _proto_json(message: Message) -> dict[str, Any]:
+    """A response in proto3's JSON mapping, field names as in the proto."""
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(row, widths, numeric, strict=True)
+        ).rstrip()
+        for row in cells
+    ]
+    return "\n".join(lines)
+
+
+# Classifiers -----------------------------------------------------------------------------------
+
+
+def create(args: argparse.Namespace, client: Client) -> int:
+    classifier = client.create_classifier(
+        args.name,
+        instruction=args.instruction,
+        k=args.k,
+        voting=args.voting,
+        min_similarity=args.min_similarity,
+        min_confidence=args.min_confidence,
+        temperature=args.temperature,
+        exist_ok=not args.fail_if_exists,
+    )
+    print(_json(_archive.describe(classifier), indent=2))
+    return 0
+
+
+def list_classifiers(args: argparse.Namespace, client: Client) -> int:
+    classifiers = [_archive.describe(c) for c in client.list_classifiers()]
+    if args.json:
+        for item in classifiers:
+            print(_json(item))
+        return 0
+    columns = ["name", "exemplar_count", "k", "voting", "temperature", "calibrated"]
+    print(_table(columns, [[item[c] for c in columns] for item in classifiers]))
+    return 0
+
+
+def show(args: argparse.Namespace, client: Client) -> int:
+    print(_json(_archive.describe(client.get_classifier(args.name)), indent=2))
+    return 0
+
+
+def delete(args: argparse.Namespace, client: Client) -> int:
+    deleted = client.delete_classifier(args.name)
+    print(f"deleted classifier {args.name!r} and its {deleted} exemplar(s)")
+    return 0
+
+
+def labels(args: argparse.Namespace, client: Client) -> int:
+    counts = client.list_labels(args.name)
+    if args.json:
+        print(_json(counts))
+    else:
+        print(_table(["count", "label"], [[count, label] for label, count in counts.items()]))
+    return 0
+
+
+# Import and export -------------------------------------------------------------------------
+
+
+def _read_table(
+    args: argparse.Namespace,
+    path: Path,
+    id_column: str | None = None,
+    metadata: Sequence[str] = (),
+) -> Table:
+    columns = Columns(
+        text=args.text_column,
+        label=args.label_column,
+        id=id_column or "id",
+        id_required=id_column is not None,
+        metadata=metadata,
+    )
+    return read(path, file_format(path, args.format), columns)
+
+
+def _rejected_path(args: argparse.Namespace, path: Path) -> Path:
+    if args.rejected:
+        return Path(args.rejected)
+    return path.with_name(f"{path.stem}.rejected{path.suffix}")
+
+
+def _prepare(client: Client, name: str, table: Table) -> None:
+    """Creates the classifier from an export's header, or checks that it exists."""
+    if table.header is not None:
+        settings = _archive.create_settings(table.header)
+        client.create_classifier(name, exist_ok=True, **settings)
+        for note in _archive.restore_notes(table.header, name):
+            _note(note)
+        return
+    try:
+        client.get_classifier(name)
+    except NotFoundError as error:
+        hint = f"; create it first: knn-classifier create {name} --instruction '...'"
+        raise NotFoundError(error.code, error.details + hint) from None
+
+
+def _print_summary(
+    name: str, summary: Summary, seconds: float, rejected_to: Path | None, as_json: bool
+) -> None:
+    written = summary.added + summary.updated
+    if as_json:
+        result = {**summary.as_dict(), "seconds": round(seconds, 3)}
+        result["rejected_file"] = str(rejected_to) if rejected_to else None
+        print(_json(result))
+        return
+    rate = f", {written / seconds:.0f} rows/s" if seconds > 0 and written else ""
+    print(f"import into {name!r}: {seconds:.1f} s{rate}")
+    for what, count in [
+        ("added", summary.added),
+        ("updated", summary.updated),
+        ("unchanged", summary.unchanged),
+        ("duplicates", summary.duplicates),
+        ("rejected", len(summary.rejected)),
+    ]:
+        print(f"  {what:<10} {count:>8}")
+    if summary.duplicates:
+        print("  (duplicates: rows whose id, or text, a later row repeats; the later row won)")
+    for reason, count in summary.reasons()[:10]:
+        print(f"  {count:>8}  {reason}")
+    if rejected_to:
+        print(f"  rejected rows written to {rejected_to}")
+
+
+def import_rows(args: argparse.Namespace, client: Client) -> int:
+    path = Path(args.file)
+    table = _read_table(args, path, args.id_column, args.metadata_columns)
+    _prepare(client, args.name, table)
+    summary = Summary(rejected=list(table.rejected))
+    importer = Importer(
+        client,
+        args.name,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        page_size=args.page_size,
+    )
+    started = time.monotonic()
+    to_send, existed = importer.plan(table.rows, summary)
+    bar = _progress.bar(len(to_send), "rows", f"import {args.name}", args.progress)
+    rejected_to: Path | None = None
+    try:
+        importer.run(to_send, existed, summary, bar)
+    except KnnClassifierError:
+        _note("import stopped; what is counted below was written: run the same command to resume")
+        raise
+    finally:
+        bar.close()
+        if summary.rejected:
+            rejected_to = _rejected_path(args, path)
+            ordered = sorted(summary.rejected, key=lambda item: item.line)
+            write_rejected(rejected_to, table, ordered)
+        _print_summary(args.name, summary, time.monotonic() - started, rejected_to, args.json)
+    return REJECTED_ROWS if summary.rejected else 0
+
+
+def export(args: argparse.Namespace, client: Client) -> int:
+    classifier = client.get_classifier(args.name)
+    bar = _progress.bar(
+        classifier.exemplar_count, "exemplars", f"export {args.name}", args.progress
+    )
+    written = 0
+    try:
+        if args.output is None:
+            for count in _archive.export(client, classifier, sys.stdout, args.page_size):
+                written += count
+                bar.update(count)
+        else:
+            # Written beside and renamed at the end: an interrupted export leaves no short file.
+            partial = Path(f"{args.output}.partial")
+            with partial.open("w", encoding="utf-8") as out:
+                for count in _archive.export(client, classifier, out, args.page_size):
+                    written += count
+                    bar.update(count)
+            os.replace(partial, args.output)
+    finally:
+        bar.close()
+    _note(f"exported {written} exemplar(s) of {args.name!r} to {args.output or 'stdout'}")
+    return 0
+
+
+# Classify and evaluate -----------------------------------------------------------------------
+
+
+def _texts(args: argparse.Namespace) -> Iterator[list[str]]:
+    """The texts in batches: the arguments, else the lines of stdin as they arrive."""
+    if args.texts:
+        source: Iterator[str] = iter(args.texts)
+    else:
+        source = (line.rstrip("\r\n") for line in sys.stdin)
+    while batch := list(islice(source, args.batch_size)):
+        yield batch
+
+
+def classify(args: argparse.Namespace, client: Client) -> int:
+    for texts in _texts(args):
+        predictions = client.classify_batch(
+            args.name,
+            texts,
+            k=args.k,
+            dimension=args.dimension,
+            voting=args.voting,
+            min_similarity=args.min_similarity,
+            min_confidence=args.min_confidence,
+            temperature=args.temperature,
+            include_neighbours=args.neighbours,
+        )
+        for text, prediction in zip(texts, predictions, strict=True):
+            if isinstance(prediction, KnnClassifierError):
+                error = {
+                    "code": prediction.code.name,
+                    "reason": prediction.reason,
+                    "message": prediction.details,
+                }
+                print(_json({"text": text, "error": error}))
+            else:
+                print(_json({"text": text, **_proto_json(prediction)}))
+        sys.stdout.flush()
+    return 0
+
+
+def _held_out(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if not args.held_out:
+        return []
+    table = _read_table(args, Path(args.held_out))
+    if table.rejected:
+        first = table.rejected[0]
+        raise CliError(
+            f"{args.held_out}: {len(table.rejected)} row(s) without a usable text and label "
+            f"(line {first.line}: {first.reason})"
+        )
+    return [(row.text, row.label) for row in table.rows]
+
+
+def _result_row(rank: int, result: pb.EvaluationResult) -> list[object]:
+    return [
+        rank,
+        result.k,
+        voting_name(result.voting),
+        result.dimension,
+        _archive.float32(result.temperature),
+        round(result.accuracy, 4),
+        round(result.macro_f1, 4),
+        round(result.coverage, 4),
+        round(result.accuracy_on_covered, 4),
+        round(result.expected_calibration_error, 4),
+        result.evaluated,
+    ]
+
+
+def evaluate(args: argparse.Namespace, client: Client) -> int:
+    response = client.evaluate(
+        args.name,
+        held_out=_held_out(args),
+        k=args.k,
+        voting=args.voting,
+        dimension=args.dimension,
+        temperature=args.temperature,
+        apply_best=args.apply_best,
+        target_precision=args.target_precision,
+    )
+    if args.json:
+        print(_json(_proto_json(response), indent=2))
+        return 0
+    header = ["#", "k", "voting", "dim", "T", "accuracy", "macro_f1", "coverage"]
+    header += ["acc_covered", "ECE", "texts"]
+    rows = [_result_row(rank, r) for rank, r in enumerate(response.results, start=1)]
+    print(_table(header, rows))
+    print("(#1 is the recommended setting)")
+    if response.results and response.results[0].top_confusions:
+        print("\ntop confusions of #1:")
+        confusions = [
+            [c.count, c.true_label, c.predicted_label] for c in response.results[0].top_confusions
+        ]
+        print(_table(["count", "true", "predicted"], confusions))
+    if response.unknown_labels:
+        print(f"\nheld-out labels without exemplars: {', '.join(response.unknown_labels)}")
+    if args.apply_best:
+        applied = _archive.describe(response.classifier)
+        settings = ", ".join(
+            f"{key}={applied[key]}"
+            for key in (
+                "k",
+                "voting",
+                "temperature",
+                "dimension",
+                "min_similarity",
+                "min_confidence",
+            )
+        )
+        print(f"\napplied to {args.name!r}: {settings}, calibrated={applied['calibrated']}")
+    return 0

@@ -1,0 +1,193 @@
+"""The ``knn-classifier`` command: arguments, dispatch, and exit statuses.
+
+Exit statuses: 0 done; 1 failed, with one line on stderr naming the gRPC status (or what else
+was wrong); 2 bad arguments; 3 an import finished but rejected some rows; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import get_args
+
+from .._client import Client
+from .._errors import KnnClassifierError
+from .._requests import VotingName
+from . import _commands, _connect
+from ._errors import CliError
+
+Command = Callable[[argparse.Namespace, Client], int]
+VOTINGS = list(get_args(VotingName))
+
+
+def _list_of(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
+    def parse(value: str) -> list[object]:
+        return [kind(item) for item in value.split(",") if item.strip()]
+
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return number
+
+
+def _voting_list(value: str) -> list[str]:
+    names = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [name for name in names if name not in VOTINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown voting {unknown}; use {', '.join(VOTINGS)}")
+    return names
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, help="neighbours that vote")
+    parser.add_argument("--voting", choices=VOTINGS)
+    parser.add_argument("--min-similarity", type=float)
+    parser.add_argument("--min-confidence", type=float)
+    parser.add_argument("--temperature", type=float)
+
+
+def _add_columns(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="default: by suffix")
+    parser.add_argument("--text-column", default="text", help="default: text")
+    parser.add_argument("--label-column", default="label", help="default: label")
+
+
+def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"{what} as JSON")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="knn-classifier",
+        description="Command line of the knn-classifier service.",
+        epilog="Exit status: 0 done, 1 failed (one line on stderr names the gRPC status), "
+        "2 bad arguments, 3 import done with rejected rows, 130 interrupted.",
+    )
+    _connect.add_arguments(top)
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        _connect.add_arguments(sub, default=argparse.SUPPRESS)
+        return sub
+
+    create = command(
+        "create",
+        _commands.create,
+        "Create a classifier, or check that it exists with these settings; print it as JSON.",
+    )
+    create.add_argument("name")
+    create.add_argument("--instruction", default="", help="default: the server's")
+    _add_settings(create)
+    create.add_argument(
+        "--fail-if-exists", action="store_true", help="fail even if its settings match"
+    )
+
+    listing = command("list", _commands.list_classifiers, "List the classifiers.")
+    _add_output(listing, "one classifier per line")
+
+    show = command("show", _commands.show, "Print a classifier as JSON.")
+    show.add_argument("name")
+
+    delete = command("delete", _commands.delete, "Delete a classifier and all its exemplars.")
+    delete.add_argument("name")
+
+    labels = command("labels", _commands.labels, "Labels and their exemplar counts.")
+    labels.add_argument("name")
+    _add_output(labels, "a {label: count} object")
+
+    load = command(
+        "import",
+        _commands.import_rows,
+        "Add the labelled rows of a CSV, TSV or JSONL file (or an export) to a classifier.",
+    )
+    load.add_argument("name", help="the classifier; an export's header creates it")
+    load.add_argument("file")
+    _add_columns(load)
+    load.add_argument("--id-column", help="default: id, if the file has it; else ids from text")
+    load.add_argument(
+        "--metadata-columns",
+        type=_list_of(str),
+        default=[],
+        help="comma-separated columns copied into metadata (JSONL: also a 'metadata' object)",
+    )
+    load.add_argument(
+        "--batch-size", type=_positive, default=128, help="rows per call (default 128)"
+    )
+    load.add_argument(
+        "--concurrency", type=_positive, default=4, help="calls in flight (default 4)"
+    )
+    load.add_argument(
+        "--page-size", type=_positive, default=1000, help="exemplars per call when listing first"
+    )
+    load.add_argument("--rejected", help="rejected rows go here (default: FILE.rejected.EXT)")
+    load.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bar on stderr (default: if stderr is a terminal)",
+    )
+    _add_output(load, "the summary")
+
+    export = command(
+        "export", _commands.export, "Write a classifier (settings and exemplars) as JSONL."
+    )
+    export.add_argument("name")
+    export.add_argument("-o", "--output", help="file (default: standard output)")
+    export.add_argument("--page-size", type=_positive, default=1000, help="exemplars per call")
+    export.add_argument("--progress", action=argparse.BooleanOptionalAction)
+
+    classify = command(
+        "classify",
+        _commands.classify,
+        "Classify texts (arguments, else one per line of stdin); one JSON line each.",
+    )
+    classify.add_argument("name")
+    classify.add_argument("texts", nargs="*")
+    _add_settings(classify)
+    classify.add_argument("--dimension", type=int)
+    classify.add_argument("--neighbours", action="store_true", help="include the neighbours")
+    classify.add_argument("--batch-size", type=_positive, default=64, help="texts per call")
+
+    evaluate = command(
+        "evaluate",
+        _commands.evaluate,
+        "Score a sweep of settings (leave-one-out, or on a held-out file); print a table.",
+    )
+    evaluate.add_argument("name")
+    evaluate.add_argument("--held-out", help="CSV, TSV or JSONL file of texts and true labels")
+    _add_columns(evaluate)
+    evaluate.add_argument("--k", type=_list_of(int), default=[], help="e.g. 5,10,20")
+    evaluate.add_argument("--voting", type=_voting_list, default=[], help="e.g. softmax,centroid")
+    evaluate.add_argument("--dimension", type=_list_of(int), default=[])
+    evaluate.add_argument("--temperature", type=_list_of(float), default=[], help="e.g. 0.01,0.05")
+    evaluate.add_argument(
+        "--apply-best", action="store_true", help="make the best setting the defaults, calibrate"
+    )
+    evaluate.add_argument("--target-precision", type=float, help="with --apply-best: thresholds")
+    _add_output(evaluate, "the whole response")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with _connect.client(args) as client:
+            status: int = args.run(args, client)
+            return status
+    except (KnnClassifierError, CliError) as error:
+        message = " ".join(str(error).split())
+        print(f"knn-classifier: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("knn-classifier: interrupted", file=sys.stderr)
+        return 130

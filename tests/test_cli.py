@@ -1,0 +1,419 @@
+"""The knn-classifier command line, run as a subprocess against the real server."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.client import Client, ExemplarInput
+from knn_classifier.server.settings import Settings
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
+
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer
+
+CLI = [sys.executable, "-m", "knn_classifier.client.cli"]
+CSV_ROWS = [
+    ["text", "category", "source"],
+    ["my card has not arrived", "card_arrival", "app"],
+    ["when will my new card arrive", "card_arrival", "app"],
+    ["", "top_up", "web"],  # line 4: no text
+    ["I want to top up my account", "top_up", "web"],
+    ["top up failed twice", "top_up"],  # line 6: a field short
+    ["x" * 9000, "top_up", "web"],  # line 7: over the server's 8192 characters
+    ["how do I top up with a bank transfer", "top_up", "email"],
+    ["my card has not arrived", "card_arrival", "email"],  # line 9: repeats line 2's text
+]
+
+
+def run(
+    server: ServerThread, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "--target", server.address, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str], status: int = 0) -> str:
+    assert result.returncode == status, result.stderr
+    return result.stdout
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as file:
+        csv.writer(file).writerows(rows)
+    return path
+
+
+def exemplars(client: Client, name: str) -> list[tuple[str, str, str, dict[str, str]]]:
+    page = client.list_exemplars(name, page_size=1000)
+    assert not page.next_page_token
+    items = [(e.id, e.text, e.label, dict(e.metadata)) for e in page.exemplars]
+    return sorted(items)
+
+
+@pytest.fixture
+def rows_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "rows.csv", CSV_ROWS)
+
+
+@pytest.fixture
+def created(server: ServerThread) -> Iterator[Client]:
+    ok(run(server, "create", "intents", "--k", "3"))
+    with server.client() as client:
+        yield client
+
+
+def import_rows(server: ServerThread, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        server, "import", "intents", str(path), "--label-column", "category",
+        "--metadata-columns", "source", "--json", *extra,
+    )  # fmt: skip
+
+
+def test_import_reports_added_duplicate_and_rejected_rows_and_writes_them_out(
+    server: ServerThread, created: Client, rows_csv: Path
+) -> None:
+    summary = json.loads(ok(import_rows(server, rows_csv), status=3))
+    assert summary["added"] == 4
+    assert (summary["updated"], summary["unchanged"], summary["duplicates"]) == (0, 0, 1)
+    assert summary["rejected"] == 3
+    assert summary["reasons"] == {
+        "'text' is empty": 1,
+        "has 2 fields; the header has 3": 1,
+        "INVALID_ARGUMENT: text has 9000 characters; the limit is 8192": 1,
+    }
+    rejected = list(csv.reader((rows_csv.parent / "rows.rejected.csv").read_text().splitlines()))
+    assert rejected[0] == ["line", "error", "text", "category", "source"]
+    assert [(r[0], r[2:]) for r in rejected[1:]] == [
+        ("4", CSV_ROWS[3]), ("6", CSV_ROWS[5]), ("7", CSV_ROWS[6]),
+    ]  # fmt: skip
+    assert created.list_labels("intents") == {"card_arrival": 2, "top_up": 2}
+    # The later of the two rows with the same text won.
+    stored = {text: metadata for _, text, _, metadata in exemplars(created, "intents")}
+    assert stored["my card has not arrived"] == {"source": "email"}
+
+
+def test_import_resumes_without_duplicates_or_embedding_again(
+    server: ServerThread, created: Client, rows_csv: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    # An import cut short after its first rows, then the whole file: the rest is added.
+    first_rows = write_csv(rows_csv.parent / "first.csv", CSV_ROWS[:3])
+    assert json.loads(ok(import_rows(server, first_rows)))["added"] == 2
+    summary = json.loads(ok(import_rows(server, rows_csv), status=3))
+    assert (summary["added"], summary["updated"], summary["unchanged"]) == (2, 1, 1)
+    before = exemplars(created, "intents")
+    assert len(before) == 4
+
+    calls = fake_embedder.behaviour.calls
+    summary = json.loads(ok(import_rows(server, rows_csv), status=3))
+    assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 0, 4)
+    assert fake_embedder.behaviour.calls == calls, "unchanged rows were sent again"
+    assert exemplars(created, "intents") == before
+
+    relabelled = [row[:] for row in CSV_ROWS]
+    relabelled[4][1] = "deposit"
+    summary = json.loads(ok(import_rows(server, write_csv(rows_csv, relabelled)), status=3))
+    assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 1, 3)
+    assert created.list_labels("intents") == {"card_arrival": 2, "top_up": 1, "deposit": 1}
+
+
+def test_import_text_summary_and_progress_bar(
+    server: ServerThread, created: Client, rows_csv: Path
+) -> None:
+    result = run(
+        server, "import", "intents", str(rows_csv), "--label-column", "category",
+        "--rejected", str(rows_csv.parent / "bad.csv"), "--progress", "--batch-size", "2",
+    )  # fmt: skip
+    out = ok(result, status=3)
+    assert "  added             4\n" in out
+    assert "  rejected          3\n" in out
+    assert f"rejected rows written to {rows_csv.parent / 'bad.csv'}" in out
+    assert "5/5" in result.stderr  # 4 written, 1 rejected by the server
+    assert "rows/s" in result.stderr
+
+
+def test_import_of_jsonl_with_ids_metadata_and_bad_lines(
+    server: ServerThread, created: Client, tmp_path: Path
+) -> None:
+    lines = [
+        json.dumps({"text": "card lost", "label": "lost", "id": "a1", "metadata": {"n": 1}}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"text": "found it", "label": "found", "src": "mail"}),
+        json.dumps({"text": "no label here"}),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = run(server, "import", "intents", str(path), "--metadata-columns", "src", "--json")
+    summary = json.loads(ok(result, status=3))
+    assert (summary["added"], summary["rejected"]) == (2, 3)
+    stored = exemplars(created, "intents")
+    assert ("a1", "card lost", "lost", {"n": "1"}) in stored
+    assert any(e[1:] == ("found it", "found", {"src": "mail"}) for e in stored)
+    rejected = [
+        json.loads(line) for line in (tmp_path / "rows.rejected.jsonl").read_text().splitlines()
+    ]
+    assert [(r["line"], r["row"]) for r in rejected] == [
+        (2, "{not json"), (3, '["a", "list"]'), (5, {"text": "no label here"}),
+    ]  # fmt: skip
+    assert rejected[2]["error"] == "no 'label'"
+
+
+def test_import_retries_an_unavailable_server_and_stops_when_it_stays_down(
+    server: ServerThread, created: Client, rows_csv: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    # The server retries the embedder once: two failures make one UNAVAILABLE answer.
+    fake_embedder.reset(fail_status=503, fail_times=2)
+    assert json.loads(ok(import_rows(server, rows_csv), status=3))["added"] == 4
+
+    fake_embedder.reset(fail_status=503, fail_times=1000)
+    other = write_csv(rows_csv.parent / "other.csv", [CSV_ROWS[0], ["a new text", "x", "s"]])
+    result = import_rows(server, other)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("knn-classifier: error: UNAVAILABLE: ")
+    assert "run the same command to resume" in result.stderr
+    assert json.loads(result.stdout)["added"] == 0
+
+
+def test_import_into_a_missing_classifier_says_how_to_create_it(
+    server: ServerThread, rows_csv: Path
+) -> None:
+    result = run(server, "import", "nope", str(rows_csv), "--label-column", "category")
+    assert result.returncode == 1
+    assert result.stderr.startswith("knn-classifier: error: NOT_FOUND: classifier 'nope'")
+    assert "knn-classifier create nope" in result.stderr
+
+
+def test_import_names_missing_columns(
+    server: ServerThread, created: Client, rows_csv: Path
+) -> None:
+    result = run(server, "import", "intents", str(rows_csv))
+    assert result.returncode == 1
+    assert "column(s) 'label' not in the header (text, category, source)" in result.stderr
+
+
+@pytest.fixture(params=["embedded", "qdrant-server"])
+def either_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[ServerThread]:
+    """The server on the embedded store, then on the Qdrant server store (":memory:")."""
+    store = None
+    if request.param == "qdrant-server":
+        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "knn")
+    running = ServerThread(settings, store).start()
+    yield running
+    running.stop()
+
+
+def test_export_then_import_into_another_classifier(
+    either_store: ServerThread, tmp_path: Path
+) -> None:
+    server = either_store
+    with server.client() as client:
+        client.create_classifier(
+            "source", instruction="Sort it", k=3, voting="softmax", temperature=0.03,
+            min_similarity=0.1,
+        )  # fmt: skip
+        client.add_exemplars(
+            "source",
+            [
+                ExemplarInput(text="card has not arrived", label="card", id="c1"),
+                ExemplarInput(text="top up failed", label="top_up", metadata={"k": "v"}),
+                ("top up by transfer", "top_up"),
+                ("where is my card", "card"),
+            ],
+        )
+        export = tmp_path / "source.jsonl"
+        ok(run(server, "export", "source", "-o", str(export), "--page-size", "3"))
+        header = json.loads(export.read_text().splitlines()[0])
+        assert header["format"] == "knn-classifier-export"
+        assert header["version"] == 1
+        settings = header["classifier"]
+        assert (settings["k"], settings["voting"], settings["temperature"]) == (3, "softmax", 0.03)
+        assert (settings["min_similarity"], settings["instruction"]) == (0.1, "Sort it")
+        assert (
+            ok(run(server, "export", "source")).splitlines()[1:]
+            == (export.read_text().splitlines()[1:])
+        )
+
+        summary = json.loads(ok(run(server, "import", "copy", str(export), "--json")))
+        assert summary["added"] == 4
+        assert exemplars(client, "copy") == exemplars(client, "source")
+        copy, source = client.get_classifier("copy"), client.get_classifier("source")
+        for field in ("instruction", "k", "voting", "min_similarity", "temperature"):
+            assert getattr(copy, field) == getattr(source, field), field
+
+        again = json.loads(ok(run(server, "import", "copy", str(export), "--json")))
+        assert (again["added"], again["unchanged"]) == (0, 4)
+        # The export's settings are a create with exist_ok: a different classifier is refused.
+        client.create_classifier("other", k=5)
+        result = run(server, "import", "other", str(export))
+        assert result.returncode == 1
+        assert "ALREADY_EXISTS: classifier 'other' exists with other settings" in result.stderr
+
+
+def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    with server.client() as client:
+        client.create_classifier("tuned")
+        client.add_exemplars(
+            "tuned",
+            [("card not here", "card"), ("card missing", "card"), ("top up", "top_up"),
+             ("top up failed", "top_up")],
+        )  # fmt: skip
+    out = ok(run(server, "evaluate", "tuned", "--k", "1,3", "--apply-best"))
+    assert "calibrated=True" in out
+    export = tmp_path / "tuned.jsonl"
+    ok(run(server, "export", "tuned", "-o", str(export)))
+    result = run(server, "import", "restored", str(export))
+    ok(result)
+    assert "run `knn-classifier evaluate restored --apply-best`" in result.stderr
+
+
+def test_classifier_commands(server: ServerThread) -> None:
+    shown = json.loads(ok(run(server, "create", "c", "--k", "5", "--voting", "softmax")))
+    assert (shown["name"], shown["k"], shown["voting"]) == ("c", 5, "softmax")
+    assert json.loads(ok(run(server, "create", "c", "--k", "5"))) == shown
+    result = run(server, "create", "c", "--k", "7")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "knn-classifier: error: ALREADY_EXISTS: classifier 'c' exists with other settings: "
+        "k is 5, not 7. Create it with the settings it has, or delete it first\n"
+    )
+    result = run(server, "create", "c", "--fail-if-exists")
+    assert result.returncode == 1
+    assert "ALREADY_EXISTS: classifier 'c' already exists" in result.stderr
+
+    with server.client() as client:
+        client.add_exemplars("c", [("a b", "x"), ("c d", "y"), ("e f", "y")])
+    assert json.loads(ok(run(server, "show", "c")))["exemplar_count"] == 3
+    listed = ok(run(server, "list")).splitlines()
+    assert listed[0].split() == [
+        "name",
+        "exemplar_count",
+        "k",
+        "voting",
+        "temperature",
+        "calibrated",
+    ]
+    assert listed[1].split() == ["c", "3", "5", "softmax", "0.05", "False"]
+    assert [
+        json.loads(line)["name"] for line in ok(run(server, "list", "--json")).splitlines()
+    ] == ["c"]
+    assert json.loads(ok(run(server, "labels", "c", "--json"))) == {"y": 2, "x": 1}
+    assert ok(run(server, "labels", "c")).splitlines() == ["count  label", "    2  y", "    1  x"]
+    assert ok(run(server, "delete", "c")) == "deleted classifier 'c' and its 3 exemplar(s)\n"
+    result = run(server, "show", "c")
+    assert result.returncode == 1
+    assert result.stderr == "knn-classifier: error: NOT_FOUND: classifier 'c' does not exist\n"
+
+
+def test_classify_from_arguments_and_stdin(server: ServerThread, created: Client) -> None:
+    created.add_exemplars("intents", [("card not here", "card"), ("top up failed", "top_up")])
+    lines = ok(run(server, "classify", "intents", "top up please", "my card", "--neighbours"))
+    answers = [json.loads(line) for line in lines.splitlines()]
+    assert [(a["text"], a["label"]) for a in answers] == [
+        ("top up please", "top_up"), ("my card", "card"),
+    ]  # fmt: skip
+    assert answers[0]["neighbours"][0]["text"] == "top up failed"
+
+    out = ok(run(server, "classify", "intents", "--batch-size", "2", stdin="top up\n\ncard\n"))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a["text"] for a in answers] == ["top up", "", "card"]
+    assert answers[1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert answers[2]["label"] == "card"
+
+
+def test_evaluate_table_and_json(server: ServerThread, created: Client, tmp_path: Path) -> None:
+    created.add_exemplars(
+        "intents",
+        [("card not here", "card"), ("card missing", "card"), ("top up", "top_up"),
+         ("top up failed", "top_up")],
+    )  # fmt: skip
+    out = ok(run(server, "evaluate", "intents", "--k", "1,3", "--voting", "majority,softmax"))
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "#", "k", "voting", "dim", "T", "accuracy", "macro_f1", "coverage", "acc_covered",
+        "ECE", "texts",
+    ]  # fmt: skip
+    assert len([line for line in lines[1:] if line[:1].isdigit()]) == 4
+    held_out = write_csv(tmp_path / "held.csv", [["text", "label"], ["card gone", "card"]])
+    response = json.loads(
+        ok(run(server, "evaluate", "intents", "--held-out", str(held_out), "--json"))
+    )
+    assert response["results"][0]["evaluated"] == "1"
+    assert response["classifier"]["name"] == "intents"
+    bad = write_csv(tmp_path / "bad.csv", [["text", "label"], ["", "card"]])
+    result = run(server, "evaluate", "intents", "--held-out", str(bad))
+    assert result.returncode == 1
+    assert "1 row(s) without a usable text and label (line 2: 'text' is empty)" in result.stderr
+
+
+def test_connection_from_environment_and_its_failures(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = make_settings(
+        tmp_path / "data", fake_embedder.base_url, auth={"write_keys": ["s3cret"]}
+    )
+    server = ServerThread(settings).start()
+    try:
+        result = run(server, "list")
+        assert result.returncode == 1
+        assert result.stderr.startswith("knn-classifier: error: UNAUTHENTICATED: ")
+        env = {"KNN_TARGET": server.address, "KNN_API_KEY": "s3cret"}
+        listing = subprocess.run(
+            [*CLI, "list", "--json"], env={**os.environ, **env}, capture_output=True, check=False
+        )
+        assert listing.returncode == 0
+        # Connection flags may also follow the command.
+        after = [*CLI, "list", "--target", server.address, "--api-key", "s3cret"]
+        assert subprocess.run(after, capture_output=True, check=False).returncode == 0
+    finally:
+        server.stop()
+    result = run(server, "list")  # stopped: nothing listens there now
+    assert result.returncode == 1
+    assert result.stderr.startswith("knn-classifier: error: UNAVAILABLE: ")
+    assert result.stderr.count("\n") == 1
+    result = run(server, "--ca-file", str(tmp_path / "missing.pem"), "list")
+    assert result.returncode == 1
+    assert "cannot read the CA file" in result.stderr
+
+
+def test_installed_entry_point_and_runs_without_tqdm(
+    server: ServerThread, created: Client, rows_csv: Path
+) -> None:
+    script = Path(sys.executable).with_name("knn-classifier")
+    assert script.exists(), "the client distribution installs the knn-classifier script"
+    result = subprocess.run(
+        [str(script), "--target", server.address, "list", "--json"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert json.loads(ok(result))["name"] == "intents"
+    # Without the [cli] extra: no bar, a hint, and the import still works.
+    code = (
+        "import sys; sys.modules['tqdm'] = None\n"
+        "from knn_classifier.client.cli import main\n"
+        "raise SystemExit(main())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--target", server.address, "import", "intents",
+         str(rows_csv), "--label-column", "category", "--progress", "--json"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert json.loads(ok(result, status=3))["added"] == 4
+    assert "pip install 'knn-classifier-client[cli]'" in result.stderr
