@@ -66,7 +66,8 @@ class Classifiers:
             if current is not None:
                 if current.deleting:
                     raise Aborted(
-                        f"classifier {config.name!r} is being deleted; retry shortly",
+                        f"classifier {config.name!r} is being deleted; if no delete is running, "
+                        "call DeleteClassifier again to finish it, then create it",
                         resource=errors.classifier(config.name),
                     )
                 raise AlreadyExists(
