@@ -6,6 +6,7 @@ become INTERNAL with a generic message; the details go to the log only.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from .domain import (
     NewClassifier,
 )
 from .evaluation import Report
+from .evaluator import Evaluation
 from .service import ClassifierService
 from .voting import UnknownReason, Vote, Voting
 
@@ -211,21 +213,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             ),
         )
         evaluation, info = await self._service.evaluate(request.classifier, evaluate)
-        reached = evaluation.reached
-        return pb.EvaluateResponse(
-            results=[_evaluation_result(r) for r in evaluation.reports],
-            unknown_labels=evaluation.unknown_labels,
-            classifier=_classifier(info),
-            thresholds=(
-                pb.ThresholdsReached(
-                    target_met=reached.target_met,
-                    precision=reached.precision,
-                    coverage=reached.coverage,
-                )
-                if reached
-                else None
-            ),
-        )
+        # Off the event loop: a sweep over thousands of labels has that many metrics per setting.
+        return await asyncio.to_thread(_evaluate_response, evaluation, info)
 
 
 def _required_voting(value: pb.Voting.ValueType) -> Voting:
@@ -233,6 +222,24 @@ def _required_voting(value: pb.Voting.ValueType) -> Voting:
     if voting is None:
         raise errors.InvalidArgument("a voting method to sweep must be specified")
     return voting
+
+
+def _evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.EvaluateResponse:
+    reached = evaluation.reached
+    return pb.EvaluateResponse(
+        results=[_evaluation_result(r) for r in evaluation.reports],
+        unknown_labels=evaluation.unknown_labels,
+        classifier=_classifier(info),
+        thresholds=(
+            pb.ThresholdsReached(
+                target_met=reached.target_met,
+                precision=reached.precision,
+                coverage=reached.coverage,
+            )
+            if reached
+            else None
+        ),
+    )
 
 
 def _evaluation_result(report: Report) -> pb.EvaluationResult:
