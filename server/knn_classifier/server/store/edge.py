@@ -13,6 +13,7 @@ short; they run on the event loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,6 +151,11 @@ class EdgeStore(Store):
         return [Record(str(r.id), dict(r.payload or {})) for r in records], matrix
 
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        # In a worker thread: converting tens of thousands of records held the event loop for
+        # seconds (docs/reliability.md); the shard's calls hold the GIL, but one page at a time.
+        return await asyncio.to_thread(self._vectors, dimension, classifier)
+
+    def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         records = _scroll_all(self._shard(dimension), _filter(Selection(classifier)), vectors=True)
         matrix = np.asarray([r.vector for r in records], dtype=np.float32).reshape(-1, dimension)
         return [Record(str(r.id), dict(r.payload or {})) for r in records], matrix
