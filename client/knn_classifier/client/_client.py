@@ -210,7 +210,10 @@ class Client:
         target_precision: float | None = None,
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
-        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs.
+
+        With ``target_precision``, the response's ``thresholds`` says whether it was met and the
+        precision and coverage the classifier's thresholds give on leave-one-out."""
         request = build.evaluate(
             classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
         )
@@ -385,7 +388,10 @@ class AsyncClient:
         target_precision: float | None = None,
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
-        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs.
+
+        With ``target_precision``, the response's ``thresholds`` says whether it was met and the
+        precision and coverage the classifier's thresholds give on leave-one-out."""
         request = build.evaluate(
             classifier, held_out, k, voting, dimension, temperature, apply_best, target_precision
         )
