@@ -311,6 +311,11 @@ class EdgeStore(Store):
             return _with_vectors(shard.retrieve(list(ids), True, True), dimension)
 
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        # In a worker thread: converting tens of thousands of records held the event loop for
+        # seconds (docs/reliability.md); the shard's calls hold the GIL, but one page at a time.
+        return await asyncio.to_thread(self._vectors, dimension, classifier)
+
+    def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         with self._using(dimension) as shard:
             records = _scroll_all(shard, _filter(Selection(classifier)), vectors=True)
             return _with_vectors(records, dimension)
