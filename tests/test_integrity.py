@@ -25,7 +25,7 @@ from knn_classifier.client import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from knn_classifier.server.domain import ExemplarInput, NewClassifier
+from knn_classifier.server.domain import ClassifierUpdate, ExemplarInput, NewClassifier
 from knn_classifier.server.embedding import Embedder
 from knn_classifier.server.errors import NotFound
 from knn_classifier.server.service import ClassifierService
@@ -427,3 +427,55 @@ def test_the_classifiers_own_temperature_sent_back_keeps_its_calibration(
         "c", "apple fruit", k=own.k, voting="softmax", temperature=own.temperature
     )
     assert explicit.confidence == default.confidence
+
+
+class PausingRecordWrites(QdrantServerStore):
+    """Pauses before a conditional write of a classifier record while ``hold`` is clear."""
+
+    def __init__(self, client: AsyncQdrantClient) -> None:
+        super().__init__(client, "knn")
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.holding = asyncio.Event()
+
+    async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
+        if not self.hold.is_set():
+            self.holding.set()
+            await self.hold.wait()
+        await super().update_meta(key, fields, where)
+
+
+@pytest.mark.parametrize("write", ["update", "add"])
+async def test_a_replica_never_resurrects_a_classifier_another_deleted(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer, write: str
+) -> None:
+    """Replica A read the record and is about to write it (UpdateClassifier, or the revision
+    after AddExemplars wrote its points) when replica B deletes the classifier: A's write must
+    not bring the record back, and A must not acknowledge."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    shared = AsyncQdrantClient(":memory:")
+    store_a = PausingRecordWrites(shared)
+    store_b = QdrantServerStore(shared, "knn")
+    replica_a = await open_replica(settings, store_a)
+    replica_b = await open_replica(settings, store_b)
+    await replica_a.create_classifier(NewClassifier("c"))
+    await replica_a.add_exemplars("c", [ExemplarInput("old words", "x")])
+    store_a.hold.clear()
+    if write == "update":
+        writing = asyncio.create_task(
+            replica_a.update_classifier(ClassifierUpdate("c", ("k",), k=3))
+        )
+    else:
+        writing = asyncio.create_task(
+            replica_a.add_exemplars("c", [ExemplarInput("new words", "y")])
+        )
+    await store_a.holding.wait()
+    assert await replica_b.delete_classifier("c") >= 1
+    store_a.hold.set()
+    with pytest.raises(NotFound):
+        await writing
+    assert (await replica_b.list_classifiers())[0] == []
+    for dimension in settings.dimensions:
+        assert await store_b.count(dimension, Selection("c")) == 0
+    await replica_a.stop()
+    await replica_b.stop()

@@ -113,6 +113,8 @@ class ClassifierService:
             raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
         try:
             await self._check_fingerprint(self._embedder.fingerprint)
+            if upgraded := await self._classifiers.upgrade():
+                log.info("gave %d classifier record(s) their revision", upgraded)
             for config in await self._classifiers.deleting():
                 async with self._classifiers.deleting_classifier(config.name):
                     deleted = await self._delete(Selection(config.name))

@@ -232,6 +232,13 @@ class EdgeStore(Store):
             point = qe.Point(meta_point_id(key), [1.0], record)
             shard.update(qe.UpdateOperation.upsert_points([point]))
 
+    async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
+        # This process is the store's only writer and nothing below awaits: read, compare and
+        # write are one step.
+        current = await self.get_meta(key)
+        if current is not None and all(current.get(k) == v for k, v in where.items()):
+            await self.put_meta(key, {k: v for k, v in {**current, **fields}.items() if k != "key"})
+
     async def delete_meta(self, key: str) -> None:
         self._meta_read.pop(key, None)
         self._ensure_room(None)
