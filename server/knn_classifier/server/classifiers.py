@@ -8,11 +8,12 @@ Guarantees (docs/design.md, "Classifier records"):
   re-reads the record under the lock: a writer that started on a classifier since deleted (or
   deleted and created again: a new ``uid``) fails with NOT_FOUND instead of writing; a
   conditional writer whose revision is stale fails with ABORTED.
-- Across replicas sharing a Qdrant server there is no lock. An exemplar write re-reads the record
-  after writing its points (:meth:`Classifiers.bump`) and removes them again if the classifier
-  it wrote to is gone or is another incarnation; a delete marks the record ``deleting`` before it
-  deletes the exemplars and removes the record last, so a concurrent writer sees either the
-  mark or the absence.
+- Across replicas sharing a Qdrant server there is no lock, but every change of an existing
+  record is a compare-and-set on its revision (:meth:`Store.update_meta`): a replica never
+  overwrites a change made since it read the record, nor brings back a record another deleted.
+  An exemplar write moves the revision after writing its points (:meth:`Classifiers.bump`) and
+  removes them again if the classifier is gone or is another incarnation; a delete marks the
+  record ``deleting`` before it deletes the exemplars and removes the record last.
 """
 
 from __future__ import annotations
@@ -46,19 +47,11 @@ class Classifiers:
 
     async def all(self) -> list[ClassifierConfig]:
         """Every classifier not being deleted, by name."""
-        configs = [
-            ClassifierConfig.from_payload(payload)
-            for payload in await self._store.list_meta("classifier")
-        ]
-        return sorted((c for c in configs if not c.deleting), key=lambda c: c.name)
+        return sorted((c for c in await self._records() if not c.deleting), key=lambda c: c.name)
 
     async def deleting(self) -> list[ClassifierConfig]:
         """Classifiers whose deletion was interrupted (start-up finishes them)."""
-        configs = [
-            ClassifierConfig.from_payload(payload)
-            for payload in await self._store.list_meta("classifier")
-        ]
-        return [c for c in configs if c.deleting]
+        return [c for c in await self._records() if c.deleting]
 
     async def create(self, config: ClassifierConfig) -> ClassifierConfig:
         """Stores a new classifier with a fresh incarnation; ALREADY_EXISTS if the name is taken."""
@@ -172,6 +165,9 @@ class Classifiers:
         )
 
     # Internals -------------------------------------------------------------------------------
+
+    async def _records(self) -> list[ClassifierConfig]:
+        return [ClassifierConfig.from_payload(p) for p in await self._store.list_meta("classifier")]
 
     async def _read(self, name: str) -> ClassifierConfig | None:
         payload = await self._store.get_meta(classifier_key(name))
