@@ -41,14 +41,22 @@ from .errors import (
 )
 from .evaluator import Evaluation, Evaluator
 from .metrics import Metrics
+from .progress import Progress
 from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
+from .store.base import Payload
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 
 log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
 _FINGERPRINT_KEY = "embedder-fingerprint"
+_REPAIR_BATCH = 512
+"""Exemplars read, embedded and written together by the start-up repair."""
+MIGRATION_HINT = (
+    "to move the data to this embedder, copy it into a new store with knn-classifier-migrate "
+    "(README, 'Moving to another embedder')"
+)
 
 T = TypeVar("T")
 
@@ -111,23 +119,31 @@ class ClassifierService:
         except Unavailable as exc:
             raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
         try:
-            await self._check_fingerprint(self._embedder.fingerprint)
+            filling = await self._check_fingerprint(self._embedder.fingerprint)
             for config in await self._classifiers.deleting():
                 async with self._classifiers.deleting_classifier(config.name):
                     deleted = await self._delete(Selection(config.name))
                 log.warning("finished deleting classifier %s (%d exemplars)", config.name, deleted)
             repaired = await self.repair()
+            if filling:  # only now: a fill interrupted by a crash resumes at the next start
+                await self._record_fingerprint(self._embedder.fingerprint)
         except (Unavailable, ResourceExhausted) as exc:
             raise StartupError(
                 f"start-up could not check or repair the stored data: {exc}"
             ) from exc
-        if repaired:
+        if filling:
+            log.warning("filled the new dimensions %s: wrote %d vector(s)", filling, repaired)
+        elif repaired:
             log.warning("repaired %d exemplar(s) missing from some dimensions", repaired)
         log.info("embedder width %d; dimensions %s", width, self._dimensions)
 
-    async def _check_fingerprint(self, current: Fingerprint) -> None:
+    async def _check_fingerprint(self, current: Fingerprint) -> list[int]:
         """Refuses to start on exemplars without a classifier record, or on vectors of another
-        embedder or without the configured dimensions; records the fingerprint if it changed."""
+        embedder; records the fingerprint if it changed.
+
+        Returns the configured dimensions the stored exemplars have no vectors in yet, emptied
+        for :meth:`repair` to fill; they are recorded as ``filling`` until it has.
+        """
         recorded = await self._store.get_meta(_FINGERPRINT_KEY)
         records = {str(p["name"]) for p in await self._store.list_meta("classifier")}
         held: dict[str, int] = {}  # classifier -> exemplars, in the dimension holding most
@@ -153,6 +169,7 @@ class ClassifierService:
                 "KNN_STORE__DELETE_ORPHANED_EXEMPLARS=true to delete the exemplars"
             )
         has_data = bool(records or held)
+        filling: list[int] = []
         if recorded is not None and has_data:
             stored = Fingerprint(
                 str(recorded["model"]), str(recorded["template"]), int(recorded["width"])
@@ -163,56 +180,99 @@ class ClassifierService:
                     f"template={stored.template!r}, width={stored.width}, but this service "
                     f"embeds with model={current.model!r}, template={current.template!r}, "
                     f"width={current.width}; vectors of different embedders cannot be compared. "
-                    "Use the same embedder settings, or a new KNN_DATA_DIR / collection prefix"
+                    f"Use the same embedder settings, or {MIGRATION_HINT}"
                 )
-            missing = sorted(set(self._dimensions) - set(recorded.get("dimensions", [])))
-            if missing:
-                raise StartupError(
-                    f"dimensions {missing} are new, but the store already holds exemplars that "
-                    "have no vectors in them; remove them from KNN_DIMENSIONS or start on an "
-                    "empty store"
-                )
+            filling = sorted(set(self._dimensions) - set(recorded.get("dimensions", [])))
+            if filling:
+                await self._empty_for_filling(filling, recorded.get("filling", []))
+        await self._record_fingerprint(current, recorded, filling)
+        return filling
+
+    async def _empty_for_filling(self, dimensions: list[int], interrupted: list[int]) -> None:
+        """Empties the collections of new ``dimensions`` before they are filled, except those
+        of a fill that was ``interrupted`` (they hold its progress). A dimension configured once,
+        dropped and configured again still has its old collection, whose points missed every
+        write since: left there, the repair would copy them into the other dimensions."""
+        log.warning(
+            "dimensions %s are new: filling them for the stored exemplars, from a wider stored "
+            "vector where there is one, else by embedding the stored text",
+            dimensions,
+        )
+        for dimension in sorted(set(dimensions) - set(interrupted)):
+            for name in await self._store.classifier_counts(dimension):
+                await self._store.delete(dimension, Selection(name))
+
+    async def _record_fingerprint(
+        self,
+        current: Fingerprint,
+        recorded: Payload | None = None,
+        filling: Sequence[int] = (),
+    ) -> None:
+        """Records the embedder and the dimensions whose vectors are complete (and those being
+        filled); writes nothing when ``recorded`` says the same already."""
         payload: dict[str, Any] = {
             **current.as_payload(),
             "kind": "fingerprint",
-            "dimensions": self._dimensions,
+            "dimensions": [d for d in self._dimensions if d not in filling],
         }
+        if filling:
+            payload["filling"] = list(filling)
         if recorded is None or {k: v for k, v in recorded.items() if k != "key"} != payload:
-            await self._store.put_meta(_FINGERPRINT_KEY, payload)  # no write when unchanged
+            await self._store.put_meta(_FINGERPRINT_KEY, payload)
 
     async def repair(self) -> int:
-        """Completes exemplars that an interrupted write or delete left in some dimensions only.
+        """Completes exemplars missing from some dimensions: left so by an interrupted write or
+        delete, or every exemplar in a newly configured dimension.
 
         A missing vector is the truncation of the exemplar's vector in a wider dimension where
-        there is one, else the stored text is embedded again. Returns how many (exemplar,
-        dimension) pairs were written.
+        there is one, else the stored text is embedded again; dimensions are completed widest
+        first, so a text is embedded once for all of them. Progress is logged. Returns how many
+        (exemplar, dimension) pairs were written.
         """
-        repaired = 0
-        for config in await self._classifiers.all():
-            present = {d: await self._store.point_ids(d, config.name) for d in self._dimensions}
-            every = set().union(*present.values())
-            for dimension in self._dimensions:
-                missing = every - present[dimension]
-                for source in sorted(present, reverse=True):  # widest first
-                    found = sorted(missing & present[source])
-                    if not found:
-                        continue
-                    records, vectors = await self._store.retrieve(source, found)
-                    if source < dimension:
-                        prompts = [
-                            self._embedder.prompt(config.instruction, str(r.payload["text"]))
-                            for r in records
-                        ]
-                        vectors = await self._embedder.embed(prompts)
-                    await self._store.upsert(
-                        dimension,
-                        [r.id for r in records],
-                        truncate(vectors, dimension),
-                        [r.payload for r in records],
-                    )
+        configs = await self._classifiers.all()
+        present = {
+            c.name: {d: await self._store.point_ids(d, c.name) for d in self._dimensions}
+            for c in configs
+        }
+        total = sum(
+            len(set().union(*held.values()) - ids)
+            for held in present.values()
+            for ids in held.values()
+        )
+        if not total:
+            return 0
+        progress = Progress(log, "completing exemplars missing from some dimensions", total)
+        for config in configs:
+            held = present[config.name]
+            every = set().union(*held.values())
+            for dimension in sorted(held, reverse=True):
+                missing = every - held[dimension]
+                for source in sorted(held, reverse=True):
+                    found = sorted(missing & held[source])
+                    for start in range(0, len(found), _REPAIR_BATCH):
+                        batch = found[start : start + _REPAIR_BATCH]
+                        await self._complete(config, dimension, source, batch)
+                        progress.advance(len(batch))
                     missing -= set(found)
-                    repaired += len(found)
-        return repaired
+                    held[dimension] |= set(found)
+        return total
+
+    async def _complete(
+        self, config: ClassifierConfig, dimension: int, source: int, ids: list[str]
+    ) -> None:
+        """Writes the points ``ids`` of ``source`` into ``dimension``."""
+        records, vectors = await self._store.retrieve(source, ids)
+        if source < dimension:
+            prompts = [
+                self._embedder.prompt(config.instruction, str(r.payload["text"])) for r in records
+            ]
+            vectors = await self._embedder.embed(prompts)
+        await self._store.upsert(
+            dimension,
+            [r.id for r in records],
+            truncate(vectors, dimension),
+            [r.payload for r in records],
+        )
 
     async def healthy(self) -> bool:
         """Whether the embedder and the store both answer (for the health service)."""
