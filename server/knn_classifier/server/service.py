@@ -31,6 +31,7 @@ from .domain import (
 )
 from .embedding import Embedder, Fingerprint, Matrix, truncate
 from .errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -50,11 +51,11 @@ from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
-_FINGERPRINT_KEY = "embedder-fingerprint"
+FINGERPRINT_KEY = "embedder-fingerprint"
 _REPAIR_BATCH = 512
 """Exemplars read, embedded and written together by the start-up repair."""
 MIGRATION_HINT = (
-    "to move the data to this embedder, copy it into a new store with knn-classifier-migrate "
+    "move the data to this embedder: copy it into a new store with knn-classifier-migrate "
     "(README, 'Moving to another embedder')"
 )
 
@@ -101,6 +102,11 @@ class ClassifierService:
     def limits(self) -> LimitSettings:
         return self._limits
 
+    @property
+    def fingerprint(self) -> Fingerprint:
+        """The embedder's, once :meth:`start` has probed it."""
+        return self._embedder.fingerprint
+
     # Life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -144,7 +150,7 @@ class ClassifierService:
         Returns the configured dimensions the stored exemplars have no vectors in yet, emptied
         for :meth:`repair` to fill; they are recorded as ``filling`` until it has.
         """
-        recorded = await self._store.get_meta(_FINGERPRINT_KEY)
+        recorded = await self._store.get_meta(FINGERPRINT_KEY)
         records = {str(p["name"]) for p in await self._store.list_meta("classifier")}
         held: dict[str, int] = {}  # classifier -> exemplars, in the dimension holding most
         for dimension in self._dimensions:
@@ -171,9 +177,7 @@ class ClassifierService:
         has_data = bool(records or held)
         filling: list[int] = []
         if recorded is not None and has_data:
-            stored = Fingerprint(
-                str(recorded["model"]), str(recorded["template"]), int(recorded["width"])
-            )
+            stored = Fingerprint.from_payload(recorded)
             if stored != current:
                 raise StartupError(
                     f"the store holds vectors made by model={stored.model!r}, "
@@ -218,7 +222,7 @@ class ClassifierService:
         if filling:
             payload["filling"] = list(filling)
         if recorded is None or {k: v for k, v in recorded.items() if k != "key"} != payload:
-            await self._store.put_meta(_FINGERPRINT_KEY, payload)
+            await self._store.put_meta(FINGERPRINT_KEY, payload)
 
     async def repair(self) -> int:
         """Completes exemplars missing from some dimensions: left so by an interrupted write or
@@ -279,7 +283,7 @@ class ClassifierService:
         if not await self._embedder.ping(within_s=5.0):
             return False
         try:
-            await self._store.get_meta(_FINGERPRINT_KEY)
+            await self._store.get_meta(FINGERPRINT_KEY)
         except Unavailable:
             return False
         return True
@@ -408,14 +412,7 @@ class ClassifierService:
             now = time.time()
             point_ids = [_point_id(current, ids[i]) for i in chosen]
             payloads = [
-                {
-                    "classifier": classifier,
-                    "id": ids[i],
-                    "label": items[i].label,
-                    "text": items[i].text,
-                    "metadata": dict(items[i].metadata),
-                    "created_at": now,
-                }
+                _payload(classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now)
                 for i in chosen
             ]
             created = await self._absent(classifier, point_ids)
@@ -427,6 +424,80 @@ class ClassifierService:
                 await self._delete(Selection(classifier, ids=point_ids))
                 raise
         return ids, written.etag
+
+    async def restore_classifier(self, config: ClassifierConfig) -> ClassifierConfig:
+        """The migration's copy of a classifier record from another store: created with
+        ``config``'s settings, calibration and creation time (a new incarnation), or the
+        classifier already here if it has the same instruction (a migration resumed).
+        ALREADY_EXISTS if one of that name has another instruction: its vectors would not be
+        comparable with the copied exemplars'."""
+        try:
+            return await self._classifiers.create(config)
+        except AlreadyExists:
+            existing = await self._classifiers.get(config.name)
+            if existing.instruction != config.instruction:
+                raise AlreadyExists(
+                    f"classifier {config.name!r} already exists with another instruction "
+                    f"({existing.instruction!r}, not {config.instruction!r}); delete it or "
+                    "migrate into another store",
+                    resource=errors.classifier(config.name),
+                ) from None
+            return existing
+
+    async def restore_exemplars(
+        self, config: ClassifierConfig, exemplars: Sequence[Exemplar], vectors: Matrix | None
+    ) -> tuple[int, int]:
+        """The migration's copy of exemplars from another store, with their ids, texts, labels,
+        metadata and creation times; returns how many were written and how many embedded.
+
+        An exemplar the classifier already holds in every dimension with the same payload is
+        skipped, so a migration run again continues where it stopped. ``vectors``: one row per
+        exemplar, made by this service's embedder and at least as wide as every dimension; None:
+        the texts are embedded (InvalidArgument naming the exemplar if the model rejects one).
+        Written as AddExemplars writes: under the write lock, within the exemplar limit, in
+        every dimension, with the revision bumped.
+        """
+        point_ids = [_point_id(config, e.id) for e in exemplars]
+        payloads = [
+            _payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
+            for e in exemplars
+        ]
+        held = await self._held_everywhere(config.name, point_ids)
+        todo = [i for i, point in enumerate(point_ids) if held.get(point) != payloads[i]]
+        if not todo:
+            return 0, 0
+        if vectors is None:
+            prompts = [self._embedder.prompt(config.instruction, exemplars[i].text) for i in todo]
+            _, written, rejected = await self._embed_isolating_rejects(prompts, direct=True)
+            if rejected:
+                j, rejection = min(rejected.items())
+                raise InvalidArgument(
+                    f"exemplar {exemplars[todo[j]].id!r} of classifier {config.name!r}: "
+                    f"{rejection.message}",
+                    reason=rejection.reason,
+                )
+        else:
+            written = vectors[todo]
+        async with self._classifiers.writing(config.name, uid=config.uid) as current:
+            ids = [point_ids[i] for i in todo]
+            created = await self._absent(config.name, ids)
+            await self._check_room(config.name, len(created))
+            await self._write_everywhere(
+                config.name, ids, created, written, [payloads[i] for i in todo]
+            )
+            await self._classifiers.bump(current)
+        return len(todo), len(todo) if vectors is None else 0
+
+    async def _held_everywhere(self, classifier: str, point_ids: list[str]) -> dict[str, Payload]:
+        """The payloads of those of ``point_ids`` that every dimension holds."""
+        held: dict[str, Payload] | None = None
+        for dimension in self._dimensions:
+            records, _ = await self._store.scroll(
+                dimension, Selection(classifier, ids=point_ids), len(point_ids), None
+            )
+            here = {record.id: record.payload for record in records}
+            held = here if held is None else {p: v for p, v in held.items() if p in here}
+        return held or {}
 
     async def _absent(self, classifier: str, point_ids: list[str]) -> list[str]:
         """Which of ``point_ids`` the classifier does not hold yet."""
@@ -531,7 +602,7 @@ class ClassifierService:
         records, next_offset = await self._store.scroll(
             self._dimensions[0], selection, size, offset
         )
-        exemplars = [_exemplar(record) for record in records]
+        exemplars = [stored_exemplar(record) for record in records]
         kept = paging.fitting(
             exemplars, wire_size.exemplar, self._limits.max_response_bytes, "one exemplar"
         )
@@ -649,18 +720,20 @@ class ClassifierService:
         return [a for a in answers if a is not None], config.etag
 
     async def _embed_isolating_rejects(
-        self, prompts: Sequence[str]
+        self, prompts: Sequence[str], direct: bool = False
     ) -> tuple[list[int], Matrix, dict[int, InvalidArgument]]:
         """Embeds ``prompts`` together; if the model rejects the batch, finds the culprits.
 
         Returns the positions embedded, their vectors (row i for position i of the list) and the
         rejection of each other position. SGLang rejects a whole batch for one bad text, so a
-        rejected batch is retried one text per call.
+        rejected batch is retried one text per call. ``direct``: call the embedder directly
+        rather than through the coalescer (which is for Classify's small batches).
         """
         if not prompts:
             return [], np.empty((0, 0), dtype=np.float32), {}
+        send = self._embedder.embed_uncached if direct else self._coalescer.embed
         try:
-            every = await self._embedder.embed(prompts, self._coalescer.embed)
+            every = await self._embedder.embed(prompts, send)
             return list(range(len(prompts))), every, {}
         except InvalidArgument as whole:
             if len(prompts) == 1:
@@ -669,7 +742,7 @@ class ClassifierService:
         rejected: dict[int, InvalidArgument] = {}
         for j, prompt in enumerate(prompts):
             try:
-                rows[j] = await self._embedder.embed([prompt], self._coalescer.embed)
+                rows[j] = await self._embedder.embed([prompt], send)
             except InvalidArgument as one:
                 rejected[j] = one
         embedded = sorted(rows)
@@ -698,6 +771,25 @@ class ClassifierService:
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
 
 
+def _payload(
+    classifier: str,
+    exemplar_id: str,
+    label: str,
+    text: str,
+    metadata: dict[str, str],
+    created_at: float,
+) -> Payload:
+    """An exemplar's payload, the same in every dimension."""
+    return {
+        "classifier": classifier,
+        "id": exemplar_id,
+        "label": label,
+        "text": text,
+        "metadata": dict(metadata),
+        "created_at": created_at,
+    }
+
+
 def _no_exemplars(classifier: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"classifier {classifier!r} has no exemplars; add some with AddExemplars",
@@ -720,7 +812,8 @@ def _neighbour(record: Record) -> Neighbour:
     return Neighbour(str(payload["id"]), str(payload["label"]), str(payload["text"]), record.score)
 
 
-def _exemplar(record: Record) -> Exemplar:
+def stored_exemplar(record: Record) -> Exemplar:
+    """The exemplar a stored point holds."""
     payload = record.payload
     return Exemplar(
         id=str(payload["id"]),
