@@ -1,4 +1,4 @@
-"""knn-classifier-migrate: copying a deployment into a new store, with another embedder or the same."""
+"""knn-classifier-migrate: copying a deployment into a new store, to another embedder or not."""
 
 from __future__ import annotations
 
