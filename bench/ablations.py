@@ -66,9 +66,9 @@ def shares(
         if setting.voting in LABEL_SCORED
         else None
     )
-    votes = evaluation.votes(exemplars, indices, similarities, setting, label_scores=scores)
-    right = [v.best_label == t for v, t in zip(votes, truth, strict=True)]
-    return np.array([v.confidence for v in votes]), np.array(right, dtype=np.float64)
+    answers = evaluation.outcomes(exemplars, indices, similarities, setting, label_scores=scores)
+    right = [a.best_label == t for a, t in zip(answers, truth, strict=True)]
+    return np.array([a.confidence for a in answers]), np.array(right, dtype=np.float64)
 
 
 Shares = tuple[np.ndarray, np.ndarray]

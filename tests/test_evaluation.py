@@ -3,17 +3,20 @@ import math
 import numpy as np
 import pytest
 
+from knn_classifier.server.calibration import Calibration
 from knn_classifier.server.evaluation import (
+    Exemplars,
     Outcome,
     Report,
     Setting,
     expected_calibration_error,
     nearest,
+    outcomes,
     report,
 )
 from knn_classifier.server.evaluator import Evaluated, recommended_first, standard_error
 from knn_classifier.server.thresholds import Thresholds, fit, kept
-from knn_classifier.server.voting import Voting
+from knn_classifier.server.voting import Neighbour, Voting, vote
 
 SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
 
@@ -41,6 +44,32 @@ def test_leave_one_out_never_finds_itself() -> None:
         assert own not in row
     full = np.argsort(-(base[self_index] @ base.T), axis=1)[:, 1:4]
     np.testing.assert_array_equal(indices, full)
+
+
+@pytest.mark.parametrize("calibration", [None, Calibration((0.0, 0.5, 1.0), (0.1, 0.3, 0.9))])
+def test_label_scored_outcomes_are_those_of_vote(calibration: Calibration | None) -> None:
+    """Centroid and discriminant answers are computed for all rows at once, as ``vote`` gives
+    them one by one: ties to the smaller label, -inf scores left out, min_similarity applied."""
+    rng = np.random.default_rng(4)
+    labels = [f"l{i}" for i in range(6)]
+    scores = rng.choice([0.1, 0.2, 0.25, 0.3, -np.inf], size=(300, 6)).astype(np.float32)
+    scores[:, 0] = 0.2  # never a row of -inf only
+    similarities = np.sort(rng.uniform(0.0, 1.0, (300, 3)).astype(np.float32), axis=1)[:, ::-1]
+    indices = np.tile(np.arange(3), (300, 1))
+    exemplars = Exemplars(["a", "b", "c"], ["l0", "l1", "l2"], ["x", "y", "z"], unit(np.eye(3)))
+    setting = Setting(3, Voting.DISCRIMINANT, 3, 0.07)
+    got = outcomes(exemplars, indices, similarities, setting, 0.3, calibration, (labels, scores))
+    for row, answer in enumerate(got):
+        neighbours = [Neighbour("n", "l0", "t", s) for s in similarities[row].tolist()]
+        row_scores = [
+            (lb, s) for lb, s in zip(labels, scores[row].tolist(), strict=True) if s > -np.inf
+        ]
+        expected = vote(neighbours, setting.voting, 0.3, 0.0, 0.07, calibration, row_scores)
+        assert (answer.label, answer.best_label) == (expected.label, expected.best_label)
+        assert answer.confidence == pytest.approx(expected.confidence, rel=1e-12)
+        assert answer.top_similarity == expected.top_similarity
+    assert any(a.label is None for a in got)
+    assert any(a.label == "l0" for a in got)
 
 
 def test_report_counts_unknown_as_wrong_and_lists_confusions() -> None:

@@ -25,7 +25,7 @@ from knn_classifier.client import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from knn_classifier.server.domain import ExemplarInput, NewClassifier
+from knn_classifier.server.domain import ClassifierUpdate, ExemplarInput, NewClassifier
 from knn_classifier.server.embedding import Embedder
 from knn_classifier.server.errors import NotFound
 from knn_classifier.server.service import ClassifierService
@@ -363,3 +363,119 @@ def test_etags_change_with_every_write_and_make_writes_conditional(
     assert (removed.deleted, removed.etag) == (1, client.get_classifier("c").etag)
     client.delete_classifier("c", etag=removed.etag)
     assert client.list_classifiers() == []
+
+
+def test_a_delete_of_nothing_keeps_the_etag_and_empty_ids_are_refused(client: Client) -> None:
+    client.create_classifier("c")
+    client.add_exemplars("c", [("red apple", "fruit")])
+    etag = client.get_classifier("c").etag
+    assert client.delete_exemplars("c", ids=["no-such-id"], etag=etag) == 0
+    assert client.delete_exemplars("c", label="no-such-label", etag=etag) == 0
+    assert client.get_classifier("c").etag == etag
+    with pytest.raises(KnnClassifierError) as refused:
+        client.delete_exemplars("c", ids=[""])
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_write_cancelled_between_dimensions_still_reaches_every_dimension(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """The caller's deadline passes while the write is between two dimensions (the Qdrant
+    server store suspends there): the write finishes in both, and the revision moves."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store = PausingQdrantStore()
+    service = await open_replica(settings, store)
+    await service.create_classifier(NewClassifier("c"))
+    before = (await service.get_classifier("c")).config.etag
+    store.hold.clear()
+    adding = asyncio.create_task(service.add_exemplars("c", [ExemplarInput("some words", "a")]))
+    await store.holding.wait()
+    adding.cancel()
+    store.hold.set()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    for dimension in settings.dimensions:
+        for _ in range(600):
+            if await store.count(dimension, Selection("c")) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.count(dimension, Selection("c")) == 1
+    for _ in range(600):
+        if (await service.get_classifier("c")).config.etag != before:
+            break
+        await asyncio.sleep(0.05)
+    assert (await service.get_classifier("c")).config.etag != before
+    await service.stop()
+
+
+def test_the_classifiers_own_temperature_sent_back_keeps_its_calibration(
+    client: Client,
+) -> None:
+    """Temperatures travel as float32: sending the classifier's own back is its own setting."""
+    client.create_classifier("c", voting="softmax", temperature=0.05)
+    client.add_exemplars(
+        "c", [(f"{w} fruit {i}", "fruit") for i, w in enumerate(["apple", "pear", "fig", "plum"])]
+    )
+    client.add_exemplars(
+        "c", [(f"{w} car {i}", "car") for i, w in enumerate(["red", "fast", "old", "blue"])]
+    )
+    client.evaluate("c", apply_best=True)
+    own = client.get_classifier("c")
+    assert own.calibrated
+    default = client.classify("c", "apple fruit")
+    explicit = client.classify(
+        "c", "apple fruit", k=own.k, voting="softmax", temperature=own.temperature
+    )
+    assert explicit.confidence == default.confidence
+
+
+class PausingRecordWrites(QdrantServerStore):
+    """Pauses before a conditional write of a classifier record while ``hold`` is clear."""
+
+    def __init__(self, client: AsyncQdrantClient) -> None:
+        super().__init__(client, "knn")
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.holding = asyncio.Event()
+
+    async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
+        if not self.hold.is_set():
+            self.holding.set()
+            await self.hold.wait()
+        await super().update_meta(key, fields, where)
+
+
+@pytest.mark.parametrize("write", ["update", "add"])
+async def test_a_replica_never_resurrects_a_classifier_another_deleted(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer, write: str
+) -> None:
+    """Replica A read the record and is about to write it (UpdateClassifier, or the revision
+    after AddExemplars wrote its points) when replica B deletes the classifier: A's write must
+    not bring the record back, and A must not acknowledge."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    shared = AsyncQdrantClient(":memory:")
+    store_a = PausingRecordWrites(shared)
+    store_b = QdrantServerStore(shared, "knn")
+    replica_a = await open_replica(settings, store_a)
+    replica_b = await open_replica(settings, store_b)
+    await replica_a.create_classifier(NewClassifier("c"))
+    await replica_a.add_exemplars("c", [ExemplarInput("old words", "x")])
+    store_a.hold.clear()
+    if write == "update":
+        writing = asyncio.create_task(
+            replica_a.update_classifier(ClassifierUpdate("c", ("k",), k=3))
+        )
+    else:
+        writing = asyncio.create_task(
+            replica_a.add_exemplars("c", [ExemplarInput("new words", "y")])
+        )
+    await store_a.holding.wait()
+    assert await replica_b.delete_classifier("c") >= 1
+    store_a.hold.set()
+    with pytest.raises(NotFound):
+        await writing
+    assert (await replica_b.list_classifiers())[0] == []
+    for dimension in settings.dimensions:
+        assert await store_b.count(dimension, Selection("c")) == 0
+    await replica_a.stop()
+    await replica_b.stop()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -212,6 +213,32 @@ def test_calls_refused_before_the_servicer_are_counted(
         with Client(keyed.address, api_key="wrong") as client, pytest.raises(UnauthenticatedError):
             client.list_classifiers()
         wait_for(lambda: rpc(scrape(port_of(keyed)), "ListClassifiers", "UNAUTHENTICATED") == 1)
+    finally:
+        keyed.stop()
+
+
+def test_invented_method_names_do_not_become_labels(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Auth refuses a call before its method is resolved: any name a caller invents must not
+    make a series of its own."""
+    keyed = started(tmp_path, fake_embedder.base_url, auth={"write_keys": "secret"}).start()
+    try:
+        with grpc.insecure_channel(keyed.address) as channel:
+            for i in range(20):
+                call = channel.unary_unary(f"/evil.Service/Method{i}")
+                with pytest.raises(grpc.RpcError):
+                    call(b"", timeout=30)
+        samples = scrape(port_of(keyed))
+        assert not [key for key in samples if "evil.Service" in str(key)]
+        unknown = value(
+            samples,
+            "grpc_server_handled_total",
+            grpc_service="unknown",
+            grpc_method="unknown",
+            grpc_code="UNAUTHENTICATED",
+        )
+        assert unknown == 20
     finally:
         keyed.stop()
 

@@ -336,8 +336,10 @@ def test_health_and_unavailable_while_the_embedder_is_awaited(
             services = ProtoReflectionDescriptorDatabase(channel).get_services()
             assert SERVICE_NAME in services
         with Client(f"127.0.0.1:{port}", timeout=30) as client:
-            with pytest.raises(UnavailableError, match="the service is starting"):
+            with pytest.raises(UnavailableError, match="the service is starting") as refused:
                 client.list_classifiers()
+            assert refused.value.reason == "SERVICE_STARTING"
+            assert refused.value.retry_delay is not None
             with pytest.raises(UnavailableError, match="the service is starting"):
                 client.classify("any", "text")
         assert not starting.done()

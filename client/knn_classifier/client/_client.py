@@ -315,7 +315,10 @@ class Client:
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
-        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs.
+
+        With ``target_precision``, the response's ``thresholds`` says whether it was met and the
+        precision and coverage the classifier's thresholds give on leave-one-out."""
         request = build.evaluate(
             classifier,
             held_out,
@@ -589,7 +592,10 @@ class AsyncClient:
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
-        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs."""
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs.
+
+        With ``target_precision``, the response's ``thresholds`` says whether it was met and the
+        precision and coverage the classifier's thresholds give on leave-one-out."""
         request = build.evaluate(
             classifier,
             held_out,

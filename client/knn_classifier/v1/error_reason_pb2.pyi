@@ -92,6 +92,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[RESOURCE_EXHAUSTED] The server serves as many calls as it may at once. Retryable
     (RetryInfo).
     """
+    STORAGE_FULL: _ErrorReason.ValueType  # 44
+    """[RESOURCE_EXHAUSTED] The embedded store's disk is nearly full: additions are refused to
+    keep its free-space reserve (reads and deletes go on). Metadata: freeBytes, reserveBytes.
+    Not retryable until space is freed on the server.
+    """
     CONCURRENT_CHANGE: _ErrorReason.ValueType  # 50
     """[ABORTED] A concurrent change to the classifier conflicts with this one: re-read and retry."""
     ETAG_MISMATCH: _ErrorReason.ValueType  # 51
@@ -100,6 +105,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[UNAVAILABLE] The embedding server failed or cannot be reached. Retryable (RetryInfo)."""
     STORE_UNAVAILABLE: _ErrorReason.ValueType  # 61
     """[UNAVAILABLE] The vector store failed or cannot be reached. Retryable (RetryInfo)."""
+    SERVICE_STARTING: _ErrorReason.ValueType  # 62
+    """[UNAVAILABLE] The service is starting (waiting for the embedding server and the store).
+    Retryable (RetryInfo).
+    """
     DEADLINE_PASSED: _ErrorReason.ValueType  # 70
     """[DEADLINE_EXCEEDED] The call's deadline passed before the work could finish."""
     API_KEY_INVALID: _ErrorReason.ValueType  # 80
@@ -194,6 +203,11 @@ TOO_MANY_CALLS: ErrorReason.ValueType  # 43
 """[RESOURCE_EXHAUSTED] The server serves as many calls as it may at once. Retryable
 (RetryInfo).
 """
+STORAGE_FULL: ErrorReason.ValueType  # 44
+"""[RESOURCE_EXHAUSTED] The embedded store's disk is nearly full: additions are refused to
+keep its free-space reserve (reads and deletes go on). Metadata: freeBytes, reserveBytes.
+Not retryable until space is freed on the server.
+"""
 CONCURRENT_CHANGE: ErrorReason.ValueType  # 50
 """[ABORTED] A concurrent change to the classifier conflicts with this one: re-read and retry."""
 ETAG_MISMATCH: ErrorReason.ValueType  # 51
@@ -202,6 +216,10 @@ EMBEDDER_UNAVAILABLE: ErrorReason.ValueType  # 60
 """[UNAVAILABLE] The embedding server failed or cannot be reached. Retryable (RetryInfo)."""
 STORE_UNAVAILABLE: ErrorReason.ValueType  # 61
 """[UNAVAILABLE] The vector store failed or cannot be reached. Retryable (RetryInfo)."""
+SERVICE_STARTING: ErrorReason.ValueType  # 62
+"""[UNAVAILABLE] The service is starting (waiting for the embedding server and the store).
+Retryable (RetryInfo).
+"""
 DEADLINE_PASSED: ErrorReason.ValueType  # 70
 """[DEADLINE_EXCEEDED] The call's deadline passed before the work could finish."""
 API_KEY_INVALID: ErrorReason.ValueType  # 80

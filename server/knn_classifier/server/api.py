@@ -7,6 +7,7 @@ to the log only.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from .domain import (
     ServiceInfo,
 )
 from .evaluation import Report
+from .evaluator import Evaluation
 from .service import ClassifierService
 from .voting import UnknownReason, Vote, Voting
 
@@ -244,21 +246,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             ),
         )
         evaluation, info = await self._service.evaluate(request.classifier, evaluate, request.etag)
-        reached = evaluation.reached
-        return pb.EvaluateResponse(
-            results=[_evaluation_result(r) for r in evaluation.reports],
-            unknown_labels=evaluation.unknown_labels,
-            classifier=_classifier(info),
-            thresholds=(
-                pb.ThresholdsReached(
-                    target_met=reached.target_met,
-                    precision=reached.precision,
-                    coverage=reached.coverage,
-                )
-                if reached
-                else None
-            ),
-        )
+        # Off the event loop: a sweep over thousands of labels has that many metrics per setting.
+        return await asyncio.to_thread(_evaluate_response, evaluation, info)
 
     @_status_on_error
     async def GetServiceInfo(
@@ -298,6 +287,24 @@ def _required_voting(value: pb.Voting.ValueType) -> Voting:
             field="voting_methods",
         )
     return voting
+
+
+def _evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.EvaluateResponse:
+    reached = evaluation.reached
+    return pb.EvaluateResponse(
+        results=[_evaluation_result(r) for r in evaluation.reports],
+        unknown_labels=evaluation.unknown_labels,
+        classifier=_classifier(info),
+        thresholds=(
+            pb.ThresholdsReached(
+                target_met=reached.target_met,
+                precision=reached.precision,
+                coverage=reached.coverage,
+            )
+            if reached
+            else None
+        ),
+    )
 
 
 def _evaluation_result(report: Report) -> pb.EvaluationResult:

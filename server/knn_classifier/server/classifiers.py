@@ -8,11 +8,12 @@ Guarantees (docs/design.md, "Classifier records"):
   re-reads the record under the lock: a writer that started on a classifier since deleted (or
   deleted and created again: a new ``uid``) fails with NOT_FOUND instead of writing; a
   conditional writer whose revision is stale fails with ABORTED.
-- Across replicas sharing a Qdrant server there is no lock. An exemplar write re-reads the record
-  after writing its points (:meth:`Classifiers.bump`) and removes them again if the classifier
-  it wrote to is gone or is another incarnation; a delete marks the record ``deleting`` before it
-  deletes the exemplars and removes the record last, so a concurrent writer sees either the
-  mark or the absence.
+- Across replicas sharing a Qdrant server there is no lock, but every change of an existing
+  record is a compare-and-set on its revision (:meth:`Store.update_meta`): a replica never
+  overwrites a change made since it read the record, nor brings back a record another deleted.
+  An exemplar write moves the revision after writing its points (:meth:`Classifiers.bump`) and
+  removes them again if the classifier is gone or is another incarnation; a delete marks the
+  record ``deleting`` before it deletes the exemplars and removes the record last.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from . import errors, validation
 from .domain import ClassifierConfig, classifier_key
@@ -45,19 +47,11 @@ class Classifiers:
 
     async def all(self) -> list[ClassifierConfig]:
         """Every classifier not being deleted, by name."""
-        configs = [
-            ClassifierConfig.from_payload(payload)
-            for payload in await self._store.list_meta("classifier")
-        ]
-        return sorted((c for c in configs if not c.deleting), key=lambda c: c.name)
+        return sorted((c for c in await self._records() if not c.deleting), key=lambda c: c.name)
 
     async def deleting(self) -> list[ClassifierConfig]:
         """Classifiers whose deletion was interrupted (start-up finishes them)."""
-        configs = [
-            ClassifierConfig.from_payload(payload)
-            for payload in await self._store.list_meta("classifier")
-        ]
-        return [c for c in configs if c.deleting]
+        return [c for c in await self._records() if c.deleting]
 
     async def create(self, config: ClassifierConfig) -> ClassifierConfig:
         """Stores a new classifier with a fresh incarnation; ALREADY_EXISTS if the name is taken."""
@@ -66,7 +60,8 @@ class Classifiers:
             if current is not None:
                 if current.deleting:
                     raise Aborted(
-                        f"classifier {config.name!r} is being deleted; retry shortly",
+                        f"classifier {config.name!r} is being deleted; if no delete is running, "
+                        "call DeleteClassifier again to finish it, then create it",
                         resource=errors.classifier(config.name),
                     )
                 raise AlreadyExists(
@@ -99,11 +94,19 @@ class Classifiers:
                 name=current.name,
                 uid=current.uid,
                 created_at=current.created_at,
-                revision=current.revision + 1,
+                revision=current.revision,
                 deleting=False,
             )
-            await self._write(updated)
-        return updated
+            written = await self._compare_and_set(current, updated.to_payload())
+            if written is None:  # another replica wrote or deleted it since it was read
+                await self._current(name, uid, "", field)  # NOT_FOUND if deleted
+                raise Aborted(
+                    f"classifier {name!r} was changed by another call at the same time; read "
+                    "it again and retry",
+                    reason=Reason.CONCURRENT_CHANGE,
+                    resource=errors.classifier(name),
+                )
+        return written
 
     @asynccontextmanager
     async def writing(
@@ -121,15 +124,17 @@ class Classifiers:
         """Records that ``config``'s exemplars changed: re-reads the record and bumps its
         revision. NOT_FOUND if the classifier was deleted or re-created meanwhile (possible
         across replicas only): the caller must then remove what it wrote."""
-        current = await self._read(config.name)
-        if current is None or current.deleting or current.uid != config.uid:
-            raise NotFound(
-                f"classifier {config.name!r} was deleted during the write",
-                resource=errors.classifier(config.name),
-            )
-        bumped = dataclasses.replace(current, revision=current.revision + 1)
-        await self._write(bumped)
-        return bumped
+        for _ in range(_ATTEMPTS):
+            current = await self._read(config.name)
+            if current is None or current.deleting or current.uid != config.uid:
+                raise NotFound(
+                    f"classifier {config.name!r} was deleted during the write",
+                    resource=errors.classifier(config.name),
+                )
+            bumped = await self._compare_and_set(current, {})
+            if bumped is not None:
+                return bumped
+        raise _contended(config.name)
 
     @asynccontextmanager
     async def deleting_classifier(
@@ -144,8 +149,7 @@ class Classifiers:
                 raise _not_found(name)
             if etag and not config.deleting and config.etag != etag:
                 raise Classifiers.stale(name, etag, config)
-            marked = dataclasses.replace(config, deleting=True, revision=config.revision + 1)
-            await self._write(marked)
+            marked = await self._mark_deleting(config)
             yield marked
             await self._store.delete_meta(classifier_key(config.name))
 
@@ -162,9 +166,58 @@ class Classifiers:
 
     # Internals -------------------------------------------------------------------------------
 
+    async def _records(self) -> list[ClassifierConfig]:
+        return [ClassifierConfig.from_payload(p) for p in await self._store.list_meta("classifier")]
+
     async def _read(self, name: str) -> ClassifierConfig | None:
         payload = await self._store.get_meta(classifier_key(name))
         return None if payload is None else ClassifierConfig.from_payload(payload)
+
+    async def _mark_deleting(self, config: ClassifierConfig) -> ClassifierConfig:
+        """Sets the record's ``deleting`` mark, whatever other replicas write meanwhile."""
+        for _ in range(_ATTEMPTS):
+            if config.deleting:
+                return config
+            marked = await self._compare_and_set(config, {"deleting": True})
+            if marked is not None:
+                return marked
+            again = await self._read(config.name)
+            if again is None:
+                raise _not_found(config.name)
+            config = again
+        raise _contended(config.name)
+
+    async def _compare_and_set(
+        self, current: ClassifierConfig, fields: dict[str, Any]
+    ) -> ClassifierConfig | None:
+        """Writes ``fields`` and the next revision on ``current``'s record if it is still at
+        ``current``'s revision (and incarnation, and deletion state) when the store applies
+        the write; returns the record written, or None if another write came first. A random
+        ``writer`` token read back tells this write from a competing one of the same revision.
+        """
+        token = uuid.uuid4().hex
+        where: dict[str, Any] = {"revision": current.revision, "deleting": current.deleting}
+        if current.uid:
+            where["uid"] = current.uid
+        key = classifier_key(current.name)
+        changes = {**fields, "revision": current.revision + 1, "writer": token}
+        await self._store.update_meta(key, changes, where)
+        after = await self._store.get_meta(key)
+        if after is None or after.get("writer") != token:
+            return None
+        return ClassifierConfig.from_payload(after)
+
+    async def upgrade(self) -> int:
+        """Gives records written before revisions their fields (revision 0, not deleting), so
+        that conditional writes can match them; returns how many were rewritten."""
+        old = [
+            ClassifierConfig.from_payload(payload)
+            for payload in await self._store.list_meta("classifier")
+            if "revision" not in payload or "deleting" not in payload
+        ]
+        for config in old:
+            await self._write(config)
+        return len(old)
 
     async def _write(self, config: ClassifierConfig) -> None:
         await self._store.put_meta(classifier_key(config.name), config.to_payload())
@@ -190,6 +243,18 @@ class Classifiers:
             if not self._holders[name]:
                 del self._holders[name]
                 del self._locks[name]
+
+
+_ATTEMPTS = 100
+"""Conditional writes tried before giving up on a record other replicas keep changing."""
+
+
+def _contended(name: str) -> Aborted:
+    return Aborted(
+        f"classifier {name!r} is being changed by other calls; retry",
+        reason=Reason.CONCURRENT_CHANGE,
+        resource=errors.classifier(name),
+    )
 
 
 def _not_found(name: str) -> NotFound:

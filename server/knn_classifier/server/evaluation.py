@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from . import deadlines, label_models
 from .calibration import Calibration
-from .voting import Neighbour, Vote, Voting, vote
+from .voting import LABEL_SCORED, Neighbour, Voting, vote
 
 Matrix = npt.NDArray[np.float32]
 _BLOCK = 1024
@@ -111,44 +111,75 @@ def label_scores(
     return model.labels, model.scores(queries)
 
 
-def votes(
+def outcomes(
     exemplars: Exemplars,
     indices: npt.NDArray[np.intp],
     similarities: Matrix,
     setting: Setting,
     min_similarity: float = -1.0,
-    min_confidence: float = 0.0,
     calibration: Calibration | None = None,
     label_scores: tuple[list[str], Matrix] | None = None,
-) -> list[Vote]:
-    """The vote for every query row, from its first ``setting.k`` neighbours (and, for centroid
-    and discriminant voting, from ``label_scores``: the labels and one row of scores per query,
-    -inf for a label a query does not score)."""
-    labels, by_label = label_scores or ([], np.empty((len(indices), 0), dtype=np.float32))
+) -> list[Outcome]:
+    """What :func:`~knn_classifier.server.voting.vote` answers (with no min_confidence) for every
+    query row, from its first ``setting.k`` neighbours (and, for centroid and discriminant
+    voting, from ``label_scores``: the labels, sorted, and one row of scores per query, -inf for
+    a label a query does not score)."""
+    if setting.voting in LABEL_SCORED:
+        if label_scores is None:
+            raise ValueError(f"{setting.voting} voting needs label scores")
+        return _label_scored_outcomes(
+            similarities, setting, min_similarity, calibration, label_scores
+        )
     results = []
-    for row, (row_indices, row_sims) in enumerate(
-        zip(indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True)
+    for row_indices, row_sims in zip(
+        indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True
     ):
         neighbours = [
             Neighbour(exemplars.ids[i], exemplars.labels[i], exemplars.texts[i], s)
             for i, s in zip(row_indices, row_sims, strict=True)
         ]
+        result = vote(
+            neighbours, setting.voting, min_similarity, 0.0, setting.temperature, calibration
+        )
         results.append(
-            vote(
-                neighbours,
-                setting.voting,
-                min_similarity,
-                min_confidence,
-                setting.temperature,
-                calibration,
-                [
-                    (label, score)
-                    for label, score in zip(labels, by_label[row].tolist(), strict=True)
-                    if score > -np.inf
-                ],
-            )
+            Outcome(result.label, result.best_label, result.confidence, result.top_similarity)
         )
     return results
+
+
+def _label_scored_outcomes(
+    similarities: Matrix,
+    setting: Setting,
+    min_similarity: float,
+    calibration: Calibration | None,
+    label_scores: tuple[list[str], Matrix],
+) -> list[Outcome]:
+    """:func:`outcomes` for centroid and discriminant voting, vectorised: with thousands of
+    labels, voting row by row in Python took minutes and starved the event loop of the GIL.
+
+    As in ``vote``: the winner is the best-scoring label (ties to the smaller label: the labels
+    are sorted), its share 1 / sum(exp((score - best) / temperature)), and a text whose nearest
+    neighbour is under ``min_similarity`` is unknown, with confidence 0.
+    """
+    labels, scores = label_scores
+    rows = len(scores)
+    top = similarities[:, 0].astype(np.float64) if similarities.shape[1] else np.full(rows, -1.0)
+    winners = np.empty(rows, dtype=np.intp)
+    shares = np.empty(rows)
+    for start in range(0, rows, _BLOCK):
+        block = scores[start : start + _BLOCK].astype(np.float64)
+        best = block.max(axis=1, keepdims=True)
+        winners[start : start + len(block)] = block.argmax(axis=1)
+        shares[start : start + len(block)] = 1.0 / np.exp((block - best) / setting.temperature).sum(
+            axis=1
+        )
+    confidences = (
+        np.interp(shares, calibration.shares, calibration.probabilities) if calibration else shares
+    )
+    return [
+        Outcome(labels[w], labels[w], c, t) if t >= min_similarity else Outcome(None, None, 0.0, t)
+        for w, c, t in zip(winners.tolist(), confidences.tolist(), top.tolist(), strict=True)
+    ]
 
 
 def expected_calibration_error(
@@ -176,10 +207,6 @@ class Outcome:
     """The best-scoring label, even when the answer is unknown."""
     confidence: float
     top_similarity: float
-
-
-def outcome(result: Vote) -> Outcome:
-    return Outcome(result.label, result.best_label, result.confidence, result.top_similarity)
 
 
 def report(setting: Setting, truth: Sequence[str], outcomes: Sequence[Outcome]) -> Report:

@@ -201,8 +201,8 @@ class Evaluator:
                 setting = swept
                 if scores is not None and not held_out:
                     setting = await asyncio.to_thread(with_fitted_temperature, swept, scores, truth)
-                outcomes, raw_shares = await asyncio.to_thread(
-                    self._outcomes,
+                evaluated = await asyncio.to_thread(
+                    self._evaluated,
                     config,
                     setting,
                     exemplars,
@@ -212,8 +212,7 @@ class Evaluator:
                     truth,
                     bool(held_out),
                 )
-                report = evaluation.report(setting, truth, outcomes)
-                results.append(Evaluated(report, outcomes, raw_shares))
+                results.append(evaluated)
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
         results = recommended_first(results, truth)
 
@@ -282,7 +281,7 @@ class Evaluator:
         )
 
     @staticmethod
-    def _outcomes(
+    def _evaluated(
         config: ClassifierConfig,
         setting: Setting,
         exemplars: Exemplars,
@@ -291,31 +290,27 @@ class Evaluator:
         label_scores: tuple[list[str], Matrix] | None,
         truth: Sequence[str],
         held_out: bool,
-    ) -> tuple[list[Outcome], list[float]]:
-        """The answers under ``setting`` with the classifier's thresholds.
+    ) -> Evaluated:
+        """The answers under ``setting`` with the classifier's thresholds, and their report.
 
         Held out, the classifier's calibration applies if it was fitted for this setting.
         Leave-one-out, confidences are calibrated by two-fold cross-fitting (each half by a
         calibration fitted on the other), which is what apply_best would give, measured honestly.
-        Also returns the uncalibrated shares, which apply_best fits its calibration on.
+        Also keeps the uncalibrated shares, which apply_best fits its calibration on.
         """
         current = Setting(
             config.k, config.voting, config.dimension or setting.dimension, config.temperature
         )
         calibration = config.calibration if held_out and setting == current else None
-        raw = [
-            evaluation.outcome(v)
-            for v in evaluation.votes(
-                exemplars,
-                indices,
-                similarities,
-                setting,
-                config.min_similarity,
-                0.0,
-                calibration,
-                label_scores,
-            )
-        ]
+        raw = evaluation.outcomes(
+            exemplars,
+            indices,
+            similarities,
+            setting,
+            config.min_similarity,
+            calibration,
+            label_scores,
+        )
         confidences = [o.confidence for o in raw] if held_out else _cross_fitted(raw, truth)
         outcomes = [
             Outcome(
@@ -323,7 +318,8 @@ class Evaluator:
             )
             for o, c in zip(raw, confidences, strict=True)
         ]
-        return outcomes, [o.confidence for o in raw]
+        report = evaluation.report(setting, truth, outcomes)
+        return Evaluated(report, outcomes, [o.confidence for o in raw])
 
     @staticmethod
     def _proposal(

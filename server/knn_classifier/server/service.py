@@ -5,12 +5,13 @@ Knows nothing of gRPC: it takes and returns domain types and raises the errors o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.metadata
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -126,6 +127,8 @@ class ClassifierService:
             raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
         try:
             filling = await self._check_fingerprint(self._embedder.fingerprint)
+            if upgraded := await self._classifiers.upgrade():
+                log.info("gave %d classifier record(s) their revision", upgraded)
             for config in await self._classifiers.deleting():
                 async with self._classifiers.deleting_classifier(config.name):
                     deleted = await self._delete(Selection(config.name))
@@ -341,9 +344,8 @@ class ClassifierService:
         def change(config: ClassifierConfig) -> ClassifierConfig:
             updated = dataclasses.replace(config, **changes)
             voting_changed = any(
-                getattr(updated, f) != getattr(config, f)
-                for f in ("k", "voting", "dimension", "temperature")
-            )
+                getattr(updated, f) != getattr(config, f) for f in ("k", "voting", "dimension")
+            ) or np.float32(updated.temperature) != np.float32(config.temperature)
             return dataclasses.replace(updated, calibration=None) if voting_changed else updated
 
         updated = await self._classifiers.update(
@@ -371,10 +373,13 @@ class ClassifierService:
 
     async def delete_classifier(self, name: str, etag: str = "") -> int:
         """Deletes the classifier's exemplars, then its record; see :class:`Classifiers`."""
-        async with self._classifiers.deleting_classifier(name, etag=etag) as config:
-            deleted = await self._delete(Selection(config.name))
+        deleted = await completed(self._delete_classifier_locked(name, etag))
         log.info("deleted classifier %s (%d exemplars)", name, deleted)
         return deleted
+
+    async def _delete_classifier_locked(self, name: str, etag: str) -> int:
+        async with self._classifiers.deleting_classifier(name, etag=etag) as config:
+            return await self._delete(Selection(config.name))
 
     async def _count(self, selection: Selection) -> int:
         return await self._store.count(self._dimensions[0], selection)
@@ -407,8 +412,23 @@ class ClassifierService:
             raise self._limit_reached(classifier, 0, len(chosen))
         prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
         vectors = await self._embedder.embed(prompts)
+        written = await completed(
+            self._write_locked(classifier, config.uid, etag, items, ids, chosen, vectors)
+        )
+        return ids, written.etag
 
-        async with self._classifiers.writing(classifier, uid=config.uid, etag=etag) as current:
+    async def _write_locked(
+        self,
+        classifier: str,
+        uid: str,
+        etag: str,
+        items: Sequence[ExemplarInput],
+        ids: list[str],
+        chosen: list[int],
+        vectors: Matrix,
+    ) -> ClassifierConfig:
+        """AddExemplars' write, under the classifier's lock; returns the record after it."""
+        async with self._classifiers.writing(classifier, uid=uid, etag=etag) as current:
             now = time.time()
             point_ids = [_point_id(current, ids[i]) for i in chosen]
             payloads = [
@@ -419,11 +439,10 @@ class ClassifierService:
             await self._check_room(classifier, len(created))
             await self._write_everywhere(classifier, point_ids, created, vectors, payloads)
             try:
-                written = await self._classifiers.bump(current)
+                return await self._classifiers.bump(current)
             except NotFound:
                 await self._delete(Selection(classifier, ids=point_ids))
                 raise
-        return ids, written.etag
 
     async def restore_classifier(self, config: ClassifierConfig) -> ClassifierConfig:
         """The migration's copy of a classifier record from another store: created with
@@ -478,15 +497,23 @@ class ClassifierService:
                 )
         else:
             written = vectors[todo]
-        async with self._classifiers.writing(config.name, uid=config.uid) as current:
-            ids = [point_ids[i] for i in todo]
-            created = await self._absent(config.name, ids)
-            await self._check_room(config.name, len(created))
-            await self._write_everywhere(
-                config.name, ids, created, written, [payloads[i] for i in todo]
-            )
-            await self._classifiers.bump(current)
+        ids = [point_ids[i] for i in todo]
+        await completed(self._restore_locked(config, ids, written, [payloads[i] for i in todo]))
         return len(todo), len(todo) if vectors is None else 0
+
+    async def _restore_locked(
+        self,
+        config: ClassifierConfig,
+        point_ids: list[str],
+        vectors: Matrix,
+        payloads: list[Payload],
+    ) -> None:
+        """restore_exemplars' write, under the classifier's lock."""
+        async with self._classifiers.writing(config.name, uid=config.uid) as current:
+            created = await self._absent(config.name, point_ids)
+            await self._check_room(config.name, len(created))
+            await self._write_everywhere(config.name, point_ids, created, vectors, payloads)
+            await self._classifiers.bump(current)
 
     async def _held_everywhere(self, classifier: str, point_ids: list[str]) -> dict[str, Payload]:
         """The payloads of those of ``point_ids`` that every dimension holds."""
@@ -571,9 +598,22 @@ class ClassifierService:
         if ids:
             validation.batch_size(len(ids), self._limits, "ids")
             for i, exemplar_id in enumerate(ids):
+                if not exemplar_id:
+                    raise InvalidArgument(
+                        f"ids.ids[{i}] is empty",
+                        reason=Reason.FIELD_REQUIRED,
+                        field=f"ids.ids[{i}]",
+                    )
                 validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
         else:
             validation.label(label)
+        return await completed(self._delete_locked(classifier, ids, label, etag))
+
+    async def _delete_locked(
+        self, classifier: str, ids: Sequence[str], label: str, etag: str
+    ) -> tuple[int, str]:
+        """DeleteExemplars under the classifier's lock; the revision moves only if something
+        was deleted, so a delete of nothing fails nobody's conditional write."""
         async with self._classifiers.writing(classifier, etag=etag) as current:
             selection = Selection(
                 current.name,
@@ -581,7 +621,7 @@ class ClassifierService:
                 label=label or None,
             )
             deleted = await self._delete(selection)
-            written = await self._classifiers.bump(current)
+            written = await self._classifiers.bump(current) if deleted else current
         return deleted, written.etag
 
     async def _delete(self, selection: Selection) -> int:
@@ -668,13 +708,16 @@ class ClassifierService:
             _either(options.min_confidence, config.min_confidence), "options.min_confidence", 0, 1
         )
         # The calibration was fitted for the classifier's own settings; others get raw shares.
+        # Temperatures as the wire carries them (float32): the classifier's own, sent back,
+        # must count as its own.
         own = (
             config.k,
             config.voting,
             config.dimension or self._dimensions[-1],
-            config.temperature,
+            np.float32(config.temperature),
         )
-        calibration = config.calibration if (k, voting, dimension, temperature) == own else None
+        asked = (k, voting, dimension, np.float32(temperature))
+        calibration = config.calibration if asked == own else None
 
         answers: list[Vote | InvalidArgument | None] = [None] * len(texts)
         valid: list[int] = []
@@ -788,6 +831,24 @@ def _payload(
         "metadata": dict(metadata),
         "created_at": created_at,
     }
+
+
+async def completed(write: Coroutine[Any, Any, T]) -> T:
+    """Runs ``write`` to its end even if the caller is cancelled (its deadline passed, or it
+    hung up): stopped between two dimensions, a write would leave exemplars in some only, and
+    a delete would leave its classifier marked "deleting". The caller still gets its
+    cancellation; a failure after it is logged."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_failure_after_cancel)
+        raise
+
+
+def _log_failure_after_cancel(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a write finished after its caller left, with %r", task.exception())
 
 
 def _no_exemplars(classifier: str) -> FailedPrecondition:

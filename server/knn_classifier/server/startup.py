@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
 
+from . import statuses
 from .auth import KeyRing
-from .errors import StartupError
+from .errors import Reason, StartupError, Unavailable
 from .settings import AuthSettings, ServerSettings, TlsSettings
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -161,7 +162,8 @@ class StartingGate(_ServerInterceptor):
 
 
 async def _refuse_while_starting(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(
-        grpc.StatusCode.UNAVAILABLE,
+    starting = Unavailable(
         "the service is starting (waiting for the embedding server and the store); retry shortly",
+        reason=Reason.SERVICE_STARTING,
     )
+    await statuses.abort(context, statuses.of_error(starting))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -47,6 +48,12 @@ else:  # not subscriptable at run time
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 REQUEST_ID = "x-request-id"
+_KNOWN_METHODS = frozenset(
+    f"/{service.full_name}/{method.name}"
+    for module in (pb, health_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+)
 _VALID_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 _QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 """Services whose access lines go to DEBUG: load balancers check health every few seconds."""
@@ -99,7 +106,12 @@ class RpcTelemetry(_ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler  # unknown methods (UNIMPLEMENTED) and streams (reflection) pass
         behaviour = cast(Behaviour, handler.unary_unary)
-        service, _, method = details.method.lstrip("/").rpartition("/")
+        # A refused call may name any method (auth and the start-up gate answer before the
+        # method is resolved): only the API's own names become labels, so series stay bounded.
+        if details.method in _KNOWN_METHODS:
+            service, _, method = details.method.lstrip("/").rpartition("/")
+        else:
+            service = method = "unknown"
         metadata = details.invocation_metadata or ()
 
         async def observed(request: Any, context: Context) -> Any:

@@ -64,13 +64,13 @@ def fit(
 ) -> Thresholds | None:
     """The thresholds that keep the most answers whose precision, with one right and one wrong
     answer added, reaches ``target``; the loosest such pair. None when no pair reaches it."""
+    if len(confidences) == 0:
+        return None
     conf = np.asarray(confidences, dtype=np.float64)
     order = np.argsort(-conf, kind="stable")
     conf = conf[order]
     sims = np.asarray(similarities, dtype=np.float64)[order]
     right = np.asarray(correct, dtype=bool)[order]
-    if len(conf) == 0:
-        return None
     # Where a confidence threshold can cut: after the last answer of each distinct confidence.
     ends = np.flatnonzero(np.append(conf[1:] != conf[:-1], True))
     candidates = np.unique(

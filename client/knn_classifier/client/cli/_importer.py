@@ -188,9 +188,12 @@ class Importer:
         while True:
             try:
                 return self._client.add_exemplars(self._classifier, [r.exemplar() for r in rows])
-            except _TRANSIENT:
+            except _TRANSIENT as error:
                 attempt += 1
-                if attempt == RETRIES:
+                # A full classifier or an oversized batch stays so: only what the server says
+                # may pass (a retry hint) or a deadline or a lost connection is retried.
+                hopeless = isinstance(error, ResourceExhaustedError) and not error.retryable
+                if hopeless or attempt == RETRIES:
                     raise
                 delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.0))

@@ -74,6 +74,12 @@ class Store(ABC):
     async def put_meta(self, key: str, payload: Payload) -> None: ...
 
     @abstractmethod
+    async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
+        """Sets ``fields`` on the record ``key`` if it exists and each field of ``where`` has
+        the given value, in one step of the store (a compare-and-set that replicas sharing the
+        store cannot interleave); else does nothing. Read the record back to learn which."""
+
+    @abstractmethod
     async def delete_meta(self, key: str) -> None: ...
 
     @abstractmethod

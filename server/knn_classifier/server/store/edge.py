@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from ..errors import ResourceExhausted, StartupError, Unavailable
+from ..errors import Reason, ResourceExhausted, StartupError, Unavailable
 from ..label_models import LabelModel
 from .base import LabelModelFit, Matrix, Payload, Record, Selection, Store, meta_point_id
 from .mirror import VOTE_FIELDS, Mirror
@@ -202,7 +202,10 @@ class EdgeStore(Store):
         raise ResourceExhausted(
             f"the data directory's disk is nearly full ({free / _MIB:.1f} MiB free; the store "
             f"keeps {self._min_free / _MIB:.1f} MiB in reserve), so this write was refused and "
-            "nothing was written; free disk space on the server, then retry. Reads go on"
+            "nothing was written; free disk space on the server, then retry. Reads and deletes "
+            "go on",
+            reason=Reason.STORAGE_FULL,
+            metadata={"freeBytes": free, "reserveBytes": self._min_free},
         )
 
     # Meta records ----------------------------------------------------------------------------
@@ -222,10 +225,19 @@ class EdgeStore(Store):
     async def put_meta(self, key: str, payload: Payload) -> None:
         self._meta_read.pop(key, None)
         record = {**payload, "key": key}
-        self._ensure_room(2 * len(json.dumps(record, default=str)))
+        # Records are small and replace their previous version; deletes write them too (the
+        # "deleting" mark, the revision), so they may use the deletions' half of the reserve.
+        self._ensure_room(None)
         with self._using(None) as shard:
             point = qe.Point(meta_point_id(key), [1.0], record)
             shard.update(qe.UpdateOperation.upsert_points([point]))
+
+    async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
+        # This process is the store's only writer and nothing below awaits: read, compare and
+        # write are one step.
+        current = await self.get_meta(key)
+        if current is not None and all(current.get(k) == v for k, v in where.items()):
+            await self.put_meta(key, {k: v for k, v in {**current, **fields}.items() if k != "key"})
 
     async def delete_meta(self, key: str) -> None:
         self._meta_read.pop(key, None)
@@ -306,6 +318,11 @@ class EdgeStore(Store):
             return _with_vectors(shard.retrieve(list(ids), True, True), dimension)
 
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        # In a worker thread: converting tens of thousands of records held the event loop for
+        # seconds (docs/reliability.md); the shard's calls hold the GIL, but one page at a time.
+        return await asyncio.to_thread(self._vectors, dimension, classifier)
+
+    def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         with self._using(dimension) as shard:
             records = _scroll_all(shard, _filter(Selection(classifier)), vectors=True)
             return _with_vectors(records, dimension)

@@ -104,6 +104,19 @@ class QdrantServerStore(Store):
         async with _unavailable_on_failure():
             await self._client.upsert(self._meta, [point], wait=True)
 
+    async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
+        # One filtered set_payload: the server applies it to the point only if the filter
+        # matches when it runs, so it cannot interleave with another replica's write.
+        conditions: list[models.Condition] = [models.HasIdCondition(has_id=[meta_point_id(key)])]
+        conditions += [
+            models.FieldCondition(key=name, match=models.MatchValue(value=value))
+            for name, value in where.items()
+        ]
+        async with _unavailable_on_failure():
+            await self._client.set_payload(
+                self._meta, fields, points=models.Filter(must=conditions), wait=True
+            )
+
     async def delete_meta(self, key: str) -> None:
         selector = models.PointIdsList(points=[meta_point_id(key)])
         async with _unavailable_on_failure():
