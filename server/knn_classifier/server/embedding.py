@@ -12,9 +12,9 @@ import base64
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,10 @@ class Fingerprint:
 
     def as_payload(self) -> dict[str, str | int]:
         return {"model": self.model, "template": self.template, "width": self.width}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Fingerprint:
+        return cls(str(payload["model"]), str(payload["template"]), int(payload["width"]))
 
 
 def usable_rows(vectors: Matrix) -> npt.NDArray[np.bool_]:

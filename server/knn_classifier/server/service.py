@@ -32,6 +32,7 @@ from .domain import (
 )
 from .embedding import Embedder, Fingerprint, Matrix, truncate
 from .errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -42,14 +43,22 @@ from .errors import (
 )
 from .evaluator import Evaluation, Evaluator
 from .metrics import Metrics
+from .progress import Progress
 from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
+from .store.base import Payload
 from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 
 log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
-_FINGERPRINT_KEY = "embedder-fingerprint"
+FINGERPRINT_KEY = "embedder-fingerprint"
+_REPAIR_BATCH = 512
+"""Exemplars read, embedded and written together by the start-up repair."""
+MIGRATION_HINT = (
+    "move the data to this embedder: copy it into a new store with knn-classifier-migrate "
+    "(README, 'Moving to another embedder')"
+)
 
 T = TypeVar("T")
 
@@ -94,6 +103,11 @@ class ClassifierService:
     def limits(self) -> LimitSettings:
         return self._limits
 
+    @property
+    def fingerprint(self) -> Fingerprint:
+        """The embedder's, once :meth:`start` has probed it."""
+        return self._embedder.fingerprint
+
     # Life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -112,7 +126,7 @@ class ClassifierService:
         except Unavailable as exc:
             raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
         try:
-            await self._check_fingerprint(self._embedder.fingerprint)
+            filling = await self._check_fingerprint(self._embedder.fingerprint)
             if upgraded := await self._classifiers.upgrade():
                 log.info("gave %d classifier record(s) their revision", upgraded)
             for config in await self._classifiers.deleting():
@@ -120,18 +134,26 @@ class ClassifierService:
                     deleted = await self._delete(Selection(config.name))
                 log.warning("finished deleting classifier %s (%d exemplars)", config.name, deleted)
             repaired = await self.repair()
+            if filling:  # only now: a fill interrupted by a crash resumes at the next start
+                await self._record_fingerprint(self._embedder.fingerprint)
         except (Unavailable, ResourceExhausted) as exc:
             raise StartupError(
                 f"start-up could not check or repair the stored data: {exc}"
             ) from exc
-        if repaired:
+        if filling:
+            log.warning("filled the new dimensions %s: wrote %d vector(s)", filling, repaired)
+        elif repaired:
             log.warning("repaired %d exemplar(s) missing from some dimensions", repaired)
         log.info("embedder width %d; dimensions %s", width, self._dimensions)
 
-    async def _check_fingerprint(self, current: Fingerprint) -> None:
+    async def _check_fingerprint(self, current: Fingerprint) -> list[int]:
         """Refuses to start on exemplars without a classifier record, or on vectors of another
-        embedder or without the configured dimensions; records the fingerprint if it changed."""
-        recorded = await self._store.get_meta(_FINGERPRINT_KEY)
+        embedder; records the fingerprint if it changed.
+
+        Returns the configured dimensions the stored exemplars have no vectors in yet, emptied
+        for :meth:`repair` to fill; they are recorded as ``filling`` until it has.
+        """
+        recorded = await self._store.get_meta(FINGERPRINT_KEY)
         records = {str(p["name"]) for p in await self._store.list_meta("classifier")}
         held: dict[str, int] = {}  # classifier -> exemplars, in the dimension holding most
         for dimension in self._dimensions:
@@ -156,73 +178,115 @@ class ClassifierService:
                 "KNN_STORE__DELETE_ORPHANED_EXEMPLARS=true to delete the exemplars"
             )
         has_data = bool(records or held)
+        filling: list[int] = []
         if recorded is not None and has_data:
-            stored = Fingerprint(
-                str(recorded["model"]), str(recorded["template"]), int(recorded["width"])
-            )
+            stored = Fingerprint.from_payload(recorded)
             if stored != current:
                 raise StartupError(
                     f"the store holds vectors made by model={stored.model!r}, "
                     f"template={stored.template!r}, width={stored.width}, but this service "
                     f"embeds with model={current.model!r}, template={current.template!r}, "
                     f"width={current.width}; vectors of different embedders cannot be compared. "
-                    "Use the same embedder settings, or a new KNN_DATA_DIR / collection prefix"
+                    f"Use the same embedder settings, or {MIGRATION_HINT}"
                 )
-            missing = sorted(set(self._dimensions) - set(recorded.get("dimensions", [])))
-            if missing:
-                raise StartupError(
-                    f"dimensions {missing} are new, but the store already holds exemplars that "
-                    "have no vectors in them; remove them from KNN_DIMENSIONS or start on an "
-                    "empty store"
-                )
+            filling = sorted(set(self._dimensions) - set(recorded.get("dimensions", [])))
+            if filling:
+                await self._empty_for_filling(filling, recorded.get("filling", []))
+        await self._record_fingerprint(current, recorded, filling)
+        return filling
+
+    async def _empty_for_filling(self, dimensions: list[int], interrupted: list[int]) -> None:
+        """Empties the collections of new ``dimensions`` before they are filled, except those
+        of a fill that was ``interrupted`` (they hold its progress). A dimension configured once,
+        dropped and configured again still has its old collection, whose points missed every
+        write since: left there, the repair would copy them into the other dimensions."""
+        log.warning(
+            "dimensions %s are new: filling them for the stored exemplars, from a wider stored "
+            "vector where there is one, else by embedding the stored text",
+            dimensions,
+        )
+        for dimension in sorted(set(dimensions) - set(interrupted)):
+            for name in await self._store.classifier_counts(dimension):
+                await self._store.delete(dimension, Selection(name))
+
+    async def _record_fingerprint(
+        self,
+        current: Fingerprint,
+        recorded: Payload | None = None,
+        filling: Sequence[int] = (),
+    ) -> None:
+        """Records the embedder and the dimensions whose vectors are complete (and those being
+        filled); writes nothing when ``recorded`` says the same already."""
         payload: dict[str, Any] = {
             **current.as_payload(),
             "kind": "fingerprint",
-            "dimensions": self._dimensions,
+            "dimensions": [d for d in self._dimensions if d not in filling],
         }
+        if filling:
+            payload["filling"] = list(filling)
         if recorded is None or {k: v for k, v in recorded.items() if k != "key"} != payload:
-            await self._store.put_meta(_FINGERPRINT_KEY, payload)  # no write when unchanged
+            await self._store.put_meta(FINGERPRINT_KEY, payload)
 
     async def repair(self) -> int:
-        """Completes exemplars that an interrupted write or delete left in some dimensions only.
+        """Completes exemplars missing from some dimensions: left so by an interrupted write or
+        delete, or every exemplar in a newly configured dimension.
 
         A missing vector is the truncation of the exemplar's vector in a wider dimension where
-        there is one, else the stored text is embedded again. Returns how many (exemplar,
-        dimension) pairs were written.
+        there is one, else the stored text is embedded again; dimensions are completed widest
+        first, so a text is embedded once for all of them. Progress is logged. Returns how many
+        (exemplar, dimension) pairs were written.
         """
-        repaired = 0
-        for config in await self._classifiers.all():
-            present = {d: await self._store.point_ids(d, config.name) for d in self._dimensions}
-            every = set().union(*present.values())
-            for dimension in self._dimensions:
-                missing = every - present[dimension]
-                for source in sorted(present, reverse=True):  # widest first
-                    found = sorted(missing & present[source])
-                    if not found:
-                        continue
-                    records, vectors = await self._store.retrieve(source, found)
-                    if source < dimension:
-                        prompts = [
-                            self._embedder.prompt(config.instruction, str(r.payload["text"]))
-                            for r in records
-                        ]
-                        vectors = await self._embedder.embed(prompts)
-                    await self._store.upsert(
-                        dimension,
-                        [r.id for r in records],
-                        truncate(vectors, dimension),
-                        [r.payload for r in records],
-                    )
+        configs = await self._classifiers.all()
+        present = {
+            c.name: {d: await self._store.point_ids(d, c.name) for d in self._dimensions}
+            for c in configs
+        }
+        total = sum(
+            len(set().union(*held.values()) - ids)
+            for held in present.values()
+            for ids in held.values()
+        )
+        if not total:
+            return 0
+        progress = Progress(log, "completing exemplars missing from some dimensions", total)
+        for config in configs:
+            held = present[config.name]
+            every = set().union(*held.values())
+            for dimension in sorted(held, reverse=True):
+                missing = every - held[dimension]
+                for source in sorted(held, reverse=True):
+                    found = sorted(missing & held[source])
+                    for start in range(0, len(found), _REPAIR_BATCH):
+                        batch = found[start : start + _REPAIR_BATCH]
+                        await self._complete(config, dimension, source, batch)
+                        progress.advance(len(batch))
                     missing -= set(found)
-                    repaired += len(found)
-        return repaired
+                    held[dimension] |= set(found)
+        return total
+
+    async def _complete(
+        self, config: ClassifierConfig, dimension: int, source: int, ids: list[str]
+    ) -> None:
+        """Writes the points ``ids`` of ``source`` into ``dimension``."""
+        records, vectors = await self._store.retrieve(source, ids)
+        if source < dimension:
+            prompts = [
+                self._embedder.prompt(config.instruction, str(r.payload["text"])) for r in records
+            ]
+            vectors = await self._embedder.embed(prompts)
+        await self._store.upsert(
+            dimension,
+            [r.id for r in records],
+            truncate(vectors, dimension),
+            [r.payload for r in records],
+        )
 
     async def healthy(self) -> bool:
         """Whether the embedder and the store both answer (for the health service)."""
         if not await self._embedder.ping(within_s=5.0):
             return False
         try:
-            await self._store.get_meta(_FINGERPRINT_KEY)
+            await self._store.get_meta(FINGERPRINT_KEY)
         except Unavailable:
             return False
         return True
@@ -368,14 +432,7 @@ class ClassifierService:
             now = time.time()
             point_ids = [_point_id(current, ids[i]) for i in chosen]
             payloads = [
-                {
-                    "classifier": classifier,
-                    "id": ids[i],
-                    "label": items[i].label,
-                    "text": items[i].text,
-                    "metadata": dict(items[i].metadata),
-                    "created_at": now,
-                }
+                _payload(classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now)
                 for i in chosen
             ]
             created = await self._absent(classifier, point_ids)
@@ -386,6 +443,88 @@ class ClassifierService:
             except NotFound:
                 await self._delete(Selection(classifier, ids=point_ids))
                 raise
+
+    async def restore_classifier(self, config: ClassifierConfig) -> ClassifierConfig:
+        """The migration's copy of a classifier record from another store: created with
+        ``config``'s settings, calibration and creation time (a new incarnation), or the
+        classifier already here if it has the same instruction (a migration resumed).
+        ALREADY_EXISTS if one of that name has another instruction: its vectors would not be
+        comparable with the copied exemplars'."""
+        try:
+            return await self._classifiers.create(config)
+        except AlreadyExists:
+            existing = await self._classifiers.get(config.name)
+            if existing.instruction != config.instruction:
+                raise AlreadyExists(
+                    f"classifier {config.name!r} already exists with another instruction "
+                    f"({existing.instruction!r}, not {config.instruction!r}); delete it or "
+                    "migrate into another store",
+                    resource=errors.classifier(config.name),
+                ) from None
+            return existing
+
+    async def restore_exemplars(
+        self, config: ClassifierConfig, exemplars: Sequence[Exemplar], vectors: Matrix | None
+    ) -> tuple[int, int]:
+        """The migration's copy of exemplars from another store, with their ids, texts, labels,
+        metadata and creation times; returns how many were written and how many embedded.
+
+        An exemplar the classifier already holds in every dimension with the same payload is
+        skipped, so a migration run again continues where it stopped. ``vectors``: one row per
+        exemplar, made by this service's embedder and at least as wide as every dimension; None:
+        the texts are embedded (InvalidArgument naming the exemplar if the model rejects one).
+        Written as AddExemplars writes: under the write lock, within the exemplar limit, in
+        every dimension, with the revision bumped.
+        """
+        point_ids = [_point_id(config, e.id) for e in exemplars]
+        payloads = [
+            _payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
+            for e in exemplars
+        ]
+        held = await self._held_everywhere(config.name, point_ids)
+        todo = [i for i, point in enumerate(point_ids) if held.get(point) != payloads[i]]
+        if not todo:
+            return 0, 0
+        if vectors is None:
+            prompts = [self._embedder.prompt(config.instruction, exemplars[i].text) for i in todo]
+            _, written, rejected = await self._embed_isolating_rejects(prompts, direct=True)
+            if rejected:
+                j, rejection = min(rejected.items())
+                raise InvalidArgument(
+                    f"exemplar {exemplars[todo[j]].id!r} of classifier {config.name!r}: "
+                    f"{rejection.message}",
+                    reason=rejection.reason,
+                )
+        else:
+            written = vectors[todo]
+        ids = [point_ids[i] for i in todo]
+        await completed(self._restore_locked(config, ids, written, [payloads[i] for i in todo]))
+        return len(todo), len(todo) if vectors is None else 0
+
+    async def _restore_locked(
+        self,
+        config: ClassifierConfig,
+        point_ids: list[str],
+        vectors: Matrix,
+        payloads: list[Payload],
+    ) -> None:
+        """restore_exemplars' write, under the classifier's lock."""
+        async with self._classifiers.writing(config.name, uid=config.uid) as current:
+            created = await self._absent(config.name, point_ids)
+            await self._check_room(config.name, len(created))
+            await self._write_everywhere(config.name, point_ids, created, vectors, payloads)
+            await self._classifiers.bump(current)
+
+    async def _held_everywhere(self, classifier: str, point_ids: list[str]) -> dict[str, Payload]:
+        """The payloads of those of ``point_ids`` that every dimension holds."""
+        held: dict[str, Payload] | None = None
+        for dimension in self._dimensions:
+            records, _ = await self._store.scroll(
+                dimension, Selection(classifier, ids=point_ids), len(point_ids), None
+            )
+            here = {record.id: record.payload for record in records}
+            held = here if held is None else {p: v for p, v in held.items() if p in here}
+        return held or {}
 
     async def _absent(self, classifier: str, point_ids: list[str]) -> list[str]:
         """Which of ``point_ids`` the classifier does not hold yet."""
@@ -503,7 +642,7 @@ class ClassifierService:
         records, next_offset = await self._store.scroll(
             self._dimensions[0], selection, size, offset
         )
-        exemplars = [_exemplar(record) for record in records]
+        exemplars = [stored_exemplar(record) for record in records]
         kept = paging.fitting(
             exemplars, wire_size.exemplar, self._limits.max_response_bytes, "one exemplar"
         )
@@ -624,18 +763,20 @@ class ClassifierService:
         return [a for a in answers if a is not None], config.etag
 
     async def _embed_isolating_rejects(
-        self, prompts: Sequence[str]
+        self, prompts: Sequence[str], direct: bool = False
     ) -> tuple[list[int], Matrix, dict[int, InvalidArgument]]:
         """Embeds ``prompts`` together; if the model rejects the batch, finds the culprits.
 
         Returns the positions embedded, their vectors (row i for position i of the list) and the
         rejection of each other position. SGLang rejects a whole batch for one bad text, so a
-        rejected batch is retried one text per call.
+        rejected batch is retried one text per call. ``direct``: call the embedder directly
+        rather than through the coalescer (which is for Classify's small batches).
         """
         if not prompts:
             return [], np.empty((0, 0), dtype=np.float32), {}
+        send = self._embedder.embed_uncached if direct else self._coalescer.embed
         try:
-            every = await self._embedder.embed(prompts, self._coalescer.embed)
+            every = await self._embedder.embed(prompts, send)
             return list(range(len(prompts))), every, {}
         except InvalidArgument as whole:
             if len(prompts) == 1:
@@ -644,7 +785,7 @@ class ClassifierService:
         rejected: dict[int, InvalidArgument] = {}
         for j, prompt in enumerate(prompts):
             try:
-                rows[j] = await self._embedder.embed([prompt], self._coalescer.embed)
+                rows[j] = await self._embedder.embed([prompt], send)
             except InvalidArgument as one:
                 rejected[j] = one
         embedded = sorted(rows)
@@ -671,6 +812,25 @@ class ClassifierService:
             )
             log.info("classifier %s: applied the best setting of an Evaluate", config.name)
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
+
+
+def _payload(
+    classifier: str,
+    exemplar_id: str,
+    label: str,
+    text: str,
+    metadata: dict[str, str],
+    created_at: float,
+) -> Payload:
+    """An exemplar's payload, the same in every dimension."""
+    return {
+        "classifier": classifier,
+        "id": exemplar_id,
+        "label": label,
+        "text": text,
+        "metadata": dict(metadata),
+        "created_at": created_at,
+    }
 
 
 async def completed(write: Coroutine[Any, Any, T]) -> T:
@@ -713,7 +873,8 @@ def _neighbour(record: Record) -> Neighbour:
     return Neighbour(str(payload["id"]), str(payload["label"]), str(payload["text"]), record.score)
 
 
-def _exemplar(record: Record) -> Exemplar:
+def stored_exemplar(record: Record) -> Exemplar:
+    """The exemplar a stored point holds."""
     payload = record.payload
     return Exemplar(
         id=str(payload["id"]),
