@@ -125,7 +125,7 @@ def fit(labels: Sequence[str], vectors: Matrix) -> OutOfScopeModel:
     names, member, x, means, background = _statistics(labels, vectors)
     within = _Scatter.of(x - means[member])
     total = _Scatter.of(x - background)
-    nearest = _nearest_two(x)[1][:, 0]
+    nearest = _nearest_two(vectors)[1][:, 0]
     return OutOfScopeModel(
         names,
         _Gaussians.of(means, within, len(x) - len(names)),
@@ -163,7 +163,7 @@ def leave_one_out(
     within = _Scatter.of(x - means[member])
     total = _Scatter.of(x - background)
     everyone = np.zeros(len(x), dtype=np.intp)
-    indices, similarities = _nearest_two(x)
+    indices, similarities = _nearest_two(vectors)
     mahalanobis = np.empty(len(self_index))
     similarity = np.empty(len(self_index))
     for start in range(0, len(self_index), CHECKPOINT_ROWS):
@@ -283,22 +283,21 @@ def _statistics(
     return names, member, x, means, x.mean(axis=0, keepdims=True)
 
 
-def _nearest_two(x: _Float) -> tuple[_Index, _Float]:
+def _nearest_two(vectors: Matrix) -> tuple[_Index, _Float]:
     """Each vector's two nearest other vectors by cosine similarity (unit vectors), nearest
-    first: indices and similarities (-1 where there is no second other vector)."""
-    count = min(2, len(x) - 1)
-    indices = np.zeros((len(x), 2), dtype=np.intp)
-    similarities = np.full((len(x), 2), -1.0)
-    for start in range(0, len(x), CHECKPOINT_ROWS * 4):
-        block = x[start : start + CHECKPOINT_ROWS * 4] @ x.T
-        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
-        top = np.argpartition(-block, count - 1, axis=1)[:, :count]
-        top_similarities = np.take_along_axis(block, top, axis=1)
-        order = np.argsort(-top_similarities, axis=1, kind="stable")
-        indices[start : start + len(block), :count] = np.take_along_axis(top, order, axis=1)
-        similarities[start : start + len(block), :count] = np.take_along_axis(
-            top_similarities, order, axis=1
-        )
+    first: indices and similarities (-1 where there is no other vector)."""
+    indices = np.zeros((len(vectors), 2), dtype=np.intp)
+    similarities = np.full((len(vectors), 2), -1.0)
+    step = CHECKPOINT_ROWS * 4
+    for start in range(0, len(vectors), step):
+        block = vectors[start : start + step] @ vectors.T
+        rows = np.arange(len(block))
+        block[rows, np.arange(start, start + len(block))] = -np.inf
+        for column in range(min(2, len(vectors) - 1)):
+            best = block.argmax(axis=1)
+            indices[start : start + len(block), column] = best
+            similarities[start : start + len(block), column] = block[rows, best]
+            block[rows, best] = -np.inf
     return indices, similarities
 
 
