@@ -7,7 +7,7 @@ RUN := $(UV) run --frozen
 # Trust the machine's certificate store (package registries may sit behind a TLS proxy).
 export UV_SYSTEM_CERTS := 1
 
-.PHONY: setup serve test lint typecheck pytest redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-soak clean
+.PHONY: setup serve test lint typecheck pytest redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-open-set bench-soak clean
 
 setup: .venv/.synced
 
@@ -50,6 +50,9 @@ bench-ablations: setup
 
 bench-label-models: setup
 	$(RUN) python bench/label_models.py
+
+bench-open-set: setup
+	$(RUN) python bench/open_set.py
 
 bench-soak: setup
 	$(RUN) python bench/soak.py
