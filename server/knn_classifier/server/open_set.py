@@ -106,6 +106,7 @@ class OutOfScopeModel:
     their nearest other exemplar."""
 
     def relative_mahalanobis(self, texts: Matrix) -> _Float:
+        """Each text's squared distance to the background less the one to its nearest label."""
         x = texts.astype(np.float64)
         return np.asarray(self.background.distances(x)[:, 0] - self.within.distances(x).min(axis=1))
 
