@@ -11,7 +11,7 @@ export UV_SYSTEM_CERTS := 1
 NPM_CI := npm ci --no-audit --no-fund --ignore-scripts --prefix
 BUF := scripts/buf/node_modules/.bin/buf
 
-.PHONY: setup serve test lint proto-lint proto-baseline typecheck pytest node-deps redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-soak clean
+.PHONY: setup serve test lint proto-lint proto-baseline typecheck pytest node-deps redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-open-set bench-soak clean
 
 setup: .venv/.synced
 
@@ -73,6 +73,9 @@ bench-ablations: setup
 
 bench-label-models: setup
 	$(RUN) python bench/label_models.py
+
+bench-open-set: setup
+	$(RUN) python bench/open_set.py
 
 bench-soak: setup
 	$(RUN) python bench/soak.py

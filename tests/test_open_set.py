@@ -1,0 +1,164 @@
+"""Out-of-scope scores: relative Mahalanobis against scikit-learn's shrunk covariance, the
+label-relative similarity against a loop over the exemplars, leave-one-out against refitting, the
+combination and the coverage threshold."""
+
+import numpy as np
+import pytest
+from sklearn.covariance import ShrunkCovariance
+
+from knn_classifier.server import open_set
+from knn_classifier.server.label_models import shrinkage
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def reference_scores(labels: list[str], vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Relative Mahalanobis scores from scikit-learn's ShrunkCovariance.
+
+    scikit-learn divides a scatter by the number of vectors n; the service's covariances divide
+    it by their degrees of freedom (n less the labels' count for the pooled within-label one, n
+    - 1 for the background), so its squared distances are scikit-learn's times freedom / n.
+    """
+    x, q = vectors.astype(np.float64), queries.astype(np.float64)
+    names = sorted(set(labels))
+    n, d = x.shape
+    member = np.array([names.index(label) for label in labels])
+    means = np.array([x[member == c].mean(axis=0) for c in range(len(names))])
+    freedom = n - len(names)
+    within = ShrunkCovariance(shrinkage=shrinkage(d, freedom), assume_centered=True)
+    within.fit(x - means[member])
+    to_labels = np.column_stack([within.mahalanobis(q - mean) for mean in means]) * freedom / n
+    background = ShrunkCovariance(shrinkage=shrinkage(d, n - 1)).fit(x)
+    return background.mahalanobis(q) * (n - 1) / n - to_labels.min(axis=1)
+
+
+# More exemplars than dimensions, then fewer.
+@pytest.mark.parametrize(("count", "dimension"), [(60, 8), (20, 48)])
+def test_scores_are_relative_mahalanobis_distances(count: int, dimension: int) -> None:
+    rng = np.random.default_rng(count)
+    vectors = unit(rng.standard_normal((count, dimension)))
+    labels = [f"l{i % 4}" for i in range(count)]
+    queries = unit(rng.standard_normal((10, dimension)))
+    model = open_set.fit(labels, vectors)
+    assert model.labels == ["l0", "l1", "l2", "l3"]
+    np.testing.assert_allclose(
+        model.relative_mahalanobis(queries),
+        reference_scores(labels, vectors, queries),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_labels_without_spread_are_measured_with_the_identity_over_the_dimension() -> None:
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.standard_normal((5, 6)))
+    labels = ["a", "b", "c", "d", "e"]  # one exemplar each: no within-label spread
+    query = unit(rng.standard_normal((1, 6)))
+    background = ShrunkCovariance(shrinkage=shrinkage(6, 4)).fit(vectors.astype(np.float64))
+    nearest = min(float(np.sum((query[0] - v) ** 2)) for v in vectors.astype(np.float64))
+    expected = background.mahalanobis(query.astype(np.float64))[0] * 4 / 5 - 6 * nearest
+    model = open_set.fit(labels, vectors)
+    assert model.relative_mahalanobis(query)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_relative_similarity_is_less_the_labels_lower_quartile() -> None:
+    """A label's typical similarity: the lower quartile of its exemplars' similarities to their
+    nearest other exemplar (of any label)."""
+    rng = np.random.default_rng(4)
+    vectors = unit(rng.standard_normal((23, 6)))
+    labels = [f"l{i % 3}" for i in range(23)]
+    similarities = vectors @ vectors.T
+    np.fill_diagonal(similarities, -np.inf)
+    nearest = similarities.max(axis=1)
+    model = open_set.fit(labels, vectors)
+    for c, label in enumerate(model.labels):
+        own = sorted(nearest[i] for i in range(23) if labels[i] == label)  # 7 or 8 of them
+        position = (len(own) - 1) / 4  # numpy's default (linear) quantile
+        low = int(position)
+        expected = own[low] + (position - low) * (own[low + 1] - own[low])
+        assert model.typical[c] == pytest.approx(expected, abs=1e-6)
+    scores = model.relative_similarity([0.5, 0.9], ["l2", "l0"])
+    np.testing.assert_allclose(scores, [0.5 - model.typical[2], 0.9 - model.typical[0]])
+
+
+@pytest.mark.parametrize(("count", "dimension"), [(30, 8), (20, 48)])
+def test_leave_one_out_equals_refitting_without_the_exemplar(count: int, dimension: int) -> None:
+    rng = np.random.default_rng(count)
+    vectors = unit(rng.standard_normal((count, dimension)))
+    # Three labels, one of two exemplars (leaving one out leaves it a single one) and one alone.
+    labels = [f"l{i % 2}" for i in range(count - 3)] + ["pair", "pair", "alone"]
+    every = np.arange(count)
+    left_out = open_set.leave_one_out(labels, vectors, every)
+    for i in every:
+        others = every[every != i]
+        refit = open_set.fit([labels[j] for j in others], vectors[others])
+        query = vectors[i : i + 1]
+        assert left_out.mahalanobis[i] == pytest.approx(
+            refit.relative_mahalanobis(query)[0], rel=1e-7, abs=1e-7
+        )
+        similarities = vectors[others] @ vectors[i]
+        nearest = int(np.argmax(similarities))
+        expected = refit.relative_similarity([similarities[nearest]], [labels[others[nearest]]])
+        assert left_out.similarity[i] == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_leave_one_out_checks_its_checkpoint_before_each_block() -> None:
+    rng = np.random.default_rng(2)
+    count = open_set.CHECKPOINT_ROWS + 1
+    vectors = unit(rng.standard_normal((count, 8)))
+    labels = [f"l{i % 3}" for i in range(count)]
+    calls: list[int] = []
+    open_set.leave_one_out(labels, vectors, np.arange(count), lambda: calls.append(1))
+    assert len(calls) == 2
+
+    def stop() -> None:
+        raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        open_set.leave_one_out(labels, vectors, np.arange(count), stop)
+
+
+def test_a_held_out_label_scores_below_the_known_ones() -> None:
+    """Four tight clusters on random directions; the model knows three of them."""
+    rng = np.random.default_rng(3)
+    centres = unit(rng.standard_normal((4, 32)))
+    vectors = unit(np.repeat(centres, 40, axis=0) + 0.3 * rng.standard_normal((160, 32)) / 6)
+    labels = [f"l{i // 40}" for i in range(160)]
+    known = np.array([label != "l3" for label in labels])
+    model = open_set.fit(
+        [label for label, k in zip(labels, known, strict=True) if k], vectors[known]
+    )
+    fresh = unit(np.repeat(centres, 10, axis=0) + 0.3 * rng.standard_normal((40, 32)) / 6)
+    scores = model.relative_mahalanobis(fresh)
+    assert scores[30:].max() < scores[:30].min()
+    nearest = np.argmax(fresh @ vectors[known].T, axis=1)
+    kept = [label for label, k in zip(labels, known, strict=True) if k]
+    similarity = model.relative_similarity(
+        (fresh @ vectors[known].T).max(axis=1), [kept[i] for i in nearest]
+    )
+    assert similarity[30:].max() < similarity[:30].min()
+
+
+def test_coverage_threshold_keeps_at_least_the_share_asked_for() -> None:
+    scores = np.arange(1.0, 101.0)[::-1]  # any order
+    assert open_set.coverage_threshold(scores, 0.98) == 3.0  # keeps 98 of 100
+    assert open_set.coverage_threshold(scores, 0.95) == 6.0
+    assert open_set.coverage_threshold(scores, 0.975) == 3.0  # 97.5 rounds up to 98 kept
+    assert open_set.coverage_threshold(scores, 1.0) == 1.0
+    assert open_set.coverage_threshold(np.arange(10.0), 0.98) == 0.0  # 9.8 of 10: all kept
+    for coverage in (0.5, 0.9, 0.98, 0.999):
+        kept = (scores >= open_set.coverage_threshold(scores, coverage)).mean()
+        assert coverage <= kept < coverage + 0.01
+
+
+def test_the_combination_sums_the_log_p_values_among_the_references() -> None:
+    reference = open_set.LeaveOneOut(np.array([4.0, 1, 3, 2]), np.array([10.0, 30, 20, 40]))
+    combination = open_set.Combination.of(reference)
+    # 2.5: two of the four similarities are at or below it, p = 3 / 5; no Mahalanobis score is
+    # at or below 5, p = 1 / 5; 9 and 40 are at or above all four, p = 1.
+    np.testing.assert_allclose(
+        combination.scores([2.5, 9.0], [5.0, 40.0]),
+        [np.log(3 / 5) + np.log(1 / 5), np.log(1.0) + np.log(1.0)],
+    )
