@@ -40,10 +40,11 @@ class Classifiers:
         self._locks: dict[str, asyncio.Lock] = {}
         self._holders: dict[str, int] = {}
 
-    async def get(self, name: str, field: str = "classifier") -> ClassifierConfig:
-        """The classifier's record; NOT_FOUND if there is none or it is being deleted.
-        ``field`` names the request field that holds the name, for errors."""
-        return await self._current(name, None, "", field)
+    async def get(self, name: str, field: str = "classifier", etag: str = "") -> ClassifierConfig:
+        """The classifier's record; NOT_FOUND if there is none or it is being deleted, ABORTED
+        if ``etag`` is given and not its current one. ``field`` names the request field that
+        holds the name, for errors."""
+        return await self._current(name, None, etag, field)
 
     async def all(self) -> list[ClassifierConfig]:
         """Every classifier not being deleted, by name."""
@@ -148,21 +149,10 @@ class Classifiers:
             if config is None:
                 raise _not_found(name)
             if etag and not config.deleting and config.etag != etag:
-                raise Classifiers.stale(name, etag, config)
+                raise _stale(name, etag, config)
             marked = await self._mark_deleting(config)
             yield marked
             await self._store.delete_meta(classifier_key(config.name))
-
-    @staticmethod
-    def stale(name: str, etag: str, current: ClassifierConfig) -> Aborted:
-        """The error of a conditional write whose ``etag`` is not ``current``'s."""
-        return Aborted(
-            f"classifier {name!r} changed since etag {etag!r} (now {current.etag!r}); "
-            "read it again and retry",
-            reason=Reason.ETAG_MISMATCH,
-            resource=errors.classifier(name),
-            metadata={"etag": current.etag},
-        )
 
     # Internals -------------------------------------------------------------------------------
 
@@ -227,7 +217,7 @@ class Classifiers:
         if current is None or current.deleting or (uid is not None and current.uid != uid):
             raise _not_found(name)
         if etag and current.etag != etag:
-            raise Classifiers.stale(name, etag, current)
+            raise _stale(name, etag, current)
         return current
 
     @asynccontextmanager
@@ -254,6 +244,17 @@ def _contended(name: str) -> Aborted:
         f"classifier {name!r} is being changed by other calls; retry",
         reason=Reason.CONCURRENT_CHANGE,
         resource=errors.classifier(name),
+    )
+
+
+def _stale(name: str, etag: str, current: ClassifierConfig) -> Aborted:
+    """The error of a conditional write whose ``etag`` is not ``current``'s."""
+    return Aborted(
+        f"classifier {name!r} changed since etag {etag!r} (now {current.etag!r}); "
+        "read it again and retry",
+        reason=Reason.ETAG_MISMATCH,
+        resource=errors.classifier(name),
+        metadata={"etag": current.etag},
     )
 
 

@@ -799,9 +799,7 @@ class ClassifierService:
     ) -> tuple[Evaluation, ClassifierInfo]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC. ``etag``: the
         revision apply_best may change (ABORTED if the classifier is at another)."""
-        config = await self._classifiers.get(classifier)
-        if etag and etag != config.etag:
-            raise Classifiers.stale(classifier, etag, config)
+        config = await self._classifiers.get(classifier, etag=etag)
         evaluation = await self._evaluator.evaluate(config, request)
         proposed = evaluation.updated
         if proposed is not None:
