@@ -67,6 +67,9 @@ def build_cache(settings: Settings, metrics: Metrics | None = None) -> Embedding
     return EmbeddingCache(backend, embedding.cache_entries, metrics)
 
 
+_FAILED_START_GRACE_S = 1.0
+
+
 class App:
     """The service and its gRPC server.
 
@@ -146,7 +149,9 @@ class App:
             await self.service.start()
             self._serve_metrics()
         except BaseException:
-            await self.server.stop(0)
+            # A short grace lets health checks already accepted finish (with stop(0) grpc cancels
+            # them and logs a traceback for each beside the one-line reason start-up failed).
+            await self.server.stop(_FAILED_START_GRACE_S)
             await self.service.stop()  # release the embedder's connections and the store's lock
             raise
         self._gate.open()
