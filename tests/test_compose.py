@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
+import threading
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -16,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from knn_classifier.client import NotFoundError
+from knn_classifier.server.errors import StartupError
 from knn_classifier.server.settings import Settings
+from knn_classifier.server.store.compatibility import major_minor
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
@@ -227,3 +232,51 @@ def test_the_dashboard_charts_every_service_metric_and_only_real_ones(
         for label in group.split(",")
     }
     assert grouped - labels == set()
+
+
+def test_the_qdrant_image_has_the_minor_version_of_the_installed_qdrant_client(
+    compose: dict[str, Any],
+) -> None:
+    image = compose["services"]["qdrant"]["image"]
+    name, tag = image.rsplit(":", 1)
+    assert name == "qdrant/qdrant"
+    assert major_minor(tag) == major_minor(importlib.metadata.version("qdrant-client"))
+
+
+@pytest.fixture
+def old_qdrant() -> Iterator[str]:
+    """An HTTP server that answers Qdrant's version endpoint as Qdrant 1.16.3 does."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"title": "qdrant - vector search engine", "version": "1.16.3"})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        thread.join()
+        httpd.server_close()
+
+
+async def test_the_server_store_refuses_to_open_on_a_qdrant_the_client_does_not_support(
+    old_qdrant: str,
+) -> None:
+    from qdrant_client import AsyncQdrantClient
+
+    from knn_classifier.server.store.qdrant_server import QdrantServerStore
+
+    store = QdrantServerStore(AsyncQdrantClient(url=old_qdrant, check_compatibility=False), "knn")
+    with pytest.raises(StartupError, match=r"version 1\.16\.3.*run Qdrant v1\.20\.x"):
+        await store.open([8])
+    await store.close()

@@ -49,8 +49,9 @@ def build_store(settings: Settings) -> Store:
             prefer_grpc=True,
             api_key=settings.store.api_key.get_secret_value() if settings.store.api_key else None,
             timeout=settings.store.timeout_s,
-            # Start-up opens the collections and says clearly if Qdrant is unreachable; the
-            # client's own check would only add a warning from a background thread.
+            # The store checks the server's version when it opens (store/compatibility.py) and
+            # refuses to start on a mismatch; the client's own check would only warn, from a
+            # background thread, and once more if Qdrant is not up yet.
             check_compatibility=False,
         )
         return QdrantServerStore(client, settings.store.collection_prefix)

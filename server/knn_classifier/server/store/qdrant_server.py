@@ -22,6 +22,7 @@ from qdrant_client.conversions import common_types as types
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ..errors import Unavailable
+from .compatibility import check_server_version
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class QdrantServerStore(Store):
 
     async def open(self, dimensions: Sequence[int]) -> None:
         async with _unavailable_on_failure():
+            check_server_version((await self._client.info()).version)
             await self._ensure_collection(self._meta, 1, tenant_index=False)
             for dimension in dimensions:
                 await self._ensure_collection(self._collection(dimension), dimension)
