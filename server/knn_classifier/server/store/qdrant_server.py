@@ -22,8 +22,8 @@ from qdrant_client.conversions import common_types as types
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ..errors import Unavailable
-from .compatibility import check_server_version
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
+from .compatibility import check_server_version
 
 log = logging.getLogger(__name__)
 
