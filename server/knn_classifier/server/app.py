@@ -54,7 +54,9 @@ def build_store(settings: Settings) -> Store:
             # background thread, and once more if Qdrant is not up yet.
             check_compatibility=False,
         )
-        return QdrantServerStore(client, settings.store.collection_prefix)
+        return QdrantServerStore(
+            client, settings.store.collection_prefix, settings.store.quantize_from_dimension
+        )
     return EdgeStore(settings.data_dir, settings.store.min_free_bytes)
 
 

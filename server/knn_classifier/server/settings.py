@@ -124,6 +124,17 @@ class StoreSettings(BaseModel):
             "memory-mapped files, and a full disk would kill the process with SIGBUS."
         ),
     )
+    quantize_from_dimension: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Qdrant server store: collections created for this width or wider keep int8 "
+            "copies of the vectors in RAM and the float32 vectors on disk (a quarter of the RAM), "
+            "and searches rescore the int8 candidates with the float32 vectors. Unset: float32 "
+            "in RAM. Applies to collections created after it is set; docs/scaling.md has its "
+            "measured cost."
+        ),
+    )
     delete_orphaned_exemplars: bool = Field(
         False,
         description=(

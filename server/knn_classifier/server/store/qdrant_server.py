@@ -2,9 +2,13 @@
 
 Collections follow Qdrant's multitenancy recipe: an ``is_tenant`` keyword index on
 ``classifier``, and HNSW graphs built per tenant (``payload_m``) instead of one global graph
-(``m=0``), so a classifier's query searches its own graph. Writes use ``wait=True``: the call
-returns once the server has applied them. Any client or server failure becomes
-:class:`Unavailable`, so callers see UNAVAILABLE instead of an internal error.
+(``m=0``). Queries are exact (``SearchParams(exact=True)``), as Evaluate's neighbours are: the
+graphs cost little and keep approximate search open for very large classifiers (docs/design.md).
+With ``quantize_from`` set, collections created for that width or wider keep int8 copies of the
+vectors in RAM and the float32 vectors on disk, and queries rescore their candidates with the
+float32 vectors. Writes use ``wait=True``: the call returns once the server has applied them.
+Any client or server failure becomes :class:`Unavailable`, so callers see UNAVAILABLE instead of
+an internal error.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ from .compatibility import check_server_version
 log = logging.getLogger(__name__)
 
 _FACET_LIMIT = 1_000_000
+_INT8 = models.ScalarQuantization(
+    scalar=models.ScalarQuantizationConfig(
+        type=models.ScalarType.INT8, quantile=0.99, always_ram=True
+    )
+)
+_RESCORED = models.QuantizationSearchParams(rescore=True, oversampling=2.0)
+"""int8 candidates, twice as many as asked for, ranked again by their float32 vectors."""
 _CLIENT_FAILURES = (
     UnexpectedResponse,
     ResponseHandlingException,
@@ -39,9 +50,15 @@ _CLIENT_FAILURES = (
 
 
 class QdrantServerStore(Store):
-    def __init__(self, client: AsyncQdrantClient, prefix: str) -> None:
+    def __init__(
+        self, client: AsyncQdrantClient, prefix: str, quantize_from: int | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
+        self._quantize_from = quantize_from
+
+    def _quantized(self, dimension: int) -> bool:
+        return self._quantize_from is not None and dimension >= self._quantize_from
 
     def _collection(self, dimension: int) -> str:
         return f"{self._prefix}_d{dimension}"
@@ -70,9 +87,15 @@ class QdrantServerStore(Store):
     async def _ensure_collection(self, name: str, size: int, *, tenant_index: bool = True) -> None:
         if await self._client.collection_exists(name):
             return
+        quantized = tenant_index and self._quantized(size)
         await self._client.create_collection(
             name,
-            vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
+            vectors_config=models.VectorParams(
+                size=size,
+                distance=models.Distance.COSINE,
+                on_disk=True if quantized else None,
+                quantization_config=_INT8 if quantized else None,
+            ),
             hnsw_config=models.HnswConfigDiff(m=0, payload_m=16) if tenant_index else None,
         )
         if tenant_index:
@@ -223,8 +246,13 @@ class QdrantServerStore(Store):
         self, dimension: int, classifier: str, vectors: Matrix, k: int
     ) -> list[list[Record]]:
         tenant = _filter(Selection(classifier))
+        params = models.SearchParams(
+            exact=True, quantization=_RESCORED if self._quantized(dimension) else None
+        )
         requests = [
-            models.QueryRequest(query=vector, filter=tenant, limit=k, with_payload=True)
+            models.QueryRequest(
+                query=vector, filter=tenant, limit=k, with_payload=True, params=params
+            )
             for vector in vectors.tolist()
         ]
         async with _unavailable_on_failure():

