@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from knn_classifier.server import label_models
-from knn_classifier.server.label_models import LabelModel
 from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.mirror import Mirror
 
@@ -86,31 +83,3 @@ async def test_a_restarted_store_answers_from_what_it_wrote(tmp_path: Path) -> N
     await reopened.close()
     assert [h.payload["text"] for h in hits] == ["t1", "t2"]
     assert hits[0].score == pytest.approx(1.0)
-
-
-async def test_a_label_model_is_fitted_once_until_the_next_write() -> None:
-    fits: list[int] = []
-
-    def fit(labels: Sequence[str], vectors: np.ndarray) -> LabelModel:
-        fits.append(len(labels))
-        return label_models.centroids(labels, vectors)
-
-    def failing(labels: Sequence[str], vectors: np.ndarray) -> LabelModel:
-        raise np.linalg.LinAlgError("did not converge")
-
-    mirror = Mirror(4)
-    mirror.upsert(["a", "b"], unit(np.random.default_rng(1), 2, 4), [{"label": "x"}] * 2)
-    first, second = mirror.label_model(fit), mirror.label_model(fit)
-    assert first is second
-    assert (await first).labels == ["x"]
-    assert mirror.label_model(fit) is first
-    mirror.upsert(["c"], unit(np.random.default_rng(2), 1, 4), [{"label": "y"}])
-    assert (await mirror.label_model(fit)).labels == ["x", "y"]
-    assert fits == [2, 3]
-    failed = mirror.label_model(failing)
-    with pytest.raises(np.linalg.LinAlgError):
-        await failed
-    retried = mirror.label_model(failing)
-    assert retried is not failed  # a failure is not kept
-    with pytest.raises(np.linalg.LinAlgError):
-        await retried

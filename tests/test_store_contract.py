@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from qdrant_client import AsyncQdrantClient
 
-from knn_classifier.server import label_models
 from knn_classifier.server.store import EdgeStore, Selection, Store
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
@@ -199,17 +198,15 @@ async def test_point_ids_and_retrieve(store: Store) -> None:
     np.testing.assert_allclose(matrix[0], unit_rows([[0, 1]], 8)[0], atol=1e-6)
 
 
-async def test_label_models_are_fitted_on_the_classifier_and_follow_writes(store: Store) -> None:
+async def test_vectors_follow_writes(store: Store) -> None:
+    """Label models are fitted from vectors() read after a write (derived.py): it must see it."""
     point_ids = await fill(store)
-    model = await store.label_model(4, "a", label_models.centroids)
-    assert model.labels == ["x", "y"]
-    expected = label_models.centroids(["x", "x", "y"], unit_rows([[1, 0], [0.9, 0.1], [0, 1]], 4))
-    np.testing.assert_allclose(model.weights, expected.weights, atol=1e-6)
     await store.delete(4, Selection("a", ids=[point_ids[1]]))
     await store.upsert(4, ids(1), unit_rows([[0, 0, 1]], 4), [payload("a", "z", "a4")])
-    model = await store.label_model(4, "a", label_models.centroids)
-    assert model.labels == ["x", "y", "z"]
-    np.testing.assert_allclose(model.weights[:, 0], unit_rows([[1, 0]], 4)[0], atol=1e-6)
-    discriminant = await store.label_model(4, "a", label_models.discriminant)
-    assert discriminant.labels == ["x", "y", "z"]
-    assert discriminant.weights.shape == (4, 3)
+    records, matrix = await store.vectors(4, "a")
+    by_text = {
+        r.payload["text"]: (r.payload["label"], row) for r, row in zip(records, matrix, strict=True)
+    }
+    assert sorted(by_text) == ["a1", "a3", "a4"]
+    assert by_text["a4"][0] == "z"
+    np.testing.assert_allclose(by_text["a4"][1], unit_rows([[0, 0, 1]], 4)[0], atol=1e-6)

@@ -8,13 +8,11 @@ holds each point's id and the payload fields a vote needs (``id``, ``label``, ``
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..label_models import LabelModel
-from .base import LabelModelFit, Matrix, Payload, Record, Selection
+from .base import Matrix, Payload, Record, Selection
 
 VOTE_FIELDS = ("id", "label", "text")
 
@@ -26,14 +24,12 @@ class Mirror:
         self._ids: list[str] = []
         self._payloads: list[Payload] = []
         self._rows: dict[str, int] = {}
-        self._label_models: dict[LabelModelFit, asyncio.Future[LabelModel]] = {}
 
     def __len__(self) -> int:
         return self._count
 
     def upsert(self, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]) -> None:
         """Adds or replaces points; vectors are normalised, as a cosine collection does."""
-        self._label_models.clear()
         for point_id, vector, payload in zip(ids, _unit(vectors), payloads, strict=True):
             row = self._rows.get(point_id)
             if row is None:
@@ -43,7 +39,6 @@ class Mirror:
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
-        self._label_models.clear()
         candidates = range(self._count) if selection.ids is None else self._id_rows(selection.ids)
         doomed = [
             row
@@ -73,22 +68,6 @@ class Mirror:
             ]
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
         ]
-
-    def label_model(self, fit: LabelModelFit) -> asyncio.Future[LabelModel]:
-        """``fit`` of this copy's labels and vectors, computed in a worker thread from a snapshot
-        and kept until the next write; concurrent callers share one computation."""
-        model = self._label_models.get(fit)
-        if model is None:
-            labels = [str(payload["label"]) for payload in self._payloads]
-            vectors = self._matrix[: self._count].copy()
-            model = asyncio.ensure_future(asyncio.to_thread(fit, labels, vectors))
-            model.add_done_callback(self._forget_failed)
-            self._label_models[fit] = model
-        return model
-
-    def _forget_failed(self, model: asyncio.Future[LabelModel]) -> None:
-        if not model.cancelled() and model.exception() is not None:
-            self._label_models = {f: m for f, m in self._label_models.items() if m is not model}
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
