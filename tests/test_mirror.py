@@ -11,6 +11,7 @@ import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.mirror import Mirror
+from knn_classifier.server.store.schema import exemplar_payload
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -31,8 +32,7 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             vectors = unit(rng, len(names), 16) * 3  # not unit length: the copy normalises
             labels = [f"l{pick.randrange(4)}" for _ in names]
             payloads = [
-                {"id": n, "label": y, "text": n, "extra": step}
-                for n, y in zip(names, labels, strict=True)
+                exemplar_payload("c", n, y, n, {}, step) for n, y in zip(names, labels, strict=True)
             ]
             mirror.upsert(names, vectors, payloads)
             for n, v, y in zip(names, vectors, labels, strict=True):
@@ -54,7 +54,10 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             expected = np.argsort(-(queries @ matrix.T), axis=1)[:, :5]
             for hits, want in zip(mirror.query(queries, 5), expected, strict=True):
                 assert [h.id for h in hits] == [names[i] for i in want]
-                assert set(hits[0].payload) == {"id", "label", "text"}
+                assert all(h.payload["label"] == truth[h.id][1] for h in hits)
+            records, vectors = mirror.snapshot()
+            assert [r.id for r in records] == names
+            np.testing.assert_allclose(vectors, matrix, atol=1e-6)
 
 
 def test_k_larger_than_the_classifier_and_an_empty_copy() -> None:

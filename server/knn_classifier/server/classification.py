@@ -193,4 +193,4 @@ def _text_field(i: int, count: int) -> str:
 
 def _neighbour(record: Record) -> Neighbour:
     payload = record.payload
-    return Neighbour(str(payload["id"]), str(payload["label"]), str(payload["text"]), record.score)
+    return Neighbour(payload["id"], payload["label"], payload["text"], record.score)

@@ -49,6 +49,7 @@ from .progress import Progress
 from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
 from .store.base import Payload
+from .store.schema import ExemplarPayload, exemplar_payload
 from .voting import Vote, Voting
 
 log = logging.getLogger(__name__)
@@ -443,7 +444,9 @@ class ClassifierService:
             now = time.time()
             point_ids = [_point_id(current, ids[i]) for i in chosen]
             payloads = [
-                _payload(classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now)
+                exemplar_payload(
+                    classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now
+                )
                 for i in chosen
             ]
             created = await self._absent(classifier, point_ids)
@@ -489,7 +492,7 @@ class ClassifierService:
         """
         point_ids = [_point_id(config, e.id) for e in exemplars]
         payloads = [
-            _payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
+            exemplar_payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
             for e in exemplars
         ]
         held = await self._held_everywhere(config.name, point_ids)
@@ -517,7 +520,7 @@ class ClassifierService:
         config: ClassifierConfig,
         point_ids: list[str],
         vectors: Matrix,
-        payloads: list[Payload],
+        payloads: list[ExemplarPayload],
     ) -> None:
         """restore_exemplars' write, under the classifier's lock."""
         async with self._classifiers.writing(config.name, uid=config.uid) as current:
@@ -526,9 +529,11 @@ class ClassifierService:
             await self._write_everywhere(config.name, point_ids, created, vectors, payloads)
             await self._classifiers.bump(current)
 
-    async def _held_everywhere(self, classifier: str, point_ids: list[str]) -> dict[str, Payload]:
+    async def _held_everywhere(
+        self, classifier: str, point_ids: list[str]
+    ) -> dict[str, ExemplarPayload]:
         """The payloads of those of ``point_ids`` that every dimension holds."""
-        held: dict[str, Payload] | None = None
+        held: dict[str, ExemplarPayload] | None = None
         for dimension in self._dimensions:
             records, _ = await self._store.scroll(
                 dimension, Selection(classifier, ids=point_ids), len(point_ids), None
@@ -550,7 +555,7 @@ class ClassifierService:
         point_ids: list[str],
         created: list[str],
         vectors: Matrix,
-        payloads: list[dict[str, Any]],
+        payloads: list[ExemplarPayload],
     ) -> None:
         """Writes the points to every dimension, or (best effort) to none.
 
@@ -715,25 +720,6 @@ class ClassifierService:
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
 
 
-def _payload(
-    classifier: str,
-    exemplar_id: str,
-    label: str,
-    text: str,
-    metadata: dict[str, str],
-    created_at: float,
-) -> Payload:
-    """An exemplar's payload, the same in every dimension."""
-    return {
-        "classifier": classifier,
-        "id": exemplar_id,
-        "label": label,
-        "text": text,
-        "metadata": dict(metadata),
-        "created_at": created_at,
-    }
-
-
 async def completed(write: Coroutine[Any, Any, T]) -> T:
     """Runs ``write`` to its end even if the caller is cancelled (its deadline passed, or it
     hung up): stopped between two dimensions, a write would leave exemplars in some only, and
@@ -756,11 +742,11 @@ def stored_exemplar(record: Record) -> Exemplar:
     """The exemplar a stored point holds."""
     payload = record.payload
     return Exemplar(
-        id=str(payload["id"]),
-        text=str(payload["text"]),
-        label=str(payload["label"]),
-        metadata={str(k): str(v) for k, v in (payload.get("metadata") or {}).items()},
-        created_at=float(payload.get("created_at", 0.0)),
+        id=payload["id"],
+        text=payload["text"],
+        label=payload["label"],
+        metadata=payload["metadata"],
+        created_at=payload["created_at"],
     )
 
 

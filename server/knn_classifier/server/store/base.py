@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .schema import ExemplarPayload
+
 Payload = dict[str, Any]
+"""A meta record (classifier records, the embedder fingerprint); exemplars have
+:class:`ExemplarPayload`."""
 Matrix = npt.NDArray[np.float32]
 
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
@@ -30,10 +34,10 @@ def meta_point_id(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A stored point: its id, payload and, for query results, its cosine similarity."""
+    """A stored exemplar point: its id, payload and, for query results, its cosine similarity."""
 
     id: str
-    payload: Payload
+    payload: ExemplarPayload
     score: float = 0.0
 
 
@@ -86,7 +90,11 @@ class Store(ABC):
 
     @abstractmethod
     async def upsert(
-        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+        self,
+        dimension: int,
+        ids: Sequence[str],
+        vectors: Matrix,
+        payloads: Sequence[ExemplarPayload],
     ) -> None:
         """Writes points durably; returns once they survive a crash of this process."""
 
