@@ -9,7 +9,6 @@ store's meta collection.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,14 +16,13 @@ import numpy as np
 from . import errors, label_models, tracing, validation
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
-from .derived import DerivedCache, DerivedKey
-from .domain import ClassifierConfig, ClassifyOptions, either
+from .derived import ExemplarModels
+from .domain import ClassifyOptions, either
 from .embedding import Embedder, Matrix, Send, truncate
 from .errors import FailedPrecondition, InvalidArgument, Reason
-from .label_models import LabelModel
 from .settings import LimitSettings
-from .store import Record, Store
-from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
+from .store import Record
+from .voting import LABEL_SCORED, Neighbour, Vote, vote
 
 
 class Classification:
@@ -35,9 +33,8 @@ class Classification:
         embedder: Embedder,
         send: Send,
         classifiers: Classifiers,
-        store: Store,
         queries: QueryBatcher,
-        models: DerivedCache,
+        models: ExemplarModels,
     ) -> None:
         """``send``: where Classify's embedding calls go (the coalescer)."""
         self._limits = limits
@@ -45,7 +42,6 @@ class Classification:
         self._embedder = embedder
         self._send = send
         self._classifiers = classifiers
-        self._store = store
         self._queries = queries
         self._models = models
 
@@ -117,7 +113,9 @@ class Classification:
                 labels: list[str] = []
                 by_label = np.empty((len(queries), 0), dtype=np.float32)
                 if voting in LABEL_SCORED:
-                    model = await self._label_model(config, dimension, voting)
+                    model = await self._models.get(
+                        config, dimension, f"label-model:{voting}", label_models.FIT[voting]
+                    )
                     if not model.labels:  # every exemplar was deleted since the neighbour query
                         raise _no_exemplars(classifier)
                     labels, by_label = model.labels, model.scores(queries)
@@ -133,19 +131,6 @@ class Classification:
                         list(zip(labels, by_label[j].tolist(), strict=True)),
                     )
         return [a for a in answers if a is not None], config.etag
-
-    async def _label_model(
-        self, config: ClassifierConfig, dimension: int, voting: Voting
-    ) -> LabelModel:
-        """The label model of the classifier's exemplars at ``config``'s revision."""
-
-        async def fit() -> LabelModel:
-            records, vectors = await self._store.vectors(dimension, config.name)
-            labels = [record.payload["label"] for record in records]
-            return await asyncio.to_thread(label_models.FIT[voting], labels, vectors)
-
-        key = DerivedKey.of(config, dimension, f"label-model:{voting.value}")
-        return await self._models.get(key, fit)
 
 
 async def embed_isolating_rejects(

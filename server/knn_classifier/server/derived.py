@@ -1,5 +1,9 @@
 """Models derived from a classifier's exemplars, cached above the store by revision.
 
+``await ExemplarModels.get(config, dimension, kind, fit)``: ``fit(labels, vectors)`` of the
+classifier's exemplars in ``dimension`` at the revision of ``config``, fitted at most once per
+revision (and once at a time) in a worker thread.
+
 A derived model (a label model; later the open-set statistics) is a function of one
 classifier's exemplars in one dimension. Every acknowledged write to a classifier moves the
 revision in its record after its points are written (:mod:`classifiers`), so a model computed
@@ -21,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from .domain import ClassifierConfig
 from .metrics import Metrics
+from .store import Store
+from .store.base import Matrix
 
 T = TypeVar("T")
 
@@ -54,6 +60,32 @@ class DerivedKey:
             other.dimension,
             other.kind,
         ) and (self.uid != other.uid or self.revision > other.revision)
+
+
+class ExemplarModels:
+    """Models fitted from a classifier's labels and vectors, through a :class:`DerivedCache`."""
+
+    def __init__(self, store: Store, max_entries: int, metrics: Metrics | None = None) -> None:
+        self._store = store
+        self._cache = DerivedCache(max_entries, metrics)
+
+    async def get(
+        self,
+        config: ClassifierConfig,
+        dimension: int,
+        kind: str,
+        fit: Callable[[Sequence[str], Matrix], T],
+    ) -> T:
+        """``fit`` of the exemplars of ``config``'s classifier in ``dimension`` (their labels,
+        and their vectors row by row) as of ``config``'s revision or later. ``kind`` names what
+        ``fit`` computes: one kind, one ``fit``."""
+
+        async def compute() -> T:
+            records, vectors = await self._store.vectors(dimension, config.name)
+            labels = [record.payload["label"] for record in records]
+            return await asyncio.to_thread(fit, labels, vectors)
+
+        return await self._cache.get(DerivedKey.of(config, dimension, kind), compute)
 
 
 class DerivedCache:

@@ -20,7 +20,7 @@ from . import errors, paging, updates, validation, wire_size
 from .classification import Classification, embed_isolating_rejects
 from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
-from .derived import DerivedCache
+from .derived import ExemplarModels
 from .domain import (
     ClassifierConfig,
     ClassifierInfo,
@@ -106,9 +106,8 @@ class ClassifierService:
             embedder,
             self._coalescer.embed,
             self._classifiers,
-            store,
             QueryBatcher(store, metrics),
-            DerivedCache(settings.store.model_cache_entries, metrics),
+            ExemplarModels(store, settings.store.model_cache_entries, metrics),
         )
 
     @property
