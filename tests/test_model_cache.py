@@ -172,3 +172,23 @@ async def test_a_classifier_created_again_is_never_answered_from_the_old_ones_mo
         assert new.label == "FRUIT"
         assert labels_scored(new) == {"FRUIT", "CAR"}
         assert fits(replicas.b_metrics, "centroid") == 2
+
+
+def test_models_beyond_the_configured_bound_are_dropped_and_fitted_again(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    settings = make_settings(tmp_path, fake_embedder.base_url, store={"model_cache_entries": 1})
+    running = ServerThread(settings).start()
+    try:
+        assert running.app is not None
+        metrics = running.app.metrics
+        with running.client() as client:
+            client.create_classifier("c")
+            client.add_exemplars("c", EXEMPLARS)
+            order: list[VotingName] = ["centroid", "discriminant", "centroid", "centroid"]
+            for voting in order:
+                assert client.classify("c", "red apple", voting=voting).label == "fruit"
+        assert fits(metrics, "centroid") == 2  # dropped for the discriminant's, then kept
+        assert fits(metrics, "discriminant") == 1
+    finally:
+        running.stop()
