@@ -50,6 +50,7 @@ def server_with_metrics(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> I
             fake_embedder.reset(fail_status=503, fail_times=1)  # one retry
             client.add_exemplars("c", [("top up my card", "top_up"), ("card lost", "lost")])
             client.classify("c", "top up")
+            client.classify("c", "top up", voting="centroid")  # a label-model fit
             client.classify("c", "zebra", min_similarity=0.99)
             with pytest.raises(NotFoundError):
                 client.classify("missing", "text")

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from knn_classifier.server import label_models
-from knn_classifier.server.label_models import LabelModel
 from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.mirror import Mirror
+from knn_classifier.server.store.schema import exemplar_payload
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -34,8 +32,7 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             vectors = unit(rng, len(names), 16) * 3  # not unit length: the copy normalises
             labels = [f"l{pick.randrange(4)}" for _ in names]
             payloads = [
-                {"id": n, "label": y, "text": n, "extra": step}
-                for n, y in zip(names, labels, strict=True)
+                exemplar_payload("c", n, y, n, {}, step) for n, y in zip(names, labels, strict=True)
             ]
             mirror.upsert(names, vectors, payloads)
             for n, v, y in zip(names, vectors, labels, strict=True):
@@ -57,7 +54,10 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             expected = np.argsort(-(queries @ matrix.T), axis=1)[:, :5]
             for hits, want in zip(mirror.query(queries, 5), expected, strict=True):
                 assert [h.id for h in hits] == [names[i] for i in want]
-                assert set(hits[0].payload) == {"id", "label", "text"}
+                assert all(h.payload["label"] == truth[h.id][1] for h in hits)
+            records, vectors = mirror.snapshot()
+            assert [r.id for r in records] == names
+            np.testing.assert_allclose(vectors, matrix, atol=1e-6)
 
 
 def test_k_larger_than_the_classifier_and_an_empty_copy() -> None:
@@ -86,31 +86,3 @@ async def test_a_restarted_store_answers_from_what_it_wrote(tmp_path: Path) -> N
     await reopened.close()
     assert [h.payload["text"] for h in hits] == ["t1", "t2"]
     assert hits[0].score == pytest.approx(1.0)
-
-
-async def test_a_label_model_is_fitted_once_until_the_next_write() -> None:
-    fits: list[int] = []
-
-    def fit(labels: Sequence[str], vectors: np.ndarray) -> LabelModel:
-        fits.append(len(labels))
-        return label_models.centroids(labels, vectors)
-
-    def failing(labels: Sequence[str], vectors: np.ndarray) -> LabelModel:
-        raise np.linalg.LinAlgError("did not converge")
-
-    mirror = Mirror(4)
-    mirror.upsert(["a", "b"], unit(np.random.default_rng(1), 2, 4), [{"label": "x"}] * 2)
-    first, second = mirror.label_model(fit), mirror.label_model(fit)
-    assert first is second
-    assert (await first).labels == ["x"]
-    assert mirror.label_model(fit) is first
-    mirror.upsert(["c"], unit(np.random.default_rng(2), 1, 4), [{"label": "y"}])
-    assert (await mirror.label_model(fit)).labels == ["x", "y"]
-    assert fits == [2, 3]
-    failed = mirror.label_model(failing)
-    with pytest.raises(np.linalg.LinAlgError):
-        await failed
-    retried = mirror.label_model(failing)
-    assert retried is not failed  # a failure is not kept
-    with pytest.raises(np.linalg.LinAlgError):
-        await retried

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from qdrant_client import AsyncQdrantClient
 
-from knn_classifier.server import label_models
 from knn_classifier.server.store import EdgeStore, Selection, Store
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.server.store.schema import exemplar_payload
 
 DIMENSIONS = [4, 8]
 
@@ -199,17 +199,34 @@ async def test_point_ids_and_retrieve(store: Store) -> None:
     np.testing.assert_allclose(matrix[0], unit_rows([[0, 1]], 8)[0], atol=1e-6)
 
 
-async def test_label_models_are_fitted_on_the_classifier_and_follow_writes(store: Store) -> None:
+@pytest.mark.parametrize("queried_first", [False, True])
+async def test_vectors_follow_writes(store: Store, queried_first: bool) -> None:
+    """Label models are fitted from vectors() read after a write (derived.py): it must see it,
+    whether or not a query loaded the classifier first (the embedded store then answers from
+    its in-memory copy)."""
     point_ids = await fill(store)
-    model = await store.label_model(4, "a", label_models.centroids)
-    assert model.labels == ["x", "y"]
-    expected = label_models.centroids(["x", "x", "y"], unit_rows([[1, 0], [0.9, 0.1], [0, 1]], 4))
-    np.testing.assert_allclose(model.weights, expected.weights, atol=1e-6)
+    if queried_first:
+        await store.query(4, "a", unit_rows([[1, 0]], 4), 1)
     await store.delete(4, Selection("a", ids=[point_ids[1]]))
     await store.upsert(4, ids(1), unit_rows([[0, 0, 1]], 4), [payload("a", "z", "a4")])
-    model = await store.label_model(4, "a", label_models.centroids)
-    assert model.labels == ["x", "y", "z"]
-    np.testing.assert_allclose(model.weights[:, 0], unit_rows([[1, 0]], 4)[0], atol=1e-6)
-    discriminant = await store.label_model(4, "a", label_models.discriminant)
-    assert discriminant.labels == ["x", "y", "z"]
-    assert discriminant.weights.shape == (4, 3)
+    records, matrix = await store.vectors(4, "a")
+    by_text = {
+        r.payload["text"]: (r.payload["label"], row) for r, row in zip(records, matrix, strict=True)
+    }
+    assert sorted(by_text) == ["a1", "a3", "a4"]
+    assert by_text["a4"][0] == "z"
+    np.testing.assert_allclose(by_text["a4"][1], unit_rows([[0, 0, 1]], 4)[0], atol=1e-6)
+    assert [r.id for r in records] == sorted(r.id for r in records)
+
+
+async def test_payloads_read_back_whole_and_old_points_read_without_metadata(store: Store) -> None:
+    point_ids = ids(2)
+    whole = exemplar_payload("a", "e1", "x", "t1", {"source": "faq"}, 1700000000.5)
+    old = {"classifier": "a", "id": "e2", "label": "x", "text": "t2"}  # before metadata
+    await store.upsert(4, point_ids, unit_rows([[1, 0], [0, 1]], 4), [whole, old])  # type: ignore[list-item]
+    records, _ = await store.vectors(4, "a")
+    by_id = {r.id: r.payload for r in records}
+    assert by_id[point_ids[0]] == whole
+    assert by_id[point_ids[1]] == {**old, "metadata": {}, "created_at": 0.0}
+    hits = (await store.query(4, "a", unit_rows([[1, 0]], 4), 1))[0]
+    assert hits[0].payload == whole

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .calibration import Calibration
 from .settings import LimitSettings
 from .voting import Voting
+
+T = TypeVar("T")
+
+
+def either(override: T | None, default: T) -> T:
+    """A request's override of a default (None: not given)."""
+    return default if override is None else override
 
 
 def classifier_key(name: str) -> str:

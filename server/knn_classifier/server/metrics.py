@@ -130,6 +130,14 @@ class Metrics:
             buckets=_SECONDS,
             registry=registry,
         )
+        self.model_fit_seconds = Histogram(
+            "knn_model_fit_seconds",
+            "Time to fit a model derived from a classifier's exemplars (a label model), by kind; "
+            "a fit happens at the first use after a write, so its count is the refits.",
+            ["kind"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
         self.predictions = Counter(
             "knn_predictions",
             "Classified texts, by classifier and outcome (label, an unknown "

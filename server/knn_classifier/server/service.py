@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, label_models, paging, tracing, updates, validation, wire_size
+from . import errors, paging, updates, validation, wire_size
+from .classification import Classification, embed_isolating_rejects
 from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
+from .derived import ExemplarModels
 from .domain import (
     ClassifierConfig,
     ClassifierInfo,
@@ -29,11 +31,11 @@ from .domain import (
     ExemplarInput,
     NewClassifier,
     ServiceInfo,
+    either,
 )
 from .embedding import Embedder, Fingerprint, Matrix, truncate
 from .errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Reason,
@@ -47,7 +49,8 @@ from .progress import Progress
 from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
 from .store.base import Payload
-from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
+from .store.schema import ExemplarPayload, exemplar_payload
+from .voting import Vote, Voting
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,15 @@ class ClassifierService:
             settings.embedding.max_wait_ms / 1000,
             metrics,
         )
-        self._queries = QueryBatcher(store, metrics)
+        self._classification = Classification(
+            settings.limits,
+            settings.dimensions,
+            embedder,
+            self._coalescer.embed,
+            self._classifiers,
+            QueryBatcher(store, metrics),
+            ExemplarModels(store, settings.store.model_cache_entries, metrics),
+        )
 
     @property
     def limits(self) -> LimitSettings:
@@ -306,13 +317,13 @@ class ClassifierService:
             k=validation.k(request.k if request.k is not None else defaults.k, self._limits),
             voting=request.voting or Voting(defaults.voting),
             min_similarity=validation.fraction(
-                _either(request.min_similarity, defaults.min_similarity), "min_similarity", -1, 1
+                either(request.min_similarity, defaults.min_similarity), "min_similarity", -1, 1
             ),
             min_confidence=validation.fraction(
-                _either(request.min_confidence, defaults.min_confidence), "min_confidence", 0, 1
+                either(request.min_confidence, defaults.min_confidence), "min_confidence", 0, 1
             ),
             created_at=time.time(),
-            temperature=validation.temperature(_either(request.temperature, defaults.temperature)),
+            temperature=validation.temperature(either(request.temperature, defaults.temperature)),
         )
         return ClassifierInfo(await self._classifiers.create(config), 0)
 
@@ -432,7 +443,9 @@ class ClassifierService:
             now = time.time()
             point_ids = [_point_id(current, ids[i]) for i in chosen]
             payloads = [
-                _payload(classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now)
+                exemplar_payload(
+                    classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now
+                )
                 for i in chosen
             ]
             created = await self._absent(classifier, point_ids)
@@ -478,7 +491,7 @@ class ClassifierService:
         """
         point_ids = [_point_id(config, e.id) for e in exemplars]
         payloads = [
-            _payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
+            exemplar_payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
             for e in exemplars
         ]
         held = await self._held_everywhere(config.name, point_ids)
@@ -487,7 +500,7 @@ class ClassifierService:
             return 0, 0
         if vectors is None:
             prompts = [self._embedder.prompt(config.instruction, exemplars[i].text) for i in todo]
-            _, written, rejected = await self._embed_isolating_rejects(prompts, direct=True)
+            _, written, rejected = await embed_isolating_rejects(self._embedder, prompts)
             if rejected:
                 j, rejection = min(rejected.items())
                 raise InvalidArgument(
@@ -506,7 +519,7 @@ class ClassifierService:
         config: ClassifierConfig,
         point_ids: list[str],
         vectors: Matrix,
-        payloads: list[Payload],
+        payloads: list[ExemplarPayload],
     ) -> None:
         """restore_exemplars' write, under the classifier's lock."""
         async with self._classifiers.writing(config.name, uid=config.uid) as current:
@@ -515,9 +528,11 @@ class ClassifierService:
             await self._write_everywhere(config.name, point_ids, created, vectors, payloads)
             await self._classifiers.bump(current)
 
-    async def _held_everywhere(self, classifier: str, point_ids: list[str]) -> dict[str, Payload]:
+    async def _held_everywhere(
+        self, classifier: str, point_ids: list[str]
+    ) -> dict[str, ExemplarPayload]:
         """The payloads of those of ``point_ids`` that every dimension holds."""
-        held: dict[str, Payload] | None = None
+        held: dict[str, ExemplarPayload] | None = None
         for dimension in self._dimensions:
             records, _ = await self._store.scroll(
                 dimension, Selection(classifier, ids=point_ids), len(point_ids), None
@@ -539,7 +554,7 @@ class ClassifierService:
         point_ids: list[str],
         created: list[str],
         vectors: Matrix,
-        payloads: list[dict[str, Any]],
+        payloads: list[ExemplarPayload],
     ) -> None:
         """Writes the points to every dimension, or (best effort) to none.
 
@@ -681,116 +696,8 @@ class ClassifierService:
     async def classify(
         self, classifier: str, texts: Sequence[str], options: ClassifyOptions
     ) -> tuple[list[Vote | InvalidArgument], str]:
-        """Classifies ``texts`` with one embedding call and one batched store query; returns
-        the answers and the etag of the classifier's record they were given with.
-
-        A text that is invalid, or that the embedding model rejects, gets its InvalidArgument in
-        its slot instead of a vote, and the others are classified; any other failure fails the
-        whole call.
-        """
-        validation.batch_size(len(texts), self._limits, "texts")
-        config = await self._classifiers.get(classifier)
-        k = validation.k(_either(options.k, config.k), self._limits, "options.k")
-        validation.neighbours(len(texts), k, self._limits)
-        dimension = validation.dimension(
-            _either(options.dimension, config.dimension or self._dimensions[-1]),
-            self._dimensions,
-            "options.dimension",
-        )
-        voting = options.voting or config.voting
-        temperature = validation.temperature(
-            _either(options.temperature, config.temperature), "options.temperature"
-        )
-        min_similarity = validation.fraction(
-            _either(options.min_similarity, config.min_similarity), "options.min_similarity", -1, 1
-        )
-        min_confidence = validation.fraction(
-            _either(options.min_confidence, config.min_confidence), "options.min_confidence", 0, 1
-        )
-        # The calibration was fitted for the classifier's own settings; others get raw shares.
-        # Temperatures as the wire carries them (float32): the classifier's own, sent back,
-        # must count as its own.
-        own = (
-            config.k,
-            config.voting,
-            config.dimension or self._dimensions[-1],
-            np.float32(config.temperature),
-        )
-        asked = (k, voting, dimension, np.float32(temperature))
-        calibration = config.calibration if asked == own else None
-
-        answers: list[Vote | InvalidArgument | None] = [None] * len(texts)
-        valid: list[int] = []
-        for i, text in enumerate(texts):
-            try:
-                validation.text(text, self._limits, _text_field(i, len(texts)))
-                valid.append(i)
-            except InvalidArgument as invalid:
-                answers[i] = invalid
-        prompts = [self._embedder.prompt(config.instruction, texts[i]) for i in valid]
-        embedded, vectors, rejected = await self._embed_isolating_rejects(prompts)
-        for j, rejection in rejected.items():
-            i = valid[j]
-            answers[i] = InvalidArgument(
-                rejection.message, reason=rejection.reason, field=_text_field(i, len(texts))
-            )
-        if embedded:
-            queries = truncate(vectors, dimension)
-            results = await self._queries.query(dimension, classifier, queries, k)
-            if not results[0]:
-                raise _no_exemplars(classifier)
-            with tracing.span("vote"):
-                tracing.annotate(voting=voting.value, texts=len(results))
-                labels: list[str] = []
-                by_label = np.empty((len(queries), 0), dtype=np.float32)
-                if voting in LABEL_SCORED:
-                    fit = label_models.FIT[voting]
-                    model = await self._store.label_model(dimension, classifier, fit)
-                    if not model.labels:  # every exemplar was deleted since the neighbour query
-                        raise _no_exemplars(classifier)
-                    labels, by_label = model.labels, model.scores(queries)
-                for j, hits in enumerate(results):
-                    neighbours = [_neighbour(hit) for hit in hits]
-                    answers[valid[embedded[j]]] = vote(
-                        neighbours,
-                        voting,
-                        min_similarity,
-                        min_confidence,
-                        temperature,
-                        calibration,
-                        list(zip(labels, by_label[j].tolist(), strict=True)),
-                    )
-        return [a for a in answers if a is not None], config.etag
-
-    async def _embed_isolating_rejects(
-        self, prompts: Sequence[str], direct: bool = False
-    ) -> tuple[list[int], Matrix, dict[int, InvalidArgument]]:
-        """Embeds ``prompts`` together; if the model rejects the batch, finds the culprits.
-
-        Returns the positions embedded, their vectors (row i for position i of the list) and the
-        rejection of each other position. SGLang rejects a whole batch for one bad text, so a
-        rejected batch is retried one text per call. ``direct``: call the embedder directly
-        rather than through the coalescer (which is for Classify's small batches).
-        """
-        if not prompts:
-            return [], np.empty((0, 0), dtype=np.float32), {}
-        send = self._embedder.embed_uncached if direct else self._coalescer.embed
-        try:
-            every = await self._embedder.embed(prompts, send)
-            return list(range(len(prompts))), every, {}
-        except InvalidArgument as whole:
-            if len(prompts) == 1:
-                return [], np.empty((0, 0), dtype=np.float32), {0: whole}
-        rows: dict[int, Matrix] = {}
-        rejected: dict[int, InvalidArgument] = {}
-        for j, prompt in enumerate(prompts):
-            try:
-                rows[j] = await self._embedder.embed([prompt], send)
-            except InvalidArgument as one:
-                rejected[j] = one
-        embedded = sorted(rows)
-        vectors = np.vstack([rows[j] for j in embedded]) if embedded else np.empty((0, 0))
-        return embedded, vectors.astype(np.float32, copy=False), rejected
+        """See :meth:`Classification.classify`."""
+        return await self._classification.classify(classifier, texts, options)
 
     # Evaluation ------------------------------------------------------------------------------
 
@@ -812,25 +719,6 @@ class ClassifierService:
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
 
 
-def _payload(
-    classifier: str,
-    exemplar_id: str,
-    label: str,
-    text: str,
-    metadata: dict[str, str],
-    created_at: float,
-) -> Payload:
-    """An exemplar's payload, the same in every dimension."""
-    return {
-        "classifier": classifier,
-        "id": exemplar_id,
-        "label": label,
-        "text": text,
-        "metadata": dict(metadata),
-        "created_at": created_at,
-    }
-
-
 async def completed(write: Coroutine[Any, Any, T]) -> T:
     """Runs ``write`` to its end even if the caller is cancelled (its deadline passed, or it
     hung up): stopped between two dimensions, a write would leave exemplars in some only, and
@@ -849,37 +737,15 @@ def _log_failure_after_cancel(task: asyncio.Future[Any]) -> None:
         log.warning("a write finished after its caller left, with %r", task.exception())
 
 
-def _no_exemplars(classifier: str) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"classifier {classifier!r} has no exemplars; add some with AddExemplars",
-        reason=Reason.CLASSIFIER_EMPTY,
-        resource=errors.classifier(classifier),
-    )
-
-
-def _text_field(i: int, count: int) -> str:
-    """The request field of text ``i``: Classify's ``text``, or ClassifyBatch's ``texts[i]``."""
-    return "text" if count == 1 else f"texts[{i}]"
-
-
-def _either(override: T | None, default: T) -> T:
-    return default if override is None else override
-
-
-def _neighbour(record: Record) -> Neighbour:
-    payload = record.payload
-    return Neighbour(str(payload["id"]), str(payload["label"]), str(payload["text"]), record.score)
-
-
 def stored_exemplar(record: Record) -> Exemplar:
     """The exemplar a stored point holds."""
     payload = record.payload
     return Exemplar(
-        id=str(payload["id"]),
-        text=str(payload["text"]),
-        label=str(payload["label"]),
-        metadata={str(k): str(v) for k, v in (payload.get("metadata") or {}).items()},
-        created_at=float(payload.get("created_at", 0.0)),
+        id=payload["id"],
+        text=payload["text"],
+        label=payload["label"],
+        metadata=payload["metadata"],
+        created_at=payload["created_at"],
     )
 
 

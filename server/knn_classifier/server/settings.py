@@ -143,6 +143,16 @@ class StoreSettings(BaseModel):
             "restoring them from a backup keeps the exemplars."
         ),
     )
+    model_cache_entries: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Label models (one per classifier, dimension and voting method) each replica keeps "
+            "in memory, fitted from the exemplars at the classifier's current revision; the "
+            "least recently used beyond this are dropped and fitted again when next used. One "
+            "holds dimension x labels float32 weights (0.3 MB at 1,024 x 77)."
+        ),
+    )
 
 
 class ServerSettings(BaseModel):

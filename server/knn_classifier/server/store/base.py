@@ -8,21 +8,21 @@ Every exemplar operation is scoped to one classifier.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..label_models import LabelModel
+from .schema import ExemplarPayload
 
 Payload = dict[str, Any]
+"""A meta record (classifier records, the embedder fingerprint); exemplars have
+:class:`ExemplarPayload`."""
 Matrix = npt.NDArray[np.float32]
-LabelModelFit = Callable[[Sequence[str], Matrix], LabelModel]
 
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
 
@@ -34,10 +34,10 @@ def meta_point_id(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A stored point: its id, payload and, for query results, its cosine similarity."""
+    """A stored exemplar point: its id, payload and, for query results, its cosine similarity."""
 
     id: str
-    payload: Payload
+    payload: ExemplarPayload
     score: float = 0.0
 
 
@@ -90,7 +90,11 @@ class Store(ABC):
 
     @abstractmethod
     async def upsert(
-        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+        self,
+        dimension: int,
+        ids: Sequence[str],
+        vectors: Matrix,
+        payloads: Sequence[ExemplarPayload],
     ) -> None:
         """Writes points durably; returns once they survive a crash of this process."""
 
@@ -126,16 +130,6 @@ class Store(ABC):
     @abstractmethod
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
-
-    async def label_model(self, dimension: int, classifier: str, fit: LabelModelFit) -> LabelModel:
-        """``fit`` of the labels and vectors of ``classifier``'s points, for centroid and
-        discriminant voting (:mod:`label_models`).
-
-        This default reads every vector of the classifier on each call and fits in a worker
-        thread.
-        """
-        records, vectors = await self.vectors(dimension, classifier)
-        return await asyncio.to_thread(fit, [str(r.payload["label"]) for r in records], vectors)
 
     @abstractmethod
     async def query(

@@ -37,9 +37,9 @@ import numpy as np
 import qdrant_edge as qe
 
 from ..errors import Reason, ResourceExhausted, StartupError, Unavailable
-from ..label_models import LabelModel
-from .base import LabelModelFit, Matrix, Payload, Record, Selection, Store, meta_point_id
-from .mirror import VOTE_FIELDS, Mirror
+from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
+from .mirror import Mirror
+from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,11 @@ class EdgeStore(Store):
             if indexed:
                 shard.update(
                     qe.UpdateOperation.create_field_index(
-                        "classifier", qe.KeywordIndexParams(is_tenant=True)
+                        CLASSIFIER, qe.KeywordIndexParams(is_tenant=True)
                     )
                 )
                 shard.update(
-                    qe.UpdateOperation.create_field_index("label", qe.PayloadSchemaType.Keyword)
+                    qe.UpdateOperation.create_field_index(LABEL, qe.PayloadSchemaType.Keyword)
                 )
         except _NOT_EDGE_FAILURES:
             raise
@@ -253,17 +253,21 @@ class EdgeStore(Store):
     # Exemplars -------------------------------------------------------------------------------
 
     async def upsert(
-        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+        self,
+        dimension: int,
+        ids: Sequence[str],
+        vectors: Matrix,
+        payloads: Sequence[ExemplarPayload],
     ) -> None:
         # The WAL and the segment each hold the vectors and the payloads.
         self._ensure_room(2 * (vectors.nbytes + len(json.dumps(list(payloads), default=str))))
         points = [
-            qe.Point(point_id, vector, payload)
+            qe.Point(point_id, vector, dict(payload))
             for point_id, vector, payload in zip(ids, vectors.tolist(), payloads, strict=True)
         ]
         with self._using(dimension) as shard:
             shard.update(qe.UpdateOperation.upsert_points(points))
-        for classifier in {str(payload["classifier"]) for payload in payloads}:
+        for classifier in {payload["classifier"] for payload in payloads}:
             mirror = self._mirrors.get((dimension, classifier))
             if mirror is not None:
                 rows = [i for i, p in enumerate(payloads) if p["classifier"] == classifier]
@@ -285,13 +289,13 @@ class EdgeStore(Store):
 
     async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]:
         request = qe.FacetRequest(
-            "label", limit=_FACET_LIMIT, exact=True, filter=_filter(Selection(classifier))
+            LABEL, limit=_FACET_LIMIT, exact=True, filter=_filter(Selection(classifier))
         )
         with self._using(dimension) as shard:
             return {str(hit.value): hit.count for hit in shard.facet(request)}
 
     async def classifier_counts(self, dimension: int) -> dict[str, int]:
-        request = qe.FacetRequest("classifier", limit=_FACET_LIMIT, exact=True)
+        request = qe.FacetRequest(CLASSIFIER, limit=_FACET_LIMIT, exact=True)
         with self._using(dimension) as shard:
             hits = shard.facet(request)
         # Unfiltered, Edge also lists values whose points were all deleted, with a count of 0.
@@ -305,7 +309,7 @@ class EdgeStore(Store):
         )
         with self._using(dimension) as shard:
             records, next_offset = shard.scroll(request)
-            page = [Record(str(record.id), dict(record.payload or {})) for record in records]
+            page = [Record(str(record.id), read_payload(record.payload)) for record in records]
         return page, None if next_offset is None else str(next_offset)
 
     async def point_ids(self, dimension: int, classifier: str) -> set[str]:
@@ -318,8 +322,14 @@ class EdgeStore(Store):
             return _with_vectors(shard.retrieve(list(ids), True, True), dimension)
 
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
-        # In a worker thread: converting tens of thousands of records held the event loop for
-        # seconds (docs/reliability.md); the shard's calls hold the GIL, but one page at a time.
+        """From the classifier's in-memory copy if a query loaded it (the label models are
+        fitted after a query); else from the shard, in a worker thread: converting tens of
+        thousands of records held the event loop for seconds (docs/reliability.md); the shard's
+        calls hold the GIL, but one page at a time."""
+        with self._using(dimension):
+            mirror = self._mirrors.get((dimension, classifier))
+        if mirror is not None:
+            return mirror.snapshot()
         return await asyncio.to_thread(self._vectors, dimension, classifier)
 
     def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
@@ -332,23 +342,18 @@ class EdgeStore(Store):
     ) -> list[list[Record]]:
         return self._mirror(dimension, classifier).query(vectors, k)
 
-    async def label_model(self, dimension: int, classifier: str, fit: LabelModelFit) -> LabelModel:
-        return await self._mirror(dimension, classifier).label_model(fit)
-
     def _mirror(self, dimension: int, classifier: str) -> Mirror:
         key = (dimension, classifier)
         with self._using(dimension) as shard:
             if key not in self._mirrors:
-                records = _scroll_all(
-                    shard, _filter(Selection(classifier)), vectors=True, payload=list(VOTE_FIELDS)
-                )
+                records = _scroll_all(shard, _filter(Selection(classifier)), vectors=True)
                 mirror = Mirror(dimension)
                 if records:
                     matrix = np.asarray([r.vector for r in records], dtype=np.float32)
                     mirror.upsert(
                         [str(r.id) for r in records],
                         matrix,
-                        [dict(r.payload or {}) for r in records],
+                        [read_payload(r.payload) for r in records],
                     )
                 self._mirrors[key] = mirror
         return self._mirrors[key]
@@ -377,15 +382,15 @@ def _open_failure(path: Path, exc: BaseException) -> str:
 
 def _with_vectors(records: Sequence[qe.Record], dimension: int) -> tuple[list[Record], Matrix]:
     matrix = np.asarray([r.vector for r in records], dtype=np.float32).reshape(-1, dimension)
-    return [Record(str(r.id), dict(r.payload or {})) for r in records], matrix
+    return [Record(str(r.id), read_payload(r.payload)) for r in records], matrix
 
 
 def _filter(selection: Selection) -> qe.Filter:
     must: list[qe.ConditionType] = [
-        qe.FieldCondition("classifier", match=qe.MatchValue(selection.classifier))
+        qe.FieldCondition(CLASSIFIER, match=qe.MatchValue(selection.classifier))
     ]
     if selection.label is not None:
-        must.append(qe.FieldCondition("label", match=qe.MatchValue(selection.label)))
+        must.append(qe.FieldCondition(LABEL, match=qe.MatchValue(selection.label)))
     if selection.ids is not None:
         must.append(qe.HasIdCondition(set(selection.ids)))
     return qe.Filter(must=must)

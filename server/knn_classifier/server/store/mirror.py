@@ -3,20 +3,18 @@
 The embedded store keeps its data in Qdrant Edge and answers nearest-neighbour queries from
 these copies: an exact search by one matrix product over a classifier's vectors costs a fraction
 of Edge's filtered exact search plus its payload reads (measured in docs/benchmarks.md). A copy
-holds each point's id and the payload fields a vote needs (``id``, ``label``, ``text``).
+holds each point's id and payload, so it can also answer for all of the classifier's points
+(:meth:`Mirror.snapshot`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..label_models import LabelModel
-from .base import LabelModelFit, Matrix, Payload, Record, Selection
-
-VOTE_FIELDS = ("id", "label", "text")
+from .base import Matrix, Record, Selection
+from .schema import ExemplarPayload
 
 
 class Mirror:
@@ -24,26 +22,25 @@ class Mirror:
         self._matrix: Matrix = np.empty((16, dimension), dtype=np.float32)
         self._count = 0
         self._ids: list[str] = []
-        self._payloads: list[Payload] = []
+        self._payloads: list[ExemplarPayload] = []
         self._rows: dict[str, int] = {}
-        self._label_models: dict[LabelModelFit, asyncio.Future[LabelModel]] = {}
 
     def __len__(self) -> int:
         return self._count
 
-    def upsert(self, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]) -> None:
+    def upsert(
+        self, ids: Sequence[str], vectors: Matrix, payloads: Sequence[ExemplarPayload]
+    ) -> None:
         """Adds or replaces points; vectors are normalised, as a cosine collection does."""
-        self._label_models.clear()
         for point_id, vector, payload in zip(ids, _unit(vectors), payloads, strict=True):
             row = self._rows.get(point_id)
             if row is None:
-                row = self._append(point_id)
+                row = self._append(point_id, payload)
             self._matrix[row] = vector
-            self._payloads[row] = {field: payload.get(field) for field in VOTE_FIELDS}
+            self._payloads[row] = payload
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
-        self._label_models.clear()
         candidates = range(self._count) if selection.ids is None else self._id_rows(selection.ids)
         doomed = [
             row
@@ -74,26 +71,17 @@ class Mirror:
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
         ]
 
-    def label_model(self, fit: LabelModelFit) -> asyncio.Future[LabelModel]:
-        """``fit`` of this copy's labels and vectors, computed in a worker thread from a snapshot
-        and kept until the next write; concurrent callers share one computation."""
-        model = self._label_models.get(fit)
-        if model is None:
-            labels = [str(payload["label"]) for payload in self._payloads]
-            vectors = self._matrix[: self._count].copy()
-            model = asyncio.ensure_future(asyncio.to_thread(fit, labels, vectors))
-            model.add_done_callback(self._forget_failed)
-            self._label_models[fit] = model
-        return model
-
-    def _forget_failed(self, model: asyncio.Future[LabelModel]) -> None:
-        if not model.cancelled() and model.exception() is not None:
-            self._label_models = {f: m for f, m in self._label_models.items() if m is not model}
+    def snapshot(self) -> tuple[list[Record], Matrix]:
+        """Every point and its vector (row i belongs to record i), in id order as a store's
+        scroll gives them; a copy, which later writes do not change."""
+        order = sorted(range(self._count), key=self._ids.__getitem__)
+        records = [Record(self._ids[row], self._payloads[row]) for row in order]
+        return records, self._matrix[order]
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
 
-    def _append(self, point_id: str) -> int:
+    def _append(self, point_id: str, payload: ExemplarPayload) -> int:
         if self._count == len(self._matrix):
             grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), dtype=np.float32)
             grown[: self._count] = self._matrix[: self._count]
@@ -101,7 +89,7 @@ class Mirror:
         row = self._count
         self._count += 1
         self._ids.append(point_id)
-        self._payloads.append({})
+        self._payloads.append(payload)
         self._rows[point_id] = row
         return row
 

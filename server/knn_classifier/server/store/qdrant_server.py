@@ -28,6 +28,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from ..errors import Unavailable
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
 from .compatibility import check_server_version
+from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,14 @@ class QdrantServerStore(Store):
         if tenant_index:
             await self._client.create_payload_index(
                 name,
-                "classifier",
+                CLASSIFIER,
                 field_schema=models.KeywordIndexParams(
                     type=models.KeywordIndexType.KEYWORD, is_tenant=True
                 ),
                 wait=True,
             )
             await self._client.create_payload_index(
-                name, "label", field_schema=models.PayloadSchemaType.KEYWORD, wait=True
+                name, LABEL, field_schema=models.PayloadSchemaType.KEYWORD, wait=True
             )
         log.info("created collection %s (size %d)", name, size)
 
@@ -175,9 +176,15 @@ class QdrantServerStore(Store):
     # Exemplars -------------------------------------------------------------------------------
 
     async def upsert(
-        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+        self,
+        dimension: int,
+        ids: Sequence[str],
+        vectors: Matrix,
+        payloads: Sequence[ExemplarPayload],
     ) -> None:
-        batch = models.Batch(ids=list(ids), vectors=vectors.tolist(), payloads=list(payloads))
+        batch = models.Batch(
+            ids=list(ids), vectors=vectors.tolist(), payloads=[dict(p) for p in payloads]
+        )
         async with _unavailable_on_failure():
             await self._client.upsert(self._collection(dimension), batch, wait=True)
 
@@ -197,7 +204,7 @@ class QdrantServerStore(Store):
         async with _unavailable_on_failure():
             response = await self._client.facet(
                 self._collection(dimension),
-                "label",
+                LABEL,
                 facet_filter=_filter(Selection(classifier)),
                 limit=_FACET_LIMIT,
                 exact=True,
@@ -207,7 +214,7 @@ class QdrantServerStore(Store):
     async def classifier_counts(self, dimension: int) -> dict[str, int]:
         async with _unavailable_on_failure():
             response = await self._client.facet(
-                self._collection(dimension), "classifier", limit=_FACET_LIMIT, exact=True
+                self._collection(dimension), CLASSIFIER, limit=_FACET_LIMIT, exact=True
             )
         return {str(hit.value): hit.count for hit in response.hits}
 
@@ -222,7 +229,7 @@ class QdrantServerStore(Store):
                 offset=offset,
                 with_payload=True,
             )
-        page = [Record(str(record.id), dict(record.payload or {})) for record in records]
+        page = [Record(str(record.id), read_payload(record.payload)) for record in records]
         return page, None if next_offset is None else str(next_offset)
 
     async def point_ids(self, dimension: int, classifier: str) -> set[str]:
@@ -258,24 +265,24 @@ class QdrantServerStore(Store):
         async with _unavailable_on_failure():
             responses = await self._client.query_batch_points(self._collection(dimension), requests)
         return [
-            [Record(str(p.id), dict(p.payload or {}), p.score) for p in response.points]
+            [Record(str(p.id), read_payload(p.payload), p.score) for p in response.points]
             for response in responses
         ]
 
 
 def _with_vectors(points: Sequence[models.Record], dimension: int) -> tuple[list[Record], Matrix]:
-    records = [Record(str(p.id), dict(p.payload or {})) for p in points]
+    records = [Record(str(p.id), read_payload(p.payload)) for p in points]
     rows = [cast(list[float], p.vector) for p in points]
     return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
 
 
 def _filter(selection: Selection) -> models.Filter:
     must: list[models.Condition] = [
-        models.FieldCondition(key="classifier", match=models.MatchValue(value=selection.classifier))
+        models.FieldCondition(key=CLASSIFIER, match=models.MatchValue(value=selection.classifier))
     ]
     if selection.label is not None:
         must.append(
-            models.FieldCondition(key="label", match=models.MatchValue(value=selection.label))
+            models.FieldCondition(key=LABEL, match=models.MatchValue(value=selection.label))
         )
     if selection.ids is not None:
         must.append(models.HasIdCondition(has_id=list(selection.ids)))

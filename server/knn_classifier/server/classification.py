@@ -1,0 +1,181 @@
+"""Classify and ClassifyBatch: validate, embed once, query the neighbours, vote.
+
+A call reads the classifier's record once, at its start: its settings, and its revision, which
+keys the label models (:mod:`derived`). Reading it on every call, rather than caching it for a
+while, is what makes a write acknowledged by any replica change the next answer of every
+replica (docs/design.md, "Derived models and replicas"); it costs one point lookup in the
+store's meta collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import errors, label_models, tracing, validation
+from .classifiers import Classifiers
+from .coalescing import QueryBatcher
+from .derived import ExemplarModels
+from .domain import ClassifyOptions, either
+from .embedding import Embedder, Matrix, Send, truncate
+from .errors import FailedPrecondition, InvalidArgument, Reason
+from .settings import LimitSettings
+from .store import Record
+from .voting import LABEL_SCORED, Neighbour, Vote, vote
+
+
+class Classification:
+    def __init__(
+        self,
+        limits: LimitSettings,
+        dimensions: Sequence[int],
+        embedder: Embedder,
+        send: Send,
+        classifiers: Classifiers,
+        queries: QueryBatcher,
+        models: ExemplarModels,
+    ) -> None:
+        """``send``: where Classify's embedding calls go (the coalescer)."""
+        self._limits = limits
+        self._dimensions = list(dimensions)
+        self._embedder = embedder
+        self._send = send
+        self._classifiers = classifiers
+        self._queries = queries
+        self._models = models
+
+    async def classify(
+        self, classifier: str, texts: Sequence[str], options: ClassifyOptions
+    ) -> tuple[list[Vote | InvalidArgument], str]:
+        """Classifies ``texts`` with one embedding call and one batched store query; returns
+        the answers and the etag of the classifier's record they were given with.
+
+        A text that is invalid, or that the embedding model rejects, gets its InvalidArgument in
+        its slot instead of a vote, and the others are classified; any other failure fails the
+        whole call.
+        """
+        validation.batch_size(len(texts), self._limits, "texts")
+        config = await self._classifiers.get(classifier)
+        k = validation.k(either(options.k, config.k), self._limits, "options.k")
+        validation.neighbours(len(texts), k, self._limits)
+        dimension = validation.dimension(
+            either(options.dimension, config.dimension or self._dimensions[-1]),
+            self._dimensions,
+            "options.dimension",
+        )
+        voting = options.voting or config.voting
+        temperature = validation.temperature(
+            either(options.temperature, config.temperature), "options.temperature"
+        )
+        min_similarity = validation.fraction(
+            either(options.min_similarity, config.min_similarity), "options.min_similarity", -1, 1
+        )
+        min_confidence = validation.fraction(
+            either(options.min_confidence, config.min_confidence), "options.min_confidence", 0, 1
+        )
+        # The calibration was fitted for the classifier's own settings; others get raw shares.
+        # Temperatures as the wire carries them (float32): the classifier's own, sent back,
+        # must count as its own.
+        own = (
+            config.k,
+            config.voting,
+            config.dimension or self._dimensions[-1],
+            np.float32(config.temperature),
+        )
+        asked = (k, voting, dimension, np.float32(temperature))
+        calibration = config.calibration if asked == own else None
+
+        answers: list[Vote | InvalidArgument | None] = [None] * len(texts)
+        valid: list[int] = []
+        for i, text in enumerate(texts):
+            try:
+                validation.text(text, self._limits, _text_field(i, len(texts)))
+                valid.append(i)
+            except InvalidArgument as invalid:
+                answers[i] = invalid
+        prompts = [self._embedder.prompt(config.instruction, texts[i]) for i in valid]
+        embedded, vectors, rejected = await embed_isolating_rejects(
+            self._embedder, prompts, self._send
+        )
+        for j, rejection in rejected.items():
+            i = valid[j]
+            answers[i] = InvalidArgument(
+                rejection.message, reason=rejection.reason, field=_text_field(i, len(texts))
+            )
+        if embedded:
+            queries = truncate(vectors, dimension)
+            results = await self._queries.query(dimension, classifier, queries, k)
+            if not results[0]:
+                raise _no_exemplars(classifier)
+            with tracing.span("vote"):
+                tracing.annotate(voting=voting.value, texts=len(results))
+                labels: list[str] = []
+                by_label = np.empty((len(queries), 0), dtype=np.float32)
+                if voting in LABEL_SCORED:
+                    model = await self._models.get(
+                        config, dimension, f"label-model:{voting}", label_models.FIT[voting]
+                    )
+                    if not model.labels:  # every exemplar was deleted since the neighbour query
+                        raise _no_exemplars(classifier)
+                    labels, by_label = model.labels, model.scores(queries)
+                for j, hits in enumerate(results):
+                    neighbours = [_neighbour(hit) for hit in hits]
+                    answers[valid[embedded[j]]] = vote(
+                        neighbours,
+                        voting,
+                        min_similarity,
+                        min_confidence,
+                        temperature,
+                        calibration,
+                        list(zip(labels, by_label[j].tolist(), strict=True)),
+                    )
+        return [a for a in answers if a is not None], config.etag
+
+
+async def embed_isolating_rejects(
+    embedder: Embedder, prompts: Sequence[str], send: Send | None = None
+) -> tuple[list[int], Matrix, dict[int, InvalidArgument]]:
+    """Embeds ``prompts`` together; if the model rejects the batch, finds the culprits.
+
+    Returns the positions embedded, their vectors (row i for position i of the list) and the
+    rejection of each other position. SGLang rejects a whole batch for one bad text, so a
+    rejected batch is retried one text per call. ``send``: where the embedding calls go (see
+    :meth:`Embedder.embed`).
+    """
+    if not prompts:
+        return [], np.empty((0, 0), dtype=np.float32), {}
+    try:
+        every = await embedder.embed(prompts, send)
+        return list(range(len(prompts))), every, {}
+    except InvalidArgument as whole:
+        if len(prompts) == 1:
+            return [], np.empty((0, 0), dtype=np.float32), {0: whole}
+    rows: dict[int, Matrix] = {}
+    rejected: dict[int, InvalidArgument] = {}
+    for j, prompt in enumerate(prompts):
+        try:
+            rows[j] = await embedder.embed([prompt], send)
+        except InvalidArgument as one:
+            rejected[j] = one
+    embedded = sorted(rows)
+    vectors = np.vstack([rows[j] for j in embedded]) if embedded else np.empty((0, 0))
+    return embedded, vectors.astype(np.float32, copy=False), rejected
+
+
+def _no_exemplars(classifier: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"classifier {classifier!r} has no exemplars; add some with AddExemplars",
+        reason=Reason.CLASSIFIER_EMPTY,
+        resource=errors.classifier(classifier),
+    )
+
+
+def _text_field(i: int, count: int) -> str:
+    """The request field of text ``i``: Classify's ``text``, or ClassifyBatch's ``texts[i]``."""
+    return "text" if count == 1 else f"texts[{i}]"
+
+
+def _neighbour(record: Record) -> Neighbour:
+    payload = record.payload
+    return Neighbour(payload["id"], payload["label"], payload["text"], record.score)
