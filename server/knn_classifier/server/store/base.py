@@ -15,13 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from ..label_models import LabelModel
+from ..vectors import Matrix as Matrix  # the stores take and give vectors of this type
 
 Payload = dict[str, Any]
-Matrix = npt.NDArray[np.float32]
 LabelModelFit = Callable[[Sequence[str], Matrix], LabelModel]
 
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
