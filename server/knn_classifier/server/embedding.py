@@ -6,8 +6,7 @@ configured Matryoshka dimension (first ``d`` components, L2-normalised), which i
 model's own ``dimensions`` option computes, so one call serves every collection.
 
 The answer is taken raw and decoded straight into numpy (base64 rows, or float lists from
-servers that ignore ``encoding_format``): the SDK's own parsing builds a pydantic object per
-vector, which costs more CPU than the rest of a Classify.
+servers that ignore ``encoding_format``); see :meth:`EmbeddingClient._post` for why.
 """
 
 from __future__ import annotations
@@ -106,13 +105,7 @@ class EmbeddingClient:
     async def ping(self, within_s: float) -> bool:
         """Whether the server embeds a short text correctly within ``within_s``; no retries."""
         try:
-            response = await self._client.embeddings.with_raw_response.create(
-                model=self._settings.model,
-                input=[_PROBE_TEXT],
-                encoding_format="base64",
-                timeout=within_s,
-            )
-            check_usable(self._decode(response.content, 1))
+            check_usable(self._decode(await self._post([_PROBE_TEXT], within_s), 1))
         except (openai.OpenAIError, Unavailable):
             return False
         return True
@@ -133,13 +126,8 @@ class EmbeddingClient:
             )
             try:
                 with self._metrics.embedding_call(len(texts)):
-                    response = await self._client.embeddings.with_raw_response.create(
-                        model=self._settings.model,
-                        input=list(texts),
-                        encoding_format="base64",
-                        timeout=timeout,
-                    )
-                vectors = self._decode(response.content, len(texts))
+                    body = await self._post(texts, timeout)
+                vectors = self._decode(body, len(texts))
             except openai.BadRequestError as exc:
                 raise InvalidArgument(
                     f"the embedding model rejected the input: {_message(exc)}",
@@ -179,6 +167,21 @@ class EmbeddingClient:
             self._metrics.embedding_retries.labels(reason).inc()
             await asyncio.sleep(delay)
             attempt += 1
+
+    async def _post(self, texts: Sequence[str], within_s: float) -> bytes:
+        """The body of one ``/embeddings`` call, as it came.
+
+        Sent with the SDK's generic ``post`` rather than ``embeddings.create``: both map HTTP
+        errors and timeouts to the SDK's exceptions alike, but ``create`` walks every input
+        text through its type-driven request transform and, parsed, builds a pydantic object
+        per vector, which together cost more CPU than the rest of a Classify.
+        """
+        return await self._client.post(
+            "/embeddings",
+            cast_to=bytes,
+            body={"model": self._settings.model, "input": list(texts), "encoding_format": "base64"},
+            options={"timeout": within_s},
+        )
 
     def _decode(self, body: bytes, expected: int) -> Matrix:
         """The rows of an embeddings answer, in input order; EmbedderUnavailable if it is not

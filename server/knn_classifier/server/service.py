@@ -52,6 +52,7 @@ from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
 log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
+
 T = TypeVar("T")
 
 
