@@ -6,7 +6,7 @@ import errno
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,12 @@ import pytest
 import redis
 
 from knn_classifier.client import UnavailableError
-from knn_classifier.server.cache import EmbeddingCache, RedisBackend, SqliteBackend
+from knn_classifier.server.cache import (
+    CachedEmbeddings,
+    EmbeddingCache,
+    RedisBackend,
+    SqliteBackend,
+)
 from knn_classifier.server.vectors import Fingerprint
 
 from .conftest import ServerThread, make_settings
@@ -102,6 +107,32 @@ def test_the_key_covers_the_embedder(tmp_path: Path) -> None:
     assert cache.get_many(FINGERPRINT, ["hello"])[0] is not None
     other = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
     assert other.get_many(Fingerprint("another-model", "{text}", 64), ["hello"]) == [None]
+
+
+class RecordingEmbeds:
+    """An inner embedding layer that records the texts it is asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return np.vstack([fake_vector(t, 64) for t in texts])
+
+
+async def test_the_cache_layer_sends_only_misses_once_it_knows_the_embedder() -> None:
+    """Usable alone over any inner layer: before the fingerprint is known every text goes on
+    (nothing is cached under a key it cannot scope); after it, only misses, each once."""
+    inner = RecordingEmbeds()
+    known: list[Fingerprint | None] = [None]
+    cached = CachedEmbeddings(inner, EmbeddingCache(None, 100), lambda: known[0])
+    await cached.embed(["a", "b"])
+    known[0] = FINGERPRINT
+    await cached.embed(["a", "b"])
+    await cached.embed(["a", "c", "c", "b"])
+    rows = await cached.embed(["c", "a"])
+    assert inner.calls == [["a", "b"], ["a", "b"], ["c"]]
+    np.testing.assert_array_equal(rows, np.vstack([fake_vector("c", 64), fake_vector("a", 64)]))
 
 
 def test_the_memory_layer_is_bounded(tmp_path: Path) -> None:
