@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import free_port
 from bench.throughput import http_ok, process
+from knn_classifier.server.app import build_embedding
 from knn_classifier.server.domain import ClassifyOptions, ExemplarInput, NewClassifier
-from knn_classifier.server.embedding import Embedder
 from knn_classifier.server.service import ClassifierService
 from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import EdgeStore, Store
@@ -68,7 +68,7 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
             embedding={"base_url": base_url, "model": "zero"},
         )
         service = ClassifierService(
-            settings, Embedder(settings.embedding), build_store(args.store, Path(data_dir))
+            settings, build_embedding(settings), build_store(args.store, Path(data_dir))
         )
         await service.start()
         await service.create_classifier(NewClassifier("c"))

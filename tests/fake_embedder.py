@@ -45,6 +45,8 @@ class Behaviour:
     """Texts answered with an all-zero vector."""
     malformed: bool = False
     """Answer 200 with a body that is not JSON."""
+    float_lists: bool = False
+    """Answer vectors as lists of floats, as servers that ignore encoding_format do."""
     delay_s: float = 0.0
     """Wait this long before answering."""
     gate: threading.Event | None = None
@@ -133,11 +135,12 @@ class FakeEmbeddingServer:
                 vector[:] = 0.0
             if b.nan:
                 vector[0] = np.nan
+            encoded = base64.b64encode(vector.astype("<f4").tobytes()).decode()
             data.append(
                 {
                     "object": "embedding",
                     "index": i,
-                    "embedding": base64.b64encode(vector.astype("<f4").tobytes()).decode(),
+                    "embedding": vector.tolist() if b.float_lists else encoded,
                 }
             )
         tokens = sum(len(t.split()) for t in texts)

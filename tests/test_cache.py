@@ -6,7 +6,7 @@ import errno
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,13 @@ import pytest
 import redis
 
 from knn_classifier.client import UnavailableError
-from knn_classifier.server.cache import EmbeddingCache, RedisBackend, SqliteBackend
-from knn_classifier.server.embedding import Fingerprint
+from knn_classifier.server.cache import (
+    CachedEmbeddings,
+    EmbeddingCache,
+    RedisBackend,
+    SqliteBackend,
+)
+from knn_classifier.server.vectors import Fingerprint
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer, fake_vector
@@ -86,32 +91,54 @@ def test_an_unusable_vector_is_not_cached_and_its_text_heals_with_the_embedder(
 
 def test_unusable_vectors_are_left_out(tmp_path: Path) -> None:
     cache = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
-    cache.bind(FINGERPRINT)
     vectors = np.vstack([fake_vector("a", 64), np.zeros(64), np.full(64, np.nan)])
-    cache.put_many(["a", "zero", "nan"], vectors.astype(np.float32))
-    found = cache.get_many(["a", "zero", "nan"])
+    cache.put_many(FINGERPRINT, ["a", "zero", "nan"], vectors.astype(np.float32))
+    found = cache.get_many(FINGERPRINT, ["a", "zero", "nan"])
     np.testing.assert_array_equal(found[0], fake_vector("a", 64))
     assert found[1:] == [None, None]
     fresh = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)  # the file alone
-    fresh.bind(FINGERPRINT)
-    assert [v is None for v in fresh.get_many(["a", "zero", "nan"])] == [False, True, True]
+    found = fresh.get_many(FINGERPRINT, ["a", "zero", "nan"])
+    assert [v is None for v in found] == [False, True, True]
 
 
 def test_the_key_covers_the_embedder(tmp_path: Path) -> None:
     cache = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
-    cache.bind(FINGERPRINT)
-    cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
-    assert cache.get_many(["hello"])[0] is not None
+    cache.put_many(FINGERPRINT, ["hello"], np.vstack([fake_vector("hello", 64)]))
+    assert cache.get_many(FINGERPRINT, ["hello"])[0] is not None
     other = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
-    other.bind(Fingerprint("another-model", "{text}", 64))
-    assert other.get_many(["hello"]) == [None]
+    assert other.get_many(Fingerprint("another-model", "{text}", 64), ["hello"]) == [None]
+
+
+class RecordingEmbeds:
+    """An inner embedding layer that records the texts it is asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return np.vstack([fake_vector(t, 64) for t in texts])
+
+
+async def test_the_cache_layer_sends_only_misses_once_it_knows_the_embedder() -> None:
+    """Usable alone over any inner layer: before the fingerprint is known every text goes on
+    (nothing is cached under a key it cannot scope); after it, only misses, each once."""
+    inner = RecordingEmbeds()
+    known: list[Fingerprint | None] = [None]
+    cached = CachedEmbeddings(inner, EmbeddingCache(None, 100), lambda: known[0])
+    await cached.embed(["a", "b"])
+    known[0] = FINGERPRINT
+    await cached.embed(["a", "b"])
+    await cached.embed(["a", "c", "c", "b"])
+    rows = await cached.embed(["c", "a"])
+    assert inner.calls == [["a", "b"], ["a", "b"], ["c"]]
+    np.testing.assert_array_equal(rows, np.vstack([fake_vector("c", 64), fake_vector("a", 64)]))
 
 
 def test_the_memory_layer_is_bounded(tmp_path: Path) -> None:
     cache = EmbeddingCache(None, 2)
-    cache.bind(FINGERPRINT)
-    cache.put_many(["a", "b", "c"], np.vstack([fake_vector(t, 64) for t in "abc"]))
-    found = cache.get_many(["a", "b", "c"])
+    cache.put_many(FINGERPRINT, ["a", "b", "c"], np.vstack([fake_vector(t, 64) for t in "abc"]))
+    found = cache.get_many(FINGERPRINT, ["a", "b", "c"])
     assert found[0] is None
     np.testing.assert_array_equal(found[2], fake_vector("c", 64))
 
@@ -144,11 +171,10 @@ def test_a_corrupt_file_degrades_to_no_cache_with_a_warning(
 def test_rows_that_are_not_usable_vectors_are_ignored(tmp_path: Path, stored: bytes) -> None:
     path = tmp_path / "c.sqlite"
     cache = EmbeddingCache(SqliteBackend(path), 0)
-    cache.bind(FINGERPRINT)
-    cache.put_many(["hello"], np.vstack([fake_vector("hello", 64)]))
+    cache.put_many(FINGERPRINT, ["hello"], np.vstack([fake_vector("hello", 64)]))
     with sqlite3.connect(path) as db:
         db.execute("UPDATE vectors SET vector = ?", (stored,))
-    assert cache.get_many(["hello"]) == [None]
+    assert cache.get_many(FINGERPRINT, ["hello"]) == [None]
 
 
 @pytest.fixture
@@ -186,10 +212,8 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 def test_replicas_share_vectors_through_redis(redis_url: str) -> None:
     first = EmbeddingCache(RedisBackend(redis_url), 10)
     second = EmbeddingCache(RedisBackend(redis_url), 10)
-    for cache in (first, second):
-        cache.bind(FINGERPRINT)
-    first.put_many(["shared text"], np.vstack([fake_vector("shared text", 64)]))
-    found = second.get_many(["shared text", "never seen"])
+    first.put_many(FINGERPRINT, ["shared text"], np.vstack([fake_vector("shared text", 64)]))
+    found = second.get_many(FINGERPRINT, ["shared text", "never seen"])
     np.testing.assert_array_equal(found[0], fake_vector("shared text", 64))
     assert found[1] is None
 

@@ -119,7 +119,8 @@ def share_one_call(
     others are all queued; then all of them are sent together. Returns their answers.
     """
     assert running.app is not None
-    coalescer = running.app.service._coalescer
+    coalescer = running.app.service._embedder.coalescer
+    assert coalescer is not None
     gate = fake_embedder.hold()
 
     async def scenario() -> list[object]:
@@ -167,6 +168,51 @@ def test_a_text_the_model_rejects_fails_only_its_own_caller(
     assert calls[0] == ["green pear"]
     assert sorted(calls[1]) == sorted([good, bad])  # the shared call, rejected
     assert sorted(calls[2:]) == sorted([[good], [bad]])  # each sent once more, alone
+
+
+def test_an_unusable_vector_fails_only_the_caller_whose_text_got_it(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Three Classify calls share one embedding call and the server answers an all-zero vector
+    for one caller's text: that caller alone is UNAVAILABLE, and the others are classified from
+    the same call."""
+    running = serve(tmp_path, fake_embedder.base_url)
+    try:
+        behaviour = fake_embedder.reset(zero_texts={"broken text"})
+        fruit, broken, batch = share_one_call(
+            running,
+            fake_embedder,
+            [
+                lambda client: client.classify("c", "red fruit basket"),
+                lambda client: client.classify("c", "broken text"),
+                lambda client: client.classify_batch("c", ["blue car road", "green pear"]),
+            ],
+            texts=4,
+        )
+    finally:
+        running.stop()
+    assert fruit.label == "fruit"  # type: ignore[attr-defined]
+    assert isinstance(broken, KnnClassifierError)
+    assert broken.code.name == "UNAVAILABLE"
+    assert "all-zero or non-finite" in broken.details
+    assert [answer.label for answer in batch] == ["car", "fruit"]  # type: ignore[attr-defined]
+    shared = ["blue car road", "broken text", "green pear", "red fruit basket"]
+    assert sorted(behaviour.inputs[1]) == shared
+    # After it, only the client's own retries of the failed Classify.
+    assert all(call == ["broken text"] for call in behaviour.inputs[2:])
+
+
+def test_a_write_larger_than_the_embedding_queue_is_not_refused(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Writes embed on the bulk path, beside the coalescer: its bounded queue is for Classify."""
+    running = serve(tmp_path, fake_embedder.base_url, max_queued_texts=4)
+    try:
+        with running.client() as client:
+            client.add_exemplars("c", [(f"yellow banana {i}", "fruit") for i in range(10)])
+            assert client.get_classifier("c").exemplar_count == 13
+    finally:
+        running.stop()
 
 
 def test_a_rejected_batch_in_a_shared_call_is_split_once_more_and_no_further(
@@ -222,7 +268,7 @@ class RecordingEmbed:
         self.calls: list[list[str]] = []
         self.delay_s = delay_s
 
-    async def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.calls.append(list(texts))
         await asyncio.sleep(self.delay_s)
         return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
@@ -266,7 +312,7 @@ class RejectingEmbed:
         self.first_started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.calls.append(list(texts))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)

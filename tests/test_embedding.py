@@ -1,17 +1,19 @@
+import asyncio
 import socket
 
 import numpy as np
 import pytest
 
-from knn_classifier.server.cache import EmbeddingCache
-from knn_classifier.server.embedding import Embedder, truncate, usable_rows
+from knn_classifier.server.cache import CachedEmbeddings, EmbeddingCache
+from knn_classifier.server.embedding import EmbeddingClient
 from knn_classifier.server.errors import InvalidArgument, StartupError, Unavailable
 from knn_classifier.server.settings import EmbeddingSettings
+from knn_classifier.server.vectors import truncate, usable_rows
 
 from .fake_embedder import FakeEmbeddingServer, fake_vector
 
 
-def embedder(base_url: str, cache: EmbeddingCache | None = None, **changes: object) -> Embedder:
+def embedder(base_url: str, **changes: object) -> EmbeddingClient:
     values: dict[str, object] = {
         "base_url": base_url,
         "model": "fake",
@@ -20,7 +22,7 @@ def embedder(base_url: str, cache: EmbeddingCache | None = None, **changes: obje
         "startup_timeout_s": 0,
         **changes,
     }
-    return Embedder(EmbeddingSettings(**values), cache)  # type: ignore[arg-type]
+    return EmbeddingClient(EmbeddingSettings(**values))  # type: ignore[arg-type]
 
 
 def free_port() -> int:
@@ -49,6 +51,32 @@ async def test_embeds_base64_vectors_in_order(fake_embedder: FakeEmbeddingServer
     np.testing.assert_allclose(vectors[0], fake_vector("alpha beta", 64))
     np.testing.assert_allclose(vectors[1], fake_vector("gamma", 64))
     await e.close()
+
+
+async def test_float_list_vectors_are_accepted(fake_embedder: FakeEmbeddingServer) -> None:
+    """Servers that ignore encoding_format (older SGLang releases) answer lists of floats."""
+    fake_embedder.reset(float_lists=True)
+    e = embedder(fake_embedder.base_url)
+    vectors = await e.embed(["alpha beta", "gamma"])
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors[0], fake_vector("alpha beta", 64))
+    np.testing.assert_allclose(vectors[1], fake_vector("gamma", 64))
+    await e.close()
+
+
+async def test_a_call_that_timed_out_is_not_sent_again(fake_embedder: FakeEmbeddingServer) -> None:
+    """A call that timed out still runs on the embedding server: sending it again would queue
+    a second copy of the same slow work behind it (a retry storm on a slow CPU model)."""
+    gate = fake_embedder.hold()
+    e = embedder(fake_embedder.base_url, retries=2, timeout_s=2.0)
+    try:
+        with pytest.raises(Unavailable, match="did not answer within 2s"):
+            await e.embed(["slow"])
+        await asyncio.to_thread(fake_embedder.wait_for_held, 1)
+        assert fake_embedder.behaviour.held == 1
+    finally:
+        gate.set()
+        await e.close()
 
 
 async def test_large_batches_are_split_into_calls(fake_embedder: FakeEmbeddingServer) -> None:
@@ -138,13 +166,14 @@ async def test_malformed_vectors_are_unavailable(
 async def test_unusable_vectors_are_not_cached(
     fake_embedder: FakeEmbeddingServer, fault: dict[str, object]
 ) -> None:
-    e = embedder(fake_embedder.base_url, EmbeddingCache(None, 100))
+    e = embedder(fake_embedder.base_url)
+    cached = CachedEmbeddings(e, EmbeddingCache(None, 100), e.known_fingerprint)
     await e.probe()
     fake_embedder.reset(**fault)
     with pytest.raises(Unavailable, match="all-zero or non-finite"):
-        await e.embed(["one", "two"])
+        await cached.embed(["one", "two"])
     fake_embedder.reset()  # healed: the texts are embedded again, not served from the cache
-    vectors = await e.embed(["one", "two"])
+    vectors = await cached.embed(["one", "two"])
     assert fake_embedder.behaviour.inputs == [["one", "two"]]
     np.testing.assert_allclose(vectors, [fake_vector("one", 64), fake_vector("two", 64)])
     await e.close()

@@ -25,8 +25,8 @@ from knn_classifier.client import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from knn_classifier.server.app import build_embedding
 from knn_classifier.server.domain import ClassifierUpdate, ExemplarInput, NewClassifier
-from knn_classifier.server.embedding import Embedder
 from knn_classifier.server.errors import NotFound
 from knn_classifier.server.service import ClassifierService
 from knn_classifier.server.settings import Settings
@@ -217,7 +217,7 @@ class PausingQdrantStore(QdrantServerStore):
 
 
 async def open_replica(settings: Settings, store: Store) -> ClassifierService:
-    service = ClassifierService(settings, Embedder(settings.embedding), store)
+    service = ClassifierService(settings, build_embedding(settings), store)
     await service.start()
     return service
 

@@ -256,12 +256,13 @@ async def test_queue_depth_and_requests_per_call_of_the_coalescer() -> None:
     release = asyncio.Event()
     first_sent = asyncio.Event()
 
-    async def embed(texts: Any) -> Any:
-        first_sent.set()
-        await release.wait()
-        return np.ones((len(texts), 4), dtype=np.float32)
+    class Embed:
+        async def embed(self, texts: Any) -> Any:
+            first_sent.set()
+            await release.wait()
+            return np.ones((len(texts), 4), dtype=np.float32)
 
-    coalescer = Coalescer(embed, 256, 1, 1000, max_wait_s=0.0, metrics=metrics)
+    coalescer = Coalescer(Embed(), 256, 1, 1000, max_wait_s=0.0, metrics=metrics)
     try:
         first = asyncio.create_task(coalescer.embed(["a"]))
         await asyncio.wait_for(first_sent.wait(), 30)

@@ -13,8 +13,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import Client
+from knn_classifier.server.app import build_embedding
 from knn_classifier.server.domain import ClassifyOptions
-from knn_classifier.server.embedding import Embedder
 from knn_classifier.server.migrate import Source, migrate
 from knn_classifier.server.service import ClassifierService
 from knn_classifier.server.store import EdgeStore, Selection
@@ -225,7 +225,7 @@ async def test_migrating_into_a_qdrant_server_store(
         tmp_path / "unused", fake_embedder.base_url, dimensions=[16, 32], embedding={"model": "v2"}
     )
     store = QdrantServerStore(AsyncQdrantClient(":memory:"), "v2")
-    target = ClassifierService(settings, Embedder(settings.embedding), store)
+    target = ClassifierService(settings, build_embedding(settings), store)
     await target.start()
     source_store = EdgeStore(tmp_path / "old")
     try:

@@ -14,8 +14,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client._requests import VotingName
+from knn_classifier.server.app import build_embedding
 from knn_classifier.server.domain import ClassifyOptions, ExemplarInput, NewClassifier
-from knn_classifier.server.embedding import Embedder
 from knn_classifier.server.errors import NotFound
 from knn_classifier.server.metrics import Metrics
 from knn_classifier.server.service import ClassifierService
@@ -76,7 +76,7 @@ def test_label_models_are_fitted_once_per_revision_not_per_call(
 
 
 async def open_replica(settings: Settings, store: Store, metrics: Metrics) -> ClassifierService:
-    service = ClassifierService(settings, Embedder(settings.embedding), store, metrics)
+    service = ClassifierService(settings, build_embedding(settings), store, metrics)
     await service.start()
     return service
 

@@ -16,8 +16,10 @@ from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from .admission import LimitConcurrentCalls
 from .api import ClassifierServicer
 from .auth import ApiKeyInterceptor
-from .cache import EmbeddingCache, persistent_backend
-from .embedding import Embedder
+from .cache import CachedEmbeddings, EmbeddingCache, persistent_backend
+from .coalescing import Coalescer
+from .embedding import EmbeddingClient
+from .embedding_pipeline import EmbeddingPipeline, TracedEmbeddings
 from .errors import StartupError
 from .metrics import Metrics, MetricsServer
 from .parsing import RejectMalformedRequests
@@ -27,6 +29,7 @@ from .startup import StartingGate, key_ring, listen, tls_credentials
 from .store import EdgeStore, Store
 from .telemetry import RpcTelemetry
 from .tracing import otlp_provider
+from .vectors import Embeds
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -70,6 +73,29 @@ def build_cache(settings: Settings, metrics: Metrics | None = None) -> Embedding
     return EmbeddingCache(backend, embedding.cache_entries, metrics)
 
 
+def build_embedding(settings: Settings, metrics: Metrics | None = None) -> EmbeddingPipeline:
+    """The embedding layers: Classify through cache, coalescer and client; the bulk path
+    through cache and client (see embedding_pipeline)."""
+    client = EmbeddingClient(settings.embedding, metrics)
+    coalescer = Coalescer(
+        client,
+        settings.embedding.max_texts_per_call,
+        settings.embedding.max_concurrent_calls,
+        settings.limits.max_queued_texts,
+        settings.embedding.max_wait_ms / 1000,
+        metrics,
+    )
+    cache = build_cache(settings, metrics)
+    classify: Embeds = coalescer
+    bulk: Embeds = client
+    if cache is not None:
+        classify = CachedEmbeddings(coalescer, cache, client.known_fingerprint)
+        bulk = CachedEmbeddings(client, cache, client.known_fingerprint)
+    return EmbeddingPipeline(
+        client, TracedEmbeddings(classify), TracedEmbeddings(bulk), coalescer, cache
+    )
+
+
 _FAILED_START_GRACE_S = 1.0
 
 
@@ -97,7 +123,7 @@ class App:
         self.tracer_provider = tracer_provider or otlp_provider(settings.tracing)
         self.service = ClassifierService(
             settings,
-            Embedder(settings.embedding, build_cache(settings, self.metrics), self.metrics),
+            build_embedding(settings, self.metrics),
             store or build_store(settings),
             self.metrics,
         )

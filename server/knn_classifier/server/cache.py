@@ -8,6 +8,8 @@ unreachable, a write refused) turns it off with one warning: the service then em
 fails and never serves a vector it cannot trust. Only usable vectors go in (finite, with a
 non-zero norm; see :func:`usable_rows`), and values of the wrong size or not usable are misses,
 so a bad vector written by an older version is never served either.
+
+:class:`CachedEmbeddings` is the layer that puts the cache in front of another embedding layer.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import hashlib
 import logging
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import redis
 
-from .embedding import Fingerprint, Matrix, usable_rows
 from .metrics import Metrics
+from .vectors import Embeds, Fingerprint, Matrix, usable_rows
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ def persistent_backend(
 
 
 class EmbeddingCache:
+    """Vectors by (embedder fingerprint, prompt): an LRU in memory over an optional backend."""
+
     def __init__(
         self, backend: Backend | None, memory_entries: int, metrics: Metrics | None = None
     ) -> None:
@@ -130,16 +134,10 @@ class EmbeddingCache:
         self._memory: OrderedDict[bytes, bytes] = OrderedDict()
         self._memory_entries = memory_entries
         self._backend = backend
-        self._prefix = b""
-        self._width = 0
 
-    def bind(self, fingerprint: Fingerprint) -> None:
-        """Scopes every key to the embedder the service runs with."""
-        self._prefix = repr(sorted(fingerprint.as_payload().items())).encode()
-        self._width = fingerprint.width
-
-    def get_many(self, prompts: Sequence[str]) -> list[Matrix | None]:
-        keys = [self._key(p) for p in prompts]
+    def get_many(self, fingerprint: Fingerprint, prompts: Sequence[str]) -> list[Matrix | None]:
+        """The vector of each prompt embedded by ``fingerprint``'s embedder, or None."""
+        keys = [_key(fingerprint, p) for p in prompts]
         found = {k: self._memory[k] for k in keys if k in self._memory}
         for key in found:
             self._memory.move_to_end(key)
@@ -156,13 +154,13 @@ class EmbeddingCache:
                 for key, blob in stored.items():
                     found[key] = blob
                     self._remember(key, blob)
-        return [self._vector(found.get(k)) for k in keys]
+        return [_vector(found.get(k), fingerprint.width) for k in keys]
 
-    def put_many(self, prompts: Sequence[str], vectors: Matrix) -> None:
+    def put_many(self, fingerprint: Fingerprint, prompts: Sequence[str], vectors: Matrix) -> None:
         """Remembers the vectors of ``prompts``; rows that are not usable are left out."""
         usable = usable_rows(vectors)
         rows = [
-            (self._key(p), v.astype("<f4").tobytes())
+            (_key(fingerprint, p), v.astype("<f4").tobytes())
             for p, v, ok in zip(prompts, vectors, usable, strict=True)
             if ok
         ]
@@ -183,15 +181,6 @@ class EmbeddingCache:
         self._metrics.cache_lookups.labels(layer, "hit").inc(hits)
         self._metrics.cache_lookups.labels(layer, "miss").inc(misses)
 
-    def _key(self, prompt: str) -> bytes:
-        return hashlib.sha256(self._prefix + b"\x00" + prompt.encode()).digest()
-
-    def _vector(self, blob: bytes | None) -> Matrix | None:
-        if blob is None or len(blob) != 4 * self._width:
-            return None
-        vector = np.frombuffer(blob, dtype="<f4")
-        return vector if usable_rows(vector[np.newaxis])[0] else None
-
     def _remember(self, key: bytes, blob: bytes) -> None:
         self._memory[key] = blob
         self._memory.move_to_end(key)
@@ -204,3 +193,50 @@ class EmbeddingCache:
         if backend is not None:
             with contextlib.suppress(*backend.failures):
                 backend.close()
+
+
+def _key(fingerprint: Fingerprint, prompt: str) -> bytes:
+    """The key of a prompt: scoped to the embedder, so another model's vector is never reused."""
+    scope = repr(sorted(fingerprint.as_payload().items())).encode()
+    return hashlib.sha256(scope + b"\x00" + prompt.encode()).digest()
+
+
+def _vector(blob: bytes | None, width: int) -> Matrix | None:
+    if blob is None or len(blob) != 4 * width:
+        return None
+    vector = np.frombuffer(blob, dtype="<f4")
+    return vector if usable_rows(vector[np.newaxis])[0] else None
+
+
+class CachedEmbeddings:
+    """An embedding layer that answers known prompts from ``cache`` and sends the others to
+    ``inner`` (a batch of hits makes no call), remembering what it answers.
+
+    ``fingerprint`` tells which embedder ``inner`` ends at, or None while unknown (before its
+    first answer told the width): then every text goes to ``inner``.
+    """
+
+    def __init__(
+        self,
+        inner: Embeds,
+        cache: EmbeddingCache,
+        fingerprint: Callable[[], Fingerprint | None],
+    ) -> None:
+        self._inner = inner
+        self._cache = cache
+        self._fingerprint = fingerprint
+
+    async def embed(self, texts: Sequence[str]) -> Matrix:
+        fingerprint = self._fingerprint()
+        if fingerprint is None:
+            return await self._inner.embed(texts)
+        cached = self._cache.get_many(fingerprint, texts)
+        missing = list(dict.fromkeys(t for t, v in zip(texts, cached, strict=True) if v is None))
+        if not missing:
+            return np.vstack(cached)  # type: ignore[arg-type]
+        fresh = await self._inner.embed(missing)
+        self._cache.put_many(fingerprint, missing, fresh)
+        by_text = dict(zip(missing, fresh, strict=True))
+        return np.vstack(
+            [by_text[t] if v is None else v for t, v in zip(texts, cached, strict=True)]
+        )

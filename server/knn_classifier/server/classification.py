@@ -18,10 +18,11 @@ from .classifiers import Classifiers
 from .coalescing import QueryBatcher
 from .derived import ExemplarModels
 from .domain import ClassifyOptions, either
-from .embedding import Embedder, Matrix, Send, truncate
+from .embedding_pipeline import EmbeddingPipeline
 from .errors import FailedPrecondition, InvalidArgument, Reason
 from .settings import LimitSettings
 from .store import Record
+from .vectors import Embeds, Matrix, truncate
 from .voting import LABEL_SCORED, Neighbour, Vote, vote
 
 
@@ -30,17 +31,14 @@ class Classification:
         self,
         limits: LimitSettings,
         dimensions: Sequence[int],
-        embedder: Embedder,
-        send: Send,
+        embedder: EmbeddingPipeline,
         classifiers: Classifiers,
         queries: QueryBatcher,
         models: ExemplarModels,
     ) -> None:
-        """``send``: where Classify's embedding calls go (the coalescer)."""
         self._limits = limits
         self._dimensions = list(dimensions)
         self._embedder = embedder
-        self._send = send
         self._classifiers = classifiers
         self._queries = queries
         self._models = models
@@ -96,7 +94,7 @@ class Classification:
                 answers[i] = invalid
         prompts = [self._embedder.prompt(config.instruction, texts[i]) for i in valid]
         embedded, vectors, rejected = await embed_isolating_rejects(
-            self._embedder, prompts, self._send
+            self._embedder.classify, prompts
         )
         for j, rejection in rejected.items():
             i = valid[j]
@@ -134,19 +132,18 @@ class Classification:
 
 
 async def embed_isolating_rejects(
-    embedder: Embedder, prompts: Sequence[str], send: Send | None = None
+    embedder: Embeds, prompts: Sequence[str]
 ) -> tuple[list[int], Matrix, dict[int, InvalidArgument]]:
     """Embeds ``prompts`` together; if the model rejects the batch, finds the culprits.
 
     Returns the positions embedded, their vectors (row i for position i of the list) and the
     rejection of each other position. SGLang rejects a whole batch for one bad text, so a
-    rejected batch is retried one text per call. ``send``: where the embedding calls go (see
-    :meth:`Embedder.embed`).
+    rejected batch is retried one text per call.
     """
     if not prompts:
         return [], np.empty((0, 0), dtype=np.float32), {}
     try:
-        every = await embedder.embed(prompts, send)
+        every = await embedder.embed(prompts)
         return list(range(len(prompts))), every, {}
     except InvalidArgument as whole:
         if len(prompts) == 1:
@@ -155,7 +152,7 @@ async def embed_isolating_rejects(
     rejected: dict[int, InvalidArgument] = {}
     for j, prompt in enumerate(prompts):
         try:
-            rows[j] = await embedder.embed([prompt], send)
+            rows[j] = await embedder.embed([prompt])
         except InvalidArgument as one:
             rejected[j] = one
     embedded = sorted(rows)

@@ -5,10 +5,12 @@ into calls of up to ``max_texts_per_call`` texts, at most ``max_concurrent_calls
 idle service sends a request at once, so it adds no latency. A busy one (a call is in flight, or
 the last call carried several requests) starts calls at most every ``max_wait_s`` unless the
 next call is full, so requests arriving meanwhile ride together even when the embedder answers
-fast (each call through the openai SDK costs about 2 ms of CPU here). The queue is bounded: a
+fast (each call has a fixed CPU cost in the client, whatever its size). The queue is bounded: a
 request that does not fit is refused at once with RESOURCE_EXHAUSTED, and a request whose
 deadline passed while it waited is never sent. When the model rejects a shared call, each of its
-requests is sent again alone, so one caller's bad text fails only that caller.
+requests is sent again alone, so one caller's bad text fails only that caller; when the server
+answers an unusable vector (all-zero, non-finite) for some texts, only the requests holding them
+fail.
 
 Store queries (:class:`QueryBatcher`): the requests of one embedding call resume together, and
 their queries of the same classifier and dimension become one batched store query, which costs
@@ -21,16 +23,16 @@ import asyncio
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import deadlines, tracing
-from .embedding import Matrix
 from .errors import DeadlineExceeded, InvalidArgument, Reason, ResourceExhausted
 from .metrics import Metrics
 from .store import Record, Store
+from .vectors import Embeds, Matrix, UnusableVectors, usable_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,18 @@ def _fail_if_late(waiting: _Waiting, now: float) -> bool:
 
 
 class Coalescer:
+    """An embedding layer that sends the texts of concurrent requests to ``inner`` together."""
+
     def __init__(
         self,
-        embed: Callable[[Sequence[str]], Awaitable[Matrix]],
+        inner: Embeds,
         max_texts_per_call: int,
         max_concurrent_calls: int,
         max_queued_texts: int,
         max_wait_s: float,
         metrics: Metrics | None = None,
     ) -> None:
-        self._embed = embed
+        self._inner = inner
         self._max_texts = max_texts_per_call
         self._max_queued = max_queued_texts
         self._max_wait_s = max_wait_s
@@ -208,7 +212,9 @@ class Coalescer:
         unique = list(dict.fromkeys(texts))  # concurrent requests often repeat a text
         try:
             with deadlines.within(left):
-                vectors = await self._embed(unique)
+                vectors = await self._inner.embed(unique)
+        except UnusableVectors as exc:
+            vectors = exc.vectors  # _answer fails the requests holding an unusable row
         except Exception as exc:
             return exc
         if len(unique) < len(texts):
@@ -218,16 +224,22 @@ class Coalescer:
 
     @staticmethod
     def _answer(batch: list[_Waiting], outcome: Matrix | Exception) -> None:
-        """Gives each request still waiting its rows of ``outcome``, or the error."""
+        """Gives each request still waiting its rows of ``outcome``, or the error; a request
+        with an unusable row gets UnusableVectors, whatever the rows of the others."""
         if isinstance(outcome, Exception):
             for waiting in batch:
                 if not waiting.future.done():
                     waiting.future.set_exception(outcome)
             return
+        usable = usable_rows(outcome)
         offsets = np.cumsum([0, *(len(w.texts) for w in batch)])
         for waiting, start, end in zip(batch, offsets[:-1], offsets[1:], strict=True):
-            if not waiting.future.done():
+            if waiting.future.done():
+                continue
+            if usable[start:end].all():
                 waiting.future.set_result(outcome[start:end])
+            else:
+                waiting.future.set_exception(UnusableVectors(outcome[start:end]))
 
 
 @dataclass(eq=False)

@@ -1,91 +1,51 @@
-"""Embeddings through an OpenAI-compatible ``/v1/embeddings`` endpoint (SGLang in production).
+"""The embedding server's client: an OpenAI-compatible ``/v1/embeddings`` endpoint (SGLang in
+production), called through the openai SDK.
 
-One call embeds a batch at the model's full width; :func:`truncate` then derives each configured
-Matryoshka dimension (first ``d`` components, L2-normalised), which is what the model's own
-``dimensions`` option computes, so one call serves every collection.
+One call embeds a batch at the model's full width; :func:`~.vectors.truncate` then derives each
+configured Matryoshka dimension (first ``d`` components, L2-normalised), which is what the
+model's own ``dimensions`` option computes, so one call serves every collection.
+
+The answer is taken raw and decoded straight into numpy (base64 rows, or float lists from
+servers that ignore ``encoding_format``); see :meth:`EmbeddingClient._post` for why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import openai
 
-from . import deadlines, tracing
+from . import deadlines
 from .errors import EmbedderUnavailable, InvalidArgument, Reason, StartupError, Unavailable
 from .metrics import Metrics
-
-if TYPE_CHECKING:
-    from .cache import EmbeddingCache
 from .settings import EmbeddingSettings
+from .vectors import Fingerprint, Matrix, check_usable
 
 log = logging.getLogger(__name__)
-
-Matrix = npt.NDArray[np.float32]
-Send = Callable[[Sequence[str]], Awaitable[Matrix]]
 
 _RETRYABLE_STATUS = {429, 503}
 _PROBE_TEXT = "dimension probe"
 
 
-@dataclass(frozen=True)
-class Fingerprint:
-    """What makes two vectors comparable: the same model, prompt template and width."""
+class EmbeddingClient:
+    """Embeds texts by calls to the embedding server (an :class:`~.vectors.Embeds`); one
+    instance per service, safe for concurrent use.
 
-    model: str
-    template: str
-    width: int
-
-    def as_payload(self) -> dict[str, str | int]:
-        return {"model": self.model, "template": self.template, "width": self.width}
-
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> Fingerprint:
-        return cls(str(payload["model"]), str(payload["template"]), int(payload["width"]))
-
-
-def usable_rows(vectors: Matrix) -> npt.NDArray[np.bool_]:
-    """Which rows can serve as embeddings: those with a finite, non-zero norm.
-
-    A row with a NaN or an infinity has no finite norm, and an all-zero row cannot be
-    normalised: such a row is a fault of the embedding server, never the meaning of a text.
-    Computed in float32 like :func:`truncate`'s norms, so magnitudes that it could not
-    normalise fail too.
+    The model's full width is learned from the first answer (:meth:`probe` waits for it at
+    start-up); every later answer must have that width.
     """
-    with np.errstate(over="ignore"):
-        squares = np.einsum("ij,ij->i", vectors, vectors)
-    return cast(npt.NDArray[np.bool_], np.isfinite(squares) & (squares > 0))
 
-
-def truncate(vectors: Matrix, dimension: int) -> Matrix:
-    """The first ``dimension`` components of each row, L2-normalised (Matryoshka truncation)."""
-    head = vectors[:, :dimension]
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    if np.any(norms == 0.0):
-        raise EmbedderUnavailable("the embedding server returned an all-zero vector")
-    return cast(Matrix, (head / norms).astype(np.float32, copy=False))
-
-
-class Embedder:
-    """Client of the embedding server; one instance per service, safe for concurrent use."""
-
-    def __init__(
-        self,
-        settings: EmbeddingSettings,
-        cache: EmbeddingCache | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, settings: EmbeddingSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
-        self._cache = cache
         self._metrics = metrics or Metrics()
         self._client = openai.AsyncOpenAI(
             base_url=settings.base_url,
@@ -97,8 +57,15 @@ class Embedder:
 
     @property
     def fingerprint(self) -> Fingerprint:
-        if self._width is None:
+        known = self.known_fingerprint()
+        if known is None:
             raise RuntimeError("probe() must run before the fingerprint is known")
+        return known
+
+    def known_fingerprint(self) -> Fingerprint | None:
+        """The fingerprint, or None before the first answer told the width."""
+        if self._width is None:
+            return None
         return Fingerprint(self._settings.model, self._settings.template, self._width)
 
     def prompt(self, instruction: str, text: str) -> str:
@@ -126,35 +93,11 @@ class Embedder:
                     f"the embedding server rejected the probe call ({exc}); check "
                     "KNN_EMBEDDING__MODEL"
                 ) from exc
-            self._width = int(vectors.shape[1])
-            if self._cache is not None:
-                self._cache.bind(self.fingerprint)
-            return self._width
+            return int(vectors.shape[1])
 
-    @tracing.traced("embed")
-    async def embed(self, texts: Sequence[str], send: Send | None = None) -> Matrix:
-        """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order.
-
-        Texts the cache knows are not sent; a batch that is all hits makes no call. The others
-        go to ``send`` (default :meth:`embed_uncached`; the service passes its coalescer).
-        """
-        tracing.annotate(texts=len(texts))
-        send = send or self.embed_uncached
-        if self._cache is None or self._width is None:
-            return await send(texts)
-        cached = self._cache.get_many(texts)
-        missing = list(dict.fromkeys(t for t, v in zip(texts, cached, strict=True) if v is None))
-        if not missing:
-            return np.vstack(cached)  # type: ignore[arg-type]
-        fresh = await send(missing)
-        self._cache.put_many(missing, fresh)
-        by_text = dict(zip(missing, fresh, strict=True))
-        return np.vstack(
-            [by_text[t] if v is None else v for t, v in zip(texts, cached, strict=True)]
-        )
-
-    async def embed_uncached(self, texts: Sequence[str]) -> Matrix:
-        """Embeds ``texts`` by calls to the server (of at most max_texts_per_call texts each)."""
+    async def embed(self, texts: Sequence[str]) -> Matrix:
+        """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order, by
+        calls of at most max_texts_per_call texts each."""
         step = self._settings.max_texts_per_call
         parts = [await self._call(texts[i : i + step]) for i in range(0, len(texts), step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -162,23 +105,18 @@ class Embedder:
     async def ping(self, within_s: float) -> bool:
         """Whether the server embeds a short text correctly within ``within_s``; no retries."""
         try:
-            response = await self._client.embeddings.create(
-                model=self._settings.model,
-                input=[_PROBE_TEXT],
-                encoding_format="base64",
-                timeout=within_s,
-            )
-            self._decode(response, 1)
-        except (openai.OpenAIError, Unavailable, ValueError, TypeError):
+            check_usable(self._decode(await self._post([_PROBE_TEXT], within_s), 1))
+        except (openai.OpenAIError, Unavailable):
             return False
         return True
 
     async def close(self) -> None:
         await self._client.close()
-        if self._cache is not None:
-            self._cache.close()
 
     async def _call(self, texts: Sequence[str]) -> Matrix:
+        """One call to the server, retried on 429, 503 and failed connections, never on a
+        timeout: a call that timed out is still running on the server, and sending it again
+        would queue a second copy of the same slow work behind it."""
         attempt = 0
         while True:
             deadlines.check("calling the embedding server")
@@ -188,13 +126,8 @@ class Embedder:
             )
             try:
                 with self._metrics.embedding_call(len(texts)):
-                    response = await self._client.embeddings.create(
-                        model=self._settings.model,
-                        input=list(texts),
-                        encoding_format="base64",
-                        timeout=timeout,
-                    )
-                return self._decode(response, len(texts))
+                    body = await self._post(texts, timeout)
+                vectors = self._decode(body, len(texts))
             except openai.BadRequestError as exc:
                 raise InvalidArgument(
                     f"the embedding model rejected the input: {_message(exc)}",
@@ -206,15 +139,24 @@ class Embedder:
                         f"the embedding server answered HTTP {exc.status_code}"
                     ) from exc
                 reason = f"HTTP {exc.status_code}"
-            except openai.APIConnectionError as exc:  # includes timeouts
+            except openai.APITimeoutError as exc:
+                deadlines.check("the embedding server answered")
+                raise EmbedderUnavailable(
+                    f"the embedding server did not answer within {timeout:g}s"
+                ) from exc
+            except openai.APIConnectionError as exc:
                 deadlines.check("the embedding server answered")
                 if attempt >= self._settings.retries:
                     raise EmbedderUnavailable(
                         f"the embedding server cannot be reached ({type(exc).__name__})"
                     ) from exc
                 reason = type(exc).__name__
-            except (openai.APIResponseValidationError, ValueError, TypeError) as exc:
-                raise EmbedderUnavailable("the embedding server sent a malformed answer") from exc
+            else:
+                if self._width is None:
+                    self._width = int(vectors.shape[1])
+                # Checked here, before any cache sees the rows: a bad row cached would be
+                # served again.
+                return check_usable(vectors)
             delay = 0.1 * 2**attempt * (1.0 + random.random())
             left = deadlines.remaining()
             if left is not None and delay >= left:
@@ -226,28 +168,51 @@ class Embedder:
             await asyncio.sleep(delay)
             attempt += 1
 
-    def _decode(self, response: openai.types.CreateEmbeddingResponse, expected: int) -> Matrix:
-        if len(response.data) != expected:
+    async def _post(self, texts: Sequence[str], within_s: float) -> bytes:
+        """The body of one ``/embeddings`` call, as it came.
+
+        Sent with the SDK's generic ``post`` rather than ``embeddings.create``: both map HTTP
+        errors and timeouts to the SDK's exceptions alike, but ``create`` walks every input
+        text through its type-driven request transform and, parsed, builds a pydantic object
+        per vector, which together cost more CPU than the rest of a Classify.
+        """
+        return await self._client.post(
+            "/embeddings",
+            cast_to=bytes,
+            body={"model": self._settings.model, "input": list(texts), "encoding_format": "base64"},
+            options={"timeout": within_s},
+        )
+
+    def _decode(self, body: bytes, expected: int) -> Matrix:
+        """The rows of an embeddings answer, in input order; EmbedderUnavailable if it is not
+        one vector per text, all of one width (the model's, once known)."""
+        try:
+            data = json.loads(body)["data"]
+            rows = [_row(item["embedding"]) for item in sorted(data, key=lambda i: i["index"])]
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise EmbedderUnavailable("the embedding server sent a malformed answer") from exc
+        if len(rows) != expected:
             raise EmbedderUnavailable(
-                f"the embedding server returned {len(response.data)} vectors for {expected} texts"
+                f"the embedding server returned {len(rows)} vectors for {expected} texts"
             )
-        rows = [
-            np.frombuffer(base64.b64decode(cast(str, item.embedding)), dtype="<f4")
-            for item in sorted(response.data, key=lambda item: item.index)
-        ]
         widths = {row.shape[0] for row in rows}
         if len(widths) != 1 or (self._width is not None and widths != {self._width}):
             raise EmbedderUnavailable(
                 f"the embedding server returned vectors of width {sorted(widths)}"
             )
-        matrix = np.vstack(rows).astype(np.float32, copy=False)
-        # Checked here, before any cache sees the rows: a bad row cached would be served again.
-        if not np.all(usable_rows(matrix)):
-            raise EmbedderUnavailable(
-                "the embedding server returned an all-zero or non-finite vector; retry later, "
-                "and check the embedding server if it persists"
-            )
-        return matrix
+        return np.vstack(rows)
+
+
+def _row(embedding: Any) -> Matrix:
+    """One vector: base64 of little-endian float32, or a list of numbers (servers that ignore
+    ``encoding_format``)."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4").astype(
+            np.float32, copy=False
+        )
+    if isinstance(embedding, list) and all(isinstance(x, int | float) for x in embedding):
+        return np.asarray(embedding, dtype=np.float32)
+    raise TypeError(f"an embedding of type {type(embedding).__name__}")
 
 
 def _message(exc: openai.APIStatusError) -> str:

@@ -17,9 +17,9 @@ import numpy.typing as npt
 
 from . import deadlines, label_models
 from .calibration import Calibration
+from .vectors import Matrix
 from .voting import LABEL_SCORED, Neighbour, Voting, vote
 
-Matrix = npt.NDArray[np.float32]
 _BLOCK = 1024
 
 

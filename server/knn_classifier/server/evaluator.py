@@ -20,12 +20,13 @@ import numpy.typing as npt
 from . import deadlines, evaluation, thresholds, validation
 from .calibration import Calibration, fitted_temperature
 from .domain import ClassifierConfig, EvaluateRequest
-from .embedding import Embedder, Matrix, truncate
+from .embedding_pipeline import EmbeddingPipeline
 from .errors import FailedPrecondition, InvalidArgument
 from .evaluation import Exemplars, Outcome, Report, Setting
 from .settings import Settings
 from .store import Store
 from .thresholds import Reached, Thresholds
+from .vectors import Matrix, truncate
 from .voting import LABEL_SCORED, Voting
 
 _TEMPERED = {Voting.SOFTMAX, *LABEL_SCORED}
@@ -131,7 +132,7 @@ class Evaluation:
 
 
 class Evaluator:
-    def __init__(self, settings: Settings, embedder: Embedder, store: Store) -> None:
+    def __init__(self, settings: Settings, embedder: EmbeddingPipeline, store: Store) -> None:
         self._limits = settings.limits
         self._dimensions = settings.dimensions
         self._embedder = embedder
@@ -167,7 +168,7 @@ class Evaluator:
             )
         if held_out:
             prompts = [self._embedder.prompt(config.instruction, text) for text, _ in held_out]
-            embedded = await self._embedder.embed(prompts)
+            embedded = await self._embedder.bulk.embed(prompts)
             truth = [label for _, label in held_out]
             sample_ids: list[str] = []
         else:

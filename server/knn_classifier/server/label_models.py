@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .vectors import Matrix
 from .voting import Voting
 
-Matrix = npt.NDArray[np.float32]
 _Float = npt.NDArray[np.float64]
 
 CHECKPOINT_ROWS = 256

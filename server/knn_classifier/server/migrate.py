@@ -28,12 +28,15 @@ from . import logs
 from .app import build_store
 from .classifiers import Classifiers
 from .domain import ClassifierConfig
-from .embedding import Embedder, Fingerprint
+from .embedding import EmbeddingClient
+from .embedding_pipeline import EmbeddingPipeline
 from .errors import NotFound, ServiceError, StartupError
 from .progress import Progress
-from .service import FINGERPRINT_KEY, ClassifierService, stored_exemplar
+from .service import ClassifierService, stored_exemplar
 from .settings import Settings
+from .startup_repair import FINGERPRINT_KEY
 from .store import Selection, Store
+from .vectors import Fingerprint
 
 log = logging.getLogger("knn_classifier.migrate")
 
@@ -168,7 +171,11 @@ async def run(settings: Settings, source_store: Store, where: str, batch_size: i
     """Opens the source and the target the settings describe, migrates, closes both."""
     try:
         source = await Source.open(source_store, where)
-        target = ClassifierService(settings, Embedder(settings.embedding), build_store(settings))
+        target = ClassifierService(
+            settings,
+            EmbeddingPipeline.direct(EmbeddingClient(settings.embedding)),
+            build_store(settings),
+        )
         try:
             await target.start()
             return await migrate(source, target, batch_size)

@@ -35,8 +35,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .label_models import _Scatter, shrinkage
+from .vectors import Matrix
 
-Matrix = npt.NDArray[np.float32]
 _Float = npt.NDArray[np.float64]
 _Index = npt.NDArray[np.intp]
 

@@ -19,7 +19,7 @@ import numpy as np
 from . import errors, paging, updates, validation, wire_size
 from .classification import Classification, embed_isolating_rejects
 from .classifiers import Classifiers
-from .coalescing import Coalescer, QueryBatcher
+from .coalescing import QueryBatcher
 from .derived import ExemplarModels
 from .domain import (
     ClassifierConfig,
@@ -33,35 +33,27 @@ from .domain import (
     ServiceInfo,
     either,
 )
-from .embedding import Embedder, Fingerprint, Matrix, truncate
+from .embedding_pipeline import EmbeddingPipeline
 from .errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
     Reason,
     ResourceExhausted,
-    StartupError,
     Unavailable,
 )
 from .evaluator import Evaluation, Evaluator
 from .metrics import Metrics
-from .progress import Progress
 from .settings import LimitSettings, Settings
+from .startup_repair import FINGERPRINT_KEY, StartupRepair
 from .store import Record, Selection, Store
-from .store.base import Payload
 from .store.schema import ExemplarPayload, exemplar_payload
+from .vectors import Fingerprint, Matrix, truncate
 from .voting import Vote, Voting
 
 log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
-FINGERPRINT_KEY = "embedder-fingerprint"
-_REPAIR_BATCH = 512
-"""Exemplars read, embedded and written together by the start-up repair."""
-MIGRATION_HINT = (
-    "move the data to this embedder: copy it into a new store with knn-classifier-migrate "
-    "(README, 'Moving to another embedder')"
-)
 
 T = TypeVar("T")
 
@@ -83,7 +75,11 @@ def _point_id(classifier: ClassifierConfig, exemplar_id: str) -> str:
 
 class ClassifierService:
     def __init__(
-        self, settings: Settings, embedder: Embedder, store: Store, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        embedder: EmbeddingPipeline,
+        store: Store,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._limits = settings.limits
@@ -92,19 +88,11 @@ class ClassifierService:
         self._store = store
         self._classifiers = Classifiers(store)
         self._evaluator = Evaluator(settings, embedder, store)
-        self._coalescer = Coalescer(
-            embedder.embed_uncached,
-            settings.embedding.max_texts_per_call,
-            settings.embedding.max_concurrent_calls,
-            settings.limits.max_queued_texts,
-            settings.embedding.max_wait_ms / 1000,
-            metrics,
-        )
+        self._startup = StartupRepair(settings, embedder, store, self._classifiers, self._delete)
         self._classification = Classification(
             settings.limits,
             settings.dimensions,
             embedder,
-            self._coalescer.embed,
             self._classifiers,
             QueryBatcher(store, metrics),
             ExemplarModels(store, settings.store.model_cache_entries, metrics),
@@ -123,174 +111,7 @@ class ClassifierService:
 
     async def start(self) -> None:
         """Probes the embedder, opens the store and checks that both agree with the data."""
-        width = await self._embedder.probe()
-        too_wide = [d for d in self._dimensions if d > width]
-        if too_wide:
-            fitting = [d for d in self._dimensions if d <= width] or [width]
-            raise StartupError(
-                f"dimensions {too_wide} exceed the width {width} of the embedding model "
-                f"{self._settings.embedding.model!r}; set KNN_DIMENSIONS to values up to {width}, "
-                f"e.g. KNN_DIMENSIONS={','.join(map(str, fitting))}"
-            )
-        try:
-            await self._store.open(self._dimensions)
-        except Unavailable as exc:
-            raise StartupError(f"{exc}; start it or check KNN_STORE__URL") from exc
-        try:
-            filling = await self._check_fingerprint(self._embedder.fingerprint)
-            if upgraded := await self._classifiers.upgrade():
-                log.info("gave %d classifier record(s) their revision", upgraded)
-            for config in await self._classifiers.deleting():
-                async with self._classifiers.deleting_classifier(config.name):
-                    deleted = await self._delete(Selection(config.name))
-                log.warning("finished deleting classifier %s (%d exemplars)", config.name, deleted)
-            repaired = await self.repair()
-            if filling:  # only now: a fill interrupted by a crash resumes at the next start
-                await self._record_fingerprint(self._embedder.fingerprint)
-        except (Unavailable, ResourceExhausted) as exc:
-            raise StartupError(
-                f"start-up could not check or repair the stored data: {exc}"
-            ) from exc
-        if filling:
-            log.warning("filled the new dimensions %s: wrote %d vector(s)", filling, repaired)
-        elif repaired:
-            log.warning("repaired %d exemplar(s) missing from some dimensions", repaired)
-        log.info("embedder width %d; dimensions %s", width, self._dimensions)
-
-    async def _check_fingerprint(self, current: Fingerprint) -> list[int]:
-        """Refuses to start on exemplars without a classifier record, or on vectors of another
-        embedder; records the fingerprint if it changed.
-
-        Returns the configured dimensions the stored exemplars have no vectors in yet, emptied
-        for :meth:`repair` to fill; they are recorded as ``filling`` until it has.
-        """
-        recorded = await self._store.get_meta(FINGERPRINT_KEY)
-        records = {str(p["name"]) for p in await self._store.list_meta("classifier")}
-        held: dict[str, int] = {}  # classifier -> exemplars, in the dimension holding most
-        for dimension in self._dimensions:
-            for name, count in (await self._store.classifier_counts(dimension)).items():
-                held[name] = max(held.get(name, 0), count)
-        orphaned = sorted(set(held) - records)
-        shown = ", ".join(f"{name!r} ({held[name]} exemplars)" for name in orphaned[:5])
-        more = f" and {len(orphaned) - 5} more" if len(orphaned) > 5 else ""
-        if orphaned and self._settings.store.delete_orphaned_exemplars:
-            for name in orphaned:
-                await self._delete(Selection(name))
-                del held[name]
-            log.warning("deleted exemplars without a classifier record: %s%s", shown, more)
-        elif orphaned:
-            raise StartupError(
-                f"the store holds {sum(held[name] for name in orphaned)} exemplars of "
-                f"{len(orphaned)} classifier(s) that have no classifier record: {shown}{more}. "
-                "The records (the store's meta collection, edge/meta in the data directory) were "
-                "lost; restore them from a backup. Starting without them would hide these "
-                "exemplars and give them to any classifier created later under the same name; "
-                "if the records are gone for good, start once with "
-                "KNN_STORE__DELETE_ORPHANED_EXEMPLARS=true to delete the exemplars"
-            )
-        has_data = bool(records or held)
-        filling: list[int] = []
-        if recorded is not None and has_data:
-            stored = Fingerprint.from_payload(recorded)
-            if stored != current:
-                raise StartupError(
-                    f"the store holds vectors made by model={stored.model!r}, "
-                    f"template={stored.template!r}, width={stored.width}, but this service "
-                    f"embeds with model={current.model!r}, template={current.template!r}, "
-                    f"width={current.width}; vectors of different embedders cannot be compared. "
-                    f"Use the same embedder settings, or {MIGRATION_HINT}"
-                )
-            filling = sorted(set(self._dimensions) - set(recorded.get("dimensions", [])))
-            if filling:
-                await self._empty_for_filling(filling, recorded.get("filling", []))
-        await self._record_fingerprint(current, recorded, filling)
-        return filling
-
-    async def _empty_for_filling(self, dimensions: list[int], interrupted: list[int]) -> None:
-        """Empties the collections of new ``dimensions`` before they are filled, except those
-        of a fill that was ``interrupted`` (they hold its progress). A dimension configured once,
-        dropped and configured again still has its old collection, whose points missed every
-        write since: left there, the repair would copy them into the other dimensions."""
-        log.warning(
-            "dimensions %s are new: filling them for the stored exemplars, from a wider stored "
-            "vector where there is one, else by embedding the stored text",
-            dimensions,
-        )
-        for dimension in sorted(set(dimensions) - set(interrupted)):
-            for name in await self._store.classifier_counts(dimension):
-                await self._store.delete(dimension, Selection(name))
-
-    async def _record_fingerprint(
-        self,
-        current: Fingerprint,
-        recorded: Payload | None = None,
-        filling: Sequence[int] = (),
-    ) -> None:
-        """Records the embedder and the dimensions whose vectors are complete (and those being
-        filled); writes nothing when ``recorded`` says the same already."""
-        payload: dict[str, Any] = {
-            **current.as_payload(),
-            "kind": "fingerprint",
-            "dimensions": [d for d in self._dimensions if d not in filling],
-        }
-        if filling:
-            payload["filling"] = list(filling)
-        if recorded is None or {k: v for k, v in recorded.items() if k != "key"} != payload:
-            await self._store.put_meta(FINGERPRINT_KEY, payload)
-
-    async def repair(self) -> int:
-        """Completes exemplars missing from some dimensions: left so by an interrupted write or
-        delete, or every exemplar in a newly configured dimension.
-
-        A missing vector is the truncation of the exemplar's vector in a wider dimension where
-        there is one, else the stored text is embedded again; dimensions are completed widest
-        first, so a text is embedded once for all of them. Progress is logged. Returns how many
-        (exemplar, dimension) pairs were written.
-        """
-        configs = await self._classifiers.all()
-        present = {
-            c.name: {d: await self._store.point_ids(d, c.name) for d in self._dimensions}
-            for c in configs
-        }
-        total = sum(
-            len(set().union(*held.values()) - ids)
-            for held in present.values()
-            for ids in held.values()
-        )
-        if not total:
-            return 0
-        progress = Progress(log, "completing exemplars missing from some dimensions", total)
-        for config in configs:
-            held = present[config.name]
-            every = set().union(*held.values())
-            for dimension in sorted(held, reverse=True):
-                missing = every - held[dimension]
-                for source in sorted(held, reverse=True):
-                    found = sorted(missing & held[source])
-                    for start in range(0, len(found), _REPAIR_BATCH):
-                        batch = found[start : start + _REPAIR_BATCH]
-                        await self._complete(config, dimension, source, batch)
-                        progress.advance(len(batch))
-                    missing -= set(found)
-                    held[dimension] |= set(found)
-        return total
-
-    async def _complete(
-        self, config: ClassifierConfig, dimension: int, source: int, ids: list[str]
-    ) -> None:
-        """Writes the points ``ids`` of ``source`` into ``dimension``."""
-        records, vectors = await self._store.retrieve(source, ids)
-        if source < dimension:
-            prompts = [
-                self._embedder.prompt(config.instruction, str(r.payload["text"])) for r in records
-            ]
-            vectors = await self._embedder.embed(prompts)
-        await self._store.upsert(
-            dimension,
-            [r.id for r in records],
-            truncate(vectors, dimension),
-            [r.payload for r in records],
-        )
+        await self._startup.start()
 
     async def healthy(self) -> bool:
         """Whether the embedder and the store both answer (for the health service)."""
@@ -303,7 +124,6 @@ class ClassifierService:
         return True
 
     async def stop(self) -> None:
-        await self._coalescer.close()
         await self._store.close()
         await self._embedder.close()
 
@@ -422,7 +242,7 @@ class ClassifierService:
         if len(chosen) > self._limits.max_exemplars_per_classifier:
             raise self._limit_reached(classifier, 0, len(chosen))
         prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
-        vectors = await self._embedder.embed(prompts)
+        vectors = await self._embedder.bulk.embed(prompts)
         written = await completed(
             self._write_locked(classifier, config.uid, etag, items, ids, chosen, vectors)
         )
@@ -500,7 +320,7 @@ class ClassifierService:
             return 0, 0
         if vectors is None:
             prompts = [self._embedder.prompt(config.instruction, exemplars[i].text) for i in todo]
-            _, written, rejected = await embed_isolating_rejects(self._embedder, prompts)
+            _, written, rejected = await embed_isolating_rejects(self._embedder.bulk, prompts)
             if rejected:
                 j, rejection = min(rejected.items())
                 raise InvalidArgument(

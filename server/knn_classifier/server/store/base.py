@@ -14,15 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
+from ..vectors import Matrix as Matrix  # the stores take and give vectors of this type
 from .schema import ExemplarPayload
 
 Payload = dict[str, Any]
 """A meta record (classifier records, the embedder fingerprint); exemplars have
 :class:`ExemplarPayload`."""
-Matrix = npt.NDArray[np.float32]
 
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
 
