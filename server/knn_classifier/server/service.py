@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, label_models, paging, tracing, updates, validation, wire_size
+from . import errors, hygiene, label_models, paging, tracing, updates, validation, wire_size
 from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
@@ -89,6 +89,7 @@ class ClassifierService:
         self._store = store
         self._classifiers = Classifiers(store)
         self._evaluator = Evaluator(settings, embedder, store)
+        self._checker = hygiene.Checker(settings, store)
         self._coalescer = Coalescer(
             embedder.embed_uncached,
             settings.embedding.max_texts_per_call,
@@ -810,6 +811,13 @@ class ClassifierService:
             )
             log.info("classifier %s: applied the best setting of an Evaluate", config.name)
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
+
+    async def check_exemplars(
+        self, classifier: str, request: hygiene.CheckRequest
+    ) -> tuple[hygiene.Report, str]:
+        """The exemplar hygiene report (see CheckExemplars) and the etag it was made at."""
+        config = await self._classifiers.get(classifier)
+        return await self._checker.check(config, request), config.etag
 
 
 def _payload(
