@@ -417,3 +417,35 @@ def test_installed_entry_point_and_runs_without_tqdm(
     )  # fmt: skip
     assert json.loads(ok(result, status=3))["added"] == 4
     assert "pip install 'knn-classifier-client[cli]'" in result.stderr
+
+
+def test_check_report_and_json(server: ServerThread, created: Client) -> None:
+    created.add_exemplars(
+        "intents",
+        [("card not here", "card"), ("card lost", "card"), ("card stolen", "card"),
+         ("top up", "top_up"), ("top up failed", "top_up"), ("top up please", "top_up"),
+         ("Card lost!", "top_up")],
+    )  # fmt: skip
+    out = ok(run(server, "check", "intents", "--min-label-exemplars", "4"))
+    assert out.startswith("checked 7 of 7 exemplars by leave-one-out (k=3, voting=")
+    assert "\nlikely mislabelled: " in out
+    assert "\nnear-duplicates across labels: 1\n" in out
+    assert [
+        line
+        for line in out.splitlines()
+        if line.strip().startswith("1.0") and "Card lost!" in line and "card lost" in line
+    ]
+    assert "\nlabels with too few exemplars: 1\n" in out
+    assert out.splitlines()[-1].split() == ["card", "3"]
+
+    response = json.loads(ok(run(server, "check", "intents", "--max-items", "1", "--json")))
+    assert len(response["duplicates"]) == 1
+    assert response["duplicates"][0]["similarity"] == pytest.approx(1.0)
+    assert {response["duplicates"][0][side]["text"] for side in ("first", "second")} == {
+        "card lost", "Card lost!",
+    }  # fmt: skip
+    assert len(response["likely_mislabelled"]) <= 1
+
+    missing = run(server, "check", "nothing")
+    assert missing.returncode == 1
+    assert "NOT_FOUND" in missing.stderr

@@ -55,6 +55,7 @@ def test_write_key_does_everything_read_key_only_reads(secured: ServerThread) ->
         assert reader.classify("c", "hello").label == "greeting"
         assert reader.list_labels("c") == {"greeting": 1, "farewell": 1}
         assert [c.name for c in reader.list_classifiers()] == ["c"]
+        assert reader.check_exemplars("c").exemplar_count == 2  # a report changes nothing
         with pytest.raises(PermissionDeniedError, match="read-only; AddExemplars needs a write"):
             reader.add_exemplars("c", [("more", "x")])
         with pytest.raises(PermissionDeniedError):

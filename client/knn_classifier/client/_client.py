@@ -332,6 +332,26 @@ class Client:
         )
         return self._call(self._stub.Evaluate, request, timeout)
 
+    def check_exemplars(
+        self,
+        classifier: str,
+        *,
+        min_confidence: float | None = None,
+        min_duplicate_similarity: float | None = None,
+        min_label_exemplars: int | None = None,
+        max_items: int = 0,
+        timeout: float | None = None,
+    ) -> pb.CheckExemplarsResponse:
+        """The exemplar hygiene report: exemplars that leave-one-out confidently gives another
+        label, near-duplicates across labels (at least ``min_duplicate_similarity`` alike),
+        labels taken for each other, and labels with fewer than ``min_label_exemplars``
+        exemplars; at most ``max_items`` of each (0: the server's default), the ``*_found``
+        fields counting them all. Settings left None take the server's defaults."""
+        request = build.check_exemplars(
+            classifier, min_confidence, min_duplicate_similarity, min_label_exemplars, max_items
+        )
+        return self._call(self._stub.CheckExemplars, request, timeout)
+
 
 class AsyncClient:
     """``asyncio`` client. Use as an async context manager, or await :meth:`close`."""
@@ -608,3 +628,23 @@ class AsyncClient:
             etag,
         )
         return await self._call(self._stub.Evaluate, request, timeout)
+
+    async def check_exemplars(
+        self,
+        classifier: str,
+        *,
+        min_confidence: float | None = None,
+        min_duplicate_similarity: float | None = None,
+        min_label_exemplars: int | None = None,
+        max_items: int = 0,
+        timeout: float | None = None,
+    ) -> pb.CheckExemplarsResponse:
+        """The exemplar hygiene report: exemplars that leave-one-out confidently gives another
+        label, near-duplicates across labels (at least ``min_duplicate_similarity`` alike),
+        labels taken for each other, and labels with fewer than ``min_label_exemplars``
+        exemplars; at most ``max_items`` of each (0: the server's default), the ``*_found``
+        fields counting them all. Settings left None take the server's defaults."""
+        request = build.check_exemplars(
+            classifier, min_confidence, min_duplicate_similarity, min_label_exemplars, max_items
+        )
+        return await self._call(self._stub.CheckExemplars, request, timeout)

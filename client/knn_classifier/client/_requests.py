@@ -118,6 +118,22 @@ def evaluate(
     )
 
 
+def check_exemplars(
+    classifier: str,
+    min_confidence: float | None,
+    min_duplicate_similarity: float | None,
+    min_label_exemplars: int | None,
+    max_items: int,
+) -> pb.CheckExemplarsRequest:
+    return pb.CheckExemplarsRequest(
+        classifier=classifier,
+        min_confidence=min_confidence,
+        min_duplicate_similarity=min_duplicate_similarity,
+        min_label_exemplars=min_label_exemplars,
+        max_items=max_items,
+    )
+
+
 def delete_exemplars(
     classifier: str, ids: Sequence[str], label: str, etag: str
 ) -> pb.DeleteExemplarsRequest:

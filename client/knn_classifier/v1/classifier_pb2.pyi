@@ -1646,3 +1646,289 @@ class Limits(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
+class CheckExemplarsRequest(_message.Message):
+    """The request of CheckExemplars."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    MIN_DUPLICATE_SIMILARITY_FIELD_NUMBER: _builtins.int
+    MIN_LABEL_EXEMPLARS_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    classifier: _builtins.str
+    """The classifier's name."""
+    min_confidence: _builtins.float
+    """An exemplar is likely mislabelled when leave-one-out (the other exemplars voting under the
+    classifier's settings) gives another label at least this confidence, in [0, 1]. Unset: 0.5.
+    """
+    min_duplicate_similarity: _builtins.float
+    """Exemplars of different labels at least this similar (cosine, in [-1, 1]) are reported as
+    near-duplicates. Unset: 0.95.
+    """
+    min_label_exemplars: _builtins.int
+    """Labels with fewer exemplars than this are reported as too small. Unset: 5."""
+    max_items: _builtins.int
+    """At most this many items in each list of the response; 0: 100; above the server's
+    max_page_size: that. The lists hold fewer when the response would pass the response
+    budget; the *_found counts say how many there are in all.
+    """
+    def __init__(
+        self,
+        *,
+        classifier: _builtins.str = ...,
+        min_confidence: _builtins.float | None = ...,
+        min_duplicate_similarity: _builtins.float | None = ...,
+        min_label_exemplars: _builtins.int | None = ...,
+        max_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence", "_min_duplicate_similarity", b"_min_duplicate_similarity", "_min_label_exemplars", b"_min_label_exemplars", "min_confidence", b"min_confidence", "min_duplicate_similarity", b"min_duplicate_similarity", "min_label_exemplars", b"min_label_exemplars"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence", "_min_duplicate_similarity", b"_min_duplicate_similarity", "_min_label_exemplars", b"_min_label_exemplars", "classifier", b"classifier", "max_items", b"max_items", "min_confidence", b"min_confidence", "min_duplicate_similarity", b"min_duplicate_similarity", "min_label_exemplars", b"min_label_exemplars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_confidence: _TypeAlias = _typing.Literal["min_confidence"]  # noqa: Y015
+    _WhichOneofArgType__min_confidence: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence"]  # noqa: Y015
+    _WhichOneofReturnType__min_duplicate_similarity: _TypeAlias = _typing.Literal["min_duplicate_similarity"]  # noqa: Y015
+    _WhichOneofArgType__min_duplicate_similarity: _TypeAlias = _typing.Literal["_min_duplicate_similarity", b"_min_duplicate_similarity"]  # noqa: Y015
+    _WhichOneofReturnType__min_label_exemplars: _TypeAlias = _typing.Literal["min_label_exemplars"]  # noqa: Y015
+    _WhichOneofArgType__min_label_exemplars: _TypeAlias = _typing.Literal["_min_label_exemplars", b"_min_label_exemplars"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_confidence) -> _WhichOneofReturnType__min_confidence | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_duplicate_similarity) -> _WhichOneofReturnType__min_duplicate_similarity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_label_exemplars) -> _WhichOneofReturnType__min_label_exemplars | None: ...
+
+Global___CheckExemplarsRequest: _TypeAlias = CheckExemplarsRequest  # noqa: Y015
+
+@_typing.final
+class CheckedExemplar(_message.Message):
+    """An exemplar named in a CheckExemplars report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Its id."""
+    text: _builtins.str
+    """Its text."""
+    label: _builtins.str
+    """Its label."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        text: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckedExemplar: _TypeAlias = CheckedExemplar  # noqa: Y015
+
+@_typing.final
+class LikelyMislabelled(_message.Message):
+    """An exemplar that the others take for another label."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEMPLAR_FIELD_NUMBER: _builtins.int
+    VOTED_LABEL_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    voted_label: _builtins.str
+    """The label that leave-one-out gives it."""
+    confidence: _builtins.float
+    """The confidence of that answer (calibrated if the classifier is)."""
+    @_builtins.property
+    def exemplar(self) -> Global___CheckedExemplar:
+        """The exemplar."""
+
+    def __init__(
+        self,
+        *,
+        exemplar: Global___CheckedExemplar | None = ...,
+        voted_label: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exemplar", b"exemplar"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "exemplar", b"exemplar", "voted_label", b"voted_label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LikelyMislabelled: _TypeAlias = LikelyMislabelled  # noqa: Y015
+
+@_typing.final
+class CrossLabelDuplicate(_message.Message):
+    """Two exemplars of different labels that are nearly the same text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    SECOND_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    similarity: _builtins.float
+    """Their cosine similarity."""
+    @_builtins.property
+    def first(self) -> Global___CheckedExemplar:
+        """One exemplar."""
+
+    @_builtins.property
+    def second(self) -> Global___CheckedExemplar:
+        """The other, of another label."""
+
+    def __init__(
+        self,
+        *,
+        first: Global___CheckedExemplar | None = ...,
+        second: Global___CheckedExemplar | None = ...,
+        similarity: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "second", b"second"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "second", b"second", "similarity", b"similarity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrossLabelDuplicate: _TypeAlias = CrossLabelDuplicate  # noqa: Y015
+
+@_typing.final
+class LabelOverlap(_message.Message):
+    """Two labels whose exemplars leave-one-out takes for each other."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_LABEL_FIELD_NUMBER: _builtins.int
+    SECOND_LABEL_FIELD_NUMBER: _builtins.int
+    FIRST_AS_SECOND_FIELD_NUMBER: _builtins.int
+    SECOND_AS_FIRST_FIELD_NUMBER: _builtins.int
+    FIRST_ERRORS_SHARE_FIELD_NUMBER: _builtins.int
+    SECOND_ERRORS_SHARE_FIELD_NUMBER: _builtins.int
+    CENTROID_SIMILARITY_FIELD_NUMBER: _builtins.int
+    first_label: _builtins.str
+    """One label."""
+    second_label: _builtins.str
+    """The other."""
+    first_as_second: _builtins.int
+    """Checked exemplars of first_label that leave-one-out gives second_label."""
+    second_as_first: _builtins.int
+    """Checked exemplars of second_label that leave-one-out gives first_label."""
+    first_errors_share: _builtins.float
+    """Of first_label's checked exemplars that leave-one-out gets wrong, the share given
+    second_label.
+    """
+    second_errors_share: _builtins.float
+    """Of second_label's checked exemplars that leave-one-out gets wrong, the share given
+    first_label.
+    """
+    centroid_similarity: _builtins.float
+    """Cosine similarity of the two labels' mean exemplars."""
+    def __init__(
+        self,
+        *,
+        first_label: _builtins.str = ...,
+        second_label: _builtins.str = ...,
+        first_as_second: _builtins.int = ...,
+        second_as_first: _builtins.int = ...,
+        first_errors_share: _builtins.float = ...,
+        second_errors_share: _builtins.float = ...,
+        centroid_similarity: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["centroid_similarity", b"centroid_similarity", "first_as_second", b"first_as_second", "first_errors_share", b"first_errors_share", "first_label", b"first_label", "second_as_first", b"second_as_first", "second_errors_share", b"second_errors_share", "second_label", b"second_label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelOverlap: _TypeAlias = LabelOverlap  # noqa: Y015
+
+@_typing.final
+class CheckExemplarsResponse(_message.Message):
+    """The response of CheckExemplars."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIKELY_MISLABELLED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    OVERLAPPING_LABELS_FIELD_NUMBER: _builtins.int
+    SMALL_LABELS_FIELD_NUMBER: _builtins.int
+    LIKELY_MISLABELLED_FOUND_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FOUND_FIELD_NUMBER: _builtins.int
+    OVERLAPPING_LABELS_FOUND_FIELD_NUMBER: _builtins.int
+    SMALL_LABELS_FOUND_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    EXEMPLAR_COUNT_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    VOTING_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    likely_mislabelled_found: _builtins.int
+    """How many exemplars are likely mislabelled in all."""
+    duplicates_found: _builtins.int
+    """How many cross-label near-duplicate pairs there are in all. Each checked exemplar's
+    20 nearest are searched, so a pair beyond them may be missed.
+    """
+    overlapping_labels_found: _builtins.int
+    """How many label pairs overlap in all."""
+    small_labels_found: _builtins.int
+    """How many labels are too small in all."""
+    checked: _builtins.int
+    """Exemplars checked by leave-one-out: all, or a sample of limits.max_evaluated."""
+    exemplar_count: _builtins.int
+    """The classifier's exemplars."""
+    k: _builtins.int
+    """The setting leave-one-out voted with: the classifier's defaults."""
+    voting: Global___Voting.ValueType
+    """The setting."""
+    dimension: _builtins.int
+    """The setting."""
+    etag: _builtins.str
+    """The classifier's etag (revision) that was checked."""
+    @_builtins.property
+    def likely_mislabelled(self) -> _containers.RepeatedCompositeFieldContainer[Global___LikelyMislabelled]:
+        """Most confident first."""
+
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CrossLabelDuplicate]:
+        """Most similar first."""
+
+    @_builtins.property
+    def overlapping_labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelOverlap]:
+        """Labels taken for each other, most confusions (first_as_second + second_as_first) first."""
+
+    @_builtins.property
+    def small_labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCount]:
+        """Labels with fewer than min_label_exemplars exemplars, fewest first."""
+
+    def __init__(
+        self,
+        *,
+        likely_mislabelled: _abc.Iterable[Global___LikelyMislabelled] | None = ...,
+        duplicates: _abc.Iterable[Global___CrossLabelDuplicate] | None = ...,
+        overlapping_labels: _abc.Iterable[Global___LabelOverlap] | None = ...,
+        small_labels: _abc.Iterable[Global___LabelCount] | None = ...,
+        likely_mislabelled_found: _builtins.int = ...,
+        duplicates_found: _builtins.int = ...,
+        overlapping_labels_found: _builtins.int = ...,
+        small_labels_found: _builtins.int = ...,
+        checked: _builtins.int = ...,
+        exemplar_count: _builtins.int = ...,
+        k: _builtins.int = ...,
+        voting: Global___Voting.ValueType = ...,
+        dimension: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "dimension", b"dimension", "duplicates", b"duplicates", "duplicates_found", b"duplicates_found", "etag", b"etag", "exemplar_count", b"exemplar_count", "k", b"k", "likely_mislabelled", b"likely_mislabelled", "likely_mislabelled_found", b"likely_mislabelled_found", "overlapping_labels", b"overlapping_labels", "overlapping_labels_found", b"overlapping_labels_found", "small_labels", b"small_labels", "small_labels_found", b"small_labels_found", "voting", b"voting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckExemplarsResponse: _TypeAlias = CheckExemplarsResponse  # noqa: Y015

@@ -102,6 +102,11 @@ class ClassifierServiceStub:
                 request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.GetServiceInfoRequest.SerializeToString,
                 response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.ServiceInfo.FromString,
                 _registered_method=True)
+        self.CheckExemplars = channel.unary_unary(
+                '/knn_classifier.v1.ClassifierService/CheckExemplars',
+                request_serializer=knn__classifier_dot_v1_dot_classifier__pb2.CheckExemplarsRequest.SerializeToString,
+                response_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.CheckExemplarsResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServiceServicer:
@@ -206,6 +211,17 @@ class ClassifierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckExemplars(self, request, context):
+        """An exemplar hygiene report: exemplars that leave-one-out confidently gives another label
+        (likely mislabelled), near-duplicates across labels, labels that overlap, and labels with
+        too few exemplars, under the classifier's own settings. Changes nothing. Like Evaluate's
+        leave-one-out, it checks a fixed random sample of limits.max_evaluated exemplars of a
+        larger classifier. FAILED_PRECONDITION with fewer than two labels or exemplars.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +289,11 @@ def add_ClassifierServiceServicer_to_server(servicer, server):
                     servicer.GetServiceInfo,
                     request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.GetServiceInfoRequest.FromString,
                     response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.ServiceInfo.SerializeToString,
+            ),
+            'CheckExemplars': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckExemplars,
+                    request_deserializer=knn__classifier_dot_v1_dot_classifier__pb2.CheckExemplarsRequest.FromString,
+                    response_serializer=knn__classifier_dot_v1_dot_classifier__pb2.CheckExemplarsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -629,6 +650,33 @@ class ClassifierService:
             '/knn_classifier.v1.ClassifierService/GetServiceInfo',
             knn__classifier_dot_v1_dot_classifier__pb2.GetServiceInfoRequest.SerializeToString,
             knn__classifier_dot_v1_dot_classifier__pb2.ServiceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckExemplars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knn_classifier.v1.ClassifierService/CheckExemplars',
+            knn__classifier_dot_v1_dot_classifier__pb2.CheckExemplarsRequest.SerializeToString,
+            knn__classifier_dot_v1_dot_classifier__pb2.CheckExemplarsResponse.FromString,
             options,
             channel_credentials,
             insecure,

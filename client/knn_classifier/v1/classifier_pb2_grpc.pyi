@@ -79,6 +79,13 @@ class ClassifierServiceStub:
     """The server's dimensions, limits, embedding model and API version, so that a caller can
     adapt to them without reading the server's settings.
     """
+    CheckExemplars: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.CheckExemplarsRequest, _classifier_pb2.CheckExemplarsResponse]
+    """An exemplar hygiene report: exemplars that leave-one-out confidently gives another label
+    (likely mislabelled), near-duplicates across labels, labels that overlap, and labels with
+    too few exemplars, under the classifier's own settings. Changes nothing. Like Evaluate's
+    leave-one-out, it checks a fixed random sample of limits.max_evaluated exemplars of a
+    larger classifier. FAILED_PRECONDITION with fewer than two labels or exemplars.
+    """
 
 @_typing.type_check_only
 class ClassifierServiceAsyncStub(ClassifierServiceStub):
@@ -121,6 +128,13 @@ class ClassifierServiceAsyncStub(ClassifierServiceStub):
     GetServiceInfo: _aio.UnaryUnaryMultiCallable[_classifier_pb2.GetServiceInfoRequest, _classifier_pb2.ServiceInfo]  # type: ignore[assignment]
     """The server's dimensions, limits, embedding model and API version, so that a caller can
     adapt to them without reading the server's settings.
+    """
+    CheckExemplars: _aio.UnaryUnaryMultiCallable[_classifier_pb2.CheckExemplarsRequest, _classifier_pb2.CheckExemplarsResponse]  # type: ignore[assignment]
+    """An exemplar hygiene report: exemplars that leave-one-out confidently gives another label
+    (likely mislabelled), near-duplicates across labels, labels that overlap, and labels with
+    too few exemplars, under the classifier's own settings. Changes nothing. Like Evaluate's
+    leave-one-out, it checks a fixed random sample of limits.max_evaluated exemplars of a
+    larger classifier. FAILED_PRECONDITION with fewer than two labels or exemplars.
     """
 
 class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -239,6 +253,19 @@ class ClassifierServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_classifier_pb2.ServiceInfo, _abc.Awaitable[_classifier_pb2.ServiceInfo]]:
         """The server's dimensions, limits, embedding model and API version, so that a caller can
         adapt to them without reading the server's settings.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckExemplars(
+        self,
+        request: _classifier_pb2.CheckExemplarsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_classifier_pb2.CheckExemplarsResponse, _abc.Awaitable[_classifier_pb2.CheckExemplarsResponse]]:
+        """An exemplar hygiene report: exemplars that leave-one-out confidently gives another label
+        (likely mislabelled), near-duplicates across labels, labels that overlap, and labels with
+        too few exemplars, under the classifier's own settings. Changes nothing. Like Evaluate's
+        leave-one-out, it checks a fixed random sample of limits.max_evaluated exemplars of a
+        larger classifier. FAILED_PRECONDITION with fewer than two labels or exemplars.
         """
 
 def add_ClassifierServiceServicer_to_server(servicer: ClassifierServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

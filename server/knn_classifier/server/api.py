@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-from . import deadlines, errors, paging, statuses, wire_size
+from . import deadlines, errors, hygiene, paging, statuses, wire_size
 from .domain import (
     ClassifierInfo,
     ClassifierUpdate,
@@ -250,6 +250,32 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         return await asyncio.to_thread(_evaluate_response, evaluation, info)
 
     @_status_on_error
+    async def CheckExemplars(
+        self, request: pb.CheckExemplarsRequest, context: Context
+    ) -> pb.CheckExemplarsResponse:
+        defaults = hygiene.CheckRequest()
+        check = hygiene.CheckRequest(
+            min_confidence=(
+                request.min_confidence
+                if request.HasField("min_confidence")
+                else defaults.min_confidence
+            ),
+            min_duplicate_similarity=(
+                request.min_duplicate_similarity
+                if request.HasField("min_duplicate_similarity")
+                else defaults.min_duplicate_similarity
+            ),
+            min_label_exemplars=(
+                request.min_label_exemplars
+                if request.HasField("min_label_exemplars")
+                else defaults.min_label_exemplars
+            ),
+            max_items=request.max_items,
+        )
+        report, etag = await self._service.check_exemplars(request.classifier, check)
+        return _check_response(report, etag)
+
+    @_status_on_error
     async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: Context
     ) -> pb.ServiceInfo:
@@ -304,6 +330,52 @@ def _evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.Evalu
             if reached
             else None
         ),
+    )
+
+
+def _checked(ref: hygiene.ExemplarRef) -> pb.CheckedExemplar:
+    return pb.CheckedExemplar(id=ref.id, text=ref.text, label=ref.label)
+
+
+def _check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsResponse:
+    mislabelled, duplicates, overlaps, small = report.found
+    setting = report.setting
+    return pb.CheckExemplarsResponse(
+        likely_mislabelled=[
+            pb.LikelyMislabelled(
+                exemplar=_checked(m.exemplar), voted_label=m.voted_label, confidence=m.confidence
+            )
+            for m in report.mislabelled
+        ],
+        duplicates=[
+            pb.CrossLabelDuplicate(
+                first=_checked(d.first), second=_checked(d.second), similarity=d.similarity
+            )
+            for d in report.duplicates
+        ],
+        overlapping_labels=[
+            pb.LabelOverlap(
+                first_label=o.first_label,
+                second_label=o.second_label,
+                first_as_second=o.first_as_second,
+                second_as_first=o.second_as_first,
+                first_errors_share=o.first_errors_share,
+                second_errors_share=o.second_errors_share,
+                centroid_similarity=o.centroid_similarity,
+            )
+            for o in report.overlaps
+        ],
+        small_labels=[pb.LabelCount(label=label, count=n) for label, n in report.small_labels],
+        likely_mislabelled_found=mislabelled,
+        duplicates_found=duplicates,
+        overlapping_labels_found=overlaps,
+        small_labels_found=small,
+        checked=report.checked,
+        exemplar_count=report.exemplar_count,
+        k=setting.k,
+        voting=_VOTING_TO_PB[setting.voting],
+        dimension=setting.dimension,
+        etag=etag,
     )
 
 

@@ -34,6 +34,7 @@ READ_METHODS = frozenset(
         "Classify",
         "ClassifyBatch",
         "GetServiceInfo",
+        "CheckExemplars",
     )
 ) | frozenset(
     # Reflection only describes the API (grpcurl and other tools need it to call anything).

@@ -118,6 +118,17 @@ def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[flo
     return calibrated
 
 
+async def stored_exemplars(store: Store, classifier: str, dimension: int) -> Exemplars:
+    """``classifier``'s exemplars and their vectors in ``dimension``, as the store holds them."""
+    records, vectors = await store.vectors(dimension, classifier)
+    return Exemplars(
+        ids=[str(r.payload["id"]) for r in records],
+        labels=[str(r.payload["label"]) for r in records],
+        texts=[str(r.payload["text"]) for r in records],
+        vectors=vectors,
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Evaluation:
     reports: list[Report]
@@ -273,13 +284,7 @@ class Evaluator:
         ]
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
-        records, vectors = await self._store.vectors(dimension, classifier)
-        return Exemplars(
-            ids=[str(r.payload["id"]) for r in records],
-            labels=[str(r.payload["label"]) for r in records],
-            texts=[str(r.payload["text"]) for r in records],
-            vectors=vectors,
-        )
+        return await stored_exemplars(self._store, classifier, dimension)
 
     @staticmethod
     def _evaluated(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, paging, updates, validation, wire_size
+from . import errors, hygiene, paging, updates, validation, wire_size
 from .classification import Classification, embed_isolating_rejects
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
@@ -88,6 +88,7 @@ class ClassifierService:
         self._store = store
         self._classifiers = Classifiers(store)
         self._evaluator = Evaluator(settings, embedder, store)
+        self._checker = hygiene.Checker(settings, store)
         self._startup = StartupRepair(settings, embedder, store, self._classifiers, self._delete)
         self._classification = Classification(
             settings.limits,
@@ -537,6 +538,13 @@ class ClassifierService:
             )
             log.info("classifier %s: applied the best setting of an Evaluate", config.name)
         return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
+
+    async def check_exemplars(
+        self, classifier: str, request: hygiene.CheckRequest
+    ) -> tuple[hygiene.Report, str]:
+        """The exemplar hygiene report (see CheckExemplars) and the etag it was made at."""
+        config = await self._classifiers.get(classifier)
+        return await self._checker.check(config, request), config.etag
 
 
 async def completed(write: Coroutine[Any, Any, T]) -> T:

@@ -11,9 +11,13 @@ prefix (a varint of at most 5 bytes) and its bytes; a scalar at most 11 bytes.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .domain import ClassifierInfo, Exemplar
 from .voting import Vote
+
+if TYPE_CHECKING:  # hygiene sizes its responses with this module
+    from .hygiene import Duplicate, ExemplarRef, Mislabelled, Overlap
 
 _FIELD = 6
 """Tag and length prefix of a string or message field, at most."""
@@ -73,3 +77,23 @@ def status(encoded: int) -> int:
     """A ``google.rpc.Status`` of ``encoded`` bytes wrapped in a ``ClassifyBatchResult``, as one
     element of a repeated field."""
     return 2 * _FIELD + encoded
+
+
+def _checked(item: ExemplarRef) -> int:
+    """A ``CheckedExemplar`` as a field of another message."""
+    return _FIELD + _strings((item.id, item.text, item.label))
+
+
+def mislabelled(item: Mislabelled) -> int:
+    """A ``LikelyMislabelled`` as one element of a repeated field."""
+    return _FIELD + _checked(item.exemplar) + string(item.voted_label) + _SCALAR
+
+
+def duplicate(item: Duplicate) -> int:
+    """A ``CrossLabelDuplicate`` as one element of a repeated field."""
+    return _FIELD + _checked(item.first) + _checked(item.second) + _SCALAR
+
+
+def overlap(item: Overlap) -> int:
+    """A ``LabelOverlap`` as one element of a repeated field."""
+    return _FIELD + _strings((item.first_label, item.second_label)) + 5 * _SCALAR

@@ -341,3 +341,70 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
         )
         print(f"\napplied to {args.name!r}: {settings}, calibrated={applied['calibrated']}")
     return 0
+
+
+def _listed(title: str, shown: int, found: int) -> str:
+    more = f" (the first {shown})" if shown < found else ""
+    return f"\n{title}: {found}{more}"
+
+
+def check(args: argparse.Namespace, client: Client) -> int:
+    response = client.check_exemplars(
+        args.name,
+        min_confidence=args.min_confidence,
+        min_duplicate_similarity=args.min_duplicate_similarity,
+        min_label_exemplars=args.min_label_exemplars,
+        max_items=args.max_items or 0,
+    )
+    if args.json:
+        print(_json(_proto_json(response), indent=2))
+        return 0
+    print(
+        f"checked {response.checked} of {response.exemplar_count} exemplars by leave-one-out "
+        f"(k={response.k}, voting={voting_name(response.voting)}, "
+        f"dimension={response.dimension})"
+    )
+    mislabelled = response.likely_mislabelled
+    print(_listed("likely mislabelled", len(mislabelled), response.likely_mislabelled_found))
+    if mislabelled:
+        rows = [
+            [
+                m.exemplar.id,
+                m.exemplar.label,
+                m.voted_label,
+                round(m.confidence, 3),
+                m.exemplar.text,
+            ]
+            for m in mislabelled
+        ]
+        print(_table(["id", "label", "voted", "confidence", "text"], rows))
+    duplicates = response.duplicates
+    print(_listed("near-duplicates across labels", len(duplicates), response.duplicates_found))
+    if duplicates:
+        rows = [
+            [round(d.similarity, 3), d.first.label, d.first.text, d.second.label, d.second.text]
+            for d in duplicates
+        ]
+        print(_table(["similarity", "label", "text", "other label", "other text"], rows))
+    overlaps = response.overlapping_labels
+    print(_listed("overlapping labels", len(overlaps), response.overlapping_labels_found))
+    if overlaps:
+        rows = [
+            [
+                o.first_label,
+                o.second_label,
+                o.first_as_second,
+                o.second_as_first,
+                round(o.first_errors_share, 3),
+                round(o.second_errors_share, 3),
+                round(o.centroid_similarity, 3),
+            ]
+            for o in overlaps
+        ]
+        header = ["label", "other", "as_other", "other_as", "errors_share", "other_share"]
+        print(_table([*header, "centroid_sim"], rows))
+    small = response.small_labels
+    print(_listed("labels with too few exemplars", len(small), response.small_labels_found))
+    if small:
+        print(_table(["label", "exemplars"], [[c.label, c.count] for c in small]))
+    return 0

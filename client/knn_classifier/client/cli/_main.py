@@ -175,6 +175,21 @@ def parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--target-precision", type=float, help="with --apply-best: thresholds")
     _add_output(evaluate, "the whole response")
+
+    check = command(
+        "check",
+        _commands.check,
+        "Report exemplars that look mislabelled, near-duplicates across labels, overlapping "
+        "labels and labels with too few exemplars.",
+    )
+    check.add_argument("name")
+    check.add_argument(
+        "--min-confidence", type=float, help="leave-one-out confidence in another label"
+    )
+    check.add_argument("--min-duplicate-similarity", type=float, help="cosine similarity")
+    check.add_argument("--min-label-exemplars", type=int, help="smaller labels are listed")
+    check.add_argument("--max-items", type=_positive, help="items per list")
+    _add_output(check, "the whole response")
     return top
 
 
