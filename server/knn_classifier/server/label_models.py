@@ -289,10 +289,9 @@ def shrinkage(dimension: int, freedom: int) -> float:
     """The identity's weight in the discriminant's covariance: d / (d + n - L).
 
     The posterior mean under an inverse-Wishart prior centred on the identity and worth d
-    observations: with few exemplars for the dimension (waimai_10k's 2 labels at 5-20 per
-    label: 0.91-0.98) it stays near the centroid method, with many it follows the data (0.04 on
-    the full data sets). A fixed 0.5 scores within 0.3 points of it on banking77 at 5-20 per
-    label, but 0.7-2.7 points lower on waimai_10k and on the full sets (`make bench-ablations`).
+    observations: with few exemplars for the dimension it stays near the centroid method, with
+    many it follows the data. A fixed weight does as well on some data sets and worse on others
+    (`make bench-ablations`, docs/accuracy.md).
     """
     return dimension / (dimension + freedom)
 
