@@ -16,8 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +35,7 @@ from knn_classifier.server.errors import StartupError
 from knn_classifier.server.settings import ServerSettings, Settings
 
 from .certificates import make_ca, make_leaf
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
 from .test_embedding import free_port
 
@@ -303,13 +302,6 @@ def loop_thread() -> Iterator[EventLoopThread]:
     running.close()
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def health_status(channel: grpc.Channel) -> int:
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
     return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status  # type: ignore[no-any-return]
@@ -330,7 +322,7 @@ def test_health_and_unavailable_while_the_embedder_is_awaited(
     port = loop_thread.submit(app.listen()).result(timeout=60)
     starting = loop_thread.submit(app.start())
     try:
-        wait_until(lambda: embedder.calls >= 2, "the embedder probe to be refused twice")
+        wait_for(lambda: embedder.calls >= 2, "the embedder probe to be refused twice")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             services = ProtoReflectionDescriptorDatabase(channel).get_services()

@@ -36,10 +36,10 @@ from knn_classifier.server.coalescing import QueryBatcher
 from knn_classifier.server.errors import ResourceExhausted, StartupError
 from knn_classifier.server.store import EdgeStore, Selection
 
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
 from .test_embedding import free_port
-from .test_faults import NOT_SERVING, health, wait_for
+from .test_faults import NOT_SERVING, health
 
 EXEMPLARS = [(f"word{i} common", f"label{i % 3}") for i in range(9)]
 
