@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from knn_classifier.client import AsyncClient, InvalidArgumentError, KnnClassifierError
+from knn_classifier.client import (
+    AsyncClient,
+    InvalidArgumentError,
+    KnnClassifierError,
+    Prediction,
+)
 from knn_classifier.server import deadlines
 from knn_classifier.server.coalescing import Coalescer, QueryBatcher
 from knn_classifier.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -197,8 +202,10 @@ def test_a_rejected_batch_in_a_shared_call_is_split_once_more_and_no_further(
         )
     finally:
         running.stop()
-    assert classified.label == "fruit"  # type: ignore[attr-defined]
-    fine_answer, bad_answer = batch  # type: ignore[misc]
+    assert isinstance(classified, Prediction)
+    assert classified.label == "fruit"
+    assert isinstance(batch, list)
+    fine_answer, bad_answer = batch
     assert fine_answer.label == "car"
     assert isinstance(bad_answer, InvalidArgumentError)
     assert bad_answer.reason == "INPUT_REJECTED_BY_MODEL"
@@ -400,7 +407,7 @@ async def test_a_failed_batched_query_fails_each_caller(tmp_path: Path) -> None:
         async def broken(*args: object) -> Any:
             raise Unavailable("store down")
 
-        store.query = broken  # type: ignore[method-assign]
+        store.query = broken  # type: ignore[method-assign,assignment]
         batcher = QueryBatcher(store)
         vector = np.array([[1, 0]], np.float32)
         answers = await asyncio.gather(

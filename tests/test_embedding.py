@@ -20,7 +20,7 @@ def embedder(base_url: str, cache: EmbeddingCache | None = None, **changes: obje
         "startup_timeout_s": 0,
         **changes,
     }
-    return Embedder(EmbeddingSettings(**values), cache)  # type: ignore[arg-type]
+    return Embedder(EmbeddingSettings(**values), cache)
 
 
 def free_port() -> int:

@@ -174,7 +174,9 @@ def flaky(
     [
         ResponseHandlingException(ConnectionRefusedError("connection refused")),
         UnexpectedResponse(503, "Service Unavailable", b"{}", {}),  # type: ignore[arg-type]
-        grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()),
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), None, None
+        ),
     ],
     ids=["unreachable", "http-503", "grpc-unavailable"],
 )

@@ -265,12 +265,12 @@ def test_listens_on_ipv6_loopback(
 
 def test_ipv6_loopback_needs_no_keys_with_or_without_brackets() -> None:
     for host in ("::1", "[::1]"):
-        server = Settings(server={"host": host}).server  # type: ignore[arg-type]
+        server = Settings(server={"host": host}).server
         assert (server.host, server.address) == ("::1", "[::1]:50051")
     with pytest.raises(ValidationError, match="KNN_AUTH__WRITE_KEYS"):
-        Settings(server={"host": "[::]"})  # type: ignore[arg-type]
+        Settings(server={"host": "[::]"})
     with pytest.raises(ValidationError, match=r"\[nonsense\] is not an IPv6 address"):
-        Settings(server={"host": "[nonsense]"})  # type: ignore[arg-type]
+        Settings(server={"host": "[nonsense]"})
     assert ServerSettings(host="0.0.0.0", port=7).address == "0.0.0.0:7"
     assert ServerSettings(host="localhost").address == "localhost:50051"
 
@@ -304,7 +304,7 @@ def loop_thread() -> Iterator[EventLoopThread]:
 
 def health_status(channel: grpc.Channel) -> int:
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status  # type: ignore[no-any-return]
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
 def test_health_and_unavailable_while_the_embedder_is_awaited(

@@ -126,16 +126,18 @@ def test_batched_queries_answer_every_caller_whatever_the_store_raises(tmp_path:
         store = EdgeStore(tmp_path)
         await store.open([2])
         try:
-            store.query = panicking  # type: ignore[method-assign]
+            store.query = panicking  # type: ignore[method-assign,assignment]
             batcher = QueryBatcher(store)
             vector = np.array([[1, 0]], np.float32)
-            return await asyncio.wait_for(
-                asyncio.gather(
-                    batcher.query(2, "c", vector, 1),
-                    batcher.query(2, "c", vector, 3),
-                    return_exceptions=True,
-                ),
-                timeout=30,
+            return list(
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        batcher.query(2, "c", vector, 1),
+                        batcher.query(2, "c", vector, 3),
+                        return_exceptions=True,
+                    ),
+                    timeout=30,
+                )
             )
         finally:
             await store.close()

@@ -34,7 +34,7 @@ def test_the_default_voting_setting_takes_every_method_and_nothing_else() -> Non
     for method in Voting:
         assert ClassifierDefaults(voting=method.value).voting is method
     with pytest.raises(ValidationError, match="voting"):
-        ClassifierDefaults(voting="plurality")  # type: ignore[arg-type]
+        ClassifierDefaults(voting="plurality")
 
 
 def test_the_client_refuses_an_unknown_method_naming_the_known_ones() -> None:
