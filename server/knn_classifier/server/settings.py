@@ -58,7 +58,11 @@ class EmbeddingSettings(BaseModel):
     )
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one HTTP call, in seconds.")
     retries: int = Field(
-        3, ge=0, le=10, description="Retries of a call answered 503 or not reached, with backoff."
+        3,
+        ge=0,
+        le=10,
+        description="Retries of a call answered 429 or 503, or not reached, with backoff and "
+        "jitter, within the caller's deadline.",
     )
     cache_entries: int = Field(
         10_000,
