@@ -49,9 +49,11 @@ Calibrator = Callable[[np.ndarray, np.ndarray], calibration.Calibration]
 SERVICE = "isotonic, Platt prior"
 """The calibration Evaluate's apply_best fits."""
 CALIBRATORS: dict[str, Calibrator] = {
-    "isotonic": lambda shares, right: calibration.Calibration.fit(shares, right, prior_answers=0),
+    "isotonic": lambda shares, right: calibration.Calibration.fit(
+        shares.tolist(), right.tolist(), prior_answers=0
+    ),
     "Platt": calibration.platt,
-    SERVICE: lambda shares, right: calibration.Calibration.fit(shares, right),
+    SERVICE: lambda shares, right: calibration.Calibration.fit(shares.tolist(), right.tolist()),
 }
 
 

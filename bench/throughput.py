@@ -170,7 +170,7 @@ def sentence(rng: random.Random, words: int = 8) -> str:
     return " ".join(rng.sample(WORDS, words))
 
 
-async def load_exemplars(stub: pb_grpc.ClassifierServiceStub, total: int) -> float:
+async def load_exemplars(stub: pb_grpc.ClassifierServiceAsyncStub, total: int) -> float:
     """Adds ``total`` exemplars over the classifiers; returns exemplars per second."""
     rng = random.Random(total)
     for c in range(CLASSIFIERS):
@@ -281,11 +281,11 @@ async def measure_service(
             for concurrency in (1, 16, 64):
                 tag = f"unary-{dimension}-{concurrency}"
                 before = embedder_stats(embedder_url)["calls"]
-                run = await closed_loop(
-                    lambda w, n, t=tag, d=dimension: stub.Classify(classify_request(d, t, w, n)),
-                    concurrency,
-                    seconds,
-                )
+
+                def classify(w: int, n: int, t: str = tag, d: int = dimension) -> Awaitable[Any]:
+                    return stub.Classify(classify_request(d, t, w, n))
+
+                run = await closed_loop(classify, concurrency, seconds)
                 figures.unary[dimension, concurrency] = run
                 if concurrency == 64:
                     calls = embedder_stats(embedder_url)["calls"] - before
@@ -311,7 +311,7 @@ async def measure_service(
 
 
 async def cache_hits(
-    stub: pb_grpc.ClassifierServiceStub, embedder_url: str, dimension: int, seconds: float
+    stub: pb_grpc.ClassifierServiceAsyncStub, embedder_url: str, dimension: int, seconds: float
 ) -> tuple[Run, int, int]:
     """Classify on texts the service has embedded before (no embedding call): the latency at
     concurrency 1, and the embedding calls made while 64 workers repeat them."""

@@ -6,14 +6,14 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from knn_classifier.client import Client
+from knn_classifier.client import BatchResult, Client, KnnClassifierError, Prediction
 from knn_classifier.server.app import App
 from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import Store
@@ -25,7 +25,7 @@ def shared_data_dir() -> Path:
     """The shared labelled data sets: $KNN_SHARED_DATA, else ../shared/data beside the checkout."""
     candidates = [
         os.environ.get("KNN_SHARED_DATA", ""),
-        Path(__file__).resolve().parents[2] / "shared" / "data",
+        str(Path(__file__).resolve().parents[2] / "shared" / "data"),
         "/work/shared/data",
     ]
     for candidate in candidates:
@@ -34,11 +34,29 @@ def shared_data_dir() -> Path:
     raise FileNotFoundError(f"shared data not found in {candidates}; set KNN_SHARED_DATA")
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
-    """Polls ``condition`` until it holds; fails the test if it does not within ``seconds``."""
+def raw_method(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+    """``method`` called with bytes as they go on the wire, bypassing the generated stub."""
+    return channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+
+def predictions(results: Sequence[BatchResult]) -> list[Prediction]:
+    """The predictions of a classify_batch; a text's error, if any, is raised."""
+    found = []
+    for result in results:
+        if isinstance(result, KnnClassifierError):
+            raise result
+        found.append(result)
+    return found
+
+
+def wait_for(
+    condition: Callable[[], bool], what: str = "the condition", seconds: float = 60
+) -> None:
+    """Polls ``condition`` until it holds; fails the test if it does not within ``seconds``, a
+    bound generous enough for a loaded machine (not a timing window: it only bounds a hang)."""
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
 

@@ -39,6 +39,9 @@ class Behaviour:
     fail_status: int | None = None
     fail_times: int = 0
     """How many of the next calls fail with fail_status (then it recovers)."""
+    failing_texts: set[str] = field(default_factory=set)
+    """Calls holding any of these texts fail with fail_status (503 if unset), every time; they are
+    counted in calls but not in inputs."""
     bad_width: bool = False
     nan: bool = False
     zero_texts: set[str] = field(default_factory=set)
@@ -118,6 +121,9 @@ class FakeEmbeddingServer:
             texts = [texts]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             return 400, _sglang_error(400, "input must be a non-empty string or list of strings")
+        if b.failing_texts.intersection(texts):
+            status = b.fail_status or 503
+            return status, _sglang_error(status, "injected failure")
         b.inputs.append(texts)
         for text in texts:
             if not text:

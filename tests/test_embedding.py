@@ -22,7 +22,7 @@ def embedder(base_url: str, **changes: object) -> EmbeddingClient:
         "startup_timeout_s": 0,
         **changes,
     }
-    return EmbeddingClient(EmbeddingSettings(**values))  # type: ignore[arg-type]
+    return EmbeddingClient(EmbeddingSettings(**values))
 
 
 def free_port() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -19,7 +21,7 @@ from knn_classifier.client import (
 from knn_classifier.server import errors, statuses
 from knn_classifier.v1 import error_reason_pb2
 
-from .conftest import ServerThread
+from .conftest import ServerThread, raw_method
 from .fake_embedder import FakeEmbeddingServer
 
 
@@ -102,8 +104,8 @@ def test_an_empty_classifier_says_so(client: Client) -> None:
 
 def test_malformed_bytes_say_so(server: ServerThread) -> None:
     with server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
-        channel.unary_unary("/knn_classifier.v1.ClassifierService/Classify")(b"\xff\xff", timeout=5)
-    trailers = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
+        raw_method(channel, "/knn_classifier.v1.ClassifierService/Classify")(b"\xff\xff", timeout=5)
+    trailers: dict[str, Any] = dict(caught.value.trailing_metadata())  # type: ignore[arg-type]
     status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)

@@ -20,7 +20,7 @@ from knn_classifier.server.label_models import leave_one_out_discriminant, shrin
 from knn_classifier.server.voting import Voting
 from knn_classifier.v1 import classifier_pb2 as pb
 
-from .conftest import ServerThread
+from .conftest import ServerThread, predictions
 from .fake_embedder import fake_vector
 
 TOPICS = {
@@ -121,7 +121,7 @@ def test_a_target_precision_out_of_reach_leaves_the_thresholds(client: Client) -
         before.min_similarity,
         before.min_confidence,
     )
-    answers = client.classify_batch("overlap", texts[:20])
+    answers = predictions(client.classify_batch("overlap", texts[:20]))
     assert all(not a.unknown for a in answers)
     assert not client.evaluate("overlap").HasField("thresholds")  # only with target_precision
 
@@ -232,7 +232,10 @@ def test_plain_knn_agrees_exactly_with_scikit_learn(client: Client, k: int, labe
     queries = [text() for _ in range(100)]
     client.create_classifier("agree")
     client.add_exemplars("agree", train)
-    ours = [p.label for p in client.classify_batch("agree", queries, k=k, voting="majority")]
+    ours = [
+        p.label
+        for p in predictions(client.classify_batch("agree", queries, k=k, voting="majority"))
+    ]
 
     vectors = np.vstack([fake_vector(t, 64) for t, _ in train])
     reference = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
@@ -251,7 +254,8 @@ def label_scored(
     queries = [text for text, _ in topical_texts(40, seed=4)]
     client.create_classifier(voting)
     client.add_exemplars(voting, train)
-    return train, queries, client.classify_batch(voting, queries, voting=voting, temperature=0.05)
+    answers = client.classify_batch(voting, queries, voting=voting, temperature=0.05)
+    return train, queries, predictions(answers)
 
 
 def top_shares(scores: np.ndarray) -> np.ndarray:

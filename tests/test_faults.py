@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from knn_classifier.client import DeadlineExceededError, UnavailableError
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
 
 EXEMPLARS = [("red apple fruit", "fruit"), ("green pear fruit", "fruit"), ("blue car road", "car")]
@@ -28,13 +27,6 @@ def health(server: ServerThread) -> int:
     with server.channel() as channel:
         request = health_pb2.HealthCheckRequest()
         return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def started(settings: Any) -> ServerThread:
@@ -98,15 +90,24 @@ def test_a_slow_answer_within_the_deadline_is_served(
 
 
 def test_no_call_is_sent_once_the_deadline_has_passed(
-    served: ServerThread, fake_embedder: FakeEmbeddingServer
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:
-    fake_embedder.reset(fail_status=503, fail_times=100)
-    with served.client() as client, pytest.raises((UnavailableError, DeadlineExceededError)):
-        client.classify("c", "red fruit", timeout=0.3)
-    time.sleep(0.2)  # a call sent just before the deadline may still be arriving
-    calls = fake_embedder.behaviour.calls
-    time.sleep(1.0)  # but no retry outlives the call
-    assert fake_embedder.behaviour.calls == calls
+    # One embedding call at a time, so the next request is sent only once the failing call has
+    # given up; and retries enough to go on for minutes if the deadline did not stop them.
+    embedding = {"max_concurrent_calls": 1, "retries": 10}
+    running = started(make_settings(tmp_path, fake_embedder.base_url, embedding=embedding))
+    try:
+        behaviour = fake_embedder.reset(failing_texts={"red fruit"})
+        with running.client() as client:
+            with pytest.raises((UnavailableError, DeadlineExceededError)):
+                client.classify("c", "red fruit", timeout=0.3)
+            assert client.classify("c", "blue road", timeout=60).label == "car"
+    finally:
+        running.stop()
+    # Backoffs last at least 0.1 s, then 0.2 s: a third attempt would start after the deadline.
+    refused = behaviour.calls - len(behaviour.inputs)
+    assert 1 <= refused <= 2
+    assert behaviour.inputs == [["blue road"]]
 
 
 def test_a_malformed_body_is_unavailable(
@@ -173,7 +174,9 @@ def flaky(
     [
         ResponseHandlingException(ConnectionRefusedError("connection refused")),
         UnexpectedResponse(503, "Service Unavailable", b"{}", {}),  # type: ignore[arg-type]
-        grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()),
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), None, None
+        ),
     ],
     ids=["unreachable", "http-503", "grpc-unavailable"],
 )

@@ -4,9 +4,11 @@ server stays healthy."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, raw_method
 from .fake_embedder import FakeEmbeddingServer
 
 SERVICE = "/knn_classifier.v1.ClassifierService/"
@@ -55,12 +57,12 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
 def status_of(channel: grpc.Channel, method: str, payload: bytes) -> grpc.StatusCode:
     """The call's status; an error must carry a google.rpc.Status of the same code whose first
     detail is an ErrorInfo of the service's domain."""
-    call = channel.unary_unary(SERVICE + method)
+    call = raw_method(channel, SERVICE + method)
     try:
         call(payload, timeout=10)
     except grpc.RpcError as error:
-        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-        trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+        code: grpc.StatusCode = error.code()
+        trailers: dict[str, Any] = dict(error.trailing_metadata())  # type: ignore[arg-type]
         details = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
         info = error_details_pb2.ErrorInfo()
         assert details.code == code.value[0], (method, code, details)
@@ -110,8 +112,8 @@ def test_malformed_fields(
     options = pb.ClassifyOptions(
         k=k,
         dimension=dimension,
-        voting=voting,
-        min_similarity=similarity,  # type: ignore[arg-type]
+        voting=pb.Voting.ValueType(voting),
+        min_similarity=similarity,
     )
     requests = {
         "Classify": pb.ClassifyRequest(
@@ -125,11 +127,11 @@ def test_malformed_fields(
             exemplars=[pb.ExemplarInput(text=t, label=label, id=label[:200]) for t in texts],
         ),
         "ListExemplars": pb.ListExemplarsRequest(
-            classifier=classifier, page_token=page_token, page_size=k, label=label
+            classifier=classifier, page_token=page_token, page_size=k or 0, label=label
         ),
-        "ListClassifiers": pb.ListClassifiersRequest(page_token=page_token, page_size=k),
+        "ListClassifiers": pb.ListClassifiersRequest(page_token=page_token, page_size=k or 0),
         "ListLabels": pb.ListLabelsRequest(
-            classifier=classifier, page_token=page_token, page_size=k
+            classifier=classifier, page_token=page_token, page_size=k or 0
         ),
         "DeleteExemplars": pb.DeleteExemplarsRequest(
             classifier=classifier, ids=pb.ExemplarIds(ids=texts)
@@ -142,14 +144,14 @@ def test_malformed_fields(
                 voting=voting,  # type: ignore[arg-type]
                 min_similarity=similarity or 0.0,
             ),
-            update_mask={"paths": texts},
+            update_mask=FieldMask(paths=texts),
         ),
         "CreateClassifier": pb.CreateClassifierRequest(
             name=classifier,
             instruction=label,
             k=k,
-            voting=voting,
-            min_confidence=similarity,  # type: ignore[arg-type]
+            voting=pb.Voting.ValueType(voting),
+            min_confidence=similarity,
         ),
         "Evaluate": pb.EvaluateRequest(
             classifier=classifier,

@@ -125,7 +125,7 @@ def test_classify_with_a_label_model_while_every_exemplar_is_deleted(
     store.resume.set()
     running = ServerThread(settings, store).start()
     with running.client() as client:
-        client.create_classifier("c", voting=voting)  # type: ignore[arg-type]
+        client.create_classifier("c", voting=voting)
         client.add_exemplars("c", [("red apple", "fruit"), ("green pear", "fruit")])
         store.resume.clear()
         classifying = in_background(lambda: client.classify("c", "apple"))
@@ -461,6 +461,7 @@ async def test_a_replica_never_resurrects_a_classifier_another_deleted(
     await replica_a.create_classifier(NewClassifier("c"))
     await replica_a.add_exemplars("c", [ExemplarInput("old words", "x")])
     store_a.hold.clear()
+    writing: asyncio.Task[object]
     if write == "update":
         writing = asyncio.create_task(
             replica_a.update_classifier(ClassifierUpdate("c", ("k",), k=3))

@@ -6,6 +6,14 @@ import pytest
 from knn_classifier.server import label_models
 from knn_classifier.server.voting import Voting
 
+# The functions themselves: their optional parameters (noise, checkpoint) are not in the
+# service's tables' types.
+FIT = {Voting.CENTROID: label_models.centroids, Voting.DISCRIMINANT: label_models.discriminant}
+LEAVE_ONE_OUT = {
+    Voting.CENTROID: label_models.leave_one_out_centroids,
+    Voting.DISCRIMINANT: label_models.leave_one_out_discriminant,
+}
+
 
 def unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
@@ -21,14 +29,14 @@ def test_leave_one_out_equals_refitting_without_the_exemplar(
     vectors = unit(rng.standard_normal((count, dimension)))
     labels = [f"l{i % 3}" for i in range(count - 1)] + ["alone"]
     every = np.arange(count)
-    names, scores = label_models.LEAVE_ONE_OUT[voting](labels, vectors, every)
+    names, scores = LEAVE_ONE_OUT[voting](labels, vectors, every)
     assert names == ["alone", "l0", "l1", "l2"]
-    noise = label_models.FIT[voting](labels, vectors).noise  # leave-one-out keeps all's noise
+    noise = FIT[voting](labels, vectors).noise  # leave-one-out keeps all's noise
     assert noise > 0
     for i in every:
         others = every != i
         kept = [labels[j] for j in every[others]]
-        refit = label_models.FIT[voting](kept, vectors[others], noise)
+        refit = FIT[voting](kept, vectors[others], noise)
         expected = dict(zip(refit.labels, refit.scores(vectors[i : i + 1])[0], strict=True))
         for j, name in enumerate(names):
             if name in expected:
@@ -77,14 +85,15 @@ def test_scores_do_not_favour_labels_with_more_exemplars(voting: Voting) -> None
     def draw(count: int) -> np.ndarray:
         return unit(centre + 0.15 * rng.standard_normal((count, 32)))
 
-    small_share, biased_share = [], []
+    small_share: list[float] = []
+    biased_share: list[float] = []
     for _ in range(200):
         labels = ["few"] * 4 + ["many"] * 40
         vectors = np.vstack([draw(4), draw(40)])
         queries = draw(20)
         for noise, shares in ((None, small_share), (0.0, biased_share)):
-            model = label_models.FIT[voting](labels, vectors, noise)
-            shares.append(np.mean(model.scores(queries).argmax(axis=1) == 0))
+            model = FIT[voting](labels, vectors, noise)
+            shares.append(float(np.mean(model.scores(queries).argmax(axis=1) == 0)))
     assert abs(np.mean(small_share) - 0.5) < 0.05
     assert np.mean(biased_share) < 0.3
 

@@ -276,5 +276,5 @@ def test_a_store_url_selects_the_qdrant_server_store(tmp_path: Path) -> None:
     from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
     assert isinstance(build_store(Settings(data_dir=tmp_path)), EdgeStore)
-    remote = build_store(Settings(store={"url": "http://qdrant.invalid:6333"}))  # type: ignore[arg-type]
+    remote = build_store(Settings(store={"url": "http://qdrant.invalid:6333"}))
     assert isinstance(remote, QdrantServerStore)

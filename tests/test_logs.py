@@ -143,7 +143,7 @@ def test_json_lines_with_one_access_line_per_rpc_and_no_keys_or_texts(
     # The caller's request id is used and returned; otherwise one is made and returned.
     assert classify["request_id"] == "caller-chose-this-id"
     assert ("x-request-id", "caller-chose-this-id") in classified.trailing_metadata()
-    made = dict(cast(grpc.Call, refused.value).trailing_metadata())["x-request-id"]
+    made = str(dict(cast(grpc.Call, refused.value).trailing_metadata())["x-request-id"])
     assert denied["request_id"] == made
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     assert len({r["request_id"] for r in access}) == 4
@@ -181,9 +181,9 @@ def test_a_request_id_that_is_not_printable_ascii_is_replaced(
         _, call = stub.ListClassifiers.with_call(
             pb.ListClassifiersRequest(), metadata=(("x-request-id", "two words"),)
         )
-    returned = dict(call.trailing_metadata())["x-request-id"]
+    returned = str(dict(call.trailing_metadata())["x-request-id"])
     assert re.fullmatch(r"[0-9a-f]{32}", returned)
-    assert [r.request_id for r in access_records(caplog)] == [returned]
+    assert [getattr(r, "request_id", None) for r in access_records(caplog)] == [returned]
 
 
 def test_a_classifier_name_cannot_forge_a_text_log_line(
@@ -198,7 +198,10 @@ def test_a_classifier_name_cannot_forge_a_text_log_line(
     wait_for(lambda: len(access_records(caplog)) == 1)  # written as the refused call ends
     (record,) = access_records(caplog)
     assert "\n" not in record.getMessage()
-    assert record.classifier == "x\\n2030-01-01 00:00:00 INFO knn_classifier.access: forged"
+    assert (
+        getattr(record, "classifier", None)
+        == "x\\n2030-01-01 00:00:00 INFO knn_classifier.access: forged"
+    )
 
 
 class RequestIds(logging.Handler):

@@ -24,7 +24,7 @@ from knn_classifier.client import (
 from knn_classifier.server.coalescing import Coalescer
 from knn_classifier.server.metrics import Metrics
 
-from .conftest import ServerThread, make_settings, wait_for
+from .conftest import ServerThread, make_settings, predictions, raw_method, wait_for
 from .fake_embedder import FakeEmbeddingServer
 
 SERVICE = "knn_classifier.v1.ClassifierService"
@@ -126,7 +126,7 @@ def test_rpc_embedding_store_and_prediction_metrics_after_real_calls(
         == 1
     )
     assert value(samples, "knn_predictions_total", classifier="support", outcome="rejected") == 1
-    answered = [labelled, unknown, batch[0]]
+    answered = [labelled, unknown, *predictions(batch[:1])]
     count = value(samples, "knn_prediction_top_similarity_count", classifier="support")
     total = value(samples, "knn_prediction_top_similarity_sum", classifier="support")
     assert count == 3
@@ -226,7 +226,7 @@ def test_invented_method_names_do_not_become_labels(
     try:
         with grpc.insecure_channel(keyed.address) as channel:
             for i in range(20):
-                call = channel.unary_unary(f"/evil.Service/Method{i}")
+                call = raw_method(channel, f"/evil.Service/Method{i}")
                 with pytest.raises(grpc.RpcError):
                     call(b"", timeout=30)
         samples = scrape(port_of(keyed))

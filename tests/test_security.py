@@ -28,7 +28,7 @@ from knn_classifier.server.settings import Settings
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .certificates import make_ca, make_leaf
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, raw_method
 from .fake_embedder import FakeEmbeddingServer
 
 WRITE_KEY = "write-key-0123456789"
@@ -138,10 +138,10 @@ def test_keys_never_reach_the_log(secured: ServerThread, caplog: pytest.LogCaptu
 
 def test_listening_beyond_loopback_needs_keys_or_a_trusted_proxy() -> None:
     with pytest.raises(ValidationError, match="KNN_AUTH__WRITE_KEYS"):
-        Settings(server={"host": "0.0.0.0"})  # type: ignore[arg-type]
-    assert Settings(server={"host": "0.0.0.0"}, auth={"write_keys": "k1,k2"}).auth.enabled  # type: ignore[arg-type]
-    assert Settings(server={"host": "0.0.0.0", "trusted_proxy": True}).server.trusted_proxy  # type: ignore[arg-type]
-    assert Settings(server={"host": "::1"}).server.host == "::1"  # type: ignore[arg-type]
+        Settings(server={"host": "0.0.0.0"})
+    assert Settings(server={"host": "0.0.0.0"}, auth={"write_keys": "k1,k2"}).auth.enabled
+    assert Settings(server={"host": "0.0.0.0", "trusted_proxy": True}).server.trusted_proxy
+    assert Settings(server={"host": "::1"}).server.host == "::1"
 
 
 def tls_server(tmp_path: Path, base_url: str, mutual: bool) -> tuple[ServerThread, bytes, Tls]:
@@ -215,10 +215,10 @@ def test_message_size_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServer) 
     running = ServerThread(settings).start()
     try:
         with running.channel() as channel:
-            stub_call = channel.unary_unary("/knn_classifier.v1.ClassifierService/ListClassifiers")
+            stub_call = raw_method(channel, "/knn_classifier.v1.ClassifierService/ListClassifiers")
             with pytest.raises(grpc.RpcError) as caught:
                 stub_call(b"\x0a" + b"\x80\x40" + b"x" * 8192, timeout=5)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         running.stop()
 

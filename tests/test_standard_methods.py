@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -60,7 +61,7 @@ def test_update_refuses_a_mask_it_cannot_apply(
     client.create_classifier("c", k=5)
     request = pb.UpdateClassifierRequest(
         classifier=pb.Classifier(name="c", k=7, instruction="another task"),
-        update_mask={"paths": paths},
+        update_mask=FieldMask(paths=paths),
     )
     with server.channel() as channel, pytest.raises(grpc.RpcError, match=message) as caught:
         pb_grpc.ClassifierServiceStub(channel).UpdateClassifier(request, timeout=10)

@@ -16,8 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +35,7 @@ from knn_classifier.server.errors import StartupError
 from knn_classifier.server.settings import ServerSettings, Settings
 
 from .certificates import make_ca, make_leaf
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
 from .test_embedding import free_port
 
@@ -266,12 +265,12 @@ def test_listens_on_ipv6_loopback(
 
 def test_ipv6_loopback_needs_no_keys_with_or_without_brackets() -> None:
     for host in ("::1", "[::1]"):
-        server = Settings(server={"host": host}).server  # type: ignore[arg-type]
+        server = Settings(server={"host": host}).server
         assert (server.host, server.address) == ("::1", "[::1]:50051")
     with pytest.raises(ValidationError, match="KNN_AUTH__WRITE_KEYS"):
-        Settings(server={"host": "[::]"})  # type: ignore[arg-type]
+        Settings(server={"host": "[::]"})
     with pytest.raises(ValidationError, match=r"\[nonsense\] is not an IPv6 address"):
-        Settings(server={"host": "[nonsense]"})  # type: ignore[arg-type]
+        Settings(server={"host": "[nonsense]"})
     assert ServerSettings(host="0.0.0.0", port=7).address == "0.0.0.0:7"
     assert ServerSettings(host="localhost").address == "localhost:50051"
 
@@ -303,16 +302,9 @@ def loop_thread() -> Iterator[EventLoopThread]:
     running.close()
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def health_status(channel: grpc.Channel) -> int:
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status  # type: ignore[no-any-return]
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
 def test_health_and_unavailable_while_the_embedder_is_awaited(
@@ -330,7 +322,7 @@ def test_health_and_unavailable_while_the_embedder_is_awaited(
     port = loop_thread.submit(app.listen()).result(timeout=60)
     starting = loop_thread.submit(app.start())
     try:
-        wait_until(lambda: embedder.calls >= 2, "the embedder probe to be refused twice")
+        wait_for(lambda: embedder.calls >= 2, "the embedder probe to be refused twice")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             services = ProtoReflectionDescriptorDatabase(channel).get_services()

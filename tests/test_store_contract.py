@@ -49,7 +49,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 async def fill(store: Store) -> list[str]:
     """Three points of classifier a (two 'x', one 'y') and one of b, in every dimension."""
     point_ids = ids(4)
-    rows = [[1, 0], [0.9, 0.1], [0, 1], [1, 0]]
+    rows: list[list[float]] = [[1, 0], [0.9, 0.1], [0, 1], [1, 0]]
     payloads = [
         payload("a", "x", "a1"),
         payload("a", "x", "a2"),

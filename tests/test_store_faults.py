@@ -36,10 +36,10 @@ from knn_classifier.server.coalescing import QueryBatcher
 from knn_classifier.server.errors import ResourceExhausted, StartupError
 from knn_classifier.server.store import EdgeStore, Selection
 
-from .conftest import ServerThread, make_settings
+from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
 from .test_embedding import free_port
-from .test_faults import NOT_SERVING, health, wait_for
+from .test_faults import NOT_SERVING, health
 
 EXEMPLARS = [(f"word{i} common", f"label{i % 3}") for i in range(9)]
 
@@ -126,16 +126,18 @@ def test_batched_queries_answer_every_caller_whatever_the_store_raises(tmp_path:
         store = EdgeStore(tmp_path)
         await store.open([2])
         try:
-            store.query = panicking  # type: ignore[method-assign]
+            store.query = panicking  # type: ignore[method-assign,assignment]
             batcher = QueryBatcher(store)
             vector = np.array([[1, 0]], np.float32)
-            return await asyncio.wait_for(
-                asyncio.gather(
-                    batcher.query(2, "c", vector, 1),
-                    batcher.query(2, "c", vector, 3),
-                    return_exceptions=True,
-                ),
-                timeout=30,
+            return list(
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        batcher.query(2, "c", vector, 1),
+                        batcher.query(2, "c", vector, 3),
+                        return_exceptions=True,
+                    ),
+                    timeout=30,
+                )
             )
         finally:
             await store.close()

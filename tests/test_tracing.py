@@ -157,7 +157,7 @@ def test_spans_are_exported_over_otlp_to_the_configured_endpoint(
 ) -> None:
     collector = Collector()
     receiver = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)  # type: ignore[no-untyped-call]
     port = receiver.add_insecure_port("127.0.0.1:0")
     receiver.start()
     try:

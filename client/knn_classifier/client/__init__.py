@@ -18,7 +18,7 @@ from knn_classifier.v1.classifier_pb2 import (
     UnknownReason,
 )
 
-from ._client import AsyncClient, BatchResult, Client, Tls
+from ._client import AsyncClient, Client, Tls
 from ._errors import (
     AbortedError,
     AlreadyExistsError,
@@ -34,6 +34,7 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from ._requests import BatchResult
 from ._retry import RetryPolicy
 
 __all__ = [

@@ -1,5 +1,9 @@
 """Client and AsyncClient: typed wrappers over the generated stub, one method per RPC.
 
+Each method is described once in :mod:`_requests` (its request, and its result from the
+response); the two clients only send the descriptions, blocking or with ``await``, and
+tests/test_client_parity.py keeps their methods and parameters the same.
+
 Both take the server address once, an API key sent with every call (``api_key``), TLS
 settings (``tls``), a default deadline for every call (``timeout``, seconds) that each method
 can override, a :class:`RetryPolicy` for idempotent calls (``retry``), and raise
@@ -16,17 +20,20 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from . import _requests as build
-from ._errors import AlreadyExistsError, KnnClassifierError, from_rpc_error, from_status
+from ._errors import AlreadyExistsError, from_rpc_error
 from ._existing import matching
-from ._requests import ExemplarLike, VotingName
+from ._requests import BatchResult, Call, ExemplarLike, Listing, VotingName
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
+Result = TypeVar("Result")
+Item = TypeVar("Item")
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRY = RetryPolicy()
 
@@ -48,17 +55,6 @@ class Tls:
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
-
-
-BatchResult = pb.Prediction | KnnClassifierError
-"""One text of classify_batch: its prediction, or the error that text alone would have raised."""
-
-
-def _batch_results(response: pb.ClassifyBatchResponse) -> list[BatchResult]:
-    return [
-        from_status(result.error) if result.HasField("error") else result.prediction
-        for result in response.results
-    ]
 
 
 class Client:
@@ -121,6 +117,20 @@ class Client:
             time.sleep(wait)
             attempt += 1
 
+    def _send(self, call: Call[Message, Result], timeout: float | None) -> Result:
+        return call.result(self._call(getattr(self._stub, call.method), call.request, timeout))
+
+    def _pages(self, listing: Listing[Item], timeout: float | None) -> Iterator[Item]:
+        """Every item of ``listing``, page after page (``timeout`` per page)."""
+        method = getattr(self._stub, listing.method)
+        token = ""
+        while True:
+            response = self._call(method, listing.page(token), timeout)
+            yield from listing.items(response)
+            token = response.next_page_token
+            if not token:
+                return
+
     def create_classifier(
         self,
         name: str,
@@ -139,30 +149,22 @@ class Client:
         With ``exist_ok``, a classifier of that name that has every setting given here is
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
         """
-        request = build.create_classifier(
+        call = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
         try:
-            return self._call(self._stub.CreateClassifier, request, timeout)
+            return self._send(call, timeout)
         except AlreadyExistsError:
             if not exist_ok:
                 raise
-        return matching(request, self.get_classifier(name, timeout=timeout))
+        return matching(call.request, self.get_classifier(name, timeout=timeout))
 
     def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
-        return self._call(self._stub.GetClassifier, pb.GetClassifierRequest(name=name), timeout)
+        return self._send(build.get_classifier(name), timeout)
 
     def list_classifiers(self, *, timeout: float | None = None) -> list[pb.Classifier]:
         """Every classifier by name, reading page after page (``timeout`` per page)."""
-        classifiers: list[pb.Classifier] = []
-        token = ""
-        while True:
-            request = pb.ListClassifiersRequest(page_token=token)
-            response = self._call(self._stub.ListClassifiers, request, timeout)
-            classifiers.extend(response.classifiers)
-            token = response.next_page_token
-            if not token:
-                return classifiers
+        return list(self._pages(build.list_classifiers(), timeout))
 
     def update_classifier(
         self,
@@ -178,19 +180,17 @@ class Client:
         timeout: float | None = None,
     ) -> pb.Classifier:
         """Changes the defaults given (not None), and nothing else."""
-        request = build.update_classifier(
+        call = build.update_classifier(
             name, etag, k, voting, temperature, min_similarity, min_confidence, dimension
         )
-        return self._call(self._stub.UpdateClassifier, request, timeout)
+        return self._send(call, timeout)
 
     def delete_classifier(self, name: str, *, etag: str = "", timeout: float | None = None) -> int:
-        request = pb.DeleteClassifierRequest(name=name, etag=etag)
-        response = self._call(self._stub.DeleteClassifier, request, timeout)
-        return response.deleted_exemplars
+        return self._send(build.delete_classifier(name, etag), timeout)
 
     def get_service_info(self, *, timeout: float | None = None) -> pb.ServiceInfo:
         """The server's dimensions, embedding model, limits and API version."""
-        return self._call(self._stub.GetServiceInfo, pb.GetServiceInfoRequest(), timeout)
+        return self._send(build.get_service_info(), timeout)
 
     def add_exemplars(
         self,
@@ -201,8 +201,7 @@ class Client:
         timeout: float | None = None,
     ) -> list[str]:
         """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
-        request = build.add_exemplars(classifier, exemplars, etag)
-        return list(self._call(self._stub.AddExemplars, request, timeout).ids)
+        return self._send(build.add_exemplars(classifier, exemplars, etag), timeout)
 
     def delete_exemplars(
         self,
@@ -213,8 +212,7 @@ class Client:
         etag: str = "",
         timeout: float | None = None,
     ) -> int:
-        request = build.delete_exemplars(classifier, ids, label, etag)
-        return self._call(self._stub.DeleteExemplars, request, timeout).deleted
+        return self._send(build.delete_exemplars(classifier, ids, label, etag), timeout)
 
     def list_exemplars(
         self,
@@ -227,36 +225,18 @@ class Client:
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
         would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
-        request = pb.ListExemplarsRequest(
-            classifier=classifier, page_size=page_size, page_token=page_token, label=label
-        )
-        return self._call(self._stub.ListExemplars, request, timeout)
+        call = build.list_exemplars(classifier, page_size, page_token, label)
+        return self._send(call, timeout)
 
     def iter_exemplars(
         self, classifier: str, *, label: str = "", timeout: float | None = None
     ) -> Iterator[pb.Exemplar]:
         """Every exemplar (of ``label``, if given), page after page (``timeout`` per page)."""
-        token = ""
-        while True:
-            page = self.list_exemplars(
-                classifier, page_token=token, label=label, page_size=1000, timeout=timeout
-            )
-            yield from page.exemplars
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._pages(build.all_exemplars(classifier, label), timeout)
 
     def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
         """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each)."""
-        counts: dict[str, int] = {}
-        token = ""
-        while True:
-            request = pb.ListLabelsRequest(classifier=classifier, page_size=1000, page_token=token)
-            response = self._call(self._stub.ListLabels, request, timeout)
-            counts.update((item.label, item.count) for item in response.labels)
-            token = response.next_page_token
-            if not token:
-                return counts
+        return dict(self._pages(build.list_labels(classifier), timeout))
 
     def classify(
         self,
@@ -275,8 +255,7 @@ class Client:
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
-        request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
-        return self._call(self._stub.Classify, request, timeout).prediction
+        return self._send(build.classify(classifier, text, options), timeout)
 
     def classify_batch(
         self,
@@ -298,8 +277,7 @@ class Client:
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
-        request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
-        return _batch_results(self._call(self._stub.ClassifyBatch, request, timeout))
+        return self._send(build.classify_batch(classifier, texts, options), timeout)
 
     def evaluate(
         self,
@@ -319,7 +297,7 @@ class Client:
 
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
         precision and coverage the classifier's thresholds give on leave-one-out."""
-        request = build.evaluate(
+        call = build.evaluate(
             classifier,
             held_out,
             k,
@@ -330,7 +308,7 @@ class Client:
             target_precision,
             etag,
         )
-        return self._call(self._stub.Evaluate, request, timeout)
+        return self._send(call, timeout)
 
     def check_exemplars(
         self,
@@ -347,10 +325,10 @@ class Client:
         labels taken for each other, and labels with fewer than ``min_label_exemplars``
         exemplars; at most ``max_items`` of each (0: the server's default), the ``*_found``
         fields counting them all. Settings left None take the server's defaults."""
-        request = build.check_exemplars(
+        call = build.check_exemplars(
             classifier, min_confidence, min_duplicate_similarity, min_label_exemplars, max_items
         )
-        return self._call(self._stub.CheckExemplars, request, timeout)
+        return self._send(call, timeout)
 
 
 class AsyncClient:
@@ -413,6 +391,22 @@ class AsyncClient:
             await asyncio.sleep(wait)
             attempt += 1
 
+    async def _send(self, call: Call[Message, Result], timeout: float | None) -> Result:
+        response = await self._call(getattr(self._stub, call.method), call.request, timeout)
+        return call.result(response)
+
+    async def _pages(self, listing: Listing[Item], timeout: float | None) -> AsyncIterator[Item]:
+        """Every item of ``listing``, page after page (``timeout`` per page)."""
+        method = getattr(self._stub, listing.method)
+        token = ""
+        while True:
+            response = await self._call(method, listing.page(token), timeout)
+            for item in listing.items(response):
+                yield item
+            token = response.next_page_token
+            if not token:
+                return
+
     async def create_classifier(
         self,
         name: str,
@@ -431,31 +425,22 @@ class AsyncClient:
         With ``exist_ok``, a classifier of that name that has every setting given here is
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
         """
-        request = build.create_classifier(
+        call = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
         try:
-            return await self._call(self._stub.CreateClassifier, request, timeout)
+            return await self._send(call, timeout)
         except AlreadyExistsError:
             if not exist_ok:
                 raise
-        return matching(request, await self.get_classifier(name, timeout=timeout))
+        return matching(call.request, await self.get_classifier(name, timeout=timeout))
 
     async def get_classifier(self, name: str, *, timeout: float | None = None) -> pb.Classifier:
-        request = pb.GetClassifierRequest(name=name)
-        return await self._call(self._stub.GetClassifier, request, timeout)
+        return await self._send(build.get_classifier(name), timeout)
 
     async def list_classifiers(self, *, timeout: float | None = None) -> list[pb.Classifier]:
         """Every classifier by name, reading page after page (``timeout`` per page)."""
-        classifiers: list[pb.Classifier] = []
-        token = ""
-        while True:
-            request = pb.ListClassifiersRequest(page_token=token)
-            response = await self._call(self._stub.ListClassifiers, request, timeout)
-            classifiers.extend(response.classifiers)
-            token = response.next_page_token
-            if not token:
-                return classifiers
+        return [c async for c in self._pages(build.list_classifiers(), timeout)]
 
     async def update_classifier(
         self,
@@ -471,22 +456,19 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> pb.Classifier:
         """Changes the defaults given (not None), and nothing else."""
-        request = build.update_classifier(
+        call = build.update_classifier(
             name, etag, k, voting, temperature, min_similarity, min_confidence, dimension
         )
-        return await self._call(self._stub.UpdateClassifier, request, timeout)
+        return await self._send(call, timeout)
 
     async def delete_classifier(
         self, name: str, *, etag: str = "", timeout: float | None = None
     ) -> int:
-        request = pb.DeleteClassifierRequest(name=name, etag=etag)
-        response = await self._call(self._stub.DeleteClassifier, request, timeout)
-        return response.deleted_exemplars
+        return await self._send(build.delete_classifier(name, etag), timeout)
 
     async def get_service_info(self, *, timeout: float | None = None) -> pb.ServiceInfo:
         """The server's dimensions, embedding model, limits and API version."""
-        request = pb.GetServiceInfoRequest()
-        return await self._call(self._stub.GetServiceInfo, request, timeout)
+        return await self._send(build.get_service_info(), timeout)
 
     async def add_exemplars(
         self,
@@ -497,8 +479,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> list[str]:
         """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
-        request = build.add_exemplars(classifier, exemplars, etag)
-        return list((await self._call(self._stub.AddExemplars, request, timeout)).ids)
+        return await self._send(build.add_exemplars(classifier, exemplars, etag), timeout)
 
     async def delete_exemplars(
         self,
@@ -509,8 +490,7 @@ class AsyncClient:
         etag: str = "",
         timeout: float | None = None,
     ) -> int:
-        request = build.delete_exemplars(classifier, ids, label, etag)
-        return (await self._call(self._stub.DeleteExemplars, request, timeout)).deleted
+        return await self._send(build.delete_exemplars(classifier, ids, label, etag), timeout)
 
     async def list_exemplars(
         self,
@@ -523,37 +503,19 @@ class AsyncClient:
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
         would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
-        request = pb.ListExemplarsRequest(
-            classifier=classifier, page_size=page_size, page_token=page_token, label=label
-        )
-        return await self._call(self._stub.ListExemplars, request, timeout)
+        call = build.list_exemplars(classifier, page_size, page_token, label)
+        return await self._send(call, timeout)
 
     async def iter_exemplars(
         self, classifier: str, *, label: str = "", timeout: float | None = None
     ) -> AsyncIterator[pb.Exemplar]:
         """Every exemplar (of ``label``, if given), page after page (``timeout`` per page)."""
-        token = ""
-        while True:
-            page = await self.list_exemplars(
-                classifier, page_token=token, label=label, page_size=1000, timeout=timeout
-            )
-            for exemplar in page.exemplars:
-                yield exemplar
-            token = page.next_page_token
-            if not token:
-                return
+        async for exemplar in self._pages(build.all_exemplars(classifier, label), timeout):
+            yield exemplar
 
     async def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
         """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each)."""
-        counts: dict[str, int] = {}
-        token = ""
-        while True:
-            request = pb.ListLabelsRequest(classifier=classifier, page_size=1000, page_token=token)
-            response = await self._call(self._stub.ListLabels, request, timeout)
-            counts.update((item.label, item.count) for item in response.labels)
-            token = response.next_page_token
-            if not token:
-                return counts
+        return {label: n async for label, n in self._pages(build.list_labels(classifier), timeout)}
 
     async def classify(
         self,
@@ -572,8 +534,7 @@ class AsyncClient:
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
-        request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
-        return (await self._call(self._stub.Classify, request, timeout)).prediction
+        return await self._send(build.classify(classifier, text, options), timeout)
 
     async def classify_batch(
         self,
@@ -595,8 +556,7 @@ class AsyncClient:
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
-        request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
-        return _batch_results(await self._call(self._stub.ClassifyBatch, request, timeout))
+        return await self._send(build.classify_batch(classifier, texts, options), timeout)
 
     async def evaluate(
         self,
@@ -616,7 +576,7 @@ class AsyncClient:
 
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
         precision and coverage the classifier's thresholds give on leave-one-out."""
-        request = build.evaluate(
+        call = build.evaluate(
             classifier,
             held_out,
             k,
@@ -627,7 +587,7 @@ class AsyncClient:
             target_precision,
             etag,
         )
-        return await self._call(self._stub.Evaluate, request, timeout)
+        return await self._send(call, timeout)
 
     async def check_exemplars(
         self,
@@ -644,7 +604,7 @@ class AsyncClient:
         labels taken for each other, and labels with fewer than ``min_label_exemplars``
         exemplars; at most ``max_items`` of each (0: the server's default), the ``*_found``
         fields counting them all. Settings left None take the server's defaults."""
-        request = build.check_exemplars(
+        call = build.check_exemplars(
             classifier, min_confidence, min_duplicate_similarity, min_label_exemplars, max_items
         )
-        return await self._call(self._stub.CheckExemplars, request, timeout)
+        return await self._send(call, timeout)

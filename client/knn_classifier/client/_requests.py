@@ -1,25 +1,63 @@
-"""Request builders shared by Client and AsyncClient, so both speak the API the same way."""
+"""What each client method sends and returns, shared by Client and AsyncClient.
+
+A method is described once here, as a :class:`Call` (one RPC: its request and how the response
+becomes the method's result) or a :class:`Listing` (a list read page after page); each client
+then only sends it, blocking or with ``await``. So both clients speak the API the same way, and
+a fix to a request or a result is made once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal, TypeAlias
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from google.protobuf.message import Message
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
-VotingName: TypeAlias = Literal[
-    "majority", "similarity_weighted", "softmax", "centroid", "discriminant"
-]
+from ._errors import KnnClassifierError, from_status
+
+Request = TypeVar("Request", bound=Message, covariant=True)
+Result = TypeVar("Result")
+Item = TypeVar("Item")
+
+VOTING_NAMES: tuple[str, ...] = tuple(
+    name.removeprefix("VOTING_").lower()
+    for name, number in pb.Voting.items()
+    if number != pb.VOTING_UNSPECIFIED
+)
+"""The voting methods, as the client takes them: the proto's ``Voting`` values in lower case
+without their prefix (``VOTING_SOFTMAX``: ``"softmax"``). Derived from the proto, so a method
+the server adds needs no change here."""
+VotingName: TypeAlias = str
+"""A name of :data:`VOTING_NAMES`."""
 ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
 """An exemplar: a message, or a ``(text, label)`` pair."""
+BatchResult: TypeAlias = pb.Prediction | KnnClassifierError
+"""One text of classify_batch: its prediction, or the error that text alone would have raised."""
 
-_VOTING: dict[str, pb.Voting.ValueType] = {
-    "majority": pb.VOTING_MAJORITY,
-    "similarity_weighted": pb.VOTING_SIMILARITY_WEIGHTED,
-    "softmax": pb.VOTING_SOFTMAX,
-    "centroid": pb.VOTING_CENTROID,
-    "discriminant": pb.VOTING_DISCRIMINANT,
-}
+_VOTING = {name: pb.Voting.Value(f"VOTING_{name.upper()}") for name in VOTING_NAMES}
+
+
+@dataclass(frozen=True)
+class Call(Generic[Request, Result]):
+    """One RPC: the stub method's name, the request, and the method's result from the response."""
+
+    method: str
+    request: Request
+    result: Callable[[Any], Result]
+
+
+@dataclass(frozen=True)
+class Listing(Generic[Item]):
+    """A list read page after page, until a response has no ``next_page_token``."""
+
+    method: str
+    page: Callable[[str], Message]
+    """The request for the page at a token ("" for the first)."""
+    items: Callable[[Any], Iterable[Item]]
+    """The items of a page's response."""
 
 
 def voting(name: VotingName | None) -> pb.Voting.ValueType:
@@ -28,7 +66,7 @@ def voting(name: VotingName | None) -> pb.Voting.ValueType:
     try:
         return _VOTING[name]
     except KeyError:
-        raise ValueError(f"voting must be one of {sorted(_VOTING)}, not {name!r}") from None
+        raise ValueError(f"voting must be one of {', '.join(VOTING_NAMES)}, not {name!r}") from None
 
 
 def voting_name(value: pb.Voting.ValueType) -> str:
@@ -39,6 +77,10 @@ def voting_name(value: pb.Voting.ValueType) -> str:
     return "unspecified" if value == pb.VOTING_UNSPECIFIED else str(value)
 
 
+def _response(response: Result) -> Result:
+    return response
+
+
 def create_classifier(
     name: str,
     instruction: str,
@@ -47,8 +89,8 @@ def create_classifier(
     min_similarity: float | None,
     min_confidence: float | None,
     temperature: float | None,
-) -> pb.CreateClassifierRequest:
-    return pb.CreateClassifierRequest(
+) -> Call[pb.CreateClassifierRequest, pb.Classifier]:
+    request = pb.CreateClassifierRequest(
         name=name,
         instruction=instruction,
         k=k,
@@ -57,95 +99,19 @@ def create_classifier(
         min_confidence=min_confidence,
         temperature=temperature,
     )
+    return Call("CreateClassifier", request, _response)
 
 
-def exemplar(item: ExemplarLike, metadata: Mapping[str, str] | None = None) -> pb.ExemplarInput:
-    if isinstance(item, pb.ExemplarInput):
-        return item
-    text, label = item
-    return pb.ExemplarInput(text=text, label=label, metadata=metadata)
+def get_classifier(name: str) -> Call[pb.GetClassifierRequest, pb.Classifier]:
+    return Call("GetClassifier", pb.GetClassifierRequest(name=name), _response)
 
 
-def add_exemplars(
-    classifier: str, items: Iterable[ExemplarLike], etag: str
-) -> pb.AddExemplarsRequest:
-    return pb.AddExemplarsRequest(
-        classifier=classifier, exemplars=[exemplar(i) for i in items], etag=etag
+def list_classifiers() -> Listing[pb.Classifier]:
+    return Listing(
+        "ListClassifiers",
+        lambda token: pb.ListClassifiersRequest(page_token=token),
+        lambda response: response.classifiers,
     )
-
-
-def classify_options(
-    k: int | None,
-    dimension: int | None,
-    voting_name: VotingName | None,
-    min_similarity: float | None,
-    min_confidence: float | None,
-    include_neighbours: bool,
-    temperature: float | None,
-) -> pb.ClassifyOptions:
-    return pb.ClassifyOptions(
-        k=k,
-        dimension=dimension,
-        voting=voting(voting_name),
-        min_similarity=min_similarity,
-        min_confidence=min_confidence,
-        include_neighbours=include_neighbours,
-        temperature=temperature,
-    )
-
-
-def evaluate(
-    classifier: str,
-    held_out: Iterable[tuple[str, str]],
-    k: Iterable[int],
-    votings: Iterable[VotingName],
-    dimensions: Iterable[int],
-    temperatures: Iterable[float],
-    apply_best: bool,
-    target_precision: float | None,
-    etag: str,
-) -> pb.EvaluateRequest:
-    return pb.EvaluateRequest(
-        classifier=classifier,
-        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out],
-        k_values=k,
-        voting_methods=[voting(v) for v in votings],
-        dimensions=dimensions,
-        temperatures=temperatures,
-        apply_best=apply_best,
-        target_precision=target_precision,
-        etag=etag,
-    )
-
-
-def check_exemplars(
-    classifier: str,
-    min_confidence: float | None,
-    min_duplicate_similarity: float | None,
-    min_label_exemplars: int | None,
-    max_items: int,
-) -> pb.CheckExemplarsRequest:
-    return pb.CheckExemplarsRequest(
-        classifier=classifier,
-        min_confidence=min_confidence,
-        min_duplicate_similarity=min_duplicate_similarity,
-        min_label_exemplars=min_label_exemplars,
-        max_items=max_items,
-    )
-
-
-def delete_exemplars(
-    classifier: str, ids: Sequence[str], label: str, etag: str
-) -> pb.DeleteExemplarsRequest:
-    """Ids or a label (a oneof: the request cannot carry both); the server refuses neither."""
-    if ids and label:
-        raise ValueError("give ids or a label to delete, not both")
-    request = pb.DeleteExemplarsRequest(classifier=classifier, etag=etag)
-    if ids:
-        request.ids.ids.extend(ids)
-    if label:
-        request.label = label
-    return request
 
 
 def update_classifier(
@@ -157,7 +123,7 @@ def update_classifier(
     min_similarity: float | None,
     min_confidence: float | None,
     dimension: int | None,
-) -> pb.UpdateClassifierRequest:
+) -> Call[pb.UpdateClassifierRequest, pb.Classifier]:
     """The update mask names exactly the fields given (not None)."""
     classifier = pb.Classifier(name=name, etag=etag)
     paths: list[str] = []
@@ -181,4 +147,151 @@ def update_classifier(
         paths.append("dimension")
     request = pb.UpdateClassifierRequest(classifier=classifier)
     request.update_mask.paths.extend(paths)
-    return request
+    return Call("UpdateClassifier", request, _response)
+
+
+def delete_classifier(name: str, etag: str) -> Call[pb.DeleteClassifierRequest, int]:
+    request = pb.DeleteClassifierRequest(name=name, etag=etag)
+    return Call("DeleteClassifier", request, lambda response: response.deleted_exemplars)
+
+
+def get_service_info() -> Call[pb.GetServiceInfoRequest, pb.ServiceInfo]:
+    return Call("GetServiceInfo", pb.GetServiceInfoRequest(), _response)
+
+
+def exemplar(item: ExemplarLike, metadata: Mapping[str, str] | None = None) -> pb.ExemplarInput:
+    if isinstance(item, pb.ExemplarInput):
+        return item
+    text, label = item
+    return pb.ExemplarInput(text=text, label=label, metadata=metadata)
+
+
+def add_exemplars(
+    classifier: str, items: Iterable[ExemplarLike], etag: str
+) -> Call[pb.AddExemplarsRequest, list[str]]:
+    request = pb.AddExemplarsRequest(
+        classifier=classifier, exemplars=[exemplar(i) for i in items], etag=etag
+    )
+    return Call("AddExemplars", request, lambda response: list(response.ids))
+
+
+def delete_exemplars(
+    classifier: str, ids: Sequence[str], label: str, etag: str
+) -> Call[pb.DeleteExemplarsRequest, int]:
+    """Ids or a label (a oneof: the request cannot carry both); the server refuses neither."""
+    if ids and label:
+        raise ValueError("give ids or a label to delete, not both")
+    request = pb.DeleteExemplarsRequest(classifier=classifier, etag=etag)
+    if ids:
+        request.ids.ids.extend(ids)
+    if label:
+        request.label = label
+    return Call("DeleteExemplars", request, lambda response: response.deleted)
+
+
+def list_exemplars(
+    classifier: str, page_size: int, page_token: str, label: str
+) -> Call[pb.ListExemplarsRequest, pb.ListExemplarsResponse]:
+    request = pb.ListExemplarsRequest(
+        classifier=classifier, page_size=page_size, page_token=page_token, label=label
+    )
+    return Call("ListExemplars", request, _response)
+
+
+def all_exemplars(classifier: str, label: str) -> Listing[pb.Exemplar]:
+    return Listing(
+        "ListExemplars",
+        lambda token: list_exemplars(classifier, 1000, token, label).request,
+        lambda response: response.exemplars,
+    )
+
+
+def list_labels(classifier: str) -> Listing[tuple[str, int]]:
+    return Listing(
+        "ListLabels",
+        lambda token: pb.ListLabelsRequest(classifier=classifier, page_size=1000, page_token=token),
+        lambda response: ((item.label, item.count) for item in response.labels),
+    )
+
+
+def classify_options(
+    k: int | None,
+    dimension: int | None,
+    voting_name: VotingName | None,
+    min_similarity: float | None,
+    min_confidence: float | None,
+    include_neighbours: bool,
+    temperature: float | None,
+) -> pb.ClassifyOptions:
+    return pb.ClassifyOptions(
+        k=k,
+        dimension=dimension,
+        voting=voting(voting_name),
+        min_similarity=min_similarity,
+        min_confidence=min_confidence,
+        include_neighbours=include_neighbours,
+        temperature=temperature,
+    )
+
+
+def classify(
+    classifier: str, text: str, options: pb.ClassifyOptions
+) -> Call[pb.ClassifyRequest, pb.Prediction]:
+    request = pb.ClassifyRequest(classifier=classifier, text=text, options=options)
+    return Call("Classify", request, lambda response: response.prediction)
+
+
+def classify_batch(
+    classifier: str, texts: Sequence[str], options: pb.ClassifyOptions
+) -> Call[pb.ClassifyBatchRequest, list[BatchResult]]:
+    request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
+    return Call("ClassifyBatch", request, _batch_results)
+
+
+def _batch_results(response: pb.ClassifyBatchResponse) -> list[BatchResult]:
+    return [
+        from_status(result.error) if result.HasField("error") else result.prediction
+        for result in response.results
+    ]
+
+
+def evaluate(
+    classifier: str,
+    held_out: Iterable[tuple[str, str]],
+    k: Iterable[int],
+    votings: Iterable[VotingName],
+    dimensions: Iterable[int],
+    temperatures: Iterable[float],
+    apply_best: bool,
+    target_precision: float | None,
+    etag: str,
+) -> Call[pb.EvaluateRequest, pb.EvaluateResponse]:
+    request = pb.EvaluateRequest(
+        classifier=classifier,
+        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out],
+        k_values=k,
+        voting_methods=[voting(v) for v in votings],
+        dimensions=dimensions,
+        temperatures=temperatures,
+        apply_best=apply_best,
+        target_precision=target_precision,
+        etag=etag,
+    )
+    return Call("Evaluate", request, _response)
+
+
+def check_exemplars(
+    classifier: str,
+    min_confidence: float | None,
+    min_duplicate_similarity: float | None,
+    min_label_exemplars: int | None,
+    max_items: int,
+) -> Call[pb.CheckExemplarsRequest, pb.CheckExemplarsResponse]:
+    request = pb.CheckExemplarsRequest(
+        classifier=classifier,
+        min_confidence=min_confidence,
+        min_duplicate_similarity=min_duplicate_similarity,
+        min_label_exemplars=min_label_exemplars,
+        max_items=max_items,
+    )
+    return Call("CheckExemplars", request, _response)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 # Before numpy loads OpenBLAS: its worker threads spin between calls, and on a small machine
-# they take a core from the event loop (measured: a spinning thread at 55-90 % of a core, and
-# Classify throughput up by 40-90 % without it). The service's matrix products are small.
+# they take a core from the event loop (docs/benchmarks.md). The service's matrix products are
+# small.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import asyncio

@@ -6,12 +6,11 @@ Platt fit as their prior, worth ``PRIOR_ANSWERS`` answers. Platt scaling maps th
 through a sigmoid whose two parameters have a Gaussian prior centred on the identity map.
 
 Why both: isotonic regression follows any monotone shape, but over a few dozen answers its
-blocks hold one to three answers and map shares to 0 or 1 (held-out ECE 7.5-18 % on waimai_10k
-at 5-20 exemplars per label); Platt fits few points, staying near the raw share when they are
-very few, but cannot follow the saturated shares of large classifiers (many answers at a share
-of 1.0; ECE 5.7 % on waimai_10k's full set, where isotonic gets 1.7 %). With the prior, large
-blocks keep their own accuracy and small ones lean on Platt (`make bench-ablations`,
-docs/accuracy.md). The map is stored as the points of a piecewise-linear function.
+blocks hold one to three answers and map shares to 0 or 1; Platt fits few points, staying near
+the raw share when they are very few, but cannot follow the saturated shares of large
+classifiers (many answers at a share of 1.0). With the prior, large blocks keep their own
+accuracy and small ones lean on Platt (measured by `make bench-ablations`, docs/accuracy.md).
+The map is stored as the points of a piecewise-linear function.
 """
 
 from __future__ import annotations
@@ -35,10 +34,10 @@ _EDGE = 1e-4
 """Shares are clipped to [_EDGE, 1 - _EDGE] before their logit is taken."""
 TEMPERATURE_PRIOR = 20.0
 """The prior's weight on (ln T - ln requested)^2 in :func:`fitted_temperature`, in nats: a
-Gaussian on ln T with standard deviation 0.16. 5 measured about the same (docs/accuracy.md)."""
+Gaussian on ln T with standard deviation 0.16 (the choice: docs/accuracy.md)."""
 _LOG_RANGE = 5.0
-"""Temperatures are fitted between the requested one times e^-5 and e^5 (1/148 to 148): the
-discriminant on the full waimai_10k (9,589 exemplars, 2 labels) fits 0.00047 from 0.01."""
+"""Temperatures are fitted between the requested one times e^-5 and e^5 (1/148 to 148): large
+classifiers' label models fit temperatures far below the requested one (docs/accuracy.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +150,10 @@ def fitted_temperature(scores: Array, truth: npt.NDArray[np.intp], requested: fl
     ``truth[i]``): the posterior mode under a Gaussian prior on ln T around ``requested``.
 
     For label models the temperature changes no answer, only the shares that calibration starts
-    from, and the calibration's Platt prior assumes those shares are roughly right. A requested
-    0.01 left the discriminant's shares on banking77 at 5 per label 40 points off (ECE), which the
-    calibration could not fully undo (5.0 %); fitted, 3.7 %. With 10-20 answers (waimai_10k at
-    5-10 per label) the prior keeps it near the requested one, where a free fit went too sharp.
+    from, and the calibration's Platt prior assumes those shares are roughly right; at the
+    requested temperature they can be far off, more than the calibration undoes. With few
+    answers the prior keeps it near the requested one, where a free fit goes too sharp
+    (docs/accuracy.md).
     Rows whose label has no score (-inf: left out of their only exemplar's label) are skipped.
     """
     rows = np.arange(len(truth))

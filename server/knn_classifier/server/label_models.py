@@ -10,18 +10,17 @@ that would otherwise contain it.
 - **Discriminant** (linear discriminant analysis with equal label priors): the labels' means
   compared in a space whitened by the exemplars' pooled within-label covariance, shrunk towards
   the identity. Directions along which a label's own exemplars vary count less than directions
-  that separate labels; with 5-10 exemplars per label this beat centroids by 5 points and
-  logistic regression by 1-3 on banking77 (docs/accuracy.md).
+  that separate labels, which makes it the more accurate of the two when a label's few
+  exemplars vary along directions that do not matter (docs/accuracy.md).
 
 Both are **debiased for the label's exemplar count**. A mean of n noisy exemplars is longer than
 the label's true mean: its squared length (Euclidean for the centroid, in C^-1 for the
 discriminant) is too large by the noise's (pooled) variance over n. Left alone, that scores a
 label with fewer exemplars lower for having fewer: a label just added with 3 exemplars beside
 labels with 50, and above all leave-one-out, where the exemplar's own label always has one fewer
-than it will when serving. Leave-one-out accuracy was 71 % against 81 % on the test set for
-centroids on waimai_10k at 5 per label and 69 % against 76 % for the discriminant on banking77
-(78 % and 74 % debiased), which misled both the choice of method and the calibration fitted
-from it. Subtracting the excess makes the scores estimates of what the label's true mean gives.
+than it will when serving. That made leave-one-out underrate label models, misleading both the
+choice of method and the calibration fitted from it (docs/accuracy.md). Subtracting the excess
+makes the scores estimates of what the label's true mean gives.
 """
 
 from __future__ import annotations
@@ -41,9 +40,9 @@ CHECKPOINT_ROWS = 256
 """Leave-one-out rows between checkpoints: about a second at 2,560 dimensions."""
 NOISE_ROWS = 2_000
 """At most this many exemplars measure the discriminant's noise (:func:`discriminant_noise`):
-each costs a product with the scatter's basis (a quarter of the fit at 10,000 x 2,560 when all were
-measured). On the full banking77 and waimai_10k the sample's mean was 0.9 and 1.5 % below all
-exemplars', where the noise / n it corrects by is itself about 1e-5 of a score."""
+each costs a product with the scatter's basis, a large part of the fit when all are measured,
+and a sample estimates the noise closely enough for a correction (noise / n) that is itself tiny
+next to a score (docs/accuracy.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,10 +289,9 @@ def shrinkage(dimension: int, freedom: int) -> float:
     """The identity's weight in the discriminant's covariance: d / (d + n - L).
 
     The posterior mean under an inverse-Wishart prior centred on the identity and worth d
-    observations: with few exemplars for the dimension (waimai_10k's 2 labels at 5-20 per
-    label: 0.91-0.98) it stays near the centroid method, with many it follows the data (0.04 on
-    the full data sets). A fixed 0.5 scores within 0.3 points of it on banking77 at 5-20 per
-    label, but 0.7-2.7 points lower on waimai_10k and on the full sets (`make bench-ablations`).
+    observations: with few exemplars for the dimension it stays near the centroid method, with
+    many it follows the data. A fixed weight does as well on some data sets and worse on others
+    (`make bench-ablations`, docs/accuracy.md).
     """
     return dimension / (dimension + freedom)
 

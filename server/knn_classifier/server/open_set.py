@@ -17,10 +17,9 @@ Two scores, each higher for texts more like the classifier's labels, and their c
   paraphrases needs a closer match than a label of varied wordings: one global threshold on the
   similarity is unfair to either.
 - **Combined** (:class:`Combination`): each score turned into its p-value among the exemplars'
-  leave-one-out scores, the two p-values' logarithms summed (Fisher's method). On held-out
-  intents and foreign data sets neither score wins everywhere (the similarity on banking77's
-  held-out intents, relative Mahalanobis on HWU64's); the combination was never clearly below
-  the better one's out-of-scope recall (docs/accuracy.md).
+  leave-one-out scores, the two p-values' logarithms summed (Fisher's method): on held-out
+  intents and foreign data sets neither score wins everywhere, and the combination keeps close
+  to the better one (docs/accuracy.md has the measurements).
 
 The threshold for a coverage target ("keep X % of in-scope texts") is a quantile of the
 combined scores of the exemplars left out one at a time (:func:`leave_one_out`).

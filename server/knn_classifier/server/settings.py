@@ -9,10 +9,12 @@ from __future__ import annotations
 import ipaddress
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .voting import Voting
 
 QWEN3_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
 
@@ -59,8 +61,9 @@ class EmbeddingSettings(BaseModel):
         3,
         ge=0,
         le=10,
-        description="Retries of a call answered 429 or 503 or not reached, with backoff; a call "
-        "that timed out is never sent again (it still runs on the embedding server).",
+        description="Retries of a call answered 429 or 503, or not reached, with backoff and "
+        "jitter, within the caller's deadline; a call that timed out is never sent again (it "
+        "still runs on the embedding server).",
     )
     cache_entries: int = Field(
         10_000,
@@ -245,7 +248,20 @@ class TlsSettings(BaseModel):
 
 
 class LimitSettings(BaseModel):
-    """Bounds on requests; anything over them is refused with INVALID_ARGUMENT."""
+    """Every bound on requests: the fields are configurable, the class variables fixed.
+
+    A request over a bound is refused with INVALID_ARGUMENT; over the bounds on load and
+    capacity (max_queued_texts, max_concurrent_rpcs, max_exemplars_per_classifier,
+    max_request_bytes, max_response_bytes) with RESOURCE_EXHAUSTED, as their descriptions say.
+    """
+
+    max_label_chars: ClassVar[int] = 256
+    max_id_chars: ClassVar[int] = 128
+    max_instruction_chars: ClassVar[int] = 2048
+    max_metadata_entries: ClassVar[int] = 32
+    max_metadata_chars: ClassVar[int] = 1024
+    """Characters of one metadata key or value."""
+    max_temperature: ClassVar[float] = 10.0
 
     max_text_chars: int = Field(8192, ge=1, description="Characters per text.")
     max_batch_size: int = Field(
@@ -274,7 +290,7 @@ class LimitSettings(BaseModel):
         8192, ge=1, description="Texts waiting for an embedding call; more: RESOURCE_EXHAUSTED."
     )
     max_exemplars_per_classifier: int = Field(
-        1_000_000, ge=1, description="Exemplars one classifier may hold."
+        1_000_000, ge=1, description="Exemplars one classifier may hold; more: RESOURCE_EXHAUSTED."
     )
     max_concurrent_rpcs: int = Field(
         1000, ge=1, description="Calls served at once; more get RESOURCE_EXHAUSTED."
@@ -284,15 +300,15 @@ class LimitSettings(BaseModel):
         ge=1024,
         le=2**31 - 1,
         description="Largest request message received (a full AddExemplars batch of long texts "
-        "needs more than 4 MiB). Also the hard cap on any response.",
+        "needs more than 4 MiB); larger: RESOURCE_EXHAUSTED. Also the hard cap on any response.",
     )
     max_response_bytes: int = Field(
         4 * 1024 * 1024 - 64 * 1024,
         ge=1024,
         le=2**31 - 1,
         description="List and batch responses stay under this size: a page holds fewer items, "
-        "a ClassifyBatch or Classify that cannot fit is refused. Below the 4 MiB that stock "
-        "gRPC clients accept.",
+        "a ClassifyBatch or Classify that cannot fit is refused with RESOURCE_EXHAUSTED. Below "
+        "the 4 MiB that stock gRPC clients accept.",
     )
 
 
@@ -304,15 +320,11 @@ class ClassifierDefaults(BaseModel):
         description="Instruction given to the model with every text.",
     )
     k: int = Field(10, ge=1, description="Neighbours that vote.")
-    voting: str = Field(
-        "similarity_weighted",
-        pattern="^(majority|similarity_weighted|softmax|centroid|discriminant)$",
-        description="majority, similarity_weighted, softmax, centroid or discriminant.",
-    )
+    voting: Voting = Field(Voting.SIMILARITY_WEIGHTED, description=f"One of {', '.join(Voting)}.")
     temperature: float = Field(
         0.05,
         gt=0,
-        le=10,
+        le=LimitSettings.max_temperature,
         description="Softmax, centroid and discriminant voting's temperature (score scale).",
     )
     min_similarity: float = Field(

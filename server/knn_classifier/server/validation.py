@@ -15,11 +15,13 @@ from .errors import InvalidArgument, Reason
 from .settings import LimitSettings
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_LABEL_CHARS = 256
-MAX_ID_CHARS = 128
-MAX_INSTRUCTION_CHARS = 2048
-MAX_METADATA_ENTRIES = 32
-MAX_METADATA_CHARS = 1024
+# The fixed limits, by short names; their home is LimitSettings beside the configurable ones.
+MAX_LABEL_CHARS = LimitSettings.max_label_chars
+MAX_ID_CHARS = LimitSettings.max_id_chars
+MAX_INSTRUCTION_CHARS = LimitSettings.max_instruction_chars
+MAX_METADATA_ENTRIES = LimitSettings.max_metadata_entries
+MAX_METADATA_CHARS = LimitSettings.max_metadata_chars
+MAX_TEMPERATURE = LimitSettings.max_temperature
 
 
 def classifier_name(name: str, what: str = "classifier") -> str:
@@ -154,9 +156,6 @@ def fraction(value: float, name: str, low: float, high: float) -> float:
             f"{name}={value} is out of range; use {low:g} to {high:g}", name, low, high
         )
     return value
-
-
-MAX_TEMPERATURE = 10.0
 
 
 def temperature(value: float, what: str = "temperature") -> float:

@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import get_args
 
 from .._client import Client
 from .._errors import KnnClassifierError
-from .._requests import VotingName
+from .._requests import VOTING_NAMES
 from . import _commands, _connect
 from ._errors import CliError
 
 Command = Callable[[argparse.Namespace, Client], int]
-VOTINGS = list(get_args(VotingName))
+VOTINGS = list(VOTING_NAMES)
 
 
 def _list_of(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
