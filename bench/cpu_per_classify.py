@@ -59,7 +59,7 @@ def child_running(module: str) -> int:
 
 
 async def cpu_ms_per_call(
-    stub: pb_grpc.ClassifierServiceStub, pid: int, tag: str, seconds: float
+    stub: pb_grpc.ClassifierServiceAsyncStub, pid: int, tag: str, seconds: float
 ) -> float:
     before = cpu_s(pid)
     run = await closed_loop(

@@ -49,6 +49,7 @@ from knn_classifier.server import evaluation
 from knn_classifier.server.evaluation import Exemplars, Setting
 from knn_classifier.server.settings import ClassifierDefaults
 from knn_classifier.server.store import EdgeStore
+from knn_classifier.server.store.schema import exemplar_payload
 from knn_classifier.server.voting import Voting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,14 +376,9 @@ async def scale_write(store_kind: str, size: int, widths: list[int], directory: 
         count = min(1000, size - start)
         ids = [str(uuid.uuid4()) for _ in range(count)]
         payloads = [
-            {
-                "classifier": "c",
-                "id": i,
-                "label": f"l{(start + n) % LABELS}",
-                "text": f"exemplar number {start + n} of the scale benchmark",
-                "metadata": {},
-                "created_at": 1.0e9,
-            }
+            exemplar_payload(
+                "c", i, f"l{(start + n) % LABELS}", f"exemplar number {start + n}", {}, 1.0e9
+            )
             for n, i in enumerate(ids)
         ]
         for width in widths:
@@ -392,7 +388,7 @@ async def scale_write(store_kind: str, size: int, widths: list[int], directory: 
             else:
                 shard = shards(directory, widths, store_kind)[width]
                 points = [
-                    qe.Point(start + n, row, payload)
+                    qe.Point(start + n, row, dict(payload))
                     for n, (row, payload) in enumerate(zip(vectors.tolist(), payloads, strict=True))
                 ]
                 shard.update(qe.UpdateOperation.upsert_points(points))

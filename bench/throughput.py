@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import free_port, serving
 from knn_classifier.server.store.edge import EdgeStore
+from knn_classifier.server.store.schema import read_payload
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -444,7 +445,9 @@ async def store_upsert_rate(dimensions: list[int], count: int) -> float:
             rows = vectors[start : start + ADD_BATCH]
             ids = [str(uuid.uuid4()) for _ in rows]
             payloads = [
-                {"classifier": "c0", "id": i, "label": "l", "text": f"{start + n} {WORDS[n]}"}
+                read_payload(
+                    {"classifier": "c0", "id": i, "label": "l", "text": f"{start + n} {WORDS[n]}"}
+                )
                 for n, i in enumerate(ids)
             ]
             for dimension in dimensions:

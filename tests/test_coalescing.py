@@ -23,6 +23,7 @@ from knn_classifier.server import deadlines
 from knn_classifier.server.coalescing import Coalescer, QueryBatcher
 from knn_classifier.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from knn_classifier.server.store import EdgeStore
+from knn_classifier.server.store.schema import read_payload
 
 from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
@@ -425,7 +426,9 @@ async def test_queries_made_together_become_one_store_query_cut_to_each_k(tmp_pa
 
     try:
         points = [str(uuid.uuid4()) for _ in range(3)]
-        payloads = [{"classifier": "c", "id": p, "label": "l", "text": p} for p in points]
+        payloads = [
+            read_payload({"classifier": "c", "id": p, "label": "l", "text": p}) for p in points
+        ]
         await store.upsert(2, points, np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32), payloads)
         store.query = counting  # type: ignore[method-assign]
         batcher = QueryBatcher(store)

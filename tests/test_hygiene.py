@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def exemplars() -> list[tuple[str, str]]:
 
 def reference(
     items: list[tuple[str, str]], ids: list[str], min_confidence: float, min_similarity: float
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The report by brute force: every pair's cosine, every exemplar's k nearest others by
     sorting, a majority vote counted by hand (ties to the most similar best neighbour, then the
     smaller label, as Classify breaks them)."""
@@ -279,4 +280,4 @@ def test_bad_requests(client: Client) -> None:
         ({"max_items": -2}, "max_items"),
     ):
         with pytest.raises(InvalidArgumentError, match=field):
-            client.check_exemplars("c", **bad)  # type: ignore[arg-type]
+            client.check_exemplars("c", **bad)

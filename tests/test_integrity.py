@@ -33,6 +33,7 @@ from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import EdgeStore, Record, Selection, Store
 from knn_classifier.server.store.base import Matrix, Payload
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.server.store.schema import ExemplarPayload
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -208,7 +209,11 @@ class PausingQdrantStore(QdrantServerStore):
         self.holding = asyncio.Event()
 
     async def upsert(
-        self, dimension: int, ids: Sequence[str], vectors: Matrix, payloads: Sequence[Payload]
+        self,
+        dimension: int,
+        ids: Sequence[str],
+        vectors: Matrix,
+        payloads: Sequence[ExemplarPayload],
     ) -> None:
         if not self.hold.is_set():
             self.holding.set()

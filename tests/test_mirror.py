@@ -11,7 +11,7 @@ import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.mirror import Mirror
-from knn_classifier.server.store.schema import exemplar_payload
+from knn_classifier.server.store.schema import exemplar_payload, read_payload
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -63,7 +63,11 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
 def test_k_larger_than_the_classifier_and_an_empty_copy() -> None:
     mirror = Mirror(2)
     assert mirror.query(np.array([[1.0, 0.0]], dtype=np.float32), 3) == [[]]
-    mirror.upsert(["p", "q"], np.array([[1, 0], [0, 1]], dtype=np.float32), [{}, {}])
+    mirror.upsert(
+        ["p", "q"],
+        np.array([[1, 0], [0, 1]], dtype=np.float32),
+        [read_payload({}), read_payload({})],
+    )
     hits = mirror.query(np.array([[1.0, 0.2]], dtype=np.float32), 10)[0]
     assert [h.id for h in hits] == ["p", "q"]
     assert hits[0].score > hits[1].score
@@ -74,7 +78,10 @@ async def test_a_restarted_store_answers_from_what_it_wrote(tmp_path: Path) -> N
     await store.open([4])
     point_ids = [str(uuid.uuid4()) for _ in range(3)]
     vectors = np.eye(4, dtype=np.float32)[:3]
-    payloads = [{"classifier": "c", "id": str(i), "label": "x", "text": f"t{i}"} for i in range(3)]
+    payloads = [
+        read_payload({"classifier": "c", "id": str(i), "label": "x", "text": f"t{i}"})
+        for i in range(3)
+    ]
     await store.upsert(4, point_ids, vectors, payloads)
     assert len((await store.query(4, "c", vectors[:1], 10))[0]) == 3  # loads the copy
     await store.delete(4, Selection("c", ids=point_ids[:1]))

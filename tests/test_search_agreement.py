@@ -21,6 +21,7 @@ from qdrant_client import AsyncQdrantClient, models
 from knn_classifier.server import evaluation
 from knn_classifier.server.store import EdgeStore, Store
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.server.store.schema import read_payload
 
 DIMENSION = 16
 K = 10
@@ -70,7 +71,7 @@ async def test_classify_searches_the_neighbours_evaluate_computes(
     rng = np.random.default_rng(12)
     ids = [str(uuid.uuid4()) for _ in range(300)]
     payloads = [
-        {"classifier": "c", "id": i, "label": f"l{n % 7}", "text": f"t{n}"}
+        read_payload({"classifier": "c", "id": i, "label": f"l{n % 7}", "text": f"t{n}"})
         for n, i in enumerate(ids)
     ]
     await opened.upsert(DIMENSION, ids, unit_rows(rng, 300), payloads)
@@ -79,7 +80,7 @@ async def test_classify_searches_the_neighbours_evaluate_computes(
         DIMENSION,
         other,
         unit_rows(rng, 50),
-        [{"classifier": "d", "id": i, "label": "l", "text": "o"} for i in other],
+        [read_payload({"classifier": "d", "id": i, "label": "l", "text": "o"}) for i in other],
     )
     queries = unit_rows(rng, 40)
 

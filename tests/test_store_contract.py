@@ -15,7 +15,7 @@ from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.server.store import EdgeStore, Selection, Store
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
-from knn_classifier.server.store.schema import exemplar_payload
+from knn_classifier.server.store.schema import ExemplarPayload, exemplar_payload, read_payload
 
 DIMENSIONS = [4, 8]
 
@@ -27,8 +27,8 @@ def unit_rows(rows: list[list[float]], dimension: int) -> np.ndarray:
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
-def payload(classifier: str, label: str, text: str) -> dict[str, object]:
-    return {"classifier": classifier, "label": label, "text": text, "id": text}
+def payload(classifier: str, label: str, text: str) -> ExemplarPayload:
+    return read_payload({"classifier": classifier, "label": label, "text": text, "id": text})
 
 
 def ids(n: int) -> list[str]:
@@ -156,7 +156,7 @@ async def test_scroll_pages_through_everything_once(store: Store) -> None:
         seen.extend(r.payload["text"] for r in page)
         if offset is None:
             break
-    assert sorted(seen) == sorted(p["text"] for p in payloads)  # type: ignore[type-var]
+    assert sorted(seen) == sorted(p["text"] for p in payloads)
     page, _ = await store.scroll(4, Selection("a", label="nope"), 10, None)
     assert page == []
 

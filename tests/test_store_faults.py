@@ -35,6 +35,7 @@ from knn_classifier.client import (
 from knn_classifier.server.coalescing import QueryBatcher
 from knn_classifier.server.errors import ResourceExhausted, StartupError
 from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.schema import read_payload
 
 from .conftest import ServerThread, make_settings, wait_for
 from .fake_embedder import FakeEmbeddingServer
@@ -286,7 +287,9 @@ def make_store(data_dir: Path) -> None:
         await store.open([16, 64])
         for dimension in (16, 64):
             ids = [str(uuid.uuid4()) for _ in range(3)]
-            payloads = [{"classifier": "c", "label": "l", "text": i, "id": i} for i in ids]
+            payloads = [
+                read_payload({"classifier": "c", "label": "l", "text": i, "id": i}) for i in ids
+            ]
             vectors = np.eye(3, dimension, dtype=np.float32)
             await store.upsert(dimension, ids, vectors, payloads)
         await store.close()
@@ -380,7 +383,7 @@ async def test_within_the_reserve_additions_are_refused_and_deletions_go_on(
     opens (half is free), refuses additions and still deletes and writes records, so a refused
     write can be rolled back and a delete finished; set to 3 times, it does not open."""
     point = [str(uuid.uuid4())]
-    payload = [{"classifier": "c", "label": "l", "text": "t", "id": "t"}]
+    payload = [read_payload({"classifier": "c", "label": "l", "text": "t", "id": "t"})]
     vector = np.array([[1, 0]], np.float32)
     store = EdgeStore(tmp_path)
     await store.open([2])
