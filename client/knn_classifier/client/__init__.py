@@ -34,16 +34,19 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from ._results import AddedExemplars, DeletedExemplars
 from ._retry import RetryPolicy
 
 __all__ = [
     "AbortedError",
+    "AddedExemplars",
     "AlreadyExistsError",
     "AsyncClient",
     "BatchResult",
     "Classifier",
     "Client",
     "DeadlineExceededError",
+    "DeletedExemplars",
     "Exemplar",
     "ExemplarInput",
     "FailedPreconditionError",

@@ -23,6 +23,7 @@ from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import _requests as build
 from ._errors import AlreadyExistsError, KnnClassifierError, from_rpc_error, from_status
 from ._existing import matching
+from ._results import AddedExemplars, DeletedExemplars
 from ._requests import ExemplarLike, VotingName
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
@@ -199,10 +200,12 @@ class Client:
         *,
         etag: str = "",
         timeout: float | None = None,
-    ) -> list[str]:
-        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
+    ) -> AddedExemplars:
+        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids (a list
+        whose ``etag`` is the classifier's after the write)."""
         request = build.add_exemplars(classifier, exemplars, etag)
-        return list(self._call(self._stub.AddExemplars, request, timeout).ids)
+        response = self._call(self._stub.AddExemplars, request, timeout)
+        return AddedExemplars(response.ids, response.etag)
 
     def delete_exemplars(
         self,
@@ -212,9 +215,12 @@ class Client:
         label: str = "",
         etag: str = "",
         timeout: float | None = None,
-    ) -> int:
+    ) -> DeletedExemplars:
+        """Deletes by ids or by label; returns how many (an int whose ``etag`` is the
+        classifier's after the delete)."""
         request = build.delete_exemplars(classifier, ids, label, etag)
-        return self._call(self._stub.DeleteExemplars, request, timeout).deleted
+        response = self._call(self._stub.DeleteExemplars, request, timeout)
+        return DeletedExemplars(response.deleted, response.etag)
 
     def list_exemplars(
         self,
@@ -475,10 +481,12 @@ class AsyncClient:
         *,
         etag: str = "",
         timeout: float | None = None,
-    ) -> list[str]:
-        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
+    ) -> AddedExemplars:
+        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids (a list
+        whose ``etag`` is the classifier's after the write)."""
         request = build.add_exemplars(classifier, exemplars, etag)
-        return list((await self._call(self._stub.AddExemplars, request, timeout)).ids)
+        response = await self._call(self._stub.AddExemplars, request, timeout)
+        return AddedExemplars(response.ids, response.etag)
 
     async def delete_exemplars(
         self,
@@ -488,9 +496,12 @@ class AsyncClient:
         label: str = "",
         etag: str = "",
         timeout: float | None = None,
-    ) -> int:
+    ) -> DeletedExemplars:
+        """Deletes by ids or by label; returns how many (an int whose ``etag`` is the
+        classifier's after the delete)."""
         request = build.delete_exemplars(classifier, ids, label, etag)
-        return (await self._call(self._stub.DeleteExemplars, request, timeout)).deleted
+        response = await self._call(self._stub.DeleteExemplars, request, timeout)
+        return DeletedExemplars(response.deleted, response.etag)
 
     async def list_exemplars(
         self,
