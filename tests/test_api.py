@@ -237,7 +237,8 @@ def test_exemplar_writes_return_the_etag_after_them(client: Client) -> None:
     etag the server answered, so conditional writes chain without re-reading."""
     created = client.create_classifier("c")
     added = client.add_exemplars("c", EXEMPLARS, etag=created.etag)
-    assert len(added) == len(EXEMPLARS) and isinstance(added, list)
+    assert len(added) == len(EXEMPLARS)
+    assert isinstance(added, list)
     assert added.etag not in ("", created.etag)
     assert added.etag == client.get_classifier("c").etag
     deleted = client.delete_exemplars("c", label="top_up", etag=added.etag)

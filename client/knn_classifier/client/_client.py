@@ -23,8 +23,8 @@ from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import _requests as build
 from ._errors import AlreadyExistsError, KnnClassifierError, from_rpc_error, from_status
 from ._existing import matching
-from ._results import AddedExemplars, DeletedExemplars
 from ._requests import ExemplarLike, VotingName
+from ._results import AddedExemplars, DeletedExemplars
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
