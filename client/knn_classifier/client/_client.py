@@ -132,6 +132,9 @@ class Client:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         temperature: float | None = None,
+        dimension: int | None = None,
+        calibration: pb.Calibration | None = None,
+        embedder_fingerprint: str = "",
         exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
@@ -139,10 +142,14 @@ class Client:
 
         With ``exist_ok``, a classifier of that name that has every setting given here is
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
+        ``calibration`` restores an exported ``Classifier.calibration``, with the
+        ``embedder_fingerprint`` of the server it came from and the ``dimension`` it was fitted
+        at (the server refuses it for another embedder).
         """
         request = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
+        build.restoring(request, dimension, calibration, embedder_fingerprint)
         try:
             return self._call(self._stub.CreateClassifier, request, timeout)
         except AlreadyExistsError:
@@ -199,11 +206,15 @@ class Client:
         exemplars: Iterable[ExemplarLike],
         *,
         etag: str = "",
+        embedder_fingerprint: str = "",
         timeout: float | None = None,
     ) -> AddedExemplars:
         """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids (a list
-        whose ``etag`` is the classifier's after the write)."""
+        whose ``etag`` is the classifier's after the write). Messages may carry the vectors
+        listed with ``with_vectors`` on a server of the same embedder, whose
+        ``embedder_fingerprint`` is then required: they are stored without embedding."""
         request = build.add_exemplars(classifier, exemplars, etag)
+        request.embedder_fingerprint = embedder_fingerprint
         response = self._call(self._stub.AddExemplars, request, timeout)
         return AddedExemplars(response.ids, response.etag)
 
@@ -229,12 +240,16 @@ class Client:
         page_size: int = 0,
         page_token: str = "",
         label: str = "",
+        with_vectors: bool = False,
+        vector_dimensions: Sequence[int] = (),
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
-        would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
-        request = pb.ListExemplarsRequest(
-            classifier=classifier, page_size=page_size, page_token=page_token, label=label
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next.
+        ``with_vectors``: each exemplar with its stored vectors of ``vector_dimensions`` (empty:
+        every dimension the server keeps), and the response with the embedder's fingerprint."""
+        request = build.list_exemplars(
+            classifier, page_size, page_token, label, with_vectors, vector_dimensions
         )
         return self._call(self._stub.ListExemplars, request, timeout)
 
@@ -409,6 +424,9 @@ class AsyncClient:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         temperature: float | None = None,
+        dimension: int | None = None,
+        calibration: pb.Calibration | None = None,
+        embedder_fingerprint: str = "",
         exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
@@ -416,10 +434,14 @@ class AsyncClient:
 
         With ``exist_ok``, a classifier of that name that has every setting given here is
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
+        ``calibration`` restores an exported ``Classifier.calibration``, with the
+        ``embedder_fingerprint`` of the server it came from and the ``dimension`` it was fitted
+        at (the server refuses it for another embedder).
         """
         request = build.create_classifier(
             name, instruction, k, voting, min_similarity, min_confidence, temperature
         )
+        build.restoring(request, dimension, calibration, embedder_fingerprint)
         try:
             return await self._call(self._stub.CreateClassifier, request, timeout)
         except AlreadyExistsError:
@@ -480,11 +502,15 @@ class AsyncClient:
         exemplars: Iterable[ExemplarLike],
         *,
         etag: str = "",
+        embedder_fingerprint: str = "",
         timeout: float | None = None,
     ) -> AddedExemplars:
         """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids (a list
-        whose ``etag`` is the classifier's after the write)."""
+        whose ``etag`` is the classifier's after the write). Messages may carry the vectors
+        listed with ``with_vectors`` on a server of the same embedder, whose
+        ``embedder_fingerprint`` is then required: they are stored without embedding."""
         request = build.add_exemplars(classifier, exemplars, etag)
+        request.embedder_fingerprint = embedder_fingerprint
         response = await self._call(self._stub.AddExemplars, request, timeout)
         return AddedExemplars(response.ids, response.etag)
 
@@ -510,12 +536,16 @@ class AsyncClient:
         page_size: int = 0,
         page_token: str = "",
         label: str = "",
+        with_vectors: bool = False,
+        vector_dimensions: Sequence[int] = (),
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
-        would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
-        request = pb.ListExemplarsRequest(
-            classifier=classifier, page_size=page_size, page_token=page_token, label=label
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next.
+        ``with_vectors``: each exemplar with its stored vectors of ``vector_dimensions`` (empty:
+        every dimension the server keeps), and the response with the embedder's fingerprint."""
+        request = build.list_exemplars(
+            classifier, page_size, page_token, label, with_vectors, vector_dimensions
         )
         return await self._call(self._stub.ListExemplars, request, timeout)
 

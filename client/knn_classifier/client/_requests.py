@@ -59,6 +59,38 @@ def create_classifier(
     )
 
 
+def restoring(
+    request: pb.CreateClassifierRequest,
+    dimension: int | None,
+    calibration: pb.Calibration | None,
+    embedder_fingerprint: str,
+) -> None:
+    """Sets CreateClassifier's fields that restore an exported classifier."""
+    if dimension is not None:
+        request.dimension = dimension
+    if calibration is not None:
+        request.calibration.CopyFrom(calibration)
+    request.embedder_fingerprint = embedder_fingerprint
+
+
+def list_exemplars(
+    classifier: str,
+    page_size: int,
+    page_token: str,
+    label: str,
+    with_vectors: bool,
+    vector_dimensions: Sequence[int],
+) -> pb.ListExemplarsRequest:
+    return pb.ListExemplarsRequest(
+        classifier=classifier,
+        page_size=page_size,
+        page_token=page_token,
+        label=label,
+        view=pb.EXEMPLAR_VIEW_WITH_VECTORS if with_vectors else pb.EXEMPLAR_VIEW_UNSPECIFIED,
+        vector_dimensions=vector_dimensions,
+    )
+
+
 def exemplar(item: ExemplarLike, metadata: Mapping[str, str] | None = None) -> pb.ExemplarInput:
     if isinstance(item, pb.ExemplarInput):
         return item
