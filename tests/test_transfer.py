@@ -254,3 +254,20 @@ def test_list_exemplars_refuses_vector_dimensions_without_the_view(
             response_deserializer=pb.ListExemplarsResponse.FromString,
         )(request)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_version_1_export_still_plans_a_restore_and_says_what_it_lacks() -> None:
+    from knn_classifier.client.cli._archive import plan_restore
+
+    info = pb.ServiceInfo(dimensions=[16, 64], embedder=pb.Embedder(fingerprint="f"))
+    head = {
+        "format": "knn-classifier-export",
+        "version": 1,
+        "classifier": {"instruction": "Sort it", "k": 3, "voting": "softmax", "dimension": 16,
+                       "calibrated": True},
+    }  # fmt: skip
+    restore = plan_restore(head, "copy", info)
+    assert restore.settings["dimension"] == 16
+    assert "calibration" not in restore.settings
+    assert not restore.vectors_fingerprint
+    assert any("not in this export (version 1)" in note for note in restore.notes)

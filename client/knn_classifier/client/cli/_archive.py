@@ -187,12 +187,15 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
         )
         create["embedder_fingerprint"] = fingerprint
     elif settings.get("calibrated"):
-        why = "another embedder" if not same else "another dimension"
+        if not calibration:
+            why = "is not in this export (version 1)"
+        else:
+            why = f"was fitted for another {'dimension' if same else 'embedder'} than this server's"
         notes.append(
-            f"its confidence calibration was fitted for {why} than this server's, so it is "
-            f"not restored: run `knn-classifier evaluate {name} --apply-best` (with the sweep "
-            "that tuned it) to fit it here; until then confidence, and min_confidence with it, "
-            "is the raw share of the vote"
+            f"its confidence calibration {why}, so it is not restored: run "
+            f"`knn-classifier evaluate {name} --apply-best` (with the sweep that tuned it) to fit "
+            "it here; until then confidence, and min_confidence with it, is the raw share of "
+            "the vote"
         )
     exported = head.get("vector_dimensions") or []
     usable = same and bool(exported) and max(exported) >= max(kept)
