@@ -233,6 +233,35 @@ async def test_async_client(server: ServerThread) -> None:
             await client.get_classifier("missing")
 
 
+def test_exemplar_writes_return_the_etag_after_them(client: Client) -> None:
+    """add_exemplars and delete_exemplars keep returning the ids and the count, and carry the
+    etag the server answered, so conditional writes chain without re-reading."""
+    created = client.create_classifier("c")
+    added = client.add_exemplars("c", EXEMPLARS, etag=created.etag)
+    assert len(added) == len(EXEMPLARS)
+    assert isinstance(added, list)
+    assert added.etag not in ("", created.etag)
+    assert added.etag == client.get_classifier("c").etag
+    deleted = client.delete_exemplars("c", label="top_up", etag=added.etag)
+    assert deleted == 3
+    assert deleted.etag not in ("", added.etag)
+    assert deleted.etag == client.get_classifier("c").etag
+    client.add_exemplars("c", [("top up please", "top_up")], etag=deleted.etag)
+
+
+async def test_async_exemplar_writes_return_the_etag_after_them(server: ServerThread) -> None:
+    from knn_classifier.client import AsyncClient
+
+    async with AsyncClient(server.address) as client:
+        created = await client.create_classifier("c")
+        added = await client.add_exemplars("c", EXEMPLARS, etag=created.etag)
+        assert len(added) == len(EXEMPLARS)
+        assert added.etag == (await client.get_classifier("c")).etag != created.etag
+        deleted = await client.delete_exemplars("c", label="top_up", etag=added.etag)
+        assert deleted == 3
+        assert deleted.etag == (await client.get_classifier("c")).etag != added.etag
+
+
 # Bad input: each gets its status, writes nothing, and the server stays SERVING ------------------
 
 BAD_INPUTS = [

@@ -241,7 +241,7 @@ def test_export_then_import_into_another_classifier(
         ok(run(server, "export", "source", "-o", str(export), "--page-size", "3"))
         header = json.loads(export.read_text().splitlines()[0])
         assert header["format"] == "knn-classifier-export"
-        assert header["version"] == 1
+        assert header["version"] == 2
         settings = header["classifier"]
         assert (settings["k"], settings["voting"], settings["temperature"]) == (3, "softmax", 0.03)
         assert (settings["min_similarity"], settings["instruction"]) == (0.1, "Sort it")
@@ -267,8 +267,10 @@ def test_export_then_import_into_another_classifier(
 
 
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
-    server: ServerThread, tmp_path: Path
+    server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:
+    """Into a server of another embedder the calibration cannot hold: the import says how to
+    fit it there (tests/test_transfer.py: into the same embedder it is restored)."""
     with server.client() as client:
         client.create_classifier("tuned")
         client.add_exemplars(
@@ -280,7 +282,12 @@ def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     assert "calibrated=True" in out
     export = tmp_path / "tuned.jsonl"
     ok(run(server, "export", "tuned", "-o", str(export)))
-    result = run(server, "import", "restored", str(export))
+    settings = make_settings(tmp_path / "other", fake_embedder.base_url, embedding={"model": "v2"})
+    other = ServerThread(settings).start()
+    try:
+        result = run(other, "import", "restored", str(export))
+    finally:
+        other.stop()
     ok(result)
     assert "run `knn-classifier evaluate restored --apply-best`" in result.stderr
 

@@ -205,6 +205,39 @@ def test_classifiers_beyond_the_limit_are_folded_into_other(
     assert value(samples, "knn_exemplars", classifier="other") == 2 * len(EXEMPLARS)
 
 
+def test_a_deleted_classifier_loses_its_series_and_frees_its_place(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Deleted classifiers' names do not accumulate: their series go, and a new classifier
+    takes the freed place instead of being folded into 'other'."""
+    limited = started(tmp_path, fake_embedder.base_url, metrics={"max_classifiers": 1}).start()
+    try:
+        with limited.client() as client:
+            client.create_classifier("old")
+            client.add_exemplars("old", EXEMPLARS)
+            client.classify("old", "top up")
+            client.classify("old", "zebra", min_similarity=0.99)
+            before = scrape(port_of(limited))
+            client.delete_classifier("old")
+            after_delete = scrape(port_of(limited))
+            client.create_classifier("new")
+            client.add_exemplars("new", EXEMPLARS)
+            client.classify("new", "top up")
+            after_new = scrape(port_of(limited))
+    finally:
+        limited.stop()
+
+    def classifiers(samples: Samples) -> set[str]:
+        return {dict(labels).get("classifier", "") for (_, labels) in samples} - {""}
+
+    assert value(before, "knn_predictions_total", classifier="old", outcome="label") == 1
+    assert value(before, "knn_prediction_confidence_count", classifier="old") == 2
+    assert classifiers(before) == {"old"}
+    assert classifiers(after_delete) == set()
+    assert classifiers(after_new) == {"new"}
+    assert value(after_new, "knn_predictions_total", classifier="new", outcome="label") == 1
+
+
 def test_calls_refused_before_the_servicer_are_counted(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

@@ -3,10 +3,12 @@ classify responses refused before they are built when they would not fit (issue 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from knn_classifier.client import (
@@ -16,6 +18,7 @@ from knn_classifier.client import (
     ResourceExhaustedError,
 )
 from knn_classifier.server import wire_size
+from knn_classifier.server.calibration import Calibration
 from knn_classifier.server.domain import ClassifierConfig, ClassifierInfo, Exemplar
 from knn_classifier.server.voting import Neighbour, Vote, Voting
 from knn_classifier.v1 import classifier_pb2 as pb
@@ -241,3 +244,15 @@ def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None
     listed = pb.ListClassifiersResponse(classifiers=[_classifier(ClassifierInfo(config, 123))])
     listed.classifiers[0].etag = "e" * 64
     assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(config, 123))
+
+    calibrated = dataclasses.replace(
+        config, calibration=Calibration(tuple(np.linspace(0, 1, 64)), tuple([0.5] * 64))
+    )
+    listed = pb.ListClassifiersResponse(classifiers=[_classifier(ClassifierInfo(calibrated, 1))])
+    assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(calibrated, 1))
+
+    vectors = {16: [0.25] * 16, 2560: [-0.5] * 2560}
+    with_vectors = pb.Exemplar(
+        vectors=[pb.ExemplarVector(dimension=d, values=v) for d, v in vectors.items()]
+    )
+    assert with_vectors.ByteSize() <= wire_size.vectors(vectors) <= with_vectors.ByteSize() + 64

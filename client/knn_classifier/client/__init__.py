@@ -35,16 +35,19 @@ from ._errors import (
     UnavailableError,
 )
 from ._requests import BatchResult
+from ._results import AddedExemplars, DeletedExemplars
 from ._retry import RetryPolicy
 
 __all__ = [
     "AbortedError",
+    "AddedExemplars",
     "AlreadyExistsError",
     "AsyncClient",
     "BatchResult",
     "Classifier",
     "Client",
     "DeadlineExceededError",
+    "DeletedExemplars",
     "Exemplar",
     "ExemplarInput",
     "FailedPreconditionError",

@@ -29,6 +29,7 @@ from . import _requests as build
 from ._errors import AlreadyExistsError, from_rpc_error
 from ._existing import matching
 from ._requests import BatchResult, Call, ExemplarLike, Listing, VotingName
+from ._results import AddedExemplars, DeletedExemplars
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
@@ -141,6 +142,9 @@ class Client:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         temperature: float | None = None,
+        dimension: int | None = None,
+        calibration: pb.Calibration | None = None,
+        embedder_fingerprint: str = "",
         exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
@@ -148,9 +152,21 @@ class Client:
 
         With ``exist_ok``, a classifier of that name that has every setting given here is
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
+        ``calibration`` restores an exported ``Classifier.calibration``, with the
+        ``embedder_fingerprint`` of the server it came from and the ``dimension`` it was fitted
+        at (the server refuses it for another embedder).
         """
         call = build.create_classifier(
-            name, instruction, k, voting, min_similarity, min_confidence, temperature
+            name,
+            instruction,
+            k,
+            voting,
+            min_similarity,
+            min_confidence,
+            temperature,
+            dimension,
+            calibration,
+            embedder_fingerprint,
         )
         try:
             return self._send(call, timeout)
@@ -198,10 +214,15 @@ class Client:
         exemplars: Iterable[ExemplarLike],
         *,
         etag: str = "",
+        embedder_fingerprint: str = "",
         timeout: float | None = None,
-    ) -> list[str]:
-        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
-        return self._send(build.add_exemplars(classifier, exemplars, etag), timeout)
+    ) -> AddedExemplars:
+        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids (a list
+        whose ``etag`` is the classifier's after the write). Messages may carry the vectors
+        listed with ``with_vectors`` on a server of the same embedder, whose
+        ``embedder_fingerprint`` is then required: they are stored without embedding."""
+        call = build.add_exemplars(classifier, exemplars, etag, embedder_fingerprint)
+        return self._send(call, timeout)
 
     def delete_exemplars(
         self,
@@ -211,7 +232,9 @@ class Client:
         label: str = "",
         etag: str = "",
         timeout: float | None = None,
-    ) -> int:
+    ) -> DeletedExemplars:
+        """Deletes by ids or by label; returns how many (an int whose ``etag`` is the
+        classifier's after the delete)."""
         return self._send(build.delete_exemplars(classifier, ids, label, etag), timeout)
 
     def list_exemplars(
@@ -221,11 +244,17 @@ class Client:
         page_size: int = 0,
         page_token: str = "",
         label: str = "",
+        with_vectors: bool = False,
+        vector_dimensions: Sequence[int] = (),
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
-        would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
-        call = build.list_exemplars(classifier, page_size, page_token, label)
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next.
+        ``with_vectors``: each exemplar with its stored vectors of ``vector_dimensions`` (empty:
+        every dimension the server keeps), and the response with the embedder's fingerprint."""
+        call = build.list_exemplars(
+            classifier, page_size, page_token, label, with_vectors, vector_dimensions
+        )
         return self._send(call, timeout)
 
     def iter_exemplars(
@@ -417,6 +446,9 @@ class AsyncClient:
         min_similarity: float | None = None,
         min_confidence: float | None = None,
         temperature: float | None = None,
+        dimension: int | None = None,
+        calibration: pb.Calibration | None = None,
+        embedder_fingerprint: str = "",
         exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
@@ -424,9 +456,21 @@ class AsyncClient:
 
         With ``exist_ok``, a classifier of that name that has every setting given here is
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
+        ``calibration`` restores an exported ``Classifier.calibration``, with the
+        ``embedder_fingerprint`` of the server it came from and the ``dimension`` it was fitted
+        at (the server refuses it for another embedder).
         """
         call = build.create_classifier(
-            name, instruction, k, voting, min_similarity, min_confidence, temperature
+            name,
+            instruction,
+            k,
+            voting,
+            min_similarity,
+            min_confidence,
+            temperature,
+            dimension,
+            calibration,
+            embedder_fingerprint,
         )
         try:
             return await self._send(call, timeout)
@@ -476,10 +520,15 @@ class AsyncClient:
         exemplars: Iterable[ExemplarLike],
         *,
         etag: str = "",
+        embedder_fingerprint: str = "",
         timeout: float | None = None,
-    ) -> list[str]:
-        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids."""
-        return await self._send(build.add_exemplars(classifier, exemplars, etag), timeout)
+    ) -> AddedExemplars:
+        """Adds ``exemplars`` (messages or ``(text, label)`` pairs); returns their ids (a list
+        whose ``etag`` is the classifier's after the write). Messages may carry the vectors
+        listed with ``with_vectors`` on a server of the same embedder, whose
+        ``embedder_fingerprint`` is then required: they are stored without embedding."""
+        call = build.add_exemplars(classifier, exemplars, etag, embedder_fingerprint)
+        return await self._send(call, timeout)
 
     async def delete_exemplars(
         self,
@@ -489,7 +538,9 @@ class AsyncClient:
         label: str = "",
         etag: str = "",
         timeout: float | None = None,
-    ) -> int:
+    ) -> DeletedExemplars:
+        """Deletes by ids or by label; returns how many (an int whose ``etag`` is the
+        classifier's after the delete)."""
         return await self._send(build.delete_exemplars(classifier, ids, label, etag), timeout)
 
     async def list_exemplars(
@@ -499,11 +550,17 @@ class AsyncClient:
         page_size: int = 0,
         page_token: str = "",
         label: str = "",
+        with_vectors: bool = False,
+        vector_dimensions: Sequence[int] = (),
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
-        would not fit the server's response budget. Pass ``next_page_token`` back for the next."""
-        call = build.list_exemplars(classifier, page_size, page_token, label)
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next.
+        ``with_vectors``: each exemplar with its stored vectors of ``vector_dimensions`` (empty:
+        every dimension the server keeps), and the response with the embedder's fingerprint."""
+        call = build.list_exemplars(
+            classifier, page_size, page_token, label, with_vectors, vector_dimensions
+        )
         return await self._send(call, timeout)
 
     async def iter_exemplars(

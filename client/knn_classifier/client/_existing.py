@@ -34,6 +34,8 @@ def differences(request: pb.CreateClassifierRequest, existing: pb.Classifier) ->
         wanted, actual = getattr(request, field), getattr(existing, field)
         if request.HasField(field) and wanted != actual:
             found.append(f"{field} is {actual:g}, not {wanted:g}")
+    if request.HasField("dimension") and request.dimension != existing.dimension:
+        found.append(f"dimension is {existing.dimension}, not {request.dimension}")
     return found
 
 

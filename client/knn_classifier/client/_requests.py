@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from ._errors import KnnClassifierError, from_status
+from ._results import AddedExemplars, DeletedExemplars
 
 Request = TypeVar("Request", bound=Message, covariant=True)
 Result = TypeVar("Result")
@@ -89,7 +90,11 @@ def create_classifier(
     min_similarity: float | None,
     min_confidence: float | None,
     temperature: float | None,
+    dimension: int | None = None,
+    calibration: pb.Calibration | None = None,
+    embedder_fingerprint: str = "",
 ) -> Call[pb.CreateClassifierRequest, pb.Classifier]:
+    """``dimension``, ``calibration`` and ``embedder_fingerprint`` restore an exported one."""
     request = pb.CreateClassifierRequest(
         name=name,
         instruction=instruction,
@@ -98,6 +103,9 @@ def create_classifier(
         min_similarity=min_similarity,
         min_confidence=min_confidence,
         temperature=temperature,
+        dimension=dimension,
+        calibration=calibration,
+        embedder_fingerprint=embedder_fingerprint,
     )
     return Call("CreateClassifier", request, _response)
 
@@ -167,17 +175,22 @@ def exemplar(item: ExemplarLike, metadata: Mapping[str, str] | None = None) -> p
 
 
 def add_exemplars(
-    classifier: str, items: Iterable[ExemplarLike], etag: str
-) -> Call[pb.AddExemplarsRequest, list[str]]:
+    classifier: str, items: Iterable[ExemplarLike], etag: str, embedder_fingerprint: str = ""
+) -> Call[pb.AddExemplarsRequest, AddedExemplars]:
     request = pb.AddExemplarsRequest(
-        classifier=classifier, exemplars=[exemplar(i) for i in items], etag=etag
+        classifier=classifier,
+        exemplars=[exemplar(i) for i in items],
+        etag=etag,
+        embedder_fingerprint=embedder_fingerprint,
     )
-    return Call("AddExemplars", request, lambda response: list(response.ids))
+    return Call(
+        "AddExemplars", request, lambda response: AddedExemplars(response.ids, response.etag)
+    )
 
 
 def delete_exemplars(
     classifier: str, ids: Sequence[str], label: str, etag: str
-) -> Call[pb.DeleteExemplarsRequest, int]:
+) -> Call[pb.DeleteExemplarsRequest, DeletedExemplars]:
     """Ids or a label (a oneof: the request cannot carry both); the server refuses neither."""
     if ids and label:
         raise ValueError("give ids or a label to delete, not both")
@@ -186,14 +199,28 @@ def delete_exemplars(
         request.ids.ids.extend(ids)
     if label:
         request.label = label
-    return Call("DeleteExemplars", request, lambda response: response.deleted)
+    return Call(
+        "DeleteExemplars",
+        request,
+        lambda response: DeletedExemplars(response.deleted, response.etag),
+    )
 
 
 def list_exemplars(
-    classifier: str, page_size: int, page_token: str, label: str
+    classifier: str,
+    page_size: int,
+    page_token: str,
+    label: str,
+    with_vectors: bool = False,
+    vector_dimensions: Sequence[int] = (),
 ) -> Call[pb.ListExemplarsRequest, pb.ListExemplarsResponse]:
     request = pb.ListExemplarsRequest(
-        classifier=classifier, page_size=page_size, page_token=page_token, label=label
+        classifier=classifier,
+        page_size=page_size,
+        page_token=page_token,
+        label=label,
+        view=pb.EXEMPLAR_VIEW_WITH_VECTORS if with_vectors else pb.EXEMPLAR_VIEW_UNSPECIFIED,
+        vector_dimensions=vector_dimensions,
     )
     return Call("ListExemplars", request, _response)
 

@@ -115,6 +115,34 @@ UNKNOWN_REASON_BELOW_MIN_CONFIDENCE: UnknownReason.ValueType  # 2
 """The winning label's confidence is under min_confidence."""
 Global___UnknownReason: _TypeAlias = UnknownReason  # noqa: Y015
 
+class _ExemplarView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExemplarViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExemplarView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXEMPLAR_VIEW_UNSPECIFIED: _ExemplarView.ValueType  # 0
+    """EXEMPLAR_VIEW_BASIC."""
+    EXEMPLAR_VIEW_BASIC: _ExemplarView.ValueType  # 1
+    """Id, text, label, metadata and creation time."""
+    EXEMPLAR_VIEW_WITH_VECTORS: _ExemplarView.ValueType  # 2
+    """Also the stored vectors (of vector_dimensions): several KiB per exemplar, so pages hold
+    fewer exemplars to stay under the response budget.
+    """
+
+class ExemplarView(_ExemplarView, metaclass=_ExemplarViewEnumTypeWrapper):
+    """How much of each exemplar ListExemplars returns (AIP-157)."""
+
+EXEMPLAR_VIEW_UNSPECIFIED: ExemplarView.ValueType  # 0
+"""EXEMPLAR_VIEW_BASIC."""
+EXEMPLAR_VIEW_BASIC: ExemplarView.ValueType  # 1
+"""Id, text, label, metadata and creation time."""
+EXEMPLAR_VIEW_WITH_VECTORS: ExemplarView.ValueType  # 2
+"""Also the stored vectors (of vector_dimensions): several KiB per exemplar, so pages hold
+fewer exemplars to stay under the response budget.
+"""
+Global___ExemplarView: _TypeAlias = ExemplarView  # noqa: Y015
+
 @_typing.final
 class Classifier(_message.Message):
     """A classifier: a name, the instruction given to the embedding model, and the defaults of its
@@ -135,6 +163,7 @@ class Classifier(_message.Message):
     DIMENSION_FIELD_NUMBER: _builtins.int
     CALIBRATED_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The identifier; immutable."""
     instruction: _builtins.str
@@ -168,6 +197,12 @@ class Classifier(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """Output only. The confidence calibration when calibrated is true, to be carried to another
+        server by CreateClassifierRequest.calibration (export and import).
+        """
+
     def __init__(
         self,
         *,
@@ -183,14 +218,48 @@ class Classifier(_message.Message):
         dimension: _builtins.int = ...,
         calibrated: _builtins.bool = ...,
         etag: _builtins.str = ...,
+        calibration: Global___Calibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "created_at", b"created_at", "dimension", b"dimension", "etag", b"etag", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "calibration", b"calibration", "created_at", b"created_at", "dimension", b"dimension", "etag", b"etag", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Classifier: _TypeAlias = Classifier  # noqa: Y015
+
+@_typing.final
+class Calibration(_message.Message):
+    """A confidence calibration: a piecewise-linear map from the winner's share of the vote to the
+    probability that it is right, valid for the vectors of one embedder at one dimension and for
+    the classifier's settings and exemplars it was fitted with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARES_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The shares, ascending, in [0, 1]; at most 64."""
+
+    @_builtins.property
+    def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The probability at each share, in [0, 1]; as many as shares."""
+
+    def __init__(
+        self,
+        *,
+        shares: _abc.Iterable[_builtins.float] | None = ...,
+        probabilities: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["probabilities", b"probabilities", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
 
 @_typing.final
 class CreateClassifierRequest(_message.Message):
@@ -205,6 +274,9 @@ class CreateClassifierRequest(_message.Message):
     MIN_SIMILARITY_FIELD_NUMBER: _builtins.int
     MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    EMBEDDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-64 characters: letters, digits, '_', '-', '.'; starts with a letter or digit."""
     instruction: _builtins.str
@@ -219,6 +291,22 @@ class CreateClassifierRequest(_message.Message):
     """Unset: the server's default."""
     temperature: _builtins.float
     """Unset: the server's default."""
+    dimension: _builtins.int
+    """The dimension Classify uses by default; unset or 0: the largest configured."""
+    embedder_fingerprint: _builtins.str
+    """The fingerprint of the embedder the calibration was fitted with
+    (ServiceInfo.embedder.fingerprint of the server it comes from).
+    """
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """Optional: a calibration to restore (an exported Classifier.calibration), for a classifier
+        about to receive the same exemplars it was fitted with. Requires embedder_fingerprint and
+        dimension (the dimension it was fitted at, explicit even if it was the largest): an
+        embedder_fingerprint other than this server's is refused with FAILED_PRECONDITION
+        (EMBEDDER_MISMATCH), since the calibration maps the vote shares of that embedder's vectors.
+        Without it, run Evaluate with apply_best to fit one here.
+        """
+
     def __init__(
         self,
         *,
@@ -229,11 +317,16 @@ class CreateClassifierRequest(_message.Message):
         min_similarity: _builtins.float | None = ...,
         min_confidence: _builtins.float | None = ...,
         temperature: _builtins.float | None = ...,
+        dimension: _builtins.int | None = ...,
+        calibration: Global___Calibration | None = ...,
+        embedder_fingerprint: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "calibration", b"calibration", "dimension", b"dimension", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "calibration", b"calibration", "dimension", b"dimension", "embedder_fingerprint", b"embedder_fingerprint", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimension: _TypeAlias = _typing.Literal["dimension"]  # noqa: Y015
+    _WhichOneofArgType__dimension: _TypeAlias = _typing.Literal["_dimension", b"_dimension"]  # noqa: Y015
     _WhichOneofReturnType__k: _TypeAlias = _typing.Literal["k"]  # noqa: Y015
     _WhichOneofArgType__k: _TypeAlias = _typing.Literal["_k", b"_k"]  # noqa: Y015
     _WhichOneofReturnType__min_confidence: _TypeAlias = _typing.Literal["min_confidence"]  # noqa: Y015
@@ -242,6 +335,8 @@ class CreateClassifierRequest(_message.Message):
     _WhichOneofArgType__min_similarity: _TypeAlias = _typing.Literal["_min_similarity", b"_min_similarity"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimension) -> _WhichOneofReturnType__dimension | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__k) -> _WhichOneofReturnType__k | None: ...
     @_typing.overload
@@ -447,6 +542,7 @@ class ExemplarInput(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text."""
     label: _builtins.str
@@ -459,6 +555,16 @@ class ExemplarInput(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Stored with the exemplar and returned by ListExemplars."""
 
+    @_builtins.property
+    def vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExemplarVector]:
+        """Optional: the exemplar's vectors, as ListExemplars returns them with
+        EXEMPLAR_VIEW_WITH_VECTORS, so that it is stored without an embedding call. Either every
+        exemplar of the request has vectors, of the same dimensions, or none has; they require
+        AddExemplarsRequest.embedder_fingerprint. Each dimension this server keeps takes the vector
+        of that dimension, else the first components of a wider one, renormalised; if none is wide
+        enough: FAILED_PRECONDITION (VECTORS_TOO_NARROW).
+        """
+
     def __init__(
         self,
         *,
@@ -466,14 +572,43 @@ class ExemplarInput(_message.Message):
         label: _builtins.str = ...,
         id: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        vectors: _abc.Iterable[Global___ExemplarVector] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "metadata", b"metadata", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "metadata", b"metadata", "text", b"text", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExemplarInput: _TypeAlias = ExemplarInput  # noqa: Y015
+
+@_typing.final
+class ExemplarVector(_message.Message):
+    """An exemplar's stored vector at one dimension (unit length)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    dimension: _builtins.int
+    """Its dimension: the number of values."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The components."""
+
+    def __init__(
+        self,
+        *,
+        dimension: _builtins.int = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimension", b"dimension", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExemplarVector: _TypeAlias = ExemplarVector  # noqa: Y015
 
 @_typing.final
 class AddExemplarsRequest(_message.Message):
@@ -484,10 +619,17 @@ class AddExemplarsRequest(_message.Message):
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     EXEMPLARS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    EMBEDDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
     """The classifier's name."""
     etag: _builtins.str
     """Optional: if set and not the classifier's current etag, ABORTED (ETAG_MISMATCH)."""
+    embedder_fingerprint: _builtins.str
+    """Required when the exemplars carry vectors: the fingerprint of the embedder that made them
+    (ListExemplarsResponse.embedder_fingerprint). One other than this server's
+    (ServiceInfo.embedder.fingerprint) is refused with FAILED_PRECONDITION (EMBEDDER_MISMATCH):
+    send the exemplars without vectors to have their texts embedded here.
+    """
     @_builtins.property
     def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExemplarInput]:
         """At most the server's max_batch_size."""
@@ -498,10 +640,11 @@ class AddExemplarsRequest(_message.Message):
         classifier: _builtins.str = ...,
         exemplars: _abc.Iterable[Global___ExemplarInput] | None = ...,
         etag: _builtins.str = ...,
+        embedder_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "etag", b"etag", "exemplars", b"exemplars"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "embedder_fingerprint", b"embedder_fingerprint", "etag", b"etag", "exemplars", b"exemplars"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,6 +797,7 @@ class Exemplar(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Its id."""
     text: _builtins.str
@@ -668,6 +812,12 @@ class Exemplar(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was last written."""
 
+    @_builtins.property
+    def vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExemplarVector]:
+        """Its stored vectors, one per dimension asked for (ListExemplars with
+        EXEMPLAR_VIEW_WITH_VECTORS only), ascending.
+        """
+
     def __init__(
         self,
         *,
@@ -676,10 +826,11 @@ class Exemplar(_message.Message):
         label: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        vectors: _abc.Iterable[Global___ExemplarVector] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "label", b"label", "metadata", b"metadata", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "label", b"label", "metadata", b"metadata", "text", b"text", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -695,6 +846,8 @@ class ListExemplarsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    VECTOR_DIMENSIONS_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
     """The classifier's name."""
     page_size: _builtins.int
@@ -707,6 +860,14 @@ class ListExemplarsRequest(_message.Message):
     """
     label: _builtins.str
     """Only exemplars with this label, if set."""
+    view: Global___ExemplarView.ValueType
+    """Unspecified: EXEMPLAR_VIEW_BASIC."""
+    @_builtins.property
+    def vector_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With EXEMPLAR_VIEW_WITH_VECTORS: the dimensions whose vectors to return, each one the
+        server keeps (INVALID_ARGUMENT otherwise); empty: every dimension it keeps.
+        """
+
     def __init__(
         self,
         *,
@@ -714,10 +875,12 @@ class ListExemplarsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         label: _builtins.str = ...,
+        view: Global___ExemplarView.ValueType = ...,
+        vector_dimensions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "label", b"label", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "label", b"label", "page_size", b"page_size", "page_token", b"page_token", "vector_dimensions", b"vector_dimensions", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -731,8 +894,13 @@ class ListExemplarsResponse(_message.Message):
 
     EXEMPLARS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    EMBEDDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
+    embedder_fingerprint: _builtins.str
+    """With EXEMPLAR_VIEW_WITH_VECTORS: the fingerprint of the embedder that made the vectors
+    (ServiceInfo.embedder.fingerprint), to send with them to AddExemplars.
+    """
     @_builtins.property
     def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
         """In a stable order (of the store's point ids)."""
@@ -742,10 +910,11 @@ class ListExemplarsResponse(_message.Message):
         *,
         exemplars: _abc.Iterable[Global___Exemplar] | None = ...,
         next_page_token: _builtins.str = ...,
+        embedder_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exemplars", b"exemplars", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedder_fingerprint", b"embedder_fingerprint", "exemplars", b"exemplars", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1569,19 +1738,25 @@ class Embedder(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name, as the embedding server knows it."""
     width: _builtins.int
     """The width of its vectors (the largest dimension possible)."""
+    fingerprint: _builtins.str
+    """Opaque: equal on two servers exactly when their vectors are comparable (same model,
+    prompt template and width), so that vectors and calibrations can move between them.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         width: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "model", b"model", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

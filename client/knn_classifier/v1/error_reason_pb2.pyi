@@ -76,6 +76,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[FAILED_PRECONDITION] The request is valid but the classifier cannot serve it in its
     present state (e.g. Evaluate with fewer than two labels).
     """
+    EMBEDDER_MISMATCH: _ErrorReason.ValueType  # 32
+    """[FAILED_PRECONDITION] Vectors or a calibration were made by another embedder than this
+    server's (their embedder_fingerprint differs): send the texts without vectors, and fit the
+    calibration here with Evaluate. Metadata: expected (this server's fingerprint), actual.
+    """
+    VECTORS_TOO_NARROW: _ErrorReason.ValueType  # 33
+    """[FAILED_PRECONDITION] The vectors given are narrower than a dimension this server keeps:
+    send wider vectors, or the texts without vectors. Metadata: dimension, widest.
+    """
     EXEMPLAR_LIMIT_REACHED: _ErrorReason.ValueType  # 40
     """[RESOURCE_EXHAUSTED] The classifier would pass its exemplar limit. Metadata: limit, held,
     adding. Not retryable: delete exemplars first.
@@ -186,6 +195,15 @@ CLASSIFIER_EMPTY: ErrorReason.ValueType  # 30
 CLASSIFIER_NOT_READY: ErrorReason.ValueType  # 31
 """[FAILED_PRECONDITION] The request is valid but the classifier cannot serve it in its
 present state (e.g. Evaluate with fewer than two labels).
+"""
+EMBEDDER_MISMATCH: ErrorReason.ValueType  # 32
+"""[FAILED_PRECONDITION] Vectors or a calibration were made by another embedder than this
+server's (their embedder_fingerprint differs): send the texts without vectors, and fit the
+calibration here with Evaluate. Metadata: expected (this server's fingerprint), actual.
+"""
+VECTORS_TOO_NARROW: ErrorReason.ValueType  # 33
+"""[FAILED_PRECONDITION] The vectors given are narrower than a dimension this server keeps:
+send wider vectors, or the texts without vectors. Metadata: dimension, widest.
 """
 EXEMPLAR_LIMIT_REACHED: ErrorReason.ValueType  # 40
 """[RESOURCE_EXHAUSTED] The classifier would pass its exemplar limit. Metadata: limit, held,

@@ -19,12 +19,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-from . import deadlines, errors, hygiene, paging, statuses, wire_size
+from . import deadlines, errors, hygiene, paging, statuses, transfer, wire_size
+from .calibration import Calibration
 from .domain import (
     ClassifierInfo,
     ClassifierUpdate,
     ClassifyOptions,
     EvaluateRequest,
+    Exemplar,
     ExemplarInput,
     NewClassifier,
     ServiceInfo,
@@ -84,6 +86,15 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             min_similarity=request.min_similarity if request.HasField("min_similarity") else None,
             min_confidence=request.min_confidence if request.HasField("min_confidence") else None,
             temperature=request.temperature if request.HasField("temperature") else None,
+            dimension=request.dimension if request.HasField("dimension") else None,
+            calibration=(
+                Calibration(
+                    tuple(request.calibration.shares), tuple(request.calibration.probabilities)
+                )
+                if request.HasField("calibration")
+                else None
+            ),
+            embedder_fingerprint=request.embedder_fingerprint,
         )
         return _classifier(await self._service.create_classifier(new))
 
@@ -134,10 +145,18 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request: pb.AddExemplarsRequest, context: Context
     ) -> pb.AddExemplarsResponse:
         items = [
-            ExemplarInput(text=e.text, label=e.label, id=e.id, metadata=dict(e.metadata))
+            ExemplarInput(
+                text=e.text,
+                label=e.label,
+                id=e.id,
+                metadata=dict(e.metadata),
+                vectors=[(v.dimension, v.values) for v in e.vectors],
+            )
             for e in request.exemplars
         ]
-        ids, etag = await self._service.add_exemplars(request.classifier, items, request.etag)
+        ids, etag = await self._service.add_exemplars(
+            request.classifier, items, request.etag, request.embedder_fingerprint
+        )
         return pb.AddExemplarsResponse(ids=ids, etag=etag)
 
     @_status_on_error
@@ -153,21 +172,20 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     async def ListExemplars(
         self, request: pb.ListExemplarsRequest, context: Context
     ) -> pb.ListExemplarsResponse:
+        with_vectors = _with_vectors(request)
         exemplars, next_token = await self._service.list_exemplars(
-            request.classifier, request.page_size, request.page_token, request.label
+            request.classifier,
+            request.page_size,
+            request.page_token,
+            request.label,
+            list(request.vector_dimensions) if with_vectors else None,
         )
         return pb.ListExemplarsResponse(
-            exemplars=[
-                pb.Exemplar(
-                    id=e.id,
-                    text=e.text,
-                    label=e.label,
-                    metadata=e.metadata,
-                    created_at=_timestamp(e.created_at),
-                )
-                for e in exemplars
-            ],
+            exemplars=[_exemplar(e) for e in exemplars],
             next_page_token=next_token,
+            embedder_fingerprint=(
+                transfer.fingerprint_id(self._service.fingerprint) if with_vectors else ""
+            ),
         )
 
     @_status_on_error
@@ -275,16 +293,17 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: Context
     ) -> pb.ServiceInfo:
-        return _service_info(self._service.info())
+        fingerprint = transfer.fingerprint_id(self._service.fingerprint)
+        return _service_info(self._service.info(), fingerprint)
 
 
-def _service_info(info: ServiceInfo) -> pb.ServiceInfo:
+def _service_info(info: ServiceInfo, fingerprint: str) -> pb.ServiceInfo:
     limits = info.limits
     return pb.ServiceInfo(
         api_version=API_VERSION,
         server_version=info.server_version,
         dimensions=info.dimensions,
-        embedder=pb.Embedder(model=info.model, width=info.width),
+        embedder=pb.Embedder(model=info.model, width=info.width, fingerprint=fingerprint),
         limits=pb.Limits(
             max_text_chars=limits.max_text_chars,
             max_batch_size=limits.max_batch_size,
@@ -422,6 +441,39 @@ def _options(options: pb.ClassifyOptions) -> ClassifyOptions:
     )
 
 
+def _with_vectors(request: pb.ListExemplarsRequest) -> bool:
+    """Whether ListExemplars is asked for the exemplars' vectors (its view)."""
+    if request.view not in (
+        pb.EXEMPLAR_VIEW_UNSPECIFIED,
+        pb.EXEMPLAR_VIEW_BASIC,
+        pb.EXEMPLAR_VIEW_WITH_VECTORS,
+    ):
+        raise errors.InvalidArgument(
+            f"unknown view {request.view}", reason=errors.Reason.VALUE_OUT_OF_RANGE, field="view"
+        )
+    with_vectors = request.view == pb.EXEMPLAR_VIEW_WITH_VECTORS
+    if request.vector_dimensions and not with_vectors:
+        raise errors.InvalidArgument(
+            "vector_dimensions needs view EXEMPLAR_VIEW_WITH_VECTORS",
+            field="vector_dimensions",
+        )
+    return with_vectors
+
+
+def _exemplar(exemplar: Exemplar) -> pb.Exemplar:
+    return pb.Exemplar(
+        id=exemplar.id,
+        text=exemplar.text,
+        label=exemplar.label,
+        metadata=exemplar.metadata,
+        created_at=_timestamp(exemplar.created_at),
+        vectors=[
+            pb.ExemplarVector(dimension=dimension, values=values)
+            for dimension, values in sorted(exemplar.vectors.items())
+        ],
+    )
+
+
 def _timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
@@ -443,6 +495,13 @@ def _classifier(info: ClassifierInfo) -> pb.Classifier:
         dimension=config.dimension,
         calibrated=config.calibration is not None,
         etag=config.etag,
+        calibration=(
+            pb.Calibration(
+                shares=config.calibration.shares, probabilities=config.calibration.probabilities
+            )
+            if config.calibration
+            else None
+        ),
     )
 
 

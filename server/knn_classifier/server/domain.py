@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -120,6 +121,10 @@ class NewClassifier:
     min_similarity: float | None = None
     min_confidence: float | None = None
     temperature: float | None = None
+    dimension: int | None = None
+    calibration: Calibration | None = None
+    """To restore, with ``embedder_fingerprint`` (see :mod:`transfer`)."""
+    embedder_fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,8 @@ class ExemplarInput:
     id: str = ""
     """Caller-chosen id; empty: derived from the classifier and the text."""
     metadata: dict[str, str] = field(default_factory=dict)
+    vectors: Sequence[tuple[int, Sequence[float]]] = ()
+    """Given (dimension, values) pairs, to store without embedding (see :mod:`transfer`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,8 @@ class Exemplar:
     label: str
     metadata: dict[str, str]
     created_at: float
+    vectors: Mapping[int, Sequence[float]] = field(default_factory=dict)
+    """Its stored vectors by dimension, when asked for."""
 
 
 @dataclass(frozen=True, slots=True)

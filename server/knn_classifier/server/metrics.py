@@ -3,7 +3,8 @@
 A registry per App (not prometheus_client's global one) lets several servers live in one process,
 as in the tests. Label values are bounded: methods come from the registered handlers, codes from
 ``grpc.StatusCode``, outcomes and reasons from fixed sets, and classifier names beyond the first
-``max_classifiers`` seen are counted together as ``other``. Nothing is labelled per text or id.
+``max_classifiers`` seen are counted together as ``other``; a deleted classifier's series are
+removed and its place freed for another name. Nothing is labelled per text or id.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class ClassifierLabels:
                 self._named.add(name)
                 return name
         return OTHER
+
+    def forget(self, name: str) -> bool:
+        """Frees ``name``'s place for another name; whether it had one (it was not 'other')."""
+        with self._lock:
+            if name in self._named:
+                self._named.remove(name)
+                return True
+        return False
 
 
 class Metrics:
@@ -172,6 +181,13 @@ class Metrics:
             self._rpc_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def forget_classifier(self, name: str) -> None:
+        """Removes the series of a deleted classifier, so the names of deleted classifiers do
+        not accumulate (one folded into 'other' stays counted there)."""
+        if self.classifier.forget(name):
+            for metric in (self.predictions, self.confidence, self.top_similarity):
+                metric.remove_by_labels({"classifier": name})
 
     @contextmanager
     def embedding_call(self, texts: int) -> Iterator[None]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from pydantic import ValidationError
 from . import logs
 from .app import build_store
 from .classifiers import Classifiers
-from .domain import ClassifierConfig
 from .embedding import EmbeddingClient
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import NotFound, ServiceError, StartupError
@@ -36,6 +34,7 @@ from .service import ClassifierService, stored_exemplar
 from .settings import Settings
 from .startup_repair import FINGERPRINT_KEY
 from .store import Selection, Store
+from .transfer import carried
 from .vectors import Fingerprint
 
 log = logging.getLogger("knn_classifier.migrate")
@@ -117,7 +116,7 @@ async def migrate(source: Source, target: ClassifierService, batch_size: int) ->
     )
     copied = []
     for config in configs:
-        adapted, notes = _adapted(config, dimensions, copy_vectors)
+        adapted, notes = carried(config, dimensions, copy_vectors, widest)
         restored = await target.restore_classifier(adapted)
         total = await source.store.count(widest, Selection(config.name))
         progress = Progress(log, f"classifier {config.name}", total)
@@ -139,32 +138,6 @@ async def migrate(source: Source, target: ClassifierService, batch_size: int) ->
                 break
         copied.append(Copied(config.name, progress.done, written, embedded, notes))
     return copied
-
-
-def _adapted(
-    config: ClassifierConfig, dimensions: Sequence[int], same_vectors: bool
-) -> tuple[ClassifierConfig, tuple[str, ...]]:
-    """The record to create in the target, and what had to change in it.
-
-    The calibration maps vote shares to probabilities for the old vectors at the default
-    dimension: it is dropped when either changes (as UpdateClassifier drops it). The thresholds
-    are the user's and are kept, but they too were chosen for the old vectors.
-    """
-    notes = []
-    if config.dimension and config.dimension not in dimensions:
-        notes.append(
-            f"its default dimension {config.dimension} is not configured here: it now "
-            "classifies at the largest dimension"
-        )
-        config = dataclasses.replace(config, dimension=0, calibration=None)
-    if not same_vectors:
-        config = dataclasses.replace(config, calibration=None)
-    if notes or not same_vectors:
-        notes.append(
-            "its calibration (dropped) and thresholds were fitted to the old vectors: run "
-            f"`knn-classifier evaluate {config.name} --apply-best` to fit them again"
-        )
-    return config, tuple(notes)
 
 
 async def run(settings: Settings, source_store: Store, where: str, batch_size: int) -> list[Copied]:

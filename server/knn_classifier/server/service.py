@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, hygiene, paging, updates, validation, wire_size
+from . import errors, hygiene, paging, transfer, updates, validation, wire_size
 from .classification import Classification, embed_isolating_rejects
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
@@ -48,7 +48,8 @@ from .settings import LimitSettings, Settings
 from .startup_repair import FINGERPRINT_KEY, StartupRepair
 from .store import Record, Selection, Store
 from .store.schema import ExemplarPayload, exemplar_payload
-from .vectors import Fingerprint, Matrix, truncate
+from .transfer import VectorSet
+from .vectors import Fingerprint, Matrix
 from .voting import Vote, Voting
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,10 @@ class ClassifierService:
             ),
             created_at=time.time(),
             temperature=validation.temperature(either(request.temperature, defaults.temperature)),
+            dimension=validation.dimension(request.dimension, self._dimensions, "dimension")
+            if request.dimension
+            else 0,
+            calibration=transfer.restored_calibration(request, self._embedder.fingerprint),
         )
         return ClassifierInfo(await self._classifiers.create(config), 0)
 
@@ -219,14 +224,19 @@ class ClassifierService:
     # Exemplars -------------------------------------------------------------------------------
 
     async def add_exemplars(
-        self, classifier: str, items: Sequence[ExemplarInput], etag: str = ""
+        self,
+        classifier: str,
+        items: Sequence[ExemplarInput],
+        etag: str = "",
+        embedder_fingerprint: str = "",
     ) -> tuple[list[str], str]:
         """Embeds ``items`` once and writes them to every dimension; returns their ids and the
         classifier's etag after the write.
 
         The embedding call may take long and the classifier may change meanwhile, so the write
         happens under the classifier's write lock, on the record as it is then: deleted or
-        re-created since, the add fails with NOT_FOUND and writes nothing.
+        re-created since, the add fails with NOT_FOUND and writes nothing. Items given with
+        vectors (and ``embedder_fingerprint``) are stored without an embedding call.
         """
         validation.batch_size(len(items), self._limits, "exemplars")
         for i, item in enumerate(items):
@@ -234,6 +244,9 @@ class ClassifierService:
             validation.label(item.label, f"exemplars[{i}].label")
             validation.exemplar_id(item.id, f"exemplars[{i}].id")
             validation.metadata(item.metadata, f"exemplars[{i}].metadata")
+        given = transfer.given_vectors(
+            items, embedder_fingerprint, self._embedder.fingerprint, self._dimensions
+        )
         config = await self._classifiers.get(classifier)
 
         ids = [item.id or derived_exemplar_id(classifier, item.text) for item in items]
@@ -242,8 +255,11 @@ class ClassifierService:
         chosen = sorted(latest.values())
         if len(chosen) > self._limits.max_exemplars_per_classifier:
             raise self._limit_reached(classifier, 0, len(chosen))
-        prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
-        vectors = await self._embedder.bulk.embed(prompts)
+        if given is None:
+            prompts = [self._embedder.prompt(config.instruction, items[i].text) for i in chosen]
+            vectors = VectorSet.of(await self._embedder.bulk.embed(prompts))
+        else:
+            vectors = given.rows(chosen)
         written = await completed(
             self._write_locked(classifier, config.uid, etag, items, ids, chosen, vectors)
         )
@@ -257,7 +273,7 @@ class ClassifierService:
         items: Sequence[ExemplarInput],
         ids: list[str],
         chosen: list[int],
-        vectors: Matrix,
+        vectors: VectorSet,
     ) -> ClassifierConfig:
         """AddExemplars' write, under the classifier's lock; returns the record after it."""
         async with self._classifiers.writing(classifier, uid=uid, etag=etag) as current:
@@ -332,14 +348,15 @@ class ClassifierService:
         else:
             written = vectors[todo]
         ids = [point_ids[i] for i in todo]
-        await completed(self._restore_locked(config, ids, written, [payloads[i] for i in todo]))
+        payloads = [payloads[i] for i in todo]
+        await completed(self._restore_locked(config, ids, VectorSet.of(written), payloads))
         return len(todo), len(todo) if vectors is None else 0
 
     async def _restore_locked(
         self,
         config: ClassifierConfig,
         point_ids: list[str],
-        vectors: Matrix,
+        vectors: VectorSet,
         payloads: list[ExemplarPayload],
     ) -> None:
         """restore_exemplars' write, under the classifier's lock."""
@@ -374,7 +391,7 @@ class ClassifierService:
         classifier: str,
         point_ids: list[str],
         created: list[str],
-        vectors: Matrix,
+        vectors: VectorSet,
         payloads: list[ExemplarPayload],
     ) -> None:
         """Writes the points to every dimension, or (best effort) to none.
@@ -387,9 +404,7 @@ class ClassifierService:
         written: list[int] = []
         try:
             for dimension in self._dimensions:
-                await self._store.upsert(
-                    dimension, point_ids, truncate(vectors, dimension), payloads
-                )
+                await self._store.upsert(dimension, point_ids, vectors.at(dimension), payloads)
                 written.append(dimension)
         except (Unavailable, ResourceExhausted):
             if created:
@@ -467,24 +482,43 @@ class ClassifierService:
         return count
 
     async def list_exemplars(
-        self, classifier: str, page_size: int, page_token: str, label: str
+        self,
+        classifier: str,
+        page_size: int,
+        page_token: str,
+        label: str,
+        vector_dimensions: Sequence[int] | None = None,
     ) -> tuple[list[Exemplar], str]:
-        """A page of exemplars in id order, and the token of the next page ("" after the last)."""
+        """A page of exemplars in id order, and the token of the next page ("" after the last);
+        with ``vector_dimensions`` (empty: all), with their vectors of those dimensions."""
         size = paging.page_size(page_size, self._limits)
         scope = ("ListExemplars", classifier, label)
         offset = _point_offset(paging.decode(page_token, scope))
+        dimensions = (
+            []
+            if vector_dimensions is None
+            else transfer.vector_dimensions(vector_dimensions, self._dimensions)
+        )
         await self._classifiers.get(classifier)
         selection = Selection(classifier, label=validation.label(label) if label else None)
         records, next_offset = await self._store.scroll(
             self._dimensions[0], selection, size, offset
         )
         exemplars = [stored_exemplar(record) for record in records]
+        vectors = wire_size.vectors(dimensions)
         kept = paging.fitting(
-            exemplars, wire_size.exemplar, self._limits.max_response_bytes, "one exemplar"
+            exemplars,
+            lambda e: wire_size.exemplar(e) + vectors,
+            self._limits.max_response_bytes,
+            "one exemplar",
         )
         if kept < len(records):
             next_offset = records[kept].id  # the store's offsets are the first id of a page
-        return exemplars[:kept], paging.encode(next_offset, scope) if next_offset else ""
+        exemplars = exemplars[:kept]
+        if dimensions:
+            point_ids = [record.id for record in records[:kept]]
+            exemplars = await transfer.with_vectors(self._store, exemplars, point_ids, dimensions)
+        return exemplars, paging.encode(next_offset, scope) if next_offset else ""
 
     async def list_labels(
         self, classifier: str, page_size: int = 0, page_token: str = ""

@@ -10,7 +10,8 @@ gRPC turns into one, CANCELLED or DEADLINE_EXCEEDED when the call is cancelled, 
 
 Its :attr:`~RpcTelemetry.inner` part goes last, next to the servicer, where requests are parsed:
 it notes the classifier and the number of texts for the access log and the span, and records the
-predictions of Classify and ClassifyBatch in the per-classifier metrics.
+predictions of Classify and ClassifyBatch in the per-classifier metrics, and removes those of a
+classifier that DeleteClassifier deleted.
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ class _RequestNotes(_ServerInterceptor):
                 predictions = [r.prediction for r in response.results if r.HasField("prediction")]
                 rejected = len(response.results) - len(predictions)
                 self._record(request.classifier, predictions, rejected)
+            elif isinstance(response, pb.DeleteClassifierResponse):
+                self._metrics.forget_classifier(request.name)
             return response
 
         return grpc.unary_unary_rpc_method_handler(

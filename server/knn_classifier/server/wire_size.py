@@ -50,7 +50,15 @@ def exemplar(item: Exemplar) -> int:
 def classifier(info: ClassifierInfo) -> int:
     """A ``Classifier`` as one element of a repeated field."""
     config = info.config
-    return _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+    size = _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+    if config.calibration is not None:  # two packed repeated doubles
+        size += _FIELD + 2 * (_FIELD + 8 * len(config.calibration.shares))
+    return size
+
+
+def vectors(dimensions: Iterable[int]) -> int:
+    """The ``ExemplarVector``s of one exemplar at ``dimensions``: packed floats."""
+    return sum(_FIELD + _SCALAR + _FIELD + 4 * dimension for dimension in dimensions)
 
 
 def label_count(label: str) -> int:

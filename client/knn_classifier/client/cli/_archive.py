@@ -1,10 +1,17 @@
 """The export file of a whole classifier: a header line, then one exemplar per line (JSONL).
 
-Header: ``{"format": "knn-classifier-export", "version": 1, "exported_at": ...,
+Header: ``{"format": "knn-classifier-export", "version": 2, "exported_at": ...,
 "classifier": {name, instruction, k, voting, min_similarity, min_confidence, temperature,
-dimension, calibrated, exemplar_count, created_at}}``; exemplars: ``{"id", "text", "label",
-"metadata"}``.
-Importing re-embeds the texts, so an export moves between embedders; it carries no vectors.
+dimension, calibrated, exemplar_count, created_at, calibration}, "embedder": {model, width,
+fingerprint}, "dimensions": [...], "vector_dimensions": [...]}``; ``calibration`` is null or
+``{dimension, shares, probabilities}``, the dimension it was fitted at. Exemplars: ``{"id",
+"text", "label", "metadata"}``, and with ``--vectors`` ``"vectors": {dimension: base64 of
+little-endian float32}`` for every dimension the server keeps.
+
+An import into a server whose embedder has the same fingerprint restores the calibration and
+stores the vectors as they are (no embedding call); into another embedder it embeds the texts
+and leaves the calibration for Evaluate to fit there (:func:`plan_restore`). Version 1 files
+(no calibration, no vectors) still import.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -20,9 +28,10 @@ from knn_classifier.v1 import classifier_pb2 as pb
 from .._client import Client
 from .._requests import voting_name
 from ._errors import CliError
-from ._rows import EXPORT_FORMAT
+from ._rows import EXPORT_FORMAT, encode_vector
 
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def float32(value: float) -> float:
@@ -52,30 +61,54 @@ def describe(classifier: pb.Classifier) -> dict[str, Any]:
     }
 
 
-def header(classifier: pb.Classifier) -> dict[str, Any]:
+def header(
+    classifier: pb.Classifier, info: pb.ServiceInfo, vector_dimensions: list[int]
+) -> dict[str, Any]:
+    calibration = None
+    if classifier.calibrated:
+        calibration = {
+            # 0 means the largest dimension of the server it was fitted on: say which.
+            "dimension": classifier.dimension or max(info.dimensions),
+            "shares": list(classifier.calibration.shares),
+            "probabilities": list(classifier.calibration.probabilities),
+        }
+    embedder = info.embedder
     return {
         "format": EXPORT_FORMAT,
         "version": VERSION,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "classifier": describe(classifier),
+        "classifier": {**describe(classifier), "calibration": calibration},
+        "embedder": {
+            "model": embedder.model,
+            "width": embedder.width,
+            "fingerprint": embedder.fingerprint,
+        },
+        "dimensions": list(info.dimensions),
+        "vector_dimensions": vector_dimensions,
     }
 
 
 def exemplar_line(exemplar: pb.Exemplar) -> str:
-    record = {
+    record: dict[str, Any] = {
         "id": exemplar.id,
         "text": exemplar.text,
         "label": exemplar.label,
         "metadata": dict(exemplar.metadata),
     }
+    if exemplar.vectors:
+        record["vectors"] = {str(v.dimension): encode_vector(v.values) for v in exemplar.vectors}
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def pages(client: Client, classifier: str, page_size: int) -> Iterator[list[pb.Exemplar]]:
+def pages(
+    client: Client, classifier: str, page_size: int, with_vectors: bool = False
+) -> Iterator[list[pb.Exemplar]]:
     """Every exemplar of the classifier, one ListExemplars page at a time."""
     token = ""
     while True:
-        page = client.list_exemplars(classifier, page_size=page_size, page_token=token)
+        page = client.list_exemplars(
+            classifier, page_size=page_size, page_token=token, with_vectors=with_vectors
+        )
         yield list(page.exemplars)
         token = page.next_page_token
         if not token:
@@ -83,32 +116,51 @@ def pages(client: Client, classifier: str, page_size: int) -> Iterator[list[pb.E
 
 
 def export(
-    client: Client, classifier: pb.Classifier, out: IO[str], page_size: int
+    client: Client, classifier: pb.Classifier, out: IO[str], page_size: int, with_vectors: bool
 ) -> Iterator[int]:
     """Writes the export of ``classifier`` to ``out``; yields how many exemplars each page had.
 
     Pages are read while the classifier may change: export one that is not being written.
     """
-    out.write(json.dumps(header(classifier), ensure_ascii=False) + "\n")
-    for page in pages(client, classifier.name, page_size):
+    info = client.get_service_info()
+    vector_dimensions = list(info.dimensions) if with_vectors else []
+    out.write(json.dumps(header(classifier, info, vector_dimensions), ensure_ascii=False) + "\n")
+    for page in pages(client, classifier.name, page_size, with_vectors):
         out.writelines(exemplar_line(exemplar) for exemplar in page)
         yield len(page)
 
 
-def create_settings(head: dict[str, Any]) -> dict[str, Any]:
-    """The create_classifier keyword arguments that restore the header's settings.
+@dataclass(frozen=True)
+class Restore:
+    """How an export goes into this server: CreateClassifier's arguments, whether the
+    exemplars carry their vectors (and the fingerprint to send with them), and notes on what
+    could not be carried over."""
 
-    ``dimension`` and the calibration cannot be set through the API: Evaluate with apply_best
-    fits them again (see ``restore_notes``).
+    settings: dict[str, Any]
+    vectors_fingerprint: str
+    notes: list[str]
+
+
+def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Restore:
+    """What of the export ``head`` describes can be restored on the server of ``info``.
+
+    The calibration and the vectors hold only for the embedder that made them: they are
+    carried only if its fingerprint is this server's, the calibration only if this server keeps
+    the dimension it was fitted at, the vectors only if they are as wide as every dimension
+    this server keeps (the server truncates them to narrower ones). Else the texts are
+    embedded here and the calibration is left for Evaluate to fit again.
     """
     version = head.get("version")
-    if version != VERSION:
-        raise CliError(f"export format version {version!r}; this client reads version {VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CliError(
+            f"export format version {version!r}; this client reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     settings = head.get("classifier")
     if not isinstance(settings, dict):
         raise CliError("the export header has no 'classifier' object")
     voting = settings.get("voting")
-    return {
+    create: dict[str, Any] = {
         "instruction": settings.get("instruction", ""),
         "k": settings.get("k"),
         "voting": None if voting in (None, "unspecified") else voting,
@@ -116,21 +168,40 @@ def create_settings(head: dict[str, Any]) -> dict[str, Any]:
         "min_confidence": settings.get("min_confidence"),
         "temperature": settings.get("temperature"),
     }
-
-
-def restore_notes(head: dict[str, Any], name: str) -> list[str]:
-    """What the import could not restore, and how to get it back."""
-    settings = head.get("classifier") or {}
-    lost = []
-    if settings.get("calibrated"):
-        lost.append("its confidence calibration")
-    if settings.get("dimension"):
-        lost.append(f"its default dimension {settings['dimension']}")
-    if not lost:
-        return []
-    return [
-        f"the exported classifier had {' and '.join(lost)}, which the API cannot set; "
-        f"run `knn-classifier evaluate {name} --apply-best` (with the sweep that tuned it) to "
-        "fit them again; until then confidence, and min_confidence with it, is the raw share "
-        "of the vote"
-    ]
+    kept = list(info.dimensions)
+    fingerprint = info.embedder.fingerprint
+    same = bool(fingerprint) and (head.get("embedder") or {}).get("fingerprint") == fingerprint
+    notes = []
+    dimension = settings.get("dimension") or 0
+    if dimension in kept:
+        create["dimension"] = dimension
+    elif dimension:
+        notes.append(
+            f"its default dimension {dimension} is not kept here: it classifies at the largest"
+        )
+    calibration = settings.get("calibration")
+    if calibration and same and calibration.get("dimension") in kept:
+        create["dimension"] = calibration["dimension"]
+        create["calibration"] = pb.Calibration(
+            shares=calibration["shares"], probabilities=calibration["probabilities"]
+        )
+        create["embedder_fingerprint"] = fingerprint
+    elif settings.get("calibrated"):
+        if not calibration:
+            why = "is not in this export (version 1)"
+        else:
+            why = f"was fitted for another {'dimension' if same else 'embedder'} than this server's"
+        notes.append(
+            f"its confidence calibration {why}, so it is not restored: run "
+            f"`knn-classifier evaluate {name} --apply-best` (with the sweep that tuned it) to fit "
+            "it here; until then confidence, and min_confidence with it, is the raw share of "
+            "the vote"
+        )
+    exported = head.get("vector_dimensions") or []
+    usable = same and bool(exported) and max(exported) >= max(kept)
+    if exported and not usable:
+        notes.append(
+            "the export's vectors were made by another embedder or are narrower than this "
+            "server's dimensions: the texts are embedded here instead"
+        )
+    return Restore(create, fingerprint if usable else "", notes)

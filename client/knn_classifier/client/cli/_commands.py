@@ -132,19 +132,21 @@ def _rejected_path(args: argparse.Namespace, path: Path) -> Path:
     return path.with_name(f"{path.stem}.rejected{path.suffix}")
 
 
-def _prepare(client: Client, name: str, table: Table) -> None:
-    """Creates the classifier from an export's header, or checks that it exists."""
+def _prepare(client: Client, name: str, table: Table) -> str:
+    """Creates the classifier from an export's header, or checks that it exists; returns the
+    embedder fingerprint to send the export's vectors with ("": embed the texts)."""
     if table.header is not None:
-        settings = _archive.create_settings(table.header)
-        client.create_classifier(name, exist_ok=True, **settings)
-        for note in _archive.restore_notes(table.header, name):
+        restore = _archive.plan_restore(table.header, name, client.get_service_info())
+        client.create_classifier(name, exist_ok=True, **restore.settings)
+        for note in restore.notes:
             _note(note)
-        return
+        return restore.vectors_fingerprint
     try:
         client.get_classifier(name)
     except NotFoundError as error:
         hint = f"; create it first: knn-classifier create {name} --instruction '...'"
         raise NotFoundError(error.code, error.details + hint) from None
+    return ""
 
 
 def _print_summary(
@@ -177,7 +179,7 @@ def _print_summary(
 def import_rows(args: argparse.Namespace, client: Client) -> int:
     path = Path(args.file)
     table = _read_table(args, path, args.id_column, args.metadata_columns)
-    _prepare(client, args.name, table)
+    vectors_fingerprint = _prepare(client, args.name, table)
     summary = Summary(rejected=list(table.rejected))
     importer = Importer(
         client,
@@ -185,6 +187,7 @@ def import_rows(args: argparse.Namespace, client: Client) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         page_size=args.page_size,
+        vectors_fingerprint=vectors_fingerprint,
     )
     started = time.monotonic()
     to_send, existed = importer.plan(table.rows, summary)
@@ -213,14 +216,16 @@ def export(args: argparse.Namespace, client: Client) -> int:
     written = 0
     try:
         if args.output is None:
-            for count in _archive.export(client, classifier, sys.stdout, args.page_size):
+            for count in _archive.export(
+                client, classifier, sys.stdout, args.page_size, args.vectors
+            ):
                 written += count
                 bar.update(count)
         else:
             # Written beside and renamed at the end: an interrupted export leaves no short file.
             partial = Path(f"{args.output}.partial")
             with partial.open("w", encoding="utf-8") as out:
-                for count in _archive.export(client, classifier, out, args.page_size):
+                for count in _archive.export(client, classifier, out, args.page_size, args.vectors):
                     written += count
                     bar.update(count)
             os.replace(partial, args.output)

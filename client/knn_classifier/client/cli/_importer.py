@@ -105,8 +105,12 @@ class Importer:
         batch_size: int,
         concurrency: int,
         page_size: int,
+        vectors_fingerprint: str = "",
     ) -> None:
+        """``vectors_fingerprint``: send the rows' vectors (an export's), made by the embedder
+        of this fingerprint; empty: send the texts only, for the server to embed."""
         self._client = client
+        self._fingerprint = vectors_fingerprint
         self._classifier = classifier
         self._batch_size = batch_size
         self._concurrency = concurrency
@@ -187,7 +191,11 @@ class Importer:
         attempt = 0
         while True:
             try:
-                return self._client.add_exemplars(self._classifier, [r.exemplar() for r in rows])
+                return self._client.add_exemplars(
+                    self._classifier,
+                    [r.exemplar(with_vectors=bool(self._fingerprint)) for r in rows],
+                    embedder_fingerprint=self._fingerprint,
+                )
             except _TRANSIENT as error:
                 attempt += 1
                 # A full classifier or an oversized batch stays so: only what the server says

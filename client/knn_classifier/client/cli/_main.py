@@ -138,10 +138,18 @@ def parser() -> argparse.ArgumentParser:
     _add_output(load, "the summary")
 
     export = command(
-        "export", _commands.export, "Write a classifier (settings and exemplars) as JSONL."
+        "export",
+        _commands.export,
+        "Write a classifier (settings, calibration, thresholds and exemplars) as JSONL.",
     )
     export.add_argument("name")
     export.add_argument("-o", "--output", help="file (default: standard output)")
+    export.add_argument(
+        "--vectors",
+        action="store_true",
+        help="with the stored vectors: an import into a server of the same embedder then "
+        "embeds nothing (several KiB per exemplar)",
+    )
     export.add_argument("--page-size", type=_positive, default=1000, help="exemplars per call")
     export.add_argument("--progress", action=argparse.BooleanOptionalAction)
 

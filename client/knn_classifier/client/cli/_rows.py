@@ -6,8 +6,11 @@ number and the reason, so that the import can report it and write it back out fo
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import json
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +55,27 @@ class Row:
     id: str
     metadata: dict[str, str]
     original: Original
+    vectors: dict[int, bytes] = field(default_factory=dict)
+    """An export's vectors: dimension -> little-endian float32 values."""
 
-    def exemplar(self) -> pb.ExemplarInput:
+    def exemplar(self, with_vectors: bool = False) -> pb.ExemplarInput:
+        vectors = [
+            pb.ExemplarVector(dimension=dimension, values=_floats(raw))
+            for dimension, raw in sorted(self.vectors.items())
+            if with_vectors
+        ]
         return pb.ExemplarInput(
-            text=self.text, label=self.label, id=self.id, metadata=self.metadata
+            text=self.text, label=self.label, id=self.id, metadata=self.metadata, vectors=vectors
         )
+
+
+def _floats(raw: bytes) -> list[float]:
+    return list(memoryview(raw).cast("f"))  # little-endian: every platform gRPC runs on
+
+
+def encode_vector(values: Sequence[float]) -> str:
+    """A vector as an export line carries it: base64 of its little-endian float32 values."""
+    return base64.b64encode(array("f", values).tobytes()).decode()
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,11 @@ def _add(
     if reason:
         table.rejected.append(Rejected(line, reason, original))
         return
+    vectors = _vectors(record.get("vectors")) if table.header is not None else {}
+    if vectors is None:
+        reason = "'vectors' is not an object of dimension: base64 float32 values"
+        table.rejected.append(Rejected(line, reason, original))
+        return
     metadata = record.get("metadata")  # a JSON object; in CSV it is an ordinary column
     entries = dict(metadata) if isinstance(metadata, dict) else {}
     entries.update({name: record[name] for name in columns.metadata if name in record})
@@ -165,8 +189,24 @@ def _add(
             id=_string(record.get(columns.id) or ""),
             metadata={str(key): _string(value) for key, value in entries.items()},
             original=original,
+            vectors=vectors,
         )
     )
+
+
+def _vectors(value: Any) -> dict[int, bytes] | None:
+    """An export line's vectors, decoded; None if they are malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        return None
+    try:
+        decoded = {int(key): base64.b64decode(raw, validate=True) for key, raw in value.items()}
+    except (ValueError, TypeError, binascii.Error):
+        return None
+    if any(len(raw) != 4 * dimension for dimension, raw in decoded.items()):
+        return None
+    return decoded
 
 
 def _missing(value: Any, column: str) -> str | None:

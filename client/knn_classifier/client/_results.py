@@ -1,0 +1,30 @@
+"""Results of the exemplar writes: what they returned before, plus the classifier's new etag.
+
+``add_exemplars`` returned the ids as a list and ``delete_exemplars`` the count as an int; both
+still do (these are a ``list`` and an ``int``), and carry the etag the server answered after
+the write, so that a caller can chain conditional writes without reading the classifier again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Self
+
+
+class AddedExemplars(list[str]):
+    """The ids of the added exemplars, in request order; ``etag``: the classifier's after it."""
+
+    def __init__(self, ids: Iterable[str], etag: str) -> None:
+        super().__init__(ids)
+        self.etag = etag
+
+
+class DeletedExemplars(int):
+    """How many exemplars were deleted; ``etag``: the classifier's after the delete."""
+
+    etag: str
+
+    def __new__(cls, deleted: int, etag: str) -> Self:
+        result = super().__new__(cls, deleted)
+        result.etag = etag
+        return result

@@ -1,0 +1,273 @@
+"""Whole-classifier export and import: settings, calibration, thresholds, exemplars and vectors.
+
+Two real servers (the source and the target) on the same store kind, both stores; the CLI runs
+as a subprocess between them. The fake embedder's call counter shows whether the import embedded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.client import (
+    Client,
+    ExemplarInput,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.v1 import classifier_pb2 as pb
+
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer
+from .test_cli import ok, run
+
+EXEMPLARS = [
+    ExemplarInput(text=text, label=label, id=f"x{i}", metadata={"n": str(i)})
+    for i, (text, label) in enumerate(
+        [
+            ("my card has not arrived", "card"),
+            ("where is my new card", "card"),
+            ("card still missing after a week", "card"),
+            ("the card never came", "card"),
+            ("top up failed", "top_up"),
+            ("how do I top up by transfer", "top_up"),
+            ("my top up is pending", "top_up"),
+            ("top up did not go through", "top_up"),
+            ("I lost my phone", "phone"),
+            ("my phone was stolen", "phone"),
+            ("phone gone, block the app", "phone"),
+            ("someone took my phone", "phone"),
+        ]
+    )
+]
+QUERIES = ["card not here yet", "top up pending", "stolen phone", "zebra quantum", "card top up"]
+
+
+class Servers:
+    """Starts servers of one store kind, each on its own data directory (or Qdrant)."""
+
+    def __init__(self, kind: str, tmp_path: Path, base_url: str) -> None:
+        self._kind = kind
+        self._tmp_path = tmp_path
+        self._base_url = base_url
+        self._running: list[ServerThread] = []
+
+    def start(self, name: str, **overrides: Any) -> ServerThread:
+        settings = make_settings(self._tmp_path / name, self._base_url, **overrides)
+        store = None
+        if self._kind == "qdrant-server":
+            store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "knn")
+        server = ServerThread(settings, store).start()
+        self._running.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in self._running:
+            server.stop()
+
+
+@pytest.fixture(params=["embedded", "qdrant-server"])
+def servers(
+    request: pytest.FixtureRequest, tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> Iterator[Servers]:
+    started = Servers(request.param, tmp_path, fake_embedder.base_url)
+    yield started
+    started.stop()
+
+
+def tuned_source(servers: Servers) -> ServerThread:
+    """A source server with classifier "intents": defaults tuned, calibrated, thresholds."""
+    source = servers.start("source")
+    with source.client() as client:
+        client.create_classifier("intents", instruction="Sort it", k=3, voting="softmax")
+        client.add_exemplars("intents", EXEMPLARS)
+        client.evaluate("intents", k=[1, 3], temperature=[0.05], apply_best=True)
+        client.update_classifier("intents", min_similarity=0.2)
+        assert client.get_classifier("intents").calibrated
+    return source
+
+
+def answers(client: Client) -> list[pb.Prediction | str]:
+    return [
+        p if isinstance(p, pb.Prediction) else str(p)
+        for p in client.classify_batch("intents", QUERIES, include_neighbours=True)
+    ]
+
+
+def stored(client: Client) -> list[tuple[str, str, str, dict[str, str]]]:
+    return sorted(
+        (e.id, e.text, e.label, dict(e.metadata)) for e in client.iter_exemplars("intents")
+    )
+
+
+def settings_of(classifier: pb.Classifier) -> tuple[Any, ...]:
+    fields = ("instruction", "k", "voting", "temperature", "min_similarity", "min_confidence")
+    return (*(getattr(classifier, f) for f in fields), classifier.calibrated)
+
+
+def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding(
+    servers: Servers, fake_embedder: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    source = tuned_source(servers)
+    export = tmp_path / "intents.jsonl"
+    ok(run(source, "export", "intents", "-o", str(export), "--vectors", "--page-size", "5"))
+    head, *lines = (json.loads(line) for line in export.read_text().splitlines())
+    assert head["version"] == 2
+    assert head["vector_dimensions"] == [16, 64]
+    assert head["classifier"]["calibration"]["dimension"] == 64
+    assert sorted(lines[0]["vectors"]) == ["16", "64"]
+
+    target = servers.start("target")
+    before = fake_embedder.behaviour.calls
+    result = run(target, "import", "intents", str(export), "--json", "--batch-size", "5")
+    assert fake_embedder.behaviour.calls == before, "the import embedded texts"
+    assert json.loads(ok(result))["added"] == len(EXEMPLARS)
+    assert result.stderr == ""  # nothing was left out
+
+    with source.client() as original, target.client() as copy:
+        restored = copy.get_classifier("intents")
+        assert settings_of(restored) == settings_of(original.get_classifier("intents"))
+        assert restored.calibration == original.get_classifier("intents").calibration
+        assert restored.dimension == 64  # the calibration's, made explicit
+        assert stored(copy) == stored(original)
+        assert answers(copy) == answers(original)
+
+
+def test_an_import_into_another_embedder_embeds_the_texts_and_leaves_the_calibration(
+    servers: Servers, fake_embedder: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    source = tuned_source(servers)
+    export = tmp_path / "intents.jsonl"
+    ok(run(source, "export", "intents", "-o", str(export), "--vectors"))
+    other = servers.start("other", embedding={"model": "fake-v2"})  # another fingerprint
+    before = fake_embedder.behaviour.calls
+    result = run(other, "import", "intents", str(export), "--json")
+    assert json.loads(ok(result))["added"] == len(EXEMPLARS)
+    assert fake_embedder.behaviour.calls > before
+    assert "the texts are embedded here instead" in result.stderr
+    assert "run `knn-classifier evaluate intents --apply-best`" in result.stderr
+    with source.client() as original, other.client() as copy:
+        restored = copy.get_classifier("intents")
+        assert not restored.calibrated
+        assert settings_of(restored)[:-1] == settings_of(original.get_classifier("intents"))[:-1]
+        assert stored(copy) == stored(original)
+
+
+def test_a_plain_export_imports_with_its_calibration_and_embeds_the_texts(
+    servers: Servers, fake_embedder: FakeEmbeddingServer, tmp_path: Path
+) -> None:
+    source = tuned_source(servers)
+    export = tmp_path / "intents.jsonl"
+    ok(run(source, "export", "intents", "-o", str(export)))
+    target = servers.start("target")
+    before = fake_embedder.behaviour.calls
+    ok(run(target, "import", "intents", str(export)))
+    assert fake_embedder.behaviour.calls > before
+    with source.client() as original, target.client() as copy:
+        assert copy.get_classifier("intents").calibrated
+        assert answers(copy) == answers(original)
+
+
+def test_vectors_and_calibrations_of_another_embedder_are_refused(
+    servers: Servers, fake_embedder: FakeEmbeddingServer
+) -> None:
+    server = servers.start("server", limits={"max_response_bytes": 4096})
+    with server.client() as client:
+        fingerprint = client.get_service_info().embedder.fingerprint
+        assert fingerprint
+        client.create_classifier("c")
+        client.add_exemplars("c", EXEMPLARS)
+        pages, token = [], ""
+        while True:
+            page = client.list_exemplars("c", page_size=100, page_token=token, with_vectors=True)
+            assert page.embedder_fingerprint == fingerprint
+            assert page.ByteSize() <= 4096
+            pages.append(page.exemplars)
+            token = page.next_page_token
+            if not token:
+                break
+        listed = [e for page in pages for e in page]
+        assert len(pages) > 1  # 12 exemplars with 80 floats each do not fit 4 KiB at once
+        assert sorted(e.id for e in listed) == sorted(e.id for e in EXEMPLARS)
+        assert [v.dimension for v in listed[0].vectors] == [16, 64]
+        only = client.list_exemplars("c", with_vectors=True, vector_dimensions=[16])
+        assert {len(e.vectors) for e in only.exemplars} == {1}
+
+        with_vectors = [
+            pb.ExemplarInput(text=e.text, label=e.label, id=e.id, vectors=e.vectors) for e in listed
+        ]
+        before = fake_embedder.behaviour.calls
+        client.create_classifier("copy")
+        client.add_exemplars("copy", with_vectors, embedder_fingerprint=fingerprint)
+        assert fake_embedder.behaviour.calls == before
+
+        with pytest.raises(FailedPreconditionError) as mismatch:
+            client.add_exemplars("copy", with_vectors, embedder_fingerprint="another")
+        assert mismatch.value.reason == "EMBEDDER_MISMATCH"
+        with pytest.raises(InvalidArgumentError) as missing:
+            client.add_exemplars("copy", with_vectors)
+        assert missing.value.reason == "FIELD_REQUIRED"
+        narrow = [
+            pb.ExemplarInput(text=e.text, label=e.label, vectors=e.vectors[:1]) for e in listed
+        ]
+        with pytest.raises(FailedPreconditionError) as too_narrow:
+            client.add_exemplars("copy", narrow, embedder_fingerprint=fingerprint)
+        assert too_narrow.value.reason == "VECTORS_TOO_NARROW"
+        mixed = [with_vectors[0], pb.ExemplarInput(text="plain", label="card")]
+        with pytest.raises(InvalidArgumentError):
+            client.add_exemplars("copy", mixed, embedder_fingerprint=fingerprint)
+        assert client.get_classifier("copy").exemplar_count == len(EXEMPLARS)
+
+        calibration = pb.Calibration(shares=[0.2, 1.0], probabilities=[0.3, 0.9])
+        with pytest.raises(FailedPreconditionError) as other:
+            client.create_classifier(
+                "cal", calibration=calibration, dimension=64, embedder_fingerprint="another"
+            )
+        assert other.value.reason == "EMBEDDER_MISMATCH"
+        with pytest.raises(InvalidArgumentError):
+            client.create_classifier(
+                "cal", calibration=calibration, embedder_fingerprint=fingerprint
+            )
+        restored = client.create_classifier(
+            "cal", calibration=calibration, dimension=64, embedder_fingerprint=fingerprint
+        )
+        assert restored.calibrated
+        assert restored.calibration == calibration
+
+
+def test_list_exemplars_refuses_vector_dimensions_without_the_view(
+    server: ServerThread, client: Client
+) -> None:
+    client.create_classifier("c")
+    request = pb.ListExemplarsRequest(classifier="c", vector_dimensions=[16])
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+        channel.unary_unary(
+            "/knn_classifier.v1.ClassifierService/ListExemplars",
+            request_serializer=pb.ListExemplarsRequest.SerializeToString,
+            response_deserializer=pb.ListExemplarsResponse.FromString,
+        )(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_version_1_export_still_plans_a_restore_and_says_what_it_lacks() -> None:
+    from knn_classifier.client.cli._archive import plan_restore
+
+    info = pb.ServiceInfo(dimensions=[16, 64], embedder=pb.Embedder(fingerprint="f"))
+    head = {
+        "format": "knn-classifier-export",
+        "version": 1,
+        "classifier": {"instruction": "Sort it", "k": 3, "voting": "softmax", "dimension": 16,
+                       "calibrated": True},
+    }  # fmt: skip
+    restore = plan_restore(head, "copy", info)
+    assert restore.settings["dimension"] == 16
+    assert "calibration" not in restore.settings
+    assert not restore.vectors_fingerprint
+    assert any("not in this export (version 1)" in note for note in restore.notes)
