@@ -287,7 +287,7 @@ class ClassifierService:
             ]
             created = await self._absent(classifier, point_ids)
             await self._check_room(classifier, len(created))
-            await self._write_everywhere(classifier, point_ids, created, vectors, payloads)
+            await self._write_everywhere(current, point_ids, created, vectors, payloads)
             try:
                 return await self._classifiers.bump(current)
             except NotFound:
@@ -363,7 +363,7 @@ class ClassifierService:
         async with self._classifiers.writing(config.name, uid=config.uid) as current:
             created = await self._absent(config.name, point_ids)
             await self._check_room(config.name, len(created))
-            await self._write_everywhere(config.name, point_ids, created, vectors, payloads)
+            await self._write_everywhere(current, point_ids, created, vectors, payloads)
             await self._classifiers.bump(current)
 
     async def _held_everywhere(
@@ -388,7 +388,7 @@ class ClassifierService:
 
     async def _write_everywhere(
         self,
-        classifier: str,
+        config: ClassifierConfig,
         point_ids: list[str],
         created: list[str],
         vectors: VectorSet,
@@ -399,8 +399,10 @@ class ClassifierService:
         If a dimension fails, the ``created`` points (new with this call) are deleted again
         from the dimensions already written, so no new exemplar is left half-present. Points
         that existed before keep the new version where it was written. If the rollback itself
-        fails, start-up repair completes the leftovers in every dimension instead.
+        fails, start-up repair completes the leftovers in every dimension instead. Either way the
+        revision moves, so no replica keeps a model fitted while the failed write was visible.
         """
+        classifier = config.name
         written: list[int] = []
         try:
             for dimension in self._dimensions:
@@ -415,7 +417,18 @@ class ClassifierService:
                     log.warning(
                         "rollback of %d new exemplars failed; repair at start-up", len(created)
                     )
+            if written:
+                await self._bump_after_failure(config)
             raise
+
+    async def _bump_after_failure(self, config: ClassifierConfig) -> None:
+        """Best effort: the store that just failed may refuse this too."""
+        try:
+            await self._classifiers.bump(config)
+        except errors.ServiceError as exc:
+            log.warning(
+                "classifier %s: revision not moved after a failed write: %s", config.name, exc
+            )
 
     async def _check_room(self, classifier: str, adding: int) -> None:
         """Refuses new exemplars that would take the classifier past its exemplar limit.
