@@ -2,7 +2,7 @@
 
     python bench/search.py recall        # HNSW recall@10 vs exact, the server store's HNSW
     python bench/search.py quantization  # int8 scalar quantization: memory, recall, accuracy
-    python bench/search.py scale         # resident memory and search latency at 100k / 300k
+    python bench/search.py scale         # resident memory and search latency at 100k exemplars
 
 `make bench` runs all three. Everything runs on Qdrant Edge, Qdrant's engine as a library: the
 embedded store itself, and as the server store's local stand-in a shard configured as
@@ -473,7 +473,7 @@ def main() -> None:
     parser.add_argument("--recall-sizes", default="10000,100000")
     parser.add_argument("--recall-width", type=int, default=1024)
     parser.add_argument("--quantization-size", type=int, default=10_000)
-    parser.add_argument("--scale-sizes", default="100000,300000")
+    parser.add_argument("--scale-sizes", default="100000")
     parser.add_argument("--embedded-sizes", default="100000")
     parser.add_argument("--widths", nargs="+", default=["256,1024", "2560"])
     args = parser.parse_args()
