@@ -1,7 +1,7 @@
 """Search quality and the scale of one node (issue 12, parts 3 and 5).
 
     python bench/search.py recall        # HNSW recall@10 vs exact, the server store's HNSW
-    python bench/search.py quantization  # int8 scalar quantization: memory, recall, accuracy
+    python bench/search.py quantization  # int8 scalar quantization: recall, accuracy, speed
     python bench/search.py scale         # resident memory and search latency at 100k exemplars
 
 `make bench` runs all three. Everything runs on Qdrant Edge, Qdrant's engine as a library: the
