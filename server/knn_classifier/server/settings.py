@@ -137,9 +137,9 @@ class StoreSettings(BaseModel):
         description=(
             "Qdrant server store: collections created for this width or wider keep int8 "
             "copies of the vectors in RAM and the float32 vectors on disk (a quarter of the RAM), "
-            "and searches rescore the int8 candidates with the float32 vectors. Unset: float32 "
-            "in RAM. Applies to collections created after it is set; docs/scaling.md has its "
-            "measured cost."
+            "and are searched approximately (HNSW over the int8 copies, candidates rescored with "
+            "the float32 vectors) instead of exactly. Unset: float32 in RAM, exact search. "
+            "Applies to collections created after it is set; docs/scaling.md has its cost."
         ),
     )
     delete_orphaned_exemplars: bool = Field(

@@ -2,13 +2,13 @@
 
 Collections follow Qdrant's multitenancy recipe: an ``is_tenant`` keyword index on
 ``classifier``, and HNSW graphs built per tenant (``payload_m``) instead of one global graph
-(``m=0``). Queries are exact (``SearchParams(exact=True)``), as Evaluate's neighbours are: the
-graphs cost little and keep approximate search open for very large classifiers (docs/design.md).
-With ``quantize_from`` set, collections created for that width or wider keep int8 copies of the
-vectors in RAM and the float32 vectors on disk, and queries rescore their candidates with the
-float32 vectors. Writes use ``wait=True``: the call returns once the server has applied them.
-Any client or server failure becomes :class:`Unavailable`, so callers see UNAVAILABLE instead of
-an internal error.
+(``m=0``). Queries are exact (``SearchParams(exact=True)``), as Evaluate's neighbours are
+(docs/design.md). With ``quantize_from`` set, collections created for that width or wider keep
+int8 copies of the vectors in RAM and the float32 vectors on disk, and their queries search the
+graphs over the int8 copies and rescore the candidates with the float32 vectors: approximate,
+the price of the memory. Writes use ``wait=True``: the call returns once the server has
+applied them. Any client or server failure becomes :class:`Unavailable`, so callers see
+UNAVAILABLE instead of an internal error.
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ _INT8 = models.ScalarQuantization(
         type=models.ScalarType.INT8, quantile=0.99, always_ram=True
     )
 )
-_RESCORED = models.QuantizationSearchParams(rescore=True, oversampling=2.0)
-"""int8 candidates, twice as many as asked for, ranked again by their float32 vectors."""
+_EXACT = models.SearchParams(exact=True)
+_QUANTIZED = models.SearchParams(
+    hnsw_ef=256, quantization=models.QuantizationSearchParams(rescore=True, oversampling=2.0)
+)
+"""Qdrant ignores quantized vectors in an exact search (it would scan the float32 vectors on
+disk), so quantized widths walk the graph over the int8 vectors, with the ``hnsw_ef`` measured to
+keep recall, and rank twice the asked-for candidates again by their float32 vectors."""
 _CLIENT_FAILURES = (
     UnexpectedResponse,
     ResponseHandlingException,
@@ -253,9 +258,7 @@ class QdrantServerStore(Store):
         self, dimension: int, classifier: str, vectors: Matrix, k: int
     ) -> list[list[Record]]:
         tenant = _filter(Selection(classifier))
-        params = models.SearchParams(
-            exact=True, quantization=_RESCORED if self._quantized(dimension) else None
-        )
+        params = _QUANTIZED if self._quantized(dimension) else _EXACT
         requests = [
             models.QueryRequest(
                 query=vector, filter=tenant, limit=k, with_payload=True, params=params
