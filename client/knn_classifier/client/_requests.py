@@ -8,7 +8,7 @@ from typing import Literal, TypeAlias
 from knn_classifier.v1 import classifier_pb2 as pb
 
 VotingName: TypeAlias = Literal[
-    "majority", "similarity_weighted", "softmax", "centroid", "discriminant"
+    "majority", "similarity_weighted", "softmax", "centroid", "discriminant", "mixture"
 ]
 ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
 """An exemplar: a message, or a ``(text, label)`` pair."""
@@ -19,6 +19,7 @@ _VOTING: dict[str, pb.Voting.ValueType] = {
     "softmax": pb.VOTING_SOFTMAX,
     "centroid": pb.VOTING_CENTROID,
     "discriminant": pb.VOTING_DISCRIMINANT,
+    "mixture": pb.VOTING_MIXTURE,
 }
 
 
@@ -97,23 +98,27 @@ def classify_options(
 def evaluate(
     classifier: str,
     held_out: Iterable[tuple[str, str]],
+    out_of_scope: Iterable[str],
     k: Iterable[int],
     votings: Iterable[VotingName],
     dimensions: Iterable[int],
     temperatures: Iterable[float],
     apply_best: bool,
     target_precision: float | None,
+    target_coverage: float | None,
     etag: str,
 ) -> pb.EvaluateRequest:
     return pb.EvaluateRequest(
         classifier=classifier,
-        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out],
+        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out]
+        + [pb.LabelledText(text=text, out_of_scope=True) for text in out_of_scope],
         k_values=k,
         voting_methods=[voting(v) for v in votings],
         dimensions=dimensions,
         temperatures=temperatures,
         apply_best=apply_best,
         target_precision=target_precision,
+        target_coverage=target_coverage,
         etag=etag,
     )
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import errors, label_models, paging, tracing, updates, validation, wire_size
+from . import errors, label_models, out_of_scope, paging, tracing, updates, validation, wire_size
 from .classifiers import Classifiers
 from .coalescing import Coalescer, QueryBatcher
 from .domain import (
@@ -47,7 +47,7 @@ from .progress import Progress
 from .settings import LimitSettings, Settings
 from .store import Record, Selection, Store
 from .store.base import Payload
-from .voting import LABEL_SCORED, Neighbour, Vote, Voting, vote
+from .voting import Neighbour, ScopeCheck, Vote, Voting, vote
 
 log = logging.getLogger(__name__)
 
@@ -743,15 +743,16 @@ class ClassifierService:
                 tracing.annotate(voting=voting.value, texts=len(results))
                 labels: list[str] = []
                 by_label = np.empty((len(queries), 0), dtype=np.float32)
-                if voting in LABEL_SCORED:
+                if voting in label_models.FIT:
                     fit = label_models.FIT[voting]
                     model = await self._store.label_model(dimension, classifier, fit)
                     if not model.labels:  # every exemplar was deleted since the neighbour query
                         raise _no_exemplars(classifier)
                     labels, by_label = model.labels, model.scores(queries)
+                checks = await self._scope_checks(config, dimension, queries, results)
                 for j, hits in enumerate(results):
                     neighbours = [_neighbour(hit) for hit in hits]
-                    answers[valid[embedded[j]]] = vote(
+                    answer = vote(
                         neighbours,
                         voting,
                         min_similarity,
@@ -759,8 +760,36 @@ class ClassifierService:
                         temperature,
                         calibration,
                         list(zip(labels, by_label[j].tolist(), strict=True)),
+                        config.label_temperature,
+                    )
+                    answers[valid[embedded[j]]] = (
+                        out_of_scope.judged(answer, checks[j]) if checks else answer
                     )
         return [a for a in answers if a is not None], config.etag
+
+    async def _scope_checks(
+        self,
+        config: ClassifierConfig,
+        dimension: int,
+        queries: Matrix,
+        results: Sequence[Sequence[Record]],
+    ) -> list[ScopeCheck]:
+        """Each query's out-of-scope check, if the classifier has a rule for ``dimension``."""
+        rule = config.out_of_scope
+        if rule is None or rule.dimension != dimension:
+            return []
+        model = await self._store.label_model(dimension, config.name, out_of_scope.model_fit)
+        if model is None:
+            return []
+        nearest = [hits[0] for hits in results]
+        scores = out_of_scope.scores(
+            model,
+            rule,
+            queries,
+            [hit.score for hit in nearest],
+            [str(hit.payload["label"]) for hit in nearest],
+        )
+        return [ScopeCheck(s, rule.threshold, rule.target_coverage) for s in scores.tolist()]
 
     async def _embed_isolating_rejects(
         self, prompts: Sequence[str], direct: bool = False

@@ -281,8 +281,8 @@ class ClassifierDefaults(BaseModel):
     k: int = Field(10, ge=1, description="Neighbours that vote.")
     voting: str = Field(
         "similarity_weighted",
-        pattern="^(majority|similarity_weighted|softmax|centroid|discriminant)$",
-        description="majority, similarity_weighted, softmax, centroid or discriminant.",
+        pattern="^(majority|similarity_weighted|softmax|centroid|discriminant|mixture)$",
+        description="majority, similarity_weighted, softmax, centroid, discriminant or mixture.",
     )
     temperature: float = Field(
         0.05,

@@ -46,7 +46,10 @@ def exemplar(item: Exemplar) -> int:
 def classifier(info: ClassifierInfo) -> int:
     """A ``Classifier`` as one element of a repeated field."""
     config = info.config
-    return _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+    threshold = _FIELD + 4 * _SCALAR  # out_of_scope_threshold
+    return (
+        _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+    ) + threshold
 
 
 def label_count(label: str) -> int:
@@ -60,6 +63,7 @@ def prediction(vote: Vote, include_neighbours: bool, stop_above: int | None = No
     budget is not measured to the end.
     """
     size = 2 * _FIELD + string(vote.label or "") + 4 * _SCALAR
+    size += _FIELD + 3 * _SCALAR + _strings(vote.candidates)  # out_of_scope, candidates
     size += sum(_FIELD + string(label) + _SCALAR for label, _ in vote.scores)
     if include_neighbours:
         for neighbour in vote.voters:

@@ -13,16 +13,17 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ..label_models import LabelModel
-
 Payload = dict[str, Any]
 Matrix = npt.NDArray[np.float32]
-LabelModelFit = Callable[[Sequence[str], Matrix], LabelModel]
+Fitted = TypeVar("Fitted")
+LabelModelFit = Callable[[Sequence[str], Matrix], Fitted]
+"""A model of a classifier's exemplars (a label model, the out-of-scope model): a pure
+function of their labels and vectors."""
 
 _META_NAMESPACE = uuid.UUID("5b0c1f49-96a5-4fa9-a3c2-0d3d3c4a7e10")
 
@@ -127,7 +128,9 @@ class Store(ABC):
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
 
-    async def label_model(self, dimension: int, classifier: str, fit: LabelModelFit) -> LabelModel:
+    async def label_model(
+        self, dimension: int, classifier: str, fit: LabelModelFit[Fitted]
+    ) -> Fitted:
         """``fit`` of the labels and vectors of ``classifier``'s points, for centroid and
         discriminant voting (:mod:`label_models`).
 

@@ -37,8 +37,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from ..errors import Reason, ResourceExhausted, StartupError, Unavailable
-from ..label_models import LabelModel
-from .base import LabelModelFit, Matrix, Payload, Record, Selection, Store, meta_point_id
+from .base import Fitted, LabelModelFit, Matrix, Payload, Record, Selection, Store, meta_point_id
 from .mirror import VOTE_FIELDS, Mirror
 
 log = logging.getLogger(__name__)
@@ -332,7 +331,9 @@ class EdgeStore(Store):
     ) -> list[list[Record]]:
         return self._mirror(dimension, classifier).query(vectors, k)
 
-    async def label_model(self, dimension: int, classifier: str, fit: LabelModelFit) -> LabelModel:
+    async def label_model(
+        self, dimension: int, classifier: str, fit: LabelModelFit[Fitted]
+    ) -> Fitted:
         return await self._mirror(dimension, classifier).label_model(fit)
 
     def _mirror(self, dimension: int, classifier: str) -> Mirror:

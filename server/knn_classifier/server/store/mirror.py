@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..label_models import LabelModel
-from .base import LabelModelFit, Matrix, Payload, Record, Selection
+from .base import Fitted, LabelModelFit, Matrix, Payload, Record, Selection
 
 VOTE_FIELDS = ("id", "label", "text")
 
@@ -26,7 +26,7 @@ class Mirror:
         self._ids: list[str] = []
         self._payloads: list[Payload] = []
         self._rows: dict[str, int] = {}
-        self._label_models: dict[LabelModelFit, asyncio.Future[LabelModel]] = {}
+        self._label_models: dict[LabelModelFit[Any], asyncio.Future[Any]] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -74,7 +74,7 @@ class Mirror:
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
         ]
 
-    def label_model(self, fit: LabelModelFit) -> asyncio.Future[LabelModel]:
+    def label_model(self, fit: LabelModelFit[Fitted]) -> asyncio.Future[Fitted]:
         """``fit`` of this copy's labels and vectors, computed in a worker thread from a snapshot
         and kept until the next write; concurrent callers share one computation."""
         model = self._label_models.get(fit)
@@ -86,7 +86,7 @@ class Mirror:
             self._label_models[fit] = model
         return model
 
-    def _forget_failed(self, model: asyncio.Future[LabelModel]) -> None:
+    def _forget_failed(self, model: asyncio.Future[Any]) -> None:
         if not model.cancelled() and model.exception() is not None:
             self._label_models = {f: m for f, m in self._label_models.items() if m is not model}
 
