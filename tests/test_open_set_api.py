@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from knn_classifier.client import Client, InvalidArgumentError
-from knn_classifier.server import out_of_scope
+from knn_classifier.client import AsyncClient, Client, InvalidArgumentError
+from knn_classifier.server import migrate, out_of_scope
 from knn_classifier.server.domain import ClassifierConfig
 from knn_classifier.server.out_of_scope import OutOfScopeFit
 from knn_classifier.server.voting import (
@@ -26,6 +26,7 @@ from knn_classifier.server.voting import (
 )
 from knn_classifier.v1 import classifier_pb2 as pb
 
+from .conftest import ServerThread
 from .test_evaluate_api import TOPICS
 
 FOREIGN = "weather rain sun cloud storm wind snow forecast"
@@ -242,3 +243,28 @@ def test_the_fitted_rule_survives_the_classifier_record() -> None:
         "c", "", 5, Voting.MIXTURE, -1.0, 0.0, 0.0, 0.05, out_of_scope=rule, label_temperature=0.3
     )
     assert ClassifierConfig.from_payload(config.to_payload()) == config
+
+
+async def test_async_client_sends_out_of_scope_texts_and_target_coverage(
+    server: ServerThread,
+) -> None:
+    async with AsyncClient(server.address) as client:
+        await client.create_classifier("async-topics", k=5)
+        await client.add_exemplars("async-topics", topical_texts(60, seed=0))
+        fitted = await client.evaluate("async-topics", apply_best=True, target_coverage=0.95)
+        assert fitted.classifier.out_of_scope_threshold.target_coverage == pytest.approx(0.95)
+        response = await client.evaluate(
+            "async-topics",
+            held_out=topical_texts(12, seed=1),
+            out_of_scope=foreign_texts(6, seed=2),
+        )
+        metrics = response.results[0].out_of_scope
+        assert (metrics.in_scope_texts, metrics.out_of_scope_texts) == (12, 6)
+        assert metrics.threshold == fitted.classifier.out_of_scope_threshold
+
+
+def test_migrating_to_other_vectors_drops_the_out_of_scope_rule() -> None:
+    rule = OutOfScopeFit(16, 0.98, -4.0, 0.98, (0.1,), (1.0,))
+    config = ClassifierConfig("c", "", 5, Voting.SOFTMAX, -1.0, 0.0, 0.0, 0.05, out_of_scope=rule)
+    assert migrate._adapted(config, [16], same_vectors=False)[0].out_of_scope is None
+    assert migrate._adapted(config, [16], same_vectors=True)[0].out_of_scope == rule

@@ -144,8 +144,10 @@ def _adapted(
     """The record to create in the target, and what had to change in it.
 
     The calibration maps vote shares to probabilities for the old vectors at the default
-    dimension: it is dropped when either changes (as UpdateClassifier drops it). The thresholds
-    are the user's and are kept, but they too were chosen for the old vectors.
+    dimension: it is dropped when either changes (as UpdateClassifier drops it). The out-of-scope
+    rule holds the old vectors' scores: dropped with other vectors (in a dimension no longer
+    configured it never applies). The thresholds are the user's and are kept, but they too were
+    chosen for the old vectors.
     """
     notes = []
     if config.dimension and config.dimension not in dimensions:
@@ -155,10 +157,11 @@ def _adapted(
         )
         config = dataclasses.replace(config, dimension=0, calibration=None)
     if not same_vectors:
-        config = dataclasses.replace(config, calibration=None)
+        config = dataclasses.replace(config, calibration=None, out_of_scope=None)
     if notes or not same_vectors:
         notes.append(
-            "its calibration (dropped) and thresholds were fitted to the old vectors: run "
+            "its calibration and out-of-scope threshold (dropped) and thresholds were fitted to "
+            "the old vectors: run "
             f"`knn-classifier evaluate {config.name} --apply-best` to fit them again"
         )
     return config, tuple(notes)
