@@ -1361,7 +1361,7 @@ class EvaluateRequest(_message.Message):
     """
     target_coverage: _builtins.float
     """With apply_best: fit the out-of-scope threshold (Classifier.out_of_scope_threshold) to keep
-    this share of the leave-one-out exemplars, in (0.5, 1]. Unset: 0.98.
+    this share of the leave-one-out exemplars, 0.5 to 1. Unset: 0.98.
     """
     @_builtins.property
     def held_out_texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
