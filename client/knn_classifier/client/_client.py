@@ -313,28 +313,36 @@ class Client:
         classifier: str,
         *,
         held_out: Iterable[tuple[str, str]] = (),
+        out_of_scope: Iterable[str] = (),
         k: Iterable[int] = (),
         voting: Iterable[VotingName] = (),
         dimension: Iterable[int] = (),
         temperature: Iterable[float] = (),
         apply_best: bool = False,
         target_precision: float | None = None,
+        target_coverage: float | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
-        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs.
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs
+        and ``out_of_scope`` texts (which belong to no label: each result's ``out_of_scope``
+        then measures how they are told apart).
 
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
-        precision and coverage the classifier's thresholds give on leave-one-out."""
+        precision and coverage the classifier's thresholds give on leave-one-out. With
+        ``apply_best``, the out-of-scope threshold is fitted to keep ``target_coverage`` of the
+        leave-one-out exemplars (default 0.98)."""
         call = build.evaluate(
             classifier,
             held_out,
+            out_of_scope,
             k,
             voting,
             dimension,
             temperature,
             apply_best,
             target_precision,
+            target_coverage,
             etag,
         )
         return self._send(call, timeout)
@@ -620,28 +628,36 @@ class AsyncClient:
         classifier: str,
         *,
         held_out: Iterable[tuple[str, str]] = (),
+        out_of_scope: Iterable[str] = (),
         k: Iterable[int] = (),
         voting: Iterable[VotingName] = (),
         dimension: Iterable[int] = (),
         temperature: Iterable[float] = (),
         apply_best: bool = False,
         target_precision: float | None = None,
+        target_coverage: float | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
-        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs.
+        """Scores a sweep of settings by leave-one-out, or on ``held_out`` (text, label) pairs
+        and ``out_of_scope`` texts (which belong to no label: each result's ``out_of_scope``
+        then measures how they are told apart).
 
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
-        precision and coverage the classifier's thresholds give on leave-one-out."""
+        precision and coverage the classifier's thresholds give on leave-one-out. With
+        ``apply_best``, the out-of-scope threshold is fitted to keep ``target_coverage`` of the
+        leave-one-out exemplars (default 0.98)."""
         call = build.evaluate(
             classifier,
             held_out,
+            out_of_scope,
             k,
             voting,
             dimension,
             temperature,
             apply_best,
             target_precision,
+            target_coverage,
             etag,
         )
         return await self._send(call, timeout)

@@ -285,23 +285,27 @@ def _batch_results(response: pb.ClassifyBatchResponse) -> list[BatchResult]:
 def evaluate(
     classifier: str,
     held_out: Iterable[tuple[str, str]],
+    out_of_scope: Iterable[str],
     k: Iterable[int],
     votings: Iterable[VotingName],
     dimensions: Iterable[int],
     temperatures: Iterable[float],
     apply_best: bool,
     target_precision: float | None,
+    target_coverage: float | None,
     etag: str,
 ) -> Call[pb.EvaluateRequest, pb.EvaluateResponse]:
     request = pb.EvaluateRequest(
         classifier=classifier,
-        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out],
+        held_out_texts=[pb.LabelledText(text=text, label=label) for text, label in held_out]
+        + [pb.LabelledText(text=text, out_of_scope=True) for text in out_of_scope],
         k_values=k,
         voting_methods=[voting(v) for v in votings],
         dimensions=dimensions,
         temperatures=temperatures,
         apply_best=apply_best,
         target_precision=target_precision,
+        target_coverage=target_coverage,
         etag=etag,
     )
     return Call("Evaluate", request, _response)

@@ -57,6 +57,12 @@ class _VotingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Voting.ValueTy
     labels. k only sets how many neighbours are returned. Strongest with 5-20 exemplars per
     label and many labels; fitting it costs O(n d min(n, d)) after every write (n exemplars).
     """
+    VOTING_MIXTURE: _Voting.ValueType  # 6
+    """Half softmax voting's shares over the neighbours (exp(similarity / temperature)), half the
+    discriminant's shares (its scores' softmax at a temperature Evaluate fits on
+    leave-one-out): the neighbours and the discriminant err on different texts, so the mixture
+    beats both on classifiers with many labels. Costs what the discriminant costs.
+    """
 
 class Voting(_Voting, metaclass=_VotingEnumTypeWrapper):
     """How the k nearest neighbours turn into per-label scores.
@@ -85,6 +91,12 @@ label's mean exemplar compared in a space whitened by how the exemplars vary wit
 labels. k only sets how many neighbours are returned. Strongest with 5-20 exemplars per
 label and many labels; fitting it costs O(n d min(n, d)) after every write (n exemplars).
 """
+VOTING_MIXTURE: Voting.ValueType  # 6
+"""Half softmax voting's shares over the neighbours (exp(similarity / temperature)), half the
+discriminant's shares (its scores' softmax at a temperature Evaluate fits on
+leave-one-out): the neighbours and the discriminant err on different texts, so the mixture
+beats both on classifiers with many labels. Costs what the discriminant costs.
+"""
 Global___Voting: _TypeAlias = Voting  # noqa: Y015
 
 class _UnknownReason:
@@ -99,6 +111,15 @@ class _UnknownReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Unknown
     """No neighbour reached min_similarity."""
     UNKNOWN_REASON_BELOW_MIN_CONFIDENCE: _UnknownReason.ValueType  # 2
     """The winning label's confidence is under min_confidence."""
+    UNKNOWN_REASON_OUT_OF_SCOPE: _UnknownReason.ValueType  # 3
+    """The text belongs to none of the classifier's labels: its out-of-scope score is under the
+    threshold Evaluate fitted (see Prediction.out_of_scope).
+    """
+    UNKNOWN_REASON_AMBIGUOUS: _UnknownReason.ValueType  # 4
+    """The text is in scope (its out-of-scope score passed the fitted threshold) but its
+    confidence is under min_confidence: the best labels are too close to call.
+    Prediction.candidates holds the best two, e.g. for a "did you mean A or B?".
+    """
 
 class UnknownReason(_UnknownReason, metaclass=_UnknownReasonEnumTypeWrapper):
     """Why a prediction is "unknown".
@@ -113,6 +134,15 @@ UNKNOWN_REASON_BELOW_MIN_SIMILARITY: UnknownReason.ValueType  # 1
 """No neighbour reached min_similarity."""
 UNKNOWN_REASON_BELOW_MIN_CONFIDENCE: UnknownReason.ValueType  # 2
 """The winning label's confidence is under min_confidence."""
+UNKNOWN_REASON_OUT_OF_SCOPE: UnknownReason.ValueType  # 3
+"""The text belongs to none of the classifier's labels: its out-of-scope score is under the
+threshold Evaluate fitted (see Prediction.out_of_scope).
+"""
+UNKNOWN_REASON_AMBIGUOUS: UnknownReason.ValueType  # 4
+"""The text is in scope (its out-of-scope score passed the fitted threshold) but its
+confidence is under min_confidence: the best labels are too close to call.
+Prediction.candidates holds the best two, e.g. for a "did you mean A or B?".
+"""
 Global___UnknownReason: _TypeAlias = UnknownReason  # noqa: Y015
 
 class _ExemplarView:
@@ -164,6 +194,7 @@ class Classifier(_message.Message):
     CALIBRATED_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_THRESHOLD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The identifier; immutable."""
     instruction: _builtins.str
@@ -203,6 +234,10 @@ class Classifier(_message.Message):
         server by CreateClassifierRequest.calibration (export and import).
         """
 
+    @_builtins.property
+    def out_of_scope_threshold(self) -> Global___OutOfScopeThreshold:
+        """Output only. The out-of-scope threshold Evaluate fitted with apply_best; unset before."""
+
     def __init__(
         self,
         *,
@@ -219,10 +254,11 @@ class Classifier(_message.Message):
         calibrated: _builtins.bool = ...,
         etag: _builtins.str = ...,
         calibration: Global___Calibration | None = ...,
+        out_of_scope_threshold: Global___OutOfScopeThreshold | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "out_of_scope_threshold", b"out_of_scope_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "calibration", b"calibration", "created_at", b"created_at", "dimension", b"dimension", "etag", b"etag", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated", b"calibrated", "calibration", b"calibration", "created_at", b"created_at", "dimension", b"dimension", "etag", b"etag", "exemplar_count", b"exemplar_count", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "out_of_scope_threshold", b"out_of_scope_threshold", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,6 +296,47 @@ class Calibration(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
+
+@_typing.final
+class OutOfScopeThreshold(_message.Message):
+    """An out-of-scope threshold fitted by Evaluate (apply_best) from leave-one-out.
+
+    The out-of-scope score is higher for texts more like the classifier's labels: Fisher's
+    combination of two p-values among the exemplars' leave-one-out scores, of the nearest
+    exemplar's similarity less its label's typical similarity, and of the relative Mahalanobis
+    distance to the labels (docs/accuracy.md, "Open set"). A text scoring under the threshold is
+    answered unknown with UNKNOWN_REASON_OUT_OF_SCOPE, in the dimension it was fitted in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    TARGET_COVERAGE_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.float
+    """Texts scoring under it are out of scope."""
+    target_coverage: _builtins.float
+    """The share of in-scope texts the threshold was fitted to keep (EvaluateRequest.target_coverage)."""
+    coverage: _builtins.float
+    """The share of the leave-one-out exemplars it keeps."""
+    dimension: _builtins.int
+    """The dimension it applies to."""
+    def __init__(
+        self,
+        *,
+        threshold: _builtins.float = ...,
+        target_coverage: _builtins.float = ...,
+        coverage: _builtins.float = ...,
+        dimension: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "dimension", b"dimension", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutOfScopeThreshold: _TypeAlias = OutOfScopeThreshold  # noqa: Y015
 
 @_typing.final
 class CreateClassifierRequest(_message.Message):
@@ -1212,6 +1289,8 @@ class Prediction(_message.Message):
     SCORES_FIELD_NUMBER: _builtins.int
     NEIGHBOURS_FIELD_NUMBER: _builtins.int
     TOP_SIMILARITY_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The winning label; empty when unknown is true."""
     unknown: _builtins.bool
@@ -1232,6 +1311,16 @@ class Prediction(_message.Message):
     def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]:
         """The neighbours that voted, most similar first (only with include_neighbours)."""
 
+    @_builtins.property
+    def out_of_scope(self) -> Global___OutOfScopeCheck:
+        """The out-of-scope score and the threshold it was held against; unset when the classifier
+        has no out-of-scope threshold in the dimension answered.
+        """
+
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With UNKNOWN_REASON_AMBIGUOUS: the best two labels, best first."""
+
     def __init__(
         self,
         *,
@@ -1242,14 +1331,46 @@ class Prediction(_message.Message):
         scores: _abc.Iterable[Global___LabelScore] | None = ...,
         neighbours: _abc.Iterable[Global___Neighbour] | None = ...,
         top_similarity: _builtins.float = ...,
+        out_of_scope: Global___OutOfScopeCheck | None = ...,
+        candidates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["out_of_scope", b"out_of_scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "label", b"label", "neighbours", b"neighbours", "scores", b"scores", "top_similarity", b"top_similarity", "unknown", b"unknown", "unknown_reason", b"unknown_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "confidence", b"confidence", "label", b"label", "neighbours", b"neighbours", "out_of_scope", b"out_of_scope", "scores", b"scores", "top_similarity", b"top_similarity", "unknown", b"unknown", "unknown_reason", b"unknown_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
+
+@_typing.final
+class OutOfScopeCheck(_message.Message):
+    """A text's out-of-scope score against the classifier's threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    TARGET_COVERAGE_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """Higher for texts more like the classifier's labels (see OutOfScopeThreshold)."""
+    threshold: _builtins.float
+    """The threshold: under it, the text is out of scope."""
+    target_coverage: _builtins.float
+    """The share of in-scope texts the threshold was fitted to keep."""
+    def __init__(
+        self,
+        *,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        target_coverage: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["score", b"score", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutOfScopeCheck: _TypeAlias = OutOfScopeCheck  # noqa: Y015
 
 @_typing.final
 class ClassifyResponse(_message.Message):
@@ -1350,19 +1471,25 @@ class LabelledText(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text."""
     label: _builtins.str
-    """Its true label."""
+    """Its true label; empty when out_of_scope is set."""
+    out_of_scope: _builtins.bool
+    """The text belongs to none of the classifier's labels: the right answer is unknown. Evaluate
+    then also reports EvaluationResult.out_of_scope.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         label: _builtins.str = ...,
+        out_of_scope: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "out_of_scope", b"out_of_scope", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1383,6 +1510,7 @@ class EvaluateRequest(_message.Message):
     APPLY_BEST_FIELD_NUMBER: _builtins.int
     TARGET_PRECISION_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    TARGET_COVERAGE_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
     """The classifier's name."""
     apply_best: _builtins.bool
@@ -1399,6 +1527,10 @@ class EvaluateRequest(_message.Message):
     etag: _builtins.str
     """Optional, with apply_best: if set and not the classifier's current etag, ABORTED
     (ETAG_MISMATCH).
+    """
+    target_coverage: _builtins.float
+    """With apply_best: fit the out-of-scope threshold (Classifier.out_of_scope_threshold) to keep
+    this share of the leave-one-out exemplars, 0.5 to 1. Unset: 0.98.
     """
     @_builtins.property
     def held_out_texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
@@ -1438,13 +1570,19 @@ class EvaluateRequest(_message.Message):
         apply_best: _builtins.bool = ...,
         target_precision: _builtins.float | None = ...,
         etag: _builtins.str = ...,
+        target_coverage: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "target_precision", b"target_precision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_target_coverage", b"_target_coverage", "_target_precision", b"_target_precision", "target_coverage", b"target_coverage", "target_precision", b"target_precision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimensions", b"dimensions", "etag", b"etag", "held_out_texts", b"held_out_texts", "k_values", b"k_values", "target_precision", b"target_precision", "temperatures", b"temperatures", "voting_methods", b"voting_methods"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_coverage", b"_target_coverage", "_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimensions", b"dimensions", "etag", b"etag", "held_out_texts", b"held_out_texts", "k_values", b"k_values", "target_coverage", b"target_coverage", "target_precision", b"target_precision", "temperatures", b"temperatures", "voting_methods", b"voting_methods"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__target_coverage: _TypeAlias = _typing.Literal["target_coverage"]  # noqa: Y015
+    _WhichOneofArgType__target_coverage: _TypeAlias = _typing.Literal["_target_coverage", b"_target_coverage"]  # noqa: Y015
     _WhichOneofReturnType__target_precision: _TypeAlias = _typing.Literal["target_precision"]  # noqa: Y015
     _WhichOneofArgType__target_precision: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_coverage) -> _WhichOneofReturnType__target_coverage | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__target_precision) -> _WhichOneofReturnType__target_precision | None: ...
 
 Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
@@ -1535,6 +1673,7 @@ class EvaluationResult(_message.Message):
     EVALUATED_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TOP_CONFUSIONS_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """The setting."""
     voting: Global___Voting.ValueType
@@ -1563,6 +1702,12 @@ class EvaluationResult(_message.Message):
     def top_confusions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Confusion]:
         """The most frequent confusions, most frequent first."""
 
+    @_builtins.property
+    def out_of_scope(self) -> Global___OutOfScopeMetrics:
+        """With held-out texts marked out_of_scope: how the classifier tells them from the others.
+        The fields above then count the in-scope texts only.
+        """
+
     def __init__(
         self,
         *,
@@ -1578,14 +1723,71 @@ class EvaluationResult(_message.Message):
         evaluated: _builtins.int = ...,
         labels: _abc.Iterable[Global___LabelMetrics] | None = ...,
         top_confusions: _abc.Iterable[Global___Confusion] | None = ...,
+        out_of_scope: Global___OutOfScopeMetrics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["out_of_scope", b"out_of_scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "out_of_scope", b"out_of_scope", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+
+@_typing.final
+class OutOfScopeMetrics(_message.Message):
+    """How a setting answered held-out texts marked out of scope, and the in-scope ones beside them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUT_OF_SCOPE_TEXTS_FIELD_NUMBER: _builtins.int
+    IN_SCOPE_TEXTS_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    IN_SCOPE_COVERAGE_FIELD_NUMBER: _builtins.int
+    IN_SCOPE_ACCURACY_FIELD_NUMBER: _builtins.int
+    AUROC_FIELD_NUMBER: _builtins.int
+    TOP_SIMILARITY_AUROC_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    out_of_scope_texts: _builtins.int
+    """Held-out texts marked out of scope."""
+    in_scope_texts: _builtins.int
+    """Held-out texts with a label."""
+    recall: _builtins.float
+    """Share of the out-of-scope texts answered unknown (for any reason)."""
+    in_scope_coverage: _builtins.float
+    """Share of the in-scope texts answered with a label."""
+    in_scope_accuracy: _builtins.float
+    """Share of the in-scope texts answered with their true label."""
+    auroc: _builtins.float
+    """Area under the ROC curve of the out-of-scope score, in-scope against out-of-scope texts:
+    1 separates them perfectly, 0.5 is chance.
+    """
+    top_similarity_auroc: _builtins.float
+    """The same for the nearest exemplar's similarity alone, the baseline."""
+    @_builtins.property
+    def threshold(self) -> Global___OutOfScopeThreshold:
+        """The out-of-scope threshold applied: the classifier's own if fitted in this dimension, else
+        the one apply_best would fit (at target_coverage, or 0.98).
+        """
+
+    def __init__(
+        self,
+        *,
+        out_of_scope_texts: _builtins.int = ...,
+        in_scope_texts: _builtins.int = ...,
+        recall: _builtins.float = ...,
+        in_scope_coverage: _builtins.float = ...,
+        in_scope_accuracy: _builtins.float = ...,
+        auroc: _builtins.float = ...,
+        top_similarity_auroc: _builtins.float = ...,
+        threshold: Global___OutOfScopeThreshold | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auroc", b"auroc", "in_scope_accuracy", b"in_scope_accuracy", "in_scope_coverage", b"in_scope_coverage", "in_scope_texts", b"in_scope_texts", "out_of_scope_texts", b"out_of_scope_texts", "recall", b"recall", "threshold", b"threshold", "top_similarity_auroc", b"top_similarity_auroc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutOfScopeMetrics: _TypeAlias = OutOfScopeMetrics  # noqa: Y015
 
 @_typing.final
 class EvaluateResponse(_message.Message):

@@ -31,8 +31,9 @@ from .domain import (
     NewClassifier,
     ServiceInfo,
 )
-from .evaluation import Report
+from .evaluation import OutOfScopeMetrics, Report
 from .evaluator import Evaluation
+from .out_of_scope import OutOfScopeFit
 from .service import ClassifierService
 from .voting import UnknownReason, Vote, Voting
 
@@ -52,6 +53,8 @@ _VOTING_TO_PB = {value: key for key, value in _VOTING_FROM_PB.items()}
 _REASON_TO_PB = {
     UnknownReason.BELOW_MIN_SIMILARITY: pb.UNKNOWN_REASON_BELOW_MIN_SIMILARITY,
     UnknownReason.BELOW_MIN_CONFIDENCE: pb.UNKNOWN_REASON_BELOW_MIN_CONFIDENCE,
+    UnknownReason.OUT_OF_SCOPE: pb.UNKNOWN_REASON_OUT_OF_SCOPE,
+    UnknownReason.AMBIGUOUS: pb.UNKNOWN_REASON_AMBIGUOUS,
 }
 
 
@@ -249,7 +252,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     @_status_on_error
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         evaluate = EvaluateRequest(
-            held_out=[(item.text, item.label) for item in request.held_out_texts],
+            held_out=[_held_out(i, item) for i, item in enumerate(request.held_out_texts)],
             k=list(request.k_values),
             voting=[_required_voting(v) for v in request.voting_methods],
             dimension=list(request.dimensions),
@@ -257,6 +260,9 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             apply_best=request.apply_best,
             target_precision=(
                 request.target_precision if request.HasField("target_precision") else None
+            ),
+            target_coverage=(
+                request.target_coverage if request.HasField("target_coverage") else None
             ),
         )
         evaluation, info = await self._service.evaluate(request.classifier, evaluate, request.etag)
@@ -328,6 +334,44 @@ def _required_voting(value: pb.Voting.ValueType) -> Voting:
             field="voting_methods",
         )
     return voting
+
+
+def _held_out(i: int, item: pb.LabelledText) -> tuple[str, str | None]:
+    if not item.out_of_scope:
+        return item.text, item.label
+    if item.label:
+        raise errors.InvalidArgument(
+            f"held_out_texts[{i}] is marked out_of_scope but has label {item.label[:80]!r}; "
+            "send an out-of-scope text without a label",
+            field=f"held_out_texts[{i}].label",
+        )
+    return item.text, None
+
+
+def _out_of_scope_threshold(rule: OutOfScopeFit | None) -> pb.OutOfScopeThreshold | None:
+    if rule is None:
+        return None
+    return pb.OutOfScopeThreshold(
+        threshold=rule.threshold,
+        target_coverage=rule.target_coverage,
+        coverage=rule.coverage,
+        dimension=rule.dimension,
+    )
+
+
+def _out_of_scope_metrics(metrics: OutOfScopeMetrics | None) -> pb.OutOfScopeMetrics | None:
+    if metrics is None:
+        return None
+    return pb.OutOfScopeMetrics(
+        out_of_scope_texts=metrics.out_of_scope_texts,
+        in_scope_texts=metrics.in_scope_texts,
+        recall=metrics.recall,
+        in_scope_coverage=metrics.in_scope_coverage,
+        in_scope_accuracy=metrics.in_scope_accuracy,
+        auroc=metrics.auroc,
+        top_similarity_auroc=metrics.top_similarity_auroc,
+        threshold=_out_of_scope_threshold(metrics.threshold),
+    )
 
 
 def _evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.EvaluateResponse:
@@ -416,6 +460,7 @@ def _evaluation_result(report: Report) -> pb.EvaluationResult:
         top_confusions=[
             pb.Confusion(true_label=t, predicted_label=p, count=c) for t, p, c in report.confusions
         ],
+        out_of_scope=_out_of_scope_metrics(report.out_of_scope),
     )
 
 
@@ -502,6 +547,7 @@ def _classifier(info: ClassifierInfo) -> pb.Classifier:
             if config.calibration
             else None
         ),
+        out_of_scope_threshold=_out_of_scope_threshold(config.out_of_scope),
     )
 
 
@@ -517,7 +563,15 @@ def _prediction(result: Vote, include_neighbours: bool) -> pb.Prediction:
         confidence=result.confidence,
         scores=[pb.LabelScore(label=label, score=score) for label, score in result.scores],
         top_similarity=result.top_similarity,
+        candidates=result.candidates,
     )
+    check = result.out_of_scope
+    if check is not None:
+        prediction.out_of_scope.CopyFrom(
+            pb.OutOfScopeCheck(
+                score=check.score, threshold=check.threshold, target_coverage=check.target_coverage
+            )
+        )
     if include_neighbours:
         prediction.neighbours.extend(
             pb.Neighbour(id=n.id, label=n.label, text=n.text, similarity=n.similarity)

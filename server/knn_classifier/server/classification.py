@@ -13,17 +13,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import errors, label_models, tracing, validation
+from . import errors, label_models, out_of_scope, tracing, validation
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
 from .derived import ExemplarModels
-from .domain import ClassifyOptions, either
+from .domain import ClassifierConfig, ClassifyOptions, either
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import FailedPrecondition, InvalidArgument, Reason
 from .settings import LimitSettings
 from .store import Record
 from .vectors import Embeds, Matrix, truncate
-from .voting import LABEL_SCORED, Neighbour, Vote, vote
+from .voting import Neighbour, ScopeCheck, Vote, vote
 
 
 class Classification:
@@ -110,16 +110,18 @@ class Classification:
                 tracing.annotate(voting=voting.value, texts=len(results))
                 labels: list[str] = []
                 by_label = np.empty((len(queries), 0), dtype=np.float32)
-                if voting in LABEL_SCORED:
+                if voting in label_models.FIT:
+                    fit = label_models.FIT[voting]
                     model = await self._models.get(
-                        config, dimension, f"label-model:{voting}", label_models.FIT[voting]
+                        config, dimension, f"label-model:{fit.__name__}", fit
                     )
                     if not model.labels:  # every exemplar was deleted since the neighbour query
                         raise _no_exemplars(classifier)
                     labels, by_label = model.labels, model.scores(queries)
+                checks = await self._scope_checks(config, dimension, queries, results)
                 for j, hits in enumerate(results):
                     neighbours = [_neighbour(hit) for hit in hits]
-                    answers[valid[embedded[j]]] = vote(
+                    answer = vote(
                         neighbours,
                         voting,
                         min_similarity,
@@ -127,8 +129,36 @@ class Classification:
                         temperature,
                         calibration,
                         list(zip(labels, by_label[j].tolist(), strict=True)),
+                        config.label_temperature,
+                    )
+                    answers[valid[embedded[j]]] = (
+                        out_of_scope.judged(answer, checks[j]) if checks else answer
                     )
         return [a for a in answers if a is not None], config.etag
+
+    async def _scope_checks(
+        self,
+        config: ClassifierConfig,
+        dimension: int,
+        queries: Matrix,
+        results: Sequence[Sequence[Record]],
+    ) -> list[ScopeCheck]:
+        """Each query's out-of-scope check, if the classifier has a rule for ``dimension``."""
+        rule = config.out_of_scope
+        if rule is None or rule.dimension != dimension:
+            return []
+        model = await self._models.get(config, dimension, "out-of-scope", out_of_scope.model_fit)
+        if model is None:
+            return []
+        nearest = [hits[0] for hits in results]
+        scores = out_of_scope.scores(
+            model,
+            rule,
+            queries,
+            [hit.score for hit in nearest],
+            [hit.payload["label"] for hit in nearest],
+        )
+        return [ScopeCheck(s, rule.threshold, rule.target_coverage) for s in scores.tolist()]
 
 
 async def embed_isolating_rejects(

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .calibration import Calibration
+from .out_of_scope import OutOfScopeFit
 from .settings import LimitSettings
-from .voting import Voting
+from .voting import LABEL_TEMPERATURE, Voting
 
 T = TypeVar("T")
 
@@ -46,6 +47,10 @@ class ClassifierConfig:
     """Bumped by every write to the classifier: its settings and its exemplars."""
     deleting: bool = False
     """Set while the classifier's exemplars are deleted; the record goes last."""
+    out_of_scope: OutOfScopeFit | None = None
+    """The out-of-scope rule fitted by Evaluate with apply_best."""
+    label_temperature: float = LABEL_TEMPERATURE
+    """The discriminant's temperature in mixture voting, fitted by Evaluate with apply_best."""
 
     @property
     def etag(self) -> str:
@@ -76,6 +81,8 @@ class ClassifierConfig:
             "uid": self.uid,
             "revision": self.revision,
             "deleting": self.deleting,
+            "out_of_scope": self.out_of_scope.to_payload() if self.out_of_scope else None,
+            "label_temperature": self.label_temperature,
         }
 
     @classmethod
@@ -101,6 +108,12 @@ class ClassifierConfig:
             uid=str(payload.get("uid", "")),
             revision=int(payload.get("revision", 0)),
             deleting=bool(payload.get("deleting", False)),
+            out_of_scope=(
+                OutOfScopeFit.from_payload(payload["out_of_scope"])
+                if payload.get("out_of_scope")
+                else None
+            ),
+            label_temperature=float(payload.get("label_temperature", LABEL_TEMPERATURE)),
         )
 
 
@@ -165,14 +178,18 @@ class ClassifyOptions:
 class EvaluateRequest:
     """A sweep: every combination of the lists; an empty list takes the classifier's default."""
 
-    held_out: list[tuple[str, str]] = field(default_factory=list)
-    """(text, label) pairs; empty: leave-one-out over the stored exemplars."""
+    held_out: list[tuple[str, str | None]] = field(default_factory=list)
+    """(text, label) pairs, label None for a text that belongs to no label (out of scope);
+    empty: leave-one-out over the stored exemplars."""
     k: list[int] = field(default_factory=list)
     voting: list[Voting] = field(default_factory=list)
     dimension: list[int] = field(default_factory=list)
     temperature: list[float] = field(default_factory=list)
     apply_best: bool = False
     target_precision: float | None = None
+    target_coverage: float | None = None
+    """With apply_best, the share of in-scope texts the out-of-scope threshold keeps; None:
+    :data:`out_of_scope.DEFAULT_TARGET_COVERAGE`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,9 @@ import numpy.typing as npt
 
 from . import deadlines, label_models
 from .calibration import Calibration
+from .out_of_scope import OutOfScopeFit
 from .vectors import Matrix
-from .voting import LABEL_SCORED, Neighbour, Voting, vote
+from .voting import LABEL_SCORED, LABEL_TEMPERATURE, Neighbour, Voting, vote
 
 _BLOCK = 1024
 
@@ -29,6 +30,8 @@ class Setting:
     voting: Voting
     dimension: int
     temperature: float
+    label_temperature: float = LABEL_TEMPERATURE
+    """The discriminant's temperature in mixture voting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,22 @@ class Report:
     labels: list[LabelMetrics]
     confusions: list[tuple[str, str, int]]
     """(true label, predicted label, count), most frequent first."""
+    out_of_scope: OutOfScopeMetrics | None = None
+    """With held-out texts marked out of scope; the fields above count the in-scope ones."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfScopeMetrics:
+    out_of_scope_texts: int
+    in_scope_texts: int
+    recall: float
+    """Share of the out-of-scope texts answered unknown."""
+    in_scope_coverage: float
+    in_scope_accuracy: float
+    auroc: float
+    """Of the out-of-scope score, in-scope against out-of-scope texts."""
+    top_similarity_auroc: float
+    threshold: OutOfScopeFit
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,25 +140,42 @@ def outcomes(
     label_scores: tuple[list[str], Matrix] | None = None,
 ) -> list[Outcome]:
     """What :func:`~knn_classifier.server.voting.vote` answers (with no min_confidence) for every
-    query row, from its first ``setting.k`` neighbours (and, for centroid and discriminant
-    voting, from ``label_scores``: the labels, sorted, and one row of scores per query, -inf for
-    a label a query does not score)."""
+    query row, from its first ``setting.k`` neighbours (and, for centroid, discriminant and
+    mixture voting, from ``label_scores``: the labels, sorted, and one row of scores per query,
+    -inf for a label a query does not score)."""
     if setting.voting in LABEL_SCORED:
         if label_scores is None:
             raise ValueError(f"{setting.voting} voting needs label scores")
         return _label_scored_outcomes(
             similarities, setting, min_similarity, calibration, label_scores
         )
+    if setting.voting is Voting.MIXTURE and label_scores is None:
+        raise ValueError(f"{setting.voting} voting needs label scores")
     results = []
-    for row_indices, row_sims in zip(
-        indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True
+    for row, (row_indices, row_sims) in enumerate(
+        zip(indices[:, : setting.k].tolist(), similarities[:, : setting.k].tolist(), strict=True)
     ):
         neighbours = [
             Neighbour(exemplars.ids[i], exemplars.labels[i], exemplars.texts[i], s)
             for i, s in zip(row_indices, row_sims, strict=True)
         ]
+        by_label: list[tuple[str, float]] = []
+        if label_scores is not None and setting.voting is Voting.MIXTURE:
+            labels, scores = label_scores
+            by_label = [
+                (label, score)
+                for label, score in zip(labels, scores[row].tolist(), strict=True)
+                if score > -np.inf
+            ]
         result = vote(
-            neighbours, setting.voting, min_similarity, 0.0, setting.temperature, calibration
+            neighbours,
+            setting.voting,
+            min_similarity,
+            0.0,
+            setting.temperature,
+            calibration,
+            by_label,
+            setting.label_temperature,
         )
         results.append(
             Outcome(result.label, result.best_label, result.confidence, result.top_similarity)

@@ -17,19 +17,20 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from . import deadlines, evaluation, thresholds, validation
+from . import deadlines, evaluation, label_models, open_set, out_of_scope, thresholds, validation
 from .calibration import Calibration, fitted_temperature
 from .domain import ClassifierConfig, EvaluateRequest
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import FailedPrecondition, InvalidArgument
-from .evaluation import Exemplars, Outcome, Report, Setting
+from .evaluation import Exemplars, Outcome, OutOfScopeMetrics, Report, Setting
+from .out_of_scope import OutOfScopeFit
 from .settings import Settings
 from .store import Store
 from .thresholds import Reached, Thresholds
 from .vectors import Matrix, truncate
-from .voting import LABEL_SCORED, Voting
+from .voting import LABEL_SCORED, LABEL_TEMPERATURE, Voting
 
-_TEMPERED = {Voting.SOFTMAX, *LABEL_SCORED}
+_TEMPERED = {Voting.SOFTMAX, Voting.MIXTURE, *LABEL_SCORED}
 """The voting methods that use a temperature."""
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def with_fitted_temperature(
     labels, scores = label_scores
     position = {label: i for i, label in enumerate(labels)}
     columns = np.asarray([position[label] for label in truth], dtype=np.intp)
+    if setting.voting is Voting.MIXTURE:  # the softmax part's temperature is swept, not fitted
+        fitted = fitted_temperature(scores.astype(np.float64), columns, LABEL_TEMPERATURE)
+        return dataclasses.replace(setting, label_temperature=fitted)
     fitted = fitted_temperature(scores.astype(np.float64), columns, setting.temperature)
     return dataclasses.replace(setting, temperature=min(fitted, validation.MAX_TEMPERATURE))
 
@@ -129,6 +133,33 @@ async def stored_exemplars(store: Store, classifier: str, dimension: int) -> Exe
     )
 
 
+def _rule_for(config: ClassifierConfig, dimension: int) -> OutOfScopeFit | None:
+    """The classifier's out-of-scope rule if it was fitted in ``dimension``."""
+    rule = config.out_of_scope
+    return rule if rule is not None and rule.dimension == dimension else None
+
+
+def _out_of_scope_metrics(
+    labelled: Sequence[str | None], answers: Sequence[Outcome], scope: _Scope
+) -> OutOfScopeMetrics:
+    """How ``answers`` (one per text, ``labelled`` None for an out-of-scope one) tell the
+    out-of-scope texts from the others."""
+    outside = np.asarray([label is None for label in labelled])
+    unknown = np.asarray([a.label is None for a in answers])
+    right = np.asarray([a.label == label for a, label in zip(answers, labelled, strict=True)])
+    similarities = np.asarray([a.top_similarity for a in answers])
+    return OutOfScopeMetrics(
+        out_of_scope_texts=int(outside.sum()),
+        in_scope_texts=int((~outside).sum()),
+        recall=float(unknown[outside].mean()),
+        in_scope_coverage=float((~unknown[~outside]).mean()),
+        in_scope_accuracy=float(right[~outside].mean()),
+        auroc=out_of_scope.auroc(scope.scores[~outside], scope.scores[outside]),
+        top_similarity_auroc=out_of_scope.auroc(similarities[~outside], similarities[outside]),
+        threshold=scope.rule,
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Evaluation:
     reports: list[Report]
@@ -140,6 +171,18 @@ class Evaluation:
     """With apply_best: the classifier with the best setting applied, to be stored."""
     reached: Reached | None
     """With target_precision: what the updated classifier's thresholds reach."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Scope:
+    """The out-of-scope rule applied to held-out texts in one dimension, and their scores."""
+
+    rule: OutOfScopeFit
+    scores: npt.NDArray[np.float64]
+
+    @property
+    def kept(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(self.scores >= self.rule.threshold)
 
 
 class Evaluator:
@@ -162,13 +205,26 @@ class Evaluator:
             )
         for i, (text, label) in enumerate(held_out):
             validation.text(text, self._limits, f"held_out[{i}].text")
-            validation.label(label, f"held_out[{i}].label")
+            if label is not None:
+                validation.label(label, f"held_out[{i}].label")
+        outside = [i for i, (_, label) in enumerate(held_out) if label is None]
+        if held_out and len(outside) == len(held_out):
+            raise InvalidArgument(
+                "every held-out text is marked out of scope; send in-scope texts with labels too"
+            )
         if request.apply_best and held_out:
             raise InvalidArgument("apply_best fits from leave-one-out: send no held_out texts")
         if request.target_precision is not None and not request.apply_best:
             raise InvalidArgument("target_precision needs apply_best")
         if request.target_precision is not None:
             validation.fraction(request.target_precision, "target_precision", 0.01, 1)
+        if request.target_coverage is not None and not request.apply_best:
+            raise InvalidArgument("target_coverage needs apply_best")
+        target_coverage = (
+            out_of_scope.DEFAULT_TARGET_COVERAGE
+            if request.target_coverage is None
+            else validation.fraction(request.target_coverage, "target_coverage", 0.5, 1)
+        )
 
         stored = {d: await self._exemplars(classifier, d) for d in {s.dimension for s in sweep}}
         some = next(iter(stored.values()))
@@ -177,36 +233,39 @@ class Evaluator:
                 f"classifier {classifier!r} has {len(some.ids)} exemplars in "
                 f"{len(set(some.labels))} labels; evaluating needs at least two of each"
             )
+        rng = np.random.default_rng(0)
+        count = min(len(some.ids), self._limits.max_evaluated)
+        sample_ids = [some.ids[i] for i in sorted(rng.choice(len(some.ids), count, False))]
         if held_out:
             prompts = [self._embedder.prompt(config.instruction, text) for text, _ in held_out]
             embedded = await self._embedder.bulk.embed(prompts)
-            truth = [label for _, label in held_out]
-            sample_ids: list[str] = []
+            labelled = [label for _, label in held_out]
         else:
-            rng = np.random.default_rng(0)
-            count = min(len(some.ids), self._limits.max_evaluated)
-            sample_ids = [some.ids[i] for i in sorted(rng.choice(len(some.ids), count, False))]
             by_id = dict(zip(some.ids, some.labels, strict=True))
-            truth = [by_id[i] for i in sample_ids]
+            labelled = [by_id[i] for i in sample_ids]
+        truth = [label for label in labelled if label is not None]
 
         results: list[Evaluated] = []
         largest_k = max(s.k for s in sweep)
+        samples: dict[int, npt.NDArray[np.intp]] = {}
         for dimension, exemplars in stored.items():
+            position = {exemplar_id: i for i, exemplar_id in enumerate(exemplars.ids)}
+            samples[dimension] = np.asarray([position[i] for i in sample_ids], dtype=np.intp)
             if held_out:
                 queries, self_index = truncate(embedded, dimension), None
             else:
-                position = {exemplar_id: i for i, exemplar_id in enumerate(exemplars.ids)}
-                self_index = np.asarray([position[i] for i in sample_ids], dtype=np.intp)
+                self_index = samples[dimension]
                 queries = exemplars.vectors[self_index]
             indices, similarities = await asyncio.to_thread(
                 evaluation.nearest, queries, exemplars.vectors, largest_k, self_index
             )
-            label_scores = {
-                voting: await asyncio.to_thread(
-                    evaluation.label_scores, voting, exemplars, queries, self_index
-                )
-                for voting in LABEL_SCORED & {s.voting for s in sweep}
-            }
+            label_scores = await self._label_scores(sweep, exemplars, queries, self_index)
+            scope = None
+            if held_out and (outside or _rule_for(config, dimension)):
+                scope = await self._scope(
+                    config, exemplars, samples[dimension], queries, indices, similarities,
+                    target_coverage,
+                )  # fmt: skip
             for swept in (s for s in sweep if s.dimension == dimension):
                 deadlines.check("the next setting of the sweep")
                 scores = label_scores.get(swept.voting)
@@ -221,8 +280,9 @@ class Evaluator:
                     indices,
                     similarities,
                     scores,
-                    truth,
+                    labelled,
                     bool(held_out),
+                    scope,
                 )
                 results.append(evaluated)
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
@@ -233,6 +293,18 @@ class Evaluator:
             updated, reached = await asyncio.to_thread(
                 self._proposal, config, results[0], truth, request.target_precision
             )
+            dimension = results[0].report.setting.dimension
+            exemplars = stored[dimension]
+            rule = await asyncio.to_thread(
+                out_of_scope.fit,
+                exemplars.labels,
+                exemplars.vectors,
+                samples[dimension],
+                dimension,
+                target_coverage,
+                lambda: deadlines.check("the next rows of the out-of-scope fit"),
+            )
+            updated = dataclasses.replace(updated, out_of_scope=rule)
         unknown_labels = sorted(set(truth) - set(some.labels)) if held_out else []
         return Evaluation(
             [r.report for r in results], unknown_labels, len(some.ids), updated, reached
@@ -276,12 +348,60 @@ class Evaluator:
         if size > limit:
             raise InvalidArgument(f"the sweep has {size} settings; the limit is {limit}")
         return [
-            Setting(k, voting, dimension, t)
+            Setting(k, voting, dimension, t, config.label_temperature)
             for dimension in dimensions
             for voting in votings
             for k in ks_of(voting)
             for t in temperatures_of(voting)
         ]
+
+    @staticmethod
+    async def _label_scores(
+        sweep: Sequence[Setting],
+        exemplars: Exemplars,
+        queries: Matrix,
+        self_index: npt.NDArray[np.intp] | None,
+    ) -> dict[Voting, tuple[list[str], Matrix]]:
+        """The label model scores of the sweep's methods that need them, each model once."""
+        by_model: dict[object, tuple[list[str], Matrix]] = {}
+        scores = {}
+        for voting in sorted(set(label_models.FIT) & {s.voting for s in sweep}):
+            model = label_models.FIT[voting]
+            if model not in by_model:
+                by_model[model] = await asyncio.to_thread(
+                    evaluation.label_scores, voting, exemplars, queries, self_index
+                )
+            scores[voting] = by_model[model]
+        return scores
+
+    @staticmethod
+    async def _scope(
+        config: ClassifierConfig,
+        exemplars: Exemplars,
+        sample: npt.NDArray[np.intp],
+        queries: Matrix,
+        indices: npt.NDArray[np.intp],
+        similarities: Matrix,
+        target_coverage: float,
+    ) -> _Scope | None:
+        """The out-of-scope scores of held-out ``queries`` under the classifier's rule for this
+        dimension, or else the rule apply_best would fit (None with too few exemplars)."""
+        dimension = exemplars.vectors.shape[1]
+        rule = _rule_for(config, dimension) or await asyncio.to_thread(
+            out_of_scope.fit,
+            exemplars.labels,
+            exemplars.vectors,
+            sample,
+            dimension,
+            target_coverage,
+            lambda: deadlines.check("the next rows of the out-of-scope fit"),
+        )
+        if rule is None or len(exemplars.ids) < out_of_scope.MIN_EXEMPLARS:
+            return None
+        model = await asyncio.to_thread(open_set.fit, exemplars.labels, exemplars.vectors)
+        nearest = [exemplars.labels[i] for i in indices[:, 0].tolist()]
+        scores = out_of_scope.scores(model, rule, queries, similarities[:, 0].tolist(), nearest)
+        return _Scope(rule, scores)
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
         return await stored_exemplars(self._store, classifier, dimension)
@@ -294,18 +414,26 @@ class Evaluator:
         indices: npt.NDArray[np.intp],
         similarities: Matrix,
         label_scores: tuple[list[str], Matrix] | None,
-        truth: Sequence[str],
+        labelled: Sequence[str | None],
         held_out: bool,
+        scope: _Scope | None = None,
     ) -> Evaluated:
-        """The answers under ``setting`` with the classifier's thresholds, and their report.
+        """The answers under ``setting`` with the classifier's thresholds, and their report
+        (``labelled``: each text's label, None for one out of scope).
 
-        Held out, the classifier's calibration applies if it was fitted for this setting.
-        Leave-one-out, confidences are calibrated by two-fold cross-fitting (each half by a
-        calibration fitted on the other), which is what apply_best would give, measured honestly.
-        Also keeps the uncalibrated shares, which apply_best fits its calibration on.
+        Held out, the classifier's calibration applies if it was fitted for this setting, and
+        ``scope``'s out-of-scope rule to every text. Leave-one-out, confidences are calibrated
+        by two-fold cross-fitting (each half by a calibration fitted on the other), which is
+        what apply_best would give, measured honestly. Also keeps the uncalibrated shares, which
+        apply_best fits its calibration on. The report and the answers kept are the in-scope
+        texts'; the out-of-scope texts are measured in the report's ``out_of_scope``.
         """
         current = Setting(
-            config.k, config.voting, config.dimension or setting.dimension, config.temperature
+            config.k,
+            config.voting,
+            config.dimension or setting.dimension,
+            config.temperature,
+            config.label_temperature,
         )
         calibration = config.calibration if held_out and setting == current else None
         raw = evaluation.outcomes(
@@ -317,15 +445,26 @@ class Evaluator:
             calibration,
             label_scores,
         )
+        truth = [label for label in labelled if label is not None]
         confidences = [o.confidence for o in raw] if held_out else _cross_fitted(raw, truth)
-        outcomes = [
+        kept = scope.kept.tolist() if scope else [True] * len(raw)
+        answers = [
             Outcome(
-                o.label if c >= config.min_confidence else None, o.best_label, c, o.top_similarity
+                o.label if c >= config.min_confidence and keep else None,
+                o.best_label,
+                c,
+                o.top_similarity,
             )
-            for o, c in zip(raw, confidences, strict=True)
+            for o, c, keep in zip(raw, confidences, kept, strict=True)
         ]
+        inside = [i for i, label in enumerate(labelled) if label is not None]
+        outcomes = [answers[i] for i in inside]
         report = evaluation.report(setting, truth, outcomes)
-        return Evaluated(report, outcomes, [o.confidence for o in raw])
+        if scope is not None and len(inside) < len(labelled):
+            report = dataclasses.replace(
+                report, out_of_scope=_out_of_scope_metrics(labelled, answers, scope)
+            )
+        return Evaluated(report, outcomes, [raw[i].confidence for i in inside])
 
     @staticmethod
     def _proposal(
@@ -345,6 +484,7 @@ class Evaluator:
             voting=setting.voting,
             dimension=setting.dimension,
             temperature=setting.temperature,
+            label_temperature=setting.label_temperature,
             calibration=Calibration.fit(best.raw_shares, correct),
         )
         if target_precision is None:

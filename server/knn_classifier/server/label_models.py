@@ -100,7 +100,7 @@ def discriminant(labels: Sequence[str], vectors: Matrix, noise: float | None = N
     x = vectors.astype(np.float64)
     counts = np.bincount(member)
     means = _label_sums(member, len(names), vectors) / counts[:, None]
-    scatter = _Scatter.of(x - means[member])
+    scatter = Scatter.of(x - means[member])
     freedom = len(x) - len(names)
     if noise is None:
         noise = discriminant_noise(member, x - means[member], scatter, freedom)
@@ -110,7 +110,7 @@ def discriminant(labels: Sequence[str], vectors: Matrix, noise: float | None = N
 
 
 def discriminant_noise(
-    member: npt.NDArray[np.intp], residuals: _Float, scatter: _Scatter, freedom: int
+    member: npt.NDArray[np.intp], residuals: _Float, scatter: Scatter, freedom: int
 ) -> float:
     """tr(C^-1 Sigma), Sigma the within-label covariance: how much noise a mean of n exemplars
     adds to its squared length in C^-1, times n.
@@ -189,7 +189,7 @@ def leave_one_out_discriminant(
     x = vectors.astype(np.float64)
     counts = np.bincount(member)
     means = _label_sums(member, len(names), vectors) / counts[:, None]
-    scatter = _Scatter.of(x - means[member])
+    scatter = Scatter.of(x - means[member])
     noise = discriminant_noise(member, x - means[member], scatter, len(x) - len(names))
     means_in_basis = means @ scatter.basis
     points_in_basis = x[self_index] @ scatter.basis  # one product, not one per exemplar
@@ -210,7 +210,7 @@ def _left_out_scores(
     means: _Float,
     means_in_basis: _Float,
     counts: npt.NDArray[np.intp],
-    scatter: _Scatter,
+    scatter: Scatter,
     noise: float,
 ) -> _Float:
     """The discriminant scores of an exemplar (``point``: it and its coordinates in the scatter's
@@ -254,7 +254,7 @@ def _left_out_scores(
 
 
 @dataclass(frozen=True, slots=True)
-class _Scatter:
+class Scatter:
     """The pooled within-label scatter (sum of residual outer products) by its eigenvectors."""
 
     basis: _Float
@@ -264,7 +264,7 @@ class _Scatter:
     trace: float
 
     @classmethod
-    def of(cls, residuals: _Float) -> _Scatter:
+    def of(cls, residuals: _Float) -> Scatter:
         n, d = residuals.shape
         by_gram = n <= d  # the n x n Gram matrix is then the smaller, and the rank is at most n
         gram = residuals @ residuals.T if by_gram else residuals.T @ residuals
@@ -309,7 +309,9 @@ def _scale(trace: float, dimension: int, freedom: int) -> tuple[float, float]:
 FIT: dict[Voting, Callable[[Sequence[str], Matrix], LabelModel]] = {
     Voting.CENTROID: centroids,
     Voting.DISCRIMINANT: discriminant,
+    Voting.MIXTURE: discriminant,
 }
+"""The label model of each voting method that needs one."""
 LEAVE_ONE_OUT: dict[
     Voting,
     Callable[
@@ -319,6 +321,7 @@ LEAVE_ONE_OUT: dict[
 ] = {
     Voting.CENTROID: leave_one_out_centroids,
     Voting.DISCRIMINANT: leave_one_out_discriminant,
+    Voting.MIXTURE: leave_one_out_discriminant,
 }
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .label_models import _Scatter, shrinkage
+from .label_models import Scatter, shrinkage
 from .vectors import Matrix
 
 _Float = npt.NDArray[np.float64]
@@ -71,7 +71,7 @@ class _Gaussians:
     """mean . covariance^-1 mean, for each mean."""
 
     @classmethod
-    def of(cls, means: _Float, scatter: _Scatter, freedom: int) -> _Gaussians:
+    def of(cls, means: _Float, scatter: Scatter, freedom: int) -> _Gaussians:
         a, b = (
             float(c)
             for c in _covariance(np.array(scatter.trace), np.array(freedom), means.shape[1])
@@ -123,8 +123,8 @@ def fit(labels: Sequence[str], vectors: Matrix) -> OutOfScopeModel:
     """The out-of-scope model of a classifier's exemplars: ``vectors`` (unit length, at least two),
     one row per label of ``labels``."""
     names, member, x, means, background = _statistics(labels, vectors)
-    within = _Scatter.of(x - means[member])
-    total = _Scatter.of(x - background)
+    within = Scatter.of(x - means[member])
+    total = Scatter.of(x - background)
     nearest = _nearest_two(vectors)[1][:, 0]
     return OutOfScopeModel(
         names,
@@ -160,8 +160,8 @@ def leave_one_out(
     back to their second nearest, and it leaves its label's quartile.
     """
     names, member, x, means, background = _statistics(labels, vectors)
-    within = _Scatter.of(x - means[member])
-    total = _Scatter.of(x - background)
+    within = Scatter.of(x - means[member])
+    total = Scatter.of(x - background)
     everyone = np.zeros(len(x), dtype=np.intp)
     indices, similarities = _nearest_two(vectors)
     mahalanobis = np.empty(len(self_index))
@@ -183,7 +183,7 @@ def leave_one_out(
 
 
 def _left_out_distances(
-    x: _Float, rows: _Index, member: _Index, means: _Float, scatter: _Scatter, freedom: int
+    x: _Float, rows: _Index, member: _Index, means: _Float, scatter: Scatter, freedom: int
 ) -> _Float:
     """The squared Mahalanobis distances of exemplars ``rows`` to every mean, each from the
     means and the scatter without it (inf to its own label's if it was the label's only one).

@@ -198,8 +198,9 @@ def carried(
 
     The calibration maps vote shares to probabilities for the old vectors at the default
     dimension (``source_widest`` where it is 0): it is dropped when either changes here (as
-    UpdateClassifier drops it). The thresholds are the user's and are kept, but they too were
-    chosen for the old vectors.
+    UpdateClassifier drops it). The out-of-scope rule holds the old vectors' scores at its
+    dimension: dropped with other vectors or without that dimension. The thresholds are the
+    user's and are kept, but they too were chosen for the old vectors.
     """
     notes = []
     fitted_at = config.dimension or source_widest
@@ -214,9 +215,13 @@ def carried(
         config = dataclasses.replace(config, calibration=None)
     elif config.calibration is not None and fitted_at != max(dimensions):
         config = dataclasses.replace(config, dimension=fitted_at)  # where it was fitted
+    rule = config.out_of_scope
+    if rule is not None and not (same_vectors and rule.dimension in dimensions):
+        config = dataclasses.replace(config, out_of_scope=None)
     if notes or not calibration_holds:
         notes.append(
-            "its calibration (dropped) and thresholds were fitted to the old vectors: run "
-            f"`knn-classifier evaluate {config.name} --apply-best` to fit them again"
+            "its calibration and out-of-scope threshold (dropped) and thresholds were fitted to "
+            f"the old vectors: run `knn-classifier evaluate {config.name} --apply-best` to fit "
+            "them again"
         )
     return config, tuple(notes)

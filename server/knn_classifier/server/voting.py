@@ -27,15 +27,38 @@ class Voting(enum.StrEnum):
     DISCRIMINANT = "discriminant"
     """Each label scores exp(score / temperature), its score the text's linear discriminant for
     the label (see :mod:`label_models`); the neighbours are the explanation, not the votes."""
+    MIXTURE = "mixture"
+    """:data:`MIXTURE_WEIGHT` x softmax voting's shares + the rest x the discriminant's shares
+    (at the label temperature): the neighbours and the discriminant err on different texts
+    (docs/accuracy.md, "The many-intent gap")."""
 
 
 LABEL_SCORED = frozenset({Voting.CENTROID, Voting.DISCRIMINANT})
 """The methods that score labels as a whole (:mod:`label_models`) rather than by neighbours."""
+MIXTURE_WEIGHT = 0.5
+"""The neighbours' weight in mixture voting. On HWU64 and banking77 leave-one-out chose 0.5 of
+0.25 / 0.5 / 0.75 (docs/accuracy.md)."""
+LABEL_TEMPERATURE = 0.01
+"""The discriminant's temperature in mixture voting until Evaluate fits one, and the centre of
+that fit's prior."""
 
 
 class UnknownReason(enum.StrEnum):
     BELOW_MIN_SIMILARITY = "below_min_similarity"
     BELOW_MIN_CONFIDENCE = "below_min_confidence"
+    OUT_OF_SCOPE = "out_of_scope"
+    AMBIGUOUS = "ambiguous"
+    """In scope (its out-of-scope check passed) but under min_confidence."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeCheck:
+    """A text's out-of-scope score against the classifier's fitted threshold
+    (:mod:`out_of_scope`)."""
+
+    score: float
+    threshold: float
+    target_coverage: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +84,15 @@ class Vote:
     unknown_reason: UnknownReason | None
     best_label: str | None = None
     """The label with the highest score, even when the answer is unknown."""
+    out_of_scope: ScopeCheck | None = None
+    """The out-of-scope check, when the classifier has a threshold in the dimension answered."""
+
+    @property
+    def candidates(self) -> list[str]:
+        """The best two labels of an ambiguous answer, best first; otherwise none."""
+        if self.unknown_reason is not UnknownReason.AMBIGUOUS:
+            return []
+        return [label for label, _ in self.scores[:2]]
 
 
 def vote(
@@ -71,11 +103,14 @@ def vote(
     temperature: float = 0.05,
     calibration: Calibration | None = None,
     label_scores: Sequence[tuple[str, float]] = (),
+    label_temperature: float = LABEL_TEMPERATURE,
 ) -> Vote:
     """Votes over ``neighbours``; those under ``min_similarity`` do not vote.
 
     Centroid and discriminant voting score the labels in ``label_scores`` (label, the text's
-    score for it) instead; ``min_similarity`` still applies to the nearest neighbour.
+    score for it) instead; ``min_similarity`` still applies to the nearest neighbour. Mixture
+    voting mixes softmax voting's shares with those of ``label_scores`` at
+    ``label_temperature``.
 
     Ties go to the label whose best neighbour is the most similar, then to the smaller label, so
     the answer never depends on the order the store returned equal scores in.
@@ -89,10 +124,24 @@ def vote(
     totals: dict[str, float] = {}
     best_similarity: dict[str, float] = {}
     if voting in LABEL_SCORED:
-        top = max(score for _, score in label_scores)
-        for label, score in label_scores:
-            totals[label] = math.exp((score - top) / temperature)
-            best_similarity[label] = score
+        totals = _label_shares(label_scores, temperature)
+        best_similarity = dict(label_scores)
+    elif voting is Voting.MIXTURE:
+        weights = _weights(voters, Voting.SOFTMAX, temperature)
+        total = sum(weights)
+        model_shares = _label_shares(label_scores, label_temperature)
+        model_total = sum(model_shares.values())
+        totals = {
+            label: (1 - MIXTURE_WEIGHT) * share / model_total
+            for label, share in model_shares.items()
+        }
+        best_similarity = {label: -math.inf for label in totals}
+        for neighbour, weight in zip(voters, weights, strict=True):
+            share = MIXTURE_WEIGHT * weight / total
+            totals[neighbour.label] = totals.get(neighbour.label, 0.0) + share
+            best_similarity[neighbour.label] = max(
+                best_similarity.get(neighbour.label, -math.inf), neighbour.similarity
+            )
     else:
         weights = _weights(voters, voting, temperature)
         for neighbour, weight in zip(voters, weights, strict=True):
@@ -108,6 +157,14 @@ def vote(
         reason = UnknownReason.BELOW_MIN_CONFIDENCE
         return Vote(None, confidence, scores, voters, top_similarity, reason, winner)
     return Vote(winner, confidence, scores, voters, top_similarity, None, winner)
+
+
+def _label_shares(
+    label_scores: Sequence[tuple[str, float]], temperature: float
+) -> dict[str, float]:
+    """Each label's exp((score - best) / temperature), summing to at most the label count."""
+    top = max(score for _, score in label_scores)
+    return {label: math.exp((score - top) / temperature) for label, score in label_scores}
 
 
 def _weights(voters: Sequence[Neighbour], voting: Voting, temperature: float) -> list[float]:

@@ -50,7 +50,10 @@ def exemplar(item: Exemplar) -> int:
 def classifier(info: ClassifierInfo) -> int:
     """A ``Classifier`` as one element of a repeated field."""
     config = info.config
-    size = _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+    threshold = _FIELD + 4 * _SCALAR  # out_of_scope_threshold
+    size = (
+        _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
+    ) + threshold
     if config.calibration is not None:  # two packed repeated doubles
         size += _FIELD + 2 * (_FIELD + 8 * len(config.calibration.shares))
     return size
@@ -72,6 +75,7 @@ def prediction(vote: Vote, include_neighbours: bool, stop_above: int | None = No
     budget is not measured to the end.
     """
     size = 2 * _FIELD + string(vote.label or "") + 4 * _SCALAR
+    size += _FIELD + 3 * _SCALAR + _strings(vote.candidates)  # out_of_scope, candidates
     size += sum(_FIELD + string(label) + _SCALAR for label, _ in vote.scores)
     if include_neighbours:
         for neighbour in vote.voters:

