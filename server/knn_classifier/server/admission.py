@@ -9,26 +9,19 @@ retry overload, and only overload, after a short delay. Health checks are always
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import Any, cast
 
 import grpc
 
 from . import statuses
 from .errors import Reason
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+from .interception import Context, Handler, ServerInterceptor
 
 RETRY_AFTER_S = 0.1
 _HEALTH = "/grpc.health.v1.Health/"
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
-
-class LimitConcurrentCalls(_ServerInterceptor):
+class LimitConcurrentCalls(ServerInterceptor):
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._active = 0

@@ -14,12 +14,13 @@ import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import grpc
 
 from . import statuses
 from .errors import Reason
+from .interception import Handler, ServerInterceptor
 from .settings import AuthSettings
 
 _OPEN_PREFIX = "/grpc.health.v1.Health/"
@@ -95,9 +96,6 @@ def _read_keys_file(path: Path) -> Iterable[tuple[bytes, Role]]:
         yield raw, role
 
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-
 def _deny(code: grpc.StatusCode, message: str, reason: Reason) -> Handler:
     details = statuses.status(code, message, reason)
 
@@ -107,13 +105,7 @@ def _deny(code: grpc.StatusCode, message: str, reason: Reason) -> Handler:
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class ApiKeyInterceptor(_ServerInterceptor):
+class ApiKeyInterceptor(ServerInterceptor):
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
 

@@ -8,24 +8,17 @@ INVALID_ARGUMENT when that fails.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from . import statuses
 from .errors import Reason
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
+from .interception import Context, Handler, ServerInterceptor
 
 
-class RejectMalformedRequests(_ServerInterceptor):
+class RejectMalformedRequests(ServerInterceptor):
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],

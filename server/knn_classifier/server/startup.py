@@ -13,16 +13,15 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+from typing import Any, NoReturn
 
 import grpc
 
 from . import statuses
 from .auth import KeyRing
 from .errors import Reason, StartupError, Unavailable
+from .interception import Handler, ServerInterceptor
 from .settings import AuthSettings, ServerSettings, TlsSettings
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def _read(setting: str, path: Path) -> bytes:
@@ -135,13 +134,7 @@ def _why_not_bindable(settings: ServerSettings) -> tuple[str, bool]:
     return "gRPC could not bind it", False
 
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class StartingGate(_ServerInterceptor):
+class StartingGate(ServerInterceptor):
     """Answers calls to ``service`` UNAVAILABLE until :meth:`open`; other services pass."""
 
     def __init__(self, service: str) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -36,17 +36,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from . import logs, tracing
+from .interception import Context, Handler, ServerInterceptor
 from .metrics import Metrics
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Behaviour = Callable[[Any, Context], Awaitable[Any]]
 Metadata = Sequence[tuple[str, str | bytes]]
-
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 REQUEST_ID = "x-request-id"
 _KNOWN_METHODS = frozenset(
@@ -86,7 +80,7 @@ class _Call:
 _call: ContextVar[_Call | None] = ContextVar("knn_call", default=None)
 
 
-class RpcTelemetry(_ServerInterceptor):
+class RpcTelemetry(ServerInterceptor):
     def __init__(
         self,
         metrics: Metrics,
@@ -218,7 +212,7 @@ class RpcTelemetry(_ServerInterceptor):
         )
 
 
-class _RequestNotes(_ServerInterceptor):
+class _RequestNotes(ServerInterceptor):
     """The inner part of :class:`RpcTelemetry`: sees parsed requests and responses."""
 
     def __init__(self, metrics: Metrics) -> None:
