@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.harness import free_port, wait_until_serving
 from knn_classifier.client import AsyncClient, KnnClassifierError
 from knn_classifier.client._requests import VotingName
-from knn_classifier.server.service import derived_exemplar_id
+from knn_classifier.server.exemplar_writes import derived_exemplar_id
 from knn_classifier.server.store import EdgeStore
 from tests.fake_embedder import FakeEmbeddingServer
 
