@@ -220,11 +220,11 @@ def _vote(texts: list[str]) -> Vote:
     ids=["short", "ascii", "non-ascii"],
 )
 def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None:
-    from knn_classifier.server.api import _classifier, _prediction
+    from knn_classifier.server import messages
 
     vote = _vote(texts)
     built = pb.ClassifyBatchResponse(
-        results=[pb.ClassifyBatchResult(prediction=_prediction(vote, True))]
+        results=[pb.ClassifyBatchResult(prediction=messages.prediction(vote, True))]
     )
     estimate = wire_size.prediction(vote, include_neighbours=True)
     assert built.ByteSize() <= estimate <= built.ByteSize() + 128 + 24 * len(texts)
@@ -241,14 +241,18 @@ def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None
     assert message.ByteSize() <= wire_size.exemplar(exemplar) <= message.ByteSize() + 64
 
     config = ClassifierConfig(texts[0][:64], texts[-1], 10, Voting.SOFTMAX, 0.1, 0.2, 1.7e9, 0.05)
-    listed = pb.ListClassifiersResponse(classifiers=[_classifier(ClassifierInfo(config, 123))])
+    listed = pb.ListClassifiersResponse(
+        classifiers=[messages.classifier(ClassifierInfo(config, 123))]
+    )
     listed.classifiers[0].etag = "e" * 64
     assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(config, 123))
 
     calibrated = dataclasses.replace(
         config, calibration=Calibration(tuple(np.linspace(0, 1, 64)), tuple([0.5] * 64))
     )
-    listed = pb.ListClassifiersResponse(classifiers=[_classifier(ClassifierInfo(calibrated, 1))])
+    listed = pb.ListClassifiersResponse(
+        classifiers=[messages.classifier(ClassifierInfo(calibrated, 1))]
+    )
     assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(calibrated, 1))
 
     vectors = {16: [0.25] * 16, 2560: [-0.5] * 2560}

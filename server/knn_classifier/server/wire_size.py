@@ -3,7 +3,7 @@
 List and batch responses must stay under the response budget (``KNN_LIMITS__MAX_RESPONSE_BYTES``)
 before any protobuf message is built: a ClassifyBatch with neighbours over long exemplars once
 built a 364 MB response before gRPC's send limit refused it. Each function bounds the size of the
-message that :mod:`api` builds from the same object (a test checks the bound and its slack), by
+message that :mod:`messages` builds from the same object (a test checks the bound and its slack), by
 protobuf's encoding: a field costs its tag (1 byte for the field numbers used here), a length
 prefix (a varint of at most 5 bytes) and its bytes; a scalar at most 11 bytes.
 """

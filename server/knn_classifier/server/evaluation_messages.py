@@ -1,0 +1,179 @@
+"""Conversions between the protobuf messages of Evaluate and CheckExemplars (the two RPCs that
+judge a classifier's exemplars) and their domain types: pure functions, proto -> domain (parsing,
+which refuses bad values with :class:`errors.InvalidArgument`) and domain -> proto.
+"""
+
+from __future__ import annotations
+
+from knn_classifier.v1 import classifier_pb2 as pb
+
+from . import errors, hygiene, messages
+from .domain import ClassifierInfo, EvaluateRequest
+from .evaluation import OutOfScopeMetrics, Report
+from .evaluator import Evaluation
+from .voting import Voting
+
+
+def evaluate_request(request: pb.EvaluateRequest) -> EvaluateRequest:
+    return EvaluateRequest(
+        held_out=[_held_out(i, item) for i, item in enumerate(request.held_out_texts)],
+        k=list(request.k_values),
+        voting=[_required_voting(v) for v in request.voting_methods],
+        dimension=list(request.dimensions),
+        temperature=list(request.temperatures),
+        apply_best=request.apply_best,
+        target_precision=(
+            request.target_precision if request.HasField("target_precision") else None
+        ),
+        target_coverage=(request.target_coverage if request.HasField("target_coverage") else None),
+    )
+
+
+def check_request(request: pb.CheckExemplarsRequest) -> hygiene.CheckRequest:
+    defaults = hygiene.CheckRequest()
+    return hygiene.CheckRequest(
+        min_confidence=(
+            request.min_confidence
+            if request.HasField("min_confidence")
+            else defaults.min_confidence
+        ),
+        min_duplicate_similarity=(
+            request.min_duplicate_similarity
+            if request.HasField("min_duplicate_similarity")
+            else defaults.min_duplicate_similarity
+        ),
+        min_label_exemplars=(
+            request.min_label_exemplars
+            if request.HasField("min_label_exemplars")
+            else defaults.min_label_exemplars
+        ),
+        max_items=request.max_items,
+    )
+
+
+def _required_voting(value: pb.Voting.ValueType) -> Voting:
+    voting = messages.voting(value)
+    if voting is None:
+        raise errors.InvalidArgument(
+            "a voting method to sweep must be specified",
+            reason=errors.Reason.FIELD_REQUIRED,
+            field="voting_methods",
+        )
+    return voting
+
+
+def _held_out(i: int, item: pb.LabelledText) -> tuple[str, str | None]:
+    if not item.out_of_scope:
+        return item.text, item.label
+    if item.label:
+        raise errors.InvalidArgument(
+            f"held_out_texts[{i}] is marked out_of_scope but has label {item.label[:80]!r}; "
+            "send an out-of-scope text without a label",
+            field=f"held_out_texts[{i}].label",
+        )
+    return item.text, None
+
+
+def _out_of_scope_metrics(metrics: OutOfScopeMetrics | None) -> pb.OutOfScopeMetrics | None:
+    if metrics is None:
+        return None
+    return pb.OutOfScopeMetrics(
+        out_of_scope_texts=metrics.out_of_scope_texts,
+        in_scope_texts=metrics.in_scope_texts,
+        recall=metrics.recall,
+        in_scope_coverage=metrics.in_scope_coverage,
+        in_scope_accuracy=metrics.in_scope_accuracy,
+        auroc=metrics.auroc,
+        top_similarity_auroc=metrics.top_similarity_auroc,
+        threshold=messages.out_of_scope_threshold(metrics.threshold),
+    )
+
+
+def evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.EvaluateResponse:
+    reached = evaluation.reached
+    return pb.EvaluateResponse(
+        results=[_evaluation_result(r) for r in evaluation.reports],
+        unknown_labels=evaluation.unknown_labels,
+        classifier=messages.classifier(info),
+        thresholds=(
+            pb.ThresholdsReached(
+                target_met=reached.target_met,
+                precision=reached.precision,
+                coverage=reached.coverage,
+            )
+            if reached
+            else None
+        ),
+    )
+
+
+def _checked(ref: hygiene.ExemplarRef) -> pb.CheckedExemplar:
+    return pb.CheckedExemplar(id=ref.id, text=ref.text, label=ref.label)
+
+
+def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsResponse:
+    mislabelled, duplicates, overlaps, small = report.found
+    setting = report.setting
+    return pb.CheckExemplarsResponse(
+        likely_mislabelled=[
+            pb.LikelyMislabelled(
+                exemplar=_checked(m.exemplar), voted_label=m.voted_label, confidence=m.confidence
+            )
+            for m in report.mislabelled
+        ],
+        duplicates=[
+            pb.CrossLabelDuplicate(
+                first=_checked(d.first), second=_checked(d.second), similarity=d.similarity
+            )
+            for d in report.duplicates
+        ],
+        overlapping_labels=[
+            pb.LabelOverlap(
+                first_label=o.first_label,
+                second_label=o.second_label,
+                first_as_second=o.first_as_second,
+                second_as_first=o.second_as_first,
+                first_errors_share=o.first_errors_share,
+                second_errors_share=o.second_errors_share,
+                centroid_similarity=o.centroid_similarity,
+            )
+            for o in report.overlaps
+        ],
+        small_labels=[pb.LabelCount(label=label, count=n) for label, n in report.small_labels],
+        likely_mislabelled_found=mislabelled,
+        duplicates_found=duplicates,
+        overlapping_labels_found=overlaps,
+        small_labels_found=small,
+        checked=report.checked,
+        exemplar_count=report.exemplar_count,
+        k=setting.k,
+        voting=messages.VOTING_TO_PB[setting.voting],
+        dimension=setting.dimension,
+        etag=etag,
+    )
+
+
+def _evaluation_result(report: Report) -> pb.EvaluationResult:
+    setting = report.setting
+    return pb.EvaluationResult(
+        k=setting.k,
+        voting=messages.VOTING_TO_PB[setting.voting],
+        dimension=setting.dimension,
+        temperature=setting.temperature,
+        accuracy=report.accuracy,
+        macro_f1=report.macro_f1,
+        coverage=report.coverage,
+        accuracy_on_covered=report.accuracy_on_covered,
+        expected_calibration_error=report.expected_calibration_error,
+        evaluated=report.evaluated,
+        labels=[
+            pb.LabelMetrics(
+                label=m.label, precision=m.precision, recall=m.recall, f1=m.f1, support=m.support
+            )
+            for m in report.labels
+        ],
+        top_confusions=[
+            pb.Confusion(true_label=t, predicted_label=p, count=c) for t, p, c in report.confusions
+        ],
+        out_of_scope=_out_of_scope_metrics(report.out_of_scope),
+    )
