@@ -56,6 +56,7 @@ def describe(classifier: pb.Classifier) -> dict[str, Any]:
         "temperature": float32(classifier.temperature),
         "dimension": classifier.dimension,
         "calibrated": classifier.calibrated,
+        "out_of_scope_threshold": classifier.HasField("out_of_scope_threshold"),
         "exemplar_count": classifier.exemplar_count,
         "created_at": classifier.created_at.ToDatetime(UTC).isoformat(timespec="seconds"),
     }
@@ -196,6 +197,12 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
             f"`knn-classifier evaluate {name} --apply-best` (with the sweep that tuned it) to fit "
             "it here; until then confidence, and min_confidence with it, is the raw share of "
             "the vote"
+        )
+    if settings.get("out_of_scope_threshold"):
+        notes.append(
+            "its out-of-scope threshold is not carried by an export: run "
+            f"`knn-classifier evaluate {name} --apply-best` (with the sweep that tuned it) to fit "
+            "it here; until then no text is answered out of scope"
         )
     exported = head.get("vector_dimensions") or []
     usable = same and bool(exported) and max(exported) >= max(kept)
