@@ -71,8 +71,11 @@ class Classifiers:
                 )
             created = dataclasses.replace(config, uid=uuid.uuid4().hex, revision=1)
             await self._write(created)
+            # As the store gives it back (a float may come back one ulp off, e.g. created_at),
+            # so that CreateClassifier answers what every GetClassifier will.
+            stored = await self._read(config.name)
         log.info("created classifier %s", config.name)
-        return created
+        return stored if stored is not None and stored.uid == created.uid else created
 
     async def update(
         self,
