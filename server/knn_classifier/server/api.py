@@ -31,8 +31,7 @@ from .domain import (
     NewClassifier,
     ServiceInfo,
 )
-from .evaluation import OutOfScopeMetrics, Report
-from .evaluator import Evaluation
+from .evaluate import Evaluation, OutOfScopeMetrics, Report
 from .out_of_scope import OutOfScopeFit
 from .service import ClassifierService
 from .voting import UnknownReason, Vote, Voting

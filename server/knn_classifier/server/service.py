@@ -42,7 +42,7 @@ from .errors import (
     ResourceExhausted,
     Unavailable,
 )
-from .evaluator import Evaluation, Evaluator
+from .evaluate import Evaluation, Evaluator
 from .metrics import Metrics
 from .settings import LimitSettings, Settings
 from .startup_repair import FINGERPRINT_KEY, StartupRepair
