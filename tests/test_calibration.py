@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from knn_classifier.server.calibration import Calibration, fitted_temperature, platt
-from knn_classifier.server.evaluation import expected_calibration_error
+from knn_classifier.server.evaluate import expected_calibration_error
 
 
 def draws(

@@ -15,7 +15,7 @@ from knn_classifier.client import Client, FailedPreconditionError, InvalidArgume
 from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
-from knn_classifier.server.evaluator import Evaluation
+from knn_classifier.server.evaluate import Evaluation
 from knn_classifier.server.label_models import leave_one_out_discriminant, shrinkage
 from knn_classifier.server.voting import Voting
 from knn_classifier.v1 import classifier_pb2 as pb

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from knn_classifier.server.calibration import Calibration
-from knn_classifier.server.evaluation import (
+from knn_classifier.server.evaluate import (
+    Evaluated,
     Exemplars,
     Outcome,
     Report,
@@ -12,9 +13,10 @@ from knn_classifier.server.evaluation import (
     expected_calibration_error,
     nearest,
     outcomes,
+    recommended_first,
     report,
+    standard_error,
 )
-from knn_classifier.server.evaluator import Evaluated, recommended_first, standard_error
 from knn_classifier.server.thresholds import Thresholds, fit, kept
 from knn_classifier.server.voting import Neighbour, Voting, vote
 

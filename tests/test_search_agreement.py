@@ -1,7 +1,7 @@
 """Classify's search finds the neighbours Evaluate computes, on both stores.
 
 Classify asks the store (``Store.query``); Evaluate reads the stored vectors (``Store.vectors``)
-and computes exact neighbours with :func:`evaluation.nearest`. The server store runs on
+and computes exact neighbours with :func:`evaluate.nearest`. The server store runs on
 ``AsyncQdrantClient(":memory:")``, which always searches exactly, so its test also checks that
 every search it sends asks the server for an exact one: a Qdrant server would otherwise walk
 its HNSW graphs.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from qdrant_client import AsyncQdrantClient, models
 
-from knn_classifier.server import evaluation
+from knn_classifier.server import evaluate
 from knn_classifier.server.store import EdgeStore, Store
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
 from knn_classifier.server.store.schema import read_payload
@@ -86,7 +86,7 @@ async def test_classify_searches_the_neighbours_evaluate_computes(
 
     found = await opened.query(DIMENSION, "c", queries, K)
     records, vectors = await opened.vectors(DIMENSION, "c")
-    indices, similarities = evaluation.nearest(queries, vectors, K)
+    indices, similarities = evaluate.nearest(queries, vectors, K)
 
     assert [[r.id for r in row] for row in found] == [
         [records[i].id for i in row] for row in indices.tolist()

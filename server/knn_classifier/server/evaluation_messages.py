@@ -9,8 +9,7 @@ from knn_classifier.v1 import classifier_pb2 as pb
 
 from . import errors, hygiene, messages
 from .domain import ClassifierInfo, EvaluateRequest
-from .evaluation import OutOfScopeMetrics, Report
-from .evaluator import Evaluation
+from .evaluate import Evaluation, OutOfScopeMetrics, Report
 from .voting import Voting
 
 

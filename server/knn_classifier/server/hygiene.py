@@ -20,12 +20,11 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from . import evaluation, paging, validation, wire_size
+from . import evaluate, paging, validation, wire_size
 from .calibration import Calibration
 from .domain import ClassifierConfig
 from .errors import FailedPrecondition, InvalidArgument, Reason
-from .evaluation import Exemplars, Setting
-from .evaluator import stored_exemplars
+from .evaluate import Exemplars, Setting, stored_exemplars
 from .settings import Settings
 from .store import Store
 from .vectors import Matrix
@@ -105,15 +104,15 @@ def report(
 ) -> Report:
     """The full report of ``exemplars``, leaving out each of the ``sample`` rows in turn."""
     queries = exemplars.vectors[sample]
-    indices, similarities = evaluation.nearest(
+    indices, similarities = evaluate.nearest(
         queries, exemplars.vectors, max(setting.k, DUPLICATE_NEIGHBOURS), sample
     )
     scores = (
-        evaluation.label_scores(setting.voting, exemplars, queries, sample)
+        evaluate.label_scores(setting.voting, exemplars, queries, sample)
         if setting.voting in LABEL_SCORED
         else None
     )
-    outcomes = evaluation.outcomes(
+    outcomes = evaluate.outcomes(
         exemplars, indices, similarities, setting, calibration=calibration, label_scores=scores
     )
     truth = [exemplars.labels[i] for i in sample.tolist()]

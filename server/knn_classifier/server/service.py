@@ -33,7 +33,7 @@ from .domain import (
 )
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import AlreadyExists, InvalidArgument, Unavailable
-from .evaluator import Evaluation, Evaluator
+from .evaluate import Evaluation, Evaluator
 from .exemplar_writes import ExemplarWrites, completed
 from .metrics import Metrics
 from .settings import LimitSettings, Settings

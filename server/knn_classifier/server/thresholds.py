@@ -6,7 +6,7 @@ right often enough. Fitting each threshold alone to reach the target, then apply
 the classifier answer "unknown" to nearly everything whenever one score alone could not reach it.
 
 "Right often enough" counts one more right and one more wrong answer (the rule of succession, as
-:func:`evaluator.standard_error` does): 12 right of 12 does not show a precision of 0.95, so the
+:func:`evaluate.standard_error` does): 12 right of 12 does not show a precision of 0.95, so the
 thresholds cannot be pushed up until a handful of lucky answers remains. A target of 1.0 is
 therefore never met.
 """

@@ -2,90 +2,41 @@
 
 Leave-one-out classifies stored exemplars by the others from their stored vectors; held-out
 evaluation embeds labelled texts that are not stored. Neighbours come from
-:func:`evaluation.nearest` and votes from the same function Classify uses.
+:func:`~knn_classifier.server.evaluate.neighbours.nearest` and votes from the same function
+Classify uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-import math
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from . import deadlines, evaluation, label_models, open_set, out_of_scope, thresholds, validation
-from .calibration import Calibration, fitted_temperature
-from .domain import ClassifierConfig, EvaluateRequest
-from .embedding_pipeline import EmbeddingPipeline
-from .errors import FailedPrecondition, InvalidArgument
-from .evaluation import Exemplars, Outcome, OutOfScopeMetrics, Report, Setting
-from .out_of_scope import OutOfScopeFit
-from .settings import Settings
-from .store import Store
-from .thresholds import Reached, Thresholds
-from .vectors import Matrix, truncate
-from .voting import LABEL_SCORED, LABEL_TEMPERATURE, Voting
+from .. import deadlines, label_models, open_set, out_of_scope, validation
+from ..domain import ClassifierConfig, EvaluateRequest
+from ..embedding_pipeline import EmbeddingPipeline
+from ..errors import FailedPrecondition, InvalidArgument
+from ..out_of_scope import OutOfScopeFit
+from ..settings import Settings
+from ..store import Store
+from ..thresholds import Reached
+from ..vectors import Matrix, truncate
+from ..voting import LABEL_SCORED, Voting
+from . import choice, metrics, neighbours, votes
+from .choice import Evaluated, cross_fitted, recommended_first, with_fitted_temperature
+from .metrics import Report, Scope
+from .neighbours import Exemplars, stored_exemplars
+from .votes import Outcome, Setting
 
 _TEMPERED = {Voting.SOFTMAX, Voting.MIXTURE, *LABEL_SCORED}
 """The voting methods that use a temperature."""
 
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Evaluated:
-    """One setting's report, its answers, and their uncalibrated shares."""
-
-    report: Report
-    outcomes: list[Outcome]
-    raw_shares: list[float]
-
-
-def recommended_first(ranked: list[Evaluated], truth: Sequence[str]) -> list[Evaluated]:
-    """``ranked`` (by accuracy; ``truth`` the texts' labels) with the recommended setting first:
-    a label model whose accuracy is within one standard error of the most accurate setting's
-    (the one-standard-error rule), else the most accurate setting. Of the two label models the
-    centroid, which has fewer parameters, unless the discriminant is right more often by more
-    than the standard error of the difference on the same texts.
-
-    With few exemplars, leave-one-out accuracy moves in steps of several points and often
-    crowns 1-NN, or the discriminant's covariance, by luck; label models generalise better
-    there, while on large classifiers they fall many standard errors behind (docs/accuracy.md).
-    """
-    top = ranked[0].report
-    close = [r for r in ranked if r.report.accuracy >= top.accuracy - standard_error(top)]
-    centroid, discriminant = (
-        next((r for r in close if r.report.setting.voting is voting), None)
-        for voting in (Voting.CENTROID, Voting.DISCRIMINANT)
-    )
-    if centroid and discriminant:
-        gain = _right(discriminant, truth) - _right(centroid, truth)
-        better = gain.mean() > gain.std() / math.sqrt(len(gain))
-        recommended = discriminant if better else centroid
-    else:
-        recommended = centroid or discriminant or ranked[0]
-    return [recommended, *(r for r in ranked if r is not recommended)]
-
-
-def with_fitted_temperature(
-    setting: Setting, label_scores: tuple[list[str], Matrix], truth: Sequence[str]
-) -> Setting:
-    """``setting`` (a label model's) with the temperature fitted on its leave-one-out scores,
-    the requested one as the prior's centre (:func:`calibration.fitted_temperature`)."""
-    labels, scores = label_scores
-    position = {label: i for i, label in enumerate(labels)}
-    columns = np.asarray([position[label] for label in truth], dtype=np.intp)
-    if setting.voting is Voting.MIXTURE:  # the softmax part's temperature is swept, not fitted
-        fitted = fitted_temperature(scores.astype(np.float64), columns, LABEL_TEMPERATURE)
-        return dataclasses.replace(setting, label_temperature=fitted)
-    fitted = fitted_temperature(scores.astype(np.float64), columns, setting.temperature)
-    return dataclasses.replace(setting, temperature=min(fitted, validation.MAX_TEMPERATURE))
 
 
 def _distinct(values: Iterable[T]) -> list[T]:
@@ -93,71 +44,10 @@ def _distinct(values: Iterable[T]) -> list[T]:
     return list(dict.fromkeys(values))
 
 
-def _right(evaluated: Evaluated, truth: Sequence[str]) -> npt.NDArray[np.float64]:
-    """1 for each text the setting answered right, else 0."""
-    answers = [o.label for o in evaluated.outcomes]
-    return np.array([a == t for a, t in zip(answers, truth, strict=True)], dtype=np.float64)
-
-
-def standard_error(report: Report) -> float:
-    """Of ``report``'s accuracy, binomial, with its hits and misses each counted one more (the
-    rule of succession): 10 right of 10 is not a certainty."""
-    n = max(report.evaluated, 1)
-    smoothed = (report.accuracy * n + 1) / (n + 2)
-    return math.sqrt(smoothed * (1 - smoothed) / n)
-
-
-def _cross_fitted(outcomes: Sequence[Outcome], truth: Sequence[str]) -> list[float]:
-    """Each half's confidences calibrated by an isotonic map fitted on the other half."""
-    shares = [o.confidence for o in outcomes]
-    right = [o.best_label == t for o, t in zip(outcomes, truth, strict=True)]
-    halves = [list(range(0, len(shares), 2)), list(range(1, len(shares), 2))]
-    calibrated = list(shares)
-    for fit_on, apply_to in (halves, halves[::-1]):
-        if not fit_on:
-            continue
-        calibration = Calibration.fit([shares[i] for i in fit_on], [right[i] for i in fit_on])
-        for i in apply_to:
-            calibrated[i] = calibration(shares[i])
-    return calibrated
-
-
-async def stored_exemplars(store: Store, classifier: str, dimension: int) -> Exemplars:
-    """``classifier``'s exemplars and their vectors in ``dimension``, as the store holds them."""
-    records, vectors = await store.vectors(dimension, classifier)
-    return Exemplars(
-        ids=[str(r.payload["id"]) for r in records],
-        labels=[str(r.payload["label"]) for r in records],
-        texts=[str(r.payload["text"]) for r in records],
-        vectors=vectors,
-    )
-
-
 def _rule_for(config: ClassifierConfig, dimension: int) -> OutOfScopeFit | None:
     """The classifier's out-of-scope rule if it was fitted in ``dimension``."""
     rule = config.out_of_scope
     return rule if rule is not None and rule.dimension == dimension else None
-
-
-def _out_of_scope_metrics(
-    labelled: Sequence[str | None], answers: Sequence[Outcome], scope: _Scope
-) -> OutOfScopeMetrics:
-    """How ``answers`` (one per text, ``labelled`` None for an out-of-scope one) tell the
-    out-of-scope texts from the others."""
-    outside = np.asarray([label is None for label in labelled])
-    unknown = np.asarray([a.label is None for a in answers])
-    right = np.asarray([a.label == label for a, label in zip(answers, labelled, strict=True)])
-    similarities = np.asarray([a.top_similarity for a in answers])
-    return OutOfScopeMetrics(
-        out_of_scope_texts=int(outside.sum()),
-        in_scope_texts=int((~outside).sum()),
-        recall=float(unknown[outside].mean()),
-        in_scope_coverage=float((~unknown[~outside]).mean()),
-        in_scope_accuracy=float(right[~outside].mean()),
-        auroc=out_of_scope.auroc(scope.scores[~outside], scope.scores[outside]),
-        top_similarity_auroc=out_of_scope.auroc(similarities[~outside], similarities[outside]),
-        threshold=scope.rule,
-    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,18 +61,6 @@ class Evaluation:
     """With apply_best: the classifier with the best setting applied, to be stored."""
     reached: Reached | None
     """With target_precision: what the updated classifier's thresholds reach."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Scope:
-    """The out-of-scope rule applied to held-out texts in one dimension, and their scores."""
-
-    rule: OutOfScopeFit
-    scores: npt.NDArray[np.float64]
-
-    @property
-    def kept(self) -> npt.NDArray[np.bool_]:
-        return np.asarray(self.scores >= self.rule.threshold)
 
 
 class Evaluator:
@@ -257,7 +135,7 @@ class Evaluator:
                 self_index = samples[dimension]
                 queries = exemplars.vectors[self_index]
             indices, similarities = await asyncio.to_thread(
-                evaluation.nearest, queries, exemplars.vectors, largest_k, self_index
+                neighbours.nearest, queries, exemplars.vectors, largest_k, self_index
             )
             label_scores = await self._label_scores(sweep, exemplars, queries, self_index)
             scope = None
@@ -291,7 +169,7 @@ class Evaluator:
         updated, reached = None, None
         if request.apply_best:
             updated, reached = await asyncio.to_thread(
-                self._proposal, config, results[0], truth, request.target_precision
+                choice.proposal, config, results[0], truth, request.target_precision
             )
             dimension = results[0].report.setting.dimension
             exemplars = stored[dimension]
@@ -369,7 +247,7 @@ class Evaluator:
             model = label_models.FIT[voting]
             if model not in by_model:
                 by_model[model] = await asyncio.to_thread(
-                    evaluation.label_scores, voting, exemplars, queries, self_index
+                    neighbours.label_scores, voting, exemplars, queries, self_index
                 )
             scores[voting] = by_model[model]
         return scores
@@ -383,7 +261,7 @@ class Evaluator:
         indices: npt.NDArray[np.intp],
         similarities: Matrix,
         target_coverage: float,
-    ) -> _Scope | None:
+    ) -> Scope | None:
         """The out-of-scope scores of held-out ``queries`` under the classifier's rule for this
         dimension, or else the rule apply_best would fit (None with too few exemplars)."""
         dimension = exemplars.vectors.shape[1]
@@ -401,7 +279,7 @@ class Evaluator:
         model = await asyncio.to_thread(open_set.fit, exemplars.labels, exemplars.vectors)
         nearest = [exemplars.labels[i] for i in indices[:, 0].tolist()]
         scores = out_of_scope.scores(model, rule, queries, similarities[:, 0].tolist(), nearest)
-        return _Scope(rule, scores)
+        return Scope(rule, scores)
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
         return await stored_exemplars(self._store, classifier, dimension)
@@ -416,7 +294,7 @@ class Evaluator:
         label_scores: tuple[list[str], Matrix] | None,
         labelled: Sequence[str | None],
         held_out: bool,
-        scope: _Scope | None = None,
+        scope: Scope | None = None,
     ) -> Evaluated:
         """The answers under ``setting`` with the classifier's thresholds, and their report
         (``labelled``: each text's label, None for one out of scope).
@@ -436,7 +314,7 @@ class Evaluator:
             config.label_temperature,
         )
         calibration = config.calibration if held_out and setting == current else None
-        raw = evaluation.outcomes(
+        raw = votes.outcomes(
             exemplars,
             indices,
             similarities,
@@ -446,7 +324,7 @@ class Evaluator:
             label_scores,
         )
         truth = [label for label in labelled if label is not None]
-        confidences = [o.confidence for o in raw] if held_out else _cross_fitted(raw, truth)
+        confidences = [o.confidence for o in raw] if held_out else cross_fitted(raw, truth)
         kept = scope.kept.tolist() if scope else [True] * len(raw)
         answers = [
             Outcome(
@@ -459,55 +337,9 @@ class Evaluator:
         ]
         inside = [i for i, label in enumerate(labelled) if label is not None]
         outcomes = [answers[i] for i in inside]
-        report = evaluation.report(setting, truth, outcomes)
+        report = metrics.report(setting, truth, outcomes)
         if scope is not None and len(inside) < len(labelled):
             report = dataclasses.replace(
-                report, out_of_scope=_out_of_scope_metrics(labelled, answers, scope)
+                report, out_of_scope=metrics.out_of_scope_metrics(labelled, answers, scope)
             )
         return Evaluated(report, outcomes, [raw[i].confidence for i in inside])
-
-    @staticmethod
-    def _proposal(
-        config: ClassifierConfig,
-        best: Evaluated,
-        truth: Sequence[str],
-        target_precision: float | None,
-    ) -> tuple[ClassifierConfig, Reached | None]:
-        """``config`` with the best setting as its defaults and a calibration fitted on all its
-        shares; with ``target_precision``, also its thresholds fitted jointly to it
-        (:mod:`thresholds`), or left as they are when it is out of reach; and what they reach."""
-        setting = best.report.setting
-        correct = [o.best_label == t for o, t in zip(best.outcomes, truth, strict=True)]
-        updated = dataclasses.replace(
-            config,
-            k=setting.k,
-            voting=setting.voting,
-            dimension=setting.dimension,
-            temperature=setting.temperature,
-            label_temperature=setting.label_temperature,
-            calibration=Calibration.fit(best.raw_shares, correct),
-        )
-        if target_precision is None:
-            return updated, None
-        similarities = [o.top_similarity for o in best.outcomes]
-        confidences = [o.confidence for o in best.outcomes]
-        fitted = thresholds.fit(similarities, confidences, correct, target_precision)
-        if fitted is None:
-            log.warning(
-                "classifier %s: no thresholds reach precision %g on %d leave-one-out answers; "
-                "min_similarity and min_confidence left as they were",
-                config.name,
-                target_precision,
-                len(correct),
-            )
-        else:
-            updated = dataclasses.replace(
-                updated, min_similarity=fitted.min_similarity, min_confidence=fitted.min_confidence
-            )
-        precision, coverage = thresholds.kept(
-            similarities,
-            confidences,
-            correct,
-            Thresholds(updated.min_similarity, updated.min_confidence),
-        )
-        return updated, Reached(fitted is not None, precision, coverage)
