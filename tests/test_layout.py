@@ -25,7 +25,9 @@ def imports(path: Path, modules: set[str]) -> set[str]:
             continue
         base = package[: len(package) - node.level + 1]
         target = ".".join([*base, *([node.module] if node.module else [])])
-        for candidate in [target, *(f"{target}.{alias.name}".lstrip(".") for alias in node.names)]:
+        submodules = {f"{target}.{alias.name}".lstrip(".") for alias in node.names} & modules
+        # `from . import sweep` inside a package loads the submodule, not the package again.
+        for candidate in submodules or {target}:
             if candidate in modules and candidate != name:
                 found.add(candidate)
     return found
