@@ -20,7 +20,7 @@ import grpc
 
 from . import statuses
 from .errors import Reason
-from .interception import Handler, ServerInterceptor
+from .interception import Context, Handler, ServerInterceptor
 from .settings import AuthSettings
 
 _OPEN_PREFIX = "/grpc.health.v1.Health/"
@@ -99,7 +99,7 @@ def _read_keys_file(path: Path) -> Iterable[tuple[bytes, Role]]:
 def _deny(code: grpc.StatusCode, message: str, reason: Reason) -> Handler:
     details = statuses.status(code, message, reason)
 
-    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def abort(request: Any, context: Context) -> Any:
         await statuses.abort(context, details)
 
     return grpc.unary_unary_rpc_method_handler(abort)

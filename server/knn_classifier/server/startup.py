@@ -20,7 +20,7 @@ import grpc
 from . import statuses
 from .auth import KeyRing
 from .errors import Reason, StartupError, Unavailable
-from .interception import Handler, ServerInterceptor
+from .interception import Context, Handler, ServerInterceptor
 from .settings import AuthSettings, ServerSettings, TlsSettings
 
 
@@ -154,7 +154,7 @@ class StartingGate(ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(_refuse_while_starting)
 
 
-async def _refuse_while_starting(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+async def _refuse_while_starting(request: Any, context: Context) -> Any:
     starting = Unavailable(
         "the service is starting (waiting for the embedding server and the store); retry shortly",
         reason=Reason.SERVICE_STARTING,
