@@ -1,0 +1,63 @@
+"""Settings of the vector store (``KNN_STORE__*``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, SecretStr
+
+
+class StoreSettings(BaseModel):
+    """Where the vectors live: embedded Qdrant Edge by default, a Qdrant server if url is set."""
+
+    url: str | None = Field(
+        None,
+        description=(
+            "Qdrant server URL (e.g. http://qdrant:6333). Unset: the embedded store in data_dir."
+        ),
+    )
+    api_key: SecretStr | None = Field(None, description="Qdrant server API key, if any.")
+    grpc_port: int = Field(6334, ge=1, le=65535, description="Qdrant server gRPC port.")
+    collection_prefix: str = Field(
+        "knn",
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Collections are named <prefix>_d<dimension> and <prefix>_meta.",
+    )
+    timeout_s: int = Field(10, ge=1, description="Qdrant server request timeout, in seconds.")
+    min_free_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description=(
+            "Embedded store: free disk space, in bytes, kept in reserve on data_dir's file "
+            "system. A write that would leave less is refused with RESOURCE_EXHAUSTED (reads go "
+            "on), and the store does not open with less than half of it: it writes through "
+            "memory-mapped files, and a full disk would kill the process with SIGBUS."
+        ),
+    )
+    quantize_from_dimension: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Qdrant server store: collections created for this width or wider keep int8 "
+            "copies of the vectors in RAM and the float32 vectors on disk (a quarter of the RAM), "
+            "and are searched approximately (HNSW over the int8 copies, candidates rescored with "
+            "the float32 vectors) instead of exactly. Unset: float32 in RAM, exact search. "
+            "Applies to collections created after it is set; docs/scaling.md has its cost."
+        ),
+    )
+    delete_orphaned_exemplars: bool = Field(
+        False,
+        description=(
+            "At start-up, delete exemplars whose classifier has no record (logged with their "
+            "counts) instead of refusing to start. Only for records that are gone for good: "
+            "restoring them from a backup keeps the exemplars."
+        ),
+    )
+    model_cache_entries: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Label models (one per classifier, dimension and voting method) each replica keeps "
+            "in memory, fitted from the exemplars at the classifier's current revision; the "
+            "least recently used beyond this are dropped and fitted again when next used. One "
+            "holds dimension x labels float32 weights (0.3 MB at 1,024 x 77)."
+        ),
+    )
