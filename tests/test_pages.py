@@ -17,7 +17,7 @@ from knn_classifier.client import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from knn_classifier.server import wire_size
+from knn_classifier.server import paging, wire_size
 from knn_classifier.server.calibration import Calibration
 from knn_classifier.server.domain import ClassifierConfig, ClassifierInfo, Exemplar
 from knn_classifier.server.voting import Neighbour, Vote, Voting
@@ -151,6 +151,35 @@ def test_list_labels_pages_most_exemplars_first(client: Client, server: ServerTh
         ("d", 2),
     ]
     assert client.list_labels("labels") == counts
+
+
+@pytest.mark.parametrize(
+    ("method", "scope", "cursor"),
+    [
+        ("ListExemplars", ("ListExemplars", "cursors", ""), "not-a-point-id"),
+        ("ListLabels", ("ListLabels", "cursors"), "many:a"),
+    ],
+)
+def test_a_token_of_this_scope_with_a_malformed_position_is_refused(
+    client: Client, server: ServerThread, method: str, scope: tuple[str, ...], cursor: str
+) -> None:
+    """A token whose envelope is ours and whose scope matches, but whose position is not one
+    the list ever issues, is INVALID_PAGE_TOKEN (not a store error or INTERNAL)."""
+    client.create_classifier("cursors")
+    client.add_exemplars("cursors", [("one", "a"), ("two", "b")])
+    request = getattr(pb, f"{method}Request")(
+        classifier="cursors", page_token=paging.encode(cursor, scope)
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(server, method, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not one this server issued" in str(caught.value.details())
+
+
+def test_a_label_cursor_reads_back_as_its_position_even_with_colons_in_the_label() -> None:
+    assert paging.label_position(paging.label_cursor(4, "a:b")) == (-4, "a:b")
+    assert paging.point_offset(None) is None
+    assert paging.label_position(None) is None
 
 
 # Issue 11, defect 11: a ClassifyBatch with neighbours over long exemplars built a 364 MB

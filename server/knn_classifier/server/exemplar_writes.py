@@ -259,7 +259,7 @@ class ExemplarWrites:
         Runs under the classifier's write lock with ``adding`` the points that are new, so within
         one process the limit is never passed.
         """
-        held = await self._count(Selection(classifier))
+        held = await self.count(Selection(classifier))
         if held + adding > self._limits.max_exemplars_per_classifier:
             raise self._limit_reached(classifier, held, adding)
 
@@ -313,12 +313,14 @@ class ExemplarWrites:
 
     async def delete(self, selection: Selection) -> int:
         """Deletes the selected exemplars from every dimension; returns how many there were."""
-        count = await self._count(selection)
+        count = await self.count(selection)
         for dimension in self._dimensions:
             await self._store.delete(dimension, selection)
         return count
 
-    async def _count(self, selection: Selection) -> int:
+    async def count(self, selection: Selection) -> int:
+        """How many exemplars ``selection`` holds: counted in one dimension, since every write
+        goes to every dimension."""
         return await self._store.count(self._dimensions[0], selection)
 
 

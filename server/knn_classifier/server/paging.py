@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -74,6 +75,33 @@ def bad_token(
     message: str = "page_token is not one this server issued; pass next_page_token unchanged",
 ) -> InvalidArgument:
     return InvalidArgument(message, reason=Reason.INVALID_PAGE_TOKEN, field="page_token")
+
+
+def point_offset(cursor: str | None) -> str | None:
+    """The store offset (a point id) at which a ListExemplars page starts."""
+    if cursor is None:
+        return None
+    try:
+        return str(uuid.UUID(cursor))
+    except ValueError:
+        raise bad_token() from None
+
+
+def label_cursor(count: int, label: str) -> str:
+    """The cursor of the ListLabels page after the label ``label`` with ``count`` exemplars."""
+    return f"{count}:{label}"
+
+
+def label_position(cursor: str | None) -> tuple[int, str] | None:
+    """The sort key (-count, label) after which a ListLabels page starts (see
+    :func:`label_cursor`)."""
+    if cursor is None:
+        return None
+    count, _, label = cursor.partition(":")
+    try:
+        return -int(count), label
+    except ValueError:
+        raise bad_token() from None
 
 
 def fitting(items: Sequence[T], size: Callable[[T], int], budget: int, what: str) -> int:

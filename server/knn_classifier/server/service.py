@@ -9,7 +9,6 @@ import dataclasses
 import importlib.metadata
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -129,7 +128,7 @@ class ClassifierService:
 
     async def get_classifier(self, name: str) -> ClassifierInfo:
         config = await self._classifiers.get(name, "name")
-        return ClassifierInfo(config, await self._count(Selection(config.name)))
+        return ClassifierInfo(config, await self._writes.count(Selection(config.name)))
 
     async def list_classifiers(
         self, page_size: int = 0, page_token: str = ""
@@ -140,7 +139,9 @@ class ClassifierService:
         after = paging.decode(page_token, scope)
         configs = await self._classifiers.all()
         following = [c for c in configs if after is None or c.name > after]
-        page = [ClassifierInfo(c, await self._count(Selection(c.name))) for c in following[:size]]
+        page = [
+            ClassifierInfo(c, await self._writes.count(Selection(c.name))) for c in following[:size]
+        ]
         kept = paging.fitting(
             page, wire_size.classifier, self._limits.max_response_bytes, "a classifier"
         )
@@ -163,12 +164,13 @@ class ClassifierService:
             update.name, change, etag=etag, field="classifier.name"
         )
         log.info("updated classifier %s: %s", updated.name, ", ".join(sorted(changes)))
-        return ClassifierInfo(updated, await self._count(Selection(updated.name)))
+        return ClassifierInfo(updated, await self._writes.count(Selection(updated.name)))
 
     async def exemplar_counts(self) -> list[tuple[str, int]]:
         """Every classifier's name and exemplar count (for the metrics)."""
         return [
-            (c.name, await self._count(Selection(c.name))) for c in await self._classifiers.all()
+            (c.name, await self._writes.count(Selection(c.name)))
+            for c in await self._classifiers.all()
         ]
 
     def info(self) -> ServiceInfo:
@@ -191,9 +193,6 @@ class ClassifierService:
     async def _delete_classifier_locked(self, name: str, etag: str) -> int:
         async with self._classifiers.deleting_classifier(name, etag=etag) as config:
             return await self._writes.delete(Selection(config.name))
-
-    async def _count(self, selection: Selection) -> int:
-        return await self._store.count(self._dimensions[0], selection)
 
     # Exemplars -------------------------------------------------------------------------------
 
@@ -250,7 +249,7 @@ class ClassifierService:
         with ``vector_dimensions`` (empty: all), with their vectors of those dimensions."""
         size = paging.page_size(page_size, self._limits)
         scope = ("ListExemplars", classifier, label)
-        offset = _point_offset(paging.decode(page_token, scope))
+        offset = paging.point_offset(paging.decode(page_token, scope))
         dimensions = (
             []
             if vector_dimensions is None
@@ -286,7 +285,7 @@ class ClassifierService:
         at all."""
         size = paging.page_size(page_size, self._limits)
         scope = ("ListLabels", classifier)
-        after = _label_position(paging.decode(page_token, scope))
+        after = paging.label_position(paging.decode(page_token, scope))
         await self._classifiers.get(classifier)
         counts = await self._store.label_counts(self._dimensions[0], classifier)
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
@@ -301,7 +300,7 @@ class ClassifierService:
         if kept == len(following):
             return page, ""
         last_label, last_count = page[-1]
-        return page, paging.encode(f"{last_count}:{last_label}", scope)
+        return page, paging.encode(paging.label_cursor(last_count, last_label), scope)
 
     # Classification --------------------------------------------------------------------------
 
@@ -348,24 +347,3 @@ def stored_exemplar(record: Record) -> Exemplar:
         metadata=payload["metadata"],
         created_at=payload["created_at"],
     )
-
-
-def _point_offset(cursor: str | None) -> str | None:
-    """The store offset (a point id) at which a ListExemplars page starts."""
-    if cursor is None:
-        return None
-    try:
-        return str(uuid.UUID(cursor))
-    except ValueError:
-        raise paging.bad_token() from None
-
-
-def _label_position(cursor: str | None) -> tuple[int, str] | None:
-    """The sort key (-count, label) after which a ListLabels page starts."""
-    if cursor is None:
-        return None
-    count, _, label = cursor.partition(":")
-    try:
-        return -int(count), label
-    except ValueError:
-        raise paging.bad_token() from None
