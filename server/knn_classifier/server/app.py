@@ -44,7 +44,7 @@ def build_store(settings: Settings) -> Store:
     if settings.store.url:
         from qdrant_client import AsyncQdrantClient
 
-        from .store.qdrant_server import QdrantServerStore
+        from .store.qdrant_server import ClusterLayout, QdrantServerStore
 
         client = AsyncQdrantClient(
             url=settings.store.url,
@@ -58,7 +58,14 @@ def build_store(settings: Settings) -> Store:
             check_compatibility=False,
         )
         return QdrantServerStore(
-            client, settings.store.collection_prefix, settings.store.quantize_from_dimension
+            client,
+            settings.store.collection_prefix,
+            settings.store.quantize_from_dimension,
+            ClusterLayout(
+                settings.store.shard_number,
+                settings.store.replication_factor,
+                settings.store.write_consistency_factor,
+            ),
         )
     return EdgeStore(settings.data_dir, settings.store.min_free_bytes)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 
 class StoreSettings(BaseModel):
@@ -43,6 +43,36 @@ class StoreSettings(BaseModel):
             "Applies to collections created after it is set; docs/scaling.md has its cost."
         ),
     )
+    shard_number: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Qdrant server store: shards of each collection it creates, spread over the "
+            "cluster's nodes (a multiple of the number of nodes; 2 or more per node leaves room "
+            "to grow). Unset: Qdrant's default, the number of nodes when the collection is "
+            "created. Fixed at creation; docs/scaling.md says how to change it."
+        ),
+    )
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Qdrant server store: copies of each shard, on different nodes, of each collection "
+            "it creates; 2 or more (with as many nodes) keeps the service answering while a "
+            "node is down. Unset: Qdrant's default (1 unless Qdrant's own configuration sets "
+            "another). Applies to collections created after it is set; docs/scaling.md says how "
+            "to change an existing one."
+        ),
+    )
+    write_consistency_factor: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Qdrant server store: copies of a shard that must apply a write before it succeeds, "
+            "at most replication_factor. Higher is safer but refuses writes while fewer copies "
+            "are up. Unset: Qdrant's default, 1. Applies to collections created after it is set."
+        ),
+    )
     delete_orphaned_exemplars: bool = Field(
         False,
         description=(
@@ -61,3 +91,14 @@ class StoreSettings(BaseModel):
             "holds dimension x labels float32 weights (0.3 MB at 1,024 x 77)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _write_quorum_within_replicas(self) -> StoreSettings:
+        wanted, copies = self.write_consistency_factor, self.replication_factor or 1
+        if wanted is not None and wanted > copies:
+            raise ValueError(
+                f"store.write_consistency_factor={wanted} exceeds the {copies} copies of each "
+                "shard (store.replication_factor): set store.replication_factor to at least as "
+                "many, or lower store.write_consistency_factor"
+            )
+        return self

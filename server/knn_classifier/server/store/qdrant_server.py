@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import cast
 
 import grpc
@@ -55,13 +56,29 @@ _CLIENT_FAILURES = (
 )
 
 
+@dataclass(frozen=True)
+class ClusterLayout:
+    """How each collection the store creates is spread over a Qdrant cluster's nodes; None
+    leaves Qdrant's default. Used only when a collection is created: one that exists keeps the
+    values it was created with (docs/scaling.md says how to change them)."""
+
+    shard_number: int | None = None
+    replication_factor: int | None = None
+    write_consistency_factor: int | None = None
+
+
 class QdrantServerStore(Store):
     def __init__(
-        self, client: AsyncQdrantClient, prefix: str, quantize_from: int | None = None
+        self,
+        client: AsyncQdrantClient,
+        prefix: str,
+        quantize_from: int | None = None,
+        layout: ClusterLayout | None = None,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._quantize_from = quantize_from
+        self._layout = layout or ClusterLayout()
 
     def _quantized(self, dimension: int) -> bool:
         return self._quantize_from is not None and dimension >= self._quantize_from
@@ -103,6 +120,9 @@ class QdrantServerStore(Store):
                 quantization_config=_INT8 if quantized else None,
             ),
             hnsw_config=models.HnswConfigDiff(m=0, payload_m=16) if tenant_index else None,
+            shard_number=self._layout.shard_number,
+            replication_factor=self._layout.replication_factor,
+            write_consistency_factor=self._layout.write_consistency_factor,
         )
         if tenant_index:
             await self._client.create_payload_index(
