@@ -366,9 +366,9 @@ def _print_out_of_scope(response: pb.EvaluateResponse) -> None:
     header = ["#", "recall", "in_coverage", "in_accuracy", "AUROC", "top_sim_AUROC"]
     print(_table([*header, "threshold", "target", "dim", "rule"], rows))
     print(
-        "(recall: share of the out-of-scope texts answered unknown; AUROC: of the out-of-scope "
-        "score, top_sim_AUROC: of the top similarity alone; rule: the classifier's fitted "
-        "threshold, or not fitted: the one --apply-best would fit, which Classify does not apply)"
+        "(recall: share of the out-of-scope texts answered unknown; AUROC: of the out-of-scope\n"
+        " score, top_sim_AUROC: of the top similarity alone; rule: the classifier's fitted\n"
+        " threshold, or not fitted: the one --apply-best would fit, which Classify does not apply)"
     )
 
 

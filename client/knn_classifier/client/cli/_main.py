@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
     export = command(
         "export",
         _commands.export,
-        "Write a classifier (settings, calibration, thresholds and exemplars) as JSONL.",
+        "Write a classifier (settings, calibration, thresholds, out-of-scope threshold and "
+        "exemplars) as JSONL.",
     )
     export.add_argument("name")
     export.add_argument("-o", "--output", help="file (default: standard output)")
