@@ -16,9 +16,11 @@ from qdrant_client import AsyncQdrantClient
 from knn_classifier.client import Client, ExemplarInput
 from knn_classifier.server.settings import Settings
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
+from .test_open_set_api import FAR_TEXT, foreign_texts, topical_texts
 
 CLI = [sys.executable, "-m", "knn_classifier.client.cli"]
 CSV_ROWS = [
@@ -456,3 +458,64 @@ def test_check_report_and_json(server: ServerThread, created: Client) -> None:
     missing = run(server, "check", "nothing")
     assert missing.returncode == 1
     assert "NOT_FOUND" in missing.stderr
+
+
+OUT_OF_SCOPE_TITLE = "out of scope: 30 texts marked out of scope, 40 in scope"
+
+
+def test_evaluate_with_out_of_scope_texts_and_target_coverage(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    with server.client() as client:
+        client.create_classifier("topics", k=5)
+        client.add_exemplars("topics", topical_texts(150, seed=0))
+    labelled = [[text, label] for text, label in topical_texts(40, seed=1)]
+    held_out = write_csv(tmp_path / "held.csv", [["text", "label"], *labelled])
+    outside = tmp_path / "outside.jsonl"  # another format, and labels that are not read
+    outside.write_text(
+        "".join(json.dumps({"text": t, "label": "oos"}) + "\n" for t in foreign_texts(30, 2))
+    )
+    common = ["evaluate", "topics", "--held-out", str(held_out), "--out-of-scope", str(outside)]
+
+    response = json.loads(ok(run(server, *common, "--voting", "softmax,centroid", "--json")))
+    measured = [r["out_of_scope"] for r in response["results"]]
+    assert [(m["out_of_scope_texts"], m["in_scope_texts"]) for m in measured] == [("30", "40")] * 2
+    assert all(m["auroc"] > 0.9 for m in measured)
+
+    lines = ok(run(server, *common, "--voting", "softmax,centroid")).splitlines()
+    title = lines.index(OUT_OF_SCOPE_TITLE)
+    assert lines[title + 1].split() == [
+        "#", "recall", "in_coverage", "in_accuracy", "AUROC", "top_sim_AUROC", "threshold",
+        "target", "dim", "rule",
+    ]  # fmt: skip
+    rows = [line.split() for line in lines[title + 2 : title + 4]]
+    for row, m in zip(rows, measured, strict=True):
+        numbers = [float(cell) for cell in row[1:6]]
+        expected = [m[f] for f in ("recall", "in_scope_coverage", "in_scope_accuracy", "auroc")]
+        assert numbers == pytest.approx([*expected, m["top_similarity_auroc"]], abs=1e-4)
+        assert row[7:] == ["0.98", "64", "not", "fitted"]  # what --apply-best would fit
+
+    # --target-coverage fits the classifier's own rule, which the held-out run then applies.
+    out = ok(run(server, "evaluate", "topics", "--apply-best", "--target-coverage", "0.9"))
+    assert "out-of-scope rule: threshold " in out
+    assert "fitted to keep 0.9 of in-scope texts" in out
+    with server.client() as client:
+        rule = client.get_classifier("topics").out_of_scope_threshold
+        assert rule.target_coverage == pytest.approx(0.9)
+        assert client.classify("topics", FAR_TEXT).unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
+    lines = ok(run(server, *common)).splitlines()
+    cells = lines[lines.index(OUT_OF_SCOPE_TITLE) + 2].split()
+    assert cells[7:] == ["0.9", "64", "fitted"]
+    assert float(cells[6]) == pytest.approx(rule.threshold, rel=1e-3)
+
+    refused = run(server, "evaluate", "topics", "--out-of-scope", str(outside))
+    assert refused.returncode == 1
+    assert "--out-of-scope needs --held-out" in refused.stderr
+    refused = run(server, "evaluate", "topics", "--apply-best", "--target-coverage", "0.2")
+    assert refused.returncode == 1
+    assert "INVALID_ARGUMENT" in refused.stderr
+    assert "target_coverage" in refused.stderr
+    empty = write_csv(tmp_path / "empty.csv", [["text"], ["fine text"], [""]])
+    refused = run(server, *common[:4], "--out-of-scope", str(empty))
+    assert refused.returncode == 1
+    assert "1 row(s) without a usable text (line 3: 'text' is empty)" in refused.stderr

@@ -63,9 +63,21 @@ def contents(client: Client) -> dict[str, Any]:
     return found
 
 
-def read(data_dir: Path, base_url: str, **settings: Any) -> tuple[dict[str, Any], dict[str, bool]]:
+Fitted = tuple[bool, pb.OutOfScopeThreshold | None]
+
+
+def fitted(classifier: pb.Classifier) -> Fitted:
+    """Whether it is calibrated, and its out-of-scope rule if it has one."""
+    rule = classifier.out_of_scope_threshold
+    return classifier.calibrated, rule if classifier.HasField("out_of_scope_threshold") else None
+
+
+def read(
+    data_dir: Path, base_url: str, **settings: Any
+) -> tuple[dict[str, Any], dict[str, Fitted]]:
     """The contents of a store, after checking that each exemplar is its own nearest neighbour
-    at similarity 1 in every dimension; and whether each classifier is calibrated."""
+    at similarity 1 in every dimension; and whether each classifier is calibrated, and its
+    out-of-scope rule."""
     running = ServerThread(make_settings(data_dir, base_url, **settings)).start()
     try:
         with running.client() as client:
@@ -76,7 +88,7 @@ def read(data_dir: Path, base_url: str, **settings: Any) -> tuple[dict[str, Any]
                         top = client.classify(name, text, k=1, dimension=d, include_neighbours=True)
                         assert top.neighbours[0].id == exemplar_id
                         assert top.neighbours[0].similarity == pytest.approx(1.0, abs=1e-5)
-            calibrated = {c.name: c.calibrated for c in client.list_classifiers()}
+            calibrated = {c.name: fitted(c) for c in client.list_classifiers()}
     finally:
         running.stop()
     return found, calibrated
@@ -145,7 +157,8 @@ def test_migrating_to_another_embedder_embeds_every_text_once(
     v2 = {"dimensions": [16, 32], "embedding": {"model": "v2"}}
     after, calibrated = read(tmp_path / "new", fake_embedder.base_url, **v2)
     assert after == before
-    assert calibrated == {"a": False, "b": False}  # fitted to the old vectors: dropped
+    # Fitted to the old vectors: dropped.
+    assert calibrated == {"a": (False, None), "b": (False, None)}
 
 
 def test_migrating_with_the_same_embedder_copies_the_vectors(
@@ -162,7 +175,10 @@ def test_migrating_with_the_same_embedder_copies_the_vectors(
     assert "copying the vectors of dimension 64" in done.stderr
     after, calibrated = read(tmp_path / "new", fake_embedder.base_url, dimensions=[32, 64])
     assert after == before
-    assert calibrated == calibrated_before == {"a": True, "b": False}
+    assert calibrated == calibrated_before  # the out-of-scope rule exactly
+    assert calibrated["a"][0]
+    assert calibrated["a"][1] is not None
+    assert calibrated["b"] == (False, None)
 
 
 def test_a_migration_stopped_by_an_error_continues_where_it_stopped(

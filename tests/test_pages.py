@@ -20,6 +20,7 @@ from knn_classifier.client import (
 from knn_classifier.server import paging, wire_size
 from knn_classifier.server.calibration import Calibration
 from knn_classifier.server.domain import ClassifierConfig, ClassifierInfo, Exemplar
+from knn_classifier.server.out_of_scope import OutOfScopeFit
 from knn_classifier.server.voting import Neighbour, Vote, Voting
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -283,6 +284,14 @@ def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None
         classifiers=[messages.classifier(ClassifierInfo(calibrated, 1))]
     )
     assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(calibrated, 1))
+
+    references = tuple(np.linspace(-1, 1, 256))
+    rule = OutOfScopeFit(64, 0.98, -3.5, 0.99, references, references)
+    with_rule = dataclasses.replace(calibrated, out_of_scope=rule)
+    listed = pb.ListClassifiersResponse(
+        classifiers=[messages.classifier(ClassifierInfo(with_rule, 1))]
+    )
+    assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(with_rule, 1))
 
     vectors = {16: [0.25] * 16, 2560: [-0.5] * 2560}
     with_vectors = pb.Exemplar(

@@ -21,6 +21,7 @@ from knn_classifier.client import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from knn_classifier.client.cli._errors import CliError
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
 from knn_classifier.v1 import classifier_pb2 as pb
 
@@ -47,7 +48,10 @@ EXEMPLARS = [
         ]
     )
 ]
-QUERIES = ["card not here yet", "top up pending", "stolen phone", "zebra quantum", "card top up"]
+QUERIES = [
+    "card not here yet", "top up pending", "stolen phone", "zebra quantum", "card top up",
+    "weather rain storm",  # out of scope, by the source's fitted threshold
+]  # fmt: skip
 
 
 class Servers:
@@ -98,21 +102,21 @@ def tune(client: Client) -> None:
     client.evaluate("intents", k=[1, 3], temperature=[0.05], apply_best=True)
 
 
-OUT_OF_SCOPE_NOTE = "its out-of-scope threshold is not carried by an export"
-
-
-def refitted(client: Client) -> Client:
-    """The copy after the Evaluate the import's note asks for (the out-of-scope threshold is
-    not exported); leave-one-out is deterministic, so it refits what the source had."""
-    tune(client)
-    client.update_classifier("intents", min_similarity=0.2)
-    return client
+OUT_OF_SCOPE_NOTE = "its out-of-scope threshold was fitted for another embedder"
 
 
 def answers(client: Client) -> list[pb.Prediction | str]:
     return [
         p if isinstance(p, pb.Prediction) else str(p)
         for p in client.classify_batch("intents", QUERIES, include_neighbours=True)
+    ]
+
+
+def answered_out_of_scope(predictions: list[pb.Prediction | str]) -> list[str]:
+    return [
+        query
+        for query, p in zip(QUERIES, predictions, strict=True)
+        if isinstance(p, pb.Prediction) and p.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
     ]
 
 
@@ -144,16 +148,22 @@ def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding
     result = run(target, "import", "intents", str(export), "--json", "--batch-size", "5")
     assert fake_embedder.behaviour.calls == before, "the import embedded texts"
     assert json.loads(ok(result))["added"] == len(EXEMPLARS)
-    assert OUT_OF_SCOPE_NOTE in result.stderr  # the only thing left out
-    assert result.stderr.count("\n") == 1
+    assert result.stderr == ""  # nothing left out
+    rule = head["classifier"]["out_of_scope_rule"]
+    assert rule["dimension"] == 64
+    assert len(rule["similarity_reference"]) == len(EXEMPLARS)
 
     with source.client() as original, target.client() as copy:
         restored = copy.get_classifier("intents")
         assert settings_of(restored) == settings_of(original.get_classifier("intents"))
         assert restored.calibration == original.get_classifier("intents").calibration
         assert restored.dimension == 64  # the calibration's, made explicit
+        fitted = original.get_classifier("intents").out_of_scope_threshold
+        assert restored.out_of_scope_threshold == fitted  # exactly, references and all
         assert stored(copy) == stored(original)
-        assert answers(refitted(copy)) == answers(original)
+        expected = answers(original)
+        assert answered_out_of_scope(expected) == ["weather rain storm"]
+        assert answers(copy) == expected  # no Evaluate run on the copy
 
 
 def test_an_import_into_another_embedder_embeds_the_texts_and_leaves_the_calibration(
@@ -169,9 +179,12 @@ def test_an_import_into_another_embedder_embeds_the_texts_and_leaves_the_calibra
     assert fake_embedder.behaviour.calls > before
     assert "the texts are embedded here instead" in result.stderr
     assert "run `knn-classifier evaluate intents --apply-best`" in result.stderr
+    assert OUT_OF_SCOPE_NOTE in result.stderr
     with source.client() as original, other.client() as copy:
         restored = copy.get_classifier("intents")
         assert not restored.calibrated
+        assert not restored.HasField("out_of_scope_threshold")
+        assert not answered_out_of_scope(answers(copy))
         assert settings_of(restored)[:-1] == settings_of(original.get_classifier("intents"))[:-1]
         assert stored(copy) == stored(original)
 
@@ -186,11 +199,12 @@ def test_a_plain_export_imports_with_its_calibration_and_embeds_the_texts(
     before = fake_embedder.behaviour.calls
     result = run(target, "import", "intents", str(export))
     ok(result)
-    assert OUT_OF_SCOPE_NOTE in result.stderr
+    assert result.stderr == ""
     assert fake_embedder.behaviour.calls > before
     with source.client() as original, target.client() as copy:
         assert copy.get_classifier("intents").calibrated
-        assert answers(refitted(copy)) == answers(original)
+        assert copy.get_classifier("intents").HasField("out_of_scope_threshold")
+        assert answers(copy) == answers(original)
 
 
 def test_vectors_and_calibrations_of_another_embedder_are_refused(
@@ -289,3 +303,104 @@ def test_a_version_1_export_still_plans_a_restore_and_says_what_it_lacks() -> No
     assert "calibration" not in restore.settings
     assert not restore.vectors_fingerprint
     assert any("not in this export (version 1)" in note for note in restore.notes)
+
+
+def test_an_out_of_scope_threshold_to_restore_is_checked_and_a_bad_one_creates_nothing(
+    client: Client,
+) -> None:
+    client.create_classifier("source", k=3, voting="softmax")
+    client.add_exemplars("source", EXEMPLARS)
+    client.evaluate("source", apply_best=True)
+    rule = client.get_classifier("source").out_of_scope_threshold
+    fingerprint = client.get_service_info().embedder.fingerprint
+
+    def changed(**values: Any) -> pb.OutOfScopeThreshold:
+        bad = pb.OutOfScopeThreshold()
+        bad.CopyFrom(rule)
+        for name, value in values.items():
+            if isinstance(value, list):
+                bad.ClearField(name)  # type: ignore[arg-type]
+                getattr(bad, name).extend(value)
+            else:
+                setattr(bad, name, value)
+        return bad
+
+    def create(given: pb.OutOfScopeThreshold, embedder_fingerprint: str = fingerprint) -> None:
+        client.create_classifier(
+            "copy",
+            k=3,
+            voting="softmax",
+            out_of_scope_threshold=given,
+            embedder_fingerprint=embedder_fingerprint,
+        )
+
+    with pytest.raises(FailedPreconditionError) as other:
+        create(rule, embedder_fingerprint="another")
+    assert other.value.reason == "EMBEDDER_MISMATCH"
+    with pytest.raises(InvalidArgumentError) as missing:
+        create(rule, embedder_fingerprint="")
+    assert missing.value.reason == "FIELD_REQUIRED"
+    with pytest.raises(InvalidArgumentError) as dimension:
+        create(changed(dimension=32))
+    assert dimension.value.reason == "DIMENSION_NOT_CONFIGURED"
+    assert "out_of_scope_threshold.dimension" in str(dimension.value)
+    ascending = list(rule.similarity_reference)
+    for bad, named in [
+        (changed(target_coverage=0.2), "out_of_scope_threshold.target_coverage"),
+        (changed(coverage=1.5), "out_of_scope_threshold.coverage"),
+        (changed(threshold=0.5), "finite threshold of at most 0"),
+        (changed(threshold=float("nan")), "finite threshold of at most 0"),
+        (changed(similarity_reference=[]), "1 to 256 finite reference values"),
+        (changed(similarity_reference=ascending[::-1]), "ascending"),
+        (changed(mahalanobis_reference=[0.0] * 257), "1 to 256 finite reference values"),
+        (changed(mahalanobis_reference=[0.0, float("inf")]), "finite reference values"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=named):
+            create(bad)
+    assert [c.name for c in client.list_classifiers()] == ["source"]  # nothing created
+
+    create(rule)
+    assert client.get_classifier("copy").out_of_scope_threshold == rule
+    client.add_exemplars("copy", EXEMPLARS)
+    for text in QUERIES:  # the source's checks, without an Evaluate on the copy
+        copied, original = client.classify("copy", text), client.classify("source", text)
+        assert copied.out_of_scope == original.out_of_scope
+        assert copied.unknown_reason == original.unknown_reason
+    assert client.classify("copy", "weather rain storm").unknown_reason == (
+        pb.UNKNOWN_REASON_OUT_OF_SCOPE
+    )
+
+
+def test_an_export_without_the_out_of_scope_rule_says_it_is_not_restored() -> None:
+    from knn_classifier.client.cli._archive import plan_restore
+
+    info = pb.ServiceInfo(dimensions=[16, 64], embedder=pb.Embedder(fingerprint="f"))
+    classifier = {"instruction": "Sort it", "k": 3, "voting": "softmax",
+                  "out_of_scope_threshold": True}  # fmt: skip
+    head = {"format": "knn-classifier-export", "version": 2, "classifier": classifier,
+            "embedder": {"fingerprint": "f"}}  # fmt: skip
+    restore = plan_restore(head, "copy", info)
+    assert "out_of_scope_threshold" not in restore.settings
+    assert any("out-of-scope threshold is not in this export" in n for n in restore.notes)
+
+    rule = {"threshold": -3.5, "target_coverage": 0.98, "coverage": 1.0, "dimension": 32,
+            "similarity_reference": [0.1], "mahalanobis_reference": [0.2]}  # fmt: skip
+    restore = plan_restore({**head, "classifier": {**classifier, "out_of_scope_rule": rule}},
+                           "copy", info)  # fmt: skip
+    assert "out_of_scope_threshold" not in restore.settings  # 32 is not kept here
+    assert any("fitted for another dimension" in n for n in restore.notes)
+
+    kept = {**rule, "dimension": 64}
+    restore = plan_restore({**head, "classifier": {**classifier, "out_of_scope_rule": kept}},
+                           "copy", info)  # fmt: skip
+    expected = pb.OutOfScopeThreshold(
+        threshold=-3.5, target_coverage=0.98, coverage=1.0, dimension=64,
+        similarity_reference=[0.1], mahalanobis_reference=[0.2],
+    )  # fmt: skip
+    assert restore.settings["out_of_scope_threshold"] == expected
+    assert restore.settings["embedder_fingerprint"] == "f"
+    assert not restore.notes
+
+    with pytest.raises(CliError, match="out_of_scope_rule is malformed"):
+        plan_restore({**head, "classifier": {**classifier, "out_of_scope_rule": {
+            **kept, "threshold": "low"}}}, "copy", info)  # fmt: skip

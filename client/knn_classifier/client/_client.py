@@ -145,6 +145,7 @@ class Client:
         dimension: int | None = None,
         calibration: pb.Calibration | None = None,
         embedder_fingerprint: str = "",
+        out_of_scope_threshold: pb.OutOfScopeThreshold | None = None,
         exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
@@ -154,7 +155,9 @@ class Client:
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
         ``calibration`` restores an exported ``Classifier.calibration``, with the
         ``embedder_fingerprint`` of the server it came from and the ``dimension`` it was fitted
-        at (the server refuses it for another embedder).
+        at (the server refuses it for another embedder). ``out_of_scope_threshold`` restores an
+        exported ``Classifier.out_of_scope_threshold`` the same way, with the same
+        ``embedder_fingerprint``.
         """
         call = build.create_classifier(
             name,
@@ -167,6 +170,7 @@ class Client:
             dimension,
             calibration,
             embedder_fingerprint,
+            out_of_scope_threshold,
         )
         try:
             return self._send(call, timeout)
@@ -457,6 +461,7 @@ class AsyncClient:
         dimension: int | None = None,
         calibration: pb.Calibration | None = None,
         embedder_fingerprint: str = "",
+        out_of_scope_threshold: pb.OutOfScopeThreshold | None = None,
         exist_ok: bool = False,
         timeout: float | None = None,
     ) -> pb.Classifier:
@@ -466,7 +471,9 @@ class AsyncClient:
         returned as it is; one with other settings raises :class:`SettingsMismatchError`.
         ``calibration`` restores an exported ``Classifier.calibration``, with the
         ``embedder_fingerprint`` of the server it came from and the ``dimension`` it was fitted
-        at (the server refuses it for another embedder).
+        at (the server refuses it for another embedder). ``out_of_scope_threshold`` restores an
+        exported ``Classifier.out_of_scope_threshold`` the same way, with the same
+        ``embedder_fingerprint``.
         """
         call = build.create_classifier(
             name,
@@ -479,6 +486,7 @@ class AsyncClient:
             dimension,
             calibration,
             embedder_fingerprint,
+            out_of_scope_threshold,
         )
         try:
             return await self._send(call, timeout)

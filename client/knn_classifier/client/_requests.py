@@ -93,8 +93,10 @@ def create_classifier(
     dimension: int | None = None,
     calibration: pb.Calibration | None = None,
     embedder_fingerprint: str = "",
+    out_of_scope_threshold: pb.OutOfScopeThreshold | None = None,
 ) -> Call[pb.CreateClassifierRequest, pb.Classifier]:
-    """``dimension``, ``calibration`` and ``embedder_fingerprint`` restore an exported one."""
+    """``dimension``, ``calibration``, ``out_of_scope_threshold`` and ``embedder_fingerprint``
+    restore an exported one."""
     request = pb.CreateClassifierRequest(
         name=name,
         instruction=instruction,
@@ -106,6 +108,7 @@ def create_classifier(
         dimension=dimension,
         calibration=calibration,
         embedder_fingerprint=embedder_fingerprint,
+        out_of_scope_threshold=out_of_scope_threshold,
     )
     return Call("CreateClassifier", request, _response)
 

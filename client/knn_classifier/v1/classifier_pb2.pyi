@@ -314,6 +314,8 @@ class OutOfScopeThreshold(_message.Message):
     TARGET_COVERAGE_FIELD_NUMBER: _builtins.int
     COVERAGE_FIELD_NUMBER: _builtins.int
     DIMENSION_FIELD_NUMBER: _builtins.int
+    SIMILARITY_REFERENCE_FIELD_NUMBER: _builtins.int
+    MAHALANOBIS_REFERENCE_FIELD_NUMBER: _builtins.int
     threshold: _builtins.float
     """Texts scoring under it are out of scope."""
     target_coverage: _builtins.float
@@ -322,6 +324,17 @@ class OutOfScopeThreshold(_message.Message):
     """The share of the leave-one-out exemplars it keeps."""
     dimension: _builtins.int
     """The dimension it applies to."""
+    @_builtins.property
+    def similarity_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The p-value references of the score: quantiles of the leave-one-out exemplars'
+        label-relative similarities, ascending, at most 256. With mahalanobis_reference they make
+        the rule whole, so that CreateClassifierRequest.out_of_scope_threshold restores it exactly.
+        """
+
+    @_builtins.property
+    def mahalanobis_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The same for their relative Mahalanobis scores, ascending, at most 256."""
+
     def __init__(
         self,
         *,
@@ -329,10 +342,12 @@ class OutOfScopeThreshold(_message.Message):
         target_coverage: _builtins.float = ...,
         coverage: _builtins.float = ...,
         dimension: _builtins.int = ...,
+        similarity_reference: _abc.Iterable[_builtins.float] | None = ...,
+        mahalanobis_reference: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "dimension", b"dimension", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "dimension", b"dimension", "mahalanobis_reference", b"mahalanobis_reference", "similarity_reference", b"similarity_reference", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -354,6 +369,7 @@ class CreateClassifierRequest(_message.Message):
     DIMENSION_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
     EMBEDDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_THRESHOLD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-64 characters: letters, digits, '_', '-', '.'; starts with a letter or digit."""
     instruction: _builtins.str
@@ -371,8 +387,8 @@ class CreateClassifierRequest(_message.Message):
     dimension: _builtins.int
     """The dimension Classify uses by default; unset or 0: the largest configured."""
     embedder_fingerprint: _builtins.str
-    """The fingerprint of the embedder the calibration was fitted with
-    (ServiceInfo.embedder.fingerprint of the server it comes from).
+    """The fingerprint of the embedder the calibration or the out-of-scope threshold was fitted
+    with (ServiceInfo.embedder.fingerprint of the server it comes from).
     """
     @_builtins.property
     def calibration(self) -> Global___Calibration:
@@ -382,6 +398,16 @@ class CreateClassifierRequest(_message.Message):
         embedder_fingerprint other than this server's is refused with FAILED_PRECONDITION
         (EMBEDDER_MISMATCH), since the calibration maps the vote shares of that embedder's vectors.
         Without it, run Evaluate with apply_best to fit one here.
+        """
+
+    @_builtins.property
+    def out_of_scope_threshold(self) -> Global___OutOfScopeThreshold:
+        """Optional: an out-of-scope threshold to restore (an exported
+        Classifier.out_of_scope_threshold, whole: with its references), for a classifier about to
+        receive the same exemplars it was fitted with. Requires embedder_fingerprint, refused like
+        the calibration's for another embedder, and its dimension kept by this server
+        (DIMENSION_NOT_CONFIGURED); values out of range: INVALID_ARGUMENT. Without it, run
+        Evaluate with apply_best to fit one here.
         """
 
     def __init__(
@@ -397,10 +423,11 @@ class CreateClassifierRequest(_message.Message):
         dimension: _builtins.int | None = ...,
         calibration: Global___Calibration | None = ...,
         embedder_fingerprint: _builtins.str = ...,
+        out_of_scope_threshold: Global___OutOfScopeThreshold | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "calibration", b"calibration", "dimension", b"dimension", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "calibration", b"calibration", "dimension", b"dimension", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "out_of_scope_threshold", b"out_of_scope_threshold", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "calibration", b"calibration", "dimension", b"dimension", "embedder_fingerprint", b"embedder_fingerprint", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimension", b"_dimension", "_k", b"_k", "_min_confidence", b"_min_confidence", "_min_similarity", b"_min_similarity", "_temperature", b"_temperature", "calibration", b"calibration", "dimension", b"dimension", "embedder_fingerprint", b"embedder_fingerprint", "instruction", b"instruction", "k", b"k", "min_confidence", b"min_confidence", "min_similarity", b"min_similarity", "name", b"name", "out_of_scope_threshold", b"out_of_scope_threshold", "temperature", b"temperature", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimension: _TypeAlias = _typing.Literal["dimension"]  # noqa: Y015
     _WhichOneofArgType__dimension: _TypeAlias = _typing.Literal["_dimension", b"_dimension"]  # noqa: Y015

@@ -138,6 +138,8 @@ class NewClassifier:
     calibration: Calibration | None = None
     """To restore, with ``embedder_fingerprint`` (see :mod:`transfer`)."""
     embedder_fingerprint: str = ""
+    out_of_scope: OutOfScopeFit | None = None
+    """To restore, with ``embedder_fingerprint``, like the calibration."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,23 @@ def new_classifier(request: pb.CreateClassifierRequest) -> NewClassifier:
             else None
         ),
         embedder_fingerprint=request.embedder_fingerprint,
+        out_of_scope=(
+            _out_of_scope_fit(request.out_of_scope_threshold)
+            if request.HasField("out_of_scope_threshold")
+            else None
+        ),
+    )
+
+
+def _out_of_scope_fit(given: pb.OutOfScopeThreshold) -> OutOfScopeFit:
+    """An exported rule as given, unchecked (:func:`transfer.restored_out_of_scope` checks it)."""
+    return OutOfScopeFit(
+        dimension=given.dimension,
+        target_coverage=given.target_coverage,
+        threshold=given.threshold,
+        coverage=given.coverage,
+        similarity=tuple(given.similarity_reference),
+        mahalanobis=tuple(given.mahalanobis_reference),
     )
 
 
@@ -116,6 +133,8 @@ def out_of_scope_threshold(rule: OutOfScopeFit | None) -> pb.OutOfScopeThreshold
         target_coverage=rule.target_coverage,
         coverage=rule.coverage,
         dimension=rule.dimension,
+        similarity_reference=rule.similarity,
+        mahalanobis_reference=rule.mahalanobis,
     )
 
 

@@ -123,6 +123,9 @@ class ClassifierService:
             if request.dimension
             else 0,
             calibration=transfer.restored_calibration(request, self._embedder.fingerprint),
+            out_of_scope=transfer.restored_out_of_scope(
+                request, self._embedder.fingerprint, self._dimensions
+            ),
         )
         return ClassifierInfo(await self._classifiers.create(config), 0)
 

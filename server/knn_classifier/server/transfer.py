@@ -1,11 +1,12 @@
 """Carrying a classifier between deployments: what is valid on arrival, and given vectors.
 
 Shared by ``knn-classifier-migrate`` (store to store) and the API's export and import fields
-(ListExemplars' vectors, CreateClassifier's calibration, AddExemplars' vectors), so that both
-follow one rule: vectors and a calibration only mean something for the embedder that made
-them. They are accepted only with that embedder's fingerprint; a calibration only at the
-dimension it was fitted at; vectors only if wide enough for every dimension kept here, each
-dimension taking its own vector or the Matryoshka truncation of a wider one.
+(ListExemplars' vectors, CreateClassifier's calibration and out-of-scope threshold, AddExemplars'
+vectors), so that both follow one rule: vectors, a calibration and an out-of-scope threshold
+only mean something for the embedder that made them. They are accepted only with that
+embedder's fingerprint; a calibration only at the dimension it was fitted at, an out-of-scope
+threshold only at a dimension kept here; vectors only if wide enough for every dimension kept
+here, each dimension taking its own vector or the Matryoshka truncation of a wider one.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import validation
+from . import out_of_scope, validation
 from .calibration import Calibration
 from .domain import ClassifierConfig, Exemplar, ExemplarInput, NewClassifier
 from .errors import FailedPrecondition, InvalidArgument, Reason
+from .out_of_scope import OutOfScopeFit
 from .store import Store
 from .vectors import Fingerprint, Matrix, truncate, usable_rows
 
@@ -188,6 +190,50 @@ def restored_calibration(request: NewClassifier, fingerprint: Fingerprint) -> Ca
             field="calibration",
         )
     return Calibration(tuple(x), tuple(y))
+
+
+# Out-of-scope rule ---------------------------------------------------------------------------
+
+
+def restored_out_of_scope(
+    request: NewClassifier, fingerprint: Fingerprint, dimensions: Sequence[int]
+) -> OutOfScopeFit | None:
+    """CreateClassifier's out-of-scope rule to restore, checked like a calibration (the
+    embedder that made the scores it holds, a dimension kept here, values in range); None if
+    none was given."""
+    rule = request.out_of_scope
+    if rule is None:
+        return None
+    check_fingerprint(
+        request.embedder_fingerprint, fingerprint, "the out-of-scope threshold's scores"
+    )
+    field = "out_of_scope_threshold"
+    if rule.dimension not in dimensions:
+        raise InvalidArgument(
+            f"{field}.dimension is {rule.dimension}, a dimension this server does not keep "
+            f"({', '.join(map(str, dimensions))}): leave the threshold out and fit one here with "
+            "Evaluate (apply_best)",
+            reason=Reason.DIMENSION_NOT_CONFIGURED,
+            field=f"{field}.dimension",
+        )
+    validation.fraction(rule.target_coverage, f"{field}.target_coverage", 0.5, 1)
+    validation.fraction(rule.coverage, f"{field}.coverage", 0, 1)
+    references = (rule.similarity, rule.mahalanobis)
+    valid = (
+        math.isfinite(rule.threshold)
+        and rule.threshold <= 0  # a sum of two log p-values
+        and all(1 <= len(r) <= out_of_scope.REFERENCE_POINTS for r in references)
+        and all(math.isfinite(v) for r in references for v in r)
+        and all(a <= b for r in references for a, b in itertools.pairwise(r))
+    )
+    if not valid:
+        raise InvalidArgument(
+            f"{field} must have a finite threshold of at most 0 and 1 to "
+            f"{out_of_scope.REFERENCE_POINTS} finite reference values of each score, ascending; "
+            "pass Classifier.out_of_scope_threshold as it was exported",
+            field=field,
+        )
+    return rule
 
 
 def carried(

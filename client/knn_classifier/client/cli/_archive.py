@@ -2,16 +2,20 @@
 
 Header: ``{"format": "knn-classifier-export", "version": 2, "exported_at": ...,
 "classifier": {name, instruction, k, voting, min_similarity, min_confidence, temperature,
-dimension, calibrated, exemplar_count, created_at, calibration}, "embedder": {model, width,
-fingerprint}, "dimensions": [...], "vector_dimensions": [...]}``; ``calibration`` is null or
-``{dimension, shares, probabilities}``, the dimension it was fitted at. Exemplars: ``{"id",
+dimension, calibrated, exemplar_count, created_at, calibration, out_of_scope_rule}, "embedder":
+{model, width, fingerprint}, "dimensions": [...], "vector_dimensions": [...]}``; ``calibration``
+is null or ``{dimension, shares, probabilities}``, the dimension it was fitted at;
+``out_of_scope_rule`` null or the fitted out-of-scope threshold whole, ``{threshold,
+target_coverage, coverage, dimension, similarity_reference, mahalanobis_reference}``
+(``Classifier.out_of_scope_threshold``). Exemplars: ``{"id",
 "text", "label", "metadata"}``, and with ``--vectors`` ``"vectors": {dimension: base64 of
 little-endian float32}`` for every dimension the server keeps.
 
 An import into a server whose embedder has the same fingerprint restores the calibration and
-stores the vectors as they are (no embedding call); into another embedder it embeds the texts
-and leaves the calibration for Evaluate to fit there (:func:`plan_restore`). Version 1 files
-(no calibration, no vectors) still import.
+the out-of-scope rule and stores the vectors as they are (no embedding call); into another
+embedder it embeds the texts and leaves both for Evaluate to fit there (:func:`plan_restore`).
+Version 1 files (no calibration, no vectors) and version 2 files without ``out_of_scope_rule``
+still import.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from knn_classifier.v1 import classifier_pb2 as pb
 
@@ -73,12 +79,23 @@ def header(
             "shares": list(classifier.calibration.shares),
             "probabilities": list(classifier.calibration.probabilities),
         }
+    rule = None
+    if classifier.HasField("out_of_scope_threshold"):
+        rule = MessageToDict(
+            classifier.out_of_scope_threshold,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+        )
     embedder = info.embedder
     return {
         "format": EXPORT_FORMAT,
         "version": VERSION,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "classifier": {**describe(classifier), "calibration": calibration},
+        "classifier": {
+            **describe(classifier),
+            "calibration": calibration,
+            "out_of_scope_rule": rule,
+        },
         "embedder": {
             "model": embedder.model,
             "width": embedder.width,
@@ -145,11 +162,12 @@ class Restore:
 def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Restore:
     """What of the export ``head`` describes can be restored on the server of ``info``.
 
-    The calibration and the vectors hold only for the embedder that made them: they are
-    carried only if its fingerprint is this server's, the calibration only if this server keeps
-    the dimension it was fitted at, the vectors only if they are as wide as every dimension
-    this server keeps (the server truncates them to narrower ones). Else the texts are
-    embedded here and the calibration is left for Evaluate to fit again.
+    The calibration, the out-of-scope rule and the vectors hold only for the embedder that
+    made them: they are carried only if its fingerprint is this server's, the calibration and
+    the rule only if this server keeps the dimension they were fitted at, the vectors only if
+    they are as wide as every dimension this server keeps (the server truncates them to
+    narrower ones). Else the texts are embedded here and the calibration and the rule are left
+    for Evaluate to fit again.
     """
     version = head.get("version")
     if version not in READABLE_VERSIONS:
@@ -198,9 +216,17 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
             "it here; until then confidence, and min_confidence with it, is the raw share of "
             "the vote"
         )
-    if settings.get("out_of_scope_threshold"):
+    rule = settings.get("out_of_scope_rule")
+    if isinstance(rule, dict) and same and rule.get("dimension") in kept:
+        create["out_of_scope_threshold"] = _out_of_scope_threshold(rule)
+        create["embedder_fingerprint"] = fingerprint
+    elif settings.get("out_of_scope_threshold"):
+        if not rule:
+            why = "is not in this export (made before exports carried it)"
+        else:
+            why = f"was fitted for another {'dimension' if same else 'embedder'} than this server's"
         notes.append(
-            "its out-of-scope threshold is not carried by an export: run "
+            f"its out-of-scope threshold {why}, so it is not restored: run "
             f"`knn-classifier evaluate {name} --apply-best` (with the sweep that tuned it) to fit "
             "it here; until then no text is answered out of scope"
         )
@@ -212,3 +238,12 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
             "server's dimensions: the texts are embedded here instead"
         )
     return Restore(create, fingerprint if usable else "", notes)
+
+
+def _out_of_scope_threshold(rule: Any) -> pb.OutOfScopeThreshold:
+    """The header's ``out_of_scope_rule`` as CreateClassifier restores it (the server checks
+    its values)."""
+    try:
+        return ParseDict(rule, pb.OutOfScopeThreshold())
+    except ParseError as error:
+        raise CliError(f"the export header's out_of_scope_rule is malformed: {error}") from None

@@ -275,17 +275,36 @@ def classify(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-def _held_out(args: argparse.Namespace) -> list[tuple[str, str]]:
-    if not args.held_out:
-        return []
-    table = _read_table(args, Path(args.held_out))
+def _usable(path: str, table: Table, what: str) -> Table:
     if table.rejected:
         first = table.rejected[0]
         raise CliError(
-            f"{args.held_out}: {len(table.rejected)} row(s) without a usable text and label "
+            f"{path}: {len(table.rejected)} row(s) without a usable {what} "
             f"(line {first.line}: {first.reason})"
         )
+    return table
+
+
+def _held_out(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if not args.held_out:
+        return []
+    table = _usable(args.held_out, _read_table(args, Path(args.held_out)), "text and label")
     return [(row.text, row.label) for row in table.rows]
+
+
+def _out_of_scope(args: argparse.Namespace) -> list[str]:
+    """The texts of ``--out-of-scope``: the file's text column; any label is not read."""
+    if not args.out_of_scope:
+        return []
+    if not args.held_out:
+        raise CliError(
+            "--out-of-scope needs --held-out: texts with labels to tell the out-of-scope ones from"
+        )
+    path = Path(args.out_of_scope)
+    # The text column stands in for the label so that a file without labels reads.
+    columns = Columns(text=args.text_column, label=args.text_column)
+    table = read(path, file_format(path, args.format), columns)
+    return [row.text for row in _usable(args.out_of_scope, table, "text").rows]
 
 
 def _result_row(rank: int, result: pb.EvaluationResult) -> list[object]:
@@ -304,16 +323,67 @@ def _result_row(rank: int, result: pb.EvaluationResult) -> list[object]:
     ]
 
 
+def _rule(rule: pb.OutOfScopeThreshold) -> str:
+    return (
+        f"threshold {rule.threshold:.4g} at dimension {rule.dimension}, fitted to keep "
+        f"{rule.target_coverage:.3g} of in-scope texts (keeps {rule.coverage:.4f} of "
+        "leave-one-out)"
+    )
+
+
+def _print_out_of_scope(response: pb.EvaluateResponse) -> None:
+    """How each setting told the texts marked out of scope from the in-scope ones, and the
+    out-of-scope rule it applied: the classifier's, or the one apply_best would fit."""
+    measured = [
+        (rank, r.out_of_scope)
+        for rank, r in enumerate(response.results, start=1)
+        if r.HasField("out_of_scope")
+    ]
+    if not measured:
+        return
+    first = measured[0][1]
+    print(
+        f"\nout of scope: {first.out_of_scope_texts} texts marked out of scope, "
+        f"{first.in_scope_texts} in scope"
+    )
+    own = response.classifier.out_of_scope_threshold
+    fitted = response.classifier.HasField("out_of_scope_threshold")
+    rows = [
+        [
+            rank,
+            round(m.recall, 4),
+            round(m.in_scope_coverage, 4),
+            round(m.in_scope_accuracy, 4),
+            round(m.auroc, 4),
+            round(m.top_similarity_auroc, 4),
+            float(f"{m.threshold.threshold:.4g}"),
+            round(m.threshold.target_coverage, 4),
+            m.threshold.dimension,
+            "fitted" if fitted and m.threshold.dimension == own.dimension else "not fitted",
+        ]
+        for rank, m in measured
+    ]
+    header = ["#", "recall", "in_coverage", "in_accuracy", "AUROC", "top_sim_AUROC"]
+    print(_table([*header, "threshold", "target", "dim", "rule"], rows))
+    print(
+        "(recall: share of the out-of-scope texts answered unknown; AUROC: of the out-of-scope\n"
+        " score, top_sim_AUROC: of the top similarity alone; rule: the classifier's fitted\n"
+        " threshold, or not fitted: the one --apply-best would fit, which Classify does not apply)"
+    )
+
+
 def evaluate(args: argparse.Namespace, client: Client) -> int:
     response = client.evaluate(
         args.name,
         held_out=_held_out(args),
+        out_of_scope=_out_of_scope(args),
         k=args.k,
         voting=args.voting,
         dimension=args.dimension,
         temperature=args.temperature,
         apply_best=args.apply_best,
         target_precision=args.target_precision,
+        target_coverage=args.target_coverage,
     )
     if args.json:
         print(_json(_proto_json(response), indent=2))
@@ -329,6 +399,7 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
             [c.count, c.true_label, c.predicted_label] for c in response.results[0].top_confusions
         ]
         print(_table(["count", "true", "predicted"], confusions))
+    _print_out_of_scope(response)
     if response.unknown_labels:
         print(f"\nheld-out labels without exemplars: {', '.join(response.unknown_labels)}")
     if args.apply_best:
@@ -345,6 +416,8 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
             )
         )
         print(f"\napplied to {args.name!r}: {settings}, calibrated={applied['calibrated']}")
+        if response.classifier.HasField("out_of_scope_threshold"):
+            print(f"out-of-scope rule: {_rule(response.classifier.out_of_scope_threshold)}")
     return 0
 
 

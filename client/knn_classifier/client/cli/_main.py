@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
     export = command(
         "export",
         _commands.export,
-        "Write a classifier (settings, calibration, thresholds and exemplars) as JSONL.",
+        "Write a classifier (settings, calibration, thresholds, out-of-scope threshold and "
+        "exemplars) as JSONL.",
     )
     export.add_argument("name")
     export.add_argument("-o", "--output", help="file (default: standard output)")
@@ -172,6 +173,12 @@ def parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("name")
     evaluate.add_argument("--held-out", help="CSV, TSV or JSONL file of texts and true labels")
+    evaluate.add_argument(
+        "--out-of-scope",
+        metavar="FILE",
+        help="with --held-out: texts that belong to no label (the right answer is unknown), a "
+        "file like --held-out's whose labels, if any, are ignored; adds how they are told apart",
+    )
     _add_columns(evaluate)
     evaluate.add_argument("--k", type=_list_of(int), default=[], help="e.g. 5,10,20")
     evaluate.add_argument("--voting", type=_voting_list, default=[], help="e.g. softmax,centroid")
@@ -181,6 +188,12 @@ def parser() -> argparse.ArgumentParser:
         "--apply-best", action="store_true", help="make the best setting the defaults, calibrate"
     )
     evaluate.add_argument("--target-precision", type=float, help="with --apply-best: thresholds")
+    evaluate.add_argument(
+        "--target-coverage",
+        type=float,
+        help="with --apply-best: the out-of-scope threshold keeps this share of in-scope texts "
+        "(0.5 to 1; default 0.98)",
+    )
     _add_output(evaluate, "the whole response")
 
     check = command(
