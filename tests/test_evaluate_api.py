@@ -16,10 +16,10 @@ from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
 from knn_classifier.server.evaluate import Evaluation
-from knn_classifier.server.label_models import leave_one_out_discriminant, shrinkage
 from knn_classifier.server.voting import Voting
 from knn_classifier.v1 import classifier_pb2 as pb
 
+from . import references
 from .conftest import ServerThread, predictions
 from .fake_embedder import fake_vector
 
@@ -293,7 +293,7 @@ def test_discriminant_voting_matches_scikit_learn_lda(client: Client) -> None:
     train, queries, answers = label_scored(client, "discriminant")
     vectors = np.vstack([fake_vector(t, 64) for t, _ in train])
     labels = [label for _, label in train]
-    weight = shrinkage(64, len(train) - 3)
+    weight = 64 / (64 + len(train) - 3)  # the identity's weight: d / (d + n - L)
     reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=weight, priors=[1 / 3] * 3)
     reference.fit(vectors, labels)
     query_vectors = np.vstack([fake_vector(q, 64) for q in queries])
@@ -307,6 +307,8 @@ def test_discriminant_voting_matches_scikit_learn_lda(client: Client) -> None:
 
 
 def test_discriminant_leave_one_out_through_evaluate(client: Client) -> None:
+    """Leave-one-out accuracy is that of the reference discriminant refitted without each
+    exemplar in turn (the noise it is debiased by kept from all exemplars)."""
     train = topical_texts(45, seed=8)
     client.create_classifier("lda-loo")
     client.add_exemplars("lda-loo", train)
@@ -314,8 +316,17 @@ def test_discriminant_leave_one_out_through_evaluate(client: Client) -> None:
 
     vectors = np.vstack([fake_vector(t, 64) for t, _ in train]).astype(np.float32)
     labels = [label for _, label in train]
-    names, scores = leave_one_out_discriminant(labels, vectors, np.arange(len(train)))
-    predicted = [names[j] for j in scores.argmax(axis=1)]
-    expected = np.mean([p == t for p, t in zip(predicted, labels, strict=True)])
+    noise = references.discriminant_noise(labels, vectors)
+    right = 0
+    for i, label in enumerate(labels):
+        others = np.arange(len(train)) != i
+        names, scores = references.discriminant_scores(
+            [x for x, other in zip(labels, others, strict=True) if other],
+            vectors[others],
+            vectors[i : i + 1],
+            noise,
+        )
+        right += names[int(scores[0].argmax())] == label
+    expected = right / len(train)
     assert 0.3 < expected < 1.0  # the check below can tell right from wrong
     assert result.accuracy == pytest.approx(expected)
