@@ -268,15 +268,12 @@ def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> Non
     """Classify and held-out Evaluate with centroid voting agree with a numpy reference: the
     similarity to each label's mean, over its length less the pooled variance / n."""
     train, queries, answers = label_scored(client, "centroid")
-    labels = sorted(TOPICS)
     vectors = np.vstack([fake_vector(text, 64) for text, _ in train])
-    member = np.array([labels.index(label) for _, label in train])
-    counts = np.bincount(member)[:, None]
-    means = np.vstack([vectors[member == i].mean(axis=0) for i in range(len(labels))])
-    noise = np.sum((vectors - means[member]) ** 2) / (len(train) - len(labels))
-    centroids = means / np.sqrt(np.sum(means**2, axis=1, keepdims=True) - noise / counts)
-    similarities = np.vstack([fake_vector(q, 64) for q in queries]) @ centroids.T
-    assert [a.label for a in answers] == [labels[i] for i in similarities.argmax(axis=1)]
+    labels = [label for _, label in train]
+    noise = references.centroid_noise(labels, vectors)
+    query_vectors = np.vstack([fake_vector(q, 64) for q in queries])
+    names, similarities = references.centroid_scores(labels, vectors, query_vectors, noise)
+    assert [a.label for a in answers] == [names[i] for i in similarities.argmax(axis=1)]
     np.testing.assert_allclose([a.confidence for a in answers], top_shares(similarities), rtol=1e-4)
 
     held = client.evaluate(
