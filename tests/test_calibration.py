@@ -2,9 +2,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from sklearn.isotonic import IsotonicRegression
 
 from knn_classifier.server.calibration import Calibration, fitted_temperature, platt
-from knn_classifier.server.evaluate import expected_calibration_error
 
 
 def draws(
@@ -15,8 +15,19 @@ def draws(
     return shares, rng.uniform(0, 1, n) < accuracy_of_share(shares)
 
 
+def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray) -> float:
+    """Over ten equal-width bins of confidence ([0, 0.1), ..., [0.9, 1.0]): each bin's
+    |accuracy - mean confidence|, weighted by its share of the answers."""
+    error = 0.0
+    for low in np.arange(10) / 10:
+        inside = (confidences >= low) & ((confidences < low + 0.1) | (low == 0.9))
+        if inside.any():
+            error += inside.mean() * abs(correct[inside].mean() - confidences[inside].mean())
+    return float(error)
+
+
 def held_out_ece(calibration: Calibration, shares: np.ndarray, correct: np.ndarray) -> float:
-    return expected_calibration_error([calibration(s) for s in shares], correct.tolist())
+    return expected_calibration_error(np.array([calibration(s) for s in shares]), correct)
 
 
 def test_many_over_confident_shares_are_corrected() -> None:
@@ -29,7 +40,7 @@ def test_many_over_confident_shares_are_corrected() -> None:
     assert len(calibration.shares) <= 64
     fresh_shares, fresh_correct = draws(4, 5000, lambda s: s**2)
     assert held_out_ece(calibration, fresh_shares, fresh_correct) < 0.03
-    assert expected_calibration_error(fresh_shares.tolist(), fresh_correct.tolist()) > 0.1
+    assert expected_calibration_error(fresh_shares, fresh_correct) > 0.1
 
 
 def test_equal_shares_are_pooled() -> None:
@@ -37,6 +48,21 @@ def test_equal_shares_are_pooled() -> None:
     correct = np.arange(1000) % 10 != 0  # 90 % right, misses spread through the order
     shares = np.ones(1000)
     assert Calibration.fit(shares.tolist(), correct.tolist())(1.0) == pytest.approx(0.9, abs=0.01)
+
+
+def test_without_the_prior_it_is_scikit_learns_isotonic_regression() -> None:
+    """Each stored point is a block of scikit-learn's fit (the answers it gives one value, equal
+    shares pooled): the block's mean share and its accuracy."""
+    rng = np.random.default_rng(8)
+    shares = rng.choice(np.linspace(0.3, 1.0, 15), 300)  # repeated shares, as votes give them
+    correct = rng.uniform(0, 1, 300) < shares**2
+    calibration = Calibration.fit(shares.tolist(), correct.tolist(), prior_answers=0.0)
+    fitted = IsotonicRegression().fit(shares, correct.astype(float)).predict(shares)
+    values = sorted(set(fitted.tolist()))
+    assert 3 < len(values) <= 64  # every block stored, and not a trivial fit
+    blocks = [shares[fitted == value].mean() for value in values]
+    np.testing.assert_allclose(calibration.shares, blocks, rtol=1e-12)
+    np.testing.assert_allclose(calibration.probabilities, values, rtol=1e-12)
 
 
 def test_few_answers_move_the_raw_share_only_a_little() -> None:

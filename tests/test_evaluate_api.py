@@ -16,10 +16,10 @@ from knn_classifier.server import deadlines
 from knn_classifier.server.domain import EvaluateRequest
 from knn_classifier.server.errors import DeadlineExceeded
 from knn_classifier.server.evaluate import Evaluation
-from knn_classifier.server.label_models import leave_one_out_discriminant, shrinkage
 from knn_classifier.server.voting import Voting
 from knn_classifier.v1 import classifier_pb2 as pb
 
+from . import references
 from .conftest import ServerThread, predictions
 from .fake_embedder import fake_vector
 
@@ -268,15 +268,12 @@ def test_centroid_voting_picks_the_nearest_label_centroid(client: Client) -> Non
     """Classify and held-out Evaluate with centroid voting agree with a numpy reference: the
     similarity to each label's mean, over its length less the pooled variance / n."""
     train, queries, answers = label_scored(client, "centroid")
-    labels = sorted(TOPICS)
     vectors = np.vstack([fake_vector(text, 64) for text, _ in train])
-    member = np.array([labels.index(label) for _, label in train])
-    counts = np.bincount(member)[:, None]
-    means = np.vstack([vectors[member == i].mean(axis=0) for i in range(len(labels))])
-    noise = np.sum((vectors - means[member]) ** 2) / (len(train) - len(labels))
-    centroids = means / np.sqrt(np.sum(means**2, axis=1, keepdims=True) - noise / counts)
-    similarities = np.vstack([fake_vector(q, 64) for q in queries]) @ centroids.T
-    assert [a.label for a in answers] == [labels[i] for i in similarities.argmax(axis=1)]
+    labels = [label for _, label in train]
+    noise = references.centroid_noise(labels, vectors)
+    query_vectors = np.vstack([fake_vector(q, 64) for q in queries])
+    names, similarities = references.centroid_scores(labels, vectors, query_vectors, noise)
+    assert [a.label for a in answers] == [names[i] for i in similarities.argmax(axis=1)]
     np.testing.assert_allclose([a.confidence for a in answers], top_shares(similarities), rtol=1e-4)
 
     held = client.evaluate(
@@ -293,7 +290,7 @@ def test_discriminant_voting_matches_scikit_learn_lda(client: Client) -> None:
     train, queries, answers = label_scored(client, "discriminant")
     vectors = np.vstack([fake_vector(t, 64) for t, _ in train])
     labels = [label for _, label in train]
-    weight = shrinkage(64, len(train) - 3)
+    weight = 64 / (64 + len(train) - 3)  # the identity's weight: d / (d + n - L)
     reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=weight, priors=[1 / 3] * 3)
     reference.fit(vectors, labels)
     query_vectors = np.vstack([fake_vector(q, 64) for q in queries])
@@ -307,6 +304,8 @@ def test_discriminant_voting_matches_scikit_learn_lda(client: Client) -> None:
 
 
 def test_discriminant_leave_one_out_through_evaluate(client: Client) -> None:
+    """Leave-one-out accuracy is that of the reference discriminant refitted without each
+    exemplar in turn (the noise it is debiased by kept from all exemplars)."""
     train = topical_texts(45, seed=8)
     client.create_classifier("lda-loo")
     client.add_exemplars("lda-loo", train)
@@ -314,8 +313,17 @@ def test_discriminant_leave_one_out_through_evaluate(client: Client) -> None:
 
     vectors = np.vstack([fake_vector(t, 64) for t, _ in train]).astype(np.float32)
     labels = [label for _, label in train]
-    names, scores = leave_one_out_discriminant(labels, vectors, np.arange(len(train)))
-    predicted = [names[j] for j in scores.argmax(axis=1)]
-    expected = np.mean([p == t for p, t in zip(predicted, labels, strict=True)])
+    noise = references.discriminant_noise(labels, vectors)
+    right = 0
+    for i, label in enumerate(labels):
+        others = np.arange(len(train)) != i
+        names, scores = references.discriminant_scores(
+            [x for x, other in zip(labels, others, strict=True) if other],
+            vectors[others],
+            vectors[i : i + 1],
+            noise,
+        )
+        right += names[int(scores[0].argmax())] == label
+    expected = right / len(train)
     assert 0.3 < expected < 1.0  # the check below can tell right from wrong
     assert result.accuracy == pytest.approx(expected)

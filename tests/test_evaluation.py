@@ -48,10 +48,17 @@ def test_leave_one_out_never_finds_itself() -> None:
     np.testing.assert_array_equal(indices, full)
 
 
-@pytest.mark.parametrize("calibration", [None, Calibration((0.0, 0.5, 1.0), (0.1, 0.3, 0.9))])
-def test_label_scored_outcomes_are_those_of_vote(calibration: Calibration | None) -> None:
-    """Centroid and discriminant answers are computed for all rows at once, as ``vote`` gives
-    them one by one: ties to the smaller label, -inf scores left out, min_similarity applied."""
+def calibrated(share: float) -> float:
+    """The calibration below, written out: linear from (0, 0.1) to (0.5, 0.3) to (1, 0.9)."""
+    return 0.1 + 0.4 * share if share <= 0.5 else 0.3 + 1.2 * (share - 0.5)
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_label_scored_outcomes_are_those_of_vote(calibrate: bool) -> None:
+    """Centroid and discriminant answers are computed for all rows at once: each as the rule
+    written out here gives it (the best score wins, ties to the smaller label, -inf scores left
+    out, confidence 1 / sum(exp((score - best) / temperature)), unknown with confidence 0 when
+    the nearest neighbour is under min_similarity), and as Classify's ``vote`` gives it."""
     rng = np.random.default_rng(4)
     labels = [f"l{i}" for i in range(6)]
     scores = rng.choice([0.1, 0.2, 0.25, 0.3, -np.inf], size=(300, 6)).astype(np.float32)
@@ -60,18 +67,29 @@ def test_label_scored_outcomes_are_those_of_vote(calibration: Calibration | None
     indices = np.tile(np.arange(3), (300, 1))
     exemplars = Exemplars(["a", "b", "c"], ["l0", "l1", "l2"], ["x", "y", "z"], unit(np.eye(3)))
     setting = Setting(3, Voting.DISCRIMINANT, 3, 0.07)
+    calibration = Calibration((0.0, 0.5, 1.0), (0.1, 0.3, 0.9)) if calibrate else None
     got = outcomes(exemplars, indices, similarities, setting, 0.3, calibration, (labels, scores))
     for row, answer in enumerate(got):
+        scored = {lb: s for lb, s in zip(labels, scores[row].tolist(), strict=True) if s > -np.inf}
+        best = max(scored.values())
+        winner = min(lb for lb, s in scored.items() if s == best)
+        share = 1 / sum(math.exp((s - best) / 0.07) for s in scored.values())
+        top = float(similarities[row, 0])
+        if top < 0.3:
+            assert (answer.label, answer.best_label, answer.confidence) == (None, None, 0.0)
+        else:
+            assert (answer.label, answer.best_label) == (winner, winner)
+            assert answer.confidence == pytest.approx(calibrated(share) if calibrate else share)
+        assert answer.top_similarity == top
         neighbours = [Neighbour("n", "l0", "t", s) for s in similarities[row].tolist()]
-        row_scores = [
-            (lb, s) for lb, s in zip(labels, scores[row].tolist(), strict=True) if s > -np.inf
-        ]
-        expected = vote(neighbours, setting.voting, 0.3, 0.0, 0.07, calibration, row_scores)
+        expected = vote(
+            neighbours, setting.voting, 0.3, 0.0, 0.07, calibration, list(scored.items())
+        )
         assert (answer.label, answer.best_label) == (expected.label, expected.best_label)
         assert answer.confidence == pytest.approx(expected.confidence, rel=1e-12)
-        assert answer.top_similarity == expected.top_similarity
     assert any(a.label is None for a in got)
     assert any(a.label == "l0" for a in got)
+    assert any(a.label not in (None, "l0") for a in got)
 
 
 def test_report_counts_unknown_as_wrong_and_lists_confusions() -> None:
@@ -102,14 +120,18 @@ def test_expected_calibration_error() -> None:
     assert expected_calibration_error([0.95] * 2, [True, False]) == pytest.approx(0.45)
 
 
-def smoothed(precision: float, coverage: float, n: int) -> float:
-    """The precision with one right and one wrong answer added."""
-    count = round(coverage * n)
-    return (precision * count + 1) / (count + 2)
+def kept_by_hand(
+    sims: list[float], conf: list[float], right: list[bool], min_sim: float, min_conf: float
+) -> tuple[int, int]:
+    """How many answers the thresholds keep, and how many of those are right."""
+    keep = [s >= min_sim and c >= min_conf for s, c in zip(sims, conf, strict=True)]
+    hits = sum(k and r for k, r in zip(keep, right, strict=True))
+    return sum(keep), hits
 
 
 def test_thresholds_keep_the_most_answers_that_reach_the_target() -> None:
-    """Against every pair of thresholds (fewer than 64 distinct similarities: all are tried)."""
+    """Against every pair of thresholds (fewer than 64 distinct similarities: all are tried), the
+    precision counted with one right and one wrong answer added."""
     rng = np.random.default_rng(3)
     for _ in range(20):
         n = 60
@@ -120,17 +142,17 @@ def test_thresholds_keep_the_most_answers_that_reach_the_target() -> None:
         best = 0
         for s in [-1.0, *sims]:
             for c in [0.0, *conf]:
-                precision, coverage = kept(sims, conf, right, Thresholds(s, c))
-                if smoothed(precision, coverage, n) >= target:
-                    best = max(best, round(coverage * n))
+                count, hits = kept_by_hand(sims, conf, right, s, c)
+                if (hits + 1) / (count + 2) >= target:
+                    best = max(best, count)
         fitted = fit(sims, conf, right, target)
         if best == 0:
             assert fitted is None
             continue
         assert fitted is not None
-        precision, coverage = kept(sims, conf, right, fitted)
-        assert round(coverage * n) == best
-        assert smoothed(precision, coverage, n) >= target
+        count, hits = kept_by_hand(sims, conf, right, fitted.min_similarity, fitted.min_confidence)
+        assert count == best
+        assert (hits + 1) / (count + 2) >= target
 
 
 def test_thresholds_are_fitted_jointly() -> None:

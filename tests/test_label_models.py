@@ -1,4 +1,5 @@
-"""Label models: leave-one-out agrees with refitting without the exemplar; what each one scores."""
+"""Label models: leave-one-out agrees with a reference refitted without the exemplar; what each
+one scores."""
 
 import numpy as np
 import pytest
@@ -6,12 +7,18 @@ import pytest
 from knn_classifier.server import label_models
 from knn_classifier.server.voting import Voting
 
+from . import references
+
 # The functions themselves: their optional parameters (noise, checkpoint) are not in the
 # service's tables' types.
 FIT = {Voting.CENTROID: label_models.centroids, Voting.DISCRIMINANT: label_models.discriminant}
 LEAVE_ONE_OUT = {
     Voting.CENTROID: label_models.leave_one_out_centroids,
     Voting.DISCRIMINANT: label_models.leave_one_out_discriminant,
+}
+REFERENCE = {
+    Voting.CENTROID: (references.centroid_noise, references.centroid_scores),
+    Voting.DISCRIMINANT: (references.discriminant_noise, references.discriminant_scores),
 }
 
 
@@ -25,22 +32,26 @@ def unit(rows: np.ndarray) -> np.ndarray:
 def test_leave_one_out_equals_refitting_without_the_exemplar(
     voting: Voting, count: int, dimension: int
 ) -> None:
+    """Against the reference (tests/references.py) refitted on every exemplar but the one left
+    out, its noise that of all exemplars."""
     rng = np.random.default_rng(count)
     vectors = unit(rng.standard_normal((count, dimension)))
     labels = [f"l{i % 3}" for i in range(count - 1)] + ["alone"]
     every = np.arange(count)
     names, scores = LEAVE_ONE_OUT[voting](labels, vectors, every)
     assert names == ["alone", "l0", "l1", "l2"]
-    noise = FIT[voting](labels, vectors).noise  # leave-one-out keeps all's noise
+    reference_noise, reference_scores = REFERENCE[voting]
+    noise = reference_noise(labels, vectors)  # leave-one-out keeps all's noise
     assert noise > 0
+    assert FIT[voting](labels, vectors).noise == pytest.approx(noise, rel=1e-9)
     for i in every:
         others = every != i
         kept = [labels[j] for j in every[others]]
-        refit = FIT[voting](kept, vectors[others], noise)
-        expected = dict(zip(refit.labels, refit.scores(vectors[i : i + 1])[0], strict=True))
+        refit_labels, refit = reference_scores(kept, vectors[others], vectors[i : i + 1], noise)
+        expected = dict(zip(refit_labels, refit[0], strict=True))
         for j, name in enumerate(names):
             if name in expected:
-                assert scores[i, j] == pytest.approx(expected[name], abs=1e-5)
+                assert scores[i, j] == pytest.approx(expected[name], rel=1e-5, abs=1e-5)
             else:  # the exemplar was its label's only one
                 assert scores[i, j] == -np.inf
 

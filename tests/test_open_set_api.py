@@ -11,6 +11,7 @@ import random
 import grpc
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from knn_classifier.client import AsyncClient, Client, InvalidArgumentError
 from knn_classifier.server import out_of_scope, transfer
@@ -235,6 +236,10 @@ def test_auroc_counts_ties_as_half() -> None:
     assert out_of_scope.auroc([3, 4], [1, 2]) == 1.0
     assert out_of_scope.auroc([1, 2], [3, 4]) == 0.0
     assert out_of_scope.auroc([1, 3], [1, 2]) == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+    rng = np.random.default_rng(0)
+    inside, outside = rng.integers(0, 20, 300), rng.integers(-5, 15, 70)  # many ties
+    expected = roc_auc_score([1] * 300 + [0] * 70, np.concatenate([inside, outside]))
+    assert out_of_scope.auroc(inside, outside) == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_fitted_rule_survives_the_classifier_record() -> None:

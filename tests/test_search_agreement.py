@@ -4,7 +4,7 @@ Classify asks the store (``Store.query``); Evaluate reads the stored vectors (``
 and computes exact neighbours with :func:`evaluate.nearest`. The server store runs on
 ``AsyncQdrantClient(":memory:")``, which always searches exactly, so its test also checks that
 every search it sends asks the server for an exact one: a Qdrant server would otherwise walk
-its HNSW graphs.
+its HNSW graphs. Both are checked against a full sort of every similarity.
 """
 
 from __future__ import annotations
@@ -86,14 +86,17 @@ async def test_classify_searches_the_neighbours_evaluate_computes(
 
     found = await opened.query(DIMENSION, "c", queries, K)
     records, vectors = await opened.vectors(DIMENSION, "c")
-    indices, similarities = evaluate.nearest(queries, vectors, K)
-
+    every = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    expected = [sorted(range(len(records)), key=lambda j: -row[j])[:K] for row in every.tolist()]
     assert [[r.id for r in row] for row in found] == [
-        [records[i].id for i in row] for row in indices.tolist()
+        [records[i].id for i in row] for row in expected
     ]
     assert np.array([[r.score for r in row] for row in found]) == pytest.approx(
-        similarities, abs=1e-5
+        np.take_along_axis(every, np.array(expected), axis=1), abs=1e-5
     )
+    indices, similarities = evaluate.nearest(queries, vectors, K)
+    assert indices.tolist() == expected
+    np.testing.assert_allclose(similarities, np.take_along_axis(every, indices, axis=1), atol=1e-5)
     if qdrant is not None:
         assert qdrant.queries  # the check below can fail
         assert all(q.params is not None and q.params.exact for q in qdrant.queries)
