@@ -266,6 +266,26 @@ def test_the_scope_check_counts_ten_neighbours_whatever_k_votes(topics: Client) 
     assert [a.out_of_scope.score for a in one] == pytest.approx([a.out_of_scope.score for a in ten])
     assert all(len(a.neighbours) == 1 for a in one)
     assert len({a.out_of_scope.score for a in ten}) > 2  # the check does tell texts apart
+    # Held-out Evaluate, whose neighbours are found for the largest k swept, too; texts with a
+    # word of another topic, whose neighbours disagree more often, make the agreement count.
+    rng = random.Random(9)
+    between = [
+        " ".join(
+            [*rng.sample(TOPICS["sport"].split(), 2), rng.choice(TOPICS["food"].split()), f"w{i}"]
+        )
+        for i in range(40)
+    ]
+    measured = {
+        k: topics.evaluate(
+            "topics", held_out=topical_texts(20, seed=9), out_of_scope=between, k=[k]
+        )
+        .results[0]
+        .out_of_scope
+        for k in (1, 10)
+    }
+    assert measured[1].auroc == pytest.approx(measured[10].auroc)
+    assert measured[1].recall == pytest.approx(measured[10].recall)
+    assert measured[1].in_scope_coverage == pytest.approx(measured[10].in_scope_coverage)
 
 
 async def test_async_client_sends_out_of_scope_texts_and_target_coverage(
