@@ -251,8 +251,11 @@ SCORES = [
     "Mahalanobis (Lee)",
     "relative Mahalanobis (Ren)",
     "label-relative similarity",
-    "combined: label-relative similarity and relative Mahalanobis (open_set)",
+    "neighbour agreement (10 nearest)",
+    "combined without agreement: label-relative similarity and relative Mahalanobis",
+    "combined: the three (open_set)",
 ]
+COMBINED = SCORES[-1]
 
 
 def in_scope_scores(
@@ -282,8 +285,10 @@ def in_scope_scores(
     oos = open_set.fit(names, train)
     left_out = open_set.leave_one_out(names, train, rows)
     combination = open_set.Combination.of(left_out)
+    two = open_set.Combination(combination.references[:2])
     relative = oos.relative_similarity(sims[:, 0], labels[nearest[:, 0]].tolist())
     mahalanobis_scores = oos.relative_mahalanobis(queries)
+    agreement = open_set.agreement(labels[nearest].tolist())
     scores = {
         SCORES[0]: sims[:, 0].astype(np.float64),
         SCORES[1]: sims[:, 9].astype(np.float64),
@@ -293,7 +298,9 @@ def in_scope_scores(
         SCORES[5]: -mahalanobis(train, labels, queries),
         SCORES[6]: mahalanobis_scores,
         SCORES[7]: relative,
-        SCORES[8]: combination.scores(relative, mahalanobis_scores),
+        SCORES[8]: agreement,
+        SCORES[9]: two.scores(relative, mahalanobis_scores),
+        SCORES[10]: combination.scores(relative, mahalanobis_scores, agreement),
     }
     loo = {
         SCORES[0]: loo_sims[:, 0].astype(np.float64),
@@ -303,7 +310,11 @@ def in_scope_scores(
         SCORES[4]: energy(loo_discriminant64),
         SCORES[6]: left_out.mahalanobis,
         SCORES[7]: left_out.similarity,
-        SCORES[8]: combination.scores(left_out.similarity, left_out.mahalanobis),
+        SCORES[8]: left_out.agreement,
+        SCORES[9]: two.scores(left_out.similarity, left_out.mahalanobis),
+        SCORES[10]: combination.scores(
+            left_out.similarity, left_out.mahalanobis, left_out.agreement
+        ),
     }
     return scores, loo
 
@@ -462,7 +473,7 @@ def negative_exemplars_table(sets: dict[str, DataSet], seeds: int) -> None:
             queries = np.vstack([protocol.in_scope, *(data.test[m] for m in test_sets.values())])
             rows = loo_sample(len(protocol.train))
             scores, loo = in_scope_scores(protocol.train, protocol.train_labels, queries, rows)
-            combined, loo_combined = scores[SCORES[8]], loo[SCORES[8]]
+            combined, loo_combined = scores[COMBINED], loo[COMBINED]
             in_scope_top = evaluate.nearest(queries, protocol.train, 1)[1][:, 0]
             loo_top = evaluate.nearest(protocol.train[rows], protocol.train, 1, rows)[1][:, 0]
             for shots in NEGATIVE_SHOTS:
@@ -481,7 +492,7 @@ def negative_exemplars_table(sets: dict[str, DataSet], seeds: int) -> None:
                 loo_negative_top = evaluate.nearest(protocol.train[rows], negatives, 1)[1][:, 0]
                 margin = (in_scope_top - negative_top).astype(np.float64)
                 loo_margin = (loo_top - loo_negative_top).astype(np.float64)
-                fisher = open_set.Combination(np.sort(loo_margin), np.sort(loo_combined))
+                fisher = open_set.Combination((np.sort(loo_margin), np.sort(loo_combined)))
                 by_score = {
                     NEGATIVE_SCORES[0]: (combined, loo_combined),
                     NEGATIVE_SCORES[1]: (
@@ -493,8 +504,8 @@ def negative_exemplars_table(sets: dict[str, DataSet], seeds: int) -> None:
                         fisher.scores(loo_margin, loo_combined),
                     ),
                     NEGATIVE_SCORES[3]: (
-                        combined + one_sided(fisher.similarity, margin),
-                        loo_combined + one_sided(fisher.similarity, loo_margin),
+                        combined + one_sided(fisher.references[0], margin),
+                        loo_combined + one_sided(fisher.references[0], loo_margin),
                     ),
                 }
                 inside = len(protocol.in_scope)

@@ -1,7 +1,7 @@
 """Out-of-scope scores: relative Mahalanobis against scikit-learn's shrunk covariance, the
-label-relative similarity against a loop over the exemplars, leave-one-out against refitting, the
-combination and the coverage threshold. Leave-one-out is checked against both references refitted
-without the exemplar."""
+label-relative similarity against a loop over the exemplars, the neighbour agreement against
+counting, leave-one-out against refitting, the combination and the coverage threshold.
+Leave-one-out is checked against references refitted without the exemplar."""
 
 import numpy as np
 import pytest
@@ -122,6 +122,10 @@ def test_leave_one_out_equals_refitting_without_the_exemplar(count: int, dimensi
         assert left_out.mahalanobis[i] == pytest.approx(expected, rel=1e-6, abs=1e-6)
         similarity = reference_similarity(kept, vectors[others], vectors[i])
         assert left_out.similarity[i] == pytest.approx(similarity, abs=1e-6)
+        similarities = vectors[others] @ vectors[i]
+        ranked = [kept[j] for j in np.argsort(-similarities, kind="stable")]
+        agreeing = sum(label == ranked[0] for label in ranked[:10])
+        assert left_out.agreement[i] == pytest.approx(agreeing / 10)
 
 
 def test_leave_one_out_checks_its_checkpoint_before_each_block() -> None:
@@ -174,11 +178,30 @@ def test_coverage_threshold_keeps_at_least_the_share_asked_for() -> None:
 
 
 def test_the_combination_sums_the_log_p_values_among_the_references() -> None:
-    reference = open_set.LeaveOneOut(np.array([4.0, 1, 3, 2]), np.array([10.0, 30, 20, 40]))
+    reference = open_set.LeaveOneOut(
+        np.array([4.0, 1, 3, 2]), np.array([10.0, 30, 20, 40]), np.array([1.0, 0.5, 1, 0.9])
+    )
     combination = open_set.Combination.of(reference)
     # 2.5: two of the four similarities are at or below it, p = 3 / 5; no Mahalanobis score is
-    # at or below 5, p = 1 / 5; 9 and 40 are at or above all four, p = 1.
+    # at or below 5, p = 1 / 5; agreement 0.5 has one at or below it, p = 2 / 5. 9, 40 and 1 are
+    # at or above all four, p = 1.
     np.testing.assert_allclose(
-        combination.scores([2.5, 9.0], [5.0, 40.0]),
-        [np.log(3 / 5) + np.log(1 / 5), np.log(1.0) + np.log(1.0)],
+        combination.scores([2.5, 9.0], [5.0, 40.0], [0.5, 1.0]),
+        [np.log(3 / 5) + np.log(1 / 5) + np.log(2 / 5), 0.0],
     )
+    # A score without references (a rule fitted before it existed) counts for nothing.
+    older = open_set.Combination((*combination.references[:2], np.empty(0)))
+    np.testing.assert_allclose(older.scores([2.5], [5.0], [0.0]), [np.log(3 / 5) + np.log(1 / 5)])
+    with pytest.raises(ValueError, match="2 scores for 3 references"):
+        combination.scores([2.5], [5.0])
+
+
+def test_agreement_is_the_share_of_the_nearest_ten_with_the_nearest_label() -> None:
+    assert open_set.AGREEMENT_NEIGHBOURS == 10
+    rows = [
+        ["a"] * 10,
+        ["a", "b", "a", "c"] + ["a"] * 6 + ["b"] * 5,  # only the first ten count: 8 of 10
+        ["b", "a", "a"],  # fewer than ten neighbours: 1 of 3
+        ["x"],
+    ]
+    np.testing.assert_allclose(open_set.agreement(rows), [1.0, 0.8, 1 / 3, 1.0])

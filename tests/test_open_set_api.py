@@ -243,11 +243,54 @@ def test_auroc_counts_ties_as_half() -> None:
 
 
 def test_the_fitted_rule_survives_the_classifier_record() -> None:
-    rule = OutOfScopeFit(64, 0.95, -3.5, 0.951, (0.1, 0.2), (-1.0, 2.0))
+    rule = OutOfScopeFit(64, 0.95, -3.5, 0.951, (0.1, 0.2), (-1.0, 2.0), (0.5, 1.0))
     config = ClassifierConfig(
         "c", "", 5, Voting.MIXTURE, -1.0, 0.0, 0.0, 0.05, out_of_scope=rule, label_temperature=0.3
     )
     assert ClassifierConfig.from_payload(config.to_payload()) == config
+
+
+def test_a_rule_stored_before_the_agreement_scores_as_it_was_fitted() -> None:
+    """A record written before the neighbour agreement joined the score has no references for
+    it: its threshold was fitted on the other two, and the agreement must not move the score."""
+    payload = OutOfScopeFit(64, 0.95, -3.5, 0.951, (0.1, 0.2), (-1.0, 2.0)).to_payload()
+    del payload["agreement"]
+    rule = OutOfScopeFit.from_payload(payload)
+    assert rule.agreement == ()
+    both = rule.combination().scores([0.15], [0.0], [0.1])
+    np.testing.assert_allclose(both, [np.log(2 / 3) + np.log(2 / 3)])
+
+
+def test_the_scope_check_counts_ten_neighbours_whatever_k_votes(topics: Client) -> None:
+    """The score's neighbour agreement is fitted on ten neighbours: Classify with k = 1 must
+    look at as many for the check (and vote with one)."""
+    topics.evaluate("topics", apply_best=True, target_coverage=0.9)
+    texts = [text for text, _ in topical_texts(6, seed=7)] + foreign_texts(6, seed=8)
+    ten = [topics.classify("topics", text, k=10) for text in texts]
+    one = [topics.classify("topics", text, k=1, include_neighbours=True) for text in texts]
+    assert [a.out_of_scope.score for a in one] == pytest.approx([a.out_of_scope.score for a in ten])
+    assert all(len(a.neighbours) == 1 for a in one)
+    assert len({a.out_of_scope.score for a in ten}) > 2  # the check does tell texts apart
+    # Held-out Evaluate, whose neighbours are found for the largest k swept, too; texts with a
+    # word of another topic, whose neighbours disagree more often, make the agreement count.
+    rng = random.Random(9)
+    between = [
+        " ".join(
+            [*rng.sample(TOPICS["sport"].split(), 2), rng.choice(TOPICS["food"].split()), f"w{i}"]
+        )
+        for i in range(40)
+    ]
+    measured = {
+        k: topics.evaluate(
+            "topics", held_out=topical_texts(20, seed=9), out_of_scope=between, k=[k]
+        )
+        .results[0]
+        .out_of_scope
+        for k in (1, 10)
+    }
+    assert measured[1].auroc == pytest.approx(measured[10].auroc)
+    assert measured[1].recall == pytest.approx(measured[10].recall)
+    assert measured[1].in_scope_coverage == pytest.approx(measured[10].in_scope_coverage)
 
 
 async def test_async_client_sends_out_of_scope_texts_and_target_coverage(

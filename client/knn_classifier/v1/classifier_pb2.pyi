@@ -302,9 +302,10 @@ class OutOfScopeThreshold(_message.Message):
     """An out-of-scope threshold fitted by Evaluate (apply_best) from leave-one-out.
 
     The out-of-scope score is higher for texts more like the classifier's labels: Fisher's
-    combination of two p-values among the exemplars' leave-one-out scores, of the nearest
-    exemplar's similarity less its label's typical similarity, and of the relative Mahalanobis
-    distance to the labels (docs/accuracy.md, "Open set"). A text scoring under the threshold is
+    combination of three p-values among the exemplars' leave-one-out scores, of the nearest
+    exemplar's similarity less its label's typical similarity, of the relative Mahalanobis
+    distance to the labels, and of the share of the 10 nearest exemplars that carry the nearest
+    one's label (docs/accuracy.md, "Open set"). A text scoring under the threshold is
     answered unknown with UNKNOWN_REASON_OUT_OF_SCOPE, in the dimension it was fitted in.
     """
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import errors, label_models, out_of_scope, tracing, validation
+from . import errors, label_models, open_set, out_of_scope, tracing, validation
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
 from .derived import ExemplarModels
@@ -103,7 +103,9 @@ class Classification:
             )
         if embedded:
             queries = truncate(vectors, dimension)
-            results = await self._queries.query(dimension, classifier, queries, k)
+            results = await self._queries.query(
+                dimension, classifier, queries, max(k, _scope_neighbours(config, dimension))
+            )
             if not results[0]:
                 raise _no_exemplars(classifier)
             with tracing.span("vote"):
@@ -120,7 +122,7 @@ class Classification:
                     labels, by_label = model.labels, model.scores(queries)
                 checks = await self._scope_checks(config, dimension, queries, results)
                 for j, hits in enumerate(results):
-                    neighbours = [_neighbour(hit) for hit in hits]
+                    neighbours = [_neighbour(hit) for hit in hits[:k]]
                     answer = vote(
                         neighbours,
                         voting,
@@ -150,15 +152,20 @@ class Classification:
         model = await self._models.get(config, dimension, "out-of-scope", out_of_scope.model_fit)
         if model is None:
             return []
-        nearest = [hits[0] for hits in results]
         scores = out_of_scope.scores(
             model,
             rule,
             queries,
-            [hit.score for hit in nearest],
-            [hit.payload["label"] for hit in nearest],
+            [hits[0].score for hits in results],
+            [[hit.payload["label"] for hit in hits] for hits in results],
         )
         return [ScopeCheck(s, rule.threshold, rule.target_coverage) for s in scores.tolist()]
+
+
+def _scope_neighbours(config: ClassifierConfig, dimension: int) -> int:
+    """Neighbours the out-of-scope check of ``dimension`` needs (0 without a rule for it)."""
+    rule = config.out_of_scope
+    return open_set.AGREEMENT_NEIGHBOURS if rule and rule.dimension == dimension else 0
 
 
 async def embed_isolating_rejects(

@@ -1,6 +1,6 @@
 """Out-of-scope detection: how unlike all of a classifier's labels a text is.
 
-Two scores, each higher for texts more like the classifier's labels, and their combination:
+Three scores, each higher for texts more like the classifier's labels, and their combination:
 
 - **Relative Mahalanobis** (Ren et al. 2021, "A simple fix to Mahalanobis distance for improving
   near-OOD detection"): d_0(x) - min over labels c of d_c(x), d_c the squared Mahalanobis
@@ -16,9 +16,13 @@ Two scores, each higher for texts more like the classifier's labels, and their c
   its label's exemplars' similarities to their own nearest other exemplar. A label of tight
   paraphrases needs a closer match than a label of varied wordings: one global threshold on the
   similarity is unfair to either.
+- **Neighbour agreement** (:func:`agreement`): the share of the text's
+  :data:`AGREEMENT_NEIGHBOURS` nearest exemplars that carry the nearest one's label. A text of an
+  intent the classifier does not know often lands between the fine-grained intents it does know,
+  its nearest exemplars split among them, while an in-scope text's mostly agree.
 - **Combined** (:class:`Combination`): each score turned into its p-value among the exemplars'
-  leave-one-out scores, the two p-values' logarithms summed (Fisher's method): on held-out
-  intents and foreign data sets neither score wins everywhere, and the combination keeps close
+  leave-one-out scores, the p-values' logarithms summed (Fisher's method): on held-out
+  intents and foreign data sets no score wins everywhere, and the combination keeps close
   to the better one (docs/accuracy.md has the measurements).
 
 The threshold for a coverage target ("keep X % of in-scope texts") is a quantile of the
@@ -41,6 +45,8 @@ _Index = npt.NDArray[np.intp]
 
 CHECKPOINT_ROWS = 256
 """Leave-one-out rows computed between checkpoints (one block of matrix products)."""
+AGREEMENT_NEIGHBOURS = 10
+"""Nearest exemplars whose labels :func:`agreement` compares."""
 
 
 def _covariance(trace: _Float, freedom: _Float, dimension: int) -> tuple[_Float, _Float]:
@@ -134,12 +140,23 @@ def fit(labels: Sequence[str], vectors: Matrix) -> OutOfScopeModel:
     )
 
 
+def agreement(neighbour_labels: Sequence[Sequence[str]]) -> _Float:
+    """For each text, the labels of its nearest exemplars (nearest first): the share of the first
+    :data:`AGREEMENT_NEIGHBOURS` of them carrying the first one's label."""
+    shares = []
+    for labels in neighbour_labels:
+        counted = labels[:AGREEMENT_NEIGHBOURS]
+        shares.append(sum(label == counted[0] for label in counted) / len(counted))
+    return np.asarray(shares, dtype=np.float64)
+
+
 @dataclass(frozen=True, slots=True)
 class LeaveOneOut:
-    """Both scores of exemplars, each from the model fitted on every exemplar but it."""
+    """The three scores of exemplars, each from the exemplars without it."""
 
     similarity: _Float
     mahalanobis: _Float
+    agreement: _Float
 
 
 def leave_one_out(
@@ -157,7 +174,8 @@ def leave_one_out(
     n / (n - 1) r r^T from the scatter, a rank-one change inverted by the Sherman-Morrison formula
     in the scatter's eigenbasis; the same for the background, a single "label" holding every
     exemplar. Label-relative similarity: the exemplars whose nearest other exemplar it was fall
-    back to their second nearest, and it leaves its label's quartile.
+    back to their second nearest, and it leaves its label's quartile. Agreement: its nearest
+    other exemplars.
     """
     names, member, x, means, background = _statistics(labels, vectors)
     within = Scatter.of(x - means[member])
@@ -166,9 +184,11 @@ def leave_one_out(
     indices, similarities = _nearest_two(vectors)
     mahalanobis = np.empty(len(self_index))
     similarity = np.empty(len(self_index))
+    agreement = np.empty(len(self_index))
     for start in range(0, len(self_index), CHECKPOINT_ROWS):
         checkpoint()
         rows = self_index[start : start + CHECKPOINT_ROWS]
+        agreement[start : start + len(rows)] = _left_out_agreement(vectors, rows, member)
         to_labels = _left_out_distances(x, rows, member, means, within, len(x) - len(names))
         to_all = _left_out_distances(x, rows, everyone, background, total, len(x) - 1)
         mahalanobis[start : start + len(rows)] = to_all[:, 0] - to_labels.min(axis=1)
@@ -179,7 +199,17 @@ def leave_one_out(
                 indices[others, 0] == i, similarities[others, 1], similarities[others, 0]
             )
             similarity[row] = similarities[i, 0] - _typical(own_nearest)
-    return LeaveOneOut(similarity, mahalanobis)
+    return LeaveOneOut(similarity, mahalanobis, agreement)
+
+
+def _left_out_agreement(vectors: Matrix, rows: _Index, member: _Index) -> _Float:
+    """:func:`agreement` of exemplars ``rows`` among the other exemplars."""
+    block = vectors[rows] @ vectors.T
+    block[np.arange(len(rows)), rows] = -np.inf
+    count = min(AGREEMENT_NEIGHBOURS, len(vectors) - 1)
+    nearest = np.argpartition(-block, count - 1, axis=1)[:, :count]
+    first = member[block.argmax(axis=1)]
+    return np.asarray((member[nearest] == first[:, None]).mean(axis=1), dtype=np.float64)
 
 
 def _left_out_distances(
@@ -235,23 +265,28 @@ def _left_out_distances(
 
 @dataclass(frozen=True, slots=True)
 class Combination:
-    """Fisher's combination of the two scores, each as its p-value among in-scope reference
-    scores: log p(similarity) + log p(Mahalanobis), p(s) = (1 + how many references are <= s) /
-    (1 + references)."""
+    """Fisher's combination of scores, each as its p-value among in-scope reference scores: the
+    sum of log p(s) over the scores, p(s) = (1 + how many references are <= s) / (1 +
+    references). A score without references (p = 1) counts for nothing."""
 
-    similarity: _Float
-    """The reference similarity scores, sorted."""
-    mahalanobis: _Float
-    """The reference relative Mahalanobis scores, sorted."""
+    references: tuple[_Float, ...]
+    """Each score's reference scores, sorted."""
 
     @classmethod
     def of(cls, reference: LeaveOneOut) -> Combination:
-        return cls(np.sort(reference.similarity), np.sort(reference.mahalanobis))
+        """The combination of the three scores, in :class:`LeaveOneOut`'s order."""
+        scores = (reference.similarity, reference.mahalanobis, reference.agreement)
+        return cls(tuple(np.sort(score) for score in scores))
 
-    def scores(self, similarity: npt.ArrayLike, mahalanobis: npt.ArrayLike) -> _Float:
+    def scores(self, *scores: npt.ArrayLike) -> _Float:
+        """The combined score of each text, ``scores`` in the references' order."""
+        if len(scores) != len(self.references):
+            raise ValueError(f"{len(scores)} scores for {len(self.references)} references")
         return np.asarray(
-            np.log(_p_values(self.similarity, similarity))
-            + np.log(_p_values(self.mahalanobis, mahalanobis))
+            sum(
+                np.log(_p_values(reference, score))
+                for reference, score in zip(self.references, scores, strict=True)
+            )
         )
 
 

@@ -58,14 +58,20 @@ class OutOfScopeFit:
     """The reference label-relative similarities (quantiles, ascending)."""
     mahalanobis: tuple[float, ...]
     """The reference relative Mahalanobis scores (quantiles, ascending)."""
+    agreement: tuple[float, ...] = ()
+    """The reference neighbour agreements (quantiles, ascending); empty in a rule fitted before
+    the score had them, whose threshold was fitted without: the agreement then counts for
+    nothing."""
 
     def combination(self) -> open_set.Combination:
-        return open_set.Combination(np.asarray(self.similarity), np.asarray(self.mahalanobis))
+        references = (self.similarity, self.mahalanobis, self.agreement)
+        return open_set.Combination(tuple(np.asarray(r, dtype=np.float64) for r in references))
 
     def to_payload(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {
             "similarity": list(self.similarity),
             "mahalanobis": list(self.mahalanobis),
+            "agreement": list(self.agreement),
         }
 
     @classmethod
@@ -77,6 +83,7 @@ class OutOfScopeFit:
             coverage=float(payload["coverage"]),
             similarity=tuple(float(s) for s in payload["similarity"]),
             mahalanobis=tuple(float(s) for s in payload["mahalanobis"]),
+            agreement=tuple(float(s) for s in payload.get("agreement", ())),
         )
 
 
@@ -96,11 +103,15 @@ def fit(
         return None
     loo = open_set.leave_one_out(labels, vectors, self_index, checkpoint)
     similarity, mahalanobis = _quantiles(loo.similarity), _quantiles(loo.mahalanobis)
-    reference = open_set.Combination(np.asarray(similarity), np.asarray(mahalanobis))
-    scores = reference.scores(loo.similarity, loo.mahalanobis)
+    agreement = _quantiles(loo.agreement)
+    references = (similarity, mahalanobis, agreement)
+    reference = open_set.Combination(tuple(np.asarray(r, dtype=np.float64) for r in references))
+    scores = reference.scores(loo.similarity, loo.mahalanobis, loo.agreement)
     threshold = open_set.coverage_threshold(scores, target_coverage)
     coverage = float(np.mean(scores >= threshold))
-    return OutOfScopeFit(dimension, target_coverage, threshold, coverage, similarity, mahalanobis)
+    return OutOfScopeFit(
+        dimension, target_coverage, threshold, coverage, similarity, mahalanobis, agreement
+    )
 
 
 def scores(
@@ -108,16 +119,21 @@ def scores(
     rule: OutOfScopeFit,
     queries: Matrix,
     top_similarities: Sequence[float],
-    nearest_labels: Sequence[str],
+    neighbour_labels: Sequence[Sequence[str]],
 ) -> _Float:
     """Each query's combined score (higher: more in scope), from its nearest exemplar's
-    similarity and label. A nearest label the model does not know (written after the model was
-    fitted) scores +inf: in scope, since it cannot be judged."""
+    similarity and the labels of its nearest exemplars (nearest first, at least
+    :data:`open_set.AGREEMENT_NEIGHBOURS` where the classifier has that many). A nearest label
+    the model does not know (written after the model was fitted) scores +inf: in scope, since it
+    cannot be judged."""
     known = set(model.labels)
     fallback = model.labels[0]
+    nearest_labels = [labels[0] for labels in neighbour_labels]
     labels = [label if label in known else fallback for label in nearest_labels]
     similarity = model.relative_similarity(top_similarities, labels)
-    combined = rule.combination().scores(similarity, model.relative_mahalanobis(queries))
+    combined = rule.combination().scores(
+        similarity, model.relative_mahalanobis(queries), open_set.agreement(neighbour_labels)
+    )
     unknown = np.asarray([label not in known for label in nearest_labels], dtype=bool)
     return np.asarray(np.where(unknown, np.inf, combined))
 

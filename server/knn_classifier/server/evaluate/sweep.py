@@ -125,6 +125,8 @@ class Evaluator:
 
         results: list[Evaluated] = []
         largest_k = max(s.k for s in sweep)
+        if held_out:  # the out-of-scope score's neighbour agreement
+            largest_k = max(largest_k, open_set.AGREEMENT_NEIGHBOURS)
         samples: dict[int, npt.NDArray[np.intp]] = {}
         for dimension, exemplars in stored.items():
             position = {exemplar_id: i for i, exemplar_id in enumerate(exemplars.ids)}
@@ -277,8 +279,8 @@ class Evaluator:
         if rule is None or len(exemplars.ids) < out_of_scope.MIN_EXEMPLARS:
             return None
         model = await asyncio.to_thread(open_set.fit, exemplars.labels, exemplars.vectors)
-        nearest = [exemplars.labels[i] for i in indices[:, 0].tolist()]
-        scores = out_of_scope.scores(model, rule, queries, similarities[:, 0].tolist(), nearest)
+        labels = [[exemplars.labels[i] for i in row] for row in indices.tolist()]
+        scores = out_of_scope.scores(model, rule, queries, similarities[:, 0].tolist(), labels)
         return Scope(rule, scores)
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
