@@ -152,6 +152,7 @@ def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding
     rule = head["classifier"]["out_of_scope_rule"]
     assert rule["dimension"] == 64
     assert len(rule["similarity_reference"]) == len(EXEMPLARS)
+    assert len(rule["agreement_reference"]) == len(EXEMPLARS)
 
     with source.client() as original, target.client() as copy:
         restored = copy.get_classifier("intents")
@@ -354,6 +355,8 @@ def test_an_out_of_scope_threshold_to_restore_is_checked_and_a_bad_one_creates_n
         (changed(similarity_reference=ascending[::-1]), "ascending"),
         (changed(mahalanobis_reference=[0.0] * 257), "1 to 256 finite reference values"),
         (changed(mahalanobis_reference=[0.0, float("inf")]), "finite reference values"),
+        (changed(agreement_reference=[0.5] * 257), "1 to 256 finite reference values"),
+        (changed(agreement_reference=[0.9, 0.1]), "ascending"),
     ]:
         with pytest.raises(InvalidArgumentError, match=named):
             create(bad)

@@ -317,6 +317,7 @@ class OutOfScopeThreshold(_message.Message):
     DIMENSION_FIELD_NUMBER: _builtins.int
     SIMILARITY_REFERENCE_FIELD_NUMBER: _builtins.int
     MAHALANOBIS_REFERENCE_FIELD_NUMBER: _builtins.int
+    AGREEMENT_REFERENCE_FIELD_NUMBER: _builtins.int
     threshold: _builtins.float
     """Texts scoring under it are out of scope."""
     target_coverage: _builtins.float
@@ -336,6 +337,12 @@ class OutOfScopeThreshold(_message.Message):
     def mahalanobis_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The same for their relative Mahalanobis scores, ascending, at most 256."""
 
+    @_builtins.property
+    def agreement_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The same for their neighbour agreements, ascending, at most 256; empty in a rule fitted
+        before the score had this part (the agreement then counts for nothing).
+        """
+
     def __init__(
         self,
         *,
@@ -345,10 +352,11 @@ class OutOfScopeThreshold(_message.Message):
         dimension: _builtins.int = ...,
         similarity_reference: _abc.Iterable[_builtins.float] | None = ...,
         mahalanobis_reference: _abc.Iterable[_builtins.float] | None = ...,
+        agreement_reference: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "dimension", b"dimension", "mahalanobis_reference", b"mahalanobis_reference", "similarity_reference", b"similarity_reference", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_reference", b"agreement_reference", "coverage", b"coverage", "dimension", b"dimension", "mahalanobis_reference", b"mahalanobis_reference", "similarity_reference", b"similarity_reference", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,6 +72,7 @@ def _out_of_scope_fit(given: pb.OutOfScopeThreshold) -> OutOfScopeFit:
         coverage=given.coverage,
         similarity=tuple(given.similarity_reference),
         mahalanobis=tuple(given.mahalanobis_reference),
+        agreement=tuple(given.agreement_reference),
     )
 
 
@@ -135,6 +136,7 @@ def out_of_scope_threshold(rule: OutOfScopeFit | None) -> pb.OutOfScopeThreshold
         dimension=rule.dimension,
         similarity_reference=rule.similarity,
         mahalanobis_reference=rule.mahalanobis,
+        agreement_reference=rule.agreement,
     )
 
 

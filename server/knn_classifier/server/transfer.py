@@ -218,19 +218,21 @@ def restored_out_of_scope(
         )
     validation.fraction(rule.target_coverage, f"{field}.target_coverage", 0.5, 1)
     validation.fraction(rule.coverage, f"{field}.coverage", 0, 1)
-    references = (rule.similarity, rule.mahalanobis)
+    references = (rule.similarity, rule.mahalanobis, rule.agreement)
     valid = (
         math.isfinite(rule.threshold)
-        and rule.threshold <= 0  # a sum of two log p-values
-        and all(1 <= len(r) <= out_of_scope.REFERENCE_POINTS for r in references)
+        and rule.threshold <= 0  # a sum of log p-values
+        and all(1 <= len(r) <= out_of_scope.REFERENCE_POINTS for r in references[:2])
+        and len(rule.agreement) <= out_of_scope.REFERENCE_POINTS  # empty in older rules
         and all(math.isfinite(v) for r in references for v in r)
         and all(a <= b for r in references for a, b in itertools.pairwise(r))
     )
     if not valid:
         raise InvalidArgument(
             f"{field} must have a finite threshold of at most 0 and 1 to "
-            f"{out_of_scope.REFERENCE_POINTS} finite reference values of each score, ascending; "
-            "pass Classifier.out_of_scope_threshold as it was exported",
+            f"{out_of_scope.REFERENCE_POINTS} finite reference values of each score (the "
+            "agreement's may be empty), ascending; pass Classifier.out_of_scope_threshold as it "
+            "was exported",
             field=field,
         )
     return rule

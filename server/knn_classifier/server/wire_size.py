@@ -51,9 +51,10 @@ def classifier(info: ClassifierInfo) -> int:
     """A ``Classifier`` as one element of a repeated field."""
     config = info.config
     threshold = _FIELD + 4 * _SCALAR  # out_of_scope_threshold
-    if config.out_of_scope is not None:  # and its references: two packed repeated doubles
+    if config.out_of_scope is not None:  # and its references: three packed repeated doubles
         rule = config.out_of_scope
-        threshold += 2 * _FIELD + 8 * (len(rule.similarity) + len(rule.mahalanobis))
+        references = len(rule.similarity) + len(rule.mahalanobis) + len(rule.agreement)
+        threshold += 3 * _FIELD + 8 * references
     size = (
         _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
     ) + threshold
