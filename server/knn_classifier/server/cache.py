@@ -185,8 +185,9 @@ class EmbeddingCache:
             self._backend = None
 
     def _count(self, layer: str, hits: int, misses: int) -> None:
-        self._metrics.cache_lookups.labels(layer, "hit").inc(hits)
-        self._metrics.cache_lookups.labels(layer, "miss").inc(misses)
+        metrics = self._metrics
+        metrics.series(metrics.cache_lookups, layer, "hit").inc(hits)
+        metrics.series(metrics.cache_lookups, layer, "miss").inc(misses)
 
     def _remember(self, key: bytes, blob: bytes) -> None:
         self._memory[key] = blob

@@ -252,9 +252,10 @@ class _RequestNotes(ServerInterceptor):
     def _record(self, classifier: str, predictions: list[pb.Prediction], rejected: int) -> None:
         """Counts the answers by outcome (texts refused in a batch as "rejected") and observes
         the confidence and top similarity of each prediction."""
-        label = self._metrics.classifier(classifier)
-        confidence = self._metrics.confidence.labels(label)
-        top_similarity = self._metrics.top_similarity.labels(label)
+        metrics = self._metrics
+        label = metrics.classifier(classifier)
+        confidence = metrics.series(metrics.confidence, label)
+        top_similarity = metrics.series(metrics.top_similarity, label)
         outcomes: dict[str, int] = {"rejected": rejected} if rejected else {}
         for prediction in predictions:
             outcome = _outcome(prediction)
@@ -262,7 +263,7 @@ class _RequestNotes(ServerInterceptor):
             confidence.observe(prediction.confidence)
             top_similarity.observe(prediction.top_similarity)
         for outcome, count in outcomes.items():
-            self._metrics.predictions.labels(label, outcome).inc(count)
+            metrics.series(metrics.predictions, label, outcome).inc(count)
 
 
 def _request_id(metadata: Metadata) -> str:
