@@ -1,11 +1,18 @@
 """The bare baseline: a grpc.aio server that answers Classify with a fixed, real response.
 
     python -m bench.echo_server --port 50061 --reply reply.bin
+    python -m bench.echo_server --port 50061 --reply reply.bin --servicer --interceptors
 
 It serves ``knn_classifier.v1.ClassifierService/Classify`` with a generic handler that does no
 work: it returns the bytes of ``--reply`` (a ClassifyResponse captured from the real service),
 so the client sends and receives exactly the messages it does against the service. What it
 sustains is what gRPC in Python costs on this machine; the service cannot do better.
+
+Two steps towards the service, to tell what each adds: ``--servicer`` answers through the
+method's protobuf (de)serialisers, as the generated registration does (the request parsed, the
+reply serialised), and ``--interceptors`` adds the service's own interceptor chain
+(``app.interceptor_chain`` with default settings: metrics, the access log below its level as in
+the benchmarks, admission, the start-up gate opened, parsing).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -20,26 +28,50 @@ METHOD = "Classify"
 SERVICE = "knn_classifier.v1.ClassifierService"
 
 
-async def serve(port: int, reply: bytes) -> None:
-    async def classify(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        return reply
+async def serve(port: int, reply: bytes, servicer: bool, interceptors: bool) -> None:
+    chain: list[Any] = []
+    if interceptors:
+        from knn_classifier.server.app import SERVICE_NAME, interceptor_chain
+        from knn_classifier.server.metrics import Metrics
+        from knn_classifier.server.settings import Settings
+        from knn_classifier.server.startup import StartingGate
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(classify)}
+        gate = StartingGate(SERVICE_NAME)
+        gate.open()
+        chain = interceptor_chain(Settings(), Metrics(), None, gate)
+    server = grpc.aio.server(interceptors=chain)
+    handler = grpc.unary_unary_rpc_method_handler(_answer(reply))
+    if servicer:
+        from knn_classifier.v1 import classifier_pb2 as pb
+
+        handler = grpc.unary_unary_rpc_method_handler(
+            _answer(pb.ClassifyResponse.FromString(reply)),
+            request_deserializer=pb.ClassifyRequest.FromString,
+            response_serializer=pb.ClassifyResponse.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})]
     )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([handler])
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
+
+
+def _answer(reply: Any) -> Any:
+    async def classify(request: Any, context: Any) -> Any:
+        return reply
+
+    return classify
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--reply", type=Path, required=True)
+    parser.add_argument("--servicer", action="store_true", help="parse and build the messages")
+    parser.add_argument("--interceptors", action="store_true", help="the service's interceptors")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.reply.read_bytes()))
+    asyncio.run(serve(args.port, args.reply.read_bytes(), args.servicer, args.interceptors))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class Context:
     def set_trailing_metadata(self, metadata: Any) -> None:
         pass
 
+    def invocation_metadata(self) -> Any:
+        return Details.invocation_metadata
+
     def code(self) -> None:
         return None
 

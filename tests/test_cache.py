@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import sqlite3
 import subprocess
 import time
@@ -168,13 +169,39 @@ def test_a_corrupt_file_degrades_to_no_cache_with_a_warning(
     ],
     ids=["wrong size", "zero", "nan"],
 )
-def test_rows_that_are_not_usable_vectors_are_ignored(tmp_path: Path, stored: bytes) -> None:
+@pytest.mark.parametrize("memory_entries", [0, 10])
+def test_rows_that_are_not_usable_vectors_are_ignored(
+    tmp_path: Path, stored: bytes, memory_entries: int
+) -> None:
     path = tmp_path / "c.sqlite"
-    cache = EmbeddingCache(SqliteBackend(path), 0)
-    cache.put_many(FINGERPRINT, ["hello"], np.vstack([fake_vector("hello", 64)]))
+    EmbeddingCache(SqliteBackend(path), 0).put_many(
+        FINGERPRINT, ["hello"], np.vstack([fake_vector("hello", 64)])
+    )
     with sqlite3.connect(path) as db:
         db.execute("UPDATE vectors SET vector = ?", (stored,))
+    cache = EmbeddingCache(SqliteBackend(path), memory_entries)
     assert cache.get_many(FINGERPRINT, ["hello"]) == [None]
+    # Nor from the memory layer on the next read: memory hits are served unchecked.
+    assert cache.get_many(FINGERPRINT, ["hello"]) == [None]
+
+
+def test_vectors_of_another_width_than_the_fingerprint_are_not_cached(tmp_path: Path) -> None:
+    cache = EmbeddingCache(SqliteBackend(tmp_path / "c.sqlite"), 10)
+    cache.put_many(FINGERPRINT, ["hello"], np.vstack([fake_vector("hello", 32)]))
+    assert cache.get_many(FINGERPRINT, ["hello"]) == [None]
+
+
+def test_keys_are_those_of_earlier_versions(tmp_path: Path) -> None:
+    """A cache file written before keeps answering: the key is SHA-256 of the fingerprint's
+    sorted items, a NUL and the prompt."""
+    path = tmp_path / "c.sqlite"
+    EmbeddingCache(SqliteBackend(path), 0).put_many(
+        FINGERPRINT, ["hello"], np.vstack([fake_vector("hello", 64)])
+    )
+    scope = repr(sorted(FINGERPRINT.as_payload().items())).encode()
+    with sqlite3.connect(path) as db:
+        (key,) = db.execute("SELECT key FROM vectors").fetchone()
+    assert key == hashlib.sha256(scope + b"\x00" + b"hello").digest()
 
 
 @pytest.fixture

@@ -238,6 +238,33 @@ def test_a_deleted_classifier_loses_its_series_and_frees_its_place(
     assert value(after_new, "knn_predictions_total", classifier="new", outcome="label") == 1
 
 
+def test_a_classifier_created_again_after_its_delete_is_counted_again(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """The series the service keeps at hand are dropped with the deleted ones: the next
+    classifier of the same name counts into series that a scrape sees."""
+    metered = started(tmp_path, fake_embedder.base_url).start()
+    try:
+        with metered.client() as client:
+            for _ in range(2):
+                client.create_classifier("again")
+                client.add_exemplars("again", EXEMPLARS)
+                client.classify("again", "top up")
+                samples = scrape(port_of(metered))
+                client.delete_classifier("again")
+            client.create_classifier("again")
+            client.add_exemplars("again", EXEMPLARS)
+            client.classify("again", "top up")
+            client.classify("again", "top up")
+            after = scrape(port_of(metered))
+    finally:
+        metered.stop()
+    assert value(samples, "knn_predictions_total", classifier="again", outcome="label") == 1
+    assert value(after, "knn_predictions_total", classifier="again", outcome="label") == 2
+    assert value(after, "knn_prediction_confidence_count", classifier="again") == 2
+    assert value(after, "knn_prediction_top_similarity_count", classifier="again") == 2
+
+
 def test_calls_refused_before_the_servicer_are_counted(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

@@ -16,7 +16,12 @@ from qdrant_client import AsyncQdrantClient
 from knn_classifier.client._requests import VotingName
 from knn_classifier.server import label_models
 from knn_classifier.server.app import build_embedding
-from knn_classifier.server.domain import ClassifyOptions, ExemplarInput, NewClassifier
+from knn_classifier.server.domain import (
+    ClassifierUpdate,
+    ClassifyOptions,
+    ExemplarInput,
+    NewClassifier,
+)
 from knn_classifier.server.errors import NotFound
 from knn_classifier.server.metrics import Metrics
 from knn_classifier.server.service import ClassifierService
@@ -148,6 +153,22 @@ async def test_a_write_through_one_replica_changes_the_next_answer_of_the_other(
             with pytest.raises(NotFound):
                 await classify(b, "yellow banana", voting)
         assert fits(replicas.a_metrics, "centroid") == 0  # A never classified
+
+
+async def test_settings_changed_through_one_replica_are_the_others_next_answer(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Each replica parses a record again only when it changed: a change made by another
+    replica is one, however many calls read the record before."""
+    replicas = Replicas(make_settings(tmp_path, fake_embedder.base_url))
+    async with replicas as (a, b):
+        await a.create_classifier(NewClassifier("c"))
+        await a.add_exemplars("c", [ExemplarInput(text, label) for text, label in EXEMPLARS])
+        for _ in range(3):
+            assert len((await classify(b, "red apple", "majority")).voters) == 4
+        await a.update_classifier(ClassifierUpdate("c", ("k",), k=1))
+        assert len((await classify(b, "red apple", "majority")).voters) == 1
+        assert (await b.get_classifier("c")).config.k == 1
 
 
 async def test_a_classifier_created_again_is_never_answered_from_the_old_ones_model(

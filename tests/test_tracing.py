@@ -108,6 +108,30 @@ def test_the_span_continues_the_callers_trace(
     assert f"{span.parent.span_id:016x}" == parent_id
 
 
+def test_each_call_of_a_method_carries_its_own_trace_and_request_id(
+    traced: ServerThread, exporter: InMemorySpanExporter
+) -> None:
+    """The interceptors make a method's wrappers once, and read what a call carries per call."""
+    parents = [
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+        ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"),
+    ]
+    with traced.channel() as channel:
+        stub = classifier_pb2_grpc.ClassifierServiceStub(channel)
+        for i, (trace_id, parent_id) in enumerate(parents):
+            _, call = stub.ListClassifiers.with_call(
+                pb.ListClassifiersRequest(),
+                metadata=(
+                    ("traceparent", f"00-{trace_id}-{parent_id}-01"),
+                    ("x-request-id", f"call-{i}"),
+                ),
+            )
+            assert ("x-request-id", f"call-{i}") in call.trailing_metadata()
+    spans = [s for s in exporter.get_finished_spans() if s.name == f"{SERVICE}/ListClassifiers"]
+    assert [f"{s.context.trace_id:032x}" for s in spans if s.context] == [t for t, _ in parents]
+    assert [dict(s.attributes or {})["knn.request_id"] for s in spans] == ["call-0", "call-1"]
+
+
 def test_client_errors_keep_the_span_unset_and_server_faults_mark_it(
     traced: ServerThread, exporter: InMemorySpanExporter, fake_embedder: FakeEmbeddingServer
 ) -> None:

@@ -15,7 +15,7 @@ import grpc
 
 from . import statuses
 from .errors import Reason
-from .interception import Context, Handler, ServerInterceptor
+from .interception import Context, Handler, MadeOnce, ServerInterceptor
 
 RETRY_AFTER_S = 0.1
 _HEALTH = "/grpc.health.v1.Health/"
@@ -32,6 +32,7 @@ class LimitConcurrentCalls(ServerInterceptor):
             metadata={"limit": str(limit)},
             retry_after_s=RETRY_AFTER_S,
         )
+        self._admitting = MadeOnce(self._admit)
 
     async def intercept_service(
         self,
@@ -41,6 +42,9 @@ class LimitConcurrentCalls(ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or details.method.startswith(_HEALTH):
             return handler
+        return self._admitting(handler, details.method)
+
+    def _admit(self, handler: Handler, method: str) -> Handler:
         behaviour = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
 
         async def admitted(request: Any, context: Context) -> Any:

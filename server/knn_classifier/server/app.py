@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +21,7 @@ from .coalescing import Coalescer
 from .embedding import EmbeddingClient
 from .embedding_pipeline import EmbeddingPipeline, TracedEmbeddings
 from .errors import StartupError
+from .interception import ServerInterceptor
 from .metrics import Metrics, MetricsServer
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
@@ -103,6 +104,25 @@ def build_embedding(settings: Settings, metrics: Metrics | None = None) -> Embed
     )
 
 
+def interceptor_chain(
+    settings: Settings,
+    metrics: Metrics,
+    tracer_provider: TracerProvider | None,
+    gate: StartingGate,
+) -> list[ServerInterceptor]:
+    """The interceptors of every call, in call order: telemetry first, to see every call
+    (refused ones too), and its inner part last, to see parsed requests."""
+    telemetry = RpcTelemetry(metrics, tracer_provider, settings.access_log)
+    return [
+        telemetry,
+        LimitConcurrentCalls(settings.limits.max_concurrent_rpcs),
+        *([ApiKeyInterceptor(key_ring(settings.auth))] if settings.auth.enabled else []),
+        gate,
+        RejectMalformedRequests(),
+        telemetry.inner,
+    ]
+
+
 _FAILED_START_GRACE_S = 1.0
 
 
@@ -139,19 +159,10 @@ class App:
         # are kept under max_response_bytes by the service, and this hard cap is only a backstop.
         limit = settings.limits.max_request_bytes
         self._gate = StartingGate(SERVICE_NAME)  # health and reflection answer while starting
-        telemetry = RpcTelemetry(self.metrics, self.tracer_provider, settings.access_log)
-        # Telemetry first, to see every call (refused ones too), and its inner part last, to see
-        # parsed requests.
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-            telemetry,
-            LimitConcurrentCalls(settings.limits.max_concurrent_rpcs),
-            *([ApiKeyInterceptor(key_ring(settings.auth))] if settings.auth.enabled else []),
-            self._gate,
-            RejectMalformedRequests(),
-            telemetry.inner,
-        ]
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=interceptor_chain(
+                settings, self.metrics, self.tracer_provider, self._gate
+            ),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -15,6 +15,7 @@ so a bad vector written by an older version is never served either.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import sqlite3
@@ -136,8 +137,12 @@ class EmbeddingCache:
         self._backend = backend
 
     def get_many(self, fingerprint: Fingerprint, prompts: Sequence[str]) -> list[Matrix | None]:
-        """The vector of each prompt embedded by ``fingerprint``'s embedder, or None."""
-        keys = [_key(fingerprint, p) for p in prompts]
+        """The vector of each prompt embedded by ``fingerprint``'s embedder, or None.
+
+        The memory layer holds only usable vectors of the right size (checked when they went
+        in), so its hits are served as they are; the backend's are checked when read."""
+        scope = _scope(fingerprint)
+        keys = [_key(scope, p) for p in prompts]
         found = {k: self._memory[k] for k in keys if k in self._memory}
         for key in found:
             self._memory.move_to_end(key)
@@ -152,15 +157,17 @@ class EmbeddingCache:
             else:
                 self._count(self._backend.name, len(stored), len(missing) - len(stored))
                 for key, blob in stored.items():
-                    found[key] = blob
-                    self._remember(key, blob)
-        return [_vector(found.get(k), fingerprint.width) for k in keys]
+                    if _vector(blob, fingerprint.width) is not None:
+                        found[key] = blob
+                        self._remember(key, blob)
+        return [_served(found.get(k)) for k in keys]
 
     def put_many(self, fingerprint: Fingerprint, prompts: Sequence[str], vectors: Matrix) -> None:
         """Remembers the vectors of ``prompts``; rows that are not usable are left out."""
-        usable = usable_rows(vectors)
+        scope = _scope(fingerprint)
+        usable = usable_rows(vectors) & (vectors.shape[1] == fingerprint.width)
         rows = [
-            (_key(fingerprint, p), v.astype("<f4").tobytes())
+            (_key(scope, p), v.astype("<f4").tobytes())
             for p, v, ok in zip(prompts, vectors, usable, strict=True)
             if ok
         ]
@@ -178,8 +185,9 @@ class EmbeddingCache:
             self._backend = None
 
     def _count(self, layer: str, hits: int, misses: int) -> None:
-        self._metrics.cache_lookups.labels(layer, "hit").inc(hits)
-        self._metrics.cache_lookups.labels(layer, "miss").inc(misses)
+        metrics = self._metrics
+        metrics.series(metrics.cache_lookups, layer, "hit").inc(hits)
+        metrics.series(metrics.cache_lookups, layer, "miss").inc(misses)
 
     def _remember(self, key: bytes, blob: bytes) -> None:
         self._memory[key] = blob
@@ -195,17 +203,28 @@ class EmbeddingCache:
                 backend.close()
 
 
-def _key(fingerprint: Fingerprint, prompt: str) -> bytes:
+@functools.lru_cache(maxsize=8)
+def _scope(fingerprint: Fingerprint) -> bytes:
+    """The prefix of the keys of ``fingerprint``'s vectors (made once, not per prompt)."""
+    return repr(sorted(fingerprint.as_payload().items())).encode() + b"\x00"
+
+
+def _key(scope: bytes, prompt: str) -> bytes:
     """The key of a prompt: scoped to the embedder, so another model's vector is never reused."""
-    scope = repr(sorted(fingerprint.as_payload().items())).encode()
-    return hashlib.sha256(scope + b"\x00" + prompt.encode()).digest()
+    return hashlib.sha256(scope + prompt.encode()).digest()
 
 
 def _vector(blob: bytes | None, width: int) -> Matrix | None:
+    """The vector in ``blob`` if it has ``width`` components and is usable, else None."""
     if blob is None or len(blob) != 4 * width:
         return None
     vector = np.frombuffer(blob, dtype="<f4")
     return vector if usable_rows(vector[np.newaxis])[0] else None
+
+
+def _served(blob: bytes | None) -> Matrix | None:
+    """A blob found in memory (checked when it went in) as a vector."""
+    return None if blob is None else np.frombuffer(blob, dtype="<f4")
 
 
 class CachedEmbeddings:

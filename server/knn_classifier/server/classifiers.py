@@ -39,6 +39,7 @@ class Classifiers:
         self._store = store
         self._locks: dict[str, asyncio.Lock] = {}
         self._holders: dict[str, int] = {}
+        self._parsed: dict[str, tuple[dict[str, Any], ClassifierConfig]] = {}
 
     async def get(self, name: str, field: str = "classifier", etag: str = "") -> ClassifierConfig:
         """The classifier's record; NOT_FOUND if there is none or it is being deleted, ABORTED
@@ -163,8 +164,19 @@ class Classifiers:
         return [ClassifierConfig.from_payload(p) for p in await self._store.list_meta("classifier")]
 
     async def _read(self, name: str) -> ClassifierConfig | None:
+        """The record as the store has it now (every call reads it), parsed again only when
+        it differs from the one parsed last for ``name``: every Classify reads its record."""
         payload = await self._store.get_meta(classifier_key(name))
-        return None if payload is None else ClassifierConfig.from_payload(payload)
+        if payload is None:
+            return None
+        parsed = self._parsed.get(name)
+        if parsed is not None and parsed[0] == payload:
+            return parsed[1]
+        config = ClassifierConfig.from_payload(payload)
+        if len(self._parsed) >= _PARSED_RECORDS:
+            self._parsed.clear()
+        self._parsed[name] = (payload, config)
+        return config
 
     async def _mark_deleting(self, config: ClassifierConfig) -> ClassifierConfig:
         """Sets the record's ``deleting`` mark, whatever other replicas write meanwhile."""
@@ -240,6 +252,8 @@ class Classifiers:
 
 _ATTEMPTS = 100
 """Conditional writes tried before giving up on a record other replicas keep changing."""
+_PARSED_RECORDS = 4096
+"""Parsed records kept (the last of each name read); all are dropped when the table is full."""
 
 
 def _contended(name: str) -> Aborted:

@@ -284,7 +284,8 @@ class QueryBatcher:
         dimension, classifier = key
         vectors = batch[0].vectors if len(batch) == 1 else np.vstack([q.vectors for q in batch])
         try:
-            with self._metrics.store_query_seconds.labels(str(dimension)).time():
+            metrics = self._metrics
+            with metrics.series(metrics.store_query_seconds, str(dimension)).time():
                 rows = await self._store.query(
                     dimension, classifier, vectors, max(q.k for q in batch)
                 )

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -36,6 +36,8 @@ _SHARES = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
 # drift histogram needs a fine grid over the whole range.
 _SIMILARITIES = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0 .. 1.0
 _SCRAPE_TIMEOUT_S = 5.0
+
+Instrument = TypeVar("Instrument", Counter, Histogram)
 
 ExemplarCounts = Callable[[], Coroutine[Any, Any, list[tuple[str, int]]]]
 
@@ -171,6 +173,17 @@ class Metrics:
         )
         ProcessCollector(registry=registry)
         self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def series(self, metric: Instrument, *labels: str) -> Instrument:
+        """``metric.labels(*labels)``, looked up once: a lookup validates the values and takes
+        a lock, and the service records per call. From any thread: at worst two threads both
+        look up the same series, which prometheus_client gives them once."""
+        key = (id(metric), labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return cast(Instrument, child)
 
     def count_rpc(self, service: str, method: str, code: str, seconds: float) -> None:
         """Counts one finished RPC and its latency (label lookups cached: this runs per call)."""
@@ -188,6 +201,9 @@ class Metrics:
         if self.classifier.forget(name):
             for metric in (self.predictions, self.confidence, self.top_similarity):
                 metric.remove_by_labels({"classifier": name})
+                for key in [k for k in list(self._series) if k[0] == id(metric)]:
+                    if key[1][0] == name:
+                        self._series.pop(key, None)
 
     @contextmanager
     def embedding_call(self, texts: int) -> Iterator[None]:

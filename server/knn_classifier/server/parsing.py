@@ -15,10 +15,13 @@ from google.protobuf.message import DecodeError
 
 from . import statuses
 from .errors import Reason
-from .interception import Context, Handler, ServerInterceptor
+from .interception import Context, Handler, MadeOnce, ServerInterceptor
 
 
 class RejectMalformedRequests(ServerInterceptor):
+    def __init__(self) -> None:
+        self._guarding = MadeOnce(self._guard)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
@@ -27,10 +30,15 @@ class RejectMalformedRequests(ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
+        return self._guarding(handler, details.method)
+
+    @staticmethod
+    def _guard(handler: Handler, full_method: str) -> Handler:
         parse = handler.request_deserializer
+        assert parse is not None
         # On an aio server the behaviour is a coroutine function taking an aio context.
         behaviour = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
-        method = details.method.rsplit("/", 1)[-1]
+        method = full_method.rsplit("/", 1)[-1]
 
         async def guarded(raw: bytes, context: Context) -> Any:
             try:

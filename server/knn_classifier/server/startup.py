@@ -140,6 +140,7 @@ class StartingGate(ServerInterceptor):
     def __init__(self, service: str) -> None:
         self._prefix = f"/{service}/"
         self._open = False
+        self._refusal = grpc.unary_unary_rpc_method_handler(_refuse_while_starting)
 
     def open(self) -> None:
         self._open = True
@@ -151,7 +152,7 @@ class StartingGate(ServerInterceptor):
     ) -> Handler:
         if self._open or not details.method.startswith(self._prefix):
             return await continuation(details)
-        return grpc.unary_unary_rpc_method_handler(_refuse_while_starting)
+        return self._refusal
 
 
 async def _refuse_while_starting(request: Any, context: Context) -> Any:

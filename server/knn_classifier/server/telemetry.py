@@ -36,7 +36,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from . import logs, tracing
-from .interception import Context, Handler, ServerInterceptor
+from .interception import Context, Handler, MadeOnce, ServerInterceptor
 from .metrics import Metrics
 
 Behaviour = Callable[[Any, Context], Awaitable[Any]]
@@ -90,6 +90,7 @@ class RpcTelemetry(ServerInterceptor):
         self._metrics = metrics
         self._tracer = tracer_provider.get_tracer(__name__) if tracer_provider else None
         self._access = access
+        self._observing = MadeOnce(self._observe)
         self.inner = _RequestNotes(metrics)
 
     async def intercept_service(
@@ -100,17 +101,20 @@ class RpcTelemetry(ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler  # unknown methods (UNIMPLEMENTED) and streams (reflection) pass
+        return self._observing(handler, details.method)
+
+    def _observe(self, handler: Handler, full_method: str) -> Handler:
         behaviour = cast(Behaviour, handler.unary_unary)
         # A refused call may name any method (auth and the start-up gate answer before the
         # method is resolved): only the API's own names become labels, so series stay bounded.
-        if details.method in _KNOWN_METHODS:
-            service, _, method = details.method.lstrip("/").rpartition("/")
+        if full_method in _KNOWN_METHODS:
+            service, _, method = full_method.lstrip("/").rpartition("/")
         else:
             service = method = "unknown"
-        metadata = details.invocation_metadata or ()
 
         async def observed(request: Any, context: Context) -> Any:
             started = time.perf_counter()
+            metadata = cast(Metadata, context.invocation_metadata() or ())
             request_id = _request_id(metadata)
             call = _Call()
             call_token, id_token = _call.set(call), logs.request_id.set(request_id)
@@ -217,6 +221,7 @@ class _RequestNotes(ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._noting = MadeOnce(self._note)
 
     async def intercept_service(
         self,
@@ -226,6 +231,9 @@ class _RequestNotes(ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
+        return self._noting(handler, details.method)
+
+    def _note(self, handler: Handler, full_method: str) -> Handler:
         behaviour = cast(Behaviour, handler.unary_unary)
 
         async def noted(request: Any, context: Context) -> Any:
@@ -252,9 +260,10 @@ class _RequestNotes(ServerInterceptor):
     def _record(self, classifier: str, predictions: list[pb.Prediction], rejected: int) -> None:
         """Counts the answers by outcome (texts refused in a batch as "rejected") and observes
         the confidence and top similarity of each prediction."""
-        label = self._metrics.classifier(classifier)
-        confidence = self._metrics.confidence.labels(label)
-        top_similarity = self._metrics.top_similarity.labels(label)
+        metrics = self._metrics
+        label = metrics.classifier(classifier)
+        confidence = metrics.series(metrics.confidence, label)
+        top_similarity = metrics.series(metrics.top_similarity, label)
         outcomes: dict[str, int] = {"rejected": rejected} if rejected else {}
         for prediction in predictions:
             outcome = _outcome(prediction)
@@ -262,7 +271,7 @@ class _RequestNotes(ServerInterceptor):
             confidence.observe(prediction.confidence)
             top_similarity.observe(prediction.top_similarity)
         for outcome, count in outcomes.items():
-            self._metrics.predictions.labels(label, outcome).inc(count)
+            metrics.series(metrics.predictions, label, outcome).inc(count)
 
 
 def _request_id(metadata: Metadata) -> str:
