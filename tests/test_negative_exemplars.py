@@ -1,0 +1,154 @@
+"""Negative exemplars (out-of-scope examples) through the real server, on the fake embedder.
+
+The classifier holds texts of three topics (:mod:`test_open_set_api`); its negatives are texts of
+a fourth vocabulary (weather), which no label has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qdrant_client import AsyncQdrantClient
+
+from knn_classifier.client import Client, InvalidArgumentError
+from knn_classifier.server.settings import Settings
+from knn_classifier.server.store import EdgeStore, Record, Store
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.server.vectors import Matrix
+from knn_classifier.v1 import classifier_pb2 as pb
+
+from .conftest import ServerThread
+from .test_open_set_api import foreign_texts, topical_texts
+
+VOTINGS = ["majority", "softmax", "centroid", "discriminant", "mixture"]
+
+
+class CountingStore(EdgeStore):
+    """The embedded store, recording the (k, out_of_scope) of every neighbour query."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.queries: list[tuple[int, bool | None]] = []
+
+    async def query(
+        self,
+        dimension: int,
+        classifier: str,
+        vectors: Matrix,
+        k: int,
+        out_of_scope: bool | None = None,
+    ) -> list[list[Record]]:
+        self.queries.append((k, out_of_scope))
+        return await super().query(dimension, classifier, vectors, k, out_of_scope)
+
+
+@pytest.fixture(params=["edge", "qdrant-server"])
+def any_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Client]:
+    store: Store | None = None
+    if request.param == "qdrant-server":
+        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "test")
+    running = ServerThread(settings, store).start()
+    with running.client() as client:
+        yield client
+    running.stop()
+
+
+def answers(client: Client, texts: list[str], voting: str) -> list[pb.Prediction]:
+    return [
+        client.classify("topics", text, voting=voting, include_neighbours=True) for text in texts
+    ]
+
+
+def test_a_text_nearest_a_negative_is_unknown_with_the_negative_as_neighbour(
+    any_store: Client,
+) -> None:
+    client = any_store
+    client.create_classifier("topics", k=5)
+    client.add_exemplars("topics", topical_texts(90, seed=0))
+    negatives = foreign_texts(10, seed=3)
+    added = client.add_out_of_scope("topics", [(text, "weather") for text in negatives])
+    assert len(added) == 10
+
+    answer = client.classify("topics", negatives[0], include_neighbours=True)
+    assert answer.unknown
+    assert answer.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
+    first = answer.neighbours[0]
+    assert (first.out_of_scope, first.label, first.text) == (True, "weather", negatives[0])
+    assert first.similarity == pytest.approx(1.0, abs=1e-5)
+    assert answer.top_similarity < first.similarity  # the nearest in-scope exemplar's
+    assert not any(n.out_of_scope for n in answer.neighbours[1:])  # the rest are voters
+    assert len(answer.neighbours) == 6
+    # A new wording of the negatives' topic, never stored, is vetoed too.
+    fresh = [t for t in foreign_texts(40, seed=4) if t not in negatives]
+    vetoed = [client.classify("topics", t).unknown_reason for t in fresh]
+    assert vetoed.count(pb.UNKNOWN_REASON_OUT_OF_SCOPE) > 0.8 * len(fresh)
+
+    # Negatives are in no label; ListLabels and the exemplar count report them apart.
+    assert client.list_labels("topics") == {"food": 30, "money": 30, "sport": 30}
+    assert client.count_out_of_scope("topics") == 10
+    assert client.get_classifier("topics").exemplar_count == 100
+    listed = list(client.iter_exemplars("topics"))
+    assert sum(e.out_of_scope for e in listed) == 10
+    assert {e.label for e in listed if e.out_of_scope} == {"weather"}
+
+    # Deleting them (by id, unchanged) ends the veto.
+    client.delete_exemplars("topics", ids=list(added))
+    assert client.count_out_of_scope("topics") == 0
+    assert client.classify("topics", negatives[0]).unknown_reason != pb.UNKNOWN_REASON_OUT_OF_SCOPE
+
+
+def test_negatives_never_vote_nor_change_label_models(client: Client) -> None:
+    """Texts far from every negative get the same answers, scores and neighbours with and
+    without negatives, under every voting method (the label models ignore negatives). k
+    exceeds the exemplars, so every negative would be among the neighbours if it could vote."""
+    client.create_classifier("topics", k=100)
+    client.add_exemplars("topics", topical_texts(90, seed=0))
+    texts = [text for text, _ in topical_texts(30, seed=5)]
+    before = {voting: answers(client, texts, voting) for voting in VOTINGS}
+    # Negatives without a topic label, and one with a label's name: neither votes for it.
+    client.add_out_of_scope("topics", foreign_texts(20, seed=3))
+    client.add_out_of_scope("topics", [("weather rain cloud w1", "food")])
+    for voting in VOTINGS:
+        after = answers(client, texts, voting)
+        assert after == before[voting], voting
+    assert all(not p.unknown for p in before["softmax"])
+
+
+def test_a_classifier_without_negatives_makes_one_query_as_before(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = CountingStore(tmp_path / "counted")
+    running = ServerThread(settings, store).start()
+    try:
+        with running.client() as client:
+            client.create_classifier("topics", k=5)
+            client.add_exemplars("topics", topical_texts(30, seed=0))
+            client.create_classifier("guarded", k=5)
+            client.add_exemplars("guarded", topical_texts(30, seed=0))
+            client.add_out_of_scope("guarded", foreign_texts(5, seed=3))
+            store.queries.clear()
+            client.classify("topics", "football match goal w3")
+            assert store.queries == [(5, None)]
+            store.queries.clear()
+            client.classify("guarded", "football match goal w3")
+            assert sorted(store.queries, key=str) == [(1, True), (5, False)]
+            # Once its last negative is deleted, the classifier pays nothing again.
+            ids = [e.id for e in client.iter_exemplars("guarded") if e.out_of_scope]
+            client.delete_exemplars("guarded", ids=ids)
+            store.queries.clear()
+            client.classify("guarded", "football match goal w3")
+            assert store.queries == [(5, None)]
+    finally:
+        running.stop()
+
+
+def test_a_negative_needs_no_label_but_an_in_scope_exemplar_does(client: Client) -> None:
+    client.create_classifier("topics")
+    client.add_exemplars("topics", [pb.ExemplarInput(text="weather rain", out_of_scope=True)])
+    with pytest.raises(InvalidArgumentError):
+        client.add_exemplars("topics", [pb.ExemplarInput(text="weather rain", label="")])
+    # Out-of-scope examples alone cannot answer.
+    with pytest.raises(Exception, match="no exemplars"):
+        client.classify("topics", "weather rain")
