@@ -6,6 +6,7 @@ a fourth vocabulary (weather), which no label has.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from knn_classifier.server.vectors import Matrix
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread
-from .test_open_set_api import foreign_texts, topical_texts
+from .test_evaluate_api import TOPICS
+from .test_open_set_api import FOREIGN, foreign_texts, topical_texts
 
 VOTINGS = ["majority", "softmax", "centroid", "discriminant", "mixture"]
 
@@ -152,3 +154,62 @@ def test_a_negative_needs_no_label_but_an_in_scope_exemplar_does(client: Client)
     # Out-of-scope examples alone cannot answer.
     with pytest.raises(Exception, match="no exemplars"):
         client.classify("topics", "weather rain")
+
+
+def test_apply_best_counts_exemplars_vetoed_by_negatives_as_rejected(client: Client) -> None:
+    """6 of 150 in-scope exemplars have a negative of their very text, and a few more have one
+    of those negatives nearest: more than the 2 % the target allows. The fitted threshold then
+    keeps every other exemplar, so the rule keeps exactly the unvetoed ones in leave-one-out
+    (CheckExemplars names the vetoed), not 98 % on top of the veto. Leave-one-out measures the
+    in-scope exemplars only, the vetoed ones answered unknown."""
+    exemplars = topical_texts(150, seed=0)
+    client.create_classifier("topics", k=5)
+    client.add_exemplars("topics", exemplars)
+    response = client.evaluate("topics", apply_best=True)
+    assert response.classifier.out_of_scope_threshold.coverage == pytest.approx(147 / 150)
+
+    twins = [
+        pb.ExemplarInput(id=f"twin-{i}", text=text, out_of_scope=True)
+        for i, (text, _) in enumerate(exemplars[:6])
+    ]
+    client.add_exemplars("topics", twins)
+    response = client.evaluate("topics", apply_best=True)
+    report = client.check_exemplars("topics")
+    vetoed = report.nearest_out_of_scope_found
+    assert vetoed >= 6
+    assert {e.id for e in report.nearest_out_of_scope} >= set(
+        client.add_exemplars("topics", exemplars[:6])
+    )
+    assert (report.out_of_scope_exemplars, report.exemplar_count) == (6, 156)
+    kept = (150 - vetoed) / 150
+    assert response.classifier.out_of_scope_threshold.coverage == pytest.approx(kept)
+    result = response.results[0]
+    assert result.evaluated == 150
+    assert sum(m.support for m in result.labels) == 150
+    assert result.coverage <= kept + 1e-6
+    assert response.classifier.exemplar_count == 156
+    # Classify agrees: an in-scope exemplar's text with a negative twin is vetoed.
+    answer = client.classify("topics", exemplars[0][0], include_neighbours=True)
+    assert answer.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
+
+
+def near_texts(n: int, seed: int) -> list[str]:
+    """Out-of-scope texts close to the sport label: two of its words and two weather words."""
+    rng = random.Random(seed)
+    sport, weather = TOPICS["sport"].split(), FOREIGN.split()
+    return [" ".join(rng.sample(sport, 2) + rng.sample(weather, 2)) for _ in range(n)]
+
+
+def test_held_out_evaluate_applies_the_veto(client: Client) -> None:
+    """Near out-of-scope texts pass the out-of-scope score; negatives of their kind veto them,
+    in Evaluate as in Classify."""
+    client.create_classifier("topics", k=5)
+    client.add_exemplars("topics", topical_texts(150, seed=0))
+    held_out, outside = topical_texts(60, seed=1), near_texts(40, seed=2)
+    before = client.evaluate("topics", held_out=held_out, out_of_scope=outside)
+    client.add_out_of_scope("topics", near_texts(20, seed=3))
+    after = client.evaluate("topics", held_out=held_out, out_of_scope=outside)
+    assert after.results[0].out_of_scope.recall > before.results[0].out_of_scope.recall + 0.2
+    assert after.results[0].evaluated == 60
+    vetoed = [client.classify("topics", text).unknown_reason for text in outside]
+    assert vetoed.count(pb.UNKNOWN_REASON_OUT_OF_SCOPE) > 0.4 * len(outside)
