@@ -6,6 +6,7 @@ a fourth vocabulary (weather), which no label has.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from knn_classifier.server.vectors import Matrix
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread
+from .test_cli import ok, run, write_csv
 from .test_evaluate_api import TOPICS
 from .test_open_set_api import FOREIGN, foreign_texts, topical_texts
 
@@ -213,3 +215,49 @@ def test_held_out_evaluate_applies_the_veto(client: Client) -> None:
     assert after.results[0].evaluated == 60
     vetoed = [client.classify("topics", text).unknown_reason for text in outside]
     assert vetoed.count(pb.UNKNOWN_REASON_OUT_OF_SCOPE) > 0.4 * len(outside)
+
+
+def test_cli_imports_negatives_and_export_import_keeps_the_flag(
+    server: ServerThread, client: Client, tmp_path: Path
+) -> None:
+    rows = write_csv(
+        tmp_path / "rows.csv",
+        [
+            ["text", "label", "out_of_scope"],
+            ["football match goal team", "sport", ""],
+            ["pizza pasta recipe cheese", "food", "false"],
+            ["weather rain sun cloud", "", "true"],  # no label: fine for a negative
+            ["storm wind snow forecast", "weather", "yes"],
+            ["bank loan account card", "", ""],  # line 6: in scope without a label
+        ],
+    )
+    ok(run(server, "create", "topics"))
+    summary = json.loads(ok(run(server, "import", "topics", str(rows), "--json"), 3))
+    assert (summary["added"], summary["rejected"]) == (4, 1)
+    assert client.list_labels("topics") == {"sport": 1, "food": 1}
+    assert client.count_out_of_scope("topics") == 2
+    assert "2 out-of-scope example(s)" in ok(run(server, "labels", "topics"))
+    # An in-scope exemplar nearest a negative is named by the hygiene report.
+    added = client.add_exemplars("topics", [("weather rain sun cloud storm", "sport")])
+    report = ok(run(server, "check", "topics"))
+    assert "answered unknown: an out-of-scope example is nearest: " in report
+    assert "weather rain sun cloud storm" in report
+    client.delete_exemplars("topics", ids=list(added))
+    # --out-of-scope: every row of a file with a text column only.
+    texts = write_csv(tmp_path / "texts.csv", [["text"], ["weather forecast rain"]])
+    ok(run(server, "import", "topics", str(texts), "--out-of-scope"))
+    assert client.count_out_of_scope("topics") == 3
+
+    def stored(name: str) -> list[tuple[str, str, str, bool]]:
+        return sorted((e.id, e.text, e.label, e.out_of_scope) for e in client.iter_exemplars(name))
+
+    for flags, copy in (((), "copy"), (("--vectors",), "copy-with-vectors")):
+        export = tmp_path / f"{copy}.jsonl"
+        ok(run(server, "export", "topics", "-o", str(export), *flags))
+        assert sum('"out_of_scope": true' in line for line in export.read_text().splitlines()) == 3
+        ok(run(server, "import", copy, str(export)))
+        assert stored(copy) == stored("topics")
+        again = json.loads(ok(run(server, "import", copy, str(export), "--json")))
+        assert (again["added"], again["unchanged"]) == (0, 5)
+        answer = client.classify(copy, "weather rain sun cloud", include_neighbours=True)
+        assert answer.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
