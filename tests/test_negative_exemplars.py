@@ -21,9 +21,11 @@ from knn_classifier.server.store.qdrant_server import QdrantServerStore
 from knn_classifier.server.vectors import Matrix
 from knn_classifier.v1 import classifier_pb2 as pb
 
-from .conftest import ServerThread
+from .conftest import ServerThread, make_settings
+from .fake_embedder import FakeEmbeddingServer
 from .test_cli import ok, run, write_csv
 from .test_evaluate_api import TOPICS
+from .test_migrate import run_migrate
 from .test_open_set_api import FOREIGN, foreign_texts, topical_texts
 
 VOTINGS = ["majority", "softmax", "centroid", "discriminant", "mixture"]
@@ -261,3 +263,26 @@ def test_cli_imports_negatives_and_export_import_keeps_the_flag(
         assert (again["added"], again["unchanged"]) == (0, 5)
         answer = client.classify(copy, "weather rain sun cloud", include_neighbours=True)
         assert answer.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
+
+
+def test_migration_keeps_the_flag(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> None:
+    source = ServerThread(make_settings(tmp_path / "old", fake_embedder.base_url)).start()
+    with source.client() as client:
+        client.create_classifier("topics", k=3)
+        client.add_exemplars("topics", topical_texts(9, seed=0))
+        client.add_out_of_scope("topics", [("weather rain sun cloud", "weather")])
+        before = sorted((e.id, e.label, e.out_of_scope) for e in client.iter_exemplars("topics"))
+    source.stop()
+    done = run_migrate(tmp_path / "old", tmp_path / "new", fake_embedder.base_url, "fake", "32,64")
+    assert done.returncode == 0, done.stderr
+    settings = make_settings(tmp_path / "new", fake_embedder.base_url, dimensions=[32, 64])
+    target = ServerThread(settings).start()
+    try:
+        with target.client() as client:
+            after = sorted((e.id, e.label, e.out_of_scope) for e in client.iter_exemplars("topics"))
+            assert after == before
+            answer = client.classify("topics", "weather rain sun cloud", include_neighbours=True)
+            assert answer.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
+            assert client.count_out_of_scope("topics") == 1
+    finally:
+        target.stop()
