@@ -1,6 +1,7 @@
 """Out-of-scope detection through the service: the threshold Evaluate fits, beside the baseline's.
 
     python bench/open_set_service.py [--seeds 1] [--targets 0.98 0.95]   # in `make bench-open-set`
+    python bench/open_set_service.py --negatives [--seeds 1]   # negative exemplars, via the API
 
 The protocols of bench/open_set.py, run through the real service and its client: near (banking77
 with 27 of its 77 intents out of scope, HWU64 with 16 of 64, drawn with numpy seeds 0..) and
@@ -133,12 +134,81 @@ def through_service(
     return measured
 
 
+NEGATIVE_SHOTS = 10
+"""Training texts of each known out-of-scope intent added as negative exemplars."""
+
+
+def with_negatives(
+    client: Client, name: str, held: int, seed: int, index: int
+) -> tuple[str, list[tuple[float, ...]]]:
+    """The near protocol of bench/open_set.py's negative exemplars table, through the API: half
+    the held-out intents (drawn as there) are known, :data:`NEGATIVE_SHOTS` training texts of
+    each added with ``add_out_of_scope``. For the classifier without and with them, apply_best
+    at 0.98 (mixture, k=10), then held-out Evaluate against the other held-out intents' test
+    texts and against the known intents' own: in-scope kept, OOS recall, leave-one-out kept."""
+    protocol = near(name, held, seed)
+    train, test = rows(name)
+    out = sorted({label for _, label in train} - {label for _, label in protocol.train})
+    rng = np.random.default_rng(seed)
+    known = sorted(rng.choice(out, len(out) // 2, False).tolist())
+    train_labels = np.asarray([label for _, label in train])
+    chosen = [
+        rng.choice(np.flatnonzero(train_labels == label), NEGATIVE_SHOTS, False) for label in known
+    ]
+    negatives = [(train[i][0], train[i][1]) for i in np.concatenate(chosen).tolist()]
+    unseen_texts = [t for t, label in test if label in set(out) - set(known)]
+    known_texts = [t for t, label in test if label in set(known)]
+    print(f"# negatives, {protocol.name}: known {', '.join(known)}", file=sys.stderr, flush=True)
+    measured = []
+    for held_negatives in ([], negatives):
+        classifier = f"negatives-{index}-{len(held_negatives)}"
+        client.create_classifier(classifier)
+        for start in range(0, len(protocol.train), 1000):
+            client.add_exemplars(classifier, protocol.train[start : start + 1000], timeout=600)
+        if held_negatives:
+            client.add_out_of_scope(classifier, held_negatives, timeout=600)
+        fitted = client.evaluate(
+            classifier, apply_best=True, target_coverage=0.98, timeout=1800,
+            k=[10], voting=["mixture"], temperature=[0.01],
+        ).classifier.out_of_scope_threshold  # fmt: skip
+        row: list[float] = []
+        for outside in (unseen_texts, known_texts):
+            result = client.evaluate(
+                classifier, held_out=protocol.in_scope, out_of_scope=outside, timeout=1800
+            ).results[0]
+            row += [result.out_of_scope.in_scope_coverage, result.out_of_scope.recall]
+        measured.append((*row, fitted.coverage))
+        client.delete_classifier(classifier)
+    return f"{protocol.name}, {len(negatives)} negatives ({len(known)} intents)", measured
+
+
+def negatives_table(client: Client, seeds: int) -> None:
+    print(
+        "| protocol | negatives | leave-one-out kept | in-scope kept | other held-out intents: "
+        "OOS recall | the negatives' own intents: OOS recall |"
+    )
+    print("|---|---|---|---|---|---|")
+    index = 0
+    for name, held in NEAR.items():
+        for seed in range(seeds):
+            title, (without, held_negatives) = with_negatives(client, name, held, seed, index)
+            index += 1
+            for label, m in (("none", without), ("veto", held_negatives)):
+                print(
+                    f"| {title} | {label} | {m[4]:.3f} | {m[0]:.3f} | {m[1]:.3f} | {m[3]:.3f} |",
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--targets", nargs="+", type=float, default=[0.98, 0.95])
+    parser.add_argument(
+        "--negatives", action="store_true", help="only the negative exemplars table"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     chosen = protocols(args.seeds)
@@ -160,6 +230,10 @@ def main() -> None:
     table = []
     try:
         with Client(service.address) as client:
+            if args.negatives:
+                negatives_table(client, args.seeds)
+                print(f"\n{missing} texts embedded in this run; {time.monotonic() - started:.0f}s")
+                return
             for index, protocol in enumerate(chosen):
                 served = through_service(client, protocol, args.targets, index)
                 for target in args.targets:

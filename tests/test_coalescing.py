@@ -420,9 +420,11 @@ async def test_queries_made_together_become_one_store_query_cut_to_each_k(tmp_pa
     calls: list[int] = []
     query = store.query
 
-    async def counting(dimension: int, classifier: str, vectors: np.ndarray, k: int) -> Any:
+    async def counting(
+        dimension: int, classifier: str, vectors: np.ndarray, k: int, out_of_scope: Any = None
+    ) -> Any:
         calls.append(len(vectors))
-        return await query(dimension, classifier, vectors, k)
+        return await query(dimension, classifier, vectors, k, out_of_scope)
 
     try:
         points = [str(uuid.uuid4()) for _ in range(3)]

@@ -109,9 +109,14 @@ class PausingStore(EdgeStore):
         self.resume = threading.Event()
 
     async def query(
-        self, dimension: int, classifier: str, vectors: Matrix, k: int
+        self,
+        dimension: int,
+        classifier: str,
+        vectors: Matrix,
+        k: int,
+        out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
-        hits = await super().query(dimension, classifier, vectors, k)
+        hits = await super().query(dimension, classifier, vectors, k, out_of_scope)
         self.paused.set()
         await asyncio.to_thread(self.resume.wait, 60)
         return hits

@@ -240,7 +240,7 @@ def test_the_work_of_one_classify_call_is_capped(client: Client) -> None:
 
 
 def _vote(texts: list[str]) -> Vote:
-    voters = [Neighbour(f"id-{i}", f"label-{i % 3}", t, 0.5) for i, t in enumerate(texts)]
+    voters = [Neighbour(f"id-{i}", f"label-{i % 3}", t, 0.5, True) for i, t in enumerate(texts)]
     return Vote("label-0", 0.7, [("label-0", 0.7), ("label-1", 0.3)], voters, 0.9, None)
 
 
@@ -259,11 +259,16 @@ def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None
     estimate = wire_size.prediction(vote, include_neighbours=True)
     assert built.ByteSize() <= estimate <= built.ByteSize() + 128 + 24 * len(texts)
 
-    exemplar = Exemplar("an-id", texts[0], "label", {"source": texts[-1], "k": "v"}, 1.7e9)
+    metadata = {"source": texts[-1], "k": "v"}
+    exemplar = Exemplar("an-id", texts[0], "label", metadata, 1.7e9, out_of_scope=True)
     message = pb.ListExemplarsResponse(
         exemplars=[
             pb.Exemplar(
-                id=exemplar.id, text=exemplar.text, label=exemplar.label, metadata=exemplar.metadata
+                id=exemplar.id,
+                text=exemplar.text,
+                label=exemplar.label,
+                metadata=exemplar.metadata,
+                out_of_scope=True,
             )
         ]
     )

@@ -105,6 +105,46 @@ async def test_queries_see_every_write_made_after_the_first_query(store: Store) 
     assert [r.payload["text"] for r in (await store.query(d, "b", near_y, 10))[0]] == ["b1"]
 
 
+async def test_negative_exemplars_are_selected_apart(store: Store) -> None:
+    """Queries, counts, label counts and deletes can take the negative exemplars alone or the
+    others alone; points written without the flag count as in scope. The embedded store's
+    in-memory copy must follow flag changes too (the same id re-written with the other flag)."""
+    point_ids = await fill(store)
+    negatives = ids(2)
+    rows = [[0.95, 0.05], [0.2, 1]]
+    flagged = [
+        exemplar_payload("a", text, "weather", text, {}, 0.0, out_of_scope=True)
+        for text in ("n1", "n2")
+    ]
+    d = 4
+    near_x = unit_rows([[1, 0]], d)
+
+    async def texts(out_of_scope: bool | None, k: int = 10) -> list[str]:
+        hits = (await store.query(d, "a", near_x, k, out_of_scope))[0]
+        return [r.payload["text"] for r in hits]
+
+    assert await texts(True) == []  # loads the embedded store's copy before the write
+    await store.upsert(d, negatives, unit_rows(rows, d), flagged)
+    assert await texts(None) == ["a1", "n1", "a2", "n2", "a3"]
+    assert await texts(False) == ["a1", "a2", "a3"]
+    assert await texts(True) == ["n1", "n2"]
+    assert await texts(True, 1) == ["n1"]
+    hit = (await store.query(d, "a", near_x, 1, True))[0][0]
+    assert hit.payload["out_of_scope"] is True
+    assert hit.payload["label"] == "weather"
+    assert (await store.query(d, "b", near_x, 1, True)) == [[]]
+    assert await store.count(d, Selection("a", out_of_scope=True)) == 2
+    assert await store.count(d, Selection("a", out_of_scope=False)) == 3
+    assert await store.label_counts(d, "a", out_of_scope=False) == {"x": 2, "y": 1}
+    assert await store.label_counts(d, "a", out_of_scope=True) == {"weather": 2}
+    await store.upsert(d, negatives[:1], unit_rows(rows[:1], d), [payload("a", "x", "n1")])
+    assert await texts(True) == ["n2"]
+    assert await texts(False) == ["a1", "n1", "a2", "a3"]
+    await store.delete(d, Selection("a", ids=[point_ids[0], negatives[1]]))
+    assert await texts(True) == []
+    assert await texts(False) == ["n1", "a2", "a3"]
+
+
 async def test_count_and_label_counts(store: Store) -> None:
     await fill(store)
     assert await store.count(4, Selection("a")) == 3
@@ -227,6 +267,11 @@ async def test_payloads_read_back_whole_and_old_points_read_without_metadata(sto
     records, _ = await store.vectors(4, "a")
     by_id = {r.id: r.payload for r in records}
     assert by_id[point_ids[0]] == whole
-    assert by_id[point_ids[1]] == {**old, "metadata": {}, "created_at": 0.0}
+    assert by_id[point_ids[1]] == {
+        **old,
+        "metadata": {},
+        "created_at": 0.0,
+        "out_of_scope": False,
+    }
     hits = (await store.query(4, "a", unit_rows([[1, 0]], 4), 1))[0]
     assert hits[0].payload == whole

@@ -228,6 +228,19 @@ class Client:
         call = build.add_exemplars(classifier, exemplars, etag, embedder_fingerprint)
         return self._send(call, timeout)
 
+    def add_out_of_scope(
+        self,
+        classifier: str,
+        texts: Iterable[str | tuple[str, str]],
+        *,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> AddedExemplars:
+        """Adds out-of-scope examples (texts, or ``(text, topic)`` pairs, the topic for
+        reporting only): texts like them are answered unknown. About 10 per recurring
+        off-topic subject help most. Returns their ids, as :meth:`add_exemplars`."""
+        return self._send(build.add_out_of_scope(classifier, texts, etag), timeout)
+
     def delete_exemplars(
         self,
         classifier: str,
@@ -268,8 +281,13 @@ class Client:
         yield from self._pages(build.all_exemplars(classifier, label), timeout)
 
     def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
-        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each)."""
+        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each).
+        Out-of-scope examples are in no label: :meth:`count_out_of_scope` counts them."""
         return dict(self._pages(build.list_labels(classifier), timeout))
+
+    def count_out_of_scope(self, classifier: str, *, timeout: float | None = None) -> int:
+        """How many out-of-scope examples the classifier holds."""
+        return self._send(build.count_out_of_scope(classifier), timeout)
 
     def classify(
         self,
@@ -546,6 +564,19 @@ class AsyncClient:
         call = build.add_exemplars(classifier, exemplars, etag, embedder_fingerprint)
         return await self._send(call, timeout)
 
+    async def add_out_of_scope(
+        self,
+        classifier: str,
+        texts: Iterable[str | tuple[str, str]],
+        *,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> AddedExemplars:
+        """Adds out-of-scope examples (texts, or ``(text, topic)`` pairs, the topic for
+        reporting only): texts like them are answered unknown. About 10 per recurring
+        off-topic subject help most. Returns their ids, as :meth:`add_exemplars`."""
+        return await self._send(build.add_out_of_scope(classifier, texts, etag), timeout)
+
     async def delete_exemplars(
         self,
         classifier: str,
@@ -587,8 +618,13 @@ class AsyncClient:
             yield exemplar
 
     async def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
-        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each)."""
+        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each).
+        Out-of-scope examples are in no label: :meth:`count_out_of_scope` counts them."""
         return {label: n async for label, n in self._pages(build.list_labels(classifier), timeout)}
+
+    async def count_out_of_scope(self, classifier: str, *, timeout: float | None = None) -> int:
+        """How many out-of-scope examples the classifier holds."""
+        return await self._send(build.count_out_of_scope(classifier), timeout)
 
     async def classify(
         self,

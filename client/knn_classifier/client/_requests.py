@@ -191,6 +191,19 @@ def add_exemplars(
     )
 
 
+def add_out_of_scope(
+    classifier: str, items: Iterable[str | tuple[str, str]], etag: str
+) -> Call[pb.AddExemplarsRequest, AddedExemplars]:
+    """Texts, or ``(text, topic)`` pairs, added as out-of-scope examples."""
+    inputs = [
+        pb.ExemplarInput(text=item, out_of_scope=True)
+        if isinstance(item, str)
+        else pb.ExemplarInput(text=item[0], label=item[1], out_of_scope=True)
+        for item in items
+    ]
+    return add_exemplars(classifier, inputs, etag)
+
+
 def delete_exemplars(
     classifier: str, ids: Sequence[str], label: str, etag: str
 ) -> Call[pb.DeleteExemplarsRequest, DeletedExemplars]:
@@ -242,6 +255,11 @@ def list_labels(classifier: str) -> Listing[tuple[str, int]]:
         lambda token: pb.ListLabelsRequest(classifier=classifier, page_size=1000, page_token=token),
         lambda response: ((item.label, item.count) for item in response.labels),
     )
+
+
+def count_out_of_scope(classifier: str) -> Call[pb.ListLabelsRequest, int]:
+    request = pb.ListLabelsRequest(classifier=classifier, page_size=1)
+    return Call("ListLabels", request, lambda response: response.out_of_scope_exemplars)
 
 
 def classify_options(

@@ -113,7 +113,9 @@ class _UnknownReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Unknown
     """The winning label's confidence is under min_confidence."""
     UNKNOWN_REASON_OUT_OF_SCOPE: _UnknownReason.ValueType  # 3
     """The text belongs to none of the classifier's labels: its out-of-scope score is under the
-    threshold Evaluate fitted (see Prediction.out_of_scope).
+    threshold Evaluate fitted (see Prediction.out_of_scope), or its nearest exemplar is an
+    out-of-scope example (ExemplarInput.out_of_scope), which Prediction.neighbours then holds
+    first, marked Neighbour.out_of_scope.
     """
     UNKNOWN_REASON_AMBIGUOUS: _UnknownReason.ValueType  # 4
     """The text is in scope (its out-of-scope score passed the fitted threshold) but its
@@ -136,7 +138,9 @@ UNKNOWN_REASON_BELOW_MIN_CONFIDENCE: UnknownReason.ValueType  # 2
 """The winning label's confidence is under min_confidence."""
 UNKNOWN_REASON_OUT_OF_SCOPE: UnknownReason.ValueType  # 3
 """The text belongs to none of the classifier's labels: its out-of-scope score is under the
-threshold Evaluate fitted (see Prediction.out_of_scope).
+threshold Evaluate fitted (see Prediction.out_of_scope), or its nearest exemplar is an
+out-of-scope example (ExemplarInput.out_of_scope), which Prediction.neighbours then holds
+first, marked Neighbour.out_of_scope.
 """
 UNKNOWN_REASON_AMBIGUOUS: UnknownReason.ValueType  # 4
 """The text is in scope (its out-of-scope score passed the fitted threshold) but its
@@ -211,7 +215,7 @@ class Classifier(_message.Message):
     min_confidence: _builtins.float
     """Below this confidence the answer is unknown."""
     exemplar_count: _builtins.int
-    """Output only."""
+    """Output only. Its exemplars, out-of-scope examples included (ListLabels counts them apart)."""
     temperature: _builtins.float
     """The temperature of softmax, centroid and discriminant voting."""
     dimension: _builtins.int
@@ -656,13 +660,25 @@ class ExemplarInput(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     VECTORS_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text."""
     label: _builtins.str
-    """Its label."""
+    """Its label. Optional with out_of_scope, where it names the out-of-scope topic, for reporting
+    only.
+    """
     id: _builtins.str
     """Optional caller-chosen id (1-128 characters). Empty: derived from classifier and text, so
     adding the same text twice updates one exemplar instead of duplicating it.
+    """
+    out_of_scope: _builtins.bool
+    """An out-of-scope example (a negative exemplar): a text the classifier should answer
+    "unknown" to, e.g. a recurring off-topic request. It belongs to no label: it never votes and
+    is in no label statistic (label models, calibration, the out-of-scope score). A text whose
+    nearest out-of-scope example is at least as similar as its nearest in-scope exemplar is
+    answered unknown (UNKNOWN_REASON_OUT_OF_SCOPE), with that example among the neighbours.
+    About 10 per recurring topic help most (docs/accuracy.md). It counts against
+    limits.max_exemplars_per_classifier like any exemplar.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -686,10 +702,11 @@ class ExemplarInput(_message.Message):
         id: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         vectors: _abc.Iterable[Global___ExemplarVector] | None = ...,
+        out_of_scope: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "metadata", b"metadata", "text", b"text", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "metadata", b"metadata", "out_of_scope", b"out_of_scope", "text", b"text", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -911,12 +928,15 @@ class Exemplar(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     VECTORS_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Its id."""
     text: _builtins.str
     """Its text."""
     label: _builtins.str
     """Its label."""
+    out_of_scope: _builtins.bool
+    """An out-of-scope example (see ExemplarInput.out_of_scope)."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """As given when it was added."""
@@ -940,10 +960,11 @@ class Exemplar(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         vectors: _abc.Iterable[Global___ExemplarVector] | None = ...,
+        out_of_scope: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "label", b"label", "metadata", b"metadata", "text", b"text", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "label", b"label", "metadata", b"metadata", "out_of_scope", b"out_of_scope", "text", b"text", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1099,21 +1120,27 @@ class ListLabelsResponse(_message.Message):
 
     LABELS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_EXEMPLARS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
+    out_of_scope_exemplars: _builtins.int
+    """The classifier's out-of-scope examples (ExemplarInput.out_of_scope), which belong to no
+    label; the same on every page.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCount]:
-        """Most exemplars first, then by label."""
+        """Most exemplars first, then by label. In-scope exemplars only."""
 
     def __init__(
         self,
         *,
         labels: _abc.Iterable[Global___LabelCount] | None = ...,
         next_page_token: _builtins.str = ...,
+        out_of_scope_exemplars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_page_token", b"next_page_token", "out_of_scope_exemplars", b"out_of_scope_exemplars"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1288,6 +1315,7 @@ class Neighbour(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     SIMILARITY_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The exemplar's id."""
     label: _builtins.str
@@ -1296,6 +1324,10 @@ class Neighbour(_message.Message):
     """Its text."""
     similarity: _builtins.float
     """Cosine similarity to the classified text, in [-1, 1]."""
+    out_of_scope: _builtins.bool
+    """An out-of-scope example (ExemplarInput.out_of_scope): it did not vote; it is the reason
+    of an UNKNOWN_REASON_OUT_OF_SCOPE answer, and its label, if any, names its topic.
+    """
     def __init__(
         self,
         *,
@@ -1303,10 +1335,11 @@ class Neighbour(_message.Message):
         label: _builtins.str = ...,
         text: _builtins.str = ...,
         similarity: _builtins.float = ...,
+        out_of_scope: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "similarity", b"similarity", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "label", b"label", "out_of_scope", b"out_of_scope", "similarity", b"similarity", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1338,7 +1371,7 @@ class Prediction(_message.Message):
     best label's share of the vote. Given for unknowns too.
     """
     top_similarity: _builtins.float
-    """The similarity of the nearest exemplar."""
+    """The similarity of the nearest in-scope exemplar."""
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
         """Every label that received a vote, best first."""
@@ -1566,7 +1599,8 @@ class EvaluateRequest(_message.Message):
     """
     target_coverage: _builtins.float
     """With apply_best: fit the out-of-scope threshold (Classifier.out_of_scope_threshold) to keep
-    this share of the leave-one-out exemplars, 0.5 to 1. Unset: 0.98.
+    this share of the leave-one-out exemplars, 0.5 to 1. Unset: 0.98. In-scope exemplars whose
+    nearest exemplar is an out-of-scope example count as not kept.
     """
     @_builtins.property
     def held_out_texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
@@ -2282,6 +2316,9 @@ class CheckExemplarsResponse(_message.Message):
     VOTING_FIELD_NUMBER: _builtins.int
     DIMENSION_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    NEAREST_OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
+    NEAREST_OUT_OF_SCOPE_FOUND_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_EXEMPLARS_FIELD_NUMBER: _builtins.int
     likely_mislabelled_found: _builtins.int
     """How many exemplars are likely mislabelled in all."""
     duplicates_found: _builtins.int
@@ -2304,6 +2341,10 @@ class CheckExemplarsResponse(_message.Message):
     """The setting."""
     etag: _builtins.str
     """The classifier's etag (revision) that was checked."""
+    nearest_out_of_scope_found: _builtins.int
+    """How many checked exemplars have an out-of-scope example nearest, in all."""
+    out_of_scope_exemplars: _builtins.int
+    """The classifier's out-of-scope examples; exemplar_count includes them."""
     @_builtins.property
     def likely_mislabelled(self) -> _containers.RepeatedCompositeFieldContainer[Global___LikelyMislabelled]:
         """Most confident first."""
@@ -2319,6 +2360,13 @@ class CheckExemplarsResponse(_message.Message):
     @_builtins.property
     def small_labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCount]:
         """Labels with fewer than min_label_exemplars exemplars, fewest first."""
+
+    @_builtins.property
+    def nearest_out_of_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckedExemplar]:
+        """Checked in-scope exemplars whose nearest other exemplar is an out-of-scope example
+        (ExemplarInput.out_of_scope), at least as similar as its nearest in-scope one: Classify
+        answers texts like them unknown. The closest to their out-of-scope example first.
+        """
 
     def __init__(
         self,
@@ -2337,10 +2385,13 @@ class CheckExemplarsResponse(_message.Message):
         voting: Global___Voting.ValueType = ...,
         dimension: _builtins.int = ...,
         etag: _builtins.str = ...,
+        nearest_out_of_scope: _abc.Iterable[Global___CheckedExemplar] | None = ...,
+        nearest_out_of_scope_found: _builtins.int = ...,
+        out_of_scope_exemplars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "dimension", b"dimension", "duplicates", b"duplicates", "duplicates_found", b"duplicates_found", "etag", b"etag", "exemplar_count", b"exemplar_count", "k", b"k", "likely_mislabelled", b"likely_mislabelled", "likely_mislabelled_found", b"likely_mislabelled_found", "overlapping_labels", b"overlapping_labels", "overlapping_labels_found", b"overlapping_labels_found", "small_labels", b"small_labels", "small_labels_found", b"small_labels_found", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "dimension", b"dimension", "duplicates", b"duplicates", "duplicates_found", b"duplicates_found", "etag", b"etag", "exemplar_count", b"exemplar_count", "k", b"k", "likely_mislabelled", b"likely_mislabelled", "likely_mislabelled_found", b"likely_mislabelled_found", "nearest_out_of_scope", b"nearest_out_of_scope", "nearest_out_of_scope_found", b"nearest_out_of_scope_found", "out_of_scope_exemplars", b"out_of_scope_exemplars", "overlapping_labels", b"overlapping_labels", "overlapping_labels_found", b"overlapping_labels_found", "small_labels", b"small_labels", "small_labels_found", b"small_labels_found", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

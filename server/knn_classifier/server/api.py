@@ -140,12 +140,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     async def ListLabels(
         self, request: pb.ListLabelsRequest, context: Context
     ) -> pb.ListLabelsResponse:
-        counts, next_token = await self._service.list_labels(
+        counts, next_token, negatives = await self._service.list_labels(
             request.classifier, request.page_size, request.page_token
         )
         return pb.ListLabelsResponse(
             labels=[pb.LabelCount(label=label, count=count) for label, count in counts],
             next_page_token=next_token,
+            out_of_scope_exemplars=negatives,
         )
 
     @_status_on_error

@@ -9,11 +9,12 @@ store's meta collection.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
 
-from . import errors, label_models, open_set, out_of_scope, tracing, validation
+from . import errors, label_models, negatives, open_set, out_of_scope, tracing, validation
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
 from .derived import ExemplarModels
@@ -103,8 +104,9 @@ class Classification:
             )
         if embedded:
             queries = truncate(vectors, dimension)
-            results = await self._queries.query(
-                dimension, classifier, queries, max(k, _scope_neighbours(config, dimension))
+            searched = max(k, _scope_neighbours(config, dimension))
+            results, nearest_negatives = await self._neighbours(
+                config, dimension, queries, searched
             )
             if not results[0]:
                 raise _no_exemplars(classifier)
@@ -133,10 +135,27 @@ class Classification:
                         list(zip(labels, by_label[j].tolist(), strict=True)),
                         config.label_temperature,
                     )
-                    answers[valid[embedded[j]]] = (
-                        out_of_scope.judged(answer, checks[j]) if checks else answer
-                    )
+                    if checks:
+                        answer = out_of_scope.judged(answer, checks[j])
+                    if nearest_negatives:
+                        answer = negatives.vetoed(answer, nearest_negatives[j])
+                    answers[valid[embedded[j]]] = answer
         return [a for a in answers if a is not None], config.etag
+
+    async def _neighbours(
+        self, config: ClassifierConfig, dimension: int, queries: Matrix, k: int
+    ) -> tuple[list[list[Record]], list[Neighbour | None]]:
+        """Each query's ``k`` nearest in-scope exemplars and its nearest negative exemplar
+        (:mod:`negatives`). A classifier never marked as holding negatives costs one
+        unfiltered query, as before negatives existed; one marked costs a second query, of one
+        neighbour among its negatives, made at the same time."""
+        if not config.holds_negatives:
+            return await self._queries.query(dimension, config.name, queries, k), []
+        in_scope, negative = await asyncio.gather(
+            self._queries.query(dimension, config.name, queries, k, out_of_scope=False),
+            self._queries.query(dimension, config.name, queries, 1, out_of_scope=True),
+        )
+        return in_scope, [_neighbour(hits[0]) if hits else None for hits in negative]
 
     async def _scope_checks(
         self,
@@ -212,4 +231,6 @@ def _text_field(i: int, count: int) -> str:
 
 def _neighbour(record: Record) -> Neighbour:
     payload = record.payload
-    return Neighbour(payload["id"], payload["label"], payload["text"], record.score)
+    return Neighbour(
+        payload["id"], payload["label"], payload["text"], record.score, payload["out_of_scope"]
+    )

@@ -101,6 +101,7 @@ class Classifiers:
                 created_at=current.created_at,
                 revision=current.revision,
                 deleting=False,
+                holds_negatives=current.holds_negatives,
             )
             written = await self._compare_and_set(current, updated.to_payload())
             if written is None:  # another replica wrote or deleted it since it was read
@@ -125,10 +126,16 @@ class Classifiers:
         async with self._locked(name):
             yield await self._current(name, uid, etag, "classifier")
 
-    async def bump(self, config: ClassifierConfig) -> ClassifierConfig:
+    async def bump(
+        self, config: ClassifierConfig, *, holds_negatives: bool | None = None
+    ) -> ClassifierConfig:
         """Records that ``config``'s exemplars changed: re-reads the record and bumps its
         revision. NOT_FOUND if the classifier was deleted or re-created meanwhile (possible
-        across replicas only): the caller must then remove what it wrote."""
+        across replicas only): the caller must then remove what it wrote.
+
+        ``holds_negatives`` True sets the record's mark (:attr:`ClassifierConfig.holds_negatives`);
+        False clears it only if the record is still at ``config``'s revision, since a write of
+        another replica since then may have added negatives."""
         for _ in range(_ATTEMPTS):
             current = await self._read(config.name)
             if current is None or current.deleting or current.uid != config.uid:
@@ -136,7 +143,11 @@ class Classifiers:
                     f"classifier {config.name!r} was deleted during the write",
                     resource=errors.classifier(config.name),
                 )
-            bumped = await self._compare_and_set(current, {})
+            mark = holds_negatives
+            if mark is False and current.revision != config.revision:
+                mark = None
+            fields = {} if mark is None else {"holds_negatives": mark}
+            bumped = await self._compare_and_set(current, fields)
             if bumped is not None:
                 return bumped
         raise _contended(config.name)

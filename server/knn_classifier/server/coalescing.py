@@ -258,16 +258,21 @@ class QueryBatcher:
     def __init__(self, store: Store, metrics: Metrics | None = None) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
-        self._pending: dict[tuple[int, str], list[_Query]] = {}
+        self._pending: dict[tuple[int, str, bool | None], list[_Query]] = {}
         self._running: set[asyncio.Task[None]] = set()
 
     @tracing.traced("store.query")
     async def query(
-        self, dimension: int, classifier: str, vectors: Matrix, k: int
+        self,
+        dimension: int,
+        classifier: str,
+        vectors: Matrix,
+        k: int,
+        out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
         """For each row of ``vectors``, the ``k`` most similar points (see Store.query)."""
         tracing.annotate(dimension=dimension, k=k, queries=len(vectors))
-        key = (dimension, classifier)
+        key = (dimension, classifier, out_of_scope)
         query = _Query(vectors, k, asyncio.get_running_loop().create_future())
         if key not in self._pending:
             self._pending[key] = []
@@ -279,15 +284,15 @@ class QueryBatcher:
         self._pending[key].append(query)
         return await query.future
 
-    async def _run(self, key: tuple[int, str]) -> None:
+    async def _run(self, key: tuple[int, str, bool | None]) -> None:
         batch = self._pending.pop(key)
-        dimension, classifier = key
+        dimension, classifier, out_of_scope = key
         vectors = batch[0].vectors if len(batch) == 1 else np.vstack([q.vectors for q in batch])
         try:
             metrics = self._metrics
             with metrics.series(metrics.store_query_seconds, str(dimension)).time():
                 rows = await self._store.query(
-                    dimension, classifier, vectors, max(q.k for q in batch)
+                    dimension, classifier, vectors, max(q.k for q in batch), out_of_scope
                 )
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             for query in batch:

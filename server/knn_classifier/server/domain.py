@@ -51,6 +51,10 @@ class ClassifierConfig:
     """The out-of-scope rule fitted by Evaluate with apply_best."""
     label_temperature: float = LABEL_TEMPERATURE
     """The discriminant's temperature in mixture voting, fitted by Evaluate with apply_best."""
+    holds_negatives: bool = False
+    """The classifier may hold negative exemplars: set before the first one is written, cleared
+    by a delete that leaves none. Classify looks for the nearest negative only when it is set,
+    so a classifier without negatives pays nothing for them."""
 
     @property
     def etag(self) -> str:
@@ -83,6 +87,7 @@ class ClassifierConfig:
             "deleting": self.deleting,
             "out_of_scope": self.out_of_scope.to_payload() if self.out_of_scope else None,
             "label_temperature": self.label_temperature,
+            "holds_negatives": self.holds_negatives,
         }
 
     @classmethod
@@ -114,6 +119,7 @@ class ClassifierConfig:
                 else None
             ),
             label_temperature=float(payload.get("label_temperature", LABEL_TEMPERATURE)),
+            holds_negatives=bool(payload.get("holds_negatives", False)),
         )
 
 
@@ -151,6 +157,9 @@ class ExemplarInput:
     metadata: dict[str, str] = field(default_factory=dict)
     vectors: Sequence[tuple[int, Sequence[float]]] = ()
     """Given (dimension, values) pairs, to store without embedding (see :mod:`transfer`)."""
+    out_of_scope: bool = False
+    """A negative exemplar: an example of what to answer unknown to; ``label`` (optional) names
+    its topic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +171,8 @@ class Exemplar:
     created_at: float
     vectors: Mapping[int, Sequence[float]] = field(default_factory=dict)
     """Its stored vectors by dimension, when asked for."""
+    out_of_scope: bool = False
+    """A negative exemplar (see :class:`ExemplarInput`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,9 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
         voting=messages.VOTING_TO_PB[setting.voting],
         dimension=setting.dimension,
         etag=etag,
+        nearest_out_of_scope=[_checked(e) for e in report.nearest_negative],
+        nearest_out_of_scope_found=report.nearest_negative_found,
+        out_of_scope_exemplars=report.negatives,
     )
 
 

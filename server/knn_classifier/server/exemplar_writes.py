@@ -83,7 +83,8 @@ class ExemplarWrites:
         validation.batch_size(len(items), self._limits, "exemplars")
         for i, item in enumerate(items):
             validation.text(item.text, self._limits, f"exemplars[{i}].text")
-            validation.label(item.label, f"exemplars[{i}].label")
+            if item.label or not item.out_of_scope:  # a negative's topic label is optional
+                validation.label(item.label, f"exemplars[{i}].label")
             validation.exemplar_id(item.id, f"exemplars[{i}].id")
             validation.metadata(item.metadata, f"exemplars[{i}].metadata")
         given = transfer.given_vectors(
@@ -123,12 +124,19 @@ class ExemplarWrites:
             point_ids = [_point_id(current, ids[i]) for i in chosen]
             payloads = [
                 exemplar_payload(
-                    classifier, ids[i], items[i].label, items[i].text, items[i].metadata, now
+                    classifier,
+                    ids[i],
+                    items[i].label,
+                    items[i].text,
+                    items[i].metadata,
+                    now,
+                    items[i].out_of_scope,
                 )
                 for i in chosen
             ]
             created = await self._absent(classifier, point_ids)
             await self._check_room(classifier, len(created))
+            current = await self._marked_for_negatives(current, payloads)
             await self._write_everywhere(current, point_ids, created, vectors, payloads)
             try:
                 return await self._classifiers.bump(current)
@@ -151,7 +159,9 @@ class ExemplarWrites:
         """
         point_ids = [_point_id(config, e.id) for e in exemplars]
         payloads = [
-            exemplar_payload(config.name, e.id, e.label, e.text, e.metadata, e.created_at)
+            exemplar_payload(
+                config.name, e.id, e.label, e.text, e.metadata, e.created_at, e.out_of_scope
+            )
             for e in exemplars
         ]
         held = await self._held_everywhere(config.name, point_ids)
@@ -186,8 +196,19 @@ class ExemplarWrites:
         async with self._classifiers.writing(config.name, uid=config.uid) as current:
             created = await self._absent(config.name, point_ids)
             await self._check_room(config.name, len(created))
+            current = await self._marked_for_negatives(current, payloads)
             await self._write_everywhere(current, point_ids, created, vectors, payloads)
             await self._classifiers.bump(current)
+
+    async def _marked_for_negatives(
+        self, config: ClassifierConfig, payloads: Sequence[ExemplarPayload]
+    ) -> ClassifierConfig:
+        """The record, marked as holding negative exemplars if ``payloads`` has one and it was
+        not yet: before the points are written, so that no Classify ever lets a negative vote
+        (Classify keeps negatives out of the vote only for records with the mark)."""
+        if config.holds_negatives or not any(p["out_of_scope"] for p in payloads):
+            return config
+        return await self._classifiers.bump(config, holds_negatives=True)
 
     async def _held_everywhere(
         self, classifier: str, point_ids: list[str]
@@ -308,7 +329,13 @@ class ExemplarWrites:
                 label=label or None,
             )
             deleted = await self.delete(selection)
-            written = await self._classifiers.bump(current) if deleted else current
+            if not deleted:
+                return 0, current.etag
+            holds_negatives = None
+            if current.holds_negatives:
+                negatives = Selection(current.name, out_of_scope=True)
+                holds_negatives = await self.count(negatives) > 0
+            written = await self._classifiers.bump(current, holds_negatives=holds_negatives)
         return deleted, written.etag
 
     async def delete(self, selection: Selection) -> int:

@@ -3,8 +3,9 @@
 From one leave-one-out pass under the classifier's own settings (the neighbours and votes of
 :mod:`evaluation`, as Evaluate measures them): exemplars the others confidently give another
 label (likely mislabelled), near-duplicates across labels, label pairs taken for each other,
-and labels with too few exemplars. Fixing these is the cheapest way for a user to raise
-accuracy. The work is bounded like Evaluate's leave-one-out: a classifier larger than
+and labels with too few exemplars; and in-scope exemplars whose nearest exemplar is a negative
+(:mod:`negatives`), which the veto answers unknown. Fixing these is the cheapest way for a user
+to raise accuracy. The work is bounded like Evaluate's leave-one-out: a classifier larger than
 ``limits.max_evaluated`` is checked on a fixed random sample of that many exemplars, each
 against all the others, off the event loop.
 """
@@ -20,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from . import evaluate, paging, validation, wire_size
+from . import evaluate, negatives, paging, validation, wire_size
 from .calibration import Calibration
 from .domain import ClassifierConfig
 from .errors import FailedPrecondition, InvalidArgument, Reason
@@ -93,6 +94,11 @@ class Report:
     checked: int
     exemplar_count: int
     setting: Setting
+    nearest_negative: list[ExemplarRef] = dataclasses.field(default_factory=list)
+    """Checked exemplars a negative vetoes, the most similar to it first."""
+    nearest_negative_found: int = 0
+    negatives: int = 0
+    """The classifier's negative exemplars (not in ``exemplar_count``)."""
 
 
 def report(
@@ -135,6 +141,7 @@ def report(
         ((label, n) for label, n in counts.items() if n < request.min_label_exemplars),
         key=lambda item: (item[1], item[0]),
     )
+    vetoed = _vetoed(exemplars, sample, queries, similarities)
     return Report(
         mislabelled,
         duplicates,
@@ -142,9 +149,25 @@ def report(
         small,
         (len(mislabelled), len(duplicates), len(overlaps), len(small)),
         len(sample),
-        len(exemplars.ids),
+        len(exemplars.ids) + len(exemplars.negatives),
         setting,
+        vetoed,
+        len(vetoed),
+        len(exemplars.negatives),
     )
+
+
+def _vetoed(
+    exemplars: Exemplars, sample: npt.NDArray[np.intp], queries: Matrix, similarities: Matrix
+) -> list[ExemplarRef]:
+    """The checked exemplars whose nearest negative is at least as similar as their nearest
+    other in-scope exemplar, the most similar to their negative first."""
+    if not len(exemplars.negatives):
+        return []
+    nearest_negative = negatives.nearest_similarity(queries, exemplars.negatives)
+    vetoed = np.flatnonzero(negatives.veto_mask(similarities[:, 0], nearest_negative))
+    ordered = sorted(vetoed.tolist(), key=lambda row: (-nearest_negative[row], int(sample[row])))
+    return [_ref(exemplars, int(sample[row])) for row in ordered]
 
 
 def _ref(exemplars: Exemplars, i: int) -> ExemplarRef:
@@ -258,12 +281,14 @@ class Checker:
         small, room = _leading(
             full.small_labels, lambda item: wire_size.label_count(item[0]), limit, room
         )
+        vetoed, room = _leading(full.nearest_negative, wire_size.checked_exemplar, limit, room)
         return dataclasses.replace(
             full,
             mislabelled=mislabelled,
             duplicates=duplicates,
             overlaps=overlaps,
             small_labels=small,
+            nearest_negative=vetoed,
         )
 
 

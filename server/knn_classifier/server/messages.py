@@ -99,6 +99,7 @@ def exemplar_inputs(request: pb.AddExemplarsRequest) -> list[ExemplarInput]:
             id=e.id,
             metadata=dict(e.metadata),
             vectors=[(v.dimension, v.values) for v in e.vectors],
+            out_of_scope=e.out_of_scope,
         )
         for e in request.exemplars
     ]
@@ -192,6 +193,7 @@ def exemplar(exemplar: Exemplar) -> pb.Exemplar:
             pb.ExemplarVector(dimension=dimension, values=values)
             for dimension, values in sorted(exemplar.vectors.items())
         ],
+        out_of_scope=exemplar.out_of_scope,
     )
 
 
@@ -250,7 +252,13 @@ def prediction(result: Vote, include_neighbours: bool) -> pb.Prediction:
         )
     if include_neighbours:
         prediction.neighbours.extend(
-            pb.Neighbour(id=n.id, label=n.label, text=n.text, similarity=n.similarity)
+            pb.Neighbour(
+                id=n.id,
+                label=n.label,
+                text=n.text,
+                similarity=n.similarity,
+                out_of_scope=n.out_of_scope,
+            )
             for n in result.voters
         )
     return prediction

@@ -94,11 +94,14 @@ def fit(
     dimension: int,
     target_coverage: float,
     checkpoint: Callable[[], None] = lambda: None,
+    vetoed: npt.NDArray[np.bool_] | None = None,
 ) -> OutOfScopeFit | None:
     """The threshold keeping ``target_coverage`` of exemplars ``self_index``, each scored by the
     model of every exemplar but it; None with fewer than :data:`MIN_EXEMPLARS` exemplars.
     ``checkpoint`` (which may raise to stop the work) is called as :func:`open_set.leave_one_out`
-    goes."""
+    goes. ``vetoed``: which of them a negative exemplar vetoes (:mod:`negatives`); they count
+    as rejected, so the threshold keeps the target share of all of them, vetoed ones included,
+    and keeps every other one if the veto alone rejects more than the target allows."""
     if len(labels) < MIN_EXEMPLARS:
         return None
     loo = open_set.leave_one_out(labels, vectors, self_index, checkpoint)
@@ -107,8 +110,11 @@ def fit(
     references = (similarity, mahalanobis, agreement)
     reference = open_set.Combination(tuple(np.asarray(r, dtype=np.float64) for r in references))
     scores = reference.scores(loo.similarity, loo.mahalanobis, loo.agreement)
-    threshold = open_set.coverage_threshold(scores, target_coverage)
-    coverage = float(np.mean(scores >= threshold))
+    free = np.ones(len(scores), dtype=bool) if vetoed is None else ~vetoed
+    candidates = free if free.any() else ~free  # all vetoed: the threshold is moot
+    target = min(1.0, target_coverage * len(scores) / int(candidates.sum()))
+    threshold = open_set.coverage_threshold(scores[candidates], target)
+    coverage = float(np.mean(free & (scores >= threshold)))
     return OutOfScopeFit(
         dimension, target_coverage, threshold, coverage, similarity, mahalanobis, agreement
     )

@@ -281,16 +281,21 @@ class ClassifierService:
 
     async def list_labels(
         self, classifier: str, page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[tuple[str, int]], str]:
-        """A page of (label, exemplar count), most exemplars first, then by label; and the token
-        of the next page ("" after the last). A page continues after the previous page's last
-        (count, label), so labels whose counts change between pages may be listed twice or not
-        at all."""
+    ) -> tuple[list[tuple[str, int]], str, int]:
+        """A page of (label, exemplar count), most exemplars first, then by label; the token
+        of the next page ("" after the last); and the number of negative exemplars, which are
+        in no label. A page continues after the previous page's last (count, label), so labels
+        whose counts change between pages may be listed twice or not at all."""
         size = paging.page_size(page_size, self._limits)
         scope = ("ListLabels", classifier)
         after = paging.label_position(paging.decode(page_token, scope))
-        await self._classifiers.get(classifier)
-        counts = await self._store.label_counts(self._dimensions[0], classifier)
+        config = await self._classifiers.get(classifier)
+        negatives = 0
+        if config.holds_negatives:
+            negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
+        counts = await self._store.label_counts(
+            self._dimensions[0], classifier, False if negatives else None
+        )
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         following = [i for i in ordered if after is None or (-i[1], i[0]) > after]
         kept = paging.fitting(
@@ -301,9 +306,9 @@ class ClassifierService:
         )
         page = following[:kept]
         if kept == len(following):
-            return page, ""
+            return page, "", negatives
         last_label, last_count = page[-1]
-        return page, paging.encode(paging.label_cursor(last_count, last_label), scope)
+        return page, paging.encode(paging.label_cursor(last_count, last_label), scope), negatives
 
     # Classification --------------------------------------------------------------------------
 
@@ -349,4 +354,5 @@ def stored_exemplar(record: Record) -> Exemplar:
         label=payload["label"],
         metadata=payload["metadata"],
         created_at=payload["created_at"],
+        out_of_scope=payload["out_of_scope"],
     )

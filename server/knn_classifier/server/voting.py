@@ -67,6 +67,8 @@ class Neighbour:
     label: str
     text: str
     similarity: float
+    out_of_scope: bool = False
+    """A negative exemplar: never a voter, only the reason of a vetoed answer."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ def _strings(texts: Iterable[str]) -> int:
 def exemplar(item: Exemplar) -> int:
     """An ``Exemplar`` as one element of a repeated field."""
     entries = sum(_FIELD + string(k) + string(v) for k, v in item.metadata.items())
+    # _TIMESTAMP's slack (at most 15 bytes are used) covers out_of_scope's 2.
     return _FIELD + _strings((item.id, item.text, item.label)) + entries + _TIMESTAMP
 
 
@@ -98,6 +99,11 @@ def status(encoded: int) -> int:
 def _checked(item: ExemplarRef) -> int:
     """A ``CheckedExemplar`` as a field of another message."""
     return _FIELD + _strings((item.id, item.text, item.label))
+
+
+def checked_exemplar(item: ExemplarRef) -> int:
+    """A ``CheckedExemplar`` as one element of a repeated field."""
+    return _checked(item)
 
 
 def mislabelled(item: Mislabelled) -> int:

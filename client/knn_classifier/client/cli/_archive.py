@@ -114,6 +114,8 @@ def exemplar_line(exemplar: pb.Exemplar) -> str:
         "label": exemplar.label,
         "metadata": dict(exemplar.metadata),
     }
+    if exemplar.out_of_scope:
+        record["out_of_scope"] = True
     if exemplar.vectors:
         record["vectors"] = {str(v.dimension): encode_vector(v.values) for v in exemplar.vectors}
     return json.dumps(record, ensure_ascii=False) + "\n"

@@ -100,10 +100,13 @@ def delete(args: argparse.Namespace, client: Client) -> int:
 
 def labels(args: argparse.Namespace, client: Client) -> int:
     counts = client.list_labels(args.name)
+    negatives = client.count_out_of_scope(args.name)
     if args.json:
         print(_json(counts))
     else:
         print(_table(["count", "label"], [[count, label] for label, count in counts.items()]))
+        if negatives:
+            print(f"\nand {negatives} out-of-scope example(s), in no label")
     return 0
 
 
@@ -122,6 +125,7 @@ def _read_table(
         id=id_column or "id",
         id_required=id_column is not None,
         metadata=metadata,
+        all_out_of_scope=getattr(args, "out_of_scope", False),
     )
     return read(path, file_format(path, args.format), columns)
 
@@ -485,4 +489,10 @@ def check(args: argparse.Namespace, client: Client) -> int:
     print(_listed("labels with too few exemplars", len(small), response.small_labels_found))
     if small:
         print(_table(["label", "exemplars"], [[c.label, c.count] for c in small]))
+    if response.out_of_scope_exemplars:
+        vetoed = response.nearest_out_of_scope
+        title = "answered unknown: an out-of-scope example is nearest"
+        print(_listed(title, len(vetoed), response.nearest_out_of_scope_found))
+        if vetoed:
+            print(_table(["id", "label", "text"], [[e.id, e.label, e.text] for e in vetoed]))
     return 0

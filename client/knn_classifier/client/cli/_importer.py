@@ -84,6 +84,7 @@ def _same(row: Row, stored: pb.Exemplar | None) -> bool:
         stored is not None
         and stored.text == row.text
         and stored.label == row.label
+        and stored.out_of_scope == row.out_of_scope
         and dict(stored.metadata) == row.metadata
     )
 

@@ -129,6 +129,12 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--page-size", type=_positive, default=1000, help="exemplars per call when listing first"
     )
+    load.add_argument(
+        "--out-of-scope",
+        action="store_true",
+        help="every row is an out-of-scope example (a text to answer unknown to; its label, "
+        "optional, names the topic); without it, rows whose out_of_scope column is true are",
+    )
     load.add_argument("--rejected", help="rejected rows go here (default: FILE.rejected.EXT)")
     load.add_argument(
         "--progress",

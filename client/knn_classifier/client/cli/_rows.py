@@ -45,6 +45,11 @@ class Columns:
     id_required: bool = False
     """The id column was named explicitly, so a file without it is an error."""
     metadata: Sequence[str] = ()
+    out_of_scope: str = "out_of_scope"
+    """A row whose value here is true (true, 1, yes) is an out-of-scope example, whose label
+    may be empty."""
+    all_out_of_scope: bool = False
+    """Every row is an out-of-scope example (``--out-of-scope``)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Row:
     original: Original
     vectors: dict[int, bytes] = field(default_factory=dict)
     """An export's vectors: dimension -> little-endian float32 values."""
+    out_of_scope: bool = False
 
     def exemplar(self, with_vectors: bool = False) -> pb.ExemplarInput:
         vectors = [
@@ -65,7 +71,12 @@ class Row:
             if with_vectors
         ]
         return pb.ExemplarInput(
-            text=self.text, label=self.label, id=self.id, metadata=self.metadata, vectors=vectors
+            text=self.text,
+            label=self.label,
+            id=self.id,
+            metadata=self.metadata,
+            vectors=vectors,
+            out_of_scope=self.out_of_scope,
         )
 
 
@@ -122,7 +133,9 @@ def _read_delimited(lines: Iterator[str], fmt: Format, columns: Columns) -> Tabl
     table = Table(fmt)
     reader = csv.reader(lines, dialect="excel-tab" if fmt == "tsv" else "excel")
     table.fields = next(reader, [])
-    wanted = [columns.text, columns.label, *columns.metadata]
+    wanted = [columns.text, *columns.metadata]
+    if not columns.all_out_of_scope and columns.out_of_scope not in table.fields:
+        wanted.insert(1, columns.label)  # only out-of-scope examples may go without labels
     if columns.id_required:
         wanted.append(columns.id)
     missing = [name for name in wanted if name not in table.fields]
@@ -169,7 +182,10 @@ def _add(
 ) -> None:
     """Appends the record as a row, or as rejected with the reason."""
     text, label = record.get(columns.text), record.get(columns.label)
-    reason = _missing(text, columns.text) or _missing(label, columns.label)
+    out_of_scope = columns.all_out_of_scope or _true(record.get(columns.out_of_scope))
+    reason = _missing(text, columns.text)
+    if not out_of_scope or label not in (None, ""):
+        reason = reason or _missing(label, columns.label)
     if reason:
         table.rejected.append(Rejected(line, reason, original))
         return
@@ -185,13 +201,19 @@ def _add(
         Row(
             line=line,
             text=str(text),
-            label=_string(label),
+            label="" if label is None else _string(label),
             id=_string(record.get(columns.id) or ""),
             metadata={str(key): _string(value) for key, value in entries.items()},
             original=original,
             vectors=vectors,
+            out_of_scope=out_of_scope,
         )
     )
+
+
+def _true(value: Any) -> bool:
+    """Whether an out-of-scope column's value says yes (JSON true, or true / 1 / yes)."""
+    return value is True or str(value).strip().lower() in {"true", "1", "yes"}
 
 
 def _vectors(value: Any) -> dict[int, bytes] | None:

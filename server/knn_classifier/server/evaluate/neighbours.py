@@ -7,12 +7,12 @@ evaluation classifies labelled texts that are not stored. Both vote over exact c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from .. import deadlines, label_models
+from .. import deadlines, label_models, negatives
 from ..store import Store
 from ..vectors import Matrix
 from ..voting import Voting
@@ -23,12 +23,27 @@ BLOCK = 1024
 
 @dataclass(frozen=True, slots=True)
 class Exemplars:
-    """One classifier's stored exemplars in one dimension."""
+    """One classifier's stored in-scope exemplars in one dimension, and the vectors of its
+    negative exemplars apart (they are in no label, and only veto: :mod:`negatives`)."""
 
     ids: list[str]
     labels: list[str]
     texts: list[str]
     vectors: Matrix
+    negatives: Matrix = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
+
+    def vetoed(self, queries: Matrix, top_similarity: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which ``queries`` the negatives veto, given each one's nearest in-scope similarity."""
+        nearest_negative = negatives.nearest_similarity(queries, self.negatives)
+        return negatives.veto_mask(top_similarity, nearest_negative)
+
+    def vetoed_left_out(self, sample: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        """Which exemplars of ``sample`` the negatives veto in leave-one-out."""
+        if not len(self.negatives):
+            return np.zeros(len(sample), dtype=bool)
+        queries = self.vectors[sample]
+        _, similarities = nearest(queries, self.vectors, 1, sample)
+        return self.vetoed(queries, similarities[:, 0])
 
 
 def nearest(
@@ -79,9 +94,12 @@ def label_scores(
 async def stored_exemplars(store: Store, classifier: str, dimension: int) -> Exemplars:
     """``classifier``'s exemplars and their vectors in ``dimension``, as the store holds them."""
     records, vectors = await store.vectors(dimension, classifier)
+    negative = np.asarray([r.payload["out_of_scope"] for r in records], dtype=bool)
+    rows = np.flatnonzero(~negative)
     return Exemplars(
-        ids=[str(r.payload["id"]) for r in records],
-        labels=[str(r.payload["label"]) for r in records],
-        texts=[str(r.payload["text"]) for r in records],
-        vectors=vectors,
+        ids=[str(records[i].payload["id"]) for i in rows],
+        labels=[str(records[i].payload["label"]) for i in rows],
+        texts=[str(records[i].payload["text"]) for i in rows],
+        vectors=vectors if not negative.any() else vectors[rows],
+        negatives=vectors[negative],
     )

@@ -50,6 +50,24 @@ def _rule_for(config: ClassifierConfig, dimension: int) -> OutOfScopeFit | None:
     return rule if rule is not None and rule.dimension == dimension else None
 
 
+async def _fitted_rule(
+    exemplars: Exemplars, sample: npt.NDArray[np.intp], target_coverage: float
+) -> OutOfScopeFit | None:
+    """The out-of-scope rule apply_best fits from the leave-one-out of ``sample``, the
+    exemplars vetoed by a negative counted as rejected."""
+    vetoed = await asyncio.to_thread(exemplars.vetoed_left_out, sample)
+    return await asyncio.to_thread(
+        out_of_scope.fit,
+        exemplars.labels,
+        exemplars.vectors,
+        sample,
+        exemplars.vectors.shape[1],
+        target_coverage,
+        lambda: deadlines.check("the next rows of the out-of-scope fit"),
+        vetoed,
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Evaluation:
     reports: list[Report]
@@ -139,6 +157,7 @@ class Evaluator:
             indices, similarities = await asyncio.to_thread(
                 neighbours.nearest, queries, exemplars.vectors, largest_k, self_index
             )
+            vetoed = await asyncio.to_thread(exemplars.vetoed, queries, similarities[:, 0])
             label_scores = await self._label_scores(sweep, exemplars, queries, self_index)
             scope = None
             if held_out and (outside or _rule_for(config, dimension)):
@@ -163,6 +182,7 @@ class Evaluator:
                     labelled,
                     bool(held_out),
                     scope,
+                    vetoed,
                 )
                 results.append(evaluated)
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
@@ -174,21 +194,11 @@ class Evaluator:
                 choice.proposal, config, results[0], truth, request.target_precision
             )
             dimension = results[0].report.setting.dimension
-            exemplars = stored[dimension]
-            rule = await asyncio.to_thread(
-                out_of_scope.fit,
-                exemplars.labels,
-                exemplars.vectors,
-                samples[dimension],
-                dimension,
-                target_coverage,
-                lambda: deadlines.check("the next rows of the out-of-scope fit"),
-            )
+            rule = await _fitted_rule(stored[dimension], samples[dimension], target_coverage)
             updated = dataclasses.replace(updated, out_of_scope=rule)
         unknown_labels = sorted(set(truth) - set(some.labels)) if held_out else []
-        return Evaluation(
-            [r.report for r in results], unknown_labels, len(some.ids), updated, reached
-        )
+        count = len(some.ids) + len(some.negatives)
+        return Evaluation([r.report for r in results], unknown_labels, count, updated, reached)
 
     def _sweep(self, config: ClassifierConfig, request: EvaluateRequest) -> list[Setting]:
         """The settings of the request's sweep, each once.
@@ -267,14 +277,8 @@ class Evaluator:
         """The out-of-scope scores of held-out ``queries`` under the classifier's rule for this
         dimension, or else the rule apply_best would fit (None with too few exemplars)."""
         dimension = exemplars.vectors.shape[1]
-        rule = _rule_for(config, dimension) or await asyncio.to_thread(
-            out_of_scope.fit,
-            exemplars.labels,
-            exemplars.vectors,
-            sample,
-            dimension,
-            target_coverage,
-            lambda: deadlines.check("the next rows of the out-of-scope fit"),
+        rule = _rule_for(config, dimension) or await _fitted_rule(
+            exemplars, sample, target_coverage
         )
         if rule is None or len(exemplars.ids) < out_of_scope.MIN_EXEMPLARS:
             return None
@@ -297,6 +301,7 @@ class Evaluator:
         labelled: Sequence[str | None],
         held_out: bool,
         scope: Scope | None = None,
+        vetoed: npt.NDArray[np.bool_] | None = None,
     ) -> Evaluated:
         """The answers under ``setting`` with the classifier's thresholds, and their report
         (``labelled``: each text's label, None for one out of scope).
@@ -306,7 +311,8 @@ class Evaluator:
         by two-fold cross-fitting (each half by a calibration fitted on the other), which is
         what apply_best would give, measured honestly. Also keeps the uncalibrated shares, which
         apply_best fits its calibration on. The report and the answers kept are the in-scope
-        texts'; the out-of-scope texts are measured in the report's ``out_of_scope``.
+        texts'; the out-of-scope texts are measured in the report's ``out_of_scope``. Texts
+        ``vetoed`` by a negative exemplar are answered unknown, as Classify answers them.
         """
         current = Setting(
             config.k,
@@ -327,7 +333,9 @@ class Evaluator:
         )
         truth = [label for label in labelled if label is not None]
         confidences = [o.confidence for o in raw] if held_out else cross_fitted(raw, truth)
-        kept = scope.kept.tolist() if scope else [True] * len(raw)
+        kept = scope.kept if scope else np.ones(len(raw), dtype=bool)
+        if vetoed is not None:
+            kept = kept & ~vetoed
         answers = [
             Outcome(
                 o.label if c >= config.min_confidence and keep else None,
@@ -335,7 +343,7 @@ class Evaluator:
                 c,
                 o.top_similarity,
             )
-            for o, c, keep in zip(raw, confidences, kept, strict=True)
+            for o, c, keep in zip(raw, confidences, kept.tolist(), strict=True)
         ]
         inside = [i for i, label in enumerate(labelled) if label is not None]
         outcomes = [answers[i] for i in inside]

@@ -40,11 +40,14 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """Which exemplars of one classifier an operation touches: all, by ids, or by label."""
+    """Which exemplars of one classifier an operation touches: all, by ids, or by label; and
+    of those, with ``out_of_scope`` set, only the negative exemplars (True) or only the others
+    (False)."""
 
     classifier: str
     ids: Sequence[str] | None = None
     label: str | None = None
+    out_of_scope: bool | None = None
 
 
 class Store(ABC):
@@ -102,7 +105,11 @@ class Store(ABC):
     async def count(self, dimension: int, selection: Selection) -> int: ...
 
     @abstractmethod
-    async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]: ...
+    async def label_counts(
+        self, dimension: int, classifier: str, out_of_scope: bool | None = None
+    ) -> dict[str, int]:
+        """Label -> number of points of ``classifier`` (with ``out_of_scope``: of the negative
+        exemplars only, or of the others)."""
 
     @abstractmethod
     async def classifier_counts(self, dimension: int) -> dict[str, int]:
@@ -130,6 +137,12 @@ class Store(ABC):
 
     @abstractmethod
     async def query(
-        self, dimension: int, classifier: str, vectors: Matrix, k: int
+        self,
+        dimension: int,
+        classifier: str,
+        vectors: Matrix,
+        k: int,
+        out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
-        """For each row of ``vectors``, the ``k`` most similar points, most similar first."""
+        """For each row of ``vectors``, the ``k`` most similar points, most similar first; with
+        ``out_of_scope``, among the negative exemplars only (True) or the others (False)."""

@@ -39,7 +39,14 @@ import qdrant_edge as qe
 from ..errors import Reason, ResourceExhausted, StartupError, Unavailable
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
 from .mirror import Mirror
-from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload
+from .schema import (
+    CLASSIFIER,
+    LABEL,
+    OUT_OF_SCOPE,
+    ExemplarPayload,
+    read_payload,
+    stored_payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +269,7 @@ class EdgeStore(Store):
         # The WAL and the segment each hold the vectors and the payloads.
         self._ensure_room(2 * (vectors.nbytes + len(json.dumps(list(payloads), default=str))))
         points = [
-            qe.Point(point_id, vector, dict(payload))
+            qe.Point(point_id, vector, stored_payload(payload))
             for point_id, vector, payload in zip(ids, vectors.tolist(), payloads, strict=True)
         ]
         with self._using(dimension) as shard:
@@ -287,10 +294,11 @@ class EdgeStore(Store):
         with self._using(dimension) as shard:
             return shard.count(qe.CountRequest(exact=True, filter=_filter(selection)))
 
-    async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]:
-        request = qe.FacetRequest(
-            LABEL, limit=_FACET_LIMIT, exact=True, filter=_filter(Selection(classifier))
-        )
+    async def label_counts(
+        self, dimension: int, classifier: str, out_of_scope: bool | None = None
+    ) -> dict[str, int]:
+        where = _filter(Selection(classifier, out_of_scope=out_of_scope))
+        request = qe.FacetRequest(LABEL, limit=_FACET_LIMIT, exact=True, filter=where)
         with self._using(dimension) as shard:
             return {str(hit.value): hit.count for hit in shard.facet(request)}
 
@@ -338,9 +346,14 @@ class EdgeStore(Store):
             return _with_vectors(records, dimension)
 
     async def query(
-        self, dimension: int, classifier: str, vectors: Matrix, k: int
+        self,
+        dimension: int,
+        classifier: str,
+        vectors: Matrix,
+        k: int,
+        out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
-        return self._mirror(dimension, classifier).query(vectors, k)
+        return self._mirror(dimension, classifier).query(vectors, k, out_of_scope)
 
     def _mirror(self, dimension: int, classifier: str) -> Mirror:
         key = (dimension, classifier)
@@ -393,6 +406,11 @@ def _filter(selection: Selection) -> qe.Filter:
         must.append(qe.FieldCondition(LABEL, match=qe.MatchValue(selection.label)))
     if selection.ids is not None:
         must.append(qe.HasIdCondition(set(selection.ids)))
+    in_scope = qe.IsEmptyCondition(OUT_OF_SCOPE)  # see schema.OUT_OF_SCOPE
+    if selection.out_of_scope is False:
+        must.append(in_scope)
+    if selection.out_of_scope is True:
+        return qe.Filter(must=must, must_not=[in_scope])
     return qe.Filter(must=must)
 
 

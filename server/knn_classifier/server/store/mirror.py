@@ -20,6 +20,8 @@ from .schema import ExemplarPayload
 class Mirror:
     def __init__(self, dimension: int) -> None:
         self._matrix: Matrix = np.empty((16, dimension), dtype=np.float32)
+        self._negative = np.zeros(16, dtype=bool)
+        """Row i is a negative exemplar's (its payload's ``out_of_scope``)."""
         self._count = 0
         self._ids: list[str] = []
         self._payloads: list[ExemplarPayload] = []
@@ -37,6 +39,7 @@ class Mirror:
             if row is None:
                 row = self._append(point_id, payload)
             self._matrix[row] = vector
+            self._negative[row] = payload.get("out_of_scope", False)
             self._payloads[row] = payload
 
     def delete(self, selection: Selection) -> None:
@@ -46,22 +49,33 @@ class Mirror:
             row
             for row in candidates
             if selection.label is None or self._payloads[row]["label"] == selection.label
+            if selection.out_of_scope is None or self._negative[row] == selection.out_of_scope
         ]
         for row in sorted(doomed, reverse=True):  # highest first: moves never touch doomed rows
             self._remove(row)
 
-    def query(self, vectors: Matrix, k: int) -> list[list[Record]]:
-        """For each row of ``vectors``, the ``k`` points of highest cosine similarity."""
-        if self._count == 0:
+    def query(
+        self, vectors: Matrix, k: int, out_of_scope: bool | None = None
+    ) -> list[list[Record]]:
+        """For each row of ``vectors``, the ``k`` points of highest cosine similarity; with
+        ``out_of_scope``, among the negative exemplars only (True) or the others (False)."""
+        if out_of_scope is None:
+            candidates, matrix = None, self._matrix[: self._count]
+        else:
+            candidates = np.flatnonzero(self._negative[: self._count] == out_of_scope)
+            matrix = self._matrix[candidates]
+        size = len(matrix)
+        if size == 0:
             return [[] for _ in vectors]
-        scores = _unit(vectors) @ self._matrix[: self._count].T
-        if k < self._count:
+        scores = _unit(vectors) @ matrix.T
+        if k < size:
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         else:
-            top = np.broadcast_to(np.arange(self._count), scores.shape)
+            top = np.broadcast_to(np.arange(size), scores.shape)
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
-        rows = np.take_along_axis(top, order, axis=1).tolist()
+        chosen = np.take_along_axis(top, order, axis=1)
+        rows = (chosen if candidates is None else candidates[chosen]).tolist()
         similarities = np.take_along_axis(top_scores, order, axis=1).tolist()
         return [
             [
@@ -86,6 +100,7 @@ class Mirror:
             grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), dtype=np.float32)
             grown[: self._count] = self._matrix[: self._count]
             self._matrix = grown
+            self._negative = np.resize(self._negative, len(grown))
         row = self._count
         self._count += 1
         self._ids.append(point_id)
@@ -99,6 +114,7 @@ class Mirror:
         del self._rows[self._ids[row]]
         if row != last:
             self._matrix[row] = self._matrix[last]
+            self._negative[row] = self._negative[last]
             self._ids[row] = self._ids[last]
             self._payloads[row] = self._payloads[last]
             self._rows[self._ids[row]] = row

@@ -29,7 +29,14 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from ..errors import Unavailable
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
 from .compatibility import check_server_version
-from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload
+from .schema import (
+    CLASSIFIER,
+    LABEL,
+    OUT_OF_SCOPE,
+    ExemplarPayload,
+    read_payload,
+    stored_payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +215,7 @@ class QdrantServerStore(Store):
         payloads: Sequence[ExemplarPayload],
     ) -> None:
         batch = models.Batch(
-            ids=list(ids), vectors=vectors.tolist(), payloads=[dict(p) for p in payloads]
+            ids=list(ids), vectors=vectors.tolist(), payloads=[stored_payload(p) for p in payloads]
         )
         async with _unavailable_on_failure():
             await self._client.upsert(self._collection(dimension), batch, wait=True)
@@ -225,12 +232,14 @@ class QdrantServerStore(Store):
             )
         return result.count
 
-    async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]:
+    async def label_counts(
+        self, dimension: int, classifier: str, out_of_scope: bool | None = None
+    ) -> dict[str, int]:
         async with _unavailable_on_failure():
             response = await self._client.facet(
                 self._collection(dimension),
                 LABEL,
-                facet_filter=_filter(Selection(classifier)),
+                facet_filter=_filter(Selection(classifier, out_of_scope=out_of_scope)),
                 limit=_FACET_LIMIT,
                 exact=True,
             )
@@ -275,9 +284,14 @@ class QdrantServerStore(Store):
         return _with_vectors(points, dimension)
 
     async def query(
-        self, dimension: int, classifier: str, vectors: Matrix, k: int
+        self,
+        dimension: int,
+        classifier: str,
+        vectors: Matrix,
+        k: int,
+        out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
-        tenant = _filter(Selection(classifier))
+        tenant = _filter(Selection(classifier, out_of_scope=out_of_scope))
         params = _QUANTIZED if self._quantized(dimension) else _EXACT
         requests = [
             models.QueryRequest(
@@ -309,6 +323,11 @@ def _filter(selection: Selection) -> models.Filter:
         )
     if selection.ids is not None:
         must.append(models.HasIdCondition(has_id=list(selection.ids)))
+    in_scope = models.IsEmptyCondition(is_empty=models.PayloadField(key=OUT_OF_SCOPE))
+    if selection.out_of_scope is False:  # as the embedded store filters (schema.OUT_OF_SCOPE)
+        must.append(in_scope)
+    if selection.out_of_scope is True:
+        return models.Filter(must=must, must_not=[in_scope])
     return models.Filter(must=must)
 
 

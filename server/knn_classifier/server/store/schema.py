@@ -2,7 +2,9 @@
 
 Every dimension holds the same payload for an exemplar's point. ``classifier`` scopes every
 operation (a tenant index) and ``label`` is indexed for deletes by label; the text is kept so that
-any dimension can be rebuilt by embedding it again.
+any dimension can be rebuilt by embedding it again. ``out_of_scope`` marks a negative exemplar
+(an example of what the classifier should answer "unknown" to); queries filter on it only for
+classifiers that hold negatives.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ CLASSIFIER: Final = "classifier"
 """The field every query filters on (the stores' tenant index)."""
 LABEL: Final = "label"
 """The indexed field deletes by label filter on."""
+OUT_OF_SCOPE: Final = "out_of_scope"
+"""Stored (true) on negative exemplars only: filters test whether it is there, since Qdrant
+Edge's Python binding cannot match a boolean value (it passes ``True`` as the integer 1)."""
 
 
 class ExemplarPayload(TypedDict):
@@ -25,6 +30,8 @@ class ExemplarPayload(TypedDict):
     metadata: dict[str, str]
     created_at: float
     """Seconds since the epoch."""
+    out_of_scope: bool
+    """A negative exemplar: it belongs to no label, and ``label`` (maybe empty) names its topic."""
 
 
 def exemplar_payload(
@@ -34,6 +41,7 @@ def exemplar_payload(
     text: str,
     metadata: Mapping[str, str],
     created_at: float,
+    out_of_scope: bool = False,
 ) -> ExemplarPayload:
     return {
         "classifier": classifier,
@@ -42,7 +50,16 @@ def exemplar_payload(
         "text": text,
         "metadata": dict(metadata),
         "created_at": created_at,
+        "out_of_scope": out_of_scope,
     }
+
+
+def stored_payload(payload: ExemplarPayload) -> dict[str, Any]:
+    """The payload as the stores write it: ``out_of_scope`` only on negative exemplars."""
+    stored = dict(payload)
+    if not stored.get(OUT_OF_SCOPE):
+        stored.pop(OUT_OF_SCOPE, None)
+    return stored
 
 
 def read_payload(stored: Mapping[str, Any] | None) -> ExemplarPayload:
@@ -56,4 +73,5 @@ def read_payload(stored: Mapping[str, Any] | None) -> ExemplarPayload:
         str(stored.get("text", "")),
         {str(k): str(v) for k, v in (stored.get("metadata") or {}).items()},
         float(stored.get("created_at") or 0.0),
+        bool(stored.get(OUT_OF_SCOPE, False)),
     )
