@@ -481,6 +481,19 @@ def test_evaluate_with_out_of_scope_texts_and_target_coverage(
     measured = [r["out_of_scope"] for r in response["results"]]
     assert [(m["out_of_scope_texts"], m["in_scope_texts"]) for m in measured] == [("30", "40")] * 2
     assert all(m["auroc"] > 0.9 for m in measured)
+    # The same texts marked in the held-out file itself (an out_of_scope column, as on import).
+    marked = write_csv(
+        tmp_path / "marked.csv",
+        [
+            ["text", "label", "out_of_scope"],
+            *[[text, label, ""] for text, label in labelled],
+            *[[text, "", "true"] for text in foreign_texts(30, 2)],
+        ],
+    )
+    alone = ["evaluate", "topics", "--held-out", str(marked), "--voting", "softmax,centroid"]
+    assert [
+        r["out_of_scope"] for r in json.loads(ok(run(server, *alone, "--json")))["results"]
+    ] == (measured)
 
     lines = ok(run(server, *common, "--voting", "softmax,centroid")).splitlines()
     title = lines.index(OUT_OF_SCOPE_TITLE)

@@ -289,26 +289,29 @@ def _usable(path: str, table: Table, what: str) -> Table:
     return table
 
 
-def _held_out(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _held_out(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
+    """The ``--held-out`` texts with their labels, and apart those of its rows marked out of
+    scope (an ``out_of_scope`` column, as in an import file)."""
     if not args.held_out:
-        return []
+        return [], []
     table = _usable(args.held_out, _read_table(args, Path(args.held_out)), "text and label")
-    return [(row.text, row.label) for row in table.rows]
+    labelled = [(row.text, row.label) for row in table.rows if not row.out_of_scope]
+    return labelled, [row.text for row in table.rows if row.out_of_scope]
 
 
 def _out_of_scope(args: argparse.Namespace) -> list[str]:
     """The texts of ``--out-of-scope``: the file's text column; any label is not read."""
-    if not args.out_of_scope:
+    if not args.out_of_scope_file:
         return []
     if not args.held_out:
         raise CliError(
             "--out-of-scope needs --held-out: texts with labels to tell the out-of-scope ones from"
         )
-    path = Path(args.out_of_scope)
+    path = Path(args.out_of_scope_file)
     # The text column stands in for the label so that a file without labels reads.
     columns = Columns(text=args.text_column, label=args.text_column)
     table = read(path, file_format(path, args.format), columns)
-    return [row.text for row in _usable(args.out_of_scope, table, "text").rows]
+    return [row.text for row in _usable(args.out_of_scope_file, table, "text").rows]
 
 
 def _result_row(rank: int, result: pb.EvaluationResult) -> list[object]:
@@ -377,10 +380,11 @@ def _print_out_of_scope(response: pb.EvaluateResponse) -> None:
 
 
 def evaluate(args: argparse.Namespace, client: Client) -> int:
+    labelled, marked = _held_out(args)
     response = client.evaluate(
         args.name,
-        held_out=_held_out(args),
-        out_of_scope=_out_of_scope(args),
+        held_out=labelled,
+        out_of_scope=marked + _out_of_scope(args),
         k=args.k,
         voting=args.voting,
         dimension=args.dimension,

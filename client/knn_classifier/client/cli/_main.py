@@ -178,10 +178,15 @@ def parser() -> argparse.ArgumentParser:
         "Score a sweep of settings (leave-one-out, or on a held-out file); print a table.",
     )
     evaluate.add_argument("name")
-    evaluate.add_argument("--held-out", help="CSV, TSV or JSONL file of texts and true labels")
+    evaluate.add_argument(
+        "--held-out",
+        help="CSV, TSV or JSONL file of texts and true labels; rows whose out_of_scope column is "
+        "true are texts that belong to no label (their label may be empty)",
+    )
     evaluate.add_argument(
         "--out-of-scope",
         metavar="FILE",
+        dest="out_of_scope_file",  # not import's --out-of-scope flag, which _read_table reads
         help="with --held-out: texts that belong to no label (the right answer is unknown), a "
         "file like --held-out's whose labels, if any, are ignored; adds how they are told apart",
     )
