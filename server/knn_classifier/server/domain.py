@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from .calibration import Calibration
 from .out_of_scope import OutOfScopeFit
 from .settings import LimitSettings
+from .store.base import Record
 from .voting import LABEL_TEMPERATURE, Voting
 
 T = TypeVar("T")
@@ -173,6 +174,19 @@ class Exemplar:
     """Its stored vectors by dimension, when asked for."""
     out_of_scope: bool = False
     """A negative exemplar (see :class:`ExemplarInput`)."""
+
+    @classmethod
+    def stored(cls, record: Record) -> Exemplar:
+        """The exemplar a stored point holds."""
+        payload = record.payload
+        return cls(
+            id=payload["id"],
+            text=payload["text"],
+            label=payload["label"],
+            metadata=payload["metadata"],
+            created_at=payload["created_at"],
+            out_of_scope=payload["out_of_scope"],
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,12 @@ from pydantic import ValidationError
 from . import logs
 from .app import build_store
 from .classifiers import Classifiers
+from .domain import Exemplar
 from .embedding import EmbeddingClient
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import NotFound, ServiceError, StartupError
 from .progress import Progress
-from .service import ClassifierService, stored_exemplar
+from .service import ClassifierService
 from .settings import Settings
 from .startup_repair import FINGERPRINT_KEY
 from .store import Selection, Store
@@ -129,7 +130,7 @@ async def migrate(source: Source, target: ClassifierService, batch_size: int) ->
             vectors = None
             if copy_vectors and records:
                 records, vectors = await source.store.retrieve(widest, [r.id for r in records])
-            exemplars = [stored_exemplar(record) for record in records]
+            exemplars = [Exemplar.stored(record) for record in records]
             if exemplars:
                 done = await target.restore_exemplars(restored, exemplars, vectors)
                 written, embedded = written + done[0], embedded + done[1]

@@ -37,7 +37,7 @@ from .exemplar_writes import ExemplarWrites, completed
 from .metrics import Metrics
 from .settings import LimitSettings, Settings
 from .startup_repair import FINGERPRINT_KEY, StartupRepair
-from .store import Record, Selection, Store
+from .store import Selection, Store
 from .vectors import Fingerprint, Matrix
 from .voting import Vote, Voting
 
@@ -263,7 +263,7 @@ class ClassifierService:
         records, next_offset = await self._store.scroll(
             self._dimensions[0], selection, size, offset
         )
-        exemplars = [stored_exemplar(record) for record in records]
+        exemplars = [Exemplar.stored(record) for record in records]
         vectors = wire_size.vectors(dimensions)
         kept = paging.fitting(
             exemplars,
@@ -343,16 +343,3 @@ class ClassifierService:
         """The exemplar hygiene report (see CheckExemplars) and the etag it was made at."""
         config = await self._classifiers.get(classifier)
         return await self._checker.check(config, request), config.etag
-
-
-def stored_exemplar(record: Record) -> Exemplar:
-    """The exemplar a stored point holds."""
-    payload = record.payload
-    return Exemplar(
-        id=payload["id"],
-        text=payload["text"],
-        label=payload["label"],
-        metadata=payload["metadata"],
-        created_at=payload["created_at"],
-        out_of_scope=payload["out_of_scope"],
-    )
