@@ -8,16 +8,15 @@ is cancelled.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 from . import errors, transfer, validation
 from .classification import embed_isolating_rejects
 from .classifiers import Classifiers
+from .completion import completed
 from .domain import ClassifierConfig, Exemplar, ExemplarInput
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import InvalidArgument, NotFound, Reason, ResourceExhausted, Unavailable
@@ -30,8 +29,6 @@ from .vectors import Matrix
 log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("0f4a6c1e-2b7d-4e58-9a31-6c8e2d5b7f90")
-
-T = TypeVar("T")
 
 
 def derived_exemplar_id(classifier: str, text: str) -> str:
@@ -349,21 +346,3 @@ class ExemplarWrites:
         """How many exemplars ``selection`` holds: counted in one dimension, since every write
         goes to every dimension."""
         return await self._store.count(self._dimensions[0], selection)
-
-
-async def completed(write: Coroutine[Any, Any, T]) -> T:
-    """Runs ``write`` to its end even if the caller is cancelled (its deadline passed, or it
-    hung up): stopped between two dimensions, a write would leave exemplars in some only, and
-    a delete would leave its classifier marked "deleting". The caller still gets its
-    cancellation; a failure after it is logged."""
-    task = asyncio.ensure_future(write)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_log_failure_after_cancel)
-        raise
-
-
-def _log_failure_after_cancel(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("a write finished after its caller left, with %r", task.exception())

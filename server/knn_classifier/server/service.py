@@ -17,6 +17,7 @@ from . import errors, hygiene, paging, transfer, updates, validation, wire_size
 from .classification import Classification
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
+from .completion import completed
 from .derived import ExemplarModels
 from .domain import (
     ClassifierConfig,
@@ -33,7 +34,7 @@ from .domain import (
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .evaluate import Evaluation, Evaluator
-from .exemplar_writes import ExemplarWrites, completed
+from .exemplar_writes import ExemplarWrites
 from .metrics import Metrics
 from .settings import LimitSettings, Settings
 from .startup_repair import FINGERPRINT_KEY, StartupRepair
