@@ -67,8 +67,10 @@ bench: setup
 	$(RUN) python bench/search.py
 	$(RUN) python bench/cache_size.py
 
-bench-accuracy: setup
+bench-accuracy: setup  # closed-set accuracy, then the open-set tables (bench-open-set)
 	$(RUN) python bench/accuracy.py
+	$(RUN) python bench/open_set.py
+	$(RUN) python bench/open_set_service.py
 
 bench-ablations: setup
 	$(RUN) python bench/ablations.py
