@@ -285,7 +285,7 @@ class EdgeStore(Store):
 
     async def count(self, dimension: int, selection: Selection) -> int:
         with self._using(dimension) as shard:
-            return shard.count(qe.CountRequest(exact=True, filter=_filter(selection)))
+            return _count(shard, _filter(selection))
 
     async def label_counts(self, dimension: int, classifier: str) -> dict[str, int]:
         request = qe.FacetRequest(
@@ -333,9 +333,19 @@ class EdgeStore(Store):
         return await asyncio.to_thread(self._vectors, dimension, classifier)
 
     def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+        where = _filter(Selection(classifier))
         with self._using(dimension) as shard:
-            records = _scroll_all(shard, _filter(Selection(classifier)), vectors=True)
-            return _with_vectors(records, dimension)
+            records: list[Record] = []
+            # The count is a first guess only: this runs in a worker thread beside writes.
+            matrix = np.empty((_count(shard, where), dimension), dtype=np.float32)
+            for ids, vectors, payloads in _vector_pages(shard, where, dimension):
+                start, end = len(records), len(records) + len(ids)
+                if end > len(matrix):
+                    matrix = np.concatenate([matrix[:start], vectors])
+                else:
+                    matrix[start:end] = vectors
+                records.extend(map(Record, ids, payloads))
+            return records, matrix[: len(records)]
 
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int
@@ -346,15 +356,10 @@ class EdgeStore(Store):
         key = (dimension, classifier)
         with self._using(dimension) as shard:
             if key not in self._mirrors:
-                records = _scroll_all(shard, _filter(Selection(classifier)), vectors=True)
-                mirror = Mirror(dimension)
-                if records:
-                    matrix = np.asarray([r.vector for r in records], dtype=np.float32)
-                    mirror.upsert(
-                        [str(r.id) for r in records],
-                        matrix,
-                        [read_payload(r.payload) for r in records],
-                    )
+                where = _filter(Selection(classifier))
+                mirror = Mirror(dimension, capacity=_count(shard, where))
+                for ids, vectors, payloads in _vector_pages(shard, where, dimension):
+                    mirror.upsert(ids, vectors, payloads)
                 self._mirrors[key] = mirror
         return self._mirrors[key]
 
@@ -399,13 +404,33 @@ def _filter(selection: Selection) -> qe.Filter:
 def _scroll_all(
     shard: qe.EdgeShard, where: qe.Filter, vectors: bool = False, payload: bool | list[str] = True
 ) -> list[qe.Record]:
-    records: list[qe.Record] = []
+    return [record for page in _pages(shard, where, vectors, payload) for record in page]
+
+
+def _pages(
+    shard: qe.EdgeShard, where: qe.Filter, vectors: bool = False, payload: bool | list[str] = True
+) -> Iterator[list[qe.Record]]:
     offset: qe.PointId | None = None
     while True:
         request = qe.ScrollRequest(
             offset=offset, limit=1000, filter=where, with_payload=payload, with_vector=vectors
         )
         page, offset = shard.scroll(request)
-        records.extend(page)
+        yield page
         if offset is None:
-            return records
+            return
+
+
+def _vector_pages(
+    shard: qe.EdgeShard, where: qe.Filter, dimension: int
+) -> Iterator[tuple[list[str], Matrix, list[ExemplarPayload]]]:
+    """The points ``where`` selects, a page at a time: Edge gives each vector as a list of
+    Python floats (eight times the bytes of float32), so a caller that keeps each page as
+    float32 before reading the next holds one page of them, not the classifier's."""
+    for page in _pages(shard, where, vectors=True):
+        vectors = np.asarray([r.vector for r in page], dtype=np.float32).reshape(-1, dimension)
+        yield [str(r.id) for r in page], vectors, [read_payload(r.payload) for r in page]
+
+
+def _count(shard: qe.EdgeShard, where: qe.Filter) -> int:
+    return shard.count(qe.CountRequest(exact=True, filter=where))
