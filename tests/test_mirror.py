@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.edge_reads import stack_pages
 from knn_classifier.server.store.mirror import Mirror
 from knn_classifier.server.store.schema import exemplar_payload, read_payload
 
@@ -160,3 +161,23 @@ async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
     page_of_floats = 1_000 * dimension * 32
     classifier_of_floats = count * dimension * 32
     assert peak - settled < 2 * page_of_floats < classifier_of_floats / 4
+
+
+@pytest.mark.parametrize("capacity", [0, 2, 5, 9])
+def test_stacked_pages_are_whole_whatever_the_count_guessed(capacity: int) -> None:
+    """Store.vectors reads pages into a matrix allocated at a count taken before them; points
+    written or deleted in between make the count wrong, never the result."""
+    rng = np.random.default_rng(2)
+    sizes = [2, 3, 0, 1]
+    pages = [
+        (
+            [f"p{n}-{i}" for i in range(size)],
+            unit(rng, size, 4),
+            [read_payload({"id": f"p{n}-{i}"}) for i in range(size)],
+        )
+        for n, size in enumerate(sizes)
+    ]
+    records, matrix = stack_pages(iter(pages), capacity, 4)
+    assert [r.id for r in records] == [i for ids, _, _ in pages for i in ids]
+    assert [r.payload["id"] for r in records] == [r.id for r in records]
+    np.testing.assert_array_equal(matrix, np.concatenate([v for _, v, _ in pages]))

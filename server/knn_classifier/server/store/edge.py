@@ -19,11 +19,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import qdrant_edge as qe
 
 from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
-from .edge_reads import count_points, scroll_all, selection_filter, vector_pages, with_vectors
+from .edge_reads import (
+    count_points,
+    scroll_all,
+    selection_filter,
+    stack_pages,
+    vector_pages,
+    with_vectors,
+)
 from .edge_shards import EdgeShards
 from .mirror import Mirror
 from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload
@@ -184,17 +190,9 @@ class EdgeStore(Store):
     def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         where = selection_filter(Selection(classifier))
         with self._shards.using(dimension) as shard:
-            records: list[Record] = []
             # The count is a first guess only: this runs in a worker thread beside writes.
-            matrix = np.empty((count_points(shard, where), dimension), dtype=np.float32)
-            for ids, vectors, payloads in vector_pages(shard, where, dimension):
-                start, end = len(records), len(records) + len(ids)
-                if end > len(matrix):
-                    matrix = np.concatenate([matrix[:start], vectors])
-                else:
-                    matrix[start:end] = vectors
-                records.extend(map(Record, ids, payloads))
-            return records, matrix[: len(records)]
+            pages = vector_pages(shard, where, dimension)
+            return stack_pages(pages, count_points(shard, where), dimension)
 
     async def query(
         self, dimension: int, classifier: str, vectors: Matrix, k: int

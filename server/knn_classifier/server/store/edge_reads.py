@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import qdrant_edge as qe
@@ -56,6 +56,23 @@ def vector_pages(
     for page in pages(shard, where, vectors=True):
         vectors = np.asarray([r.vector for r in page], dtype=np.float32).reshape(-1, dimension)
         yield [str(r.id) for r in page], vectors, [read_payload(r.payload) for r in page]
+
+
+def stack_pages(
+    pages: Iterable[tuple[list[str], Matrix, list[ExemplarPayload]]], capacity: int, dimension: int
+) -> tuple[list[Record], Matrix]:
+    """The points of ``pages`` in one matrix, allocated for ``capacity`` rows and grown if the
+    pages hold more (points written while they were read)."""
+    records: list[Record] = []
+    matrix = np.empty((capacity, dimension), dtype=np.float32)
+    for ids, vectors, payloads in pages:
+        start, end = len(records), len(records) + len(ids)
+        if end > len(matrix):
+            matrix = np.concatenate([matrix[:start], vectors])
+        else:
+            matrix[start:end] = vectors
+        records.extend(map(Record, ids, payloads))
+    return records, matrix[: len(records)]
 
 
 def count_points(shard: qe.EdgeShard, where: qe.Filter) -> int:
