@@ -3,6 +3,7 @@
     python bench/search.py recall        # HNSW recall@10 vs exact, the server store's HNSW
     python bench/search.py quantization  # int8 scalar quantization: recall, accuracy, speed
     python bench/search.py scale         # resident memory and search latency at 100k exemplars
+    python bench/search.py scale --stores embedded --embedded-sizes 1000000 --widths 256
 
 `make bench` runs all three. Everything runs on Qdrant Edge, Qdrant's engine as a library: the
 embedded store itself, and as the server store's local stand-in a shard configured as
@@ -313,7 +314,10 @@ STORES = ("embedded", "server stand-in", "server stand-in int8")
 
 
 def scale_rows(
-    sizes: Sequence[int], embedded_sizes: Sequence[int], width_sets: Sequence[str]
+    sizes: Sequence[int],
+    embedded_sizes: Sequence[int],
+    width_sets: Sequence[str],
+    stores: Sequence[str] = STORES,
 ) -> None:
     print(
         "\nOne classifier of N synthetic exemplars, written by one process and read by a fresh "
@@ -329,7 +333,7 @@ def scale_rows(
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for widths in width_sets:
-        for store in STORES:
+        for store in stores:
             for size in embedded_sizes if store == "embedded" else sizes:
                 with tempfile.TemporaryDirectory(prefix="knn-bench-scale-") as directory:
                     took = run_child(["scale-write", store, str(size), widths, directory], store)
@@ -457,10 +461,14 @@ async def scale_read(store_kind: str, size: int, widths: list[int], directory: P
             shard.close()
     dims = "+".join(map(str, widths))
     print(
-        f"| {store_kind} | {size // 1000}k | {dims} | {grown / 2**30:.2f} GiB | "
+        f"| {store_kind} | {count_label(size)} | {dims} | {grown / 2**30:.2f} GiB | "
         f"{grown / size:,.0f} B | {grown / size / sum(widths):.2f} B | "
         f"{rss_peak_bytes() / 2**30:.2f} GiB | {sum(times.values()):.1f} | WRITE |"
     )
+
+
+def count_label(size: int) -> str:
+    return f"{size // 10**6}M" if size % 10**6 == 0 else f"{size // 1000}k"
 
 
 def main() -> None:
@@ -472,6 +480,7 @@ def main() -> None:
     parser.add_argument("--scale-sizes", default="100000")
     parser.add_argument("--embedded-sizes", default="100000")
     parser.add_argument("--widths", nargs="+", default=["256,1024", "2560"])
+    parser.add_argument("--stores", nargs="+", choices=STORES, default=list(STORES))
     args = parser.parse_args()
     part = args.part
     if part and part[0] == "quantization-child":
@@ -492,6 +501,7 @@ def main() -> None:
             [int(s) for s in args.scale_sizes.split(",")],
             [int(s) for s in args.embedded_sizes.split(",")],
             args.widths,
+            args.stores,
         )
 
 

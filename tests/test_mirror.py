@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.edge_reads import stack_pages
 from knn_classifier.server.store.mirror import Mirror
 from knn_classifier.server.store.schema import exemplar_payload, read_payload
 
@@ -93,3 +95,89 @@ async def test_a_restarted_store_answers_from_what_it_wrote(tmp_path: Path) -> N
     await reopened.close()
     assert [h.payload["text"] for h in hits] == ["t1", "t2"]
     assert hits[0].score == pytest.approx(1.0)
+
+
+async def written_store(path: Path, count: int, dimension: int) -> tuple[list[str], np.ndarray]:
+    """A closed store at ``path`` holding ``count`` points of classifier c; their ids and unit
+    vectors."""
+    store = EdgeStore(path)
+    await store.open([dimension])
+    point_ids = [str(uuid.uuid4()) for _ in range(count)]
+    vectors = unit(np.random.default_rng(1), count, dimension)
+    payloads = [
+        read_payload({"classifier": "c", "id": str(i), "label": f"l{i % 7}", "text": f"t{i}"})
+        for i in range(count)
+    ]
+    for start in range(0, count, 1000):
+        rows = slice(start, start + 1000)
+        await store.upsert(dimension, point_ids[rows], vectors[rows], payloads[rows])
+    await store.close()
+    return point_ids, vectors
+
+
+async def test_loading_spans_many_pages(tmp_path: Path) -> None:
+    """A classifier of several scroll pages loads whole, from the shard and into the copy."""
+    point_ids, vectors = await written_store(tmp_path, 2_500, 8)
+    order = np.argsort(point_ids)  # a store gives a classifier's points in id order
+    store = EdgeStore(tmp_path)
+    await store.open([8])
+    try:
+        from_shard = await store.vectors(8, "c")  # no query yet: read from the shard
+        queries = vectors[:5]
+        hits = await store.query(8, "c", queries, 10)  # loads the copy
+        from_copy = await store.vectors(8, "c")
+    finally:
+        await store.close()
+    for records, matrix in (from_shard, from_copy):
+        assert [r.id for r in records] == [point_ids[i] for i in order]
+        assert [r.payload["label"] for r in records] == [f"l{i % 7}" for i in order]
+        np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
+    expected = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    assert [[h.id for h in row] for row in hits] == [[point_ids[i] for i in e] for e in expected]
+
+
+@pytest.mark.parametrize("how", ["query", "vectors"])
+async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
+    tmp_path: Path, how: str
+) -> None:
+    """Edge returns vectors as lists of Python floats (32 bytes each with the list's slot);
+    loading converts them a page (1,000 points) at a time, so what it allocates beyond what it
+    keeps stays near one page's, where a whole classifier's were held at once before."""
+    count, dimension = 10_000, 64
+    _, vectors = await written_store(tmp_path, count, dimension)
+    store = EdgeStore(tmp_path)
+    await store.open([dimension])
+    tracemalloc.start()
+    try:
+        if how == "query":
+            kept: object = await store.query(dimension, "c", vectors[:1], 1)
+        else:
+            kept = await store.vectors(dimension, "c")
+        settled, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await store.close()
+    assert kept
+    page_of_floats = 1_000 * dimension * 32
+    classifier_of_floats = count * dimension * 32
+    assert peak - settled < 2 * page_of_floats < classifier_of_floats / 4
+
+
+@pytest.mark.parametrize("capacity", [0, 2, 5, 9])
+def test_stacked_pages_are_whole_whatever_the_count_guessed(capacity: int) -> None:
+    """Store.vectors reads pages into a matrix allocated at a count taken before them; points
+    written or deleted in between make the count wrong, never the result."""
+    rng = np.random.default_rng(2)
+    sizes = [2, 3, 0, 1]
+    pages = [
+        (
+            [f"p{n}-{i}" for i in range(size)],
+            unit(rng, size, 4),
+            [read_payload({"id": f"p{n}-{i}"}) for i in range(size)],
+        )
+        for n, size in enumerate(sizes)
+    ]
+    records, matrix = stack_pages(iter(pages), capacity, 4)
+    assert [r.id for r in records] == [i for ids, _, _ in pages for i in ids]
+    assert [r.payload["id"] for r in records] == [r.id for r in records]
+    np.testing.assert_array_equal(matrix, np.concatenate([v for _, v, _ in pages]))

@@ -18,9 +18,11 @@ from .schema import ExemplarPayload
 
 
 class Mirror:
-    def __init__(self, dimension: int) -> None:
-        self._matrix: Matrix = np.empty((16, dimension), dtype=np.float32)
-        self._negative = np.zeros(16, dtype=bool)
+    def __init__(self, dimension: int, capacity: int = 16) -> None:
+        """``capacity``: the rows to allocate at once; loading a stored classifier allocates
+        its size, so that the copy is filled in place rather than grown and copied."""
+        self._matrix: Matrix = np.empty((capacity, dimension), dtype=np.float32)
+        self._negative = np.zeros(capacity, dtype=bool)
         """Row i is a negative exemplar's (its payload's ``out_of_scope``)."""
         self._count = 0
         self._ids: list[str] = []
@@ -97,7 +99,9 @@ class Mirror:
 
     def _append(self, point_id: str, payload: ExemplarPayload) -> int:
         if self._count == len(self._matrix):
-            grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), dtype=np.float32)
+            # By a quarter, not double: growing holds the old and the new matrix at once.
+            rows = max(16, len(self._matrix) + len(self._matrix) // 4)
+            grown = np.empty((rows, self._matrix.shape[1]), dtype=np.float32)
             grown[: self._count] = self._matrix[: self._count]
             self._matrix = grown
             self._negative = np.resize(self._negative, len(grown))
