@@ -56,3 +56,34 @@ def test_a_negative_added_while_a_classify_embeds_never_votes(
     assert prediction.unknown, prediction
     assert prediction.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
     assert prediction.neighbours[0].out_of_scope
+
+
+def test_a_negative_added_while_a_classify_embeds_is_in_no_label_model(
+    cached: ServerThread, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """The label models a Classify fits for the record it read before the first negative was
+    marked leave out the negative stored meanwhile: its topic label is never an answer."""
+    server = cached
+    client = server.client()
+    client.create_classifier("c", k=3, voting="centroid")
+    client.add_exemplars("c", [("rain x", "a"), ("sun y", "a"), ("alpha beta", "b")])
+    client.create_classifier("warm", k=1)  # embeds the negative's text into the cache
+    client.add_exemplars("warm", [("rain cloud storm", "w")])
+    gate = fake_embedder.hold()
+    answer: list[pb.Prediction] = []
+    try:
+        thread = threading.Thread(
+            target=lambda: answer.append(
+                client.classify("c", "rain x cloud", include_neighbours=True)
+            )
+        )
+        thread.start()
+        fake_embedder.wait_for_held(1)  # the Classify has read the record, unmarked
+        with server.client() as other:
+            other.add_out_of_scope("c", [("rain cloud storm", "weather")])  # a cache hit
+    finally:
+        gate.set()
+    thread.join(timeout=60)
+    (prediction,) = answer
+    assert prediction.label == "a", prediction
+    assert "weather" not in {s.label for s in prediction.scores}
