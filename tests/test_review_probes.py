@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from knn_classifier.client import Client
+from knn_classifier.server.domain import ExemplarInput, NewClassifier
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
+from .test_integrity import PausingQdrantStore, open_replica
 
 
 @pytest.fixture
@@ -87,3 +89,40 @@ def test_a_negative_added_while_a_classify_embeds_is_in_no_label_model(
     (prediction,) = answer
     assert prediction.label == "a", prediction
     assert "weather" not in {s.label for s in prediction.scores}
+
+
+async def test_a_delete_through_one_replica_never_unmarks_a_negative_another_is_adding(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Replica A adds a negative to a classifier already marked (so it does not mark it
+    again) while replica B deletes the only other negative and, counting none, clears the
+    mark: A's write must leave the record marked, or ListLabels counts the negative in a
+    label and Classify treats the classifier as holding none."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store = PausingQdrantStore()
+    replica_a = await open_replica(settings, store)
+    replica_b = await open_replica(settings, store)
+    try:
+        await replica_a.create_classifier(NewClassifier("c"))
+        await replica_a.add_exemplars("c", [ExemplarInput("alpha beta", "a")])
+        (first,), _ = await replica_a.add_exemplars(
+            "c", [ExemplarInput("rain cloud", "", out_of_scope=True)]
+        )
+        store.hold.clear()
+        adding = asyncio.create_task(
+            replica_a.add_exemplars(
+                "c", [ExemplarInput("storm wind", "weather", out_of_scope=True)]
+            )
+        )
+        await store.holding.wait()
+        deleted, _ = await replica_b.delete_exemplars("c", ids=[first])
+        assert deleted == 1
+        store.hold.set()
+        await adding
+        labels, _, negatives = await replica_b.list_labels("c")
+        assert (labels, negatives) == ([("a", 1)], 1)
+        assert (await replica_b.get_classifier("c")).config.holds_negatives
+    finally:
+        store.hold.set()
+        await replica_a.stop()
+        await replica_b.stop()
