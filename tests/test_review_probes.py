@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from knn_classifier.client import Client
 from knn_classifier.server.domain import ExemplarInput, NewClassifier
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
+from .test_cli import ok, run, write_csv
 from .test_integrity import PausingQdrantStore, open_replica
 
 
@@ -126,3 +129,24 @@ async def test_a_delete_through_one_replica_never_unmarks_a_negative_another_is_
         store.hold.set()
         await replica_a.stop()
         await replica_b.stop()
+
+
+def test_cli_import_rejects_an_out_of_scope_value_it_cannot_read(
+    server: ServerThread, client: Client, tmp_path: Path
+) -> None:
+    """A value of the out_of_scope column that is neither yes nor no (a typo, "y", "oos")
+    rejects its row: read as no, it made a labelled negative a voting exemplar silently."""
+    rows = write_csv(
+        tmp_path / "rows.csv",
+        [
+            ["text", "label", "out_of_scope"],
+            ["football match goal team", "sport", "no"],
+            ["storm wind snow forecast", "weather", "y"],  # line 3
+            ["rain cloud sun", "weather", "ture"],  # line 4
+            ["pizza pasta", "food", "0"],
+        ],
+    )
+    ok(run(server, "create", "topics"))
+    summary = json.loads(ok(run(server, "import", "topics", str(rows), "--json"), 3))
+    assert (summary["added"], summary["rejected"]) == (2, 2)
+    assert client.list_labels("topics") == {"sport": 1, "food": 1}
