@@ -148,9 +148,15 @@ class Classification:
         """Each query's ``k`` nearest in-scope exemplars and its nearest negative exemplar
         (:mod:`negatives`). A classifier never marked as holding negatives costs one
         unfiltered query, as before negatives existed; one marked costs a second query, of one
-        neighbour among its negatives, made at the same time."""
+        neighbour among its negatives, made at the same time.
+
+        An unmarked classifier's answer that holds a negative anyway (one was added after
+        this call read the record, or another replica's delete cleared the mark meanwhile) is
+        asked again as a marked one's: a negative never votes."""
         if not config.holds_negatives:
-            return await self._queries.query(dimension, config.name, queries, k), []
+            results = await self._queries.query(dimension, config.name, queries, k)
+            if not any(hit.payload["out_of_scope"] for hits in results for hit in hits):
+                return results, []
         in_scope, negative = await asyncio.gather(
             self._queries.query(dimension, config.name, queries, k, out_of_scope=False),
             self._queries.query(dimension, config.name, queries, 1, out_of_scope=True),

@@ -79,12 +79,13 @@ class ExemplarModels:
         """``fit`` of the in-scope exemplars of ``config``'s classifier in ``dimension`` (their
         labels, and their vectors row by row) as of ``config``'s revision or later: negative
         exemplars are in no label statistic. ``kind`` names what ``fit`` computes: one kind,
-        one ``fit``."""
+        one ``fit``. Negatives are left out whatever ``config``'s mark says: a negative
+        added after ``config`` was read is read here too."""
 
         async def compute() -> T:
             records, vectors = await self._store.vectors(dimension, config.name)
-            if config.holds_negatives:
-                rows = [i for i, r in enumerate(records) if not r.payload["out_of_scope"]]
+            rows = [i for i, r in enumerate(records) if not r.payload["out_of_scope"]]
+            if len(rows) < len(records):
                 records, vectors = [records[i] for i in rows], vectors[rows]
             labels = [record.payload["label"] for record in records]
             return await asyncio.to_thread(fit, labels, vectors)

@@ -136,7 +136,9 @@ class ExemplarWrites:
             current = await self._marked_for_negatives(current, payloads)
             await self._write_everywhere(current, point_ids, created, vectors, payloads)
             try:
-                return await self._classifiers.bump(current)
+                return await self._classifiers.bump(
+                    current, holds_negatives=_holds_negatives(payloads)
+                )
             except NotFound:
                 await self.delete(Selection(classifier, ids=point_ids))
                 raise
@@ -195,7 +197,7 @@ class ExemplarWrites:
             await self._check_room(config.name, len(created))
             current = await self._marked_for_negatives(current, payloads)
             await self._write_everywhere(current, point_ids, created, vectors, payloads)
-            await self._classifiers.bump(current)
+            await self._classifiers.bump(current, holds_negatives=_holds_negatives(payloads))
 
     async def _marked_for_negatives(
         self, config: ClassifierConfig, payloads: Sequence[ExemplarPayload]
@@ -203,7 +205,7 @@ class ExemplarWrites:
         """The record, marked as holding negative exemplars if ``payloads`` has one and it was
         not yet: before the points are written, so that no Classify ever lets a negative vote
         (Classify keeps negatives out of the vote only for records with the mark)."""
-        if config.holds_negatives or not any(p["out_of_scope"] for p in payloads):
+        if config.holds_negatives or not _holds_negatives(payloads):
             return config
         return await self._classifiers.bump(config, holds_negatives=True)
 
@@ -346,3 +348,10 @@ class ExemplarWrites:
         """How many exemplars ``selection`` holds: counted in one dimension, since every write
         goes to every dimension."""
         return await self._store.count(self._dimensions[0], selection)
+
+
+def _holds_negatives(payloads: Sequence[ExemplarPayload]) -> bool | None:
+    """True (mark the record) if ``payloads`` has a negative exemplar, else None (leave the
+    mark). The write's last bump marks the record again: another replica's delete may have
+    cleared the mark, counting no negative, while these were being written."""
+    return True if any(p["out_of_scope"] for p in payloads) else None

@@ -182,8 +182,14 @@ def _add(
 ) -> None:
     """Appends the record as a row, or as rejected with the reason."""
     text, label = record.get(columns.text), record.get(columns.label)
-    out_of_scope = columns.all_out_of_scope or _true(record.get(columns.out_of_scope))
+    flag = _flag(record.get(columns.out_of_scope))
+    out_of_scope = columns.all_out_of_scope or flag is True
     reason = _missing(text, columns.text)
+    if flag is None and not columns.all_out_of_scope:
+        reason = reason or (
+            f"{columns.out_of_scope!r} is {record.get(columns.out_of_scope)!r}: write "
+            "true / 1 / yes, or false / 0 / no / empty"
+        )
     if not out_of_scope or label not in (None, ""):
         reason = reason or _missing(label, columns.label)
     if reason:
@@ -211,9 +217,16 @@ def _add(
     )
 
 
-def _true(value: Any) -> bool:
-    """Whether an out-of-scope column's value says yes (JSON true, or true / 1 / yes)."""
-    return value is True or str(value).strip().lower() in {"true", "1", "yes"}
+def _flag(value: Any) -> bool | None:
+    """An out-of-scope column's value: yes (JSON true, or true / 1 / yes), no (absent, JSON
+    false, empty, or false / 0 / no), or None for anything else, which rejects its row: read
+    as no, a typo would make a labelled negative vote."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    word = str(value).strip().lower()
+    if word in {"true", "1", "yes"}:
+        return True
+    return False if word in {"", "false", "0", "no"} else None
 
 
 def _vectors(value: Any) -> dict[int, bytes] | None:
