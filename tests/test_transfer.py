@@ -357,6 +357,8 @@ def test_an_out_of_scope_threshold_to_restore_is_checked_and_a_bad_one_creates_n
         (changed(mahalanobis_reference=[0.0, float("inf")]), "finite reference values"),
         (changed(agreement_reference=[0.5] * 257), "1 to 256 finite reference values"),
         (changed(agreement_reference=[0.9, 0.1]), "ascending"),
+        (changed(agreement_reference=[0.5, 5.0]), "agreements within"),
+        (changed(similarity_reference=[-3.0, *ascending]), "similarities within"),
     ]:
         with pytest.raises(InvalidArgumentError, match=named):
             create(bad)

@@ -224,7 +224,8 @@ async def embed_isolating_rejects(
 
 def _no_exemplars(classifier: str) -> FailedPrecondition:
     return FailedPrecondition(
-        f"classifier {classifier!r} has no exemplars; add some with AddExemplars",
+        f"classifier {classifier!r} has no exemplars with a label (out-of-scope examples "
+        "alone cannot classify); add some with AddExemplars",
         reason=Reason.CLASSIFIER_EMPTY,
         resource=errors.classifier(classifier),
     )
