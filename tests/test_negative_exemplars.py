@@ -192,6 +192,10 @@ def test_apply_best_counts_exemplars_vetoed_by_negatives_as_rejected(client: Cli
     assert sum(m.support for m in result.labels) == 150
     assert result.coverage <= kept + 1e-6
     assert response.classifier.exemplar_count == 156
+    # Thresholds fitted to a precision: the vetoed answers are never kept, whatever they are.
+    fitted = client.evaluate("topics", apply_best=True, target_precision=0.5).thresholds
+    assert fitted.target_met
+    assert fitted.coverage <= kept + 1e-6
     # Classify agrees: an in-scope exemplar's text with a negative twin is vetoed.
     answer = client.classify("topics", exemplars[0][0], include_neighbours=True)
     assert answer.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE

@@ -29,6 +29,8 @@ class Evaluated:
     report: Report
     outcomes: list[Outcome]
     raw_shares: list[float]
+    vetoed: frozenset[int] = frozenset()
+    """The outcomes a negative exemplar vetoes: never answered, whatever the thresholds."""
 
 
 def recommended_first(ranked: list[Evaluated], truth: Sequence[str]) -> list[Evaluated]:
@@ -115,16 +117,20 @@ def proposal(
     )
     if target_precision is None:
         return updated, None
-    similarities = [o.top_similarity for o in best.outcomes]
-    confidences = [o.confidence for o in best.outcomes]
-    fitted = thresholds.fit(similarities, confidences, correct, target_precision)
+    # Vetoed answers are unknown whatever the thresholds: fitted on the others, and counted
+    # as not kept in the coverage reached.
+    answerable = [i for i in range(len(correct)) if i not in best.vetoed]
+    similarities = [best.outcomes[i].top_similarity for i in answerable]
+    confidences = [best.outcomes[i].confidence for i in answerable]
+    right = [correct[i] for i in answerable]
+    fitted = thresholds.fit(similarities, confidences, right, target_precision)
     if fitted is None:
         log.warning(
             "classifier %s: no thresholds reach precision %g on %d leave-one-out answers; "
             "min_similarity and min_confidence left as they were",
             config.name,
             target_precision,
-            len(correct),
+            len(right),
         )
     else:
         updated = dataclasses.replace(
@@ -133,7 +139,8 @@ def proposal(
     precision, coverage = thresholds.kept(
         similarities,
         confidences,
-        correct,
+        right,
         Thresholds(updated.min_similarity, updated.min_confidence),
     )
+    coverage *= len(answerable) / max(len(best.outcomes), 1)
     return updated, Reached(fitted is not None, precision, coverage)

@@ -352,4 +352,7 @@ class Evaluator:
             report = dataclasses.replace(
                 report, out_of_scope=metrics.out_of_scope_metrics(labelled, answers, scope)
             )
-        return Evaluated(report, outcomes, [raw[i].confidence for i in inside])
+        barred = (
+            frozenset() if vetoed is None else frozenset(np.flatnonzero(vetoed[inside]).tolist())
+        )
+        return Evaluated(report, outcomes, [raw[i].confidence for i in inside], barred)
