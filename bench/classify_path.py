@@ -39,7 +39,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import free_port
+from bench.harness import Context, Details, free_port
 from bench.profile_classify import GRPC, part_of
 from bench.throughput import LABELS, WIDTH, classify_request, http_ok, process, sentence
 from knn_classifier.v1 import classifier_pb2 as pb
@@ -48,37 +48,6 @@ from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 METHOD = "/knn_classifier.v1.ClassifierService/Classify"
 EXEMPLARS = 100
 HOT_TEXTS = 256
-
-
-class Details:
-    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.method = method
-        self.invocation_metadata = metadata
-
-
-class Context:
-    """What the service asks of grpc.aio's servicer context, answered at no cost."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
-    def code(self) -> None:
-        return None
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:50000"
-
-    def time_remaining(self) -> None:
-        return None
-
-    async def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> None:
-        raise RuntimeError(f"aborted: {code} {details}")
 
 
 def captured() -> tuple[list[Any], list[Any]]:

@@ -21,6 +21,40 @@ from knn_classifier.server.settings import Settings
 T = TypeVar("T")
 
 
+class Details:
+    """A stand-in for grpc.HandlerCallDetails."""
+
+    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+class Context:
+    """What the service asks of grpc.aio's servicer context, answered at no cost (to drive
+    interceptors and the servicer without gRPC's core)."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def code(self) -> None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> None:
+        raise RuntimeError(f"aborted: {code} {details}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

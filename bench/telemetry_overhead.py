@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import Context, Details
 from knn_classifier.server.logs import JsonFormatter
 from knn_classifier.server.metrics import Metrics
 from knn_classifier.server.telemetry import RpcTelemetry
@@ -40,28 +41,7 @@ RESPONSE = pb.ClassifyResponse(
 )
 
 
-class Context:
-    """What the telemetry asks of grpc.aio's servicer context, answered at no cost."""
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
-
-    def invocation_metadata(self) -> Any:
-        return Details.invocation_metadata
-
-    def code(self) -> None:
-        return None
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:50000"
-
-    def time_remaining(self) -> None:
-        return None
-
-
-class Details:
-    method = METHOD
-    invocation_metadata = (("x-request-id", "bench"),)
+METADATA = (("x-request-id", "bench"),)
 
 
 async def servicer(request: Any, context: Any) -> Any:
@@ -80,7 +60,7 @@ def telemetry_for(variant: str) -> RpcTelemetry:
 async def seconds_per_call(variant: str, calls: int) -> float:
     """Per call, as gRPC does it: the chain builds the handler, then the handler runs."""
     telemetry = telemetry_for(variant)
-    context, details = Context(), Details()
+    context, details = Context(METADATA), Details(METHOD, METADATA)
 
     async def real(details: Any) -> Any:
         return grpc.unary_unary_rpc_method_handler(servicer)

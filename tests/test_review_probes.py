@@ -31,33 +31,42 @@ def cached(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> Iterator[Serve
     running.stop()
 
 
+def classify_while_a_negative_is_added(
+    server: ServerThread, fake_embedder: FakeEmbeddingServer, text: str, topic: str
+) -> pb.Prediction:
+    """Classifies ``text`` with classifier "c" while, between its record read and its query,
+    another client adds the negative "rain cloud storm" (named ``topic``) to "c"."""
+    with server.client() as warm:  # embeds the negative's text into the cache: its add waits
+        warm.create_classifier("warm", k=1)  # for no embedding call while the gate is held
+        warm.add_exemplars("warm", [("rain cloud storm", "w")])
+    gate = fake_embedder.hold()
+    answer: list[pb.Prediction] = []
+    try:
+        with server.client() as client:
+            thread = threading.Thread(
+                target=lambda: answer.append(client.classify("c", text, include_neighbours=True))
+            )
+            thread.start()
+            fake_embedder.wait_for_held(1)  # the Classify has read the record, unmarked
+            with server.client() as other:
+                other.add_out_of_scope("c", [("rain cloud storm", topic)])  # a cache hit
+            gate.set()
+            thread.join(timeout=60)
+    finally:
+        gate.set()
+    (prediction,) = answer
+    return prediction
+
+
 def test_a_negative_added_while_a_classify_embeds_never_votes(
     cached: ServerThread, fake_embedder: FakeEmbeddingServer
 ) -> None:
     """A Classify that read the record before its first negative was marked, and queries after
     the negative is stored, must not let the negative vote (nor lose the veto)."""
-    server = cached
-    client = server.client()
+    client = cached.client()
     client.create_classifier("c", k=1)
     client.add_exemplars("c", [("alpha beta gamma", "a")])
-    client.create_classifier("warm", k=1)  # embeds the negative's text into the cache
-    client.add_exemplars("warm", [("rain cloud storm", "w")])
-    gate = fake_embedder.hold()
-    answer: list[pb.Prediction] = []
-    try:
-        thread = threading.Thread(
-            target=lambda: answer.append(
-                client.classify("c", "storm cloud rain", include_neighbours=True)
-            )
-        )
-        thread.start()
-        fake_embedder.wait_for_held(1)  # the Classify has read the record, unmarked
-        with server.client() as other:
-            other.add_out_of_scope("c", [("rain cloud storm", "")])  # a cache hit
-    finally:
-        gate.set()
-    thread.join(timeout=60)
-    (prediction,) = answer
+    prediction = classify_while_a_negative_is_added(cached, fake_embedder, "storm cloud rain", "")
     assert prediction.unknown, prediction
     assert prediction.unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
     assert prediction.neighbours[0].out_of_scope
@@ -68,28 +77,12 @@ def test_a_negative_added_while_a_classify_embeds_is_in_no_label_model(
 ) -> None:
     """The label models a Classify fits for the record it read before the first negative was
     marked leave out the negative stored meanwhile: its topic label is never an answer."""
-    server = cached
-    client = server.client()
+    client = cached.client()
     client.create_classifier("c", k=3, voting="centroid")
     client.add_exemplars("c", [("rain x", "a"), ("sun y", "a"), ("alpha beta", "b")])
-    client.create_classifier("warm", k=1)  # embeds the negative's text into the cache
-    client.add_exemplars("warm", [("rain cloud storm", "w")])
-    gate = fake_embedder.hold()
-    answer: list[pb.Prediction] = []
-    try:
-        thread = threading.Thread(
-            target=lambda: answer.append(
-                client.classify("c", "rain x cloud", include_neighbours=True)
-            )
-        )
-        thread.start()
-        fake_embedder.wait_for_held(1)  # the Classify has read the record, unmarked
-        with server.client() as other:
-            other.add_out_of_scope("c", [("rain cloud storm", "weather")])  # a cache hit
-    finally:
-        gate.set()
-    thread.join(timeout=60)
-    (prediction,) = answer
+    prediction = classify_while_a_negative_is_added(
+        cached, fake_embedder, "rain x cloud", "weather"
+    )
     assert prediction.label == "a", prediction
     assert "weather" not in {s.label for s in prediction.scores}
 
