@@ -7,8 +7,9 @@
 The service is built as ``python -m knn_classifier.server`` builds it (``App`` with the embedded
 store, dimension 1024, the zero-cost embedder over HTTP, 100 exemplars in the queried classifier
 as in bench/throughput.py's 1k row), and started; then each call goes as gRPC would take it,
-minus gRPC's core: the interceptor chain is run for the method (as grpc.aio runs it per call),
-then the handler it returns gets the request's bytes, and the response is serialised. Calls run
+minus gRPC's core: the handler the App registered for the method (and, for a checkout that
+still uses grpc.aio's interceptors, the interceptor chain, run per call as grpc.aio runs it) gets
+the request's bytes, and the response is serialised. Calls run
 one after another on one event loop, every text a cache hit, so the CPU time per call
 (``time.process_time``, this process) moves far less with other load on the machine than the
 end-to-end figures: it is the measure for one change at a time. What it leaves out (gRPC's core
@@ -50,17 +51,27 @@ EXEMPLARS = 100
 HOT_TEXTS = 256
 
 
-def captured() -> tuple[list[Any], list[Any]]:
-    """Records the interceptors the App gives grpc.aio and the servicer it registers, so any
-    version of the App can be driven the same way."""
+def captured() -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Records the interceptors the App gives grpc.aio, the servicer it registers and the
+    handlers it registers by method name, so any version of the App can be driven the same
+    way."""
     interceptors: list[Any] = []
     servicers: list[Any] = []
+    handlers: dict[str, Any] = {}
     make_server = grpc.aio.server
     register = pb_grpc.add_ClassifierServiceServicer_to_server
 
     def server(*args: Any, **kwargs: Any) -> Any:
         interceptors.extend(kwargs.get("interceptors") or ())
-        return make_server(*args, **kwargs)
+        made = make_server(*args, **kwargs)
+        add_handlers = made.add_registered_method_handlers  # type: ignore[attr-defined]
+
+        def add_registered(service: str, by_name: dict[str, Any]) -> None:
+            handlers.update({f"/{service}/{name}": h for name, h in by_name.items()})
+            add_handlers(service, by_name)
+
+        made.add_registered_method_handlers = add_registered  # type: ignore[attr-defined]
+        return made
 
     def add(servicer: Any, server: Any) -> None:
         servicers.append(servicer)
@@ -68,7 +79,7 @@ def captured() -> tuple[list[Any], list[Any]]:
 
     grpc.aio.server = server
     pb_grpc.add_ClassifierServiceServicer_to_server = add
-    return interceptors, servicers
+    return interceptors, servicers, handlers
 
 
 async def handler_for(interceptors: list[Any], final: Any, details: Details) -> Any:
@@ -97,7 +108,7 @@ async def setup(url: str, data_dir: Path) -> tuple[Any, Callable[[int], Awaitabl
             "KNN_SERVER__HEALTH_INTERVAL_S": "3600",
         }
     )
-    interceptors, servicers = captured()
+    interceptors, servicers, handlers = captured()
     from knn_classifier.server.app import App
     from knn_classifier.server.settings import Settings
 
@@ -116,11 +127,7 @@ async def setup(url: str, data_dir: Path) -> tuple[Any, Callable[[int], Awaitabl
     await servicer.AddExemplars(
         pb.AddExemplarsRequest(classifier="c0", exemplars=exemplars), context
     )
-    final = grpc.unary_unary_rpc_method_handler(
-        servicer.Classify,
-        request_deserializer=pb.ClassifyRequest.FromString,
-        response_serializer=pb.ClassifyResponse.SerializeToString,
-    )
+    final = handlers[METHOD]
     hot = [classify_request(1024, "hot", 0, n).SerializeToString() for n in range(HOT_TEXTS)]
     metadata = (("user-agent", "grpc-python-asyncio/1.85"),)
     details = Details(METHOD, metadata)

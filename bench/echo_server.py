@@ -1,7 +1,7 @@
 """The bare baseline: a grpc.aio server that answers Classify with a fixed, real response.
 
     python -m bench.echo_server --port 50061 --reply reply.bin
-    python -m bench.echo_server --port 50061 --reply reply.bin --servicer --interceptors
+    python -m bench.echo_server --port 50061 --reply reply.bin --servicer --steps
 
 It serves ``knn_classifier.v1.ClassifierService/Classify`` with a generic handler that does no
 work: it returns the bytes of ``--reply`` (a ClassifyResponse captured from the real service),
@@ -10,9 +10,9 @@ sustains is what gRPC in Python costs on this machine; the service cannot do bet
 
 Two steps towards the service, to tell what each adds: ``--servicer`` answers through the
 method's protobuf (de)serialisers, as the generated registration does (the request parsed, the
-reply serialised), and ``--interceptors`` adds the service's own interceptor chain
-(``app.interceptor_chain`` with default settings: metrics, the access log below its level as in
-the benchmarks, admission, the start-up gate opened, parsing).
+reply serialised), and ``--steps`` adds the service's own call steps, registered as the service
+registers its methods (``app.call_steps`` with default settings: metrics, the access log below
+its level as in the benchmarks, admission, the start-up gate opened, parsing).
 """
 
 from __future__ import annotations
@@ -28,18 +28,8 @@ METHOD = "Classify"
 SERVICE = "knn_classifier.v1.ClassifierService"
 
 
-async def serve(port: int, reply: bytes, servicer: bool, interceptors: bool) -> None:
-    chain: list[Any] = []
-    if interceptors:
-        from knn_classifier.server.app import SERVICE_NAME, interceptor_chain
-        from knn_classifier.server.metrics import Metrics
-        from knn_classifier.server.settings import Settings
-        from knn_classifier.server.startup import StartingGate
-
-        gate = StartingGate(SERVICE_NAME)
-        gate.open()
-        chain = interceptor_chain(Settings(), Metrics(), None, gate)
-    server = grpc.aio.server(interceptors=chain)
+async def serve(port: int, reply: bytes, servicer: bool, steps: bool) -> None:
+    server = grpc.aio.server()
     handler = grpc.unary_unary_rpc_method_handler(_answer(reply))
     if servicer:
         from knn_classifier.v1 import classifier_pb2 as pb
@@ -49,9 +39,21 @@ async def serve(port: int, reply: bytes, servicer: bool, interceptors: bool) -> 
             request_deserializer=pb.ClassifyRequest.FromString,
             response_serializer=pb.ClassifyResponse.SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})]
-    )
+    if steps:
+        from knn_classifier.server.app import SERVICE_NAME, call_steps
+        from knn_classifier.server.interception import Registration
+        from knn_classifier.server.metrics import Metrics
+        from knn_classifier.server.settings import Settings
+        from knn_classifier.server.startup import StartingGate
+
+        gate = StartingGate(SERVICE_NAME)
+        gate.open()
+        registration = Registration(server, call_steps(Settings(), Metrics(), None, gate))
+        registration.add_registered_method_handlers(SERVICE, {METHOD: handler})
+    else:
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})]
+        )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -69,9 +71,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--reply", type=Path, required=True)
     parser.add_argument("--servicer", action="store_true", help="parse and build the messages")
-    parser.add_argument("--interceptors", action="store_true", help="the service's interceptors")
+    parser.add_argument("--steps", action="store_true", help="the service's call steps")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.reply.read_bytes(), args.servicer, args.interceptors))
+    asyncio.run(serve(args.port, args.reply.read_bytes(), args.servicer, args.steps))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ the calls answered. ``--server-path`` runs the server from another checkout's ``
 ``--profile`` samples the server with ``py-spy record --nonblocking --gil`` (py-spy is not a
 dependency: ``uv pip install py-spy``; Python frames only, so time in gRPC's Cython core shows as
 the event loop's) during the last
-round and sorts every sample into the parts of a call (gRPC's machinery, the interceptors, the
+round and sorts every sample into the parts of a call (gRPC's machinery, the call steps, the
 servicer and its messages, the classification, telemetry), printing each part's share of the
 samples and its share of the CPU per call.
 """
@@ -66,11 +66,11 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("classification (rest)", ("server/classification.py",)),
     ("servicer + messages", ("server/api.py", "server/messages.py", "wire_size.py", "paging.py")),
     ("errors, statuses, deadlines", ("statuses.py", "errors.py", "deadlines.py")),
-    ("interceptor: telemetry", ("server/telemetry.py",)),
-    ("interceptor: admission", ("server/admission.py",)),
-    ("interceptor: auth", ("server/auth.py",)),
-    ("interceptor: start-up gate", ("server/startup.py",)),
-    ("interceptor: parsing", ("server/parsing.py",)),
+    ("call step: telemetry", ("server/telemetry.py",)),
+    ("call step: admission", ("server/admission.py",)),
+    ("call step: auth", ("server/auth.py",)),
+    ("call step: start-up gate", ("server/startup.py",)),
+    ("call step: parsing", ("server/parsing.py",)),
     ("protobuf (parse, build, serialise)", ("google/protobuf", "_message.", "upb")),
 ]
 GRPC = "gRPC server machinery and event loop"
@@ -157,10 +157,10 @@ async def cpu_ms_per_call(
 ECHOES = {
     "echo (bytes)": [],
     "echo + servicer (protobuf)": ["--servicer"],
-    "echo + servicer + interceptors": ["--servicer", "--interceptors"],
+    "echo + servicer + call steps": ["--servicer", "--steps"],
 }
 """The echo server's variants (bench/echo_server.py): what gRPC, protobuf and the service's
-interceptor chain cost without the service."""
+call steps cost without the service."""
 
 
 async def measure(args: argparse.Namespace) -> None:

@@ -1,15 +1,15 @@
-"""CPU cost per call of the telemetry interceptor's own work.
+"""CPU cost per call of the telemetry step's own work.
 
     python bench/telemetry_overhead.py [--rounds 7] [--calls 20000]
 
-The interceptor chain (the telemetry's outer and inner parts around a handler that returns a
-ready response) is invoked directly on one event loop with a minimal stand-in for grpc.aio's
-servicer context, so the figure is the Python work the telemetry adds to each call, without
-gRPC's own (a bare grpc.aio unary call costs 0.4-0.6 ms of CPU on this machine, client and
-server together). The lowest of the rounds is kept, so that other load on the machine inflates
-it as little as possible. Variants: metrics only (access log below its level); metrics and a
-text access line; metrics and a JSON access line; metrics and a recorded span per call (a
-tracer provider without exporter), each for a ClassifyRequest answered with one prediction.
+The telemetry's outer and inner parts, wrapped once around a handler that returns a ready response
+(as the service registers its methods), are invoked directly on one event loop with a minimal
+stand-in for grpc.aio's servicer context, so the figure is the Python work the telemetry adds to
+each call, without gRPC's own (a bare grpc.aio unary call costs 0.4-0.6 ms of CPU on this machine,
+client and server together). The lowest of the rounds is kept, so that other load on the machine
+inflates it as little as possible. Variants: metrics only (access log below its level); metrics and
+a text access line; metrics and a JSON access line; metrics and a recorded span per call (a tracer
+provider without exporter), each for a ClassifyRequest answered with one prediction.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Context, Details
+from bench.harness import Context
+from knn_classifier.server.interception import with_steps
 from knn_classifier.server.logs import JsonFormatter
 from knn_classifier.server.metrics import Metrics
 from knn_classifier.server.telemetry import RpcTelemetry
@@ -58,20 +59,13 @@ def telemetry_for(variant: str) -> RpcTelemetry:
 
 
 async def seconds_per_call(variant: str, calls: int) -> float:
-    """Per call, as gRPC does it: the chain builds the handler, then the handler runs."""
     telemetry = telemetry_for(variant)
-    context, details = Context(METADATA), Details(METHOD, METADATA)
-
-    async def real(details: Any) -> Any:
-        return grpc.unary_unary_rpc_method_handler(servicer)
-
-    async def inner(details: Any) -> Any:
-        return await telemetry.inner.intercept_service(real, details)
-
+    context = Context(METADATA)
+    plain = grpc.unary_unary_rpc_method_handler(servicer)
+    handler = with_steps([telemetry, telemetry.inner], plain, METHOD)
+    assert handler.unary_unary is not None
     started = time.process_time()
     for _ in range(calls):
-        handler = await telemetry.intercept_service(inner, details)  # type: ignore[arg-type]
-        assert handler.unary_unary is not None
         await handler.unary_unary(REQUEST, context)  # type: ignore[arg-type]
     return (time.process_time() - started) / calls
 

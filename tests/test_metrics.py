@@ -309,6 +309,34 @@ def test_invented_method_names_do_not_become_labels(
         keyed.stop()
 
 
+def test_unknown_methods_are_unimplemented_and_counted_under_unknown(
+    metered: ServerThread,
+) -> None:
+    """A method no servicer registers is answered through the same call steps as the others:
+    UNIMPLEMENTED with a message that says where the methods are listed, and counted."""
+    with metered.channel() as channel:
+        for i in range(3):
+            with pytest.raises(grpc.RpcError) as caught:
+                raw_method(channel, f"/knn_classifier.v1.ClassifierService/Invented{i}")(
+                    b"", timeout=30
+                )
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "reflection lists the methods" in str(caught.value.details())
+
+    def unimplemented() -> float:
+        return value(
+            scrape(port_of(metered)),
+            "grpc_server_handled_total",
+            grpc_service="unknown",
+            grpc_method="unknown",
+            grpc_code="UNIMPLEMENTED",
+        )
+
+    wait_for(lambda: unimplemented() >= 3, "the 3 calls to be counted")
+    assert unimplemented() == 3
+    assert not [key for key in scrape(port_of(metered)) if "Invented" in str(key)]
+
+
 def test_a_busy_metrics_port_stops_start_up_with_a_clear_message(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer, metered: ServerThread
 ) -> None:

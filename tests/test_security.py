@@ -84,6 +84,15 @@ def test_a_read_key_may_use_reflection_and_read_the_service_info(secured: Server
     assert "knn_classifier.v1.ClassifierService" in names
 
 
+def test_reflection_needs_a_key(secured: ServerThread) -> None:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with secured.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key", READ_KEY + "x", ""])
 def test_missing_or_unknown_key_is_unauthenticated(secured: ServerThread, key: str | None) -> None:
     with (

@@ -111,7 +111,7 @@ def test_the_span_continues_the_callers_trace(
 def test_each_call_of_a_method_carries_its_own_trace_and_request_id(
     traced: ServerThread, exporter: InMemorySpanExporter
 ) -> None:
-    """The interceptors make a method's wrappers once, and read what a call carries per call."""
+    """The call steps wrap a method's handler once, and read what a call carries per call."""
     parents = [
         ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
         ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"),

@@ -2,26 +2,27 @@
 
 gRPC's own ``maximum_concurrent_rpcs`` refuses with a bare RESOURCE_EXHAUSTED that a client
 cannot tell from a limit it must not retry (a message too large, a full classifier). This
-interceptor refuses with the reason TOO_MANY_CALLS and a RetryInfo instead, so that clients
+call step refuses with the reason TOO_MANY_CALLS and a RetryInfo instead, so that clients
 retry overload, and only overload, after a short delay. Health checks are always admitted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
 
 from . import statuses
 from .errors import Reason
-from .interception import Context, Handler, MadeOnce, ServerInterceptor
+from .interception import Behaviour, Context, Handler, unary
 
 RETRY_AFTER_S = 0.1
 _HEALTH = "/grpc.health.v1.Health/"
 
 
-class LimitConcurrentCalls(ServerInterceptor):
+class LimitConcurrentCalls:
+    """The admission step of the unary methods (see interception)."""
+
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._active = 0
@@ -32,20 +33,11 @@ class LimitConcurrentCalls(ServerInterceptor):
             metadata={"limit": str(limit)},
             retry_after_s=RETRY_AFTER_S,
         )
-        self._admitting = MadeOnce(self._admit)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or details.method.startswith(_HEALTH):
+    def __call__(self, handler: Handler, method: str) -> Handler:
+        if handler.unary_unary is None or method.startswith(_HEALTH):
             return handler
-        return self._admitting(handler, details.method)
-
-    def _admit(self, handler: Handler, method: str) -> Handler:
-        behaviour = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
+        behaviour = cast(Behaviour, handler.unary_unary)
 
         async def admitted(request: Any, context: Context) -> Any:
             if self._active >= self._limit:
@@ -56,8 +48,4 @@ class LimitConcurrentCalls(ServerInterceptor):
             finally:
                 self._active -= 1
 
-        return grpc.unary_unary_rpc_method_handler(
-            admitted,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary(handler, admitted)

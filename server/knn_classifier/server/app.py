@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from knn_classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .admission import LimitConcurrentCalls
 from .api import ClassifierServicer
-from .auth import ApiKeyInterceptor
+from .auth import ApiKeyCheck
 from .cache import CachedEmbeddings, EmbeddingCache, persistent_backend
 from .coalescing import Coalescer
 from .embedding import EmbeddingClient
 from .embedding_pipeline import EmbeddingPipeline, TracedEmbeddings
 from .errors import StartupError
-from .interception import ServerInterceptor
+from .interception import Registration, Step
 from .metrics import Metrics, MetricsServer
 from .parsing import RejectMalformedRequests
 from .service import ClassifierService
@@ -104,19 +104,19 @@ def build_embedding(settings: Settings, metrics: Metrics | None = None) -> Embed
     )
 
 
-def interceptor_chain(
+def call_steps(
     settings: Settings,
     metrics: Metrics,
     tracer_provider: TracerProvider | None,
     gate: StartingGate,
-) -> list[ServerInterceptor]:
-    """The interceptors of every call, in call order: telemetry first, to see every call
-    (refused ones too), and its inner part last, to see parsed requests."""
+) -> list[Step]:
+    """The steps of every call (see interception), in call order: telemetry first, to see every
+    call (refused ones too), and its inner part last, to see parsed requests."""
     telemetry = RpcTelemetry(metrics, tracer_provider, settings.access_log)
     return [
         telemetry,
         LimitConcurrentCalls(settings.limits.max_concurrent_rpcs),
-        *([ApiKeyInterceptor(key_ring(settings.auth))] if settings.auth.enabled else []),
+        *([ApiKeyCheck(key_ring(settings.auth))] if settings.auth.enabled else []),
         gate,
         RejectMalformedRequests(),
         telemetry.inner,
@@ -160,9 +160,6 @@ class App:
         limit = settings.limits.max_request_bytes
         self._gate = StartingGate(SERVICE_NAME)  # health and reflection answer while starting
         self.server = grpc.aio.server(
-            interceptors=interceptor_chain(
-                settings, self.metrics, self.tracer_provider, self._gate
-            ),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -171,13 +168,21 @@ class App:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
-            ClassifierServicer(self.service), self.server
+        registration = Registration(
+            self.server, call_steps(settings, self.metrics, self.tracer_provider, self._gate)
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        registration.register(
+            classifier_pb2_grpc.add_ClassifierServiceServicer_to_server,
+            ClassifierServicer(self.service),
         )
+        registration.register(health_pb2_grpc.add_HealthServicer_to_server, self.health)
+        registration.register(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # stubs predate aio
+                [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            ),
+        )
+        registration.answer_unknown_methods()
         self._watcher: asyncio.Task[None] | None = None
         self._metrics_server: MetricsServer | None = None
         self.port: int | None = None

@@ -1,4 +1,4 @@
-"""API keys: a server interceptor that admits only callers presenting a known key.
+"""API keys: a call step that admits only callers presenting a known key.
 
 Keys arrive as ``authorization: Bearer <key>`` metadata. The server keeps SHA-256 digests only
 and compares every known digest with :func:`hmac.compare_digest`, so timing reveals nothing about
@@ -11,16 +11,16 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
 from . import statuses
 from .errors import Reason
-from .interception import Context, Handler, ServerInterceptor
+from .interception import Behaviour, Context, Handler, unary
 from .settings import AuthSettings
 
 _OPEN_PREFIX = "/grpc.health.v1.Health/"
@@ -96,40 +96,59 @@ def _read_keys_file(path: Path) -> Iterable[tuple[bytes, Role]]:
         yield raw, role
 
 
-def _deny(code: grpc.StatusCode, message: str, reason: Reason) -> Handler:
-    details = statuses.status(code, message, reason)
+class ApiKeyCheck:
+    """The API-key step (see interception): refuses calls without a key of the role the method
+    needs, before anything else reads the request."""
 
-    async def abort(request: Any, context: Context) -> Any:
-        await statuses.abort(context, details)
-
-    return grpc.unary_unary_rpc_method_handler(abort)
-
-
-class ApiKeyInterceptor(ServerInterceptor):
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
+        self._unknown = statuses.status(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or unknown API key; send 'authorization: Bearer <key>'",
+            Reason.API_KEY_INVALID,
+        )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        method = details.method
+    def __call__(self, handler: Handler, method: str) -> Handler:
         if method.startswith(_OPEN_PREFIX):
-            return await continuation(details)
-        header = dict(details.invocation_metadata or ()).get("authorization", "")
+            return handler
+        read_only = statuses.status(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"this API key is read-only; {method.rsplit('/', 1)[-1]} needs a write key",
+            Reason.WRITE_KEY_REQUIRED,
+        )
+        needs_write = method not in READ_METHODS
+
+        async def check(context: Context) -> None:
+            role = self._role(context)
+            if role is None:
+                await statuses.abort(context, self._unknown)
+            if role is Role.READ and needs_write:
+                await statuses.abort(context, read_only)
+
+        if handler.unary_unary is not None:
+            behaviour = cast(Behaviour, handler.unary_unary)
+
+            async def checked(request: Any, context: Context) -> Any:
+                await check(context)
+                return await behaviour(request, context)
+
+            return unary(handler, checked)
+        if handler.stream_stream is not None:  # server reflection
+            stream = cast(Callable[[Any, Context], AsyncIterator[Any]], handler.stream_stream)
+
+            async def checked_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+                await check(context)
+                async for response in stream(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                checked_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        raise TypeError(f"{method}: API keys are checked on unary and bidirectional methods only")
+
+    def _role(self, context: Context) -> Role | None:
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
         scheme, _, key = str(header).partition(" ")
-        role = self._keys.role(key) if scheme.lower() == "bearer" and key else None
-        if role is None:
-            return _deny(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or unknown API key; send 'authorization: Bearer <key>'",
-                Reason.API_KEY_INVALID,
-            )
-        if role is Role.READ and method not in READ_METHODS:
-            return _deny(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"this API key is read-only; {method.rsplit('/', 1)[-1]} needs a write key",
-                Reason.WRITE_KEY_REQUIRED,
-            )
-        return await continuation(details)
+        return self._keys.role(key) if scheme.lower() == "bearer" and key else None

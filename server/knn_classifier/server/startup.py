@@ -11,16 +11,15 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
 from . import statuses
 from .auth import KeyRing
 from .errors import Reason, StartupError, Unavailable
-from .interception import Context, Handler, ServerInterceptor
+from .interception import Behaviour, Context, Handler, unary
 from .settings import AuthSettings, ServerSettings, TlsSettings
 
 
@@ -134,28 +133,33 @@ def _why_not_bindable(settings: ServerSettings) -> tuple[str, bool]:
     return "gRPC could not bind it", False
 
 
-class StartingGate(ServerInterceptor):
-    """Answers calls to ``service`` UNAVAILABLE until :meth:`open`; other services pass."""
+class StartingGate:
+    """The start-up gate (a call step, see interception): answers calls to ``service``
+    UNAVAILABLE until :meth:`open`; other services pass."""
 
     def __init__(self, service: str) -> None:
         self._prefix = f"/{service}/"
         self._open = False
-        self._refusal = grpc.unary_unary_rpc_method_handler(_refuse_while_starting)
 
     def open(self) -> None:
         self._open = True
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        if self._open or not details.method.startswith(self._prefix):
-            return await continuation(details)
-        return self._refusal
+    def __call__(self, handler: Handler, method: str) -> Handler:
+        if not method.startswith(self._prefix):
+            return handler
+        if handler.unary_unary is None:
+            raise TypeError(f"{method}: the start-up gate guards unary methods only")
+        behaviour = cast(Behaviour, handler.unary_unary)
+
+        async def gated(request: Any, context: Context) -> Any:
+            if not self._open:
+                await _refuse_while_starting(context)
+            return await behaviour(request, context)
+
+        return unary(handler, gated)
 
 
-async def _refuse_while_starting(request: Any, context: Context) -> Any:
+async def _refuse_while_starting(context: Context) -> None:
     starting = Unavailable(
         "the service is starting (waiting for the embedding server and the store); retry shortly",
         reason=Reason.SERVICE_STARTING,

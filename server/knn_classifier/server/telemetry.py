@@ -1,12 +1,13 @@
-"""Per-RPC telemetry: metrics, the access log and the server span, from one interceptor.
+"""Per-RPC telemetry: metrics, the access log and the server span, from one call step.
 
-:class:`RpcTelemetry` goes first in the interceptor chain, so it also sees the calls that the
-API-key check refuses. For each unary call it takes the request id from ``x-request-id`` metadata
-(or makes one) and returns it in the trailing metadata, opens the server span (continuing the
-caller's W3C ``traceparent`` if there is one), runs the handler, and then, knowing the status:
-counts the call and its latency per method and code, writes one access-log line and closes the
-span. The status is that of ``context.abort`` (the servicer's errors), UNKNOWN for an exception
-gRPC turns into one, CANCELLED or DEADLINE_EXCEEDED when the call is cancelled, else OK.
+:class:`RpcTelemetry` is the first of the call steps (see interception), so it also sees the calls
+that the API-key check refuses and those to unknown methods. For each unary call it takes the
+request id from ``x-request-id`` metadata (or makes one) and returns it in the trailing metadata,
+opens the server span (continuing the caller's W3C ``traceparent`` if there is one), runs the
+handler, and then, knowing the status: counts the call and its latency per method and code, writes
+one access-log line and closes the span. The status is that of ``context.abort`` (the servicer's
+errors), UNKNOWN for an exception gRPC turns into one, CANCELLED or DEADLINE_EXCEEDED when the call
+is cancelled, else OK.
 
 Its :attr:`~RpcTelemetry.inner` part goes last, next to the servicer, where requests are parsed:
 it notes the classifier and the number of texts for the access log and the span, and records the
@@ -21,7 +22,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -36,10 +37,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from . import logs, tracing
-from .interception import Context, Handler, MadeOnce, ServerInterceptor
+from .interception import Behaviour, Context, Handler, unary
 from .metrics import Metrics
 
-Behaviour = Callable[[Any, Context], Awaitable[Any]]
 Metadata = Sequence[tuple[str, str | bytes]]
 
 REQUEST_ID = "x-request-id"
@@ -80,7 +80,9 @@ class _Call:
 _call: ContextVar[_Call | None] = ContextVar("knn_call", default=None)
 
 
-class RpcTelemetry(ServerInterceptor):
+class RpcTelemetry:
+    """The telemetry step of the unary methods; :attr:`inner` is its part next to the servicer."""
+
     def __init__(
         self,
         metrics: Metrics,
@@ -90,23 +92,14 @@ class RpcTelemetry(ServerInterceptor):
         self._metrics = metrics
         self._tracer = tracer_provider.get_tracer(__name__) if tracer_provider else None
         self._access = access
-        self._observing = MadeOnce(self._observe)
         self.inner = _RequestNotes(metrics)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # unknown methods (UNIMPLEMENTED) and streams (reflection) pass
-        return self._observing(handler, details.method)
-
-    def _observe(self, handler: Handler, full_method: str) -> Handler:
+    def __call__(self, handler: Handler, full_method: str) -> Handler:
+        if handler.unary_unary is None:
+            return handler  # streams (reflection, health's Watch) pass
         behaviour = cast(Behaviour, handler.unary_unary)
-        # A refused call may name any method (auth and the start-up gate answer before the
-        # method is resolved): only the API's own names become labels, so series stay bounded.
+        # A call may name any method (unknown ones are answered through the steps too): only
+        # the API's own names become labels, so series stay bounded.
         if full_method in _KNOWN_METHODS:
             service, _, method = full_method.lstrip("/").rpartition("/")
         else:
@@ -145,11 +138,7 @@ class RpcTelemetry(ServerInterceptor):
                 _call.reset(call_token)
                 logs.request_id.reset(id_token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary(handler, observed)
 
     @contextmanager
     def _within(self, span: trace.Span) -> Iterator[None]:
@@ -216,24 +205,16 @@ class RpcTelemetry(ServerInterceptor):
         )
 
 
-class _RequestNotes(ServerInterceptor):
-    """The inner part of :class:`RpcTelemetry`: sees parsed requests and responses."""
+class _RequestNotes:
+    """The inner part of :class:`RpcTelemetry`, the last step: sees parsed requests and
+    responses."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._noting = MadeOnce(self._note)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+    def __call__(self, handler: Handler, full_method: str) -> Handler:
+        if handler.unary_unary is None:
             return handler
-        return self._noting(handler, details.method)
-
-    def _note(self, handler: Handler, full_method: str) -> Handler:
         behaviour = cast(Behaviour, handler.unary_unary)
 
         async def noted(request: Any, context: Context) -> Any:
@@ -251,11 +232,7 @@ class _RequestNotes(ServerInterceptor):
                 self._metrics.forget_classifier(request.name)
             return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            noted,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary(handler, noted)
 
     def _record(self, classifier: str, predictions: list[pb.Prediction], rejected: int) -> None:
         """Counts the answers by outcome (texts refused in a batch as "rejected") and observes
