@@ -13,12 +13,16 @@ method's protobuf (de)serialisers, as the generated registration does (the reque
 reply serialised), and ``--steps`` adds the service's own call steps, registered as the service
 registers its methods (``app.call_steps`` with default settings: metrics, the access log below
 its level as in the benchmarks, admission, the start-up gate opened, parsing).
+
+``--busy-us N`` makes the handler spend N microseconds of CPU before it answers, standing in for
+the service's own work: what gRPC's machinery costs per call when the handler is not instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +32,14 @@ METHOD = "Classify"
 SERVICE = "knn_classifier.v1.ClassifierService"
 
 
-async def serve(port: int, reply: bytes, servicer: bool, steps: bool) -> None:
+async def serve(port: int, reply: bytes, servicer: bool, steps: bool, busy_s: float) -> None:
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(_answer(reply))
+    handler = grpc.unary_unary_rpc_method_handler(_answer(reply, busy_s))
     if servicer:
         from knn_classifier.v1 import classifier_pb2 as pb
 
         handler = grpc.unary_unary_rpc_method_handler(
-            _answer(pb.ClassifyResponse.FromString(reply)),
+            _answer(pb.ClassifyResponse.FromString(reply), busy_s),
             request_deserializer=pb.ClassifyRequest.FromString,
             response_serializer=pb.ClassifyResponse.SerializeToString,
         )
@@ -59,8 +63,12 @@ async def serve(port: int, reply: bytes, servicer: bool, steps: bool) -> None:
     await server.wait_for_termination()
 
 
-def _answer(reply: Any) -> Any:
+def _answer(reply: Any, busy_s: float) -> Any:
     async def classify(request: Any, context: Any) -> Any:
+        if busy_s:
+            until = time.thread_time() + busy_s
+            while time.thread_time() < until:
+                pass
         return reply
 
     return classify
@@ -72,8 +80,10 @@ def main() -> None:
     parser.add_argument("--reply", type=Path, required=True)
     parser.add_argument("--servicer", action="store_true", help="parse and build the messages")
     parser.add_argument("--steps", action="store_true", help="the service's call steps")
+    parser.add_argument("--busy-us", type=float, default=0, help="handler CPU per call")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.reply.read_bytes(), args.servicer, args.steps))
+    reply = args.reply.read_bytes()
+    asyncio.run(serve(args.port, reply, args.servicer, args.steps, args.busy_us / 1e6))
 
 
 if __name__ == "__main__":
