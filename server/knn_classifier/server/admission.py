@@ -21,7 +21,7 @@ _HEALTH = "/grpc.health.v1.Health/"
 
 
 class LimitConcurrentCalls:
-    """The admission step of the unary methods (see interception)."""
+    """The admission step (see interception): wraps every unary method but health's."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
