@@ -5,7 +5,8 @@
 
 The protocols of bench/open_set.py, run through the real service and its client: near (banking77
 with 27 of its 77 intents out of scope, HWU64 with 16 of 64, drawn with numpy seeds 0..) and
-cross-domain (a classifier of HWU64 with banking77's test texts out of scope, and the reverse).
+cross-domain (a classifier of HWU64 with banking77's test texts out of scope, and the reverse;
+and each against waimai_10k's test texts, Chinese food-delivery reviews: :data:`FOREIGN`).
 The classifier holds the in-scope intents' training texts; Evaluate(apply_best, mixture voting,
 target_coverage) fits the out-of-scope threshold on leave-one-out; Evaluate on the test texts,
 the out-of-scope ones marked, reports what that threshold keeps and rejects (OutOfScopeMetrics).
@@ -68,9 +69,19 @@ def near(name: str, held: int, seed: int) -> TextProtocol:
     )
 
 
+FOREIGN = (
+    ("hwu64", "banking77"),
+    ("banking77", "hwu64"),
+    ("hwu64", "waimai_10k"),
+    ("banking77", "waimai_10k"),
+)
+"""Cross-domain protocols: a classifier of the first set's training texts, the second's test
+texts out of scope (waimai_10k: Chinese food-delivery reviews, 80/20 split as bench/accuracy.py)."""
+
+
 def protocols(seeds: int) -> list[TextProtocol]:
     chosen = [near(name, held, seed) for name, held in NEAR.items() for seed in range(seeds)]
-    for trained, other in (("hwu64", "banking77"), ("banking77", "hwu64")):
+    for trained, other in FOREIGN:
         train, test = rows(trained)
         foreign = [t for t, _ in rows(other)[1]]
         chosen.append(TextProtocol(f"{trained} vs {other} test texts", train, test, foreign))
