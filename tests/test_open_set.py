@@ -196,6 +196,50 @@ def test_the_combination_sums_the_log_p_values_among_the_references() -> None:
         combination.scores([2.5], [5.0])
 
 
+def test_p_values_between_quantiles_count_at_the_resolution_of_all_the_scores() -> None:
+    """References that are quantiles of more scores than they hold: the count of scores at or
+    below a text's is read off the quantiles by linear interpolation. The oracle is the count
+    among all the scores, computed here directly."""
+    # Evenly spaced scores: the quantiles lie on a line and interpolation is exact.
+    everything = np.arange(1001.0)
+    quantiles = np.quantile(everything, np.linspace(0, 1, 256))
+    texts = np.array([-5.0, 0.0, 1.0, 17.0, 500.0, 999.0, 1000.0, 2000.0])
+    among_all = (1 + np.array([np.sum(everything <= t) for t in texts])) / (1 + 1001)
+    np.testing.assert_allclose(open_set.p_values(quantiles, texts, 1001), among_all)
+    combination = open_set.Combination((quantiles,), 1001)
+    np.testing.assert_allclose(combination.scores(texts), np.log(among_all))
+    # Any scores: within the scores between two neighbouring quantiles, where steps over the
+    # quantiles alone are off by up to all of them.
+    rng = np.random.default_rng(3)
+    scores = np.sort(rng.normal(size=5000))
+    quantiles = np.quantile(scores, np.linspace(0, 1, 256))
+    texts = np.concatenate([rng.normal(scale=1.5, size=2000), scores[:50], [-9.0, 9.0]])
+    counted = np.searchsorted(scores, texts, side="right")
+    exact = (1 + counted) / 5001
+    interpolated = open_set.p_values(quantiles, texts, 5000)
+    between = np.diff(np.searchsorted(scores, quantiles, side="right")).max()
+    assert np.abs(interpolated - exact).max() <= between / 5001
+    stepped = open_set.p_values(quantiles, texts)
+    assert np.abs(interpolated - exact).mean() < np.abs(stepped - exact).mean() / 5
+    # Ties, as the agreement has them: at a tied value, at least its leftmost quantile's count.
+    tied = np.sort(np.r_[np.full(700, 1.0), rng.choice([0.5, 0.8, 0.9], 300)])
+    quantiles = np.quantile(tied, np.linspace(0, 1, 256))
+    for value in (0.5, 0.8, 0.9, 1.0):
+        p = open_set.p_values(quantiles, [value], 1000)[0]
+        assert np.sum(tied < value) / 1001 < p <= (1 + np.sum(tied <= value)) / 1001
+
+
+def test_references_that_are_the_scores_themselves_count_in_steps() -> None:
+    """No size, or a size no larger than the references: the count among the references, as a
+    rule fitted before interpolation was fitted (and as any rule of few exemplars is)."""
+    reference = np.array([1.0, 2.0, 4.0, 8.0])
+    texts = [0.5, 1.0, 3.0, 7.9, 8.0]
+    steps = [1 / 5, 2 / 5, 3 / 5, 4 / 5, 1.0]
+    for size in (None, 4, 3):
+        np.testing.assert_allclose(open_set.p_values(reference, texts, size), steps)
+    np.testing.assert_allclose(open_set.p_values(np.empty(0), texts, 10), np.ones(5))
+
+
 def test_agreement_is_the_share_of_the_nearest_ten_with_the_nearest_label() -> None:
     assert open_set.AGREEMENT_NEIGHBOURS == 10
     rows = [

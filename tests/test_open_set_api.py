@@ -6,6 +6,7 @@ of 200 shared noise words; out-of-scope texts take their topic words from a four
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import grpc
@@ -14,7 +15,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from knn_classifier.client import AsyncClient, Client, InvalidArgumentError
-from knn_classifier.server import out_of_scope, transfer
+from knn_classifier.server import open_set, out_of_scope, transfer
 from knn_classifier.server.domain import ClassifierConfig
 from knn_classifier.server.out_of_scope import OutOfScopeFit
 from knn_classifier.server.voting import (
@@ -243,7 +244,7 @@ def test_auroc_counts_ties_as_half() -> None:
 
 
 def test_the_fitted_rule_survives_the_classifier_record() -> None:
-    rule = OutOfScopeFit(64, 0.95, -3.5, 0.951, (0.1, 0.2), (-1.0, 2.0), (0.5, 1.0))
+    rule = OutOfScopeFit(64, 0.95, -3.5, 0.951, (0.1, 0.2), (-1.0, 2.0), (0.5, 1.0), 4000)
     config = ClassifierConfig(
         "c", "", 5, Voting.MIXTURE, -1.0, 0.0, 0.0, 0.05, out_of_scope=rule, label_temperature=0.3
     )
@@ -259,6 +260,56 @@ def test_a_rule_stored_before_the_agreement_scores_as_it_was_fitted() -> None:
     assert rule.agreement == ()
     both = rule.combination().scores([0.15], [0.0], [0.1])
     np.testing.assert_allclose(both, [np.log(2 / 3) + np.log(2 / 3)])
+
+
+def test_a_rule_stored_before_interpolation_counts_among_its_references() -> None:
+    """A record without reference_size was fitted on p-values counted among its quantiles: it
+    must still score so; with the size, between the quantiles, at the size's resolution."""
+    rule = OutOfScopeFit(64, 0.98, -6.0, 0.98, (0.0, 1.0, 2.0), (0.0, 1.0, 2.0), (0.5, 1.0, 1.0))
+    payload = rule.to_payload()
+    del payload["reference_size"]
+    older = OutOfScopeFit.from_payload(payload)
+    assert older == rule
+    assert older.reference_size == 0
+    score = older.combination().scores([0.5], [1.5], [0.5])  # 1, 2 and 1 of the 3 at or below
+    np.testing.assert_allclose(score, [np.log(2 / 4) + np.log(3 / 4) + np.log(2 / 4)])
+    # The same quantiles of 201 scores (0, 100, 200th): 51 and 151 of them at or below 0.5 and
+    # 1.5 (interpolated), one at or below 0.5 agreement.
+    sized = dataclasses.replace(rule, reference_size=201).combination().scores([0.5], [1.5], [0.5])
+    np.testing.assert_allclose(sized, [np.log(52 / 202) + np.log(152 / 202) + np.log(2 / 202)])
+
+
+def test_a_fit_of_many_exemplars_interpolates_its_quantiles_as_it_scores() -> None:
+    """More leave-one-out exemplars than reference points: the rule keeps quantiles and their
+    number, and its threshold keeps the target share of the exemplars' scores as Classify
+    computes them from the stored rule (fit and check count p-values the same way)."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(6, 16))
+    labels = [f"l{i % 6}" for i in range(400)]
+    vectors = centres[[i % 6 for i in range(400)]] + 0.8 * rng.normal(size=(400, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    rows = np.arange(400)
+    rule = out_of_scope.fit(labels, vectors, rows, 16, 0.9)
+    assert rule is not None
+    assert rule.reference_size == 400
+    assert len(rule.similarity) == len(rule.mahalanobis) == out_of_scope.REFERENCE_POINTS
+    loo = open_set.leave_one_out(labels, vectors, rows)
+    scores = (
+        OutOfScopeFit.from_payload(rule.to_payload())
+        .combination()
+        .scores(loo.similarity, loo.mahalanobis, loo.agreement)
+    )
+    assert np.mean(scores >= rule.threshold) == rule.coverage >= 0.9
+    # Among all 400 scores, counted here: each p-value within the scores between two quantiles.
+    exact = [
+        (1 + np.searchsorted(np.sort(s), s, side="right")) / 401
+        for s in (loo.similarity, loo.mahalanobis)
+    ]
+    for reference, score, among_all in zip(
+        (rule.similarity, rule.mahalanobis), (loo.similarity, loo.mahalanobis), exact, strict=True
+    ):
+        interpolated = open_set.p_values(np.asarray(reference), score, 400)
+        assert np.abs(interpolated - among_all).max() <= 3 / 401  # 400 / 255 between quantiles
 
 
 def test_the_scope_check_counts_ten_neighbours_whatever_k_votes(topics: Client) -> None:

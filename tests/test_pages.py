@@ -291,7 +291,7 @@ def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None
     assert listed.ByteSize() <= wire_size.classifier(ClassifierInfo(calibrated, 1))
 
     references = tuple(np.linspace(-1, 1, 256))
-    rule = OutOfScopeFit(64, 0.98, -3.5, 0.99, references, references)
+    rule = OutOfScopeFit(64, 0.98, -3.5, 0.99, references, references, references, 2**62)
     with_rule = dataclasses.replace(calibrated, out_of_scope=rule)
     listed = pb.ListClassifiersResponse(
         classifiers=[messages.classifier(ClassifierInfo(with_rule, 1))]

@@ -153,6 +153,7 @@ def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding
     assert rule["dimension"] == 64
     assert len(rule["similarity_reference"]) == len(EXEMPLARS)
     assert len(rule["agreement_reference"]) == len(EXEMPLARS)
+    assert int(rule["reference_size"]) == len(EXEMPLARS)
 
     with source.client() as original, target.client() as copy:
         restored = copy.get_classifier("intents")
@@ -359,6 +360,8 @@ def test_an_out_of_scope_threshold_to_restore_is_checked_and_a_bad_one_creates_n
         (changed(agreement_reference=[0.9, 0.1]), "ascending"),
         (changed(agreement_reference=[0.5, 5.0]), "agreements within"),
         (changed(similarity_reference=[-3.0, *ascending]), "similarities within"),
+        (changed(reference_size=len(ascending) - 1), "reference_size of 0 or at least"),
+        (changed(reference_size=-1), "reference_size of 0 or at least"),
     ]:
         with pytest.raises(InvalidArgumentError, match=named):
             create(bad)

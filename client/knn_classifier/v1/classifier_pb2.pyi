@@ -322,6 +322,7 @@ class OutOfScopeThreshold(_message.Message):
     SIMILARITY_REFERENCE_FIELD_NUMBER: _builtins.int
     MAHALANOBIS_REFERENCE_FIELD_NUMBER: _builtins.int
     AGREEMENT_REFERENCE_FIELD_NUMBER: _builtins.int
+    REFERENCE_SIZE_FIELD_NUMBER: _builtins.int
     threshold: _builtins.float
     """Texts scoring under it are out of scope."""
     target_coverage: _builtins.float
@@ -330,6 +331,11 @@ class OutOfScopeThreshold(_message.Message):
     """The share of the leave-one-out exemplars it keeps."""
     dimension: _builtins.int
     """The dimension it applies to."""
+    reference_size: _builtins.int
+    """How many leave-one-out scores each reference holds quantiles of: p-values interpolate
+    between the quantiles to that resolution. 0 in a rule fitted before they did (p-values then
+    count among the references themselves, as that rule was fitted).
+    """
     @_builtins.property
     def similarity_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The p-value references of the score: quantiles of the leave-one-out exemplars'
@@ -357,10 +363,11 @@ class OutOfScopeThreshold(_message.Message):
         similarity_reference: _abc.Iterable[_builtins.float] | None = ...,
         mahalanobis_reference: _abc.Iterable[_builtins.float] | None = ...,
         agreement_reference: _abc.Iterable[_builtins.float] | None = ...,
+        reference_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_reference", b"agreement_reference", "coverage", b"coverage", "dimension", b"dimension", "mahalanobis_reference", b"mahalanobis_reference", "similarity_reference", b"similarity_reference", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_reference", b"agreement_reference", "coverage", b"coverage", "dimension", b"dimension", "mahalanobis_reference", b"mahalanobis_reference", "reference_size", b"reference_size", "similarity_reference", b"similarity_reference", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,6 +73,7 @@ def _out_of_scope_fit(given: pb.OutOfScopeThreshold) -> OutOfScopeFit:
         similarity=tuple(given.similarity_reference),
         mahalanobis=tuple(given.mahalanobis_reference),
         agreement=tuple(given.agreement_reference),
+        reference_size=given.reference_size,
     )
 
 
@@ -138,6 +139,7 @@ def out_of_scope_threshold(rule: OutOfScopeFit | None) -> pb.OutOfScopeThreshold
         similarity_reference=rule.similarity,
         mahalanobis_reference=rule.mahalanobis,
         agreement_reference=rule.agreement,
+        reference_size=rule.reference_size,
     )
 
 

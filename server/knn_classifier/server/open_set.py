@@ -267,10 +267,21 @@ def _left_out_distances(
 class Combination:
     """Fisher's combination of scores, each as its p-value among in-scope reference scores: the
     sum of log p(s) over the scores, p(s) = (1 + how many references are <= s) / (1 +
-    references). A score without references (p = 1) counts for nothing."""
+    references). A score without references (p = 1) counts for nothing.
+
+    References may be evenly spaced quantiles (``numpy.quantile`` at 0, 1 / (m - 1), ..., 1) of
+    ``size`` scores rather than the scores themselves: the count of scores at or below s is then
+    read off the quantiles by linear interpolation, as they were taken, so that p-values keep a
+    resolution of 1 / (size + 1) between the quantiles instead of steps of 1 / (m + 1): in the
+    low tail, which decides rejections, a step pools the 1 / (m - 1) of the scores between two
+    quantiles (of 5,000 scores in 256 quantiles, a text below all exemplars but one scored like
+    one below twenty of them; docs/accuracy.md, "Far out-of-scope texts")."""
 
     references: tuple[_Float, ...]
-    """Each score's reference scores, sorted."""
+    """Each score's reference scores, sorted, or quantiles of ``size`` scores."""
+    size: int | None = None
+    """How many scores each reference summarises; None (or the references' own length): the
+    references are the scores themselves."""
 
     @classmethod
     def of(cls, reference: LeaveOneOut) -> Combination:
@@ -284,15 +295,27 @@ class Combination:
             raise ValueError(f"{len(scores)} scores for {len(self.references)} references")
         return np.asarray(
             sum(
-                np.log(_p_values(reference, score))
+                np.log(p_values(reference, score, self.size))
                 for reference, score in zip(self.references, scores, strict=True)
             )
         )
 
 
-def _p_values(reference: _Float, scores: npt.ArrayLike) -> _Float:
-    below = np.searchsorted(reference, np.asarray(scores, dtype=np.float64), side="right")
-    return np.asarray((1 + below) / (1 + len(reference)))
+def p_values(reference: _Float, scores: npt.ArrayLike, size: int | None = None) -> _Float:
+    """Each score's p-value among ``reference`` (ascending): (1 + how many reference scores are
+    at or below it) / (1 + their number); ``reference`` quantiles of ``size`` scores, if given
+    and more than it holds (see :class:`Combination`). 1 for every score if it is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    below = np.searchsorted(reference, s, side="right")
+    if size is None or size <= len(reference) or len(reference) < 2:
+        return np.asarray((1 + below) / (1 + len(reference)))
+    last = len(reference) - 1
+    left = np.clip(below - 1, 0, last - 1)  # reference[left] <= s < reference[left + 1]
+    low, high = reference[left], reference[left + 1]
+    between = np.where(high > low, (s - low) / np.where(high > low, high - low, 1.0), 0.0)
+    position = (left + np.clip(between, 0.0, 1.0)) * (size - 1) / last  # in the sorted scores
+    counted = np.where(below == 0, 0.0, np.where(below > last, size, position + 1))
+    return np.asarray((1 + counted) / (1 + size))
 
 
 def coverage_threshold(scores: npt.ArrayLike, coverage: float) -> float:

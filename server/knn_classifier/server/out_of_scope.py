@@ -33,7 +33,8 @@ DEFAULT_TARGET_COVERAGE = 0.98
 """The share of in-scope texts the threshold keeps when Evaluate is given no target_coverage."""
 REFERENCE_POINTS = 256
 """The p-value reference of each score is kept as at most this many quantiles of the exemplars'
-leave-one-out scores: p-values to 1/256, small enough to store with the classifier's record."""
+leave-one-out scores, small enough to store with the classifier's record; p-values interpolate
+between them to the resolution of all the scores (:class:`open_set.Combination`)."""
 MIN_EXEMPLARS = 3
 """Leave-one-out of the open-set statistics needs at least this many exemplars."""
 
@@ -62,10 +63,15 @@ class OutOfScopeFit:
     """The reference neighbour agreements (quantiles, ascending); empty in a rule fitted before
     the score had them, whose threshold was fitted without: the agreement then counts for
     nothing."""
+    reference_size: int = 0
+    """How many leave-one-out scores the references are quantiles of, between which p-values
+    interpolate; 0 in a rule fitted before they did, whose threshold was fitted on p-values
+    counted among the quantiles themselves: they still are."""
 
     def combination(self) -> open_set.Combination:
-        references = (self.similarity, self.mahalanobis, self.agreement)
-        return open_set.Combination(tuple(np.asarray(r, dtype=np.float64) for r in references))
+        return _combination(
+            (self.similarity, self.mahalanobis, self.agreement), self.reference_size or None
+        )
 
     def to_payload(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {
@@ -84,6 +90,7 @@ class OutOfScopeFit:
             similarity=tuple(float(s) for s in payload["similarity"]),
             mahalanobis=tuple(float(s) for s in payload["mahalanobis"]),
             agreement=tuple(float(s) for s in payload.get("agreement", ())),
+            reference_size=int(payload.get("reference_size", 0)),
         )
 
 
@@ -107,8 +114,8 @@ def fit(
     loo = open_set.leave_one_out(labels, vectors, self_index, checkpoint)
     similarity, mahalanobis = _quantiles(loo.similarity), _quantiles(loo.mahalanobis)
     agreement = _quantiles(loo.agreement)
-    references = (similarity, mahalanobis, agreement)
-    reference = open_set.Combination(tuple(np.asarray(r, dtype=np.float64) for r in references))
+    size = len(self_index)
+    reference = _combination((similarity, mahalanobis, agreement), size)
     scores = reference.scores(loo.similarity, loo.mahalanobis, loo.agreement)
     free = np.ones(len(scores), dtype=bool) if vetoed is None else ~vetoed
     candidates = free if free.any() else ~free  # all vetoed: the threshold is moot
@@ -116,7 +123,7 @@ def fit(
     threshold = open_set.coverage_threshold(scores[candidates], target)
     coverage = float(np.mean(free & (scores >= threshold)))
     return OutOfScopeFit(
-        dimension, target_coverage, threshold, coverage, similarity, mahalanobis, agreement
+        dimension, target_coverage, threshold, coverage, similarity, mahalanobis, agreement, size
     )
 
 
@@ -166,6 +173,10 @@ def auroc(inside: npt.ArrayLike, outside: npt.ArrayLike) -> float:
     below = np.searchsorted(ordered, a, side="left")
     ties = np.searchsorted(ordered, a, side="right") - below
     return float((below + 0.5 * ties).sum() / (len(a) * len(b)))
+
+
+def _combination(references: Sequence[Sequence[float]], size: int | None) -> open_set.Combination:
+    return open_set.Combination(tuple(np.asarray(r, dtype=np.float64) for r in references), size)
 
 
 def _quantiles(values: _Float) -> tuple[float, ...]:

@@ -228,13 +228,15 @@ def restored_out_of_scope(
         and all(a <= b for r in references for a, b in itertools.pairwise(r))
         and all(-2 <= v <= 2 for v in rule.similarity)  # a difference of two cosines
         and all(0 <= v <= 1 for v in rule.agreement)  # a share of neighbours
+        and (rule.reference_size == 0 or rule.reference_size >= max(map(len, references)))
     )
     if not valid:
         raise InvalidArgument(
             f"{field} must have a finite threshold of at most 0 and 1 to "
             f"{out_of_scope.REFERENCE_POINTS} finite reference values of each score (the "
-            "agreement's may be empty), ascending, similarities within [-2, 2] and agreements "
-            "within [0, 1]; pass Classifier.out_of_scope_threshold as it was exported",
+            "agreement's may be empty), ascending, similarities within [-2, 2], agreements "
+            "within [0, 1], and a reference_size of 0 or at least as many values; pass "
+            "Classifier.out_of_scope_threshold as it was exported",
             field=field,
         )
     return rule

@@ -51,7 +51,7 @@ def exemplar(item: Exemplar) -> int:
 def classifier(info: ClassifierInfo) -> int:
     """A ``Classifier`` as one element of a repeated field."""
     config = info.config
-    threshold = _FIELD + 4 * _SCALAR  # out_of_scope_threshold
+    threshold = _FIELD + 5 * _SCALAR  # out_of_scope_threshold
     if config.out_of_scope is not None:  # and its references: three packed repeated doubles
         rule = config.out_of_scope
         references = len(rule.similarity) + len(rule.mahalanobis) + len(rule.agreement)

@@ -7,7 +7,7 @@ dimension, calibrated, exemplar_count, created_at, calibration, out_of_scope_rul
 is null or ``{dimension, shares, probabilities}``, the dimension it was fitted at;
 ``out_of_scope_rule`` null or the fitted out-of-scope threshold whole, ``{threshold,
 target_coverage, coverage, dimension, similarity_reference, mahalanobis_reference,
-agreement_reference}``
+agreement_reference, reference_size}``
 (``Classifier.out_of_scope_threshold``). Exemplars: ``{"id",
 "text", "label", "metadata"}``, and with ``--vectors`` ``"vectors": {dimension: base64 of
 little-endian float32}`` for every dimension the server keeps.
