@@ -300,17 +300,17 @@ class ClassifierService:
         """A page of (label, exemplar count), most exemplars first, then by label; the token
         of the next page ("" after the last); and the number of negative exemplars, which are
         in no label. A page continues after the previous page's last (count, label), so labels
-        whose counts change between pages may be listed twice or not at all."""
+        whose counts change between pages may be listed twice or not at all.
+
+        Both counts go by each point's stored flag, never by the record's ``holds_negatives``
+        mark: a negative stored after the record was read is still in no label. Both stores
+        index the flag, so the filter costs about what the unfiltered count did."""
         size = paging.page_size(page_size, self._limits)
         scope = ("ListLabels", classifier)
         after = paging.label_position(paging.decode(page_token, scope))
-        config = await self._classifiers.get(classifier)
-        negatives = 0
-        if config.holds_negatives:
-            negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
-        counts = await self._store.label_counts(
-            self._dimensions[0], classifier, False if negatives else None
-        )
+        await self._classifiers.get(classifier)
+        negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
+        counts = await self._store.label_counts(self._dimensions[0], classifier, False)
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         following = [i for i in ordered if after is None or (-i[1], i[0]) > after]
         kept = paging.fitting(
