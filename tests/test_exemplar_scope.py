@@ -132,8 +132,11 @@ def test_a_scope_alone_deletes_every_exemplar_of_it_and_all_needs_a_selector(
     assert caught.value.field_violations[0].field == "selector"
     assert client.get_classifier("topics").exemplar_count == 60 + len(negative_ids)
 
+    negative = next(iter(client.iter_exemplars("topics", scope="out_of_scope"))).text
+    assert client.classify("topics", negative).unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
     assert client.delete_exemplars("topics", scope="out_of_scope") == len(negative_ids)
     assert client.count_out_of_scope("topics") == 0
+    assert client.classify("topics", negative).unknown_reason != pb.UNKNOWN_REASON_OUT_OF_SCOPE
     assert client.list_labels("topics") == {"food": 20, "money": 20, "sport": 20}
     assert client.delete_exemplars("topics", scope="in_scope") == 60
     assert client.get_classifier("topics").exemplar_count == 0
