@@ -311,8 +311,8 @@ class ExemplarWrites:
             )
         if not ids and not label and out_of_scope is None:
             raise InvalidArgument(
-                "give ids or a label, or a scope (in scope or out of scope) to delete every "
-                "exemplar of; DeleteClassifier deletes them all",
+                "give either ids or a label, or a scope (in scope or out of scope) to delete "
+                "every exemplar of; DeleteClassifier deletes them all",
                 reason=Reason.FIELD_REQUIRED,
                 field="selector",
             )
