@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,23 @@ class FakeQdrant(
 def qdrant() -> Iterator[tuple[int, FakeQdrant]]:
     """The fake on a free port; yields the port and the fake."""
     fake = FakeQdrant()
+    with serving(fake) as port:
+        yield port, fake
+
+
+@contextmanager
+def serving(fake: FakeQdrant) -> Iterator[int]:
+    """Serves ``fake`` on a free port, which it yields."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     qdrant_pb2_grpc.add_QdrantServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
     collections_service_pb2_grpc.add_CollectionsServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
     points_service_pb2_grpc.add_PointsServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield port, fake
-    server.stop(grace=None)
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
 
 
 def store_settings(tmp_path: Path, port: int, **store: Any) -> Settings:

@@ -28,7 +28,7 @@ from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import _requests as build
 from ._errors import AlreadyExistsError, from_rpc_error
 from ._existing import matching
-from ._requests import BatchResult, Call, ExemplarLike, Listing, VotingName
+from ._requests import BatchResult, Call, ExemplarLike, Listing, ScopeName, VotingName
 from ._results import AddedExemplars, DeletedExemplars
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
@@ -247,12 +247,16 @@ class Client:
         *,
         ids: Sequence[str] = (),
         label: str = "",
+        scope: ScopeName = "all",
         etag: str = "",
         timeout: float | None = None,
     ) -> DeletedExemplars:
-        """Deletes by ids or by label; returns how many (an int whose ``etag`` is the
-        classifier's after the delete)."""
-        return self._send(build.delete_exemplars(classifier, ids, label, etag), timeout)
+        """Deletes by ids or by label, of those only the in-scope exemplars or only the
+        out-of-scope examples with ``scope`` ``"in_scope"`` or ``"out_of_scope"``; with neither
+        ids nor a label, every exemplar of such a scope. Returns how many (an int whose ``etag``
+        is the classifier's after the delete)."""
+        call = build.delete_exemplars(classifier, ids, label, etag, scope)
+        return self._send(call, timeout)
 
     def list_exemplars(
         self,
@@ -261,24 +265,33 @@ class Client:
         page_size: int = 0,
         page_token: str = "",
         label: str = "",
+        scope: ScopeName = "all",
         with_vectors: bool = False,
         vector_dimensions: Sequence[int] = (),
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
-        would not fit the server's response budget. Pass ``next_page_token`` back for the next.
-        ``with_vectors``: each exemplar with its stored vectors of ``vector_dimensions`` (empty:
-        every dimension the server keeps), and the response with the embedder's fingerprint."""
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next
+        (with the same ``label`` and ``scope``). ``scope``: ``"all"``, ``"in_scope"`` or
+        ``"out_of_scope"`` exemplars. ``with_vectors``: each exemplar with its stored vectors of
+        ``vector_dimensions`` (empty: every dimension the server keeps), and the response with
+        the embedder's fingerprint."""
         call = build.list_exemplars(
-            classifier, page_size, page_token, label, with_vectors, vector_dimensions
+            classifier, page_size, page_token, label, with_vectors, vector_dimensions, scope
         )
         return self._send(call, timeout)
 
     def iter_exemplars(
-        self, classifier: str, *, label: str = "", timeout: float | None = None
+        self,
+        classifier: str,
+        *,
+        label: str = "",
+        scope: ScopeName = "all",
+        timeout: float | None = None,
     ) -> Iterator[pb.Exemplar]:
-        """Every exemplar (of ``label``, if given), page after page (``timeout`` per page)."""
-        yield from self._pages(build.all_exemplars(classifier, label), timeout)
+        """Every exemplar (of ``label``, if given, and of ``scope``), page after page
+        (``timeout`` per page)."""
+        yield from self._pages(build.all_exemplars(classifier, label, scope), timeout)
 
     def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
         """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each).
@@ -583,12 +596,16 @@ class AsyncClient:
         *,
         ids: Sequence[str] = (),
         label: str = "",
+        scope: ScopeName = "all",
         etag: str = "",
         timeout: float | None = None,
     ) -> DeletedExemplars:
-        """Deletes by ids or by label; returns how many (an int whose ``etag`` is the
-        classifier's after the delete)."""
-        return await self._send(build.delete_exemplars(classifier, ids, label, etag), timeout)
+        """Deletes by ids or by label, of those only the in-scope exemplars or only the
+        out-of-scope examples with ``scope`` ``"in_scope"`` or ``"out_of_scope"``; with neither
+        ids nor a label, every exemplar of such a scope. Returns how many (an int whose ``etag``
+        is the classifier's after the delete)."""
+        call = build.delete_exemplars(classifier, ids, label, etag, scope)
+        return await self._send(call, timeout)
 
     async def list_exemplars(
         self,
@@ -597,24 +614,34 @@ class AsyncClient:
         page_size: int = 0,
         page_token: str = "",
         label: str = "",
+        scope: ScopeName = "all",
         with_vectors: bool = False,
         vector_dimensions: Sequence[int] = (),
         timeout: float | None = None,
     ) -> pb.ListExemplarsResponse:
         """One page: at most ``page_size`` exemplars (0: the server's default), fewer if they
-        would not fit the server's response budget. Pass ``next_page_token`` back for the next.
-        ``with_vectors``: each exemplar with its stored vectors of ``vector_dimensions`` (empty:
-        every dimension the server keeps), and the response with the embedder's fingerprint."""
+        would not fit the server's response budget. Pass ``next_page_token`` back for the next
+        (with the same ``label`` and ``scope``). ``scope``: ``"all"``, ``"in_scope"`` or
+        ``"out_of_scope"`` exemplars. ``with_vectors``: each exemplar with its stored vectors of
+        ``vector_dimensions`` (empty: every dimension the server keeps), and the response with
+        the embedder's fingerprint."""
         call = build.list_exemplars(
-            classifier, page_size, page_token, label, with_vectors, vector_dimensions
+            classifier, page_size, page_token, label, with_vectors, vector_dimensions, scope
         )
         return await self._send(call, timeout)
 
     async def iter_exemplars(
-        self, classifier: str, *, label: str = "", timeout: float | None = None
+        self,
+        classifier: str,
+        *,
+        label: str = "",
+        scope: ScopeName = "all",
+        timeout: float | None = None,
     ) -> AsyncIterator[pb.Exemplar]:
-        """Every exemplar (of ``label``, if given), page after page (``timeout`` per page)."""
-        async for exemplar in self._pages(build.all_exemplars(classifier, label), timeout):
+        """Every exemplar (of ``label``, if given, and of ``scope``), page after page
+        (``timeout`` per page)."""
+        listing = build.all_exemplars(classifier, label, scope)
+        async for exemplar in self._pages(listing, timeout):
             yield exemplar
 
     async def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:

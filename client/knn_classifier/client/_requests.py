@@ -33,12 +33,23 @@ without their prefix (``VOTING_SOFTMAX``: ``"softmax"``). Derived from the proto
 the server adds needs no change here."""
 VotingName: TypeAlias = str
 """A name of :data:`VOTING_NAMES`."""
+SCOPE_NAMES: tuple[str, ...] = tuple(
+    name.removeprefix("EXEMPLAR_SCOPE_").lower()
+    for name, number in pb.ExemplarScope.items()
+    if number != pb.EXEMPLAR_SCOPE_UNSPECIFIED
+)
+"""Which exemplars delete_exemplars and list_exemplars touch, as the client takes them: the
+proto's ``ExemplarScope`` values in lower case without their prefix (``"all"``, ``"in_scope"``,
+``"out_of_scope"``)."""
+ScopeName: TypeAlias = str
+"""A name of :data:`SCOPE_NAMES`."""
 ExemplarLike: TypeAlias = pb.ExemplarInput | tuple[str, str]
 """An exemplar: a message, or a ``(text, label)`` pair."""
 BatchResult: TypeAlias = pb.Prediction | KnnClassifierError
 """One text of classify_batch: its prediction, or the error that text alone would have raised."""
 
 _VOTING = {name: pb.Voting.Value(f"VOTING_{name.upper()}") for name in VOTING_NAMES}
+_SCOPE = {name: pb.ExemplarScope.Value(f"EXEMPLAR_SCOPE_{name.upper()}") for name in SCOPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,13 @@ def voting(name: VotingName | None) -> pb.Voting.ValueType:
         return _VOTING[name]
     except KeyError:
         raise ValueError(f"voting must be one of {', '.join(VOTING_NAMES)}, not {name!r}") from None
+
+
+def scope(name: ScopeName) -> pb.ExemplarScope.ValueType:
+    try:
+        return _SCOPE[name]
+    except KeyError:
+        raise ValueError(f"scope must be one of {', '.join(SCOPE_NAMES)}, not {name!r}") from None
 
 
 def voting_name(value: pb.Voting.ValueType) -> str:
@@ -205,12 +223,13 @@ def add_out_of_scope(
 
 
 def delete_exemplars(
-    classifier: str, ids: Sequence[str], label: str, etag: str
+    classifier: str, ids: Sequence[str], label: str, etag: str, scope_name: ScopeName = "all"
 ) -> Call[pb.DeleteExemplarsRequest, DeletedExemplars]:
-    """Ids or a label (a oneof: the request cannot carry both); the server refuses neither."""
+    """Ids or a label (a oneof: the request cannot carry both); the server refuses neither
+    unless the scope is in_scope or out_of_scope."""
     if ids and label:
         raise ValueError("give ids or a label to delete, not both")
-    request = pb.DeleteExemplarsRequest(classifier=classifier, etag=etag)
+    request = pb.DeleteExemplarsRequest(classifier=classifier, etag=etag, scope=scope(scope_name))
     if ids:
         request.ids.ids.extend(ids)
     if label:
@@ -229,6 +248,7 @@ def list_exemplars(
     label: str,
     with_vectors: bool = False,
     vector_dimensions: Sequence[int] = (),
+    scope_name: ScopeName = "all",
 ) -> Call[pb.ListExemplarsRequest, pb.ListExemplarsResponse]:
     request = pb.ListExemplarsRequest(
         classifier=classifier,
@@ -237,14 +257,17 @@ def list_exemplars(
         label=label,
         view=pb.EXEMPLAR_VIEW_WITH_VECTORS if with_vectors else pb.EXEMPLAR_VIEW_UNSPECIFIED,
         vector_dimensions=vector_dimensions,
+        scope=scope(scope_name),
     )
     return Call("ListExemplars", request, _response)
 
 
-def all_exemplars(classifier: str, label: str) -> Listing[pb.Exemplar]:
+def all_exemplars(
+    classifier: str, label: str, scope_name: ScopeName = "all"
+) -> Listing[pb.Exemplar]:
     return Listing(
         "ListExemplars",
-        lambda token: list_exemplars(classifier, 1000, token, label).request,
+        lambda token: list_exemplars(classifier, 1000, token, label, scope_name=scope_name).request,
         lambda response: response.exemplars,
     )
 

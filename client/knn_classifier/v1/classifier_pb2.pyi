@@ -177,6 +177,36 @@ fewer exemplars to stay under the response budget.
 """
 Global___ExemplarView: _TypeAlias = ExemplarView  # noqa: Y015
 
+class _ExemplarScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExemplarScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExemplarScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXEMPLAR_SCOPE_UNSPECIFIED: _ExemplarScope.ValueType  # 0
+    """EXEMPLAR_SCOPE_ALL."""
+    EXEMPLAR_SCOPE_ALL: _ExemplarScope.ValueType  # 1
+    """Every exemplar, in scope or not."""
+    EXEMPLAR_SCOPE_IN_SCOPE: _ExemplarScope.ValueType  # 2
+    """Only the in-scope exemplars."""
+    EXEMPLAR_SCOPE_OUT_OF_SCOPE: _ExemplarScope.ValueType  # 3
+    """Only the out-of-scope examples."""
+
+class ExemplarScope(_ExemplarScope, metaclass=_ExemplarScopeEnumTypeWrapper):
+    """Which exemplars DeleteExemplars and ListExemplars touch: the in-scope ones (those with a
+    label that votes), the out-of-scope examples (ExemplarInput.out_of_scope), or both.
+    """
+
+EXEMPLAR_SCOPE_UNSPECIFIED: ExemplarScope.ValueType  # 0
+"""EXEMPLAR_SCOPE_ALL."""
+EXEMPLAR_SCOPE_ALL: ExemplarScope.ValueType  # 1
+"""Every exemplar, in scope or not."""
+EXEMPLAR_SCOPE_IN_SCOPE: ExemplarScope.ValueType  # 2
+"""Only the in-scope exemplars."""
+EXEMPLAR_SCOPE_OUT_OF_SCOPE: ExemplarScope.ValueType  # 3
+"""Only the out-of-scope examples."""
+Global___ExemplarScope: _TypeAlias = ExemplarScope  # noqa: Y015
+
 @_typing.final
 class Classifier(_message.Message):
     """A classifier: a name, the instruction given to the embedding model, and the defaults of its
@@ -849,12 +879,17 @@ class DeleteExemplarsRequest(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
     """The classifier's name."""
     label: _builtins.str
-    """Every exemplar with this label."""
+    """Every exemplar with this label, including the out-of-scope examples naming it as their
+    topic unless scope says otherwise.
+    """
     etag: _builtins.str
     """Optional: if set and not the classifier's current etag, ABORTED (ETAG_MISMATCH)."""
+    scope: Global___ExemplarScope.ValueType
+    """Of the selected exemplars, only those of this scope; unspecified: all of them."""
     @_builtins.property
     def ids(self) -> Global___ExemplarIds:
         """These ids (ids the classifier does not have are ignored)."""
@@ -866,10 +901,11 @@ class DeleteExemplarsRequest(_message.Message):
         ids: Global___ExemplarIds | None = ...,
         label: _builtins.str = ...,
         etag: _builtins.str = ...,
+        scope: Global___ExemplarScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "label", b"label", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "etag", b"etag", "ids", b"ids", "label", b"label", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "etag", b"etag", "ids", b"ids", "label", b"label", "scope", b"scope", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["ids", "label"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
@@ -989,6 +1025,7 @@ class ListExemplarsRequest(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
     VECTOR_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
     """The classifier's name."""
     page_size: _builtins.int
@@ -996,13 +1033,17 @@ class ListExemplarsRequest(_message.Message):
     hold fewer, to stay under the response budget (AIP-158): read next_page_token.
     """
     page_token: _builtins.str
-    """From the previous response; empty for the first page. Valid only with the same classifier
-    and label.
+    """From the previous response; empty for the first page. Valid only with the same classifier,
+    label and scope.
     """
     label: _builtins.str
-    """Only exemplars with this label, if set."""
+    """Only exemplars with this label, if set (out-of-scope examples naming it as their topic
+    too, unless scope says otherwise).
+    """
     view: Global___ExemplarView.ValueType
     """Unspecified: EXEMPLAR_VIEW_BASIC."""
+    scope: Global___ExemplarScope.ValueType
+    """Only exemplars of this scope; unspecified: all."""
     @_builtins.property
     def vector_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """With EXEMPLAR_VIEW_WITH_VECTORS: the dimensions whose vectors to return, each one the
@@ -1018,10 +1059,11 @@ class ListExemplarsRequest(_message.Message):
         label: _builtins.str = ...,
         view: Global___ExemplarView.ValueType = ...,
         vector_dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        scope: Global___ExemplarScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "label", b"label", "page_size", b"page_size", "page_token", b"page_token", "vector_dimensions", b"vector_dimensions", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "label", b"label", "page_size", b"page_size", "page_token", b"page_token", "scope", b"scope", "vector_dimensions", b"vector_dimensions", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

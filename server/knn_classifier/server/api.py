@@ -112,7 +112,11 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request: pb.DeleteExemplarsRequest, context: Context
     ) -> pb.DeleteExemplarsResponse:
         deleted, etag = await self._service.delete_exemplars(
-            request.classifier, list(request.ids.ids), request.label, request.etag
+            request.classifier,
+            list(request.ids.ids),
+            request.label,
+            request.etag,
+            messages.exemplar_scope(request.scope),
         )
         return pb.DeleteExemplarsResponse(deleted=deleted, etag=etag)
 
@@ -127,6 +131,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             request.page_token,
             request.label,
             list(request.vector_dimensions) if with_vectors else None,
+            messages.exemplar_scope(request.scope),
         )
         return pb.ListExemplarsResponse(
             exemplars=[messages.exemplar(e) for e in exemplars],

@@ -293,12 +293,26 @@ class ExemplarWrites:
         )
 
     async def delete_exemplars(
-        self, classifier: str, ids: Sequence[str] = (), label: str = "", etag: str = ""
+        self,
+        classifier: str,
+        ids: Sequence[str] = (),
+        label: str = "",
+        etag: str = "",
+        out_of_scope: bool | None = None,
     ) -> tuple[int, str]:
-        """Deletes exemplars by ids or by label; returns how many and the classifier's etag."""
-        if bool(ids) == bool(label):
+        """Deletes exemplars by ids or by label, of those with ``out_of_scope`` set only the
+        negative exemplars (True) or only the others (False); or, with neither ids nor a label,
+        every exemplar of that scope. Returns how many and the classifier's etag."""
+        if ids and label:
             raise InvalidArgument(
-                "give either ids or a label, not both and not neither",
+                "give either ids or a label, not both",
+                reason=Reason.FIELD_REQUIRED,
+                field="selector",
+            )
+        if not ids and not label and out_of_scope is None:
+            raise InvalidArgument(
+                "give either ids or a label, or a scope (in scope or out of scope) to delete "
+                "every exemplar of; DeleteClassifier deletes them all",
                 reason=Reason.FIELD_REQUIRED,
                 field="selector",
             )
@@ -312,12 +326,17 @@ class ExemplarWrites:
                         field=f"ids.ids[{i}]",
                     )
                 validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
-        else:
+        elif label:
             validation.label(label)
-        return await completed(self._delete_locked(classifier, ids, label, etag))
+        return await completed(self._delete_locked(classifier, ids, label, etag, out_of_scope))
 
     async def _delete_locked(
-        self, classifier: str, ids: Sequence[str], label: str, etag: str
+        self,
+        classifier: str,
+        ids: Sequence[str],
+        label: str,
+        etag: str,
+        out_of_scope: bool | None,
     ) -> tuple[int, str]:
         """DeleteExemplars under the classifier's lock; the revision moves only if something
         was deleted, so a delete of nothing fails nobody's conditional write."""
@@ -326,6 +345,7 @@ class ExemplarWrites:
                 current.name,
                 ids=[_point_id(current, exemplar_id) for exemplar_id in ids] if ids else None,
                 label=label or None,
+                out_of_scope=out_of_scope,
             )
             deleted = await self.delete(selection)
             if not deleted:

@@ -184,6 +184,28 @@ def with_vectors(request: pb.ListExemplarsRequest) -> bool:
     return with_vectors
 
 
+_SCOPES: dict[int, bool | None] = {
+    pb.EXEMPLAR_SCOPE_UNSPECIFIED: None,
+    pb.EXEMPLAR_SCOPE_ALL: None,
+    pb.EXEMPLAR_SCOPE_IN_SCOPE: False,
+    pb.EXEMPLAR_SCOPE_OUT_OF_SCOPE: True,
+}
+
+
+def exemplar_scope(value: pb.ExemplarScope.ValueType) -> bool | None:
+    """The store's ``Selection.out_of_scope`` of an ExemplarScope: None for all exemplars, True
+    for the out-of-scope examples only, False for the others."""
+    try:
+        return _SCOPES[value]
+    except KeyError:
+        raise errors.InvalidArgument(
+            f"unknown scope {value}; use one of EXEMPLAR_SCOPE_ALL, EXEMPLAR_SCOPE_IN_SCOPE and "
+            "EXEMPLAR_SCOPE_OUT_OF_SCOPE",
+            reason=errors.Reason.VALUE_OUT_OF_RANGE,
+            field="scope",
+        ) from None
+
+
 def exemplar(exemplar: Exemplar) -> pb.Exemplar:
     return pb.Exemplar(
         id=exemplar.id,

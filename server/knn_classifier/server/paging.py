@@ -1,8 +1,8 @@
 """Responses that fit: pages of lists (AIP-158), opaque page tokens, and the byte budget.
 
 A page token is URL-safe base64 of a small JSON object: where the next page starts, and a hash
-of the request's filter (the method, classifier and label). A token used with another filter is
-refused with INVALID_ARGUMENT instead of silently listing from the wrong place. Tokens are
+of the request's filter (the method, classifier, label and scope). A token used with another
+filter is refused with INVALID_ARGUMENT instead of silently listing from the wrong place. Tokens are
 opaque to callers and not secret: decoding one only reveals a position in a list the caller may
 read anyway.
 
@@ -65,8 +65,8 @@ def decode(token: str, scope: Sequence[str]) -> str | None:
         raise bad_token() from None
     if not isinstance(cursor, str) or issued_for != _scope_hash(scope):
         raise bad_token(
-            "page_token was issued for another request (another classifier or label); use it "
-            "only with the request that returned it, or start again without a token"
+            "page_token was issued for another request (another classifier, label or scope); "
+            "use it only with the request that returned it, or start again without a token"
         )
     return cursor
 

@@ -236,10 +236,15 @@ class ClassifierService:
         return await self._writes.restore_exemplars(config, exemplars, vectors)
 
     async def delete_exemplars(
-        self, classifier: str, ids: Sequence[str] = (), label: str = "", etag: str = ""
+        self,
+        classifier: str,
+        ids: Sequence[str] = (),
+        label: str = "",
+        etag: str = "",
+        out_of_scope: bool | None = None,
     ) -> tuple[int, str]:
         """See :meth:`ExemplarWrites.delete_exemplars`."""
-        return await self._writes.delete_exemplars(classifier, ids, label, etag)
+        return await self._writes.delete_exemplars(classifier, ids, label, etag, out_of_scope)
 
     async def list_exemplars(
         self,
@@ -248,11 +253,16 @@ class ClassifierService:
         page_token: str,
         label: str,
         vector_dimensions: Sequence[int] | None = None,
+        out_of_scope: bool | None = None,
     ) -> tuple[list[Exemplar], str]:
         """A page of exemplars in id order, and the token of the next page ("" after the last);
-        with ``vector_dimensions`` (empty: all), with their vectors of those dimensions."""
+        with ``vector_dimensions`` (empty: all), with their vectors of those dimensions; with
+        ``out_of_scope``, of the negative exemplars only (True) or of the others (False)."""
         size = paging.page_size(page_size, self._limits)
-        scope = ("ListExemplars", classifier, label)
+        # Tokens of the whole list name no scope, as they did before there were scopes.
+        scope: tuple[str, ...] = ("ListExemplars", classifier, label)
+        if out_of_scope is not None:
+            scope += ("out_of_scope" if out_of_scope else "in_scope",)
         offset = paging.point_offset(paging.decode(page_token, scope))
         dimensions = (
             []
@@ -260,7 +270,11 @@ class ClassifierService:
             else transfer.vector_dimensions(vector_dimensions, self._dimensions)
         )
         await self._classifiers.get(classifier)
-        selection = Selection(classifier, label=validation.label(label) if label else None)
+        selection = Selection(
+            classifier,
+            label=validation.label(label) if label else None,
+            out_of_scope=out_of_scope,
+        )
         records, next_offset = await self._store.scroll(
             self._dimensions[0], selection, size, offset
         )
@@ -286,17 +300,17 @@ class ClassifierService:
         """A page of (label, exemplar count), most exemplars first, then by label; the token
         of the next page ("" after the last); and the number of negative exemplars, which are
         in no label. A page continues after the previous page's last (count, label), so labels
-        whose counts change between pages may be listed twice or not at all."""
+        whose counts change between pages may be listed twice or not at all.
+
+        Both counts go by each point's stored flag, never by the record's ``holds_negatives``
+        mark: a negative stored after the record was read is still in no label. Both stores
+        index the flag, so the filter costs about what the unfiltered count did."""
         size = paging.page_size(page_size, self._limits)
         scope = ("ListLabels", classifier)
         after = paging.label_position(paging.decode(page_token, scope))
-        config = await self._classifiers.get(classifier)
-        negatives = 0
-        if config.holds_negatives:
-            negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
-        counts = await self._store.label_counts(
-            self._dimensions[0], classifier, False if negatives else None
-        )
+        await self._classifiers.get(classifier)
+        negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
+        counts = await self._store.label_counts(self._dimensions[0], classifier, False)
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         following = [i for i in ordered if after is None or (-i[1], i[0]) > after]
         kept = paging.fitting(

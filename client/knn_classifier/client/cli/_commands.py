@@ -98,6 +98,20 @@ def delete(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def list_exemplars(args: argparse.Namespace, client: Client) -> int:
+    for exemplar in client.iter_exemplars(args.name, label=args.label, scope=args.scope):
+        sys.stdout.write(_archive.exemplar_line(exemplar))
+    return 0
+
+
+def delete_exemplars(args: argparse.Namespace, client: Client) -> int:
+    if args.ids and args.label:
+        raise CliError("give --ids or --label, not both")
+    deleted = client.delete_exemplars(args.name, ids=args.ids, label=args.label, scope=args.scope)
+    print(f"deleted {deleted} exemplar(s) of classifier {args.name!r}")
+    return 0
+
+
 def labels(args: argparse.Namespace, client: Client) -> int:
     counts = client.list_labels(args.name)
     negatives = client.count_out_of_scope(args.name)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from .._client import Client
 from .._errors import KnnClassifierError
-from .._requests import VOTING_NAMES
+from .._requests import SCOPE_NAMES, VOTING_NAMES
 from . import _commands, _connect
 from ._errors import CliError
 
@@ -60,6 +60,16 @@ def _add_columns(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default="label", help="default: label")
 
 
+def _add_exemplar_filter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", default="", help="only the exemplars of this label")
+    parser.add_argument(
+        "--scope",
+        choices=SCOPE_NAMES,
+        default="all",
+        help="only the in-scope exemplars or only the out-of-scope examples (default: all)",
+    )
+
+
 def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", action="store_true", help=f"{what} as JSON")
 
@@ -104,6 +114,21 @@ def parser() -> argparse.ArgumentParser:
     labels = command("labels", _commands.labels, "Labels and their exemplar counts.")
     labels.add_argument("name")
     _add_output(labels, "a {label: count} object")
+
+    listed = command(
+        "exemplars", _commands.list_exemplars, "Print exemplars, one JSON object per line."
+    )
+    listed.add_argument("name")
+    _add_exemplar_filter(listed)
+
+    forget = command(
+        "delete-exemplars",
+        _commands.delete_exemplars,
+        "Delete exemplars: by ids or by label, or every one of a scope (in_scope or out_of_scope).",
+    )
+    forget.add_argument("name")
+    forget.add_argument("--ids", type=_list_of(str), default=[], help="comma-separated ids")
+    _add_exemplar_filter(forget)
 
     load = command(
         "import",

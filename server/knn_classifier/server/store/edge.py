@@ -133,7 +133,7 @@ class EdgeStore(Store):
         with self._shards.using(dimension) as shard:
             shard.update(qe.UpdateOperation.delete_points_by_filter(selection_filter(selection)))
         key = (dimension, selection.classifier)
-        if selection.ids is None and selection.label is None:
+        if selection == Selection(selection.classifier):  # the whole classifier
             self._mirrors.pop(key, None)
         elif key in self._mirrors:
             self._mirrors[key].delete(selection)

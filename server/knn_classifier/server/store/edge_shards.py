@@ -26,7 +26,7 @@ from pathlib import Path
 import qdrant_edge as qe
 
 from ..errors import Reason, ResourceExhausted, StartupError, Unavailable
-from .schema import CLASSIFIER, LABEL
+from .schema import CLASSIFIER, LABEL, OUT_OF_SCOPE
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,10 @@ class EdgeShards:
         config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine))
         try:
             if (path / "wal").exists():
-                return qe.EdgeShard.load(str(path), config)
+                shard = qe.EdgeShard.load(str(path), config)
+                if indexed:
+                    _ensure_out_of_scope_index(shard, path)
+                return shard
             shard = qe.EdgeShard.create(str(path), config)
             if indexed:
                 shard.update(
@@ -116,6 +119,7 @@ class EdgeShards:
                 shard.update(
                     qe.UpdateOperation.create_field_index(LABEL, qe.PayloadSchemaType.Keyword)
                 )
+                _ensure_out_of_scope_index(shard, path)
         except _NOT_EDGE_FAILURES:
             raise
         except BaseException as exc:
@@ -182,6 +186,15 @@ class EdgeShards:
             reason=Reason.STORAGE_FULL,
             metadata={"freeBytes": free, "reserveBytes": self._min_free},
         )
+
+
+def _ensure_out_of_scope_index(shard: qe.EdgeShard, path: Path) -> None:
+    """Indexes ``out_of_scope`` if the shard has no index of it (a shard created before negative
+    exemplars existed): its filters test whether the key is there, which without an index
+    reads every point's payload (docs/design.md, "Negative exemplars")."""
+    if OUT_OF_SCOPE not in shard.info().payload_schema:
+        shard.update(qe.UpdateOperation.create_field_index(OUT_OF_SCOPE, qe.PayloadSchemaType.Bool))
+        log.info("indexed %s in the embedded shard %s", OUT_OF_SCOPE, path)
 
 
 def _free_bytes(path: Path) -> int:

@@ -2,13 +2,16 @@
 
 Collections follow Qdrant's multitenancy recipe: an ``is_tenant`` keyword index on
 ``classifier``, and HNSW graphs built per tenant (``payload_m``) instead of one global graph
-(``m=0``). Queries are exact (``SearchParams(exact=True)``), as Evaluate's neighbours are
-(docs/design.md). With ``quantize_from`` set, collections created for that width or wider keep
-int8 copies of the vectors in RAM and the float32 vectors on disk, and their queries search the
-graphs over the int8 copies and rescore the candidates with the float32 vectors: approximate,
-the price of the memory. Writes use ``wait=True``: the call returns once the server has
-applied them. Any client or server failure becomes :class:`Unavailable`, so callers see
-UNAVAILABLE instead of an internal error.
+(``m=0``). ``label`` has a keyword index (deletes and counts by label) and ``out_of_scope`` a
+bool index: filters test whether that key is there (``IsEmpty``), which Qdrant answers from the
+null index it builds beside every payload index (since 1.13.5) instead of reading payloads.
+Queries are exact (``SearchParams(exact=True)``), as Evaluate's neighbours are (docs/design.md).
+With ``quantize_from`` set, collections created for that width or wider keep int8 copies of the
+vectors in RAM and the float32 vectors on disk, and their queries search the graphs over the
+int8 copies and rescore the candidates with the float32 vectors: approximate, the price of the
+memory. Writes use ``wait=True``: the call returns once the server has applied them. Any client
+or server failure becomes :class:`Unavailable`, so callers see UNAVAILABLE instead of an
+internal error.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class QdrantServerStore(Store):
 
     async def _ensure_collection(self, name: str, size: int, *, tenant_index: bool = True) -> None:
         if await self._client.collection_exists(name):
+            if tenant_index:
+                await self._ensure_out_of_scope_index(name)
             return
         quantized = tenant_index and self._quantized(size)
         await self._client.create_collection(
@@ -143,7 +148,21 @@ class QdrantServerStore(Store):
             await self._client.create_payload_index(
                 name, LABEL, field_schema=models.PayloadSchemaType.KEYWORD, wait=True
             )
+            await self._create_out_of_scope_index(name)
         log.info("created collection %s (size %d)", name, size)
+
+    async def _ensure_out_of_scope_index(self, name: str) -> None:
+        """Indexes ``out_of_scope`` in a collection created before negative exemplars existed
+        (once: the collection then lists the index in its payload schema)."""
+        info = await self._client.get_collection(name)
+        if OUT_OF_SCOPE not in (info.payload_schema or {}):
+            await self._create_out_of_scope_index(name)
+            log.info("indexed %s in collection %s", OUT_OF_SCOPE, name)
+
+    async def _create_out_of_scope_index(self, name: str) -> None:
+        await self._client.create_payload_index(
+            name, OUT_OF_SCOPE, field_schema=models.PayloadSchemaType.BOOL, wait=True
+        )
 
     async def close(self) -> None:
         await self._client.close()
