@@ -170,10 +170,11 @@ def ridge(
 
 
 def per_label_variance(data: DataSet, loo: View, test: View, rows: npt.NDArray[np.intp]) -> Pair:
-    """Gaussian scores with covariance sigma_c^2 C per label: -q_c / (2 sigma_c^2) - d_c log
-    sigma_c, q_c the squared distance to the label's mean in C^-1, recovered from the
-    discriminant's scores (q_c = x C^-1 x - 2 score_c), sigma_c^2 the label's mean q over its
-    exemplars divided by the pooled mean; d_c (the effective dimension) chosen by leave-one-out."""
+    """Gaussian log-likelihoods with covariance sigma_c^2 C per label: -q_c / (2 sigma_c^2) -
+    (d / 2) log sigma_c^2, q_c the squared distance to the label's mean in C^-1, recovered from the
+    discriminant's scores (q_c = x C^-1 x - 2 score_c); sigma_c^2 the label's mean q over its
+    exemplars / d, shrunk towards the pooled one by a weight chosen by leave-one-out (weight 1
+    is the discriminant)."""
     member = label_index(data.train_labels, data.train_labels)
     x = data.train.astype(np.float64)
     counts = np.bincount(member)
@@ -187,19 +188,23 @@ def per_label_variance(data: DataSet, loo: View, test: View, rows: npt.NDArray[n
     def quadratic(v: Floats) -> Floats:
         return np.asarray(np.einsum("ij,ij->i", v @ inverse, v))
 
-    spread = np.bincount(member, weights=quadratic(residuals)) / counts
-    spread /= spread.mean()
+    own = quadratic(residuals)
+    d = x.shape[1]
+    label_variance = np.bincount(member, weights=own) / counts / d
+    pooled = float(own.mean()) / d
 
-    def scores(view: View, queries: Floats, d_eff: float) -> Floats:
+    def scores(view: View, queries: Floats, shrink: float) -> Floats:
+        variance = (1 - shrink) * label_variance + shrink * pooled
         q = quadratic(queries.astype(np.float64))[:, None] - 2 * view.discriminant
-        return np.asarray(-q / (2 * spread) - 0.5 * d_eff * np.log(spread))
+        return np.asarray(-q / (2 * variance) - 0.5 * d * np.log(variance))
 
     best = max(
-        (0.0, 10.0, 50.0, 100.0, 384.0),
-        key=lambda d: accuracy(scores(loo, data.train[rows], d), loo.truth),
+        (0.0, 0.25, 0.5, 0.75, 0.9),
+        key=lambda w: accuracy(scores(loo, data.train[rows], w), loo.truth),
     )
     loo_scores, test_scores = scores(loo, data.train[rows], best), scores(test, data.test, best)
     t = calibration.fitted_temperature(loo_scores, loo.truth, 0.01)
+    print(f"# per-label variance: shrinkage {best} chosen", file=sys.stderr)
     return label_model_shares(loo_scores, t), label_model_shares(test_scores, t)
 
 
