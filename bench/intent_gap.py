@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -88,6 +89,8 @@ class Evaluated:
 
 
 Pair = tuple[Floats, Floats]
+Points = npt.NDArray[np.floating[Any]]
+"""Vectors in float32 or float64."""
 
 
 def components(data: DataSet) -> Evaluated:
@@ -122,13 +125,13 @@ def components(data: DataSet) -> Evaluated:
     return Evaluated(data, loo, test, out, costs)
 
 
-def random_features(dimension: int, count: int, scale: float) -> Callable[[Floats], Floats]:
+def random_features(dimension: int, count: int, scale: float) -> Callable[[Points], Floats]:
     rng = np.random.default_rng(0)
     projection = rng.standard_normal((dimension, count)) * scale
     phase = rng.uniform(0, 2 * np.pi, count)
 
-    def features(x: Floats) -> Floats:
-        x = x.astype(np.float64)
+    def features(points: Points) -> Floats:
+        x = points.astype(np.float64)
         waves = np.sqrt(2 / dimension) * np.cos(x @ projection + phase)
         return np.hstack([x, waves])
 
@@ -136,8 +139,8 @@ def random_features(dimension: int, count: int, scale: float) -> Callable[[Float
 
 
 def ridge(
-    train: Floats,
-    test: Floats,
+    train: Points,
+    test: Points,
     member: npt.NDArray[np.intp],
     rows: npt.NDArray[np.intp],
     truth: npt.NDArray[np.intp],
@@ -193,7 +196,7 @@ def per_label_variance(data: DataSet, loo: View, test: View, rows: npt.NDArray[n
     label_variance = np.bincount(member, weights=own) / counts / d
     pooled = float(own.mean()) / d
 
-    def scores(view: View, queries: Floats, shrink: float) -> Floats:
+    def scores(view: View, queries: Points, shrink: float) -> Floats:
         variance = (1 - shrink) * label_variance + shrink * pooled
         q = quadratic(queries.astype(np.float64))[:, None] - 2 * view.discriminant
         return np.asarray(-q / (2 * variance) - 0.5 * d * np.log(variance))
@@ -237,7 +240,10 @@ def methods(e: Evaluated) -> dict[str, tuple[str, float, float]]:
         )
 
     def alone(names: list[str]) -> Iterable[tuple[str, Callable[[int], Floats]]]:
-        return ((n, lambda v, n=n: c[n][v]) for n in names)
+        def shares(name: str) -> Callable[[int], Floats]:
+            return lambda v: c[name][v]
+
+        return ((n, shares(n)) for n in names)
 
     def two_way(
         third: list[str], weights: Iterable[float]
@@ -290,9 +296,9 @@ def methods(e: Evaluated) -> dict[str, tuple[str, float, float]]:
     return out
 
 
-def logistic(data: DataSet, loo: View) -> tuple[float, float, float]:
+def logistic(data: DataSet) -> tuple[float, float, float]:
     """LogisticRegression(C=10): test accuracy, 10-fold cross-validated accuracy on the
-    leave-one-out sample's rows, and the seconds of one fit."""
+    leave-one-out sample's rows, and the CPU seconds of one fit."""
     member = label_index(data.train_labels, data.train_labels)
     model = LogisticRegression(C=10, max_iter=3000)
     started = time.process_time()
@@ -321,7 +327,7 @@ def main() -> None:
     for name in SETS:
         evaluated = components(sets[name])
         table[name] = methods(evaluated)
-        references[name] = logistic(sets[name], evaluated.loo)
+        references[name] = logistic(sets[name])
         costs[name] = evaluated.costs
         print(f"# {name}: {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     print("| method | " + " | ".join(SETS) + " |")
