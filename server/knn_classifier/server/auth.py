@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import grpc
 
+from knn_classifier.v1 import classifier_pb2
+
 from . import statuses
 from .errors import Reason
 from .interception import Behaviour, Context, Handler, unary
@@ -42,6 +44,16 @@ READ_METHODS = frozenset(
     f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
     for version in ("v1alpha", "v1")
 )
+_WRITE_METHODS = (
+    frozenset(
+        f"/{service.full_name}/{method.name}"
+        for service in classifier_pb2.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    )
+    - READ_METHODS
+)
+"""The API's methods a read key may not call. A read key calling a name outside the API gets
+UNIMPLEMENTED, as a write key does, not "needs a write key" for a method that does not exist."""
 
 
 class Role(enum.StrEnum):
@@ -116,7 +128,7 @@ class ApiKeyCheck:
             f"this API key is read-only; {method.rsplit('/', 1)[-1]} needs a write key",
             Reason.WRITE_KEY_REQUIRED,
         )
-        needs_write = method not in READ_METHODS
+        needs_write = method in _WRITE_METHODS
 
         async def check(context: Context) -> None:
             role = self._role(context)

@@ -12,7 +12,7 @@ through the same steps, so unknown and refused calls are counted and logged like
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
@@ -83,13 +83,27 @@ class Registration:
 
 
 class _UnknownMethods(GenericHandler):
+    """Answers unknown methods without reading a request.
+
+    The steps wrap unary handlers, but gRPC runs a unary handler only once a request message
+    has arrived: a streaming caller that sends none first (or half-closes at once) would wait
+    for its deadline, or for ever, where gRPC itself answers UNIMPLEMENTED at once. So the
+    stepped unary refusal runs inside a bidirectional handler, which gRPC starts at once.
+    """
+
     def __init__(self, steps: Sequence[Step]) -> None:
         self._steps = steps
         self._unimplemented = grpc.unary_unary_rpc_method_handler(_unimplemented)
 
     def service(self, details: grpc.HandlerCallDetails) -> Handler:
         # Made per call: only calls to unknown methods come here.
-        return with_steps(self._steps, self._unimplemented, details.method)
+        stepped = with_steps(self._steps, self._unimplemented, details.method)
+        refuse = cast(Behaviour, stepped.unary_unary)
+
+        async def answer(requests: Any, context: Context) -> None:
+            await refuse(b"", context)  # aborts, with the steps' status or UNIMPLEMENTED
+
+        return grpc.stream_stream_rpc_method_handler(answer)
 
 
 async def _unimplemented(request: Any, context: Context) -> Any:
