@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
@@ -24,6 +25,7 @@ from knn_classifier.client import (
     UnauthenticatedError,
     UnavailableError,
 )
+from knn_classifier.server.auth import OPEN_PREFIX, READ_METHODS, WRITE_METHODS
 from knn_classifier.server.settings import Settings
 from knn_classifier.v1 import classifier_pb2 as pb
 
@@ -256,3 +258,23 @@ def test_concurrent_call_limit(tmp_path: Path, fake_embedder: FakeEmbeddingServe
         assert all(isinstance(a, pb.Prediction) for a in retried), retried
     finally:
         running.stop()
+
+
+def test_every_method_the_server_serves_is_open_a_read_or_a_write_method(
+    server: ServerThread,
+) -> None:
+    """Read keys are refused only the methods auth knows as write methods: a servicer added
+    without classing its methods would be open to read keys."""
+    with server.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    services = [s.name for s in responses[0].list_services_response.service]
+    assert "knn_classifier.v1.ClassifierService" in services
+    served = {
+        f"/{name}/{method.name}"
+        for name in services
+        for method in descriptor_pool.Default().FindServiceByName(name).methods
+    }
+    unclassed = {m for m in served - READ_METHODS - WRITE_METHODS if not m.startswith(OPEN_PREFIX)}
+    assert unclassed == set()

@@ -25,7 +25,7 @@ from .errors import Reason
 from .interception import Behaviour, Context, Handler, unary
 from .settings import AuthSettings
 
-_OPEN_PREFIX = "/grpc.health.v1.Health/"
+OPEN_PREFIX = "/grpc.health.v1.Health/"
 _SERVICE = "/knn_classifier.v1.ClassifierService/"
 READ_METHODS = frozenset(
     _SERVICE + name
@@ -44,7 +44,7 @@ READ_METHODS = frozenset(
     f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
     for version in ("v1alpha", "v1")
 )
-_WRITE_METHODS = (
+WRITE_METHODS = (
     frozenset(
         f"/{service.full_name}/{method.name}"
         for service in classifier_pb2.DESCRIPTOR.services_by_name.values()
@@ -53,7 +53,9 @@ _WRITE_METHODS = (
     - READ_METHODS
 )
 """The API's methods a read key may not call. A read key calling a name outside the API gets
-UNIMPLEMENTED, as a write key does, not "needs a write key" for a method that does not exist."""
+UNIMPLEMENTED, as a write key does, not "needs a write key" for a method that does not exist.
+A servicer added to the server must have each method open (OPEN_PREFIX), in READ_METHODS or
+here (a test checks every service the server lists), or read keys could call it."""
 
 
 class Role(enum.StrEnum):
@@ -121,14 +123,14 @@ class ApiKeyCheck:
         )
 
     def __call__(self, handler: Handler, method: str) -> Handler:
-        if method.startswith(_OPEN_PREFIX):
+        if method.startswith(OPEN_PREFIX):
             return handler
         read_only = statuses.status(
             grpc.StatusCode.PERMISSION_DENIED,
             f"this API key is read-only; {method.rsplit('/', 1)[-1]} needs a write key",
             Reason.WRITE_KEY_REQUIRED,
         )
-        needs_write = method in _WRITE_METHODS
+        needs_write = method in WRITE_METHODS
 
         async def check(context: Context) -> None:
             role = self._role(context)
