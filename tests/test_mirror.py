@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -57,7 +59,7 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             for hits, want in zip(mirror.query(queries, 5), expected, strict=True):
                 assert [h.id for h in hits] == [names[i] for i in want]
                 assert all(h.payload["label"] == truth[h.id][1] for h in hits)
-            records, vectors = mirror.snapshot()
+            records, vectors = mirror.frozen().snapshot()
             assert [r.id for r in records] == names
             np.testing.assert_allclose(vectors, matrix, atol=1e-6)
 
@@ -181,3 +183,109 @@ def test_stacked_pages_are_whole_whatever_the_count_guessed(capacity: int) -> No
     assert [r.id for r in records] == [i for ids, _, _ in pages for i in ids]
     assert [r.payload["id"] for r in records] == [r.id for r in records]
     np.testing.assert_array_equal(matrix, np.concatenate([v for _, v, _ in pages]))
+
+
+WAIT = 30.0
+"""A generous bound on waits between the test and the snapshot's worker thread."""
+
+
+class SortGate:
+    """A hook inside a snapshot's build, which sorts the points by id: every comparison of a
+    :class:`GatedId` notes its thread, and the first one waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def passing(self) -> None:
+        self.threads.add(threading.get_ident())
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(WAIT)
+
+
+class GatedId(str):
+    gate: SortGate
+
+    def __lt__(self, other: str) -> bool:
+        self.gate.passing()
+        return str.__lt__(self, other)
+
+    def __gt__(self, other: str) -> bool:  # what `plain < gated` calls
+        self.gate.passing()
+        return str.__gt__(self, other)
+
+
+async def gated_store(path: Path, gate: SortGate) -> tuple[EdgeStore, list[str], np.ndarray]:
+    """An open store whose copy of classifier c holds 50 points with gated ids."""
+    store = EdgeStore(path)
+    await store.open([4])
+    await store.query(4, "c", np.ones((1, 4), dtype=np.float32), 1)  # loads the (empty) copy
+    point_ids: list[str] = []
+    for _ in range(50):
+        point_id = GatedId(uuid.uuid4())
+        point_id.gate = gate
+        point_ids.append(point_id)
+    vectors = unit(np.random.default_rng(3), 50, 4)
+    payloads = [read_payload({"classifier": "c", "id": i, "label": i}) for i in point_ids]
+    await store.upsert(4, point_ids, vectors, payloads)
+    return store, point_ids, vectors
+
+
+async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path) -> None:
+    """Issue 12: building a record per point held the event loop (0.4 s at 100k points). While
+    the build is held at its gate, the loop runs other tasks and the snapshot is still
+    pending; on the event loop, the build would have run to its end before either."""
+    gate = SortGate()
+    store, point_ids, vectors = await gated_store(tmp_path, gate)
+    try:
+        snapshot = asyncio.create_task(store.vectors(4, "c"))
+        assert await asyncio.to_thread(gate.entered.wait, WAIT)
+        other_task = asyncio.create_task(asyncio.sleep(0, result="ran"))
+        assert await other_task == "ran"
+        assert not snapshot.done()
+        gate.release.set()
+        records, matrix = await snapshot
+    finally:
+        gate.release.set()
+        await store.close()
+    assert threading.get_ident() not in gate.threads
+    order = np.argsort(point_ids)
+    assert [r.id for r in records] == [point_ids[i] for i in order]
+    np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
+
+
+async def test_writes_racing_a_snapshot_neither_tear_it_nor_are_lost(tmp_path: Path) -> None:
+    """A snapshot is the copy as it was when asked for, record i beside its own vector, though
+    the copy's rows are rewritten and moved while the records are built; the writes stay."""
+    gate = SortGate()
+    store, point_ids, vectors = await gated_store(tmp_path, gate)
+    try:
+        snapshot = asyncio.create_task(store.vectors(4, "c"))
+        assert await asyncio.to_thread(gate.entered.wait, WAIT)
+        assert not snapshot.done()
+        # Rewrites row 0 in place, adds a row, and moves the last row into row 1's place.
+        added = str(uuid.uuid4())
+        rewritten = unit(np.random.default_rng(4), 2, 4)
+        payloads = [
+            read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
+        ]
+        await store.upsert(4, [point_ids[0], added], rewritten, payloads)
+        await store.delete(4, Selection("c", ids=[point_ids[1]]))
+        gate.release.set()
+        records, matrix = await snapshot
+        after_records, after_matrix = await store.vectors(4, "c")
+    finally:
+        gate.release.set()
+        await store.close()
+    order = np.argsort(point_ids)
+    assert [r.id for r in records] == [point_ids[i] for i in order]
+    assert [r.payload["label"] for r in records] == [r.id for r in records]
+    np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
+
+    now = {i: v for i, v in zip(point_ids, vectors, strict=True)}
+    now.update({point_ids[0]: rewritten[0], added: rewritten[1]})
+    del now[point_ids[1]]
+    assert [r.id for r in after_records] == sorted(now)
+    np.testing.assert_allclose(after_matrix, np.stack([now[i] for i in sorted(now)]), atol=1e-6)

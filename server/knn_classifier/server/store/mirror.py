@@ -4,12 +4,13 @@ The embedded store keeps its data in Qdrant Edge and answers nearest-neighbour q
 these copies: an exact search by one matrix product over a classifier's vectors costs a fraction
 of Edge's filtered exact search plus its payload reads (measured in docs/benchmarks.md). A copy
 holds each point's id and payload, so it can also answer for all of the classifier's points
-(:meth:`Mirror.snapshot`).
+(:meth:`Mirror.frozen`, then :meth:`FrozenMirror.snapshot`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,12 +88,14 @@ class Mirror:
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
         ]
 
-    def snapshot(self) -> tuple[list[Record], Matrix]:
-        """Every point and its vector (row i belongs to record i), in id order as a store's
-        scroll gives them; a copy, which later writes do not change."""
-        order = sorted(range(self._count), key=self._ids.__getitem__)
-        records = [Record(self._ids[row], self._payloads[row]) for row in order]
-        return records, self._matrix[order]
+    def frozen(self) -> FrozenMirror:
+        """The points as they are now, in a copy later writes do not change: the matrix rows
+        copied by numpy and the id and payload lists copied as lists (references only), cheap
+        enough for the event loop; :meth:`FrozenMirror.snapshot` then builds the records, a
+        Python object per point, wherever its caller likes (a worker thread)."""
+        return FrozenMirror(
+            list(self._ids), list(self._payloads), self._matrix[: self._count].copy()
+        )
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
@@ -125,6 +128,22 @@ class Mirror:
         self._ids.pop()
         self._payloads.pop()
         self._count = last
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenMirror:
+    """A copy of a :class:`Mirror`'s points at one moment (row i of ``matrix`` is ``ids[i]``'s)."""
+
+    ids: list[str]
+    payloads: list[ExemplarPayload]
+    matrix: Matrix
+
+    def snapshot(self) -> tuple[list[Record], Matrix]:
+        """Every point and its vector (row i belongs to record i), in id order as a store's
+        scroll gives them."""
+        order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
+        records = [Record(self.ids[row], self.payloads[row]) for row in order]
+        return records, self.matrix[order]
 
 
 def _unit(vectors: Matrix) -> Matrix:
