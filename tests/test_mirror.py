@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import threading
 import tracemalloc
 import uuid
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.base import Record
 from knn_classifier.server.store.edge_reads import stack_pages
 from knn_classifier.server.store.mirror import Mirror
 from knn_classifier.server.store.schema import exemplar_payload, read_payload
@@ -189,66 +192,63 @@ WAIT = 30.0
 """A generous bound on waits between the test and the snapshot's worker thread."""
 
 
-class SortGate:
-    """A hook inside a snapshot's build, which sorts the points by id: every comparison of a
-    :class:`GatedId` notes its thread, and the first one waits until the test releases it."""
+class RecordGate:
+    """A hook on the building of :class:`Record` objects (a profile function, in this thread
+    and in threads started while it is open, such as the event loop's worker threads): every
+    construction notes its thread, and the first waits until the test releases it. Tests
+    using it run on an event loop of their own, whose worker threads start inside the gate."""
 
     def __init__(self) -> None:
         self.threads: set[int] = set()
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def passing(self) -> None:
-        self.threads.add(threading.get_ident())
-        if not self.entered.is_set():
-            self.entered.set()
-            self.release.wait(WAIT)
+    def __enter__(self) -> RecordGate:
+        threading.setprofile(self._profile)
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release.set()
+        sys.setprofile(None)
+        threading.setprofile(None)
+
+    def _profile(self, frame: FrameType, event: str, _: object) -> None:
+        if event == "call" and frame.f_code is Record.__init__.__code__:
+            self.threads.add(threading.get_ident())
+            if not self.entered.is_set():
+                self.entered.set()
+                self.release.wait(WAIT)
 
 
-class GatedId(str):
-    gate: SortGate
-
-    def __lt__(self, other: str) -> bool:
-        self.gate.passing()
-        return str.__lt__(self, other)
-
-    def __gt__(self, other: str) -> bool:  # what `plain < gated` calls
-        self.gate.passing()
-        return str.__gt__(self, other)
-
-
-async def gated_store(path: Path, gate: SortGate) -> tuple[EdgeStore, list[str], np.ndarray]:
-    """An open store whose copy of classifier c holds 50 points with gated ids."""
+async def gated_store(path: Path) -> tuple[EdgeStore, list[str], np.ndarray]:
+    """An open store whose copy of classifier c holds 50 points."""
     store = EdgeStore(path)
     await store.open([4])
     await store.query(4, "c", np.ones((1, 4), dtype=np.float32), 1)  # loads the (empty) copy
-    point_ids: list[str] = []
-    for _ in range(50):
-        point_id = GatedId(uuid.uuid4())
-        point_id.gate = gate
-        point_ids.append(point_id)
+    point_ids = [str(uuid.uuid4()) for _ in range(50)]
     vectors = unit(np.random.default_rng(3), 50, 4)
     payloads = [read_payload({"classifier": "c", "id": i, "label": i}) for i in point_ids]
     await store.upsert(4, point_ids, vectors, payloads)
     return store, point_ids, vectors
 
 
+@pytest.mark.asyncio(loop_scope="function")
 async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path) -> None:
     """Issue 12: building a record per point held the event loop (0.4 s at 100k points). While
     the build is held at its gate, the loop runs other tasks and the snapshot is still
     pending; on the event loop, the build would have run to its end before either."""
-    gate = SortGate()
-    store, point_ids, vectors = await gated_store(tmp_path, gate)
+    store, point_ids, vectors = await gated_store(tmp_path)
     try:
-        snapshot = asyncio.create_task(store.vectors(4, "c"))
-        assert await asyncio.to_thread(gate.entered.wait, WAIT)
-        other_task = asyncio.create_task(asyncio.sleep(0, result="ran"))
-        assert await other_task == "ran"
-        assert not snapshot.done()
-        gate.release.set()
-        records, matrix = await snapshot
+        with RecordGate() as gate:
+            snapshot = asyncio.create_task(store.vectors(4, "c"))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            other_task = asyncio.create_task(asyncio.sleep(0, result="ran"))
+            assert await other_task == "ran"
+            assert not snapshot.done()
+            gate.release.set()
+            records, matrix = await snapshot
     finally:
-        gate.release.set()
         await store.close()
     assert threading.get_ident() not in gate.threads
     order = np.argsort(point_ids)
@@ -256,28 +256,28 @@ async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path
     np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
 
 
+@pytest.mark.asyncio(loop_scope="function")
 async def test_writes_racing_a_snapshot_neither_tear_it_nor_are_lost(tmp_path: Path) -> None:
     """A snapshot is the copy as it was when asked for, record i beside its own vector, though
     the copy's rows are rewritten and moved while the records are built; the writes stay."""
-    gate = SortGate()
-    store, point_ids, vectors = await gated_store(tmp_path, gate)
+    store, point_ids, vectors = await gated_store(tmp_path)
+    added = str(uuid.uuid4())
+    rewritten = unit(np.random.default_rng(4), 2, 4)
+    payloads = [
+        read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
+    ]
     try:
-        snapshot = asyncio.create_task(store.vectors(4, "c"))
-        assert await asyncio.to_thread(gate.entered.wait, WAIT)
-        assert not snapshot.done()
-        # Rewrites row 0 in place, adds a row, and moves the last row into row 1's place.
-        added = str(uuid.uuid4())
-        rewritten = unit(np.random.default_rng(4), 2, 4)
-        payloads = [
-            read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
-        ]
-        await store.upsert(4, [point_ids[0], added], rewritten, payloads)
-        await store.delete(4, Selection("c", ids=[point_ids[1]]))
-        gate.release.set()
-        records, matrix = await snapshot
+        with RecordGate() as gate:
+            snapshot = asyncio.create_task(store.vectors(4, "c"))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            assert not snapshot.done()
+            # Rewrites row 0 in place, adds a row, moves the last row into row 1's place.
+            await store.upsert(4, [point_ids[0], added], rewritten, payloads)
+            await store.delete(4, Selection("c", ids=[point_ids[1]]))
+            gate.release.set()
+            records, matrix = await snapshot
         after_records, after_matrix = await store.vectors(4, "c")
     finally:
-        gate.release.set()
         await store.close()
     order = np.argsort(point_ids)
     assert [r.id for r in records] == [point_ids[i] for i in order]

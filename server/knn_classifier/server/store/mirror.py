@@ -140,10 +140,12 @@ class FrozenMirror:
 
     def snapshot(self) -> tuple[list[Record], Matrix]:
         """Every point and its vector (row i belongs to record i), in id order as a store's
-        scroll gives them."""
-        order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
-        records = [Record(self.ids[row], self.payloads[row]) for row in order]
-        return records, self.matrix[order]
+        scroll gives them. Sorted and gathered by numpy, which lets the event loop run
+        meanwhile: Python's ``sorted`` holds the GIL for the whole sort. (Numpy orders strings
+        by code point, as Python does; ids are UUIDs, so none ends in the NUL numpy drops.)"""
+        order = np.argsort(np.array(self.ids, dtype=str), kind="stable")
+        records = [Record(self.ids[row], self.payloads[row]) for row in order.tolist()]
+        return records, np.take(self.matrix, order, axis=0)
 
 
 def _unit(vectors: Matrix) -> Matrix:
