@@ -30,7 +30,7 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
     rng = np.random.default_rng(0)
     pick = random.Random(0)
     mirror = Mirror(16)
-    truth: dict[str, tuple[np.ndarray, str]] = {}
+    truth: dict[str, tuple[np.ndarray, str, bool]] = {}
     for step in range(300):
         action = pick.random()
         if action < 0.6 or not truth:
@@ -38,21 +38,28 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             names = list(dict.fromkeys(names))
             vectors = unit(rng, len(names), 16) * 3  # not unit length: the copy normalises
             labels = [f"l{pick.randrange(4)}" for _ in names]
+            scopes = [pick.random() < 0.3 for _ in names]
             payloads = [
-                exemplar_payload("c", n, y, n, {}, step) for n, y in zip(names, labels, strict=True)
+                exemplar_payload("c", n, y, n, {}, step, negative)
+                for n, y, negative in zip(names, labels, scopes, strict=True)
             ]
             mirror.upsert(names, vectors, payloads)
-            for n, v, y in zip(names, vectors, labels, strict=True):
-                truth[n] = (v / np.linalg.norm(v), y)
+            for n, v, y, negative in zip(names, vectors, labels, scopes, strict=True):
+                truth[n] = (v / np.linalg.norm(v), y, negative)
         elif action < 0.8:
             doomed = pick.sample(sorted(truth), min(len(truth), 3))
             mirror.delete(Selection("c", ids=doomed))
             for n in doomed:
                 del truth[n]
-        else:
-            label = f"l{pick.randrange(4)}"
-            mirror.delete(Selection("c", label=label))
-            truth = {n: (v, y) for n, (v, y) in truth.items() if y != label}
+        else:  # by label, by scope, or both
+            label = pick.choice([None, f"l{pick.randrange(4)}"])
+            scope = pick.choice([None, False, True]) if label else pick.choice([False, True])
+            mirror.delete(Selection("c", label=label, out_of_scope=scope))
+            truth = {
+                n: (v, y, negative)
+                for n, (v, y, negative) in truth.items()
+                if (label is not None and y != label) or (scope is not None and negative != scope)
+            }
         assert len(mirror) == len(truth)
         if truth and step % 10 == 0:
             queries = unit(rng, 3, 16)
@@ -62,6 +69,9 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             for hits, want in zip(mirror.query(queries, 5), expected, strict=True):
                 assert [h.id for h in hits] == [names[i] for i in want]
                 assert all(h.payload["label"] == truth[h.id][1] for h in hits)
+            negatives = {n for n, (_, _, negative) in truth.items() if negative}
+            hits = mirror.query(queries[:1], len(truth), out_of_scope=True)[0]
+            assert {h.id for h in hits} == negatives
             records, vectors = mirror.frozen().snapshot()
             assert [r.id for r in records] == names
             np.testing.assert_allclose(vectors, matrix, atol=1e-6)

@@ -47,15 +47,16 @@ class Mirror:
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
-        candidates = range(self._count) if selection.ids is None else self._id_rows(selection.ids)
-        doomed = [
-            row
-            for row in candidates
-            if selection.label is None or self._payloads[row]["label"] == selection.label
-            if selection.out_of_scope is None or self._negative[row] == selection.out_of_scope
-        ]
-        for row in sorted(doomed, reverse=True):  # highest first: moves never touch doomed rows
-            self._remove(row)
+        if selection.ids is None:
+            rows = np.arange(self._count)
+        else:
+            rows = np.array(self._id_rows(selection.ids), dtype=np.intp)
+        if selection.out_of_scope is not None:
+            rows = rows[self._negative[rows] == selection.out_of_scope]
+        if selection.label is not None:
+            payloads, label = self._payloads, selection.label
+            rows = rows[np.array([payloads[row]["label"] == label for row in rows.tolist()], bool)]
+        self._remove(rows)
 
     def query(
         self, vectors: Matrix, k: int, out_of_scope: bool | None = None
@@ -115,19 +116,24 @@ class Mirror:
         self._rows[point_id] = row
         return row
 
-    def _remove(self, row: int) -> None:
-        """Deletes ``row`` by moving the last row into its place."""
-        last = self._count - 1
-        del self._rows[self._ids[row]]
-        if row != last:
-            self._matrix[row] = self._matrix[last]
-            self._negative[row] = self._negative[last]
-            self._ids[row] = self._ids[last]
-            self._payloads[row] = self._payloads[last]
-            self._rows[self._ids[row]] = row
-        self._ids.pop()
-        self._payloads.pop()
-        self._count = last
+    def _remove(self, rows: np.ndarray) -> None:
+        """Deletes ``rows`` (distinct) by moving the rows kept beyond the new count into the
+        places of those deleted below it: numpy moves the vectors, Python only the references."""
+        count = self._count - len(rows)
+        for row in rows.tolist():
+            del self._rows[self._ids[row]]
+        holes = np.sort(rows[rows < count])
+        tail = np.arange(count, self._count)
+        movers = tail[~np.isin(tail, rows)]
+        self._matrix[holes] = self._matrix[movers]
+        self._negative[holes] = self._negative[movers]
+        for hole, mover in zip(holes.tolist(), movers.tolist(), strict=True):
+            self._ids[hole] = self._ids[mover]
+            self._payloads[hole] = self._payloads[mover]
+            self._rows[self._ids[hole]] = hole
+        del self._ids[count:]
+        del self._payloads[count:]
+        self._count = count
 
 
 @dataclass(frozen=True, slots=True)
