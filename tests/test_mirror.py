@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sys
+import threading
 import tracemalloc
 import uuid
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.base import Record
 from knn_classifier.server.store.edge_reads import stack_pages
 from knn_classifier.server.store.mirror import Mirror
 from knn_classifier.server.store.schema import exemplar_payload, read_payload
@@ -25,7 +30,7 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
     rng = np.random.default_rng(0)
     pick = random.Random(0)
     mirror = Mirror(16)
-    truth: dict[str, tuple[np.ndarray, str]] = {}
+    truth: dict[str, tuple[np.ndarray, str, bool]] = {}
     for step in range(300):
         action = pick.random()
         if action < 0.6 or not truth:
@@ -33,21 +38,28 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             names = list(dict.fromkeys(names))
             vectors = unit(rng, len(names), 16) * 3  # not unit length: the copy normalises
             labels = [f"l{pick.randrange(4)}" for _ in names]
+            scopes = [pick.random() < 0.3 for _ in names]
             payloads = [
-                exemplar_payload("c", n, y, n, {}, step) for n, y in zip(names, labels, strict=True)
+                exemplar_payload("c", n, y, n, {}, step, negative)
+                for n, y, negative in zip(names, labels, scopes, strict=True)
             ]
             mirror.upsert(names, vectors, payloads)
-            for n, v, y in zip(names, vectors, labels, strict=True):
-                truth[n] = (v / np.linalg.norm(v), y)
+            for n, v, y, negative in zip(names, vectors, labels, scopes, strict=True):
+                truth[n] = (v / np.linalg.norm(v), y, negative)
         elif action < 0.8:
             doomed = pick.sample(sorted(truth), min(len(truth), 3))
             mirror.delete(Selection("c", ids=doomed))
             for n in doomed:
                 del truth[n]
-        else:
-            label = f"l{pick.randrange(4)}"
-            mirror.delete(Selection("c", label=label))
-            truth = {n: (v, y) for n, (v, y) in truth.items() if y != label}
+        else:  # by label, by scope, or both
+            label = pick.choice([None, f"l{pick.randrange(4)}"])
+            scope = pick.choice([None, False, True]) if label else pick.choice([False, True])
+            mirror.delete(Selection("c", label=label, out_of_scope=scope))
+            truth = {
+                n: (v, y, negative)
+                for n, (v, y, negative) in truth.items()
+                if (label is not None and y != label) or (scope is not None and negative != scope)
+            }
         assert len(mirror) == len(truth)
         if truth and step % 10 == 0:
             queries = unit(rng, 3, 16)
@@ -57,7 +69,10 @@ def test_random_writes_and_deletes_match_brute_force() -> None:
             for hits, want in zip(mirror.query(queries, 5), expected, strict=True):
                 assert [h.id for h in hits] == [names[i] for i in want]
                 assert all(h.payload["label"] == truth[h.id][1] for h in hits)
-            records, vectors = mirror.snapshot()
+            negatives = {n for n, (_, _, negative) in truth.items() if negative}
+            hits = mirror.query(queries[:1], len(truth), out_of_scope=True)[0]
+            assert {h.id for h in hits} == negatives
+            records, vectors = mirror.frozen().snapshot()
             assert [r.id for r in records] == names
             np.testing.assert_allclose(vectors, matrix, atol=1e-6)
 
@@ -181,3 +196,106 @@ def test_stacked_pages_are_whole_whatever_the_count_guessed(capacity: int) -> No
     assert [r.id for r in records] == [i for ids, _, _ in pages for i in ids]
     assert [r.payload["id"] for r in records] == [r.id for r in records]
     np.testing.assert_array_equal(matrix, np.concatenate([v for _, v, _ in pages]))
+
+
+WAIT = 30.0
+"""A generous bound on waits between the test and the snapshot's worker thread."""
+
+
+class RecordGate:
+    """A hook on the building of :class:`Record` objects (a profile function, in this thread
+    and in threads started while it is open, such as the event loop's worker threads): every
+    construction notes its thread, and the first waits until the test releases it. Tests
+    using it run on an event loop of their own, whose worker threads start inside the gate."""
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __enter__(self) -> RecordGate:
+        threading.setprofile(self._profile)
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release.set()
+        sys.setprofile(None)
+        threading.setprofile(None)
+
+    def _profile(self, frame: FrameType, event: str, _: object) -> None:
+        if event == "call" and frame.f_code is Record.__init__.__code__:
+            self.threads.add(threading.get_ident())
+            if not self.entered.is_set():
+                self.entered.set()
+                self.release.wait(WAIT)
+
+
+async def gated_store(path: Path) -> tuple[EdgeStore, list[str], np.ndarray]:
+    """An open store whose copy of classifier c holds 50 points."""
+    store = EdgeStore(path)
+    await store.open([4])
+    await store.query(4, "c", np.ones((1, 4), dtype=np.float32), 1)  # loads the (empty) copy
+    point_ids = [str(uuid.uuid4()) for _ in range(50)]
+    vectors = unit(np.random.default_rng(3), 50, 4)
+    payloads = [read_payload({"classifier": "c", "id": i, "label": i}) for i in point_ids]
+    await store.upsert(4, point_ids, vectors, payloads)
+    return store, point_ids, vectors
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path) -> None:
+    """Issue 12: building a record per point held the event loop (0.4 s at 100k points). While
+    the build is held at its gate, the loop runs other tasks and the snapshot is still
+    pending; on the event loop, the build would have run to its end before either."""
+    store, point_ids, vectors = await gated_store(tmp_path)
+    try:
+        with RecordGate() as gate:
+            snapshot = asyncio.create_task(store.vectors(4, "c"))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            other_task = asyncio.create_task(asyncio.sleep(0, result="ran"))
+            assert await other_task == "ran"
+            assert not snapshot.done()
+            gate.release.set()
+            records, matrix = await snapshot
+    finally:
+        await store.close()
+    assert threading.get_ident() not in gate.threads
+    order = np.argsort(point_ids)
+    assert [r.id for r in records] == [point_ids[i] for i in order]
+    np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_writes_racing_a_snapshot_neither_tear_it_nor_are_lost(tmp_path: Path) -> None:
+    """A snapshot is the copy as it was when asked for, record i beside its own vector, though
+    the copy's rows are rewritten and moved while the records are built; the writes stay."""
+    store, point_ids, vectors = await gated_store(tmp_path)
+    added = str(uuid.uuid4())
+    rewritten = unit(np.random.default_rng(4), 2, 4)
+    payloads = [
+        read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
+    ]
+    try:
+        with RecordGate() as gate:
+            snapshot = asyncio.create_task(store.vectors(4, "c"))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            assert not snapshot.done()
+            # Rewrites row 0 in place, adds a row, moves the last row into row 1's place.
+            await store.upsert(4, [point_ids[0], added], rewritten, payloads)
+            await store.delete(4, Selection("c", ids=[point_ids[1]]))
+            gate.release.set()
+            records, matrix = await snapshot
+        after_records, after_matrix = await store.vectors(4, "c")
+    finally:
+        await store.close()
+    order = np.argsort(point_ids)
+    assert [r.id for r in records] == [point_ids[i] for i in order]
+    assert [r.payload["label"] for r in records] == [r.id for r in records]
+    np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
+
+    now = {i: v for i, v in zip(point_ids, vectors, strict=True)}
+    now.update({point_ids[0]: rewritten[0], added: rewritten[1]})
+    del now[point_ids[1]]
+    assert [r.id for r in after_records] == sorted(now)
+    np.testing.assert_allclose(after_matrix, np.stack([now[i] for i in sorted(now)]), atol=1e-6)

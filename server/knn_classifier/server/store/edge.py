@@ -179,13 +179,15 @@ class EdgeStore(Store):
 
     async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
         """From the classifier's in-memory copy if a query loaded it (the label models are
-        fitted after a query); else from the shard, in a worker thread: converting tens of
-        thousands of records held the event loop for seconds (docs/reliability.md); the shard's
-        calls hold the GIL, but one page at a time."""
+        fitted after a query); else from the shard. Either way the records are built in a
+        worker thread: converting tens of thousands of records held the event loop for seconds
+        (docs/reliability.md); the shard's calls hold the GIL, but one page at a time. The
+        copy is frozen on the loop first, so writes landing meanwhile cannot tear it."""
         with self._shards.using(dimension):
             mirror = self._mirrors.get((dimension, classifier))
-        if mirror is not None:
-            return mirror.snapshot()
+            frozen = None if mirror is None else mirror.frozen()
+        if frozen is not None:
+            return await asyncio.to_thread(frozen.snapshot)
         return await asyncio.to_thread(self._vectors, dimension, classifier)
 
     def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:

@@ -4,12 +4,13 @@ The embedded store keeps its data in Qdrant Edge and answers nearest-neighbour q
 these copies: an exact search by one matrix product over a classifier's vectors costs a fraction
 of Edge's filtered exact search plus its payload reads (measured in docs/benchmarks.md). A copy
 holds each point's id and payload, so it can also answer for all of the classifier's points
-(:meth:`Mirror.snapshot`).
+(:meth:`Mirror.frozen`, then :meth:`FrozenMirror.snapshot`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,15 +47,16 @@ class Mirror:
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
-        candidates = range(self._count) if selection.ids is None else self._id_rows(selection.ids)
-        doomed = [
-            row
-            for row in candidates
-            if selection.label is None or self._payloads[row]["label"] == selection.label
-            if selection.out_of_scope is None or self._negative[row] == selection.out_of_scope
-        ]
-        for row in sorted(doomed, reverse=True):  # highest first: moves never touch doomed rows
-            self._remove(row)
+        if selection.ids is None:
+            rows = np.arange(self._count)
+        else:
+            rows = np.array(self._id_rows(selection.ids), dtype=np.intp)
+        if selection.out_of_scope is not None:
+            rows = rows[self._negative[rows] == selection.out_of_scope]
+        if selection.label is not None:
+            payloads, label = self._payloads, selection.label
+            rows = rows[np.array([payloads[row]["label"] == label for row in rows.tolist()], bool)]
+        self._remove(rows)
 
     def query(
         self, vectors: Matrix, k: int, out_of_scope: bool | None = None
@@ -87,12 +89,14 @@ class Mirror:
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
         ]
 
-    def snapshot(self) -> tuple[list[Record], Matrix]:
-        """Every point and its vector (row i belongs to record i), in id order as a store's
-        scroll gives them; a copy, which later writes do not change."""
-        order = sorted(range(self._count), key=self._ids.__getitem__)
-        records = [Record(self._ids[row], self._payloads[row]) for row in order]
-        return records, self._matrix[order]
+    def frozen(self) -> FrozenMirror:
+        """The points as they are now, in a copy later writes do not change: the matrix rows
+        copied by numpy and the id and payload lists copied as lists (references only), cheap
+        enough for the event loop; :meth:`FrozenMirror.snapshot` then builds the records, a
+        Python object per point, wherever its caller likes (a worker thread)."""
+        return FrozenMirror(
+            list(self._ids), list(self._payloads), self._matrix[: self._count].copy()
+        )
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
@@ -112,19 +116,42 @@ class Mirror:
         self._rows[point_id] = row
         return row
 
-    def _remove(self, row: int) -> None:
-        """Deletes ``row`` by moving the last row into its place."""
-        last = self._count - 1
-        del self._rows[self._ids[row]]
-        if row != last:
-            self._matrix[row] = self._matrix[last]
-            self._negative[row] = self._negative[last]
-            self._ids[row] = self._ids[last]
-            self._payloads[row] = self._payloads[last]
-            self._rows[self._ids[row]] = row
-        self._ids.pop()
-        self._payloads.pop()
-        self._count = last
+    def _remove(self, rows: np.ndarray) -> None:
+        """Deletes ``rows`` (distinct) by moving the rows kept beyond the new count into the
+        places of those deleted below it: numpy moves the vectors, Python only the references."""
+        count = self._count - len(rows)
+        for row in rows.tolist():
+            del self._rows[self._ids[row]]
+        holes = np.sort(rows[rows < count])
+        tail = np.arange(count, self._count)
+        movers = tail[~np.isin(tail, rows)]
+        self._matrix[holes] = self._matrix[movers]
+        self._negative[holes] = self._negative[movers]
+        for hole, mover in zip(holes.tolist(), movers.tolist(), strict=True):
+            self._ids[hole] = self._ids[mover]
+            self._payloads[hole] = self._payloads[mover]
+            self._rows[self._ids[hole]] = hole
+        del self._ids[count:]
+        del self._payloads[count:]
+        self._count = count
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenMirror:
+    """A copy of a :class:`Mirror`'s points at one moment (row i of ``matrix`` is ``ids[i]``'s)."""
+
+    ids: list[str]
+    payloads: list[ExemplarPayload]
+    matrix: Matrix
+
+    def snapshot(self) -> tuple[list[Record], Matrix]:
+        """Every point and its vector (row i belongs to record i), in id order as a store's
+        scroll gives them. Sorted and gathered by numpy, which lets the event loop run
+        meanwhile: Python's ``sorted`` holds the GIL for the whole sort. (Numpy orders strings
+        by code point, as Python does; ids are UUIDs, so none ends in the NUL numpy drops.)"""
+        order = np.argsort(np.array(self.ids, dtype=str), kind="stable")
+        records = [Record(self.ids[row], self.payloads[row]) for row in order.tolist()]
+        return records, np.take(self.matrix, order, axis=0)
 
 
 def _unit(vectors: Matrix) -> Matrix:
