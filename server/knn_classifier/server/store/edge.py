@@ -9,7 +9,8 @@ in-memory copy of the queried classifier's vectors (:class:`Mirror`), loaded fro
 the first query and updated by every write after the shard has taken it: a matrix product is
 several times faster than Edge's filtered exact search with payloads (docs/benchmarks.md).
 Filtered HNSW search lost recall in our tests, so it is not used. Calls are synchronous and
-short; they run on the event loop thread.
+short; they run on the event loop thread, except the whole-classifier reads of ``vectors``, whose
+records are built in a worker thread (its docstring says why).
 """
 
 from __future__ import annotations
