@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 import pytest
+from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import BatchResult, Client, KnnClassifierError, Prediction
 from knn_classifier.server.app import App
 from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import Store
+from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
 from .fake_embedder import FakeEmbeddingServer
 
@@ -159,6 +161,17 @@ def settings(tmp_path: Path, fake_embedder: FakeEmbeddingServer) -> Settings:
 @pytest.fixture
 def server(settings: Settings) -> Iterator[ServerThread]:
     running = ServerThread(settings).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(params=["embedded", "qdrant-server"])
+def either_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[ServerThread]:
+    """The server on the embedded store, then on the Qdrant server store (":memory:")."""
+    store = None
+    if request.param == "qdrant-server":
+        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "knn")
+    running = ServerThread(settings, store).start()
     yield running
     running.stop()
 

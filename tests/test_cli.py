@@ -11,11 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import Client, ExemplarInput
-from knn_classifier.server.settings import Settings
-from knn_classifier.server.store.qdrant_server import QdrantServerStore
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from .conftest import ServerThread, make_settings
@@ -208,17 +205,6 @@ def test_import_names_missing_columns(
     result = run(server, "import", "intents", str(rows_csv))
     assert result.returncode == 1
     assert "column(s) 'label' not in the header (text, category, source)" in result.stderr
-
-
-@pytest.fixture(params=["embedded", "qdrant-server"])
-def either_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[ServerThread]:
-    """The server on the embedded store, then on the Qdrant server store (":memory:")."""
-    store = None
-    if request.param == "qdrant-server":
-        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "knn")
-    running = ServerThread(settings, store).start()
-    yield running
-    running.stop()
 
 
 def test_export_then_import_into_another_classifier(

@@ -12,12 +12,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import Client, InvalidArgumentError
-from knn_classifier.server.settings import Settings
-from knn_classifier.server.store import Store
-from knn_classifier.server.store.qdrant_server import QdrantServerStore
 from knn_classifier.v1 import classifier_pb2 as pb
 from knn_classifier.v1 import classifier_pb2_grpc
 
@@ -26,19 +22,9 @@ from .test_cli import ok, run
 from .test_open_set_api import foreign_texts, topical_texts
 
 
-@pytest.fixture(params=["edge", "qdrant-server"])
-def running(request: pytest.FixtureRequest, settings: Settings) -> Iterator[ServerThread]:
-    store: Store | None = None
-    if request.param == "qdrant-server":
-        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "test")
-    server = ServerThread(settings, store).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def client(running: ServerThread) -> Iterator[Client]:
-    with running.client() as client:
+def client(either_store: ServerThread) -> Iterator[Client]:
+    with either_store.client() as client:
         yield client
 
 
@@ -144,14 +130,14 @@ def test_a_scope_alone_deletes_every_exemplar_of_it_and_all_needs_a_selector(
 
 @pytest.mark.parametrize("method", ["ListExemplars", "DeleteExemplars"])
 def test_an_unknown_scope_is_invalid_argument_and_deletes_nothing(
-    running: ServerThread, client: Client, negative_ids: set[str], method: str
+    either_store: ServerThread, client: Client, negative_ids: set[str], method: str
 ) -> None:
     request = (
         pb.ListExemplarsRequest(classifier="topics", scope=9)  # type: ignore[arg-type]
         if method == "ListExemplars"
         else pb.DeleteExemplarsRequest(classifier="topics", label="food", scope=9)  # type: ignore[arg-type]
     )
-    with running.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+    with either_store.channel() as channel, pytest.raises(grpc.RpcError) as caught:
         getattr(classifier_pb2_grpc.ClassifierServiceStub(channel), method)(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown scope 9" in str(caught.value.details())

@@ -291,13 +291,7 @@ def test_invented_method_names_do_not_become_labels(
                     call(b"", timeout=30)
 
         def refused() -> float:
-            return value(
-                scrape(port_of(keyed)),
-                "grpc_server_handled_total",
-                grpc_service="unknown",
-                grpc_method="unknown",
-                grpc_code="UNAUTHENTICATED",
-            )
+            return handled_as_unknown(keyed, "UNAUTHENTICATED")
 
         # A call is counted as its handler ends, which may be just after its caller has the
         # status: wait for the last count (bounded), then check nothing else was counted.
@@ -324,17 +318,22 @@ def test_unknown_methods_are_unimplemented_and_counted_under_unknown(
             assert "reflection lists the methods" in str(caught.value.details())
 
     def unimplemented() -> float:
-        return value(
-            scrape(port_of(metered)),
-            "grpc_server_handled_total",
-            grpc_service="unknown",
-            grpc_method="unknown",
-            grpc_code="UNIMPLEMENTED",
-        )
+        return handled_as_unknown(metered, "UNIMPLEMENTED")
 
     wait_for(lambda: unimplemented() >= 3, "the 3 calls to be counted")
     assert unimplemented() == 3
     assert not [key for key in scrape(port_of(metered)) if "Invented" in str(key)]
+
+
+def handled_as_unknown(server: ServerThread, code: str) -> float:
+    """How many calls ``server`` counted under the method "unknown" with status ``code``."""
+    return value(
+        scrape(port_of(server)),
+        "grpc_server_handled_total",
+        grpc_service="unknown",
+        grpc_method="unknown",
+        grpc_code=code,
+    )
 
 
 def test_a_busy_metrics_port_stops_start_up_with_a_clear_message(

@@ -7,7 +7,6 @@ number of fits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,17 +45,6 @@ def fits(metrics: Metrics, voting: str) -> float:
     """How many times the label model of ``voting`` was fitted."""
     kind = {"kind": f"label-model:{label_models.FIT[Voting(voting)].__name__}"}
     return metrics.registry.get_sample_value("knn_model_fit_seconds_count", kind) or 0.0
-
-
-@pytest.fixture(params=["embedded", "qdrant-server"])
-def either_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[ServerThread]:
-    """The server on the embedded store, then on the Qdrant server store (":memory:")."""
-    store = None
-    if request.param == "qdrant-server":
-        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "knn")
-    running = ServerThread(settings, store).start()
-    yield running
-    running.stop()
 
 
 def test_label_models_are_fitted_once_per_revision_not_per_call(

@@ -12,12 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.client import Client, InvalidArgumentError
 from knn_classifier.server.settings import Settings
-from knn_classifier.server.store import EdgeStore, Record, Store
-from knn_classifier.server.store.qdrant_server import QdrantServerStore
+from knn_classifier.server.store import EdgeStore, Record
 from knn_classifier.server.vectors import Matrix
 from knn_classifier.v1 import classifier_pb2 as pb
 
@@ -50,15 +48,10 @@ class CountingStore(EdgeStore):
         return await super().query(dimension, classifier, vectors, k, out_of_scope)
 
 
-@pytest.fixture(params=["edge", "qdrant-server"])
-def any_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Client]:
-    store: Store | None = None
-    if request.param == "qdrant-server":
-        store = QdrantServerStore(AsyncQdrantClient(location=":memory:"), "test")
-    running = ServerThread(settings, store).start()
-    with running.client() as client:
+@pytest.fixture
+def any_store(either_store: ServerThread) -> Iterator[Client]:
+    with either_store.client() as client:
         yield client
-    running.stop()
 
 
 def answers(client: Client, texts: list[str], voting: str) -> list[pb.Prediction]:
