@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +29,15 @@ from .fake_embedder import FakeEmbeddingServer
 def test_the_reasons_are_the_protos() -> None:
     in_proto = set(error_reason_pb2.ErrorReason.keys()) - {"ERROR_REASON_UNSPECIFIED"}
     assert {reason.value for reason in errors.Reason} == in_proto
+
+
+def test_the_readme_error_table_names_every_reason() -> None:
+    """Callers branch on the reason: each one is in the README's table with its status."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    missing = [r.value for r in errors.Reason if not any(f"`{r.value}`" in row for row in rows)]
+    assert missing == []
 
 
 class _StoreFull(errors.ResourceExhausted):
