@@ -367,6 +367,9 @@ def test_etags_change_with_every_write_and_make_writes_conditional(
     stub = pb_grpc.ClassifierServiceStub(server.channel())
     answered = stub.Classify(pb.ClassifyRequest(classifier="c", text="apple"))
     assert answered.etag == updated.etag
+    batch = stub.ClassifyBatch(pb.ClassifyBatchRequest(classifier="c", texts=["apple", ""]))
+    assert batch.etag == updated.etag
+    assert client.classify_batch("c", ["apple", ""]).etag == updated.etag
     removed = stub.DeleteExemplars(
         pb.DeleteExemplarsRequest(classifier="c", label="fruit", etag=updated.etag)
     )

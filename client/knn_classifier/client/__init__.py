@@ -35,7 +35,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._requests import BatchResult
-from ._results import AddedExemplars, DeletedExemplars
+from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars
 from ._retry import RetryPolicy
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "AlreadyExistsError",
     "AsyncClient",
     "BatchResult",
+    "ClassifiedBatch",
     "Classifier",
     "Client",
     "DeadlineExceededError",

@@ -28,8 +28,8 @@ from knn_classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import _requests as build
 from ._errors import AlreadyExistsError, from_rpc_error
 from ._existing import matching
-from ._requests import BatchResult, Call, ExemplarLike, Listing, ScopeName, VotingName
-from ._results import AddedExemplars, DeletedExemplars
+from ._requests import Call, ExemplarLike, Listing, ScopeName, VotingName
+from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
@@ -334,10 +334,11 @@ class Client:
         include_neighbours: bool = False,
         temperature: float | None = None,
         timeout: float | None = None,
-    ) -> list[BatchResult]:
+    ) -> ClassifiedBatch:
         """One result per text, in order: its prediction, or for a text that could not be
         classified (empty, too long, refused by the model) the error it would have raised
-        alone, returned rather than raised. Errors of the whole call are raised."""
+        alone, returned rather than raised (a list whose ``etag`` is the classifier's revision
+        that answered). Errors of the whole call are raised."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
@@ -685,10 +686,11 @@ class AsyncClient:
         include_neighbours: bool = False,
         temperature: float | None = None,
         timeout: float | None = None,
-    ) -> list[BatchResult]:
+    ) -> ClassifiedBatch:
         """One result per text, in order: its prediction, or for a text that could not be
         classified (empty, too long, refused by the model) the error it would have raised
-        alone, returned rather than raised. Errors of the whole call are raised."""
+        alone, returned rather than raised (a list whose ``etag`` is the classifier's revision
+        that answered). Errors of the whole call are raised."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from ._errors import KnnClassifierError, from_status
-from ._results import AddedExemplars, DeletedExemplars
+from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars
 
 Request = TypeVar("Request", bound=Message, covariant=True)
 Result = TypeVar("Result")
@@ -314,16 +314,17 @@ def classify(
 
 def classify_batch(
     classifier: str, texts: Sequence[str], options: pb.ClassifyOptions
-) -> Call[pb.ClassifyBatchRequest, list[BatchResult]]:
+) -> Call[pb.ClassifyBatchRequest, ClassifiedBatch]:
     request = pb.ClassifyBatchRequest(classifier=classifier, texts=texts, options=options)
     return Call("ClassifyBatch", request, _batch_results)
 
 
-def _batch_results(response: pb.ClassifyBatchResponse) -> list[BatchResult]:
-    return [
+def _batch_results(response: pb.ClassifyBatchResponse) -> ClassifiedBatch:
+    results = (
         from_status(result.error) if result.HasField("error") else result.prediction
         for result in response.results
-    ]
+    )
+    return ClassifiedBatch(results, response.etag)
 
 
 def evaluate(

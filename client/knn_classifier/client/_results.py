@@ -1,4 +1,5 @@
-"""Results of the exemplar writes: what they returned before, plus the classifier's new etag.
+"""Results of the exemplar writes: what they returned before, plus the classifier's new etag;
+and the results of ClassifyBatch with the etag of the classifier that answered.
 
 ``add_exemplars`` returned the ids as a list and ``delete_exemplars`` the count as an int; both
 still do (these are a ``list`` and an ``int``), and carry the etag the server answered after
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Self
+
+from knn_classifier.v1 import classifier_pb2 as pb
+
+from ._errors import KnnClassifierError
 
 
 class AddedExemplars(list[str]):
@@ -28,3 +33,11 @@ class DeletedExemplars(int):
         result = super().__new__(cls, deleted)
         result.etag = etag
         return result
+
+
+class ClassifiedBatch(list[pb.Prediction | KnnClassifierError]):
+    """One result per text, in order; ``etag``: the classifier's revision that answered."""
+
+    def __init__(self, results: Iterable[pb.Prediction | KnnClassifierError], etag: str) -> None:
+        super().__init__(results)
+        self.etag = etag
