@@ -82,6 +82,38 @@ def test_a_page_holds_fewer_items_when_they_would_not_fit(small_budget: Client) 
     assert sorted(texts) == sorted(f"{i} " + "x" * 3000 for i in range(12))
 
 
+def test_classifier_and_label_pages_stay_under_the_budget(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """The two other lists are held to the budget too: 2 KB instructions, 250-character labels."""
+    settings = make_settings(
+        tmp_path,
+        fake_embedder.base_url,
+        limits={"max_response_bytes": BUDGET, "max_page_size": 200},
+    )
+    running = ServerThread(settings).start()
+    with running.client() as client:
+        names = [f"c{i:02d}" for i in range(12)]
+        for name in names:
+            client.create_classifier(name, instruction=f"{name} " + "i" * 2000)
+        client.add_exemplars("c00", [(f"text {i}", f"{i:02d}" + "l" * 248) for i in range(80)])
+        classifiers = raw(running, "ListClassifiers", pb.ListClassifiersRequest(page_size=200))
+        labels = raw(running, "ListLabels", pb.ListLabelsRequest(classifier="c00", page_size=200))
+        assert isinstance(classifiers, pb.ListClassifiersResponse)
+        assert isinstance(labels, pb.ListLabelsResponse)
+        # 12 classifiers of about 2 KB and 80 labels of about 260 bytes pass 16 KiB.
+        for page, items, total in (
+            (classifiers, classifiers.classifiers, 12),
+            (labels, labels.labels, 80),
+        ):
+            assert page.ByteSize() <= BUDGET
+            assert 0 < len(items) < total
+            assert page.next_page_token
+        assert [c.name for c in client.list_classifiers()] == names
+        assert len(client.list_labels("c00")) == 80
+    running.stop()
+
+
 def test_one_item_that_cannot_fit_is_an_error_that_says_why(small_budget: Client) -> None:
     client = small_budget
     client.create_classifier("huge")
