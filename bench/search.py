@@ -189,11 +189,22 @@ def accuracy(
     return float(np.mean([o.label == t for o, t in zip(outcomes, truth, strict=True)]))
 
 
-def rss_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """One memory field of /proc/self/status (VmRSS, VmHWM: its peak, RssAnon, RssFile)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def resident_split() -> str:
+    """The resident set split into anonymous memory and file-backed pages (Edge's mapped files,
+    which the kernel can reclaim under pressure, so the VmRSS figures move with them)."""
+    gib = {field: status_bytes(field) / 2**30 for field in ("VmRSS", "RssAnon", "RssFile")}
+    return (
+        f"resident {gib['VmRSS']:.2f} GiB: {gib['RssAnon']:.2f} GiB anonymous, "
+        f"{gib['RssFile']:.2f} GiB file-backed"
+    )
 
 
 # Part 3: HNSW recall ---------------------------------------------------------------------------
@@ -352,13 +363,6 @@ def run_child(args: list[str], label: str) -> list[str]:
     return [line for line in done.stdout.splitlines() if line.startswith("|")]
 
 
-def rss_peak_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def scale_shard(path: Path, width: int, int8: bool) -> qe.EdgeShard:
     """The server store's collection as an Edge shard, without HNSW graphs (see scale_rows)."""
     quantization = (
@@ -417,6 +421,7 @@ async def scale_write(store_kind: str, size: int, widths: list[int], directory: 
             shard.flush()
             shard.close()
     print(f"| {time.perf_counter() - started:.0f} |")
+    print(f"writer peak RSS {status_bytes('VmHWM') / 2**30:.2f} GiB")  # not a table row
 
 
 _SHARDS: dict[int, qe.EdgeShard] = {}
@@ -433,7 +438,7 @@ def shards(directory: Path, widths: list[int], store_kind: str) -> dict[int, qe.
 
 async def scale_read(store_kind: str, size: int, widths: list[int], directory: Path) -> None:
     queries = {width: synthetic(50, width, 10**9)[0] for width in widths}
-    before = rss_bytes()
+    before = status_bytes("VmRSS")
     times: dict[int, float] = {}
     if store_kind == "embedded":
         store = EdgeStore(directory)
@@ -446,7 +451,8 @@ async def scale_read(store_kind: str, size: int, widths: list[int], directory: P
                 await store.query(width, "c", queries[width][row : row + 1], K)
                 samples.append(time.perf_counter() - started)
             times[width] = 1000 * statistics.median(samples)
-        grown = rss_bytes() - before
+        grown = status_bytes("VmRSS") - before
+        split = resident_split()
         await store.close()
     else:
         int8 = store_kind.endswith("int8")
@@ -456,15 +462,17 @@ async def scale_read(store_kind: str, size: int, widths: list[int], directory: P
         for width in widths:
             search(loaded[width], queries[width][:1], params)
             times[width] = search(loaded[width], queries[width], params)[2]
-        grown = rss_bytes() - before
+        grown = status_bytes("VmRSS") - before
+        split = resident_split()
         for shard in loaded.values():
             shard.close()
     dims = "+".join(map(str, widths))
     print(
         f"| {store_kind} | {count_label(size)} | {dims} | {grown / 2**30:.2f} GiB | "
         f"{grown / size:,.0f} B | {grown / size / sum(widths):.2f} B | "
-        f"{rss_peak_bytes() / 2**30:.2f} GiB | {sum(times.values()):.1f} | WRITE |"
+        f"{status_bytes('VmHWM') / 2**30:.2f} GiB | {sum(times.values()):.1f} | WRITE |"
     )
+    print(split)  # not a table row: scale_rows prints table rows only
 
 
 def count_label(size: int) -> str:
