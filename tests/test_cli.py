@@ -518,3 +518,18 @@ def test_evaluate_with_out_of_scope_texts_and_target_coverage(
     refused = run(server, *common[:4], "--out-of-scope", str(empty))
     assert refused.returncode == 1
     assert "1 row(s) without a usable text (line 3: 'text' is empty)" in refused.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(server: ServerThread, created: Client) -> None:
+    """`knn-classifier exemplars NAME | head -1`: the reader leaves; no traceback, status 141."""
+    created.add_exemplars("intents", [("card not here", "card"), ("top up failed", "top_up")])
+    process = subprocess.Popen(
+        [*CLI, "--target", server.address, "exemplars", "intents"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (141, "")
