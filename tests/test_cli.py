@@ -533,3 +533,15 @@ def test_output_into_a_closed_pipe_ends_quietly(server: ServerThread, created: C
     process.stdout.close()  # the reader is gone before the first line is written
     _, stderr = process.communicate(timeout=120)
     assert (process.returncode, stderr) == (141, "")
+
+
+def test_a_line_break_in_a_text_stays_inside_its_table_row(
+    server: ServerThread, created: Client
+) -> None:
+    created.add_exemplars("intents", [("card lost", "card"), ("card\nlost", "top_up")])
+    out = ok(run(server, "check", "intents"))
+    assert "near-duplicates across labels: 1\n" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith("1.0")]
+    assert len(rows) == 1
+    assert "card\\nlost" in rows[0]
+    assert "lost" not in [line.strip() for line in out.splitlines()]
