@@ -545,3 +545,19 @@ def test_a_line_break_in_a_text_stays_inside_its_table_row(
     assert len(rows) == 1
     assert "card\\nlost" in rows[0]
     assert "lost" not in [line.strip() for line in out.splitlines()]
+
+
+def test_a_call_past_its_deadline_says_how_to_allow_more(
+    server: ServerThread, created: Client, fake_embedder: FakeEmbeddingServer
+) -> None:
+    created.add_exemplars("intents", [("card not here", "card"), ("top up failed", "top_up")])
+    gate = fake_embedder.hold()  # the embedder answers nothing until the test lets it
+    try:
+        result = run(server, "classify", "intents", "where is my card", "--timeout", "1")
+    finally:
+        gate.set()
+    assert result.returncode == 1
+    assert result.stderr.startswith("knn-classifier: error: DEADLINE_EXCEEDED: ")
+    assert result.stderr.endswith(
+        "; give each call more seconds with --timeout (or KNN_TIMEOUT)\n"
+    ), result.stderr

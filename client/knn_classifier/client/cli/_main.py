@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .._client import Client
-from .._errors import KnnClassifierError
+from .._errors import DeadlineExceededError, KnnClassifierError
 from .._requests import SCOPE_NAMES, VOTING_NAMES
 from . import _commands, _connect
 from ._errors import CliError
@@ -261,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
     except (KnnClassifierError, CliError) as error:
         message = " ".join(str(error).split())
+        if isinstance(error, DeadlineExceededError):
+            message += "; give each call more seconds with --timeout (or KNN_TIMEOUT)"
         print(f"knn-classifier: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
