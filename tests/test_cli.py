@@ -411,7 +411,7 @@ def test_installed_entry_point_and_runs_without_tqdm(
         capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
     assert json.loads(ok(result, status=3))["added"] == 4
-    assert "pip install 'knn-classifier-client[cli]'" in result.stderr
+    assert "pip install tqdm" in result.stderr  # not a package name that no index has
 
 
 def test_check_report_and_json(server: ServerThread, created: Client) -> None:
@@ -518,3 +518,46 @@ def test_evaluate_with_out_of_scope_texts_and_target_coverage(
     refused = run(server, *common[:4], "--out-of-scope", str(empty))
     assert refused.returncode == 1
     assert "1 row(s) without a usable text (line 3: 'text' is empty)" in refused.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(server: ServerThread, created: Client) -> None:
+    """`knn-classifier exemplars NAME | head -1`: the reader leaves; no traceback, status 141."""
+    created.add_exemplars("intents", [("card not here", "card"), ("top up failed", "top_up")])
+    process = subprocess.Popen(
+        [*CLI, "--target", server.address, "exemplars", "intents"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (141, "")
+
+
+def test_a_line_break_in_a_text_stays_inside_its_table_row(
+    server: ServerThread, created: Client
+) -> None:
+    created.add_exemplars("intents", [("card lost", "card"), ("card\nlost", "top_up")])
+    out = ok(run(server, "check", "intents"))
+    assert "near-duplicates across labels: 1\n" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith("1.0")]
+    assert len(rows) == 1
+    assert "card\\nlost" in rows[0]
+    assert "lost" not in [line.strip() for line in out.splitlines()]
+
+
+def test_a_call_past_its_deadline_says_how_to_allow_more(
+    server: ServerThread, created: Client, fake_embedder: FakeEmbeddingServer
+) -> None:
+    created.add_exemplars("intents", [("card not here", "card"), ("top up failed", "top_up")])
+    gate = fake_embedder.hold()  # the embedder answers nothing until the test lets it
+    try:
+        result = run(server, "classify", "intents", "where is my card", "--timeout", "1")
+    finally:
+        gate.set()
+    assert result.returncode == 1
+    assert result.stderr.startswith("knn-classifier: error: DEADLINE_EXCEEDED: ")
+    assert result.stderr.endswith(
+        "; give each call more seconds with --timeout (or KNN_TIMEOUT)\n"
+    ), result.stderr

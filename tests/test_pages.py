@@ -20,6 +20,7 @@ from knn_classifier.client import (
 from knn_classifier.server import paging, wire_size
 from knn_classifier.server.calibration import Calibration
 from knn_classifier.server.domain import ClassifierConfig, ClassifierInfo, Exemplar
+from knn_classifier.server.errors import ResourceExhausted
 from knn_classifier.server.out_of_scope import OutOfScopeFit
 from knn_classifier.server.voting import Neighbour, Vote, Voting
 from knn_classifier.v1 import classifier_pb2 as pb
@@ -126,7 +127,7 @@ def test_one_item_that_cannot_fit_is_an_error_that_says_why(small_budget: Client
     error = caught.value
     assert error.reason == "RESPONSE_TOO_LARGE"
     assert error.metadata["limitBytes"] == str(BUDGET)
-    assert int(error.metadata["estimatedBytes"]) > BUDGET - 1024
+    assert int(error.metadata["estimatedBytes"]) > BUDGET
     assert not error.retryable
 
 
@@ -240,7 +241,7 @@ def test_a_classify_batch_too_large_to_receive_is_refused_before_it_is_built(
     error = caught.value
     assert error.reason == "RESPONSE_TOO_LARGE"
     assert error.metadata["limitBytes"] == str(4 * 1024 * 1024 - 64 * 1024)
-    assert int(error.metadata["estimatedBytes"]) > 4 * 1024 * 1024 - 64 * 1024 - 1024
+    assert int(error.metadata["estimatedBytes"]) > 4 * 1024 * 1024 - 64 * 1024
     # Without neighbours, or with fewer, the same call fits.
     assert len(client.classify_batch("long", texts, k=200)) == 16
     assert len(client.classify_batch("long", texts[:2], k=200, include_neighbours=True)) == 2
@@ -335,3 +336,17 @@ def test_the_estimates_bound_the_encoded_sizes_closely(texts: list[str]) -> None
         vectors=[pb.ExemplarVector(dimension=d, values=v) for d, v in vectors.items()]
     )
     assert with_vectors.ByteSize() <= wire_size.vectors(vectors) <= with_vectors.ByteSize() + 64
+
+
+def test_a_refused_response_is_estimated_above_the_budget() -> None:
+    """A part just under the budget but over it with the envelope: the estimate in the error
+    counts the envelope too, so it never reads as fitting (it read BUDGET - 1000)."""
+    part = BUDGET - 1000
+    with pytest.raises(ResourceExhausted) as one_item:
+        paging.fitting([part], lambda size: size, BUDGET, "one exemplar")
+    with pytest.raises(ResourceExhausted) as response:
+        paging.ensure_fits([part], BUDGET, "ask for less")
+    for caught in (one_item, response):
+        estimated = int(caught.value.metadata["estimatedBytes"])
+        assert estimated > BUDGET
+        assert str(estimated) in caught.value.message

@@ -201,6 +201,26 @@ def test_python_m_refuses_a_malformed_keys_file_at_once(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        (
+            {"KNN_LIMITS__MAX_K": "-3"},
+            "KNN_LIMITS__MAX_K: Input should be greater than or equal to 1",
+        ),
+        ({"KNN_DEFAULTS__K": "500"}, "defaults.k=500 exceeds limits.max_k=200"),
+    ],
+)
+def test_python_m_names_invalid_settings_without_quoting_values(
+    tmp_path: Path, env: dict[str, str], problem: str
+) -> None:
+    """One line per problem naming the variable; pydantic's text quoted the values given, the
+    API keys among them (the first characters of one, cut), and linked its documentation."""
+    done = run_server(tmp_path, KNN_STORE__API_KEY="qz9-secret-key", **env)
+    assert done.returncode == 1
+    assert done.stderr == f"invalid settings:\n  {problem}\n"
+
+
 def test_python_m_refuses_an_occupied_port_at_once(
     tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

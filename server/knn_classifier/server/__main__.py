@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from . import logs
 from .app import App
 from .errors import StartupError
-from .settings import Settings
+from .settings import Settings, invalid
 
 log = logging.getLogger("knn_classifier.server")
 
@@ -40,7 +40,7 @@ def main() -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        sys.exit(f"invalid settings:\n{exc}")
+        sys.exit(invalid.describe(exc))
     logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))

@@ -32,7 +32,7 @@ from .embedding_pipeline import EmbeddingPipeline
 from .errors import NotFound, ServiceError, StartupError
 from .progress import Progress
 from .service import ClassifierService
-from .settings import Settings
+from .settings import Settings, invalid
 from .startup_repair import FINGERPRINT_KEY
 from .store import Selection, Store
 from .transfer import carried
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        sys.exit(f"invalid settings:\n{exc}")
+        sys.exit(invalid.describe(exc))
     logs.configure(settings.log_level, settings.log_format)
     try:
         if args.batch_size < 1:

@@ -115,11 +115,12 @@ def fitting(items: Sequence[T], size: Callable[[T], int], budget: int, what: str
         used += size(item)
         if used > room:
             if count == 0:
+                estimated = used + ENVELOPE_BYTES
                 raise ResourceExhausted(
-                    f"{what} takes about {used} bytes, more than the response budget of "
+                    f"{what} takes about {estimated} bytes, more than the response budget of "
                     f"{budget} bytes (KNN_LIMITS__MAX_RESPONSE_BYTES on the server)",
                     reason=Reason.RESPONSE_TOO_LARGE,
-                    metadata={"limitBytes": budget, "estimatedBytes": used},
+                    metadata={"limitBytes": budget, "estimatedBytes": estimated},
                 )
             return count
     return len(items)
@@ -133,9 +134,10 @@ def ensure_fits(sizes: Iterable[int], budget: int, advice: str) -> None:
     for size in sizes:
         used += size
         if used > room:
+            estimated = used + ENVELOPE_BYTES
             raise ResourceExhausted(
-                f"the response would take more than {used} bytes, over the response budget of "
-                f"{budget} bytes (KNN_LIMITS__MAX_RESPONSE_BYTES on the server); {advice}",
+                f"the response would take more than {estimated} bytes, over the response budget"
+                f" of {budget} bytes (KNN_LIMITS__MAX_RESPONSE_BYTES on the server); {advice}",
                 reason=Reason.RESPONSE_TOO_LARGE,
-                metadata={"limitBytes": budget, "estimatedBytes": used},
+                metadata={"limitBytes": budget, "estimatedBytes": estimated},
             )

@@ -43,9 +43,13 @@ def _proto_json(message: Message) -> dict[str, Any]:
     )
 
 
+# Line breaks and tabs in a cell (an exemplar's text may hold them) would break the table's rows.
+_CELL_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns padded to their widest cell; numbers right-aligned."""
-    cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
+    """Columns padded to their widest cell; numbers right-aligned; one line per row."""
+    cells = [[str(c).translate(_CELL_ESCAPES) for c in line] for line in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(header))]
     lines = [

@@ -1,22 +1,26 @@
 """The ``knn-classifier`` command: arguments, dispatch, and exit statuses.
 
 Exit statuses: 0 done; 1 failed, with one line on stderr naming the gRPC status (or what else
-was wrong); 2 bad arguments; 3 an import finished but rejected some rows; 130 interrupted.
+was wrong); 2 bad arguments; 3 an import finished but rejected some rows; 130 interrupted;
+141 the reader of its output went away (``| head``), as a shell reports a command that SIGPIPE
+ended, but without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from .._client import Client
-from .._errors import KnnClassifierError
+from .._errors import DeadlineExceededError, KnnClassifierError
 from .._requests import SCOPE_NAMES, VOTING_NAMES
 from . import _commands, _connect
 from ._errors import CliError
 
 Command = Callable[[argparse.Namespace, Client], int]
+BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE
 VOTINGS = list(VOTING_NAMES)
 
 
@@ -257,8 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
     except (KnnClassifierError, CliError) as error:
         message = " ".join(str(error).split())
+        if isinstance(error, DeadlineExceededError):
+            message += "; give each call more seconds with --timeout (or KNN_TIMEOUT)"
         print(f"knn-classifier: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("knn-classifier: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that this does not
+        # raise too (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Protocol
 
+# The client is installed from the repository (it is not on a package index under its name).
 HINT = (
-    "knn-classifier: no progress bar without tqdm; "
-    "install it with: pip install 'knn-classifier-client[cli]'"
+    "knn-classifier: no progress bar without tqdm; install it with: pip install tqdm "
+    "(or install the client as pip install './client[cli]' from the repository)"
 )
 
 
