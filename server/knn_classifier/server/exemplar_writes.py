@@ -20,6 +20,7 @@ from .completion import completed
 from .domain import ClassifierConfig, Exemplar, ExemplarInput
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import InvalidArgument, NotFound, Reason, ResourceExhausted, Unavailable
+from .leases import redone_if_lease_lost
 from .settings import Settings
 from .store import Selection, Store
 from .store.schema import ExemplarPayload, exemplar_payload
@@ -101,7 +102,12 @@ class ExemplarWrites:
         else:
             vectors = given.rows(chosen)
         written = await completed(
-            self._write_locked(classifier, config.uid, etag, items, ids, chosen, vectors)
+            redone_if_lease_lost(
+                lambda etag: self._write_locked(
+                    classifier, config.uid, etag, items, ids, chosen, vectors
+                ),
+                etag,
+            )
         )
         return ids, written.etag
 
@@ -181,7 +187,11 @@ class ExemplarWrites:
             written = vectors[todo]
         ids = [point_ids[i] for i in todo]
         payloads = [payloads[i] for i in todo]
-        await completed(self._restore_locked(config, ids, VectorSet.of(written), payloads))
+        await completed(
+            redone_if_lease_lost(
+                lambda _: self._restore_locked(config, ids, VectorSet.of(written), payloads), ""
+            )
+        )
         return len(todo), len(todo) if vectors is None else 0
 
     async def _restore_locked(
@@ -207,7 +217,7 @@ class ExemplarWrites:
         (Classify keeps negatives out of the vote only for records with the mark)."""
         if config.holds_negatives or not _holds_negatives(payloads):
             return config
-        return await self._classifiers.bump(config, holds_negatives=True)
+        return await self._classifiers.bump(config, holds_negatives=True, keep_lease=True)
 
     async def _held_everywhere(
         self, classifier: str, point_ids: list[str]
@@ -249,6 +259,7 @@ class ExemplarWrites:
         written: list[int] = []
         try:
             for dimension in self._dimensions:
+                self._classifiers.check_lease(classifier)
                 await self._store.upsert(dimension, point_ids, vectors.at(dimension), payloads)
                 written.append(dimension)
         except (Unavailable, ResourceExhausted):
@@ -328,7 +339,11 @@ class ExemplarWrites:
                 validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
         elif label:
             validation.label(label)
-        return await completed(self._delete_locked(classifier, ids, label, etag, out_of_scope))
+        return await completed(
+            redone_if_lease_lost(
+                lambda etag: self._delete_locked(classifier, ids, label, etag, out_of_scope), etag
+            )
+        )
 
     async def _delete_locked(
         self,
@@ -361,6 +376,7 @@ class ExemplarWrites:
         """Deletes the selected exemplars from every dimension; returns how many there were."""
         count = await self.count(selection)
         for dimension in self._dimensions:
+            self._classifiers.check_lease(selection.classifier)
             await self._store.delete(dimension, selection)
         return count
 
