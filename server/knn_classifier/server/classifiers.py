@@ -140,7 +140,8 @@ class Classifiers:
             if self._leases is None:
                 yield current
                 return
-            lease = self._held[name] = await self._leases.take(current)
+            seen = self._parsed.get(current.name)  # the record _current just read
+            lease = self._held[name] = await self._leases.take(current, seen and seen[0])
             try:
                 yield current
             except BaseException:

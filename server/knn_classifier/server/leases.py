@@ -81,18 +81,19 @@ class Leases:
         self._store = store
         self._lease_s = lease_s
 
-    async def take(self, config: ClassifierConfig) -> Lease:
+    async def take(self, config: ClassifierConfig, seen: Payload | None = None) -> Lease:
         """Takes the lease of ``config``'s classifier, waiting while another replica holds it:
-        at most ``lease_s`` (a holder that crashed has let it expire by then) and not past the
-        call's deadline. ABORTED (``CLASSIFIER_BUSY``, retryable) when the wait is over;
-        NOT_FOUND if the classifier is deleted or re-created meanwhile."""
+        at most twice ``lease_s`` (a holder that crashed has let it expire after one) and not
+        past the call's deadline. ABORTED (``CLASSIFIER_BUSY``, retryable) when the wait is
+        over; NOT_FOUND if the classifier is deleted or re-created meanwhile. ``seen``: the
+        record as just read, if the caller has it (saves reading it again)."""
         key = classifier_key(config.name)
         token = uuid.uuid4().hex
         left = deadlines.remaining()
         longest = _MAX_WAIT_LEASES * self._lease_s
         give_up = time.monotonic() + (longest if left is None else min(longest, left))
         poll = _FIRST_POLL_S
-        payload = await self._store.get_meta(key)
+        payload = seen or await self._store.get_meta(key)
         while True:
             _check_same(config, payload)
             assert payload is not None
