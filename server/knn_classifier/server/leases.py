@@ -6,9 +6,10 @@ and ``lease_until``, when it expires (seconds since the epoch on the taker's clo
 released). A replica takes it by compare-and-set on the token it saw, when the lease is released
 or expired, and holds it from before its first point write to its final revision bump, whose
 compare-and-set includes the token and releases the lease in the same step. Tokens are never
-reused, so a holder whose lease expired and was taken by another replica finds out there, at
-the latest, and before each store write by its own clock (:meth:`Lease.check`): it then raises
-:class:`LeaseLost` and its write is done again under a new lease (:func:`redone_if_lease_lost`).
+reused, so a holder whose lease expired and was taken by another replica finds out before its
+next store write, by its own clock (:meth:`Lease.check`), or at that final compare-and-set: it
+then raises :class:`LeaseLost` and its write is done again under a new lease
+(:func:`redone_if_lease_lost`).
 
 Within one process the per-name lock of :class:`~.classifiers.Classifiers` already serialises
 writes; the lease is taken under it. Stores used by one process only (the embedded store) take
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +34,7 @@ from .store import Store
 from .store.base import Payload
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 LEASE = "lease"
 """Record field: the token of the lease's last taker (absent on a record never leased)."""
@@ -101,11 +104,13 @@ class Leases:
             if held_for <= 0:  # released or expired: compare-and-set on the token seen
                 started = time.monotonic()
                 taken = {LEASE: token, LEASE_UNTIL: time.time() + self._lease_s}
-                seen = {**_identity(config), LEASE: payload.get(LEASE)}
-                await self._store.update_meta(key, taken, seen)
+                still = {**_identity(config), LEASE: payload.get(LEASE)}
+                await self._store.update_meta(key, taken, still)
                 payload = await self._store.get_meta(key)
                 if payload is not None and payload.get(LEASE) == token:
                     return Lease(config.name, token, started + self._lease_s)
+                if time.monotonic() >= give_up:
+                    raise _busy(config.name)
                 continue  # another replica took it first: look at its lease
             wait = min(poll, held_for, give_up - time.monotonic())
             if wait <= 0:
@@ -147,6 +152,10 @@ async def redone_if_lease_lost(write: Callable[[str], Awaitable[T]], etag: str) 
     """
     with contextlib.suppress(LeaseLost):
         return await write(etag)
+    log.warning(
+        "a write lost its lease to another replica (it took longer than store.write_lease_s, or "
+        "this process stalled); doing it again"
+    )
     with deadlines.within(None):
         for _ in range(_REDOS - 1):
             with contextlib.suppress(LeaseLost):
