@@ -113,7 +113,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     CLASSIFIER_BUSY: _ErrorReason.ValueType  # 52
     """[ABORTED] Another replica of the service is writing this classifier's exemplars and did not
     finish while this call could wait (at most twice the server's write lease, and not past the
-    call's deadline). Nothing was written. Retryable (RetryInfo).
+    call's deadline): nothing was written. Also sent, rarely, by a write that other replicas kept
+    taking over after it stalled past its lease: retrying the same request completes it.
+    Retryable (RetryInfo).
     """
     EMBEDDER_UNAVAILABLE: _ErrorReason.ValueType  # 60
     """[UNAVAILABLE] The embedding server failed or cannot be reached. Retryable (RetryInfo)."""
@@ -238,7 +240,9 @@ ETAG_MISMATCH: ErrorReason.ValueType  # 51
 CLASSIFIER_BUSY: ErrorReason.ValueType  # 52
 """[ABORTED] Another replica of the service is writing this classifier's exemplars and did not
 finish while this call could wait (at most twice the server's write lease, and not past the
-call's deadline). Nothing was written. Retryable (RetryInfo).
+call's deadline): nothing was written. Also sent, rarely, by a write that other replicas kept
+taking over after it stalled past its lease: retrying the same request completes it.
+Retryable (RetryInfo).
 """
 EMBEDDER_UNAVAILABLE: ErrorReason.ValueType  # 60
 """[UNAVAILABLE] The embedding server failed or cannot be reached. Retryable (RetryInfo)."""
