@@ -21,6 +21,7 @@ from qdrant_client import AsyncQdrantClient
 from knn_classifier.server import deadlines, statuses
 from knn_classifier.server.domain import ExemplarInput, NewClassifier
 from knn_classifier.server.errors import Aborted, Reason, ResourceExhausted
+from knn_classifier.server.leases import LeaseLost, Leases
 from knn_classifier.server.service import ClassifierService
 from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import EdgeStore
@@ -278,6 +279,48 @@ async def test_a_replica_that_lost_its_lease_mid_write_does_the_write_again_ever
     assert current.revision > int(deleted_etag.split(".")[1])
     await replica_a.stop()
     await replica_b.stop()
+
+
+async def test_a_lease_half_gone_is_extended_under_a_new_token_before_a_store_write(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """A write lasting longer than half its lease extends it before its next store write, under
+    a new token: a replica that saw the old token expiring cannot take the lease on it. A lease
+    run out but not taken is extended as well; one another replica took is lost."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store = QdrantServerStore(AsyncQdrantClient(":memory:"), "knn")
+    replica = await open_replica(settings, store)
+    await replica.create_classifier(NewClassifier("c"))
+    leases = Leases(store, 600)
+    lease = await leases.take((await replica.get_classifier("c")).config)
+
+    async def record() -> Payload:
+        payload = await store.get_meta("classifier:c")
+        assert payload is not None
+        return payload
+
+    async def taken_by_another(seen_token: str) -> None:
+        taken = {"lease": "another-replica", "lease_until": time.time() + 600}
+        await store.update_meta("classifier:c", taken, {"lease": seen_token})
+
+    untouched = lease.token
+    await leases.renewed(lease)  # all of it left: nothing to do
+    assert lease.token == untouched
+    lease.expires = time.monotonic() + 1  # as if 599 s of its 600 were gone
+    await leases.renewed(lease)
+    assert (await record())["lease"] == lease.token != untouched
+    assert (await record())["lease_until"] > time.time() + 500
+    await taken_by_another(untouched)  # it saw the old token about to expire: too late
+    assert (await record())["lease"] == lease.token
+
+    lease.expires = time.monotonic() - 1  # run out, but nobody took it
+    await leases.renewed(lease)
+    assert (await record())["lease"] == lease.token
+    await taken_by_another(lease.token)
+    lease.expires = time.monotonic() - 1
+    with pytest.raises(LeaseLost):
+        await leases.renewed(lease)
+    await replica.stop()
 
 
 async def test_the_embedded_store_takes_no_lease(

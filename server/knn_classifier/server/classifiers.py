@@ -130,7 +130,7 @@ class Classifiers:
         change of its exemplars.
 
         Yields the current record, checked against ``uid`` and ``etag`` as in :meth:`update`.
-        The caller writes its points, calling :meth:`check_lease` before each store write, then
+        The caller writes its points, calling :meth:`keep_lease` before each store write, then
         calls :meth:`bump` before leaving, which releases the lease. Leaving without a bump
         releases it too; LeaseLost if another replica took it meanwhile (the write must then be
         done again: :func:`leases.redone_if_lease_lost`).
@@ -154,12 +154,12 @@ class Classifiers:
             finally:
                 del self._held[name]
 
-    def check_lease(self, name: str) -> None:
-        """Before a store write under :meth:`writing`: LeaseLost if this replica's lease on
-        ``name`` has run out by its own clock (another replica may have taken it)."""
+    async def keep_lease(self, name: str) -> None:
+        """Before a store write under :meth:`writing`: extends this replica's lease on ``name``
+        if half of it is gone; LeaseLost if it has run out or another replica took it."""
         lease = self._held.get(name)
-        if lease is not None:
-            lease.check()
+        if lease is not None and self._leases is not None:
+            await self._leases.renewed(lease)
 
     async def bump(
         self,

@@ -259,7 +259,7 @@ class ExemplarWrites:
         written: list[int] = []
         try:
             for dimension in self._dimensions:
-                self._classifiers.check_lease(classifier)
+                await self._classifiers.keep_lease(classifier)
                 await self._store.upsert(dimension, point_ids, vectors.at(dimension), payloads)
                 written.append(dimension)
         except (Unavailable, ResourceExhausted):
@@ -376,7 +376,7 @@ class ExemplarWrites:
         """Deletes the selected exemplars from every dimension; returns how many there were."""
         count = await self.count(selection)
         for dimension in self._dimensions:
-            self._classifiers.check_lease(selection.classifier)
+            await self._classifiers.keep_lease(selection.classifier)
             await self._store.delete(dimension, selection)
         return count
 

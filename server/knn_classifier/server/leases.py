@@ -7,8 +7,9 @@ released). A replica takes it by compare-and-set on the token it saw, when the l
 or expired, and holds it from before its first point write to its final revision bump, whose
 compare-and-set includes the token and releases the lease in the same step. Tokens are never
 reused, so a holder whose lease expired and was taken by another replica finds out before its
-next store write, by its own clock (:meth:`Lease.check`), or at that final compare-and-set: it
-then raises :class:`LeaseLost` and its write is done again under a new lease
+next store write, by its own clock (:meth:`Leases.renewed`, which also extends a lease half
+gone, so a write may last longer than one lease), or at that final compare-and-set: it then
+raises :class:`LeaseLost` and its write is done again under a new lease
 (:func:`redone_if_lease_lost`).
 
 Within one process the per-name lock of :class:`~.classifiers.Classifiers` already serialises
@@ -70,12 +71,6 @@ class Lease:
     released: bool = False
     """Released, or gone with its classifier's record."""
 
-    def check(self) -> None:
-        """Raises LeaseLost if the lease has run out by this process's clock: a store write
-        started now could land after another replica took the lease."""
-        if not self.released and time.monotonic() >= self.expires:
-            raise _lost(self.name)
-
 
 class Leases:
     """Takes and releases the write leases of classifiers in ``store``'s records."""
@@ -118,6 +113,27 @@ class Leases:
             await asyncio.sleep(wait)
             poll = min(poll * 2, _LAST_POLL_S)
             payload = await self._store.get_meta(key)
+
+    async def renewed(self, lease: Lease) -> None:
+        """Before a store write: extends ``lease`` if less than half of it is left, under a new
+        token (a replica that saw the old one expiring cannot take the lease on it), so every
+        store write starts with at least half a lease to run. A lease run out but not taken is
+        extended too: its token unchanged proves that no other replica wrote meanwhile.
+        LeaseLost if another replica took it. A record gone or being deleted is left to the
+        write's final bump, which then removes what the write wrote."""
+        if lease.released or lease.expires - time.monotonic() >= self._lease_s / 2:
+            return
+        key = classifier_key(lease.name)
+        token = uuid.uuid4().hex
+        started = time.monotonic()
+        extended = {LEASE: token, LEASE_UNTIL: time.time() + self._lease_s}
+        await self._store.update_meta(key, extended, {LEASE: lease.token})
+        after = await self._store.get_meta(key)
+        if after is None or after.get("deleting"):
+            return
+        if after.get(LEASE) != token:
+            raise _lost(lease.name)
+        lease.token, lease.expires = token, started + self._lease_s
 
     async def release(self, config: ClassifierConfig, lease: Lease) -> None:
         """Releases ``lease`` after a write that did not bump the revision (a delete of

@@ -89,8 +89,9 @@ class StoreSettings(BaseModel):
             "seconds. Writes of a classifier's exemplars take it so that one replica at a time "
             "writes them; a replica finding it held waits at most twice this (less if the call's "
             "deadline is nearer) and then answers ABORTED (CLASSIFIER_BUSY, retryable). A "
-            "crashed holder's lease frees itself when it expires. Keep it well above the "
-            "longest write (store.timeout_s per dimension) and the replicas' clock skew."
+            "crashed holder's lease frees itself when it expires; a longer write extends its "
+            "lease. Keep half of it above store.timeout_s (one store call) and the replicas' "
+            "clock skew."
         ),
     )
     model_cache_entries: int = Field(
