@@ -1,9 +1,10 @@
 """The exemplar write path: AddExemplars, DeleteExemplars and the migration's restore.
 
 Every write runs under its classifier's write lock on the record as it is then (re-read, so a
-classifier deleted or re-created meanwhile is not written), goes to every dimension or (best
-effort) to none, moves the classifier's revision, and runs to completion even when its caller
-is cancelled.
+classifier deleted or re-created meanwhile is not written), and on a store other replicas share
+under its write lease (done again if another replica took the lease meanwhile: ``leases.py``);
+it goes to every dimension or (best effort) to none, moves the classifier's revision, and runs
+to completion even when its caller is cancelled.
 """
 
 from __future__ import annotations
