@@ -110,6 +110,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[ABORTED] A concurrent change to the classifier conflicts with this one: re-read and retry."""
     ETAG_MISMATCH: _ErrorReason.ValueType  # 51
     """[ABORTED] The etag sent does not match the classifier's current one: re-read and retry."""
+    CLASSIFIER_BUSY: _ErrorReason.ValueType  # 52
+    """[ABORTED] Another replica of the service is writing this classifier's exemplars and did not
+    finish while this call could wait (at most twice the server's write lease, and not past the
+    call's deadline): nothing was written. Also sent, rarely, by a write that other replicas kept
+    taking over after it stalled past its lease: retrying the same request completes it.
+    Retryable (RetryInfo).
+    """
     EMBEDDER_UNAVAILABLE: _ErrorReason.ValueType  # 60
     """[UNAVAILABLE] The embedding server failed or cannot be reached. Retryable (RetryInfo)."""
     STORE_UNAVAILABLE: _ErrorReason.ValueType  # 61
@@ -230,6 +237,13 @@ CONCURRENT_CHANGE: ErrorReason.ValueType  # 50
 """[ABORTED] A concurrent change to the classifier conflicts with this one: re-read and retry."""
 ETAG_MISMATCH: ErrorReason.ValueType  # 51
 """[ABORTED] The etag sent does not match the classifier's current one: re-read and retry."""
+CLASSIFIER_BUSY: ErrorReason.ValueType  # 52
+"""[ABORTED] Another replica of the service is writing this classifier's exemplars and did not
+finish while this call could wait (at most twice the server's write lease, and not past the
+call's deadline): nothing was written. Also sent, rarely, by a write that other replicas kept
+taking over after it stalled past its lease: retrying the same request completes it.
+Retryable (RetryInfo).
+"""
 EMBEDDER_UNAVAILABLE: ErrorReason.ValueType  # 60
 """[UNAVAILABLE] The embedding server failed or cannot be reached. Retryable (RetryInfo)."""
 STORE_UNAVAILABLE: ErrorReason.ValueType  # 61

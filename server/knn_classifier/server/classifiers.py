@@ -8,9 +8,11 @@ Guarantees (docs/design.md, "Classifier records"):
   re-reads the record under the lock: a writer that started on a classifier since deleted (or
   deleted and created again: a new ``uid``) fails with NOT_FOUND instead of writing; a
   conditional writer whose revision is stale fails with ABORTED.
-- Across replicas sharing a Qdrant server there is no lock, but every change of an existing
-  record is a compare-and-set on its revision (:meth:`Store.update_meta`): a replica never
-  overwrites a change made since it read the record, nor brings back a record another deleted.
+- Across replicas sharing a Qdrant server, every change of an existing record is a
+  compare-and-set on its revision (:meth:`Store.update_meta`): a replica never overwrites a
+  change made since it read the record, nor brings back a record another deleted. Writes of
+  exemplars also hold the classifier's write lease (:mod:`leases`), taken under the lock, so
+  one replica at a time writes them; the write's last bump checks and releases it.
   An exemplar write moves the revision after writing its points (:meth:`Classifiers.bump`) and
   removes them again if the classifier is gone or is another incarnation; a delete marks the
   record ``deleting`` before it deletes the exemplars and removes the record last.
@@ -29,14 +31,20 @@ from typing import Any
 from . import errors, validation
 from .domain import ClassifierConfig, classifier_key
 from .errors import Aborted, AlreadyExists, NotFound, Reason
+from .leases import Lease, Leases, check_not_lost, lease_fields
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 
 class Classifiers:
-    def __init__(self, store: Store) -> None:
+    """``write_lease_s``: how long a write lease lasts on a store other processes share; None:
+    no leases (for a reader, such as the migration's source)."""
+
+    def __init__(self, store: Store, write_lease_s: float | None = None) -> None:
         self._store = store
+        self._leases = Leases(store, write_lease_s) if store.shared and write_lease_s else None
+        self._held: dict[str, Lease] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._holders: dict[str, int] = {}
         self._parsed: dict[str, tuple[dict[str, Any], ClassifierConfig]] = {}
@@ -118,27 +126,63 @@ class Classifiers:
     async def writing(
         self, name: str, *, uid: str | None = None, etag: str = ""
     ) -> AsyncIterator[ClassifierConfig]:
-        """Holds the classifier's write lock around a change of its exemplars.
+        """Holds the classifier's write lock, and on a shared store its write lease, around a
+        change of its exemplars.
 
         Yields the current record, checked against ``uid`` and ``etag`` as in :meth:`update`.
-        The caller writes its points, then calls :meth:`bump` before leaving.
+        The caller writes its points, calling :meth:`keep_lease` before each store write, then
+        calls :meth:`bump` before leaving, which releases the lease. Leaving without a bump
+        releases it too; LeaseLost if another replica took it meanwhile (the write must then be
+        done again: :func:`leases.redone_if_lease_lost`).
         """
         async with self._locked(name):
-            yield await self._current(name, uid, etag, "classifier")
+            current = await self._current(name, uid, etag, "classifier")
+            if self._leases is None:
+                yield current
+                return
+            seen = self._parsed.get(current.name)  # the record _current just read
+            lease = self._held[name] = await self._leases.take(current, seen and seen[0])
+            try:
+                yield current
+            except BaseException:
+                if not lease.released:
+                    await self._leases.release_quietly(current, lease)
+                raise
+            else:
+                if not lease.released:
+                    await self._leases.release(current, lease)
+            finally:
+                del self._held[name]
+
+    async def keep_lease(self, name: str) -> None:
+        """Before a store write under :meth:`writing`: extends this replica's lease on ``name``
+        if half of it is gone; LeaseLost if it has run out or another replica took it."""
+        lease = self._held.get(name)
+        if lease is not None and self._leases is not None:
+            await self._leases.renewed(lease)
 
     async def bump(
-        self, config: ClassifierConfig, *, holds_negatives: bool | None = None
+        self,
+        config: ClassifierConfig,
+        *,
+        holds_negatives: bool | None = None,
+        keep_lease: bool = False,
     ) -> ClassifierConfig:
         """Records that ``config``'s exemplars changed: re-reads the record and bumps its
         revision. NOT_FOUND if the classifier was deleted or re-created meanwhile (possible
-        across replicas only): the caller must then remove what it wrote.
+        across replicas only): the caller must then remove what it wrote. Under a write lease,
+        the bump happens only if the lease is still this replica's (LeaseLost if not), and
+        releases it unless ``keep_lease`` (a bump before the points are written).
 
         ``holds_negatives`` True sets the record's mark (:attr:`ClassifierConfig.holds_negatives`);
         False clears it only if the record is still at ``config``'s revision, since a write of
         another replica since then may have added negatives."""
+        lease = self._held.get(config.name)
         for _ in range(_ATTEMPTS):
             current = await self._read(config.name)
             if current is None or current.deleting or current.uid != config.uid:
+                if lease is not None:
+                    lease.released = True  # gone with the record
                 raise NotFound(
                     f"classifier {config.name!r} was deleted during the write",
                     resource=errors.classifier(config.name),
@@ -147,8 +191,10 @@ class Classifiers:
             if mark is False and current.revision != config.revision:
                 mark = None
             fields = {} if mark is None else {"holds_negatives": mark}
-            bumped = await self._compare_and_set(current, fields)
+            bumped = await self._compare_and_set(current, fields, lease, release=not keep_lease)
             if bumped is not None:
+                if lease is not None and not keep_lease:
+                    lease.released = True
                 return bumped
         raise _contended(config.name)
 
@@ -204,22 +250,33 @@ class Classifiers:
         raise _contended(config.name)
 
     async def _compare_and_set(
-        self, current: ClassifierConfig, fields: dict[str, Any]
+        self,
+        current: ClassifierConfig,
+        fields: dict[str, Any],
+        lease: Lease | None = None,
+        *,
+        release: bool = False,
     ) -> ClassifierConfig | None:
         """Writes ``fields`` and the next revision on ``current``'s record if it is still at
-        ``current``'s revision (and incarnation, and deletion state) when the store applies
-        the write; returns the record written, or None if another write came first. A random
-        ``writer`` token read back tells this write from a competing one of the same revision.
+        ``current``'s revision (and incarnation, and deletion state, and with ``lease``: still
+        held by it) when the store applies the write; returns the record written, or None if
+        another write came first; LeaseLost if another replica took ``lease``. ``release``
+        releases ``lease`` in the same write. A random ``writer`` token read back tells this
+        write from a competing one of the same revision.
         """
         token = uuid.uuid4().hex
+        held, released = lease_fields(lease)
         where: dict[str, Any] = {"revision": current.revision, "deleting": current.deleting}
         if current.uid:
             where["uid"] = current.uid
         key = classifier_key(current.name)
         changes = {**fields, "revision": current.revision + 1, "writer": token}
-        await self._store.update_meta(key, changes, where)
+        if release:
+            changes.update(released)
+        await self._store.update_meta(key, changes, {**where, **held})
         after = await self._store.get_meta(key)
         if after is None or after.get("writer") != token:
+            check_not_lost(lease, current, after)
             return None
         return ClassifierConfig.from_payload(after)
 

@@ -1,9 +1,10 @@
 """The exemplar write path: AddExemplars, DeleteExemplars and the migration's restore.
 
 Every write runs under its classifier's write lock on the record as it is then (re-read, so a
-classifier deleted or re-created meanwhile is not written), goes to every dimension or (best
-effort) to none, moves the classifier's revision, and runs to completion even when its caller
-is cancelled.
+classifier deleted or re-created meanwhile is not written), and on a store other replicas share
+under its write lease (done again if another replica took the lease meanwhile: ``leases.py``);
+it goes to every dimension or (best effort) to none, moves the classifier's revision, and runs
+to completion even when its caller is cancelled.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .completion import completed
 from .domain import ClassifierConfig, Exemplar, ExemplarInput
 from .embedding_pipeline import EmbeddingPipeline
 from .errors import InvalidArgument, NotFound, Reason, ResourceExhausted, Unavailable
+from .leases import redone_if_lease_lost
 from .settings import Settings
 from .store import Selection, Store
 from .store.schema import ExemplarPayload, exemplar_payload
@@ -101,7 +103,12 @@ class ExemplarWrites:
         else:
             vectors = given.rows(chosen)
         written = await completed(
-            self._write_locked(classifier, config.uid, etag, items, ids, chosen, vectors)
+            redone_if_lease_lost(
+                lambda etag: self._write_locked(
+                    classifier, config.uid, etag, items, ids, chosen, vectors
+                ),
+                etag,
+            )
         )
         return ids, written.etag
 
@@ -181,7 +188,11 @@ class ExemplarWrites:
             written = vectors[todo]
         ids = [point_ids[i] for i in todo]
         payloads = [payloads[i] for i in todo]
-        await completed(self._restore_locked(config, ids, VectorSet.of(written), payloads))
+        await completed(
+            redone_if_lease_lost(
+                lambda _: self._restore_locked(config, ids, VectorSet.of(written), payloads), ""
+            )
+        )
         return len(todo), len(todo) if vectors is None else 0
 
     async def _restore_locked(
@@ -207,7 +218,7 @@ class ExemplarWrites:
         (Classify keeps negatives out of the vote only for records with the mark)."""
         if config.holds_negatives or not _holds_negatives(payloads):
             return config
-        return await self._classifiers.bump(config, holds_negatives=True)
+        return await self._classifiers.bump(config, holds_negatives=True, keep_lease=True)
 
     async def _held_everywhere(
         self, classifier: str, point_ids: list[str]
@@ -249,6 +260,7 @@ class ExemplarWrites:
         written: list[int] = []
         try:
             for dimension in self._dimensions:
+                await self._classifiers.keep_lease(classifier)
                 await self._store.upsert(dimension, point_ids, vectors.at(dimension), payloads)
                 written.append(dimension)
         except (Unavailable, ResourceExhausted):
@@ -328,7 +340,11 @@ class ExemplarWrites:
                 validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
         elif label:
             validation.label(label)
-        return await completed(self._delete_locked(classifier, ids, label, etag, out_of_scope))
+        return await completed(
+            redone_if_lease_lost(
+                lambda etag: self._delete_locked(classifier, ids, label, etag, out_of_scope), etag
+            )
+        )
 
     async def _delete_locked(
         self,
@@ -361,6 +377,7 @@ class ExemplarWrites:
         """Deletes the selected exemplars from every dimension; returns how many there were."""
         count = await self.count(selection)
         for dimension in self._dimensions:
+            await self._classifiers.keep_lease(selection.classifier)
             await self._store.delete(dimension, selection)
         return count
 

@@ -58,7 +58,7 @@ class ClassifierService:
         self._dimensions = settings.dimensions
         self._embedder = embedder
         self._store = store
-        self._classifiers = Classifiers(store)
+        self._classifiers = Classifiers(store, settings.store.write_lease_s)
         self._evaluator = Evaluator(settings, embedder, store)
         self._checker = hygiene.Checker(settings, store)
         self._writes = ExemplarWrites(settings, embedder, store, self._classifiers)

@@ -81,6 +81,19 @@ class StoreSettings(BaseModel):
             "restoring them from a backup keeps the exemplars."
         ),
     )
+    write_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Qdrant server store: how long a replica's write lease on a classifier lasts, in "
+            "seconds. Writes of a classifier's exemplars take it so that one replica at a time "
+            "writes them; a replica finding it held waits at most twice this (less if the call's "
+            "deadline is nearer) and then answers ABORTED (CLASSIFIER_BUSY, retryable). A "
+            "crashed holder's lease frees itself when it expires; a longer write extends its "
+            "lease. Keep half of it above store.timeout_s (one store call) and the replicas' "
+            "clock skew."
+        ),
+    )
     model_cache_entries: int = Field(
         256,
         ge=1,

@@ -12,7 +12,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..vectors import Matrix as Matrix  # the stores take and give vectors of this type
 from .schema import ExemplarPayload
@@ -53,6 +53,10 @@ class Selection:
 class Store(ABC):
     """A vector store with one exemplar collection per dimension and a meta collection."""
 
+    shared: ClassVar[bool] = True
+    """Whether other processes (service replicas) may write the same store: writes to a
+    classifier's exemplars then take its cross-replica write lease (``leases.py``)."""
+
     @abstractmethod
     async def open(self, dimensions: Sequence[int]) -> None:
         """Opens or creates the collections for ``dimensions`` and the meta collection."""
@@ -76,8 +80,9 @@ class Store(ABC):
     @abstractmethod
     async def update_meta(self, key: str, fields: Payload, where: Payload) -> None:
         """Sets ``fields`` on the record ``key`` if it exists and each field of ``where`` has
-        the given value, in one step of the store (a compare-and-set that replicas sharing the
-        store cannot interleave); else does nothing. Read the record back to learn which."""
+        the given value (None: the record has no such field, or null), in one step of the store
+        (a compare-and-set that replicas sharing the store cannot interleave); else does nothing.
+        Read the record back to learn which."""
 
     @abstractmethod
     async def delete_meta(self, key: str) -> None: ...

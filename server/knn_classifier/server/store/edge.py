@@ -39,6 +39,8 @@ _FACET_LIMIT = 1_000_000
 
 
 class EdgeStore(Store):
+    shared = False  # its directory lock keeps every other process out
+
     def __init__(self, data_dir: Path, min_free_bytes: int = 0) -> None:
         self._shards = EdgeShards(data_dir / "edge", min_free_bytes)
         self._mirrors: dict[tuple[int, str], Mirror] = {}

@@ -186,7 +186,9 @@ class QdrantServerStore(Store):
         # matches when it runs, so it cannot interleave with another replica's write.
         conditions: list[models.Condition] = [models.HasIdCondition(has_id=[meta_point_id(key)])]
         conditions += [
-            models.FieldCondition(key=name, match=models.MatchValue(value=value))
+            models.IsEmptyCondition(is_empty=models.PayloadField(key=name))
+            if value is None
+            else models.FieldCondition(key=name, match=models.MatchValue(value=value))
             for name, value in where.items()
         ]
         async with _unavailable_on_failure():
