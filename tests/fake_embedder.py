@@ -54,6 +54,8 @@ class Behaviour:
     """Wait this long before answering."""
     gate: threading.Event | None = None
     """If set, every call waits for this event before answering (see :meth:`wait_for_held`)."""
+    held_texts: set[str] = field(default_factory=set)
+    """If any, only calls with a text containing one of these wait at the gate."""
     held: int = 0
     """Calls waiting at the gate now."""
     calls: int = 0
@@ -100,8 +102,14 @@ class FakeEmbeddingServer:
             ):
                 raise TimeoutError(f"{self.behaviour.held} of {calls} calls arrived")
 
-    def _wait_at_gate(self, behaviour: Behaviour) -> None:
+    def _wait_at_gate(self, behaviour: Behaviour, texts: Any) -> None:
         if behaviour.gate is None:
+            return
+        if isinstance(texts, str):
+            texts = [texts]
+        if behaviour.held_texts and not any(
+            held in str(text) for held in behaviour.held_texts for text in texts or []
+        ):
             return
         with self._held_changed:
             behaviour.held += 1
@@ -185,7 +193,7 @@ class FakeEmbeddingServer:
                 # What the server did when the request arrived: a reset during a slow answer
                 # must not make it count against the next test.
                 behaviour = server.behaviour
-                server._wait_at_gate(behaviour)
+                server._wait_at_gate(behaviour, body.get("input"))
                 if behaviour.delay_s:
                     time.sleep(behaviour.delay_s)
                 if behaviour.malformed:

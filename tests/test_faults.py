@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +222,57 @@ def test_a_write_failing_in_one_dimension_leaves_no_half_written_exemplar(
             labels = client.classify("c", "brand new", dimension=dimension, k=10).scores
             assert "new" not in {s.label for s in labels}
         assert client.list_labels("c") == {"fruit": 2, "car": 1}
+
+
+# Busy is not down: a busy replica must stay in rotation -----------------------------------
+
+PROBE = "dimension probe"
+"""The text of the health probe (embedding._PROBE_TEXT)."""
+
+
+@contextmanager
+def batch_in_flight(
+    server: ServerThread, fake_embedder: FakeEmbeddingServer, held: set[str]
+) -> Iterator[None]:
+    """An AddExemplars of "a long batch" in flight: its embedding call, and every call with a
+    text containing one of ``held``, waits at the fake's gate until the block ends."""
+    gate = fake_embedder.hold()
+    fake_embedder.behaviour.held_texts = {"long batch", *held}
+
+    def add() -> None:
+        with server.client() as client:
+            client.add_exemplars("c", [("a long batch", "busy")])
+
+    thread = threading.Thread(target=add, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        gate.set()
+        thread.join(timeout=60)
+
+
+def test_a_probe_queued_behind_a_busy_embedder_keeps_health_serving(
+    watched: ServerThread, fake_embedder: FakeEmbeddingServer
+) -> None:
+    with batch_in_flight(watched, fake_embedder, held={PROBE}):
+        fake_embedder.wait_for_held(2)  # the batch and a probe queued behind it
+        with watched.client() as client:
+            assert client.classify("c", "green pear pie").label == "fruit"  # answered meanwhile
+        # The probe timed out (after 5 s) and its verdict was reported before the next probe.
+        fake_embedder.wait_for_held(3)
+        assert health(watched) == SERVING
+
+
+def test_calls_in_flight_do_not_hide_a_down_embedder(
+    watched: ServerThread, fake_embedder: FakeEmbeddingServer
+) -> None:
+    with batch_in_flight(watched, fake_embedder, held=set()):
+        fake_embedder.wait_for_held(1)
+        fake_embedder.behaviour.fail_status = 500
+        fake_embedder.behaviour.fail_times = 10**6
+        wait_for(lambda: health(watched) == NOT_SERVING, "health NOT_SERVING")
+        fake_embedder.behaviour.fail_times = 0
+    wait_for(lambda: health(watched) == SERVING, "health SERVING again")
+    with watched.client() as client:
+        assert client.classify("c", "green pear").label == "fruit"

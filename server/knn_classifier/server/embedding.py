@@ -25,6 +25,7 @@ import numpy as np
 import openai
 
 from . import deadlines
+from .call_record import CallRecord
 from .errors import EmbedderUnavailable, InvalidArgument, Reason, StartupError, Unavailable
 from .metrics import Metrics
 from .settings import EmbeddingSettings
@@ -54,6 +55,7 @@ class EmbeddingClient:
             timeout=settings.timeout_s,
         )
         self._width: int | None = None
+        self._calls = CallRecord()
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -99,19 +101,47 @@ class EmbeddingClient:
         """Embeds ``texts`` (already formatted by :meth:`prompt`) at full width, in order, by
         calls of at most max_texts_per_call texts each."""
         step = self._settings.max_texts_per_call
-        parts = [await self._call(texts[i : i + step]) for i in range(0, len(texts), step)]
+        parts = [await self._recorded(texts[i : i + step]) for i in range(0, len(texts), step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    async def ping(self, within_s: float) -> bool:
+    async def up(self, recent_s: float, probe_timeout_s: float) -> bool:
+        """Whether the server is up, for health, telling busy from down.
+
+        A probe queues behind the calls the server is working on, so on a server busy with
+        large batches it can time out although the server works. Hence an answer to any call
+        within ``recent_s`` (and no call failed since) is enough; only without one is the
+        server probed, and a probe that failed while other calls are in flight, one of which
+        was answered while the probe waited, means busy. A server that answers nothing, or
+        whose calls fail, fails the probe with nothing answered meanwhile: down.
+        """
+        probed_at = time.monotonic()
+        if self._calls.answered_since(probed_at - recent_s):
+            return True
+        if await self._ping(probe_timeout_s):
+            return True
+        return self._calls.in_flight > 0 and self._calls.answered_since(probed_at)
+
+    async def _ping(self, within_s: float) -> bool:
         """Whether the server embeds a short text correctly within ``within_s``; no retries."""
         try:
             check_usable(self._decode(await self._post([_PROBE_TEXT], within_s), 1))
         except (openai.OpenAIError, Unavailable):
             return False
+        self._calls.answered()
         return True
 
     async def close(self) -> None:
         await self._client.close()
+
+    async def _recorded(self, texts: Sequence[str]) -> Matrix:
+        """:meth:`_call`, its outcome recorded for :meth:`up`."""
+        try:
+            vectors = await self._call(texts)
+        except EmbedderUnavailable:
+            self._calls.failed()
+            raise
+        self._calls.answered()
+        return vectors
 
     async def _call(self, texts: Sequence[str]) -> Matrix:
         """One call to the server, retried on 429, 503 and failed connections, never on a
@@ -176,12 +206,17 @@ class EmbeddingClient:
         text through its type-driven request transform and, parsed, builds a pydantic object
         per vector, which together cost more CPU than the rest of a Classify.
         """
-        return await self._client.post(
-            "/embeddings",
-            cast_to=bytes,
-            body={"model": self._settings.model, "input": list(texts), "encoding_format": "base64"},
-            options={"timeout": within_s},
-        )
+        with self._calls.call():
+            return await self._client.post(
+                "/embeddings",
+                cast_to=bytes,
+                body={
+                    "model": self._settings.model,
+                    "input": list(texts),
+                    "encoding_format": "base64",
+                },
+                options={"timeout": within_s},
+            )
 
     def _decode(self, body: bytes, expected: int) -> Matrix:
         """The rows of an embeddings answer, in input order; EmbedderUnavailable if it is not

@@ -59,8 +59,8 @@ class EmbeddingPipeline:
     def prompt(self, instruction: str, text: str) -> str:
         return self.client.prompt(instruction, text)
 
-    async def ping(self, within_s: float) -> bool:
-        return await self.client.ping(within_s)
+    async def up(self, recent_s: float, probe_timeout_s: float) -> bool:
+        return await self.client.up(recent_s, probe_timeout_s)
 
     async def close(self) -> None:
         if self.coalescer is not None:

@@ -90,8 +90,12 @@ class ClassifierService:
         await self._startup.start()
 
     async def healthy(self) -> bool:
-        """Whether the embedder and the store both answer (for the health service)."""
-        if not await self._embedder.ping(within_s=5.0):
+        """Whether the embedder and the store both answer (for the health service). The
+        embedder counts as up if a call was answered within one health interval (see
+        :meth:`~.embedding.EmbeddingClient.up`)."""
+        if not await self._embedder.up(
+            self._settings.server.health_interval_s, probe_timeout_s=5.0
+        ):
             return False
         try:
             await self._store.get_meta(FINGERPRINT_KEY)
