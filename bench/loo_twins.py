@@ -124,7 +124,7 @@ def data_sets(share: float, seed: int) -> tuple[dict[str, DataSet], dict[str, in
         train, test = rows(name)
         texts[name] = (train, test)
         for part in (share / 2, share):
-            key = f"{name} + twins of {100 * part:.0f} %"
+            key = f"{name} + twins of {100 * part:g} %"
             twinned, added[key] = with_twins(train, part, seed)
             texts[key] = (twinned, test)
     sets, embedded = load_texts(texts)
