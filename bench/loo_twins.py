@@ -52,6 +52,7 @@ from bench.open_set import (
     twin_counts,
     twin_view,
 )
+from knn_classifier.server.evaluate import twins
 
 SETS = ("banking77", "hwu64")
 CONTRACTIONS = {
@@ -219,8 +220,10 @@ def table(
             views.append(twin_view(data, rows, tau, loo))
             left_out = twin_counts(data, rows, tau)
             counts.append(f"{tau:.4f}: {100 * (left_out > 0).mean():.1f} %")
-        twins = twin_view(data, rows, ratio_threshold(other, rule), loo)
-        honest = View(twins.indices, twins.similarities, loo.centroid, loo.discriminant, loo.truth)
+        twin_aware = twin_view(data, rows, ratio_threshold(other, rule), loo)
+        honest = View(
+            twin_aware.indices, twin_aware.similarities, loo.centroid, loo.discriminant, loo.truth
+        )
         views.append(honest)
         chosen_honestly = chosen_methods(data, honest)
         for method in METHODS:
@@ -265,10 +268,12 @@ def main() -> None:
     )
     parser.add_argument("--share", type=float, default=0.15, help="exemplars given a twin")
     parser.add_argument("--seed", type=int, default=0, help="numpy seed of the injection")
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.99, 0.98, 0.97])
+    parser.add_argument("--taus", type=float, nargs="*", default=[0.99, 0.98, 0.97])
     parser.add_argument("--quantiles", type=float, nargs="*", default=[0.99, 0.999])
-    parser.add_argument("--ratios", type=float, nargs="*", default=[0.1, 0.15, 0.2, 0.3])
-    parser.add_argument("--rule", type=float, default=0.15, help="the ratio Evaluate uses")
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.15, 0.2, 0.25, 0.3])
+    parser.add_argument(
+        "--rule", type=float, default=twins.TWIN_RATIO, help="the ratio Evaluate uses"
+    )
     args = parser.parse_args()
     sets, added, embedded = data_sets(args.share, args.seed)
     print(

@@ -1878,7 +1878,7 @@ class NearDuplicates(_message.Message):
     more similar to it than `similarity`.
     """
     similarity: _builtins.float
-    """The twin threshold: 1 - 0.15 x the median distance (1 - similarity) of the sampled
+    """The twin threshold: 1 - 0.25 x the median distance (1 - similarity) of the sampled
     exemplars to their nearest exemplar of another label. Taken from the data, it follows the
     embedding model's scale of similarities.
     """

@@ -423,8 +423,8 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
     if twins:
         near = response.near_duplicates
         print(
-            f"{near.share:.1%} of the {near.sampled} exemplars left out have a twin (an exemplar "
-            f"of their label more similar than {near.similarity:.4f} at dimension "
+            f"twins: {near.share:.1%} of the {near.sampled} exemplars left out have one (an "
+            f"exemplar of their label more similar than {near.similarity:.4f} at dimension "
             f"{near.dimension});\nacc_no_twins leaves the twins out too: near-paraphrases "
             "answer for each other, not for new texts"
         )

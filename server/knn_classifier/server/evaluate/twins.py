@@ -26,7 +26,7 @@ import numpy.typing as npt
 from ..vectors import Matrix
 from .neighbours import BLOCK, top_k
 
-TWIN_RATIO = 0.15
+TWIN_RATIO = 0.25
 """A twin is closer than this share of the median distance to the nearest other label."""
 
 
