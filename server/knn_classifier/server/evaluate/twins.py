@@ -43,6 +43,7 @@ class Twins:
     similarities: Matrix
     """Their similarities; -inf past the exemplars left (a tiny label full of twins)."""
     dimension: int
+    """The vectors' dimension the twins were found in."""
 
     @property
     def share(self) -> float:
