@@ -11,7 +11,7 @@ export UV_SYSTEM_CERTS := 1
 NPM_CI := npm ci --no-audit --no-fund --ignore-scripts --prefix
 BUF := scripts/buf/node_modules/.bin/buf
 
-.PHONY: setup serve test lint proto-lint proto-baseline typecheck pytest node-deps redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-open-set bench-intent-gap bench-soak clean
+.PHONY: setup serve test lint proto-lint proto-baseline typecheck pytest node-deps redis-server proto bench bench-accuracy bench-ablations bench-label-models bench-open-set bench-intent-gap bench-loo-twins bench-soak clean
 
 setup: .venv/.synced
 
@@ -84,6 +84,9 @@ bench-open-set: setup
 
 bench-intent-gap: setup  # the many-intent gap to LogisticRegression (docs/accuracy.md)
 	$(RUN) python bench/intent_gap.py
+
+bench-loo-twins: setup  # leave-one-out against the test set with injected twins (docs/accuracy.md)
+	$(RUN) python bench/loo_twins.py
 
 bench-soak: setup
 	$(RUN) python bench/soak.py

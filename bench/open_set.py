@@ -126,8 +126,14 @@ def rows(name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def load(names: Sequence[str]) -> tuple[dict[str, DataSet], int]:
     """The data sets' unit vectors, and how many texts had to be embedded."""
+    return load_texts({name: rows(name) for name in names})
+
+
+def load_texts(
+    texts: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]],
+) -> tuple[dict[str, DataSet], int]:
+    """Data sets given by their (text, label) rows, train and test, as :func:`load`."""
     cache = VectorCache(ROOT / "bench" / ".cache" / "embeddings.sqlite")
-    texts = {name: rows(name) for name in names}
     every = sorted({t for train, test in texts.values() for t, _ in train + test})
     missing = [t for t, v in zip(every, cache.get_many(MODEL, every), strict=True) if v is None]
     if missing:

@@ -344,7 +344,7 @@ def test_evaluate_table_and_json(server: ServerThread, created: Client, tmp_path
     lines = out.splitlines()
     assert lines[0].split() == [
         "#", "k", "voting", "dim", "T", "accuracy", "macro_f1", "coverage", "acc_covered",
-        "ECE", "texts",
+        "ECE", "texts", "acc_no_twins",
     ]  # fmt: skip
     assert len([line for line in lines[1:] if line[:1].isdigit()]) == 4
     held_out = write_csv(tmp_path / "held.csv", [["text", "label"], ["card gone", "card"]])

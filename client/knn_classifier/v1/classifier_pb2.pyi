@@ -1793,6 +1793,7 @@ class EvaluationResult(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TOP_CONFUSIONS_FIELD_NUMBER: _builtins.int
     OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
+    ACCURACY_WITHOUT_TWINS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """The setting."""
     voting: Global___Voting.ValueType
@@ -1813,6 +1814,13 @@ class EvaluationResult(_message.Message):
     """Of the returned confidence, over 10 equal-width bins."""
     evaluated: _builtins.int
     """Texts classified."""
+    accuracy_without_twins: _builtins.float
+    """Leave-one-out only: the accuracy when each exemplar is left out together with its twins
+    (EvaluateResponse.near_duplicates), which otherwise answer for it. Near-paraphrases among
+    the exemplars (common in crowd-sourced sets) make `accuracy` overestimate the accuracy on
+    new texts; this estimate does not count on them. The label models (centroid, discriminant)
+    keep the twins in their label means, where one is a small part.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelMetrics]:
         """Per label."""
@@ -1843,14 +1851,56 @@ class EvaluationResult(_message.Message):
         labels: _abc.Iterable[Global___LabelMetrics] | None = ...,
         top_confusions: _abc.Iterable[Global___Confusion] | None = ...,
         out_of_scope: Global___OutOfScopeMetrics | None = ...,
+        accuracy_without_twins: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["out_of_scope", b"out_of_scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy_without_twins", b"_accuracy_without_twins", "accuracy_without_twins", b"accuracy_without_twins", "out_of_scope", b"out_of_scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "out_of_scope", b"out_of_scope", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy_without_twins", b"_accuracy_without_twins", "accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "accuracy_without_twins", b"accuracy_without_twins", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "out_of_scope", b"out_of_scope", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__accuracy_without_twins: _TypeAlias = _typing.Literal["accuracy_without_twins"]  # noqa: Y015
+    _WhichOneofArgType__accuracy_without_twins: _TypeAlias = _typing.Literal["_accuracy_without_twins", b"_accuracy_without_twins"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__accuracy_without_twins) -> _WhichOneofReturnType__accuracy_without_twins | None: ...
+
+Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+
+@_typing.final
+class NearDuplicates(_message.Message):
+    """Near-duplicates among the exemplars Evaluate's leave-one-out sampled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARE_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    SAMPLED_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    share: _builtins.float
+    """Share of the sampled exemplars that have at least one twin: an exemplar of the same label
+    more similar to it than `similarity`.
+    """
+    similarity: _builtins.float
+    """The twin threshold: 1 - 0.25 x the median distance (1 - similarity) of the sampled
+    exemplars to their nearest exemplar of another label. Taken from the data, it follows the
+    embedding model's scale of similarities.
+    """
+    sampled: _builtins.int
+    """Exemplars sampled (at most limits.max_evaluated)."""
+    dimension: _builtins.int
+    """The dimension measured: the recommended setting's."""
+    def __init__(
+        self,
+        *,
+        share: _builtins.float = ...,
+        similarity: _builtins.float = ...,
+        sampled: _builtins.int = ...,
+        dimension: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimension", b"dimension", "sampled", b"sampled", "share", b"share", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+Global___NearDuplicates: _TypeAlias = NearDuplicates  # noqa: Y015
 
 @_typing.final
 class OutOfScopeMetrics(_message.Message):
@@ -1918,6 +1968,7 @@ class EvaluateResponse(_message.Message):
     UNKNOWN_LABELS_FIELD_NUMBER: _builtins.int
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
         """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
@@ -1941,6 +1992,12 @@ class EvaluateResponse(_message.Message):
         leave-one-out answers of the applied setting.
         """
 
+    @_builtins.property
+    def near_duplicates(self) -> Global___NearDuplicates:
+        """Leave-one-out only: the near-duplicates ("twins") among the sampled exemplars, which
+        EvaluationResult.accuracy_without_twins leaves out.
+        """
+
     def __init__(
         self,
         *,
@@ -1948,10 +2005,11 @@ class EvaluateResponse(_message.Message):
         unknown_labels: _abc.Iterable[_builtins.str] | None = ...,
         classifier: Global___Classifier | None = ...,
         thresholds: Global___ThresholdsReached | None = ...,
+        near_duplicates: Global___NearDuplicates | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "thresholds", b"thresholds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "near_duplicates", b"near_duplicates", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "results", b"results", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "near_duplicates", b"near_duplicates", "results", b"results", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -103,6 +103,16 @@ def evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.Evalua
             if reached
             else None
         ),
+        near_duplicates=(
+            pb.NearDuplicates(
+                share=evaluation.twins.share,
+                similarity=evaluation.twins.threshold,
+                sampled=len(evaluation.twins.counts),
+                dimension=evaluation.twins.dimension,
+            )
+            if evaluation.twins
+            else None
+        ),
     )
 
 
@@ -178,4 +188,5 @@ def _evaluation_result(report: Report) -> pb.EvaluationResult:
             pb.Confusion(true_label=t, predicted_label=p, count=c) for t, p, c in report.confusions
         ],
         out_of_scope=_out_of_scope_metrics(report.out_of_scope),
+        accuracy_without_twins=report.accuracy_without_twins,
     )

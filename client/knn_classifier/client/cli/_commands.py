@@ -417,8 +417,21 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
     header = ["#", "k", "voting", "dim", "T", "accuracy", "macro_f1", "coverage"]
     header += ["acc_covered", "ECE", "texts"]
     rows = [_result_row(rank, r) for rank, r in enumerate(response.results, start=1)]
+    twins = response.HasField("near_duplicates")
+    if twins:  # leave-one-out
+        header.append("acc_no_twins")
+        for row, r in zip(rows, response.results, strict=True):
+            row.append(round(r.accuracy_without_twins, 4))
     print(_table(header, rows))
     print("(#1 is the recommended setting)")
+    if twins:
+        near = response.near_duplicates
+        print(
+            f"twins: {near.share:.1%} of the {near.sampled} exemplars left out have one (an "
+            f"exemplar of their label more similar than {near.similarity:.4f} at dimension "
+            f"{near.dimension});\nacc_no_twins leaves the twins out too: near-paraphrases "
+            "answer for each other, not for new texts"
+        )
     if response.results and response.results[0].top_confusions:
         print("\ntop confusions of #1:")
         confusions = [

@@ -41,6 +41,9 @@ class Report:
     """(true label, predicted label, count), most frequent first."""
     out_of_scope: OutOfScopeMetrics | None = None
     """With held-out texts marked out of scope; the fields above count the in-scope ones."""
+    accuracy_without_twins: float | None = None
+    """Leave-one-out only: the accuracy with each exemplar's twins left out with it
+    (:mod:`.twins`)."""
 
 
 @dataclass(frozen=True, slots=True)

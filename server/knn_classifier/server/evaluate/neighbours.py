@@ -62,12 +62,17 @@ def nearest(
         if self_index is not None:
             rows = np.arange(block.shape[0])
             block[rows, self_index[start : start + block.shape[0]]] = -np.inf
-        top = np.argpartition(-block, k - 1, axis=1)[:, :k]
-        top_sims = np.take_along_axis(block, top, axis=1)
-        order = np.argsort(-top_sims, axis=1, kind="stable")
-        indices[start : start + block.shape[0]] = np.take_along_axis(top, order, axis=1)
-        similarities[start : start + block.shape[0]] = np.take_along_axis(top_sims, order, axis=1)
+        end = start + block.shape[0]
+        indices[start:end], similarities[start:end] = top_k(block, k)
     return indices, similarities
+
+
+def top_k(block: Matrix, k: int) -> tuple[npt.NDArray[np.intp], Matrix]:
+    """The columns of each row's ``k`` largest values of ``block``, and the values, best first."""
+    top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+    top_sims = np.take_along_axis(block, top, axis=1)
+    order = np.argsort(-top_sims, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
 
 
 def label_scores(

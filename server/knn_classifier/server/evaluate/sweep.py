@@ -26,7 +26,7 @@ from ..store import Store
 from ..thresholds import Reached
 from ..vectors import Matrix, truncate
 from ..voting import LABEL_SCORED, Voting
-from . import choice, metrics, neighbours, votes
+from . import choice, metrics, neighbours, twins, votes
 from .choice import Evaluated, cross_fitted, recommended_first, with_fitted_temperature
 from .metrics import Report, Scope
 from .neighbours import Exemplars, stored_exemplars
@@ -79,6 +79,8 @@ class Evaluation:
     """With apply_best: the classifier with the best setting applied, to be stored."""
     reached: Reached | None
     """With target_precision: what the updated classifier's thresholds reach."""
+    twins: twins.Twins | None = None
+    """Leave-one-out: the sampled exemplars' twins in the recommended setting's dimension."""
 
 
 class Evaluator:
@@ -146,6 +148,7 @@ class Evaluator:
         if held_out:  # the out-of-scope score's neighbour agreement
             largest_k = max(largest_k, open_set.AGREEMENT_NEIGHBOURS)
         samples: dict[int, npt.NDArray[np.intp]] = {}
+        found: dict[int, twins.Twins] = {}
         for dimension, exemplars in stored.items():
             position = {exemplar_id: i for i, exemplar_id in enumerate(exemplars.ids)}
             samples[dimension] = np.asarray([position[i] for i in sample_ids], dtype=np.intp)
@@ -158,6 +161,10 @@ class Evaluator:
                 neighbours.nearest, queries, exemplars.vectors, largest_k, self_index
             )
             vetoed = await asyncio.to_thread(exemplars.vetoed, queries, similarities[:, 0])
+            if self_index is not None:
+                found[dimension] = await asyncio.to_thread(
+                    twins.leave_out, exemplars.vectors, exemplars.labels, self_index, largest_k
+                )
             label_scores = await self._label_scores(sweep, exemplars, queries, self_index)
             scope = None
             if held_out and (outside or _rule_for(config, dimension)):
@@ -184,6 +191,11 @@ class Evaluator:
                     scope,
                     vetoed,
                 )
+                if dimension in found:
+                    evaluated = await asyncio.to_thread(
+                        self._without_twins, evaluated, config, exemplars, found[dimension],
+                        label_scores.get(swept.voting), labelled, vetoed,
+                    )  # fmt: skip
                 results.append(evaluated)
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
         results = recommended_first(results, truth)
@@ -198,7 +210,14 @@ class Evaluator:
             updated = dataclasses.replace(updated, out_of_scope=rule)
         unknown_labels = sorted(set(truth) - set(some.labels)) if held_out else []
         count = len(some.ids) + len(some.negatives)
-        return Evaluation([r.report for r in results], unknown_labels, count, updated, reached)
+        return Evaluation(
+            [r.report for r in results],
+            unknown_labels,
+            count,
+            updated,
+            reached,
+            found.get(results[0].report.setting.dimension),
+        )
 
     def _sweep(self, config: ClassifierConfig, request: EvaluateRequest) -> list[Setting]:
         """The settings of the request's sweep, each once.
@@ -286,6 +305,29 @@ class Evaluator:
         labels = [[exemplars.labels[i] for i in row] for row in indices.tolist()]
         scores = out_of_scope.scores(model, rule, queries, similarities[:, 0].tolist(), labels)
         return Scope(rule, scores)
+
+    @classmethod
+    def _without_twins(
+        cls,
+        evaluated: Evaluated,
+        config: ClassifierConfig,
+        exemplars: Exemplars,
+        found: twins.Twins,
+        label_scores: tuple[list[str], Matrix] | None,
+        labelled: Sequence[str | None],
+        vetoed: npt.NDArray[np.bool_],
+    ) -> Evaluated:
+        """``evaluated`` (leave-one-out) with the accuracy of the same setting when each
+        exemplar's twins are left out with it (:mod:`.twins`). The label models keep them."""
+        setting = evaluated.report.setting
+        honest = cls._evaluated(
+            config, setting, exemplars, found.indices, found.similarities, label_scores,
+            labelled, False, None, vetoed,
+        )  # fmt: skip
+        report = dataclasses.replace(
+            evaluated.report, accuracy_without_twins=honest.report.accuracy
+        )
+        return dataclasses.replace(evaluated, report=report)
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
         return await stored_exemplars(self._store, classifier, dimension)

@@ -66,6 +66,7 @@ def outcomes(
         neighbours = [
             Neighbour(exemplars.ids[i], exemplars.labels[i], exemplars.texts[i], s)
             for i, s in zip(row_indices, row_sims, strict=True)
+            if s > -np.inf  # past the exemplars left when twins are left out
         ]
         by_label: list[tuple[str, float]] = []
         if label_scores is not None and setting.voting is Voting.MIXTURE:
