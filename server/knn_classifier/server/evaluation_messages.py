@@ -114,7 +114,7 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
     mislabelled, duplicates, overlaps, small = report.found
     setting = report.setting
     return pb.CheckExemplarsResponse(
-        likely_mislabelled=[
+        likely_mislabelled_exemplars=[
             pb.LikelyMislabelled(
                 exemplar=_checked(m.exemplar), voted_label=m.voted_label, confidence=m.confidence
             )
@@ -139,7 +139,7 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
             for o in report.overlaps
         ],
         small_labels=[pb.LabelCount(label=label, count=n) for label, n in report.small_labels],
-        likely_mislabelled_found=mislabelled,
+        likely_mislabelled_exemplars_found=mislabelled,
         duplicates_found=duplicates,
         overlapping_labels_found=overlaps,
         small_labels_found=small,
@@ -149,8 +149,8 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
         voting=messages.VOTING_TO_PB[setting.voting],
         dimension=setting.dimension,
         etag=etag,
-        nearest_out_of_scope=[_checked(e) for e in report.nearest_negative],
-        nearest_out_of_scope_found=report.nearest_negative_found,
+        exemplars_nearest_out_of_scope=[_checked(e) for e in report.nearest_negative],
+        exemplars_nearest_out_of_scope_found=report.nearest_negative_found,
         out_of_scope_exemplars=report.negatives,
     )
 
