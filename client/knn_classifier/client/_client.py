@@ -316,6 +316,8 @@ class Client:
         temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Prediction:
+        """The answer for ``text``; ``classify_batch([text]).etag`` also says which revision of
+        the classifier gave it."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
@@ -668,6 +670,8 @@ class AsyncClient:
         temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Prediction:
+        """The answer for ``text``; ``classify_batch([text]).etag`` also says which revision of
+        the classifier gave it."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )

@@ -1078,12 +1078,15 @@ class ListExemplarsResponse(_message.Message):
     EXEMPLARS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     EMBEDDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
     embedder_fingerprint: _builtins.str
     """With EXEMPLAR_VIEW_WITH_VECTORS: the fingerprint of the embedder that made the vectors
     (ServiceInfo.embedder.fingerprint), to send with them to AddExemplars.
     """
+    etag: _builtins.str
+    """The classifier's etag (revision) read before the page: a write after it changes it."""
     @_builtins.property
     def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
         """In a stable order (of the store's point ids)."""
@@ -1094,10 +1097,11 @@ class ListExemplarsResponse(_message.Message):
         exemplars: _abc.Iterable[Global___Exemplar] | None = ...,
         next_page_token: _builtins.str = ...,
         embedder_fingerprint: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedder_fingerprint", b"embedder_fingerprint", "exemplars", b"exemplars", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedder_fingerprint", b"embedder_fingerprint", "etag", b"etag", "exemplars", b"exemplars", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1170,12 +1174,15 @@ class ListLabelsResponse(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     OUT_OF_SCOPE_EXEMPLARS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
     out_of_scope_exemplars: _builtins.int
     """The classifier's out-of-scope examples (ExemplarInput.out_of_scope), which belong to no
     label; the same on every page.
     """
+    etag: _builtins.str
+    """The classifier's etag (revision) read before the page: a write after it changes it."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCount]:
         """Most exemplars first, then by label. In-scope exemplars only."""
@@ -1186,10 +1193,11 @@ class ListLabelsResponse(_message.Message):
         labels: _abc.Iterable[Global___LabelCount] | None = ...,
         next_page_token: _builtins.str = ...,
         out_of_scope_exemplars: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_page_token", b"next_page_token", "out_of_scope_exemplars", b"out_of_scope_exemplars"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "labels", b"labels", "next_page_token", b"next_page_token", "out_of_scope_exemplars", b"out_of_scope_exemplars"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

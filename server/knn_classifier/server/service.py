@@ -254,10 +254,11 @@ class ClassifierService:
         label: str,
         vector_dimensions: Sequence[int] | None = None,
         out_of_scope: bool | None = None,
-    ) -> tuple[list[Exemplar], str]:
-        """A page of exemplars in id order, and the token of the next page ("" after the last);
-        with ``vector_dimensions`` (empty: all), with their vectors of those dimensions; with
-        ``out_of_scope``, of the negative exemplars only (True) or of the others (False)."""
+    ) -> tuple[list[Exemplar], str, str]:
+        """A page of exemplars in id order, the token of the next page ("" after the last) and
+        the classifier's etag read before the page; with ``vector_dimensions`` (empty: all),
+        with their vectors of those dimensions; with ``out_of_scope``, of the negative
+        exemplars only (True) or of the others (False)."""
         size = paging.page_size(page_size, self._limits)
         # Tokens of the whole list name no scope, as they did before there were scopes.
         scope: tuple[str, ...] = ("ListExemplars", classifier, label)
@@ -269,7 +270,7 @@ class ClassifierService:
             if vector_dimensions is None
             else transfer.vector_dimensions(vector_dimensions, self._dimensions)
         )
-        await self._classifiers.get(classifier)
+        config = await self._classifiers.get(classifier)
         selection = Selection(
             classifier,
             label=validation.label(label) if label else None,
@@ -292,15 +293,16 @@ class ClassifierService:
         if dimensions:
             point_ids = [record.id for record in records[:kept]]
             exemplars = await transfer.with_vectors(self._store, exemplars, point_ids, dimensions)
-        return exemplars, paging.encode(next_offset, scope) if next_offset else ""
+        return exemplars, paging.encode(next_offset, scope) if next_offset else "", config.etag
 
     async def list_labels(
         self, classifier: str, page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[tuple[str, int]], str, int]:
+    ) -> tuple[list[tuple[str, int]], str, int, str]:
         """A page of (label, exemplar count), most exemplars first, then by label; the token
-        of the next page ("" after the last); and the number of negative exemplars, which are
-        in no label. A page continues after the previous page's last (count, label), so labels
-        whose counts change between pages may be listed twice or not at all.
+        of the next page ("" after the last); the number of negative exemplars, which are
+        in no label; and the classifier's etag read before the page. A page continues after the
+        previous page's last (count, label), so labels whose counts change between pages may be
+        listed twice or not at all.
 
         Both counts go by each point's stored flag, never by the record's ``holds_negatives``
         mark: a negative stored after the record was read is still in no label. Both stores
@@ -308,7 +310,7 @@ class ClassifierService:
         size = paging.page_size(page_size, self._limits)
         scope = ("ListLabels", classifier)
         after = paging.label_position(paging.decode(page_token, scope))
-        await self._classifiers.get(classifier)
+        config = await self._classifiers.get(classifier)
         negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
         counts = await self._store.label_counts(self._dimensions[0], classifier, False)
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
@@ -321,9 +323,10 @@ class ClassifierService:
         )
         page = following[:kept]
         if kept == len(following):
-            return page, "", negatives
+            return page, "", negatives, config.etag
         last_label, last_count = page[-1]
-        return page, paging.encode(paging.label_cursor(last_count, last_label), scope), negatives
+        token = paging.encode(paging.label_cursor(last_count, last_label), scope)
+        return page, token, negatives, config.etag
 
     # Classification --------------------------------------------------------------------------
 
