@@ -1926,6 +1926,15 @@ class EvaluateResponse(_message.Message):
     UNKNOWN_LABELS_FIELD_NUMBER: _builtins.int
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
+    RESULTS_WITHOUT_LABELS_FIELD_NUMBER: _builtins.int
+    results_without_labels: _builtins.int
+    """How many results, the last ones, have no `labels` (per-label metrics): left out to keep the
+    response under the response budget (Limits.max_response_bytes), the least accurate
+    settings' first; every other field is whole. 0: every result has them. Evaluate a setting
+    alone (or fewer at once) to read its per-label metrics. RESOURCE_EXHAUSTED
+    (RESPONSE_TOO_LARGE), before apply_best stores anything, only if the response cannot fit
+    even without any.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
         """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
@@ -1956,10 +1965,11 @@ class EvaluateResponse(_message.Message):
         unknown_labels: _abc.Iterable[_builtins.str] | None = ...,
         classifier: Global___Classifier | None = ...,
         thresholds: Global___ThresholdsReached | None = ...,
+        results_without_labels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "results", b"results", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "results", b"results", "results_without_labels", b"results_without_labels", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2126,8 +2136,8 @@ class Limits(_message.Message):
     max_request_bytes: _builtins.int
     """The largest request message the server accepts, in bytes."""
     max_response_bytes: _builtins.int
-    """List and batch responses stay under this many bytes (RESPONSE_TOO_LARGE if one item or
-    a batch cannot).
+    """List, batch and Evaluate responses stay under this many bytes (RESPONSE_TOO_LARGE if one
+    item or a batch cannot; see EvaluateResponse.results_without_labels).
     """
     def __init__(
         self,

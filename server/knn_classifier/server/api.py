@@ -205,9 +205,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     @_status_on_error
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         evaluate = evaluation_messages.evaluate_request(request)
-        evaluation, info = await self._service.evaluate(request.classifier, evaluate, request.etag)
+        evaluation, info, with_labels = await self._service.evaluate(
+            request.classifier, evaluate, request.etag
+        )
         # Off the event loop: a sweep over thousands of labels has that many metrics per setting.
-        return await asyncio.to_thread(evaluation_messages.evaluate_response, evaluation, info)
+        return await asyncio.to_thread(
+            evaluation_messages.evaluate_response, evaluation, info, with_labels
+        )
 
     @_status_on_error
     async def CheckExemplars(

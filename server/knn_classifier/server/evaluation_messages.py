@@ -88,10 +88,16 @@ def _out_of_scope_metrics(metrics: OutOfScopeMetrics | None) -> pb.OutOfScopeMet
     )
 
 
-def evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.EvaluateResponse:
+def evaluate_response(
+    evaluation: Evaluation, info: ClassifierInfo, with_labels: int
+) -> pb.EvaluateResponse:
+    """The response, with per-label metrics in the first ``with_labels`` results only
+    (:mod:`evaluation_budget`)."""
     reached = evaluation.reached
+    reports = evaluation.reports
     return pb.EvaluateResponse(
-        results=[_evaluation_result(r) for r in evaluation.reports],
+        results=[_evaluation_result(r, i < with_labels) for i, r in enumerate(reports)],
+        results_without_labels=len(reports) - with_labels,
         unknown_labels=evaluation.unknown_labels,
         classifier=messages.classifier(info),
         thresholds=(
@@ -155,7 +161,7 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
     )
 
 
-def _evaluation_result(report: Report) -> pb.EvaluationResult:
+def _evaluation_result(report: Report, with_labels: bool) -> pb.EvaluationResult:
     setting = report.setting
     return pb.EvaluationResult(
         k=setting.k,
@@ -172,7 +178,7 @@ def _evaluation_result(report: Report) -> pb.EvaluationResult:
             pb.LabelMetrics(
                 label=m.label, precision=m.precision, recall=m.recall, f1=m.f1, support=m.support
             )
-            for m in report.labels
+            for m in (report.labels if with_labels else ())
         ],
         top_confusions=[
             pb.Confusion(true_label=t, predicted_label=p, count=c) for t, p, c in report.confusions

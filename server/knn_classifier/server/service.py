@@ -5,6 +5,7 @@ Knows nothing of gRPC: it takes and returns domain types and raises the errors o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.metadata
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import errors, hygiene, paging, transfer, updates, validation, wire_size
+from . import errors, evaluation_budget, hygiene, paging, transfer, updates, validation, wire_size
 from .classification import Classification
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
@@ -340,12 +341,20 @@ class ClassifierService:
 
     async def evaluate(
         self, classifier: str, request: EvaluateRequest, etag: str = ""
-    ) -> tuple[Evaluation, ClassifierInfo]:
+    ) -> tuple[Evaluation, ClassifierInfo, int]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC. ``etag``: the
-        revision apply_best may change (ABORTED if the classifier is at another)."""
+        revision apply_best may change (ABORTED if the classifier is at another). Also how many
+        leading results keep their per-label metrics in the response (refused, before
+        apply_best stores anything, if it cannot fit even without)."""
         config = await self._classifiers.get(classifier, etag=etag)
         evaluation = await self._evaluator.evaluate(config, request)
         proposed = evaluation.updated
+        with_labels = await asyncio.to_thread(  # as many metrics as labels x settings
+            evaluation_budget.results_with_labels,
+            evaluation,
+            ClassifierInfo(proposed or config, evaluation.exemplar_count),
+            self._limits.max_response_bytes,
+        )
         if proposed is not None:
             # Conditional on the revision the sweep read: a classifier deleted or changed
             # during the sweep is not overwritten with settings fitted to its old exemplars.
@@ -353,7 +362,7 @@ class ClassifierService:
                 classifier, lambda _: proposed, uid=config.uid, etag=config.etag
             )
             log.info("classifier %s: applied the best setting of an Evaluate", config.name)
-        return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
+        return evaluation, ClassifierInfo(config, evaluation.exemplar_count), with_labels
 
     async def check_exemplars(
         self, classifier: str, request: hygiene.CheckRequest
