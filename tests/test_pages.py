@@ -196,6 +196,7 @@ def test_list_pages_carry_the_etag_they_were_read_at(client: Client, server: Ser
         labels = raw(server, "ListLabels", pb.ListLabelsRequest(classifier="tagged", page_size=1))
         assert isinstance(labels, pb.ListLabelsResponse)
         assert labels.next_page_token
+        assert client.list_labels("tagged").etag == labels.etag  # the client's dict carries it
         return client.list_exemplars("tagged", page_size=1).etag, labels.etag
 
     before = client.get_classifier("tagged").etag
