@@ -228,7 +228,9 @@ async def test_async_client(server: ServerThread) -> None:
             "card_arrival",
             "top_up",
         ]
-        assert await client.list_labels("async") == {"card_arrival": 3, "top_up": 3}
+        labels = await client.list_labels("async")
+        assert labels == {"card_arrival": 3, "top_up": 3}
+        assert labels.etag == (await client.get_classifier("async")).etag
         with pytest.raises(NotFoundError):
             await client.get_classifier("missing")
 

@@ -439,7 +439,7 @@ def test_check_report_and_json(server: ServerThread, created: Client) -> None:
     assert {response["duplicates"][0][side]["text"] for side in ("first", "second")} == {
         "card lost", "Card lost!",
     }  # fmt: skip
-    assert len(response["likely_mislabelled"]) <= 1
+    assert len(response["likely_mislabelled_exemplars"]) <= 1
 
     missing = run(server, "check", "nothing")
     assert missing.returncode == 1

@@ -101,13 +101,13 @@ def test_report_matches_a_brute_force_reference(
 
     found = {
         m.exemplar.id: (m.voted_label, pytest.approx(m.confidence, abs=1e-6))
-        for m in response.likely_mislabelled
+        for m in response.likely_mislabelled_exemplars
     }
     assert found == expected["mislabelled"]
-    confidences = [m.confidence for m in response.likely_mislabelled]
+    confidences = [m.confidence for m in response.likely_mislabelled_exemplars]
     assert confidences == sorted(confidences, reverse=True)
     by_id = dict(zip(ids, items, strict=True))
-    for m in response.likely_mislabelled:
+    for m in response.likely_mislabelled_exemplars:
         assert (m.exemplar.text, m.exemplar.label) == by_id[m.exemplar.id]
     # The planted mislabels are among them, so the comparison is not between two empty sets.
     planted = {ids[items.index(item)] for item in MISLABELLED}
@@ -137,7 +137,7 @@ def test_overlap_shares_and_centroid_similarity(
 ) -> None:
     client, items, _ = loaded
     response = client.check_exemplars("c", min_confidence=0.0)
-    errors = Counter(m.exemplar.label for m in response.likely_mislabelled)
+    errors = Counter(m.exemplar.label for m in response.likely_mislabelled_exemplars)
     vectors: dict[str, np.ndarray] = {}
     for text, label in items:
         vectors[label] = vectors.get(label, 0) + fake_vector(text, 64).astype(np.float64)
@@ -160,13 +160,13 @@ def test_lists_are_cut_to_max_items_and_the_counts_stay_whole(
 ) -> None:
     client, _, _ = loaded
     whole = client.check_exemplars("c", min_confidence=0.0, min_duplicate_similarity=0.3)
-    assert whole.likely_mislabelled_found > 1
+    assert whole.likely_mislabelled_exemplars_found > 1
     assert whole.duplicates_found > 1
     cut = client.check_exemplars("c", min_confidence=0.0, min_duplicate_similarity=0.3, max_items=1)
-    assert len(cut.likely_mislabelled) == len(cut.duplicates) == 1
-    assert cut.likely_mislabelled[0] == whole.likely_mislabelled[0]
+    assert len(cut.likely_mislabelled_exemplars) == len(cut.duplicates) == 1
+    assert cut.likely_mislabelled_exemplars[0] == whole.likely_mislabelled_exemplars[0]
     assert cut.duplicates[0] == whole.duplicates[0]
-    assert cut.likely_mislabelled_found == whole.likely_mislabelled_found
+    assert cut.likely_mislabelled_exemplars_found == whole.likely_mislabelled_exemplars_found
     assert cut.duplicates_found == whole.duplicates_found
 
 
@@ -187,7 +187,8 @@ def test_response_stays_under_the_budget(
             client.add_exemplars("c", [(t, "a") for t in long] + [(t.upper(), "b") for t in long])
             response = client.check_exemplars("c", min_confidence=0.0, min_duplicate_similarity=0.5)
         assert response.ByteSize() <= budget
-        assert 0 < len(response.likely_mislabelled) < response.likely_mislabelled_found
+        found = response.likely_mislabelled_exemplars_found
+        assert 0 < len(response.likely_mislabelled_exemplars) < found
         assert len(response.duplicates) < response.duplicates_found
     finally:
         running.stop()
@@ -197,7 +198,7 @@ def test_size_bounds_cover_the_messages() -> None:
     ref = hygiene.ExemplarRef("id-1", "text é" * 40, "label")
     mislabelled = hygiene.Mislabelled(ref, "other", 0.75)
     message = pb.CheckExemplarsResponse(
-        likely_mislabelled=[
+        likely_mislabelled_exemplars=[
             pb.LikelyMislabelled(
                 exemplar=pb.CheckedExemplar(id=ref.id, text=ref.text, label=ref.label),
                 voted_label="other",
@@ -240,7 +241,7 @@ def test_a_large_classifier_is_checked_on_a_sample(
             client.add_exemplars("c", exemplars())
             response = client.check_exemplars("c", min_confidence=0.0)
         assert (response.checked, response.exemplar_count) == (10, len(exemplars()))
-        assert response.likely_mislabelled_found <= 10
+        assert response.likely_mislabelled_exemplars_found <= 10
     finally:
         running.stop()
 
@@ -252,7 +253,7 @@ def test_label_model_voting_finds_the_planted_mislabels(
     client.update_classifier("c", voting="centroid")
     response = client.check_exemplars("c")
     assert response.voting == pb.VOTING_CENTROID
-    found = {m.exemplar.id: m.voted_label for m in response.likely_mislabelled}
+    found = {m.exemplar.id: m.voted_label for m in response.likely_mislabelled_exemplars}
     for text, label in MISLABELLED:
         assert found[ids[items.index((text, label))]] != label
 

@@ -172,9 +172,9 @@ def test_apply_best_counts_exemplars_vetoed_by_negatives_as_rejected(client: Cli
     client.add_exemplars("topics", twins)
     response = client.evaluate("topics", apply_best=True)
     report = client.check_exemplars("topics")
-    vetoed = report.nearest_out_of_scope_found
+    vetoed = report.exemplars_nearest_out_of_scope_found
     assert vetoed >= 6
-    assert {e.id for e in report.nearest_out_of_scope} >= set(
+    assert {e.id for e in report.exemplars_nearest_out_of_scope} >= set(
         client.add_exemplars("topics", exemplars[:6])
     )
     assert (report.out_of_scope_exemplars, report.exemplar_count) == (6, 156)

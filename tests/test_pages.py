@@ -187,6 +187,29 @@ def test_list_labels_pages_most_exemplars_first(client: Client, server: ServerTh
     assert client.list_labels("labels") == counts
 
 
+def test_list_pages_carry_the_etag_they_were_read_at(client: Client, server: ServerThread) -> None:
+    client.create_classifier("tagged")
+    client.add_exemplars(
+        "tagged", [("red apple", "fruit"), ("green pear", "fruit"), ("kale", "veg"), ("nut", "nut")]
+    )
+
+    def etags() -> tuple[str, str]:
+        labels = raw(server, "ListLabels", pb.ListLabelsRequest(classifier="tagged", page_size=1))
+        assert isinstance(labels, pb.ListLabelsResponse)
+        assert labels.next_page_token
+        assert client.list_labels("tagged").etag == labels.etag  # the client's dict carries it
+        return client.list_exemplars("tagged", page_size=1).etag, labels.etag
+
+    before = client.get_classifier("tagged").etag
+    assert etags() == (before, before)
+    added = client.add_exemplars("tagged", [("plum", "fruit")], etag=before)
+    assert added.etag != before
+    assert etags() == (added.etag, added.etag)
+    deleted = client.delete_exemplars("tagged", label="veg", etag=etags()[0])  # it is current
+    assert deleted.etag != added.etag
+    assert etags() == (deleted.etag, deleted.etag) == (client.get_classifier("tagged").etag,) * 2
+
+
 @pytest.mark.parametrize(
     ("method", "scope", "cursor"),
     [

@@ -115,7 +115,7 @@ async def test_a_delete_through_one_replica_never_unmarks_a_negative_another_is_
         assert deleted == 1
         store.hold.set()
         await adding
-        labels, _, negatives = await replica_b.list_labels("c")
+        labels, _, negatives, _ = await replica_b.list_labels("c")
         assert (labels, negatives) == ([("a", 1)], 1)
         assert (await replica_b.get_classifier("c")).config.holds_negatives
     finally:

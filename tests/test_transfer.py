@@ -151,8 +151,8 @@ def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding
     assert result.stderr == ""  # nothing left out
     rule = head["classifier"]["out_of_scope_rule"]
     assert rule["dimension"] == 64
-    assert len(rule["similarity_reference"]) == len(EXEMPLARS)
-    assert len(rule["agreement_reference"]) == len(EXEMPLARS)
+    assert len(rule["similarity_references"]) == len(EXEMPLARS)
+    assert len(rule["agreement_references"]) == len(EXEMPLARS)
     assert int(rule["reference_size"]) == len(EXEMPLARS)
 
     with source.client() as original, target.client() as copy:
@@ -166,6 +166,32 @@ def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding
         expected = answers(original)
         assert answered_out_of_scope(expected) == ["weather rain storm"]
         assert answers(copy) == expected  # no Evaluate run on the copy
+
+
+def test_an_export_with_the_former_singular_rule_keys_still_imports_its_rule(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Files exported before OutOfScopeThreshold's references took plural names carry
+    ``similarity_reference`` ...: the import reads them when the plural keys are absent."""
+    source = tuned_source(servers)
+    export = tmp_path / "intents.jsonl"
+    ok(run(source, "export", "intents", "-o", str(export), "--vectors"))
+    head, *lines = export.read_text().splitlines()
+    old_head = json.loads(head)
+    rule = old_head["classifier"]["out_of_scope_rule"]
+    for kind in ("similarity", "mahalanobis", "agreement"):
+        rule[f"{kind}_reference"] = rule.pop(f"{kind}_references")
+    old = tmp_path / "old-shape.jsonl"
+    old.write_text("\n".join([json.dumps(old_head), *lines]) + "\n")
+
+    target = servers.start("target")
+    result = run(target, "import", "intents", str(old), "--json")
+    assert json.loads(ok(result))["added"] == len(EXEMPLARS)
+    assert result.stderr == ""  # the rule was restored, not left out
+    with source.client() as original, target.client() as copy:
+        fitted = original.get_classifier("intents").out_of_scope_threshold
+        assert len(fitted.agreement_references) == len(EXEMPLARS)
+        assert copy.get_classifier("intents").out_of_scope_threshold == fitted
 
 
 def test_an_import_into_another_embedder_embeds_the_texts_and_leaves_the_calibration(
@@ -346,20 +372,20 @@ def test_an_out_of_scope_threshold_to_restore_is_checked_and_a_bad_one_creates_n
         create(changed(dimension=32))
     assert dimension.value.reason == "DIMENSION_NOT_CONFIGURED"
     assert "out_of_scope_threshold.dimension" in str(dimension.value)
-    ascending = list(rule.similarity_reference)
+    ascending = list(rule.similarity_references)
     for bad, named in [
         (changed(target_coverage=0.2), "out_of_scope_threshold.target_coverage"),
         (changed(coverage=1.5), "out_of_scope_threshold.coverage"),
         (changed(threshold=0.5), "finite threshold of at most 0"),
         (changed(threshold=float("nan")), "finite threshold of at most 0"),
-        (changed(similarity_reference=[]), "1 to 256 finite reference values"),
-        (changed(similarity_reference=ascending[::-1]), "ascending"),
-        (changed(mahalanobis_reference=[0.0] * 257), "1 to 256 finite reference values"),
-        (changed(mahalanobis_reference=[0.0, float("inf")]), "finite reference values"),
-        (changed(agreement_reference=[0.5] * 257), "1 to 256 finite reference values"),
-        (changed(agreement_reference=[0.9, 0.1]), "ascending"),
-        (changed(agreement_reference=[0.5, 5.0]), "agreements within"),
-        (changed(similarity_reference=[-3.0, *ascending]), "similarities within"),
+        (changed(similarity_references=[]), "1 to 256 finite reference values"),
+        (changed(similarity_references=ascending[::-1]), "ascending"),
+        (changed(mahalanobis_references=[0.0] * 257), "1 to 256 finite reference values"),
+        (changed(mahalanobis_references=[0.0, float("inf")]), "finite reference values"),
+        (changed(agreement_references=[0.5] * 257), "1 to 256 finite reference values"),
+        (changed(agreement_references=[0.9, 0.1]), "ascending"),
+        (changed(agreement_references=[0.5, 5.0]), "agreements within"),
+        (changed(similarity_references=[-3.0, *ascending]), "similarities within"),
         (changed(reference_size=len(ascending) - 1), "reference_size of 0 or at least"),
         (changed(reference_size=-1), "reference_size of 0 or at least"),
     ]:
@@ -392,7 +418,7 @@ def test_an_export_without_the_out_of_scope_rule_says_it_is_not_restored() -> No
     assert any("out-of-scope threshold is not in this export" in n for n in restore.notes)
 
     rule = {"threshold": -3.5, "target_coverage": 0.98, "coverage": 1.0, "dimension": 32,
-            "similarity_reference": [0.1], "mahalanobis_reference": [0.2]}  # fmt: skip
+            "similarity_references": [0.1], "mahalanobis_references": [0.2]}  # fmt: skip
     restore = plan_restore({**head, "classifier": {**classifier, "out_of_scope_rule": rule}},
                            "copy", info)  # fmt: skip
     assert "out_of_scope_threshold" not in restore.settings  # 32 is not kept here
@@ -403,7 +429,7 @@ def test_an_export_without_the_out_of_scope_rule_says_it_is_not_restored() -> No
                            "copy", info)  # fmt: skip
     expected = pb.OutOfScopeThreshold(
         threshold=-3.5, target_coverage=0.98, coverage=1.0, dimension=64,
-        similarity_reference=[0.1], mahalanobis_reference=[0.2],
+        similarity_references=[0.1], mahalanobis_references=[0.2],
     )  # fmt: skip
     assert restore.settings["out_of_scope_threshold"] == expected
     assert restore.settings["embedder_fingerprint"] == "f"

@@ -35,7 +35,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._requests import BatchResult
-from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars
+from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars, LabelCounts
 from ._retry import RetryPolicy
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "FieldViolation",
     "InvalidArgumentError",
     "KnnClassifierError",
+    "LabelCounts",
     "LabelScore",
     "Neighbour",
     "NotFoundError",

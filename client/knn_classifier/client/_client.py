@@ -29,7 +29,7 @@ from . import _requests as build
 from ._errors import AlreadyExistsError, from_rpc_error
 from ._existing import matching
 from ._requests import Call, ExemplarLike, Listing, ScopeName, VotingName
-from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars
+from ._results import AddedExemplars, ClassifiedBatch, DeletedExemplars, LabelCounts
 from ._retry import IDEMPOTENT_METHODS, RetryPolicy
 
 Response = TypeVar("Response")
@@ -123,11 +123,16 @@ class Client:
 
     def _pages(self, listing: Listing[Item], timeout: float | None) -> Iterator[Item]:
         """Every item of ``listing``, page after page (``timeout`` per page)."""
+        for response in self._responses(listing, timeout):
+            yield from listing.items(response)
+
+    def _responses(self, listing: Listing[Item], timeout: float | None) -> Iterator[Any]:
+        """Every page's response of ``listing`` (``timeout`` per page)."""
         method = getattr(self._stub, listing.method)
         token = ""
         while True:
             response = self._call(method, listing.page(token), timeout)
-            yield from listing.items(response)
+            yield response
             token = response.next_page_token
             if not token:
                 return
@@ -293,10 +298,11 @@ class Client:
         (``timeout`` per page)."""
         yield from self._pages(build.all_exemplars(classifier, label, scope), timeout)
 
-    def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
-        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each).
+    def list_labels(self, classifier: str, *, timeout: float | None = None) -> LabelCounts:
+        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each;
+        a dict whose ``etag`` is the classifier's when the first page was read).
         Out-of-scope examples are in no label: :meth:`count_out_of_scope` counts them."""
-        return dict(self._pages(build.list_labels(classifier), timeout))
+        return LabelCounts.of(list(self._responses(build.list_labels(classifier), timeout)))
 
     def count_out_of_scope(self, classifier: str, *, timeout: float | None = None) -> int:
         """How many out-of-scope examples the classifier holds."""
@@ -316,6 +322,8 @@ class Client:
         temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Prediction:
+        """The answer for ``text``; ``classify_batch([text]).etag`` also says which revision of
+        the classifier gave it."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )
@@ -470,12 +478,17 @@ class AsyncClient:
 
     async def _pages(self, listing: Listing[Item], timeout: float | None) -> AsyncIterator[Item]:
         """Every item of ``listing``, page after page (``timeout`` per page)."""
+        async for response in self._responses(listing, timeout):
+            for item in listing.items(response):
+                yield item
+
+    async def _responses(self, listing: Listing[Item], timeout: float | None) -> AsyncIterator[Any]:
+        """Every page's response of ``listing`` (``timeout`` per page)."""
         method = getattr(self._stub, listing.method)
         token = ""
         while True:
             response = await self._call(method, listing.page(token), timeout)
-            for item in listing.items(response):
-                yield item
+            yield response
             token = response.next_page_token
             if not token:
                 return
@@ -645,10 +658,12 @@ class AsyncClient:
         async for exemplar in self._pages(listing, timeout):
             yield exemplar
 
-    async def list_labels(self, classifier: str, *, timeout: float | None = None) -> dict[str, int]:
-        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each).
+    async def list_labels(self, classifier: str, *, timeout: float | None = None) -> LabelCounts:
+        """Label -> number of exemplars, most exemplars first (every page; ``timeout`` each;
+        a dict whose ``etag`` is the classifier's when the first page was read).
         Out-of-scope examples are in no label: :meth:`count_out_of_scope` counts them."""
-        return {label: n async for label, n in self._pages(build.list_labels(classifier), timeout)}
+        listing = build.list_labels(classifier)
+        return LabelCounts.of([page async for page in self._responses(listing, timeout)])
 
     async def count_out_of_scope(self, classifier: str, *, timeout: float | None = None) -> int:
         """How many out-of-scope examples the classifier holds."""
@@ -668,6 +683,8 @@ class AsyncClient:
         temperature: float | None = None,
         timeout: float | None = None,
     ) -> pb.Prediction:
+        """The answer for ``text``; ``classify_batch([text]).etag`` also says which revision of
+        the classifier gave it."""
         options = build.classify_options(
             k, dimension, voting, min_similarity, min_confidence, include_neighbours, temperature
         )

@@ -1,5 +1,6 @@
 """Results of the exemplar writes: what they returned before, plus the classifier's new etag;
-and the results of ClassifyBatch with the etag of the classifier that answered.
+the results of ClassifyBatch with the etag of the classifier that answered; and the label
+counts of ListLabels with the etag they were read at.
 
 ``add_exemplars`` returned the ids as a list and ``delete_exemplars`` the count as an int; both
 still do (these are a ``list`` and an ``int``), and carry the etag the server answered after
@@ -41,3 +42,19 @@ class ClassifiedBatch(list[pb.Prediction | KnnClassifierError]):
     def __init__(self, results: Iterable[pb.Prediction | KnnClassifierError], etag: str) -> None:
         super().__init__(results)
         self.etag = etag
+
+
+class LabelCounts(dict[str, int]):
+    """Label -> number of exemplars, most exemplars first; ``etag``: the classifier's when the
+    first page was read (a write during the listing changes it, so a write conditional on it
+    fails rather than act on counts read across a change)."""
+
+    def __init__(self, counts: Iterable[tuple[str, int]], etag: str) -> None:
+        super().__init__(counts)
+        self.etag = etag
+
+    @classmethod
+    def of(cls, pages: list[pb.ListLabelsResponse]) -> LabelCounts:
+        """The counts of every page of one listing (at least one page)."""
+        counts = ((item.label, item.count) for page in pages for item in page.labels)
+        return cls(counts, pages[0].etag)

@@ -349,9 +349,9 @@ class OutOfScopeThreshold(_message.Message):
     TARGET_COVERAGE_FIELD_NUMBER: _builtins.int
     COVERAGE_FIELD_NUMBER: _builtins.int
     DIMENSION_FIELD_NUMBER: _builtins.int
-    SIMILARITY_REFERENCE_FIELD_NUMBER: _builtins.int
-    MAHALANOBIS_REFERENCE_FIELD_NUMBER: _builtins.int
-    AGREEMENT_REFERENCE_FIELD_NUMBER: _builtins.int
+    SIMILARITY_REFERENCES_FIELD_NUMBER: _builtins.int
+    MAHALANOBIS_REFERENCES_FIELD_NUMBER: _builtins.int
+    AGREEMENT_REFERENCES_FIELD_NUMBER: _builtins.int
     REFERENCE_SIZE_FIELD_NUMBER: _builtins.int
     threshold: _builtins.float
     """Texts scoring under it are out of scope."""
@@ -367,18 +367,18 @@ class OutOfScopeThreshold(_message.Message):
     count among the references themselves, as that rule was fitted).
     """
     @_builtins.property
-    def similarity_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+    def similarity_references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The p-value references of the score: quantiles of the leave-one-out exemplars'
-        label-relative similarities, ascending, at most 256. With mahalanobis_reference they make
+        label-relative similarities, ascending, at most 256. With mahalanobis_references they make
         the rule whole, so that CreateClassifierRequest.out_of_scope_threshold restores it exactly.
         """
 
     @_builtins.property
-    def mahalanobis_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+    def mahalanobis_references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The same for their relative Mahalanobis scores, ascending, at most 256."""
 
     @_builtins.property
-    def agreement_reference(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+    def agreement_references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The same for their neighbour agreements, ascending, at most 256; empty in a rule fitted
         before the score had this part (the agreement then counts for nothing).
         """
@@ -390,14 +390,14 @@ class OutOfScopeThreshold(_message.Message):
         target_coverage: _builtins.float = ...,
         coverage: _builtins.float = ...,
         dimension: _builtins.int = ...,
-        similarity_reference: _abc.Iterable[_builtins.float] | None = ...,
-        mahalanobis_reference: _abc.Iterable[_builtins.float] | None = ...,
-        agreement_reference: _abc.Iterable[_builtins.float] | None = ...,
+        similarity_references: _abc.Iterable[_builtins.float] | None = ...,
+        mahalanobis_references: _abc.Iterable[_builtins.float] | None = ...,
+        agreement_references: _abc.Iterable[_builtins.float] | None = ...,
         reference_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_reference", b"agreement_reference", "coverage", b"coverage", "dimension", b"dimension", "mahalanobis_reference", b"mahalanobis_reference", "reference_size", b"reference_size", "similarity_reference", b"similarity_reference", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_references", b"agreement_references", "coverage", b"coverage", "dimension", b"dimension", "mahalanobis_references", b"mahalanobis_references", "reference_size", b"reference_size", "similarity_references", b"similarity_references", "target_coverage", b"target_coverage", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1078,12 +1078,15 @@ class ListExemplarsResponse(_message.Message):
     EXEMPLARS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     EMBEDDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
     embedder_fingerprint: _builtins.str
     """With EXEMPLAR_VIEW_WITH_VECTORS: the fingerprint of the embedder that made the vectors
     (ServiceInfo.embedder.fingerprint), to send with them to AddExemplars.
     """
+    etag: _builtins.str
+    """The classifier's etag (revision) read before the page: a write after it changes it."""
     @_builtins.property
     def exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
         """In a stable order (of the store's point ids)."""
@@ -1094,10 +1097,11 @@ class ListExemplarsResponse(_message.Message):
         exemplars: _abc.Iterable[Global___Exemplar] | None = ...,
         next_page_token: _builtins.str = ...,
         embedder_fingerprint: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedder_fingerprint", b"embedder_fingerprint", "exemplars", b"exemplars", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedder_fingerprint", b"embedder_fingerprint", "etag", b"etag", "exemplars", b"exemplars", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1170,12 +1174,15 @@ class ListLabelsResponse(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     OUT_OF_SCOPE_EXEMPLARS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
     out_of_scope_exemplars: _builtins.int
     """The classifier's out-of-scope examples (ExemplarInput.out_of_scope), which belong to no
     label; the same on every page.
     """
+    etag: _builtins.str
+    """The classifier's etag (revision) read before the page: a write after it changes it."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCount]:
         """Most exemplars first, then by label. In-scope exemplars only."""
@@ -1186,10 +1193,11 @@ class ListLabelsResponse(_message.Message):
         labels: _abc.Iterable[Global___LabelCount] | None = ...,
         next_page_token: _builtins.str = ...,
         out_of_scope_exemplars: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_page_token", b"next_page_token", "out_of_scope_exemplars", b"out_of_scope_exemplars"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "labels", b"labels", "next_page_token", b"next_page_token", "out_of_scope_exemplars", b"out_of_scope_exemplars"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1969,6 +1977,15 @@ class EvaluateResponse(_message.Message):
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     NEAR_DUPLICATES_FIELD_NUMBER: _builtins.int
+    RESULTS_WITHOUT_LABELS_FIELD_NUMBER: _builtins.int
+    results_without_labels: _builtins.int
+    """How many results, the last ones, have no `labels` (per-label metrics): left out to keep the
+    response under the response budget (Limits.max_response_bytes), the least accurate
+    settings' first; every other field is whole. 0: every result has them. Evaluate a setting
+    alone (or fewer at once) to read its per-label metrics. RESOURCE_EXHAUSTED
+    (RESPONSE_TOO_LARGE), before apply_best stores anything, only if the response cannot fit
+    even without any.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
         """One per setting of the sweep, by accuracy then macro-F1, except that the recommended one
@@ -2006,10 +2023,11 @@ class EvaluateResponse(_message.Message):
         classifier: Global___Classifier | None = ...,
         thresholds: Global___ThresholdsReached | None = ...,
         near_duplicates: Global___NearDuplicates | None = ...,
+        results_without_labels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "near_duplicates", b"near_duplicates", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "near_duplicates", b"near_duplicates", "results", b"results", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "near_duplicates", b"near_duplicates", "results", b"results", "results_without_labels", b"results_without_labels", "thresholds", b"thresholds", "unknown_labels", b"unknown_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2176,8 +2194,8 @@ class Limits(_message.Message):
     max_request_bytes: _builtins.int
     """The largest request message the server accepts, in bytes."""
     max_response_bytes: _builtins.int
-    """List and batch responses stay under this many bytes (RESPONSE_TOO_LARGE if one item or
-    a batch cannot).
+    """List, batch and Evaluate responses stay under this many bytes (RESPONSE_TOO_LARGE if one
+    item or a batch cannot; see EvaluateResponse.results_without_labels).
     """
     def __init__(
         self,
@@ -2409,11 +2427,11 @@ class CheckExemplarsResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    LIKELY_MISLABELLED_FIELD_NUMBER: _builtins.int
+    LIKELY_MISLABELLED_EXEMPLARS_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     OVERLAPPING_LABELS_FIELD_NUMBER: _builtins.int
     SMALL_LABELS_FIELD_NUMBER: _builtins.int
-    LIKELY_MISLABELLED_FOUND_FIELD_NUMBER: _builtins.int
+    LIKELY_MISLABELLED_EXEMPLARS_FOUND_FIELD_NUMBER: _builtins.int
     DUPLICATES_FOUND_FIELD_NUMBER: _builtins.int
     OVERLAPPING_LABELS_FOUND_FIELD_NUMBER: _builtins.int
     SMALL_LABELS_FOUND_FIELD_NUMBER: _builtins.int
@@ -2423,10 +2441,10 @@ class CheckExemplarsResponse(_message.Message):
     VOTING_FIELD_NUMBER: _builtins.int
     DIMENSION_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
-    NEAREST_OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
-    NEAREST_OUT_OF_SCOPE_FOUND_FIELD_NUMBER: _builtins.int
+    EXEMPLARS_NEAREST_OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
+    EXEMPLARS_NEAREST_OUT_OF_SCOPE_FOUND_FIELD_NUMBER: _builtins.int
     OUT_OF_SCOPE_EXEMPLARS_FIELD_NUMBER: _builtins.int
-    likely_mislabelled_found: _builtins.int
+    likely_mislabelled_exemplars_found: _builtins.int
     """How many exemplars are likely mislabelled in all."""
     duplicates_found: _builtins.int
     """How many cross-label near-duplicate pairs there are in all. Each checked exemplar's
@@ -2448,12 +2466,12 @@ class CheckExemplarsResponse(_message.Message):
     """The setting."""
     etag: _builtins.str
     """The classifier's etag (revision) that was checked."""
-    nearest_out_of_scope_found: _builtins.int
+    exemplars_nearest_out_of_scope_found: _builtins.int
     """How many checked exemplars have an out-of-scope example nearest, in all."""
     out_of_scope_exemplars: _builtins.int
     """The classifier's out-of-scope examples; exemplar_count includes them."""
     @_builtins.property
-    def likely_mislabelled(self) -> _containers.RepeatedCompositeFieldContainer[Global___LikelyMislabelled]:
+    def likely_mislabelled_exemplars(self) -> _containers.RepeatedCompositeFieldContainer[Global___LikelyMislabelled]:
         """Most confident first."""
 
     @_builtins.property
@@ -2469,7 +2487,7 @@ class CheckExemplarsResponse(_message.Message):
         """Labels with fewer than min_label_exemplars exemplars, fewest first."""
 
     @_builtins.property
-    def nearest_out_of_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckedExemplar]:
+    def exemplars_nearest_out_of_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckedExemplar]:
         """Checked in-scope exemplars whose nearest other exemplar is an out-of-scope example
         (ExemplarInput.out_of_scope), at least as similar as its nearest in-scope one: Classify
         answers texts like them unknown. The closest to their out-of-scope example first.
@@ -2478,11 +2496,11 @@ class CheckExemplarsResponse(_message.Message):
     def __init__(
         self,
         *,
-        likely_mislabelled: _abc.Iterable[Global___LikelyMislabelled] | None = ...,
+        likely_mislabelled_exemplars: _abc.Iterable[Global___LikelyMislabelled] | None = ...,
         duplicates: _abc.Iterable[Global___CrossLabelDuplicate] | None = ...,
         overlapping_labels: _abc.Iterable[Global___LabelOverlap] | None = ...,
         small_labels: _abc.Iterable[Global___LabelCount] | None = ...,
-        likely_mislabelled_found: _builtins.int = ...,
+        likely_mislabelled_exemplars_found: _builtins.int = ...,
         duplicates_found: _builtins.int = ...,
         overlapping_labels_found: _builtins.int = ...,
         small_labels_found: _builtins.int = ...,
@@ -2492,13 +2510,13 @@ class CheckExemplarsResponse(_message.Message):
         voting: Global___Voting.ValueType = ...,
         dimension: _builtins.int = ...,
         etag: _builtins.str = ...,
-        nearest_out_of_scope: _abc.Iterable[Global___CheckedExemplar] | None = ...,
-        nearest_out_of_scope_found: _builtins.int = ...,
+        exemplars_nearest_out_of_scope: _abc.Iterable[Global___CheckedExemplar] | None = ...,
+        exemplars_nearest_out_of_scope_found: _builtins.int = ...,
         out_of_scope_exemplars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "dimension", b"dimension", "duplicates", b"duplicates", "duplicates_found", b"duplicates_found", "etag", b"etag", "exemplar_count", b"exemplar_count", "k", b"k", "likely_mislabelled", b"likely_mislabelled", "likely_mislabelled_found", b"likely_mislabelled_found", "nearest_out_of_scope", b"nearest_out_of_scope", "nearest_out_of_scope_found", b"nearest_out_of_scope_found", "out_of_scope_exemplars", b"out_of_scope_exemplars", "overlapping_labels", b"overlapping_labels", "overlapping_labels_found", b"overlapping_labels_found", "small_labels", b"small_labels", "small_labels_found", b"small_labels_found", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "dimension", b"dimension", "duplicates", b"duplicates", "duplicates_found", b"duplicates_found", "etag", b"etag", "exemplar_count", b"exemplar_count", "exemplars_nearest_out_of_scope", b"exemplars_nearest_out_of_scope", "exemplars_nearest_out_of_scope_found", b"exemplars_nearest_out_of_scope_found", "k", b"k", "likely_mislabelled_exemplars", b"likely_mislabelled_exemplars", "likely_mislabelled_exemplars_found", b"likely_mislabelled_exemplars_found", "out_of_scope_exemplars", b"out_of_scope_exemplars", "overlapping_labels", b"overlapping_labels", "overlapping_labels_found", b"overlapping_labels_found", "small_labels", b"small_labels", "small_labels_found", b"small_labels_found", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

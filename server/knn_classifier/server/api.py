@@ -125,7 +125,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request: pb.ListExemplarsRequest, context: Context
     ) -> pb.ListExemplarsResponse:
         with_vectors = messages.with_vectors(request)
-        exemplars, next_token = await self._service.list_exemplars(
+        exemplars, next_token, etag = await self._service.list_exemplars(
             request.classifier,
             request.page_size,
             request.page_token,
@@ -139,19 +139,21 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             embedder_fingerprint=(
                 transfer.fingerprint_id(self._service.fingerprint) if with_vectors else ""
             ),
+            etag=etag,
         )
 
     @_status_on_error
     async def ListLabels(
         self, request: pb.ListLabelsRequest, context: Context
     ) -> pb.ListLabelsResponse:
-        counts, next_token, negatives = await self._service.list_labels(
+        counts, next_token, negatives, etag = await self._service.list_labels(
             request.classifier, request.page_size, request.page_token
         )
         return pb.ListLabelsResponse(
             labels=[pb.LabelCount(label=label, count=count) for label, count in counts],
             next_page_token=next_token,
             out_of_scope_exemplars=negatives,
+            etag=etag,
         )
 
     @_status_on_error
@@ -203,9 +205,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     @_status_on_error
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         evaluate = evaluation_messages.evaluate_request(request)
-        evaluation, info = await self._service.evaluate(request.classifier, evaluate, request.etag)
+        evaluation, info, with_labels = await self._service.evaluate(
+            request.classifier, evaluate, request.etag
+        )
         # Off the event loop: a sweep over thousands of labels has that many metrics per setting.
-        return await asyncio.to_thread(evaluation_messages.evaluate_response, evaluation, info)
+        return await asyncio.to_thread(
+            evaluation_messages.evaluate_response, evaluation, info, with_labels
+        )
 
     @_status_on_error
     async def CheckExemplars(

@@ -88,10 +88,16 @@ def _out_of_scope_metrics(metrics: OutOfScopeMetrics | None) -> pb.OutOfScopeMet
     )
 
 
-def evaluate_response(evaluation: Evaluation, info: ClassifierInfo) -> pb.EvaluateResponse:
+def evaluate_response(
+    evaluation: Evaluation, info: ClassifierInfo, with_labels: int
+) -> pb.EvaluateResponse:
+    """The response, with per-label metrics in the first ``with_labels`` results only
+    (:mod:`evaluation_budget`)."""
     reached = evaluation.reached
+    reports = evaluation.reports
     return pb.EvaluateResponse(
-        results=[_evaluation_result(r) for r in evaluation.reports],
+        results=[_evaluation_result(r, i < with_labels) for i, r in enumerate(reports)],
+        results_without_labels=len(reports) - with_labels,
         unknown_labels=evaluation.unknown_labels,
         classifier=messages.classifier(info),
         thresholds=(
@@ -124,7 +130,7 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
     mislabelled, duplicates, overlaps, small = report.found
     setting = report.setting
     return pb.CheckExemplarsResponse(
-        likely_mislabelled=[
+        likely_mislabelled_exemplars=[
             pb.LikelyMislabelled(
                 exemplar=_checked(m.exemplar), voted_label=m.voted_label, confidence=m.confidence
             )
@@ -149,7 +155,7 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
             for o in report.overlaps
         ],
         small_labels=[pb.LabelCount(label=label, count=n) for label, n in report.small_labels],
-        likely_mislabelled_found=mislabelled,
+        likely_mislabelled_exemplars_found=mislabelled,
         duplicates_found=duplicates,
         overlapping_labels_found=overlaps,
         small_labels_found=small,
@@ -159,13 +165,13 @@ def check_response(report: hygiene.Report, etag: str) -> pb.CheckExemplarsRespon
         voting=messages.VOTING_TO_PB[setting.voting],
         dimension=setting.dimension,
         etag=etag,
-        nearest_out_of_scope=[_checked(e) for e in report.nearest_negative],
-        nearest_out_of_scope_found=report.nearest_negative_found,
+        exemplars_nearest_out_of_scope=[_checked(e) for e in report.nearest_negative],
+        exemplars_nearest_out_of_scope_found=report.nearest_negative_found,
         out_of_scope_exemplars=report.negatives,
     )
 
 
-def _evaluation_result(report: Report) -> pb.EvaluationResult:
+def _evaluation_result(report: Report, with_labels: bool) -> pb.EvaluationResult:
     setting = report.setting
     return pb.EvaluationResult(
         k=setting.k,
@@ -182,7 +188,7 @@ def _evaluation_result(report: Report) -> pb.EvaluationResult:
             pb.LabelMetrics(
                 label=m.label, precision=m.precision, recall=m.recall, f1=m.f1, support=m.support
             )
-            for m in report.labels
+            for m in (report.labels if with_labels else ())
         ],
         top_confusions=[
             pb.Confusion(true_label=t, predicted_label=p, count=c) for t, p, c in report.confusions

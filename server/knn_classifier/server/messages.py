@@ -70,9 +70,9 @@ def _out_of_scope_fit(given: pb.OutOfScopeThreshold) -> OutOfScopeFit:
         target_coverage=given.target_coverage,
         threshold=given.threshold,
         coverage=given.coverage,
-        similarity=tuple(given.similarity_reference),
-        mahalanobis=tuple(given.mahalanobis_reference),
-        agreement=tuple(given.agreement_reference),
+        similarity=tuple(given.similarity_references),
+        mahalanobis=tuple(given.mahalanobis_references),
+        agreement=tuple(given.agreement_references),
         reference_size=given.reference_size,
     )
 
@@ -136,9 +136,9 @@ def out_of_scope_threshold(rule: OutOfScopeFit | None) -> pb.OutOfScopeThreshold
         target_coverage=rule.target_coverage,
         coverage=rule.coverage,
         dimension=rule.dimension,
-        similarity_reference=rule.similarity,
-        mahalanobis_reference=rule.mahalanobis,
-        agreement_reference=rule.agreement,
+        similarity_references=rule.similarity,
+        mahalanobis_references=rule.mahalanobis,
+        agreement_references=rule.agreement,
         reference_size=rule.reference_size,
     )
 

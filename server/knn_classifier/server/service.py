@@ -5,6 +5,7 @@ Knows nothing of gRPC: it takes and returns domain types and raises the errors o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.metadata
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import errors, hygiene, paging, transfer, updates, validation, wire_size
+from . import errors, evaluation_budget, hygiene, paging, transfer, updates, validation, wire_size
 from .classification import Classification
 from .classifiers import Classifiers
 from .coalescing import QueryBatcher
@@ -258,10 +259,11 @@ class ClassifierService:
         label: str,
         vector_dimensions: Sequence[int] | None = None,
         out_of_scope: bool | None = None,
-    ) -> tuple[list[Exemplar], str]:
-        """A page of exemplars in id order, and the token of the next page ("" after the last);
-        with ``vector_dimensions`` (empty: all), with their vectors of those dimensions; with
-        ``out_of_scope``, of the negative exemplars only (True) or of the others (False)."""
+    ) -> tuple[list[Exemplar], str, str]:
+        """A page of exemplars in id order, the token of the next page ("" after the last) and
+        the classifier's etag read before the page; with ``vector_dimensions`` (empty: all),
+        with their vectors of those dimensions; with ``out_of_scope``, of the negative
+        exemplars only (True) or of the others (False)."""
         size = paging.page_size(page_size, self._limits)
         # Tokens of the whole list name no scope, as they did before there were scopes.
         scope: tuple[str, ...] = ("ListExemplars", classifier, label)
@@ -273,7 +275,7 @@ class ClassifierService:
             if vector_dimensions is None
             else transfer.vector_dimensions(vector_dimensions, self._dimensions)
         )
-        await self._classifiers.get(classifier)
+        config = await self._classifiers.get(classifier)
         selection = Selection(
             classifier,
             label=validation.label(label) if label else None,
@@ -296,15 +298,16 @@ class ClassifierService:
         if dimensions:
             point_ids = [record.id for record in records[:kept]]
             exemplars = await transfer.with_vectors(self._store, exemplars, point_ids, dimensions)
-        return exemplars, paging.encode(next_offset, scope) if next_offset else ""
+        return exemplars, paging.encode(next_offset, scope) if next_offset else "", config.etag
 
     async def list_labels(
         self, classifier: str, page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[tuple[str, int]], str, int]:
+    ) -> tuple[list[tuple[str, int]], str, int, str]:
         """A page of (label, exemplar count), most exemplars first, then by label; the token
-        of the next page ("" after the last); and the number of negative exemplars, which are
-        in no label. A page continues after the previous page's last (count, label), so labels
-        whose counts change between pages may be listed twice or not at all.
+        of the next page ("" after the last); the number of negative exemplars, which are
+        in no label; and the classifier's etag read before the page. A page continues after the
+        previous page's last (count, label), so labels whose counts change between pages may be
+        listed twice or not at all.
 
         Both counts go by each point's stored flag, never by the record's ``holds_negatives``
         mark: a negative stored after the record was read is still in no label. Both stores
@@ -312,7 +315,7 @@ class ClassifierService:
         size = paging.page_size(page_size, self._limits)
         scope = ("ListLabels", classifier)
         after = paging.label_position(paging.decode(page_token, scope))
-        await self._classifiers.get(classifier)
+        config = await self._classifiers.get(classifier)
         negatives = await self._writes.count(Selection(classifier, out_of_scope=True))
         counts = await self._store.label_counts(self._dimensions[0], classifier, False)
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
@@ -325,9 +328,10 @@ class ClassifierService:
         )
         page = following[:kept]
         if kept == len(following):
-            return page, "", negatives
+            return page, "", negatives, config.etag
         last_label, last_count = page[-1]
-        return page, paging.encode(paging.label_cursor(last_count, last_label), scope), negatives
+        token = paging.encode(paging.label_cursor(last_count, last_label), scope)
+        return page, token, negatives, config.etag
 
     # Classification --------------------------------------------------------------------------
 
@@ -341,12 +345,20 @@ class ClassifierService:
 
     async def evaluate(
         self, classifier: str, request: EvaluateRequest, etag: str = ""
-    ) -> tuple[Evaluation, ClassifierInfo]:
+    ) -> tuple[Evaluation, ClassifierInfo, int]:
         """Scores every setting of the sweep, best first; see the Evaluate RPC. ``etag``: the
-        revision apply_best may change (ABORTED if the classifier is at another)."""
+        revision apply_best may change (ABORTED if the classifier is at another). Also how many
+        leading results keep their per-label metrics in the response (refused, before
+        apply_best stores anything, if it cannot fit even without)."""
         config = await self._classifiers.get(classifier, etag=etag)
         evaluation = await self._evaluator.evaluate(config, request)
         proposed = evaluation.updated
+        with_labels = await asyncio.to_thread(  # as many metrics as labels x settings
+            evaluation_budget.results_with_labels,
+            evaluation,
+            ClassifierInfo(proposed or config, evaluation.exemplar_count),
+            self._limits.max_response_bytes,
+        )
         if proposed is not None:
             # Conditional on the revision the sweep read: a classifier deleted or changed
             # during the sweep is not overwritten with settings fitted to its old exemplars.
@@ -354,7 +366,7 @@ class ClassifierService:
                 classifier, lambda _: proposed, uid=config.uid, etag=config.etag
             )
             log.info("classifier %s: applied the best setting of an Evaluate", config.name)
-        return evaluation, ClassifierInfo(config, evaluation.exemplar_count)
+        return evaluation, ClassifierInfo(config, evaluation.exemplar_count), with_labels
 
     async def check_exemplars(
         self, classifier: str, request: hygiene.CheckRequest

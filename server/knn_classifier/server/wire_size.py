@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 from .domain import ClassifierInfo, Exemplar
 from .voting import Vote
 
-if TYPE_CHECKING:  # hygiene sizes its responses with this module
+if TYPE_CHECKING:  # hygiene and Evaluate size their responses with this module
+    from .evaluate.metrics import LabelMetrics, Report
     from .hygiene import Duplicate, ExemplarRef, Mislabelled, Overlap
+    from .out_of_scope import OutOfScopeFit
 
 _FIELD = 6
 """Tag and length prefix of a string or message field, at most."""
@@ -51,16 +53,21 @@ def exemplar(item: Exemplar) -> int:
 def classifier(info: ClassifierInfo) -> int:
     """A ``Classifier`` as one element of a repeated field."""
     config = info.config
-    threshold = _FIELD + 5 * _SCALAR  # out_of_scope_threshold
-    if config.out_of_scope is not None:  # and its references: three packed repeated doubles
-        rule = config.out_of_scope
-        references = len(rule.similarity) + len(rule.mahalanobis) + len(rule.agreement)
-        threshold += 3 * _FIELD + 8 * references
+    threshold = out_of_scope_threshold(config.out_of_scope)
     size = (
         _FIELD + _strings((config.name, config.instruction)) + 8 * _SCALAR + _TIMESTAMP + _ETAG
     ) + threshold
     if config.calibration is not None:  # two packed repeated doubles
         size += _FIELD + 2 * (_FIELD + 8 * len(config.calibration.shares))
+    return size
+
+
+def out_of_scope_threshold(rule: OutOfScopeFit | None) -> int:
+    """An ``OutOfScopeThreshold`` as a field of another message (its scalars when ``None``)."""
+    size = _FIELD + 5 * _SCALAR
+    if rule is not None:  # and its references: three packed repeated doubles
+        references = len(rule.similarity) + len(rule.mahalanobis) + len(rule.agreement)
+        size += 3 * _FIELD + 8 * references
     return size
 
 
@@ -119,3 +126,24 @@ def duplicate(item: Duplicate) -> int:
 def overlap(item: Overlap) -> int:
     """A ``LabelOverlap`` as one element of a repeated field."""
     return _FIELD + _strings((item.first_label, item.second_label)) + 5 * _SCALAR
+
+
+_RESULT_SCALARS = 16
+"""Scalar fields of an ``EvaluationResult`` (and its ``OutOfScopeMetrics``), with room for more."""
+
+
+def evaluation_result(report: Report) -> int:
+    """An ``EvaluationResult`` without its ``labels``, as one element of a repeated field."""
+    confusions = sum(_FIELD + _strings((t, p)) + _SCALAR for t, p, _ in report.confusions)
+    size = _FIELD + _RESULT_SCALARS * _SCALAR + confusions
+    if report.out_of_scope is not None:
+        size += _FIELD + _RESULT_SCALARS * _SCALAR
+        size += out_of_scope_threshold(report.out_of_scope.threshold)
+    return size
+
+
+def label_metrics(metrics: Iterable[LabelMetrics]) -> int:
+    """An ``EvaluationResult``'s ``labels``: one ``LabelMetrics`` each (a label, three floats of
+    5 bytes with their tags, and a count). A label (1 KiB at most) and a LabelMetrics are under
+    16 KiB: their length prefixes take 2 bytes, the tag 1. There can be hundreds of thousands."""
+    return sum(3 + 3 + utf8(m.label) + 3 * 5 + _SCALAR for m in metrics)

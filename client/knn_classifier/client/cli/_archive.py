@@ -6,8 +6,8 @@ dimension, calibrated, exemplar_count, created_at, calibration, out_of_scope_rul
 {model, width, fingerprint}, "dimensions": [...], "vector_dimensions": [...]}``; ``calibration``
 is null or ``{dimension, shares, probabilities}``, the dimension it was fitted at;
 ``out_of_scope_rule`` null or the fitted out-of-scope threshold whole, ``{threshold,
-target_coverage, coverage, dimension, similarity_reference, mahalanobis_reference,
-agreement_reference, reference_size}``
+target_coverage, coverage, dimension, similarity_references, mahalanobis_references,
+agreement_references, reference_size}``
 (``Classifier.out_of_scope_threshold``). Exemplars: ``{"id",
 "text", "label", "metadata"}``, and with ``--vectors`` ``"vectors": {dimension: base64 of
 little-endian float32}`` for every dimension the server keeps.
@@ -16,7 +16,8 @@ An import into a server whose embedder has the same fingerprint restores the cal
 the out-of-scope rule and stores the vectors as they are (no embedding call); into another
 embedder it embeds the texts and leaves both for Evaluate to fit there (:func:`plan_restore`).
 Version 1 files (no calibration, no vectors) and version 2 files without ``out_of_scope_rule``
-still import.
+still import, and so do rules exported under the fields' former singular names
+(``similarity_reference`` ...: :data:`FORMER_RULE_KEYS`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from ._rows import EXPORT_FORMAT, encode_vector
 
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
+FORMER_RULE_KEYS = {
+    "similarity_reference": "similarity_references",
+    "mahalanobis_reference": "mahalanobis_references",
+    "agreement_reference": "agreement_references",
+}
+"""The out-of-scope rule's keys in files exported before the fields took plural names."""
 
 
 def float32(value: float) -> float:
@@ -245,8 +252,12 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
 
 def _out_of_scope_threshold(rule: Any) -> pb.OutOfScopeThreshold:
     """The header's ``out_of_scope_rule`` as CreateClassifier restores it (the server checks
-    its values)."""
+    its values). Keys of the former singular names are read when the plural ones are absent."""
+    current = dict(rule)
+    for former, key in FORMER_RULE_KEYS.items():
+        if former in current:
+            current.setdefault(key, current.pop(former))
     try:
-        return ParseDict(rule, pb.OutOfScopeThreshold())
+        return ParseDict(current, pb.OutOfScopeThreshold())
     except ParseError as error:
         raise CliError(f"the export header's out_of_scope_rule is malformed: {error}") from None

@@ -481,8 +481,9 @@ def check(args: argparse.Namespace, client: Client) -> int:
         f"(k={response.k}, voting={voting_name(response.voting)}, "
         f"dimension={response.dimension})"
     )
-    mislabelled = response.likely_mislabelled
-    print(_listed("likely mislabelled", len(mislabelled), response.likely_mislabelled_found))
+    mislabelled = response.likely_mislabelled_exemplars
+    found = response.likely_mislabelled_exemplars_found
+    print(_listed("likely mislabelled", len(mislabelled), found))
     if mislabelled:
         rows = [
             [
@@ -525,9 +526,9 @@ def check(args: argparse.Namespace, client: Client) -> int:
     if small:
         print(_table(["label", "exemplars"], [[c.label, c.count] for c in small]))
     if response.out_of_scope_exemplars:
-        vetoed = response.nearest_out_of_scope
+        vetoed = response.exemplars_nearest_out_of_scope
         title = "answered unknown: an out-of-scope example is nearest"
-        print(_listed(title, len(vetoed), response.nearest_out_of_scope_found))
+        print(_listed(title, len(vetoed), response.exemplars_nearest_out_of_scope_found))
         if vetoed:
             print(_table(["id", "label", "text"], [[e.id, e.label, e.text] for e in vetoed]))
     return 0

@@ -70,8 +70,9 @@ class LimitSettings(BaseModel):
         ge=1024,
         le=2**31 - 1,
         description="List and batch responses stay under this size: a page holds fewer items, "
-        "a ClassifyBatch or Classify that cannot fit is refused with RESOURCE_EXHAUSTED. Below "
-        "the 4 MiB that stock gRPC clients accept.",
+        "a ClassifyBatch or Classify that cannot fit is refused with RESOURCE_EXHAUSTED, an "
+        "Evaluate leaves out the per-label metrics of its last settings. Below the 4 MiB that "
+        "stock gRPC clients accept.",
     )
 
 
