@@ -156,7 +156,7 @@ async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
     tmp_path: Path, how: str
 ) -> None:
     """Edge returns vectors as lists of Python floats (32 bytes each with the list's slot);
-    loading converts them a page (1,000 points) at a time, so what it allocates beyond what it
+    loading converts them a page (at most 1,000 points) at a time, so what it allocates beyond it
     keeps stays near one page's, where a whole classifier's were held at once before."""
     count, dimension = 10_000, 64
     _, vectors = await written_store(tmp_path, count, dimension)
@@ -357,7 +357,7 @@ async def test_a_copy_is_loaded_off_the_event_loop_once_for_the_queries_meanwhil
     on the event loop. While the load is held at its gate (its count of the classifier's
     points) in a worker thread, other tasks run; a second query shares the load rather than
     starting another, and a write to the classifier waits, so that the copy misses it not."""
-    point_ids, vectors = await written_store(tmp_path, 2_500, 8)  # three pages
+    point_ids, vectors = await written_store(tmp_path, 2_500, 8)  # several pages
     added = str(uuid.uuid4())
     payload = read_payload({"classifier": "c", "id": added, "label": "new"})
     with CallGate(count_points.__code__) as gate:
@@ -382,3 +382,38 @@ async def test_a_copy_is_loaded_off_the_event_loop_once_for_the_queries_meanwhil
     assert threading.get_ident() not in gate.threads
     assert [row[0].id for row in hits] == point_ids[:2]
     assert newest[0][0].id == added
+
+
+@pytest.mark.parametrize("queries", [1, 8])
+def test_a_query_among_most_of_the_copy_does_not_copy_its_rows(queries: int) -> None:
+    """Issue 12: a query among the in-scope points (a classifier holding negative exemplars)
+    gathered their rows into a new matrix on the event loop, a copy of nearly the whole copy
+    (100 MB at 100k points of 256); now it scores every row and keeps the candidates'
+    scores. It answers as before, and what it allocates stays far below the rows' bytes."""
+    count, dimension = 4_000, 256
+    rng = np.random.default_rng(5)
+    vectors = unit(rng, count, dimension)
+    point_ids = [f"p{i:04}" for i in range(count)]
+    negative = [i % 10 == 0 for i in range(count)]
+    mirror = Mirror(dimension, count)
+    mirror.upsert(
+        point_ids,
+        vectors,
+        [
+            exemplar_payload("c", i, "l", i, {}, 0, n)
+            for i, n in zip(point_ids, negative, strict=True)
+        ],
+    )
+    probe = unit(rng, queries, dimension)
+    tracemalloc.start()
+    try:
+        hits = mirror.query(probe, 3, out_of_scope=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < vectors.nbytes / 2  # the rows in scope: 0.9 of them
+    in_scope = np.flatnonzero(~np.array(negative))
+    expected = np.argsort(-(probe @ vectors[in_scope].T), axis=1, kind="stable")[:, :3]
+    assert [[h.id for h in row] for row in hits] == [
+        [point_ids[in_scope[i]] for i in row] for row in expected
+    ]
