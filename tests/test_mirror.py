@@ -156,8 +156,9 @@ async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
     tmp_path: Path, how: str
 ) -> None:
     """Edge returns vectors as lists of Python floats (32 bytes each with the list's slot);
-    loading converts them a page (at most 1,000 points) at a time, so what it allocates beyond it
-    keeps stays near one page's, where a whole classifier's were held at once before."""
+    loading converts them a page (at most 1,000 points) at a time, so what it allocates
+    beyond what it keeps stays near one page's, where a whole classifier's were held at once
+    before."""
     count, dimension = 10_000, 64
     _, vectors = await written_store(tmp_path, count, dimension)
     store = EdgeStore(tmp_path)
