@@ -8,11 +8,13 @@ AddExemplars, DeleteExemplars and ListExemplars.
 
 One classifier of ``--points`` random points in an embedded store at ``--data`` (written on the
 first run, reused after). A ticker task on the loop sleeps 1 ms at a time and records the longest
-gap between its wake-ups while the call runs; first the same time with no call (the floor). Per
-run: wall time, the loop thread's CPU time (``time.thread_time`` around the call) and the
-process's. ``snapshot`` and ``calls`` measure a store whose copy a query loaded; ``load``
-measures the first query of a store opened afresh for each run. To measure other code, put its
-``server`` directory first on ``PYTHONPATH``.
+gap between its wake-ups while the call runs; first half a second with no call (the floor; the
+ticker's own wake-ups cost the loop thread some CPU). Per run: wall time, the loop thread's CPU
+time (``time.thread_time`` around the call), the process's, and the longest garbage collection
+meanwhile (it holds the GIL throughout, in whichever thread set it off). ``snapshot`` and
+``calls`` measure a store whose copy a query loaded; ``load`` measures the first query of a
+store opened afresh for each run. To measure other code, put its ``server`` directory first on
+``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads, as in 
 
 import argparse
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import Awaitable
@@ -38,11 +41,20 @@ from knn_classifier.server.store.schema import exemplar_payload
 TICK_S = 0.001
 
 
-async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float]:
+async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float, float]:
     """Awaits ``call`` beside a 1 ms ticker: the longest gap between ticks, the wall time, the
-    loop thread's CPU time and the process's CPU time, all in seconds."""
+    loop thread's CPU time, the process's CPU time and the longest garbage collection (which
+    holds the GIL throughout, in whichever thread triggered it), all in seconds."""
     done = False
     gap = 0.0
+    collection = [0.0, 0.0]  # the running one's start, the longest
+
+    def timed(phase: str, _: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            collection[0] = now
+        else:
+            collection[1] = max(collection[1], now - collection[0])
 
     async def ticker() -> None:
         nonlocal gap
@@ -54,8 +66,12 @@ async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float]
 
     ticking = asyncio.create_task(ticker())
     await asyncio.sleep(TICK_S)
+    gc.callbacks.append(timed)
     wall, thread, process = time.perf_counter(), time.thread_time(), time.process_time()
-    await call
+    try:
+        await call
+    finally:
+        gc.callbacks.remove(timed)
     wall, thread, process = (
         time.perf_counter() - wall,
         time.thread_time() - thread,
@@ -63,7 +79,7 @@ async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float]
     )
     done = True
     await ticking
-    return gap, wall, thread, process
+    return gap, wall, thread, process, collection[1]
 
 
 async def main(points: int, dimension: int, runs: int, data: Path, measure: list[str]) -> None:
@@ -73,8 +89,7 @@ async def main(points: int, dimension: int, runs: int, data: Path, measure: list
     try:
         probe = np.ones((1, dimension), dtype=np.float32)
         await store.query(dimension, "c", probe, 1)
-        floor = await longest_gap(asyncio.sleep(0.5))
-        print(f"floor (0.5 s, no call): longest gap {floor[0] * 1e3:.1f} ms")
+        report("floor (0.5 s, no call)", await longest_gap(asyncio.sleep(0.5)))
         if "snapshot" in measure:
             for run in range(runs):
                 report(f"snapshot run {run}", await longest_gap(store.vectors(dimension, "c")))
@@ -144,11 +159,12 @@ def calls(store: EdgeStore, dimension: int, run: int) -> list[tuple[str, Awaitab
     ]
 
 
-def report(name: str, measured: tuple[float, float, float, float]) -> None:
-    gap, wall, thread, process = (value * 1e3 for value in measured)
+def report(name: str, measured: tuple[float, float, float, float, float]) -> None:
+    gap, wall, thread, process, collection = (value * 1e3 for value in measured)
     print(
         f"{name}: longest gap {gap:.1f} ms, wall {wall:.0f} ms,"
-        f" loop thread CPU {thread:.0f} ms, process CPU {process:.0f} ms"
+        f" loop thread CPU {thread:.0f} ms, process CPU {process:.0f} ms,"
+        f" longest gc {collection:.0f} ms"
     )
 
 
