@@ -418,3 +418,31 @@ def test_a_query_among_most_of_the_copy_does_not_copy_its_rows(queries: int) -> 
     assert [[h.id for h in row] for row in hits] == [
         [point_ids[in_scope[i]] for i in row] for row in expected
     ]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_load_that_ends_after_its_store_closed_is_not_kept(tmp_path: Path) -> None:
+    """A load running in a worker thread when the store closes (held here after its last read
+    of the shard) must not leave its copy to the store opened again: that copy would miss what
+    was written in between."""
+    point_ids, vectors = await written_store(tmp_path, 3, 4)
+    added = str(uuid.uuid4())
+    payload = read_payload({"classifier": "c", "id": added, "label": "new"})
+    with CallGate(Mirror.upsert.__code__) as gate:
+        store = EdgeStore(tmp_path)
+        await store.open([4])
+        try:
+            loading = asyncio.create_task(store.query(4, "c", vectors[:1], 1))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            await store.close()
+            writer = EdgeStore(tmp_path)
+            await writer.open([4])
+            await writer.upsert(4, [added], -vectors[:1], [payload])
+            await writer.close()
+            gate.release.set()
+            assert [row[0].id for row in await loading] == point_ids[:1]
+            await store.open([4])
+            hits = await store.query(4, "c", -vectors[:1], 1)
+        finally:
+            await store.close()
+    assert hits[0][0].id == added

@@ -64,7 +64,10 @@ class EdgeStore(Store):
 
     async def close(self) -> None:
         self._shards.close()
-        self._mirrors.clear()
+        # New ones, not cleared: a load still running keeps its copy in the old ones, not in
+        # this store opened again (its copy would miss what was written in between).
+        self._mirrors = {}
+        self._copy_reads = SingleFlight()
         self._meta_read.clear()
 
     # Meta records ----------------------------------------------------------------------------
@@ -190,8 +193,8 @@ class EdgeStore(Store):
         fitted after a query); else from the shard. Either way the records are built in a
         worker thread: converting tens of thousands of records held the event loop for seconds
         (docs/reliability.md); the shard's calls hold the GIL, but one page at a time. The
-        copy is frozen first, in a worker thread too, with writes to it held off until it is
-        (copying its matrix on the loop held it for tens of milliseconds at 100k points)."""
+        copy is frozen first, in a worker thread too (copying its matrix held the loop), with
+        writes to it held off until it is."""
         with self._shards.using(dimension):
             mirror = self._mirrors.get((dimension, classifier))
         if mirror is not None:
@@ -221,8 +224,8 @@ class EdgeStore(Store):
 
     async def _mirror(self, dimension: int, classifier: str) -> Mirror:
         """The classifier's copy, loaded on first use in a worker thread (page by page from the
-        shard, which held the loop for seconds at 100k points); queries meanwhile share the
-        load, and writes to the classifier wait for it, so that it misses none."""
+        shard, which held the loop for seconds on large classifiers); queries meanwhile share
+        the load, and writes to the classifier wait for it, so that it misses none."""
         key = (dimension, classifier)
         with self._shards.using(dimension):
             mirror = self._mirrors.get(key)

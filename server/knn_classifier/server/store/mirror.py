@@ -98,9 +98,9 @@ class Mirror:
         """The points as they are now, in id order as a store's scroll gives them, in a copy
         later writes do not change: the rows gathered by numpy, the id and payload lists copied
         (references only). Meant for a worker thread, while nothing writes to this copy: numpy
-        sorts and gathers without holding the GIL, so the event loop runs meanwhile (the
-        gather of a large copy takes tens of milliseconds). :meth:`FrozenMirror.snapshot` then
-        builds the records, a Python object per point, outside that hold."""
+        sorts and gathers without holding the GIL, so the event loop runs meanwhile.
+        :meth:`FrozenMirror.snapshot` then builds the records, a Python object per point,
+        outside that hold."""
         ids = self._ids.copy()
         order = _id_order(ids)
         return FrozenMirror(ids, self._payloads.copy(), order, np.take(self._matrix, order, 0))
