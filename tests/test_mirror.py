@@ -385,41 +385,6 @@ async def test_a_copy_is_loaded_off_the_event_loop_once_for_the_queries_meanwhil
     assert newest[0][0].id == added
 
 
-@pytest.mark.parametrize("queries", [1, 8])
-def test_a_query_among_most_of_the_copy_does_not_copy_its_rows(queries: int) -> None:
-    """Issue 12: a query among the in-scope points (a classifier holding negative exemplars)
-    gathered their rows into a new matrix on the event loop, a copy of nearly the whole copy
-    (100 MB at 100k points of 256); now it scores every row and keeps the candidates'
-    scores. It answers as before, and what it allocates stays far below the rows' bytes."""
-    count, dimension = 4_000, 256
-    rng = np.random.default_rng(5)
-    vectors = unit(rng, count, dimension)
-    point_ids = [f"p{i:04}" for i in range(count)]
-    negative = [i % 10 == 0 for i in range(count)]
-    mirror = Mirror(dimension, count)
-    mirror.upsert(
-        point_ids,
-        vectors,
-        [
-            exemplar_payload("c", i, "l", i, {}, 0, n)
-            for i, n in zip(point_ids, negative, strict=True)
-        ],
-    )
-    probe = unit(rng, queries, dimension)
-    tracemalloc.start()
-    try:
-        hits = mirror.query(probe, 3, out_of_scope=False)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < vectors.nbytes / 2  # the rows in scope: 0.9 of them
-    in_scope = np.flatnonzero(~np.array(negative))
-    expected = np.argsort(-(probe @ vectors[in_scope].T), axis=1, kind="stable")[:, :3]
-    assert [[h.id for h in row] for row in hits] == [
-        [point_ids[in_scope[i]] for i in row] for row in expected
-    ]
-
-
 @pytest.mark.asyncio(loop_scope="function")
 async def test_a_load_that_ends_after_its_store_closed_is_not_kept(tmp_path: Path) -> None:
     """A load running in a worker thread when the store closes (held here after its last read

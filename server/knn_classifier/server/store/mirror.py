@@ -63,20 +63,15 @@ class Mirror:
     ) -> list[list[Record]]:
         """For each row of ``vectors``, the ``k`` points of highest cosine similarity; with
         ``out_of_scope``, among the negative exemplars only (True) or the others (False)."""
-        matrix = self._matrix[: self._count]
         if out_of_scope is None:
-            candidates = None
+            candidates, matrix = None, self._matrix[: self._count]
         else:
             candidates = np.flatnonzero(self._negative[: self._count] == out_of_scope)
-        size = self._count if candidates is None else len(candidates)
+            matrix = self._matrix[candidates]
+        size = len(matrix)
         if size == 0:
             return [[] for _ in vectors]
-        if candidates is None:
-            scores = _unit(vectors) @ matrix.T
-        elif size < len(vectors) * (self._count - size):  # few: copy their rows
-            scores = _unit(vectors) @ matrix[candidates].T
-        else:  # most of the rows: score every row, keep theirs (copying them cost more)
-            scores = (_unit(vectors) @ matrix.T)[:, candidates]
+        scores = _unit(vectors) @ matrix.T
         if k < size:
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         else:
