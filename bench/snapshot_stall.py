@@ -1,14 +1,20 @@
-"""How long ``EdgeStore.vectors`` keeps the event loop from running anything else when it answers
-from a classifier's in-memory copy (what a label-model refit or an Evaluate asks for).
+"""How long the embedded store's calls keep the event loop from running anything else: a snapshot
+of a classifier's in-memory copy (``EdgeStore.vectors``, what a label-model refit or an Evaluate
+asks for), the first load of a copy (the first query of a classifier), and the calls of Classify,
+AddExemplars, DeleteExemplars and ListExemplars.
 
     python bench/snapshot_stall.py [--points 100000] [--dimension 256] [--runs 5] [--data DIR]
+        [--measure snapshot load calls]
 
 One classifier of ``--points`` random points in an embedded store at ``--data`` (written on the
-first run, reused after), loaded into its in-memory copy by a query. A ticker task on the loop
-sleeps 1 ms at a time and records the longest gap between its wake-ups while ``vectors`` runs;
-first the same time with no call (the floor). Per run: wall time, the loop thread's CPU time
-(``time.thread_time`` around the call) and the process's. To measure other code, put its
-``server`` directory first on ``PYTHONPATH``.
+first run, reused after). A ticker task on the loop sleeps 1 ms at a time and records the longest
+gap between its wake-ups while the call runs; first half a second with no call (the floor; the
+ticker's own wake-ups cost the loop thread some CPU). Per run: wall time, the loop thread's CPU
+time (``time.thread_time`` around the call), the process's, and the longest garbage collection
+meanwhile (it holds the GIL throughout, in whichever thread set it off). ``snapshot`` and
+``calls`` measure a store whose copy a query loaded; ``load`` measures the first query of a
+store opened afresh for each run. To measure other code, put its ``server`` directory first on
+``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads, as in 
 
 import argparse
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import Awaitable
@@ -28,16 +35,26 @@ from typing import Any
 import numpy as np
 
 from knn_classifier.server.store import EdgeStore, Selection
+from knn_classifier.server.store.base import Matrix
 from knn_classifier.server.store.schema import exemplar_payload
 
 TICK_S = 0.001
 
 
-async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float]:
+async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float, float]:
     """Awaits ``call`` beside a 1 ms ticker: the longest gap between ticks, the wall time, the
-    loop thread's CPU time and the process's CPU time, all in seconds."""
+    loop thread's CPU time, the process's CPU time and the longest garbage collection (which
+    holds the GIL throughout, in whichever thread triggered it), all in seconds."""
     done = False
     gap = 0.0
+    collection = [0.0, 0.0]  # the running one's start, the longest
+
+    def timed(phase: str, _: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            collection[0] = now
+        else:
+            collection[1] = max(collection[1], now - collection[0])
 
     async def ticker() -> None:
         nonlocal gap
@@ -49,8 +66,12 @@ async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float]
 
     ticking = asyncio.create_task(ticker())
     await asyncio.sleep(TICK_S)
+    gc.callbacks.append(timed)
     wall, thread, process = time.perf_counter(), time.thread_time(), time.process_time()
-    await call
+    try:
+        await call
+    finally:
+        gc.callbacks.remove(timed)
     wall, thread, process = (
         time.perf_counter() - wall,
         time.thread_time() - thread,
@@ -58,10 +79,40 @@ async def longest_gap(call: Awaitable[Any]) -> tuple[float, float, float, float]
     )
     done = True
     await ticking
-    return gap, wall, thread, process
+    return gap, wall, thread, process, collection[1]
 
 
-async def main(points: int, dimension: int, runs: int, data: Path) -> None:
+async def main(points: int, dimension: int, runs: int, data: Path, measure: list[str]) -> None:
+    await write_classifier(points, dimension, data)
+    store = EdgeStore(data)
+    await store.open([dimension])
+    try:
+        probe = np.ones((1, dimension), dtype=np.float32)
+        await store.query(dimension, "c", probe, 1)
+        report("floor (0.5 s, no call)", await longest_gap(asyncio.sleep(0.5)))
+        if "snapshot" in measure:
+            for run in range(runs):
+                report(f"snapshot run {run}", await longest_gap(store.vectors(dimension, "c")))
+        if "calls" in measure:
+            for run in range(runs):
+                for name, call in calls(store, dimension, run):
+                    report(f"{name} run {run}", await longest_gap(call))
+    finally:
+        await store.close()
+    if "load" in measure:
+        for run in range(runs):
+            fresh = EdgeStore(data)
+            await fresh.open([dimension])
+            try:
+                report(
+                    f"first load run {run}",
+                    await longest_gap(fresh.query(dimension, "c", probe, 1)),
+                )
+            finally:
+                await fresh.close()
+
+
+async def write_classifier(points: int, dimension: int, data: Path) -> None:
     store = EdgeStore(data)
     await store.open([dimension])
     try:
@@ -76,17 +127,45 @@ async def main(points: int, dimension: int, runs: int, data: Path) -> None:
                 ]
                 vectors = rng.standard_normal((size, dimension)).astype(np.float32)
                 await store.upsert(dimension, ids, vectors, payloads)
-        await store.query(dimension, "c", np.ones((1, dimension), dtype=np.float32), 1)
-        floor = await longest_gap(asyncio.sleep(0.5))
-        print(f"floor (0.5 s, no call): longest gap {floor[0] * 1e3:.1f} ms")
-        for run in range(runs):
-            gap, wall, thread, process = await longest_gap(store.vectors(dimension, "c"))
-            print(
-                f"run {run}: longest gap {gap * 1e3:.1f} ms, wall {wall * 1e3:.0f} ms,"
-                f" loop thread CPU {thread * 1e3:.0f} ms, process CPU {process * 1e3:.0f} ms"
-            )
     finally:
         await store.close()
+
+
+def calls(store: EdgeStore, dimension: int, run: int) -> list[tuple[str, Awaitable[Any]]]:
+    """The store's calls behind Classify (one text at k=10; 256 texts at k=200, the most one
+    call may ask for; in-scope neighbours only, as for a classifier holding negatives),
+    AddExemplars (1,024 exemplars, the largest batch), DeleteExemplars (those 1,024 by id) and
+    ListExemplars (a page of 1,000, the largest)."""
+    rng = np.random.default_rng(run)
+
+    def normal(rows: int) -> Matrix:
+        return rng.standard_normal((rows, dimension)).astype(np.float32)
+
+    ids = [str(uuid.uuid4()) for _ in range(1024)]
+    payloads = [exemplar_payload("c", i, "added", "added", {}, 0) for i in ids]
+    return [
+        ("query 1x10", store.query(dimension, "c", normal(1), 10)),
+        ("query 256x200", store.query(dimension, "c", normal(256), 200)),
+        (
+            "query in scope 1x10",
+            store.query(dimension, "c", normal(1), 10, False),
+        ),
+        (
+            "upsert 1024",
+            store.upsert(dimension, ids, normal(1024), payloads),
+        ),
+        ("delete 1024 ids", store.delete(dimension, Selection("c", ids=ids))),
+        ("scroll 1000", store.scroll(dimension, Selection("c"), 1000, None)),
+    ]
+
+
+def report(name: str, measured: tuple[float, float, float, float, float]) -> None:
+    gap, wall, thread, process, collection = (value * 1e3 for value in measured)
+    print(
+        f"{name}: longest gap {gap:.1f} ms, wall {wall:.0f} ms,"
+        f" loop thread CPU {thread:.0f} ms, process CPU {process:.0f} ms,"
+        f" longest gc {collection:.0f} ms"
+    )
 
 
 if __name__ == "__main__":
@@ -95,5 +174,8 @@ if __name__ == "__main__":
     parser.add_argument("--dimension", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--data", type=Path, default=Path("/tmp/snapshot-stall"))
+    parser.add_argument(
+        "--measure", nargs="+", choices=["snapshot", "load", "calls"], default=["snapshot"]
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.points, args.dimension, args.runs, args.data))
+    asyncio.run(main(args.points, args.dimension, args.runs, args.data, args.measure))

@@ -9,14 +9,14 @@ import threading
 import tracemalloc
 import uuid
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 
 import numpy as np
 import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.base import Record
-from knn_classifier.server.store.edge_reads import stack_pages
+from knn_classifier.server.store.edge_reads import count_points, stack_pages
 from knn_classifier.server.store.mirror import Mirror
 from knn_classifier.server.store.schema import exemplar_payload, read_payload
 
@@ -156,8 +156,9 @@ async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
     tmp_path: Path, how: str
 ) -> None:
     """Edge returns vectors as lists of Python floats (32 bytes each with the list's slot);
-    loading converts them a page (1,000 points) at a time, so what it allocates beyond what it
-    keeps stays near one page's, where a whole classifier's were held at once before."""
+    loading converts them a page (at most 1,000 points) at a time, so what it allocates
+    beyond what it keeps stays near one page's, where a whole classifier's were held at once
+    before."""
     count, dimension = 10_000, 64
     _, vectors = await written_store(tmp_path, count, dimension)
     store = EdgeStore(tmp_path)
@@ -202,18 +203,21 @@ WAIT = 30.0
 """A generous bound on waits between the test and the snapshot's worker thread."""
 
 
-class RecordGate:
-    """A hook on the building of :class:`Record` objects (a profile function, in this thread
-    and in threads started while it is open, such as the event loop's worker threads): every
-    construction notes its thread, and the first waits until the test releases it. Tests
-    using it run on an event loop of their own, whose worker threads start inside the gate."""
+class CallGate:
+    """A hook on calls of one function (a profile function, in this thread and in threads
+    started while it is open, such as the event loop's worker threads): every call notes its
+    thread, and the first waits until the test releases it, unless it is made on the thread
+    that opened the gate (the event loop's, which waiting would stop). Tests using it run on an
+    event loop of their own, whose worker threads start inside the gate."""
 
-    def __init__(self) -> None:
-        self.threads: set[int] = set()
+    def __init__(self, code: CodeType) -> None:
+        self.code = code
+        self.threads: list[int] = []
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.opener = threading.get_ident()
 
-    def __enter__(self) -> RecordGate:
+    def __enter__(self) -> CallGate:
         threading.setprofile(self._profile)
         sys.setprofile(self._profile)
         return self
@@ -224,11 +228,17 @@ class RecordGate:
         threading.setprofile(None)
 
     def _profile(self, frame: FrameType, event: str, _: object) -> None:
-        if event == "call" and frame.f_code is Record.__init__.__code__:
-            self.threads.add(threading.get_ident())
+        if event == "call" and frame.f_code is self.code:
+            self.threads.append(threading.get_ident())
             if not self.entered.is_set():
                 self.entered.set()
-                self.release.wait(WAIT)
+                if threading.get_ident() != self.opener:
+                    self.release.wait(WAIT)
+
+
+def record_gate() -> CallGate:
+    """A gate on the building of :class:`Record` objects."""
+    return CallGate(Record.__init__.__code__)
 
 
 async def gated_store(path: Path) -> tuple[EdgeStore, list[str], np.ndarray]:
@@ -248,9 +258,9 @@ async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path
     """Issue 12: building a record per point held the event loop (0.4 s at 100k points). While
     the build is held at its gate, the loop runs other tasks and the snapshot is still
     pending; on the event loop, the build would have run to its end before either."""
-    store, point_ids, vectors = await gated_store(tmp_path)
-    try:
-        with RecordGate() as gate:
+    with record_gate() as gate:
+        store, point_ids, vectors = await gated_store(tmp_path)
+        try:
             snapshot = asyncio.create_task(store.vectors(4, "c"))
             assert await asyncio.to_thread(gate.entered.wait, WAIT)
             other_task = asyncio.create_task(asyncio.sleep(0, result="ran"))
@@ -258,8 +268,8 @@ async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path
             assert not snapshot.done()
             gate.release.set()
             records, matrix = await snapshot
-    finally:
-        await store.close()
+        finally:
+            await store.close()
     assert threading.get_ident() not in gate.threads
     order = np.argsort(point_ids)
     assert [r.id for r in records] == [point_ids[i] for i in order]
@@ -270,14 +280,14 @@ async def test_a_snapshot_of_the_copy_is_built_off_the_event_loop(tmp_path: Path
 async def test_writes_racing_a_snapshot_neither_tear_it_nor_are_lost(tmp_path: Path) -> None:
     """A snapshot is the copy as it was when asked for, record i beside its own vector, though
     the copy's rows are rewritten and moved while the records are built; the writes stay."""
-    store, point_ids, vectors = await gated_store(tmp_path)
-    added = str(uuid.uuid4())
-    rewritten = unit(np.random.default_rng(4), 2, 4)
-    payloads = [
-        read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
-    ]
-    try:
-        with RecordGate() as gate:
+    with record_gate() as gate:
+        store, point_ids, vectors = await gated_store(tmp_path)
+        added = str(uuid.uuid4())
+        rewritten = unit(np.random.default_rng(4), 2, 4)
+        payloads = [
+            read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
+        ]
+        try:
             snapshot = asyncio.create_task(store.vectors(4, "c"))
             assert await asyncio.to_thread(gate.entered.wait, WAIT)
             assert not snapshot.done()
@@ -286,9 +296,9 @@ async def test_writes_racing_a_snapshot_neither_tear_it_nor_are_lost(tmp_path: P
             await store.delete(4, Selection("c", ids=[point_ids[1]]))
             gate.release.set()
             records, matrix = await snapshot
-        after_records, after_matrix = await store.vectors(4, "c")
-    finally:
-        await store.close()
+            after_records, after_matrix = await store.vectors(4, "c")
+        finally:
+            await store.close()
     order = np.argsort(point_ids)
     assert [r.id for r in records] == [point_ids[i] for i in order]
     assert [r.payload["label"] for r in records] == [r.id for r in records]
@@ -299,3 +309,105 @@ async def test_writes_racing_a_snapshot_neither_tear_it_nor_are_lost(tmp_path: P
     del now[point_ids[1]]
     assert [r.id for r in after_records] == sorted(now)
     np.testing.assert_allclose(after_matrix, np.stack([now[i] for i in sorted(now)]), atol=1e-6)
+
+
+async def ran_meanwhile() -> bool:
+    """Whether a task created now runs to its end: the tasks created before it ran up to their
+    first wait first, and the event loop is not held."""
+    return await asyncio.create_task(asyncio.sleep(0, result=True))
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_copy_is_frozen_off_the_event_loop_while_writes_to_it_wait(tmp_path: Path) -> None:
+    """Issue 12: freezing the copy for a snapshot copied its matrix on the event loop (tens of
+    milliseconds at 100k points). While the freeze is held at its gate in a worker thread,
+    queries of the copy are answered and a write to it waits; the snapshot is the copy as it
+    was, and the write lands after it."""
+    with CallGate(Mirror.frozen.__code__) as gate:
+        store, point_ids, vectors = await gated_store(tmp_path)
+        added = str(uuid.uuid4())
+        payload = read_payload({"classifier": "c", "id": added, "label": added})
+        try:
+            snapshot = asyncio.create_task(store.vectors(4, "c"))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            hits = await store.query(4, "c", vectors[:1], 1)
+            write = asyncio.create_task(store.upsert(4, [added], vectors[:1], [payload]))
+            assert await ran_meanwhile()
+            assert not snapshot.done()
+            assert not write.done()
+            gate.release.set()
+            records, matrix = await snapshot
+            await write
+            after_records, _ = await store.vectors(4, "c")
+        finally:
+            await store.close()
+    assert gate.threads
+    assert threading.get_ident() not in gate.threads
+    assert hits[0][0].id == point_ids[0]
+    order = np.argsort(point_ids)
+    assert [r.id for r in records] == [point_ids[i] for i in order]
+    np.testing.assert_allclose(matrix, vectors[order], atol=1e-6)
+    assert [r.id for r in after_records] == sorted([*point_ids, added])
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_copy_is_loaded_off_the_event_loop_once_for_the_queries_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Issue 12: the first query of a classifier loaded its copy from the shard, page by page,
+    on the event loop. While the load is held at its gate (its count of the classifier's
+    points) in a worker thread, other tasks run; a second query shares the load rather than
+    starting another, and a write to the classifier waits, so that the copy misses it not."""
+    point_ids, vectors = await written_store(tmp_path, 2_500, 8)  # several pages
+    added = str(uuid.uuid4())
+    payload = read_payload({"classifier": "c", "id": added, "label": "new"})
+    with CallGate(count_points.__code__) as gate:
+        store = EdgeStore(tmp_path)
+        await store.open([8])
+        try:
+            first = asyncio.create_task(store.query(8, "c", vectors[:1], 1))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            second = asyncio.create_task(store.query(8, "c", vectors[1:2], 1))
+            write = asyncio.create_task(store.upsert(8, [added], -vectors[:1], [payload]))
+            assert await ran_meanwhile()
+            assert not first.done()
+            assert not second.done()
+            assert not write.done()
+            gate.release.set()
+            hits = [*await first, *await second]
+            await write
+            newest = await store.query(8, "c", -vectors[:1], 1)
+        finally:
+            await store.close()
+    assert len(gate.threads) == 1  # one load for both queries
+    assert threading.get_ident() not in gate.threads
+    assert [row[0].id for row in hits] == point_ids[:2]
+    assert newest[0][0].id == added
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_load_that_ends_after_its_store_closed_is_not_kept(tmp_path: Path) -> None:
+    """A load running in a worker thread when the store closes (held here after its last read
+    of the shard) must not leave its copy to the store opened again: that copy would miss what
+    was written in between."""
+    point_ids, vectors = await written_store(tmp_path, 3, 4)
+    added = str(uuid.uuid4())
+    payload = read_payload({"classifier": "c", "id": added, "label": "new"})
+    with CallGate(Mirror.upsert.__code__) as gate:
+        store = EdgeStore(tmp_path)
+        await store.open([4])
+        try:
+            loading = asyncio.create_task(store.query(4, "c", vectors[:1], 1))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            await store.close()
+            writer = EdgeStore(tmp_path)
+            await writer.open([4])
+            await writer.upsert(4, [added], -vectors[:1], [payload])
+            await writer.close()
+            gate.release.set()
+            assert [row[0].id for row in await loading] == point_ids[:1]
+            await store.open([4])
+            hits = await store.query(4, "c", -vectors[:1], 1)
+        finally:
+            await store.close()
+    assert hits[0][0].id == added

@@ -9,13 +9,15 @@ in-memory copy of the queried classifier's vectors (:class:`Mirror`), loaded fro
 the first query and updated by every write after the shard has taken it: a matrix product is
 several times faster than Edge's filtered exact search with payloads (docs/benchmarks.md).
 Filtered HNSW search lost recall in our tests, so it is not used. Calls are synchronous and
-short; they run on the event loop thread, except the whole-classifier reads of ``vectors``, whose
-records are built in a worker thread (its docstring says why).
+short; they run on the event loop thread, except the whole-classifier reads: loading a copy,
+freezing one for ``vectors`` and building its records run in a worker thread, while writes to
+that classifier wait (:class:`SingleFlight`; docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +34,9 @@ from .edge_reads import (
     with_vectors,
 )
 from .edge_shards import EdgeShards
-from .mirror import Mirror
+from .mirror import FrozenMirror, Mirror
 from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload, stored_payload
+from .single_flight import SingleFlight
 
 _FACET_LIMIT = 1_000_000
 
@@ -44,6 +47,8 @@ class EdgeStore(Store):
     def __init__(self, data_dir: Path, min_free_bytes: int = 0) -> None:
         self._shards = EdgeShards(data_dir / "edge", min_free_bytes)
         self._mirrors: dict[tuple[int, str], Mirror] = {}
+        self._copy_reads = SingleFlight()
+        """Loads and freezes of copies, keyed ("load" or "freeze", dimension, classifier)."""
         self._meta_read: dict[str, Payload] = {}
 
     async def existing_dimensions(self) -> list[int]:
@@ -61,7 +66,10 @@ class EdgeStore(Store):
 
     async def close(self) -> None:
         self._shards.close()
-        self._mirrors.clear()
+        # New ones, not cleared: a load still running keeps its copy in the old ones, not in
+        # this store opened again (its copy would miss what was written in between).
+        self._mirrors = {}
+        self._copy_reads = SingleFlight()
         self._meta_read.clear()
 
     # Meta records ----------------------------------------------------------------------------
@@ -115,6 +123,7 @@ class EdgeStore(Store):
         vectors: Matrix,
         payloads: Sequence[ExemplarPayload],
     ) -> None:
+        await self._copies_settled(dimension, {payload["classifier"] for payload in payloads})
         # The WAL and the segment each hold the vectors and the payloads.
         self._shards.ensure_room(
             2 * (vectors.nbytes + len(json.dumps(list(payloads), default=str)))
@@ -132,6 +141,7 @@ class EdgeStore(Store):
                 mirror.upsert([ids[i] for i in rows], vectors[rows], [payloads[i] for i in rows])
 
     async def delete(self, dimension: int, selection: Selection) -> None:
+        await self._copies_settled(dimension, {selection.classifier})
         self._shards.ensure_room(None)
         with self._shards.using(dimension) as shard:
             shard.update(qe.UpdateOperation.delete_points_by_filter(selection_filter(selection)))
@@ -185,11 +195,14 @@ class EdgeStore(Store):
         fitted after a query); else from the shard. Either way the records are built in a
         worker thread: converting tens of thousands of records held the event loop for seconds
         (docs/reliability.md); the shard's calls hold the GIL, but one page at a time. The
-        copy is frozen on the loop first, so writes landing meanwhile cannot tear it."""
+        copy is frozen first, in a worker thread too (copying its matrix held the loop), with
+        writes to it held off until it is."""
         with self._shards.using(dimension):
             mirror = self._mirrors.get((dimension, classifier))
-            frozen = None if mirror is None else mirror.frozen()
-        if frozen is not None:
+        if mirror is not None:
+            frozen: FrozenMirror = await self._copy_reads.run(
+                ("freeze", dimension, classifier), mirror.frozen
+            )
             return await asyncio.to_thread(frozen.snapshot)
         return await asyncio.to_thread(self._vectors, dimension, classifier)
 
@@ -208,15 +221,35 @@ class EdgeStore(Store):
         k: int,
         out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
-        return self._mirror(dimension, classifier).query(vectors, k, out_of_scope)
+        mirror = await self._mirror(dimension, classifier)
+        return mirror.query(vectors, k, out_of_scope)
 
-    def _mirror(self, dimension: int, classifier: str) -> Mirror:
+    async def _mirror(self, dimension: int, classifier: str) -> Mirror:
+        """The classifier's copy, loaded on first use in a worker thread (page by page from the
+        shard, which held the loop for seconds on large classifiers); queries meanwhile share
+        the load, and writes to the classifier wait for it, so that it misses none."""
         key = (dimension, classifier)
+        with self._shards.using(dimension):
+            mirror = self._mirrors.get(key)
+        if mirror is not None:
+            return mirror
+        keep = functools.partial(self._mirrors.__setitem__, key)
+        load = functools.partial(self._load, dimension, classifier)
+        return await self._copy_reads.run(("load", *key), load, keep)
+
+    def _load(self, dimension: int, classifier: str) -> Mirror:
+        where = selection_filter(Selection(classifier))
         with self._shards.using(dimension) as shard:
-            if key not in self._mirrors:
-                where = selection_filter(Selection(classifier))
-                mirror = Mirror(dimension, capacity=count_points(shard, where))
-                for ids, vectors, payloads in vector_pages(shard, where, dimension):
-                    mirror.upsert(ids, vectors, payloads)
-                self._mirrors[key] = mirror
-        return self._mirrors[key]
+            mirror = Mirror(dimension, capacity=count_points(shard, where))
+            for ids, vectors, payloads in vector_pages(shard, where, dimension):
+                mirror.upsert(ids, vectors, payloads)
+        return mirror
+
+    async def _copies_settled(self, dimension: int, classifiers: set[str]) -> None:
+        """Waits until no copy of ``classifiers`` is being loaded or frozen (see
+        :class:`SingleFlight`); the write that awaits this writes before either can start."""
+        await self._copy_reads.settled(
+            (kind, dimension, classifier)
+            for kind in ("load", "freeze")
+            for classifier in classifiers
+        )

@@ -39,12 +39,16 @@ def scroll_all(
 
 
 def pages(
-    shard: qe.EdgeShard, where: qe.Filter, vectors: bool = False, payload: bool | list[str] = True
+    shard: qe.EdgeShard,
+    where: qe.Filter,
+    vectors: bool = False,
+    payload: bool | list[str] = True,
+    limit: int = 1000,
 ) -> Iterator[list[qe.Record]]:
     offset: qe.PointId | None = None
     while True:
         request = qe.ScrollRequest(
-            offset=offset, limit=1000, filter=where, with_payload=payload, with_vector=vectors
+            offset=offset, limit=limit, filter=where, with_payload=payload, with_vector=vectors
         )
         page, offset = shard.scroll(request)
         yield page
@@ -57,10 +61,16 @@ def vector_pages(
 ) -> Iterator[tuple[list[str], Matrix, list[ExemplarPayload]]]:
     """The points ``where`` selects, a page at a time: Edge gives each vector as a list of
     Python floats (eight times the bytes of float32), so a caller that keeps each page as
-    float32 before reading the next holds one page of them, not the classifier's."""
-    for page in pages(shard, where, vectors=True):
+    float32 before reading the next holds one page of them, not the classifier's. Callers run
+    in a worker thread; Edge's scroll and numpy's conversion of a page each hold the GIL
+    throughout, keeping the event loop waiting, so the pages are small."""
+    for page in pages(shard, where, vectors=True, limit=_VECTOR_PAGE):
         vectors = np.asarray([r.vector for r in page], dtype=np.float32).reshape(-1, dimension)
         yield [str(r.id) for r in page], vectors, [read_payload(r.payload) for r in page]
+
+
+_VECTOR_PAGE = 250
+"""Points per page of :func:`vector_pages` (docs/reliability.md has the measurements)."""
 
 
 def stack_pages(

@@ -90,13 +90,15 @@ class Mirror:
         ]
 
     def frozen(self) -> FrozenMirror:
-        """The points as they are now, in a copy later writes do not change: the matrix rows
-        copied by numpy and the id and payload lists copied as lists (references only), cheap
-        enough for the event loop; :meth:`FrozenMirror.snapshot` then builds the records, a
-        Python object per point, wherever its caller likes (a worker thread)."""
-        return FrozenMirror(
-            list(self._ids), list(self._payloads), self._matrix[: self._count].copy()
-        )
+        """The points as they are now, in id order as a store's scroll gives them, in a copy
+        later writes do not change: the rows gathered by numpy, the id and payload lists copied
+        (references only). Meant for a worker thread, while nothing writes to this copy: numpy
+        sorts and gathers without holding the GIL, so the event loop runs meanwhile.
+        :meth:`FrozenMirror.snapshot` then builds the records, a Python object per point,
+        outside that hold."""
+        ids = self._ids.copy()
+        order = _id_order(ids)
+        return FrozenMirror(ids, self._payloads.copy(), order, np.take(self._matrix, order, 0))
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
@@ -138,20 +140,33 @@ class Mirror:
 
 @dataclass(frozen=True, slots=True)
 class FrozenMirror:
-    """A copy of a :class:`Mirror`'s points at one moment (row i of ``matrix`` is ``ids[i]``'s)."""
+    """A copy of a :class:`Mirror`'s points at one moment: ``ids[order[i]]`` is the id of
+    ``matrix`` row i, whose payload is ``payloads[order[i]]``."""
 
     ids: list[str]
     payloads: list[ExemplarPayload]
+    order: np.ndarray
     matrix: Matrix
 
     def snapshot(self) -> tuple[list[Record], Matrix]:
-        """Every point and its vector (row i belongs to record i), in id order as a store's
-        scroll gives them. Sorted and gathered by numpy, which lets the event loop run
-        meanwhile: Python's ``sorted`` holds the GIL for the whole sort. (Numpy orders strings
-        by code point, as Python does; ids are UUIDs, so none ends in the NUL numpy drops.)"""
-        order = np.argsort(np.array(self.ids, dtype=str), kind="stable")
-        records = [Record(self.ids[row], self.payloads[row]) for row in order.tolist()]
-        return records, np.take(self.matrix, order, axis=0)
+        """Every point and its vector (row i belongs to record i), in id order."""
+        ids, payloads = self.ids, self.payloads
+        return [Record(ids[row], payloads[row]) for row in self.order.tolist()], self.matrix
+
+
+def _id_order(ids: list[str]) -> np.ndarray:
+    """The order that sorts ``ids``, by numpy: Python's ``sorted`` holds the GIL for the whole
+    sort, and so does numpy's conversion of a list of strings, so they are converted a slice at a
+    time. (Numpy orders strings by code point, as Python does; ids are UUIDs, so none ends in
+    the NUL numpy drops.)"""
+    keys = np.empty(len(ids), dtype=f"U{max(map(len, ids), default=1)}")
+    for start in range(0, len(ids), _SLICE):
+        keys[start : start + _SLICE] = ids[start : start + _SLICE]
+    return np.argsort(keys, kind="stable")
+
+
+_SLICE = 10_000
+"""Ids converted to numpy at a time, between which the GIL can pass to the event loop."""
 
 
 def _unit(vectors: Matrix) -> Matrix:
