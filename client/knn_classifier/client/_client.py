@@ -357,6 +357,7 @@ class Client:
         apply_best: bool = False,
         target_precision: float | None = None,
         target_coverage: float | None = None,
+        leave_out_twins: bool | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
@@ -367,7 +368,9 @@ class Client:
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
         precision and coverage the classifier's thresholds give on leave-one-out. With
         ``apply_best``, the out-of-scope threshold is fitted to keep ``target_coverage`` of the
-        leave-one-out exemplars (default 0.98)."""
+        leave-one-out exemplars (default 0.98). Leave-one-out leaves each exemplar's
+        near-duplicates out with it unless ``leave_out_twins`` is False (None: the server's
+        default, True)."""
         call = build.evaluate(
             classifier,
             held_out,
@@ -379,6 +382,7 @@ class Client:
             apply_best,
             target_precision,
             target_coverage,
+            leave_out_twins,
             etag,
         )
         return self._send(call, timeout)
@@ -709,6 +713,7 @@ class AsyncClient:
         apply_best: bool = False,
         target_precision: float | None = None,
         target_coverage: float | None = None,
+        leave_out_twins: bool | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
@@ -719,7 +724,9 @@ class AsyncClient:
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
         precision and coverage the classifier's thresholds give on leave-one-out. With
         ``apply_best``, the out-of-scope threshold is fitted to keep ``target_coverage`` of the
-        leave-one-out exemplars (default 0.98)."""
+        leave-one-out exemplars (default 0.98). Leave-one-out leaves each exemplar's
+        near-duplicates out with it unless ``leave_out_twins`` is False (None: the server's
+        default, True)."""
         call = build.evaluate(
             classifier,
             held_out,
@@ -731,6 +738,7 @@ class AsyncClient:
             apply_best,
             target_precision,
             target_coverage,
+            leave_out_twins,
             etag,
         )
         return await self._send(call, timeout)
