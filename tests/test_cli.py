@@ -344,9 +344,12 @@ def test_evaluate_table_and_json(server: ServerThread, created: Client, tmp_path
     lines = out.splitlines()
     assert lines[0].split() == [
         "#", "k", "voting", "dim", "T", "accuracy", "macro_f1", "coverage", "acc_covered",
-        "ECE", "texts", "acc_no_twins",
+        "ECE", "texts", "acc_with_twins",
     ]  # fmt: skip
     assert len([line for line in lines[1:] if line[:1].isdigit()]) == 4
+    plain = ok(run(server, "evaluate", "intents", "--k", "1", "--keep-twins")).splitlines()
+    assert plain[0].split()[-1] == "acc_no_twins"
+    assert "accuracy leaves each exemplar out alone" in plain[-1]
     held_out = write_csv(tmp_path / "held.csv", [["text", "label"], ["card gone", "card"]])
     response = json.loads(
         ok(run(server, "evaluate", "intents", "--held-out", str(held_out), "--json"))

@@ -99,11 +99,13 @@ def test_leave_one_out_without_twins_through_evaluate(client: Client) -> None:
     assert response.near_duplicates.dimension == 64
     assert share == pytest.approx(60 / 120)  # the 30 rewordings and their 30 originals
     assert result.accuracy_without_twins == pytest.approx(expected)
-    assert result.accuracy > expected + 0.1  # plain leave-one-out counts on the twins
+    assert result.accuracy == result.accuracy_without_twins  # the default estimate
+    assert result.accuracy_with_twins > expected + 0.1  # plain leave-one-out counts on the twins
 
     held = client.evaluate("twins", held_out=[("pizza goal", "food")], k=[1])
     assert not held.HasField("near_duplicates")
     assert not held.results[0].HasField("accuracy_without_twins")
+    assert not held.results[0].HasField("accuracy_with_twins")
 
 
 def test_a_label_made_of_twins_is_answered_by_the_other_labels(client: Client) -> None:
@@ -116,5 +118,6 @@ def test_a_label_made_of_twins_is_answered_by_the_other_labels(client: Client) -
                  ("bank loan", "money")],
     )  # fmt: skip
     result = client.evaluate("tiny", k=[3], voting=["majority"]).results[0]
-    assert result.accuracy == pytest.approx(0.75)  # the food exemplars answered by their twins
+    assert result.accuracy_with_twins == pytest.approx(0.75)  # food answered by its twins
     assert result.accuracy_without_twins == pytest.approx(0.0)
+    assert result.accuracy == pytest.approx(0.0)

@@ -365,6 +365,7 @@ class Client:
         apply_best: bool = False,
         target_precision: float | None = None,
         target_coverage: float | None = None,
+        leave_out_twins: bool | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
@@ -375,7 +376,9 @@ class Client:
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
         precision and coverage the classifier's thresholds give on leave-one-out. With
         ``apply_best``, the out-of-scope threshold is fitted to keep ``target_coverage`` of the
-        leave-one-out exemplars (default 0.98)."""
+        leave-one-out exemplars (default 0.98). Leave-one-out leaves each exemplar's
+        near-duplicates out with it unless ``leave_out_twins`` is False (None: the server's
+        default, True)."""
         call = build.evaluate(
             classifier,
             held_out,
@@ -387,6 +390,7 @@ class Client:
             apply_best,
             target_precision,
             target_coverage,
+            leave_out_twins,
             etag,
         )
         return self._send(call, timeout)
@@ -726,6 +730,7 @@ class AsyncClient:
         apply_best: bool = False,
         target_precision: float | None = None,
         target_coverage: float | None = None,
+        leave_out_twins: bool | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> pb.EvaluateResponse:
@@ -736,7 +741,9 @@ class AsyncClient:
         With ``target_precision``, the response's ``thresholds`` says whether it was met and the
         precision and coverage the classifier's thresholds give on leave-one-out. With
         ``apply_best``, the out-of-scope threshold is fitted to keep ``target_coverage`` of the
-        leave-one-out exemplars (default 0.98)."""
+        leave-one-out exemplars (default 0.98). Leave-one-out leaves each exemplar's
+        near-duplicates out with it unless ``leave_out_twins`` is False (None: the server's
+        default, True)."""
         call = build.evaluate(
             classifier,
             held_out,
@@ -748,6 +755,7 @@ class AsyncClient:
             apply_best,
             target_precision,
             target_coverage,
+            leave_out_twins,
             etag,
         )
         return await self._send(call, timeout)

@@ -338,6 +338,7 @@ def evaluate(
     apply_best: bool,
     target_precision: float | None,
     target_coverage: float | None,
+    leave_out_twins: bool | None,
     etag: str,
 ) -> Call[pb.EvaluateRequest, pb.EvaluateResponse]:
     request = pb.EvaluateRequest(
@@ -351,6 +352,7 @@ def evaluate(
         apply_best=apply_best,
         target_precision=target_precision,
         target_coverage=target_coverage,
+        leave_out_twins=leave_out_twins,
         etag=etag,
     )
     return Call("Evaluate", request, _response)

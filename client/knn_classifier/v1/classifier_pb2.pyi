@@ -1637,6 +1637,7 @@ class EvaluateRequest(_message.Message):
     TARGET_PRECISION_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     TARGET_COVERAGE_FIELD_NUMBER: _builtins.int
+    LEAVE_OUT_TWINS_FIELD_NUMBER: _builtins.int
     classifier: _builtins.str
     """The classifier's name."""
     apply_best: _builtins.bool
@@ -1658,6 +1659,17 @@ class EvaluateRequest(_message.Message):
     """With apply_best: fit the out-of-scope threshold (Classifier.out_of_scope_threshold) to keep
     this share of the leave-one-out exemplars, 0.5 to 1. Unset: 0.98. In-scope exemplars whose
     nearest exemplar is an out-of-scope example count as not kept.
+    """
+    leave_out_twins: _builtins.bool
+    """Leave-one-out: leave each exemplar's near-duplicates ("twins", see
+    EvaluateResponse.near_duplicates) out with it, so that a near-paraphrase of the exemplar
+    does not answer for it. The answers without twins then give EvaluationResult.accuracy and
+    the other measurements, choose the recommended setting, and feed apply_best's calibration
+    and threshold fits; the plain leave-one-out accuracy is reported beside it
+    (EvaluationResult.accuracy_with_twins). Unset: true. False: the plain leave-one-out drives
+    everything, as before. The centroid and discriminant label models keep the twins in their
+    label means either way, and the out-of-scope threshold's fit is unaffected. Ignored with
+    held-out texts.
     """
     @_builtins.property
     def held_out_texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelledText]:
@@ -1698,15 +1710,20 @@ class EvaluateRequest(_message.Message):
         target_precision: _builtins.float | None = ...,
         etag: _builtins.str = ...,
         target_coverage: _builtins.float | None = ...,
+        leave_out_twins: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_target_coverage", b"_target_coverage", "_target_precision", b"_target_precision", "target_coverage", b"target_coverage", "target_precision", b"target_precision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_leave_out_twins", b"_leave_out_twins", "_target_coverage", b"_target_coverage", "_target_precision", b"_target_precision", "leave_out_twins", b"leave_out_twins", "target_coverage", b"target_coverage", "target_precision", b"target_precision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_coverage", b"_target_coverage", "_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimensions", b"dimensions", "etag", b"etag", "held_out_texts", b"held_out_texts", "k_values", b"k_values", "target_coverage", b"target_coverage", "target_precision", b"target_precision", "temperatures", b"temperatures", "voting_methods", b"voting_methods"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_leave_out_twins", b"_leave_out_twins", "_target_coverage", b"_target_coverage", "_target_precision", b"_target_precision", "apply_best", b"apply_best", "classifier", b"classifier", "dimensions", b"dimensions", "etag", b"etag", "held_out_texts", b"held_out_texts", "k_values", b"k_values", "leave_out_twins", b"leave_out_twins", "target_coverage", b"target_coverage", "target_precision", b"target_precision", "temperatures", b"temperatures", "voting_methods", b"voting_methods"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__leave_out_twins: _TypeAlias = _typing.Literal["leave_out_twins"]  # noqa: Y015
+    _WhichOneofArgType__leave_out_twins: _TypeAlias = _typing.Literal["_leave_out_twins", b"_leave_out_twins"]  # noqa: Y015
     _WhichOneofReturnType__target_coverage: _TypeAlias = _typing.Literal["target_coverage"]  # noqa: Y015
     _WhichOneofArgType__target_coverage: _TypeAlias = _typing.Literal["_target_coverage", b"_target_coverage"]  # noqa: Y015
     _WhichOneofReturnType__target_precision: _TypeAlias = _typing.Literal["target_precision"]  # noqa: Y015
     _WhichOneofArgType__target_precision: _TypeAlias = _typing.Literal["_target_precision", b"_target_precision"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__leave_out_twins) -> _WhichOneofReturnType__leave_out_twins | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__target_coverage) -> _WhichOneofReturnType__target_coverage | None: ...
     @_typing.overload
@@ -1802,6 +1819,7 @@ class EvaluationResult(_message.Message):
     TOP_CONFUSIONS_FIELD_NUMBER: _builtins.int
     OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     ACCURACY_WITHOUT_TWINS_FIELD_NUMBER: _builtins.int
+    ACCURACY_WITH_TWINS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """The setting."""
     voting: Global___Voting.ValueType
@@ -1811,7 +1829,11 @@ class EvaluationResult(_message.Message):
     temperature: _builtins.float
     """The setting."""
     accuracy: _builtins.float
-    """Share of texts answered with their true label (unknown counts as wrong)."""
+    """Share of texts answered with their true label (unknown counts as wrong). In leave-one-out,
+    with each exemplar's twins left out with it unless EvaluateRequest.leave_out_twins is
+    false; this is the estimate that ranks the settings, and the measurements below (except
+    accuracy_with_twins) come from the same answers.
+    """
     macro_f1: _builtins.float
     """Mean F1 over the labels."""
     coverage: _builtins.float
@@ -1825,9 +1847,14 @@ class EvaluationResult(_message.Message):
     accuracy_without_twins: _builtins.float
     """Leave-one-out only: the accuracy when each exemplar is left out together with its twins
     (EvaluateResponse.near_duplicates), which otherwise answer for it. Near-paraphrases among
-    the exemplars (common in crowd-sourced sets) make `accuracy` overestimate the accuracy on
-    new texts; this estimate does not count on them. The label models (centroid, discriminant)
-    keep the twins in their label means, where one is a small part.
+    the exemplars (common in crowd-sourced sets) make the plain leave-one-out
+    (accuracy_with_twins) overestimate the accuracy on new texts; this estimate does not count
+    on them. The label models (centroid, discriminant) keep the twins in their label means,
+    where one is a small part. Equals `accuracy` unless EvaluateRequest.leave_out_twins is false.
+    """
+    accuracy_with_twins: _builtins.float
+    """Leave-one-out only: the plain leave-one-out accuracy, each exemplar left out alone (its
+    twins answer for it). Equals `accuracy` when EvaluateRequest.leave_out_twins is false.
     """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelMetrics]:
@@ -1860,13 +1887,19 @@ class EvaluationResult(_message.Message):
         top_confusions: _abc.Iterable[Global___Confusion] | None = ...,
         out_of_scope: Global___OutOfScopeMetrics | None = ...,
         accuracy_without_twins: _builtins.float | None = ...,
+        accuracy_with_twins: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy_without_twins", b"_accuracy_without_twins", "accuracy_without_twins", b"accuracy_without_twins", "out_of_scope", b"out_of_scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy_with_twins", b"_accuracy_with_twins", "_accuracy_without_twins", b"_accuracy_without_twins", "accuracy_with_twins", b"accuracy_with_twins", "accuracy_without_twins", b"accuracy_without_twins", "out_of_scope", b"out_of_scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy_without_twins", b"_accuracy_without_twins", "accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "accuracy_without_twins", b"accuracy_without_twins", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "out_of_scope", b"out_of_scope", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy_with_twins", b"_accuracy_with_twins", "_accuracy_without_twins", b"_accuracy_without_twins", "accuracy", b"accuracy", "accuracy_on_covered", b"accuracy_on_covered", "accuracy_with_twins", b"accuracy_with_twins", "accuracy_without_twins", b"accuracy_without_twins", "coverage", b"coverage", "dimension", b"dimension", "evaluated", b"evaluated", "expected_calibration_error", b"expected_calibration_error", "k", b"k", "labels", b"labels", "macro_f1", b"macro_f1", "out_of_scope", b"out_of_scope", "temperature", b"temperature", "top_confusions", b"top_confusions", "voting", b"voting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__accuracy_with_twins: _TypeAlias = _typing.Literal["accuracy_with_twins"]  # noqa: Y015
+    _WhichOneofArgType__accuracy_with_twins: _TypeAlias = _typing.Literal["_accuracy_with_twins", b"_accuracy_with_twins"]  # noqa: Y015
     _WhichOneofReturnType__accuracy_without_twins: _TypeAlias = _typing.Literal["accuracy_without_twins"]  # noqa: Y015
     _WhichOneofArgType__accuracy_without_twins: _TypeAlias = _typing.Literal["_accuracy_without_twins", b"_accuracy_without_twins"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__accuracy_with_twins) -> _WhichOneofReturnType__accuracy_with_twins | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__accuracy_without_twins) -> _WhichOneofReturnType__accuracy_without_twins | None: ...
 
 Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
@@ -2012,7 +2045,7 @@ class EvaluateResponse(_message.Message):
     @_builtins.property
     def near_duplicates(self) -> Global___NearDuplicates:
         """Leave-one-out only: the near-duplicates ("twins") among the sampled exemplars, which
-        EvaluationResult.accuracy_without_twins leaves out.
+        EvaluationResult.accuracy_without_twins (and, by default, `accuracy`) leaves out.
         """
 
     def __init__(

@@ -217,6 +217,9 @@ class EvaluateRequest:
     target_coverage: float | None = None
     """With apply_best, the share of in-scope texts the out-of-scope threshold keeps; None:
     :data:`out_of_scope.DEFAULT_TARGET_COVERAGE`."""
+    leave_out_twins: bool = True
+    """Leave-one-out: measure, choose and fit on the answers with each exemplar's twins left
+    out with it (:mod:`evaluate.twins`); False: on the plain leave-one-out."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ def evaluate_request(request: pb.EvaluateRequest) -> EvaluateRequest:
             request.target_precision if request.HasField("target_precision") else None
         ),
         target_coverage=(request.target_coverage if request.HasField("target_coverage") else None),
+        leave_out_twins=(request.leave_out_twins if request.HasField("leave_out_twins") else True),
     )
 
 
@@ -195,4 +196,5 @@ def _evaluation_result(report: Report, with_labels: bool) -> pb.EvaluationResult
         ],
         out_of_scope=_out_of_scope_metrics(report.out_of_scope),
         accuracy_without_twins=report.accuracy_without_twins,
+        accuracy_with_twins=report.accuracy_with_twins,
     )

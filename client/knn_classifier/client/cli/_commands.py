@@ -410,6 +410,7 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
         apply_best=args.apply_best,
         target_precision=args.target_precision,
         target_coverage=args.target_coverage,
+        leave_out_twins=False if args.keep_twins else None,
     )
     if args.json:
         print(_json(_proto_json(response), indent=2))
@@ -418,19 +419,25 @@ def evaluate(args: argparse.Namespace, client: Client) -> int:
     header += ["acc_covered", "ECE", "texts"]
     rows = [_result_row(rank, r) for rank, r in enumerate(response.results, start=1)]
     twins = response.HasField("near_duplicates")
-    if twins:  # leave-one-out
-        header.append("acc_no_twins")
+    if twins:  # leave-one-out: the other accuracy beside the one that ranks the settings
+        header.append("acc_no_twins" if args.keep_twins else "acc_with_twins")
         for row, r in zip(rows, response.results, strict=True):
-            row.append(round(r.accuracy_without_twins, 4))
+            other = r.accuracy_without_twins if args.keep_twins else r.accuracy_with_twins
+            row.append(round(other, 4))
     print(_table(header, rows))
     print("(#1 is the recommended setting)")
     if twins:
         near = response.near_duplicates
+        how = (
+            "accuracy leaves each exemplar out alone; acc_no_twins leaves its twins out too"
+            if args.keep_twins
+            else "accuracy leaves its twins out with each exemplar; acc_with_twins does not"
+        )
         print(
             f"twins: {near.share:.1%} of the {near.sampled} exemplars left out have one (an "
             f"exemplar of their label more similar than {near.similarity:.4f} at dimension "
-            f"{near.dimension});\nacc_no_twins leaves the twins out too: near-paraphrases "
-            "answer for each other, not for new texts"
+            f"{near.dimension});\n{how}: near-paraphrases answer for each other, not for new "
+            "texts"
         )
     if response.results and response.results[0].top_confusions:
         print("\ntop confusions of #1:")

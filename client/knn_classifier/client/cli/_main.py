@@ -234,6 +234,12 @@ def parser() -> argparse.ArgumentParser:
         help="with --apply-best: the out-of-scope threshold keeps this share of in-scope texts "
         "(0.5 to 1; default 0.98)",
     )
+    evaluate.add_argument(
+        "--keep-twins",
+        action="store_true",
+        help="leave-one-out: leave each exemplar out alone, its near-duplicates kept (by "
+        "default they are left out with it, and the plain figure is shown as acc_with_twins)",
+    )
     _add_output(evaluate, "the whole response")
 
     check = command(

@@ -44,6 +44,8 @@ class Report:
     accuracy_without_twins: float | None = None
     """Leave-one-out only: the accuracy with each exemplar's twins left out with it
     (:mod:`.twins`)."""
+    accuracy_with_twins: float | None = None
+    """Leave-one-out only: the plain accuracy, each exemplar left out alone."""
 
 
 @dataclass(frozen=True, slots=True)

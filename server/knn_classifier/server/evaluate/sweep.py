@@ -1,7 +1,8 @@
 """Evaluate: a classifier measured over a sweep of settings, and the best applied to it.
 
-Leave-one-out classifies stored exemplars by the others from their stored vectors; held-out
-evaluation embeds labelled texts that are not stored. Neighbours come from
+Leave-one-out classifies stored exemplars by the others from their stored vectors, by default
+with each one's near-duplicates left out with it (:mod:`.twins`); held-out evaluation embeds
+labelled texts that are not stored. Neighbours come from
 :func:`~knn_classifier.server.evaluate.neighbours.nearest` and votes from the same function
 Classify uses.
 """
@@ -193,8 +194,8 @@ class Evaluator:
                 )
                 if dimension in found:
                     evaluated = await asyncio.to_thread(
-                        self._without_twins, evaluated, config, exemplars, found[dimension],
-                        label_scores.get(swept.voting), labelled, vetoed,
+                        self._twin_aware, evaluated, config, exemplars, found[dimension],
+                        scores, labelled, vetoed, request.leave_out_twins,
                     )  # fmt: skip
                 results.append(evaluated)
         results.sort(key=lambda r: (-r.report.accuracy, -r.report.macro_f1))
@@ -307,27 +308,35 @@ class Evaluator:
         return Scope(rule, scores)
 
     @classmethod
-    def _without_twins(
+    def _twin_aware(
         cls,
-        evaluated: Evaluated,
+        plain: Evaluated,
         config: ClassifierConfig,
         exemplars: Exemplars,
         found: twins.Twins,
         label_scores: tuple[list[str], Matrix] | None,
         labelled: Sequence[str | None],
         vetoed: npt.NDArray[np.bool_],
+        leave_out_twins: bool,
     ) -> Evaluated:
-        """``evaluated`` (leave-one-out) with the accuracy of the same setting when each
-        exemplar's twins are left out with it (:mod:`.twins`). The label models keep them."""
-        setting = evaluated.report.setting
-        honest = cls._evaluated(
-            config, setting, exemplars, found.indices, found.similarities, label_scores,
-            labelled, False, None, vetoed,
+        """The same setting as ``plain`` (leave-one-out) evaluated with each exemplar's twins
+        left out with it (:mod:`.twins`; the label models keep them), or ``plain`` itself if
+        not ``leave_out_twins``: what ranks the settings and feeds apply_best's fits. Its
+        report gives both accuracies.
+
+        Twins answer for each other, not for new texts: their votes overrate the small k that
+        reaches them and the confidences they give (docs/design.md)."""
+        without = cls._evaluated(
+            config, plain.report.setting, exemplars, found.indices, found.similarities,
+            label_scores, labelled, False, None, vetoed,
         )  # fmt: skip
+        chosen = without if leave_out_twins else plain
         report = dataclasses.replace(
-            evaluated.report, accuracy_without_twins=honest.report.accuracy
+            chosen.report,
+            accuracy_without_twins=without.report.accuracy,
+            accuracy_with_twins=plain.report.accuracy,
         )
-        return dataclasses.replace(evaluated, report=report)
+        return dataclasses.replace(chosen, report=report)
 
     async def _exemplars(self, classifier: str, dimension: int) -> Exemplars:
         return await stored_exemplars(self._store, classifier, dimension)
