@@ -1,0 +1,102 @@
+"""Defects found by the fourth hostile review (docs/reliability.md), one regression test each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import CodeType, FrameType
+
+import pytest
+
+from knn_classifier.server.errors import Unavailable
+from knn_classifier.server.store import EdgeStore
+from knn_classifier.server.store.schema import read_payload
+
+from .test_mirror import WAIT, written_store
+
+
+class WorkerGate:
+    """A hook on calls of one function in threads other than the test's (a profile function,
+    in threads started while it is open, such as the event loop's worker threads): the first
+    such call waits until the test releases it. Tests using it run on an event loop of their
+    own, whose worker threads start inside the gate."""
+
+    def __init__(self, code: CodeType) -> None:
+        self.code = code
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.opener = threading.get_ident()
+
+    def __enter__(self) -> WorkerGate:
+        threading.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release.set()
+        threading.setprofile(None)
+
+    def _profile(self, frame: FrameType, event: str, _: object) -> None:
+        if (
+            event == "call"
+            and frame.f_code is self.code
+            and not self.entered.is_set()
+            and threading.get_ident() != self.opener
+        ):
+            self.entered.set()
+            self.release.wait(WAIT)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_store_closed_under_a_read_in_a_worker_thread_is_not_declared_damaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole-classifier read of ``EdgeStore.vectors`` (Evaluate, CheckExemplars, export)
+    scrolls the shard page by page in a worker thread. A service stopping closes the store
+    under it: the read's next scroll fails. That failure was taken for a damaged shard: an
+    ERROR log telling the operator to restore the data directory from a backup, and the store
+    object out of service for good (opened again, it refused every call). It must fail the
+    read alone (UNAVAILABLE), log no error, and leave the store usable once opened again."""
+    await written_store(tmp_path, 1_500, 4)  # two scroll pages
+    store = EdgeStore(tmp_path)
+    await store.open([4])
+    try:
+        with WorkerGate(read_payload.__code__) as gate:
+            reading = asyncio.create_task(store.vectors(4, "c"))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)  # within the first page
+            await store.close()
+            gate.release.set()
+            with pytest.raises(Unavailable) as failed:
+                await reading
+        assert "damaged" not in failed.value.message
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        await store.open([4])
+        records, _ = await store.vectors(4, "c")
+        assert len(records) == 1_500
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["knn_classifier.server"], ["knn_classifier.server.migrate", "--from-data-dir", "/nowhere"]],
+    ids=["server", "migrate"],
+)
+def test_a_nested_setting_that_is_not_json_is_one_line_not_a_traceback(
+    command: list[str],
+) -> None:
+    """A nested setting given whole as JSON (``KNN_EMBEDDING='{...}'``) that does not parse
+    raised pydantic-settings' SettingsError, which is no ValidationError: start-up printed a
+    traceback instead of the one line per problem that settings/invalid.py prints."""
+    env = {"KNN_EMBEDDING": '{"api_key": "sk-secret-value", oops', "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", *command], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "sk-secret-value" not in result.stderr
+    assert "invalid settings" in result.stderr
+    assert "KNN_EMBEDDING" in result.stderr
