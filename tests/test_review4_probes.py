@@ -11,8 +11,10 @@ from pathlib import Path
 from types import CodeType, FrameType
 
 import pytest
+from pydantic import ValidationError
 
 from knn_classifier.server.errors import Unavailable
+from knn_classifier.server.settings.store import StoreSettings
 from knn_classifier.server.store import EdgeStore
 from knn_classifier.server.store.schema import read_payload
 
@@ -100,3 +102,14 @@ def test_a_nested_setting_that_is_not_json_is_one_line_not_a_traceback(
     assert "sk-secret-value" not in result.stderr
     assert "invalid settings" in result.stderr
     assert "KNN_EMBEDDING" in result.stderr
+
+
+def test_a_write_lease_no_longer_than_two_store_calls_is_refused() -> None:
+    """The lease's guarantee rests on every store write ending within the lease: a write starts
+    with half a lease left, and a Qdrant call may take store.timeout_s. A lease of 10 s beside
+    the default timeout of 10 s was accepted, its guarantee silently void."""
+    with pytest.raises(ValidationError) as refused:
+        StoreSettings(url="http://qdrant:6333", write_lease_s=10)
+    assert "store.write_lease_s=10 must be more than twice store.timeout_s=10" in str(refused)
+    StoreSettings(url="http://qdrant:6333", write_lease_s=21)
+    StoreSettings(write_lease_s=0.1)  # the embedded store takes no lease
