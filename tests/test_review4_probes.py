@@ -12,12 +12,17 @@ from types import CodeType, FrameType
 
 import pytest
 from pydantic import ValidationError
+from qdrant_client import AsyncQdrantClient
 
-from knn_classifier.server.errors import Unavailable
+from knn_classifier.server.domain import ExemplarInput, NewClassifier
+from knn_classifier.server.errors import Aborted, Reason, Unavailable
 from knn_classifier.server.settings.store import StoreSettings
 from knn_classifier.server.store import EdgeStore
 from knn_classifier.server.store.schema import read_payload
 
+from .conftest import make_settings
+from .fake_embedder import FakeEmbeddingServer
+from .test_leases import GatedStore, contents, two_replicas, until_done_or_set
 from .test_mirror import WAIT, written_store
 
 
@@ -113,3 +118,35 @@ def test_a_write_lease_no_longer_than_two_store_calls_is_refused() -> None:
     assert "store.write_lease_s=10 must be more than twice store.timeout_s=10" in str(refused)
     StoreSettings(url="http://qdrant:6333", write_lease_s=21)
     StoreSettings(write_lease_s=0.1)  # the embedded store takes no lease
+
+
+async def test_a_conditional_write_that_waited_for_the_lease_is_refused_if_the_etag_moved(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Replica B's DeleteExemplars, conditional on the etag it read, finds the lease held by
+    replica A's AddExemplars and waits. B's etag was checked before the wait only, so once A's
+    add moved the revision, B's delete went ahead on a classifier changed since its etag and
+    was acknowledged. It must answer ABORTED (the etag is stale) and delete nothing."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store_a = GatedStore(AsyncQdrantClient(":memory:"), before=settings.dimensions[-1])
+    replica_a, replica_b, store_b = await two_replicas(settings, store_a)
+    try:
+        await replica_a.create_classifier(NewClassifier("c"))
+        await replica_a.add_exemplars("c", [ExemplarInput("old words", "a", id="old")])
+        read = (await replica_b.get_classifier("c")).config.etag
+        store_a.hold.clear()
+        adding = asyncio.create_task(
+            replica_a.add_exemplars("c", [ExemplarInput("new words", "a", id="new")])
+        )
+        await store_a.holding.wait()  # A holds the lease, its write half done
+        deleting = asyncio.create_task(replica_b.delete_exemplars("c", label="a", etag=read))
+        await until_done_or_set(deleting, store_b.saw_lease_held)
+        store_a.hold.set()
+        await adding
+        with pytest.raises(Aborted) as refused:
+            await deleting
+        assert refused.value.reason is Reason.ETAG_MISMATCH
+        assert await contents(store_b, settings) == {16: {"old", "new"}, 64: {"old", "new"}}
+    finally:
+        await replica_a.stop()
+        await replica_b.stop()
