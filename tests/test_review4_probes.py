@@ -17,7 +17,7 @@ from qdrant_client import AsyncQdrantClient
 from knn_classifier.server.domain import ExemplarInput, NewClassifier
 from knn_classifier.server.errors import Aborted, Reason, Unavailable
 from knn_classifier.server.settings.store import StoreSettings
-from knn_classifier.server.store import EdgeStore
+from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.schema import read_payload
 
 from .conftest import make_settings
@@ -147,6 +147,54 @@ async def test_a_conditional_write_that_waited_for_the_lease_is_refused_if_the_e
             await deleting
         assert refused.value.reason is Reason.ETAG_MISMATCH
         assert await contents(store_b, settings) == {16: {"old", "new"}, 64: {"old", "new"}}
+    finally:
+        await replica_a.stop()
+        await replica_b.stop()
+
+
+class DeleteGatedStore(GatedStore):
+    """:class:`GatedStore` whose deletes of dimension ``after`` also wait, once applied."""
+
+    async def delete(self, dimension: int, selection: Selection) -> None:
+        await super().delete(dimension, selection)
+        if dimension == self.after:
+            await self._gate()
+
+
+async def test_a_delete_done_again_after_losing_its_lease_counts_and_moves_the_revision(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Replica A (lease of 0.3 s) deletes label "a" and stalls after the first dimension; its
+    lease runs out and replica B takes it for an add. A finds its lease lost and does the delete
+    again; the first dimension holds none of the label any more, so the redo counted 0: A
+    answered "0 deleted" for the two exemplars its call removed, and, counting nothing, released
+    the lease without moving the revision, though the redo removed them from the last
+    dimension (every replica's label models stayed fitted to them at B's revision)."""
+    settings_a = make_settings(tmp_path, fake_embedder.base_url, store={"write_lease_s": 0.3})
+    settings_b = make_settings(tmp_path, fake_embedder.base_url)
+    first, last = settings_a.dimensions[0], settings_a.dimensions[-1]
+    store_a = DeleteGatedStore(AsyncQdrantClient(":memory:"), after=first)
+    replica_a, replica_b, store_b = await two_replicas(settings_a, store_a, settings_b)
+    try:
+        await replica_a.create_classifier(NewClassifier("c"))
+        await replica_a.add_exemplars(
+            "c",
+            [
+                ExemplarInput("one word", "a", id="a1"),
+                ExemplarInput("two words", "a", id="a2"),
+                ExemplarInput("bee words", "b", id="b1"),
+            ],
+        )
+        store_a.hold.clear()
+        deleting = asyncio.create_task(replica_a.delete_exemplars("c", label="a"))
+        await store_a.holding.wait()  # label "a" gone from the first dimension only
+        _, added_etag = await replica_b.add_exemplars("c", [ExemplarInput("bee too", "b", id="b2")])
+        store_a.hold.set()
+        deleted, deleted_etag = await deleting
+        assert await contents(store_b, settings_a) == {first: {"b1", "b2"}, last: {"b1", "b2"}}
+        assert deleted == 2
+        current = (await replica_b.get_classifier("c")).config
+        assert current.etag == deleted_etag != added_etag
     finally:
         await replica_a.stop()
         await replica_b.stop()
