@@ -143,6 +143,8 @@ class Classifiers:
             seen = self._parsed.get(current.name)  # the record _current just read
             lease = self._held[name] = await self._leases.take(current, seen and seen[0])
             try:
+                if etag:  # again: another replica's write may have moved it while this one waited
+                    current = await self._current(name, uid, etag, "classifier")
                 yield current
             except BaseException:
                 if not lease.released:
