@@ -568,12 +568,16 @@ async def test_a_large_query_whose_caller_leaves_holds_writes_until_its_thread_e
 
 @pytest.mark.asyncio(loop_scope="function")
 async def test_a_small_query_stays_on_the_event_loop(tmp_path: Path) -> None:
-    """One Classify at a small copy costs less than a thread hop: it runs on the loop."""
+    """One Classify at a small copy costs less than a thread hop: it runs on the loop's
+    thread, and once the copy is loaded it is answered without yielding to the loop."""
     with query_gate() as gate:
         store, point_ids, vectors = await gated_store(tmp_path, load=False)
         try:
-            hits = await store.query(4, "c", vectors[:1], 1)
+            await store.query(4, "c", vectors[:1], 1)  # loads the copy
+            call = store.query(4, "c", vectors[1:2], 1).__await__()
+            with pytest.raises(StopIteration) as answered:
+                next(call)  # one step, with no await that yields
         finally:
             await store.close()
-    assert gate.threads[-1] == threading.get_ident()
-    assert hits[0][0].id == point_ids[0]
+    assert gate.threads == [threading.get_ident()] * 2
+    assert answered.value.value[0][0].id == point_ids[1]

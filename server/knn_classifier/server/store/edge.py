@@ -230,8 +230,8 @@ class EdgeStore(Store):
         k: int,
         out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
-        """Large queries run in a worker thread, while writes to the classifier wait
-        (:class:`QueryHold`); the others on the event loop, where they cost less than the hop."""
+        """Large queries (:data:`QUERY_OFF_LOOP_WORK`) run in a worker thread, while writes
+        to the classifier wait (:class:`QueryHold`); the others on the event loop, in one step."""
         mirror = await self._mirror(dimension, classifier)
         if query_work(len(vectors), len(mirror), dimension, k) < QUERY_OFF_LOOP_WORK:
             return mirror.query(vectors, k, out_of_scope)
