@@ -81,7 +81,9 @@ Score = tuple[float, float, float, str]
 """Accuracy, macro-F1, ECE (NaN where not applicable) and the setting chosen."""
 
 
-def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[str, Score]:
+def service_scores(
+    client: Client, name: str, train: Rows, test: Rows, leave_out_twins: bool | None = None
+) -> dict[str, Score]:
     """Method -> score on the test set, settings tuned by leave-one-out on ``train``."""
     client.create_classifier(name)
     for start in range(0, len(train), 1000):
@@ -89,7 +91,13 @@ def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[s
     per_label = len(train) / len({label for _, label in train})
     ks = [k for k in K_SWEEP if k < per_label * 3 and k < len(train)] or [1]
     loo = client.evaluate(
-        name, k=ks, voting=VOTINGS, temperature=TEMPERATURES, apply_best=True, timeout=1200
+        name,
+        k=ks,
+        voting=VOTINGS,
+        temperature=TEMPERATURES,
+        apply_best=True,
+        leave_out_twins=leave_out_twins,
+        timeout=1200,
     )
     scores: dict[str, Score] = {}
     for method in VOTINGS:
@@ -168,6 +176,11 @@ def main() -> None:
     parser.add_argument("--shots", nargs="*", type=int, default=[5, 10, 20])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--no-full", action="store_true", help="skip the full training sets")
+    parser.add_argument(
+        "--keep-twins",
+        action="store_true",
+        help="choose by the plain leave-one-out (leave_out_twins=False), as before 2026-11-30",
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -199,7 +212,13 @@ def main() -> None:
                     collected: dict[str, list[Score]] = defaultdict(list)
                     for i, run in enumerate(runs):
                         for method, score in {
-                            **service_scores(client, f"{dataset}-{i}", run, test),
+                            **service_scores(
+                                client,
+                                f"{dataset}-{i}",
+                                run,
+                                test,
+                                False if args.keep_twins else None,
+                            ),
                             **sklearn_scores(proxy, run, test),
                         }.items():
                             collected[method].append(score)
