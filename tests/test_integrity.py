@@ -25,6 +25,7 @@ from knn_classifier.client import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from knn_classifier.server import deadlines
 from knn_classifier.server.app import build_embedding
 from knn_classifier.server.domain import ClassifierUpdate, ExemplarInput, NewClassifier
 from knn_classifier.server.errors import NotFound
@@ -493,3 +494,45 @@ async def test_a_replica_never_resurrects_a_classifier_another_deleted(
         assert await store_b.count(dimension, Selection("c")) == 0
     await replica_a.stop()
     await replica_b.stop()
+
+
+async def test_a_write_that_waited_past_its_deadline_for_the_lock_does_not_start(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """Writes to one classifier take turns (its lock) and run on when their caller leaves, so
+    that none stops between dimensions. A write whose caller's deadline passed while it waited
+    for its turn used to start anyway once it got the lock: the caller was told
+    DEADLINE_EXCEEDED and the exemplar was stored. It must not start."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    store = PausingQdrantStore()
+    replica = await open_replica(settings, store)
+    await replica.create_classifier(NewClassifier("c"))
+    store.hold.clear()
+    first = asyncio.create_task(replica.add_exemplars("c", [ExemplarInput("one", "a", id="one")]))
+    await asyncio.wait_for(store.holding.wait(), 60)  # holds the lock, inside its store write
+
+    async def late() -> None:
+        with deadlines.within(5.0):
+            await replica.add_exemplars("c", [ExemplarInput("late", "a", id="late")])
+
+    waiting = asyncio.create_task(late())
+    holders = replica._classifiers._holders
+    for _ in range(600):  # until the late write waits for the lock (embedded, checked)
+        if holders.get("c") == 2 or waiting.done():
+            break
+        await asyncio.sleep(0.1)
+    assert holders.get("c") == 2
+    waiting.cancel()  # what grpc does to a handler at its deadline; the write itself runs on
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(5.1)  # past the late write's deadline: any later would do as well
+    store.hold.set()
+    await first
+    # The next write gets the lock after the late one has had its turn.
+    await replica.add_exemplars("c", [ExemplarInput("after", "a", id="after")])
+    stored = {
+        dimension: {r.payload["id"] for r in (await store.vectors(dimension, "c"))[0]}
+        for dimension in settings.dimensions
+    }
+    assert stored == {dimension: {"one", "after"} for dimension in settings.dimensions}
+    await replica.stop()

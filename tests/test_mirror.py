@@ -16,8 +16,9 @@ import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
 from knn_classifier.server.store.base import Record
+from knn_classifier.server.store.edge import QUERY_OFF_LOOP_WORK
 from knn_classifier.server.store.edge_reads import count_points, stack_pages
-from knn_classifier.server.store.mirror import Mirror
+from knn_classifier.server.store.mirror import Mirror, query_work
 from knn_classifier.server.store.schema import exemplar_payload, read_payload
 
 
@@ -241,11 +242,13 @@ def record_gate() -> CallGate:
     return CallGate(Record.__init__.__code__)
 
 
-async def gated_store(path: Path) -> tuple[EdgeStore, list[str], np.ndarray]:
-    """An open store whose copy of classifier c holds 50 points."""
+async def gated_store(path: Path, load: bool = True) -> tuple[EdgeStore, list[str], np.ndarray]:
+    """An open store whose copy of classifier c holds 50 points (without ``load``, whose
+    classifier c holds them, its copy loaded by the first query)."""
     store = EdgeStore(path)
     await store.open([4])
-    await store.query(4, "c", np.ones((1, 4), dtype=np.float32), 1)  # loads the (empty) copy
+    if load:
+        await store.query(4, "c", np.ones((1, 4), dtype=np.float32), 1)  # loads the (empty) copy
     point_ids = [str(uuid.uuid4()) for _ in range(50)]
     vectors = unit(np.random.default_rng(3), 50, 4)
     payloads = [read_payload({"classifier": "c", "id": i, "label": i}) for i in point_ids]
@@ -411,3 +414,170 @@ async def test_a_load_that_ends_after_its_store_closed_is_not_kept(tmp_path: Pat
         finally:
             await store.close()
     assert hits[0][0].id == added
+
+
+LARGE = 256
+"""Query vectors enough for a query of 50 points at k=50 to run in a worker thread."""
+
+
+def query_gate() -> CallGate:
+    """A gate on :meth:`Mirror.query`, in whose call the matrix product runs."""
+    assert query_work(LARGE, 50, 4, 50) >= QUERY_OFF_LOOP_WORK > query_work(1, 50, 4, 1)
+    return CallGate(Mirror.query.__code__)
+
+
+def large(vectors: np.ndarray) -> np.ndarray:
+    return np.resize(vectors, (LARGE, vectors.shape[1]))
+
+
+def expected_ids(point_ids: list[str], vectors: np.ndarray, queries: np.ndarray) -> list[str]:
+    """The id of each query's nearest point."""
+    return [point_ids[i] for i in np.argmax(queries @ vectors.T, axis=1)]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_large_query_runs_off_the_event_loop_while_a_write_waits(tmp_path: Path) -> None:
+    """A ClassifyBatch of 256 texts at k=200 on 100k points held the event loop for 0.5-1.6 s.
+    While a large query is held at its gate in a worker thread, another task runs, and a write
+    to the classifier waits; the query answers from the copy as it was, and the write lands."""
+    with query_gate() as gate:
+        store, point_ids, vectors = await gated_store(tmp_path, load=False)
+        added = str(uuid.uuid4())
+        payload = read_payload({"classifier": "c", "id": added, "label": added})
+        try:
+            query = asyncio.create_task(store.query(4, "c", large(vectors), 50))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            write = asyncio.create_task(store.upsert(4, [added], -vectors[:1], [payload]))
+            assert await ran_meanwhile()
+            assert not query.done()
+            assert not write.done()
+            gate.release.set()
+            hits = await query
+            await write
+            newest = await store.query(4, "c", -vectors[:1], 1)
+        finally:
+            await store.close()
+    assert threading.get_ident() not in gate.threads[:1]  # the large query's
+    assert [row[0].id for row in hits] == large(np.array(point_ids)[:, None])[:, 0].tolist()
+    assert all(len(row) == 50 for row in hits)
+    assert newest[0][0].id == added
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_writes_racing_a_large_query_neither_tear_it_nor_are_lost(tmp_path: Path) -> None:
+    """A large query in a worker thread answers from the copy as it was when asked, each hit's
+    id beside its own payload and score, though an upsert rewrites and adds rows and a delete
+    moves the last row into a deleted one's place meanwhile; both writes stay."""
+    with query_gate() as gate:
+        store, point_ids, vectors = await gated_store(tmp_path, load=False)
+        added = str(uuid.uuid4())
+        rewritten = -vectors[:2]
+        payloads = [
+            read_payload({"classifier": "c", "id": i, "label": i}) for i in (point_ids[0], added)
+        ]
+        queries = large(unit(np.random.default_rng(5), 7, 4))
+        try:
+            query = asyncio.create_task(store.query(4, "c", queries, 50))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            upsert = asyncio.create_task(
+                store.upsert(4, [point_ids[0], added], rewritten, payloads)
+            )
+            delete = asyncio.create_task(store.delete(4, Selection("c", ids=[point_ids[1]])))
+            assert await ran_meanwhile()
+            assert not upsert.done()
+            assert not delete.done()
+            gate.release.set()
+            hits = await query
+            await upsert
+            await delete
+            after = await store.query(4, "c", queries, 50)
+        finally:
+            await store.close()
+    by_id = dict(zip(point_ids, vectors, strict=True))
+    assert [row[0].id for row in hits] == expected_ids(point_ids, vectors, queries)
+    for query_vector, row in zip(queries, hits, strict=True):
+        assert sorted(h.id for h in row) == sorted(point_ids)
+        assert all(h.payload["label"] == h.id for h in row)
+        for hit in row:
+            assert hit.score == pytest.approx(float(query_vector @ by_id[hit.id]), abs=1e-5)
+
+    by_id.update({point_ids[0]: rewritten[0], added: rewritten[1]})
+    del by_id[point_ids[1]]
+    now = list(by_id)
+    assert [row[0].id for row in after] == expected_ids(
+        now, np.stack(list(by_id.values())), queries
+    )
+    assert all(sorted(h.id for h in row) == sorted(now) for row in after)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_queries_asked_while_a_write_waits_wait_for_it(tmp_path: Path) -> None:
+    """Writers first: a large query asked while a write waits for another query does not start
+    before the write has landed, and sees it; so a stream of queries cannot starve a write."""
+    with query_gate() as gate:
+        store, _, vectors = await gated_store(tmp_path, load=False)
+        added = str(uuid.uuid4())
+        payload = read_payload({"classifier": "c", "id": added, "label": added})
+        try:
+            first = asyncio.create_task(store.query(4, "c", large(-vectors[:1]), 50))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            write = asyncio.create_task(store.upsert(4, [added], -vectors[:1], [payload]))
+            second = asyncio.create_task(store.query(4, "c", large(-vectors[:1]), 50))
+            assert await ran_meanwhile()
+            assert not write.done()
+            assert not second.done()
+            assert len(gate.threads) == 1  # the second query has not started
+            gate.release.set()
+            before, after = await first, await second
+            await write
+        finally:
+            await store.close()
+    assert before[0][0].id != added
+    assert after[0][0].id == added
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_large_query_whose_caller_leaves_holds_writes_until_its_thread_ends(
+    tmp_path: Path,
+) -> None:
+    """A caller cancelled while its query runs in a worker thread leaves the thread running on
+    the copy: a write waits for the thread, not for the caller, and the hold ends with the
+    thread. A write cancelled while it waits leaves no hold on later queries either."""
+    with query_gate() as gate:
+        store, _, vectors = await gated_store(tmp_path, load=False)
+        added = str(uuid.uuid4())
+        payload = read_payload({"classifier": "c", "id": added, "label": added})
+        try:
+            query = asyncio.create_task(store.query(4, "c", large(vectors), 50))
+            assert await asyncio.to_thread(gate.entered.wait, WAIT)
+            left = asyncio.create_task(store.upsert(4, [added], -vectors[:1], [payload]))
+            assert await ran_meanwhile()
+            left.cancel()
+            query.cancel()
+            write = asyncio.create_task(store.upsert(4, [added], -vectors[:1], [payload]))
+            assert await ran_meanwhile()
+            assert query.cancelled()
+            assert not write.done()  # the query's thread still runs
+            gate.release.set()
+            await asyncio.wait_for(write, WAIT)
+            newest = await asyncio.wait_for(store.query(4, "c", large(-vectors[:1]), 50), WAIT)
+        finally:
+            await store.close()
+    assert newest[0][0].id == added
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_small_query_stays_on_the_event_loop(tmp_path: Path) -> None:
+    """One Classify at a small copy costs less than a thread hop: it runs on the loop's
+    thread, and once the copy is loaded it is answered without yielding to the loop."""
+    with query_gate() as gate:
+        store, point_ids, vectors = await gated_store(tmp_path, load=False)
+        try:
+            await store.query(4, "c", vectors[:1], 1)  # loads the copy
+            call = store.query(4, "c", vectors[1:2], 1).__await__()
+            with pytest.raises(StopIteration) as answered:
+                next(call)  # one step, with no await that yields
+        finally:
+            await store.close()
+    assert gate.threads == [threading.get_ident()] * 2
+    assert answered.value.value[0][0].id == point_ids[1]

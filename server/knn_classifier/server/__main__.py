@@ -15,6 +15,7 @@ import signal
 import sys
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from . import logs
 from .app import App
@@ -39,7 +40,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     try:
         settings = Settings()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         sys.exit(invalid.describe(exc))
     logs.configure(settings.log_level, settings.log_format)
     try:

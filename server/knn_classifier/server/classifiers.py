@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from . import errors, validation
+from . import deadlines, errors, validation
 from .domain import ClassifierConfig, classifier_key
 from .errors import Aborted, AlreadyExists, NotFound, Reason
 from .leases import Lease, Leases, check_not_lost, lease_fields
@@ -136,6 +136,10 @@ class Classifiers:
         done again: :func:`leases.redone_if_lease_lost`).
         """
         async with self._locked(name):
+            # The write runs on when its caller leaves (completion.completed), but one that only
+            # got the lock after its caller's deadline must not start: that caller was told
+            # DEADLINE_EXCEEDED. A write done again (leases.redone_if_lease_lost) has no deadline.
+            deadlines.check("the write could start (other writes to the classifier held it)")
             current = await self._current(name, uid, etag, "classifier")
             if self._leases is None:
                 yield current
@@ -143,6 +147,8 @@ class Classifiers:
             seen = self._parsed.get(current.name)  # the record _current just read
             lease = self._held[name] = await self._leases.take(current, seen and seen[0])
             try:
+                if etag:  # again: another replica's write may have moved it while this one waited
+                    current = await self._current(name, uid, etag, "classifier")
                 yield current
             except BaseException:
                 if not lease.released:

@@ -340,9 +340,13 @@ class ExemplarWrites:
                 validation.exemplar_id(exemplar_id, f"ids.ids[{i}]")
         elif label:
             validation.label(label)
+        counts: list[int] = []  # each attempt's, should it be done again
         return await completed(
             redone_if_lease_lost(
-                lambda etag: self._delete_locked(classifier, ids, label, etag, out_of_scope), etag
+                lambda etag: self._delete_locked(
+                    classifier, ids, label, etag, out_of_scope, counts
+                ),
+                etag,
             )
         )
 
@@ -353,9 +357,13 @@ class ExemplarWrites:
         label: str,
         etag: str,
         out_of_scope: bool | None,
+        counts: list[int],
     ) -> tuple[int, str]:
         """DeleteExemplars under the classifier's lock; the revision moves only if something
-        was deleted, so a delete of nothing fails nobody's conditional write."""
+        was deleted, so a delete of nothing fails nobody's conditional write. ``counts``: what
+        earlier attempts counted, if this one does the delete again after a lost lease: they may
+        have removed those exemplars from some dimensions already, so it counts them too (and
+        moves the revision for them)."""
         async with self._classifiers.writing(classifier, etag=etag) as current:
             selection = Selection(
                 current.name,
@@ -363,7 +371,9 @@ class ExemplarWrites:
                 label=label or None,
                 out_of_scope=out_of_scope,
             )
-            deleted = await self.delete(selection)
+            counts.append(await self.count(selection))
+            await self._delete_everywhere(selection)
+            deleted = max(counts)
             if not deleted:
                 return 0, current.etag
             holds_negatives = None
@@ -376,10 +386,13 @@ class ExemplarWrites:
     async def delete(self, selection: Selection) -> int:
         """Deletes the selected exemplars from every dimension; returns how many there were."""
         count = await self.count(selection)
+        await self._delete_everywhere(selection)
+        return count
+
+    async def _delete_everywhere(self, selection: Selection) -> None:
         for dimension in self._dimensions:
             await self._classifiers.keep_lease(selection.classifier)
             await self._store.delete(dimension, selection)
-        return count
 
     async def count(self, selection: Selection) -> int:
         """How many exemplars ``selection`` holds: counted in one dimension, since every write

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from . import logs
 from .app import build_store
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _arguments(argv)
     try:
         settings = Settings()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         sys.exit(invalid.describe(exc))
     logs.configure(settings.log_level, settings.log_format)
     try:

@@ -90,8 +90,8 @@ class StoreSettings(BaseModel):
             "writes them; a replica finding it held waits at most twice this (less if the call's "
             "deadline is nearer) and then answers ABORTED (CLASSIFIER_BUSY, retryable). A "
             "crashed holder's lease frees itself when it expires; a longer write extends its "
-            "lease. Keep half of it above store.timeout_s (one store call) and the replicas' "
-            "clock skew."
+            "lease. Half of it must pass store.timeout_s (one store call; checked when store.url "
+            "is set), with room for the replicas' clock skew."
         ),
     )
     model_cache_entries: int = Field(
@@ -113,5 +113,17 @@ class StoreSettings(BaseModel):
                 f"store.write_consistency_factor={wanted} exceeds the {copies} copies of each "
                 "shard (store.replication_factor): set store.replication_factor to at least as "
                 "many, or lower store.write_consistency_factor"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_store_call(self) -> StoreSettings:
+        """A store write starts with half a lease left; one in flight past the lease's end can
+        land after another replica's (docs/design.md, "Classifier records")."""
+        if self.url and self.write_lease_s / 2 <= self.timeout_s:
+            raise ValueError(
+                f"store.write_lease_s={self.write_lease_s:g} must be more than twice "
+                f"store.timeout_s={self.timeout_s}: a store write starts with half a lease left "
+                "and must end before the lease does"
             )
         return self

@@ -11,7 +11,8 @@ several times faster than Edge's filtered exact search with payloads (docs/bench
 Filtered HNSW search lost recall in our tests, so it is not used. Calls are synchronous and
 short; they run on the event loop thread, except the whole-classifier reads: loading a copy,
 freezing one for ``vectors`` and building its records run in a worker thread, while writes to
-that classifier wait (:class:`SingleFlight`; docs/reliability.md).
+that classifier wait (:class:`SingleFlight`; docs/reliability.md); and so do large queries of a
+copy (:class:`QueryHold`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ from .edge_reads import (
     with_vectors,
 )
 from .edge_shards import EdgeShards
-from .mirror import FrozenMirror, Mirror
+from .mirror import FrozenMirror, Mirror, query_work
+from .query_hold import QueryHold
 from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload, stored_payload
 from .single_flight import SingleFlight
 
 _FACET_LIMIT = 1_000_000
+
+QUERY_OFF_LOOP_WORK = 150_000_000
+"""A copy's query estimated at this much work (:func:`query_work`) or more runs in a worker
+thread; below it, on the event loop (the threshold's measurement: docs/reliability.md)."""
 
 
 class EdgeStore(Store):
@@ -49,6 +55,8 @@ class EdgeStore(Store):
         self._mirrors: dict[tuple[int, str], Mirror] = {}
         self._copy_reads = SingleFlight()
         """Loads and freezes of copies, keyed ("load" or "freeze", dimension, classifier)."""
+        self._queries = QueryHold()
+        """Large queries of copies, keyed (dimension, classifier)."""
         self._meta_read: dict[str, Payload] = {}
 
     async def existing_dimensions(self) -> list[int]:
@@ -70,6 +78,7 @@ class EdgeStore(Store):
         # this store opened again (its copy would miss what was written in between).
         self._mirrors = {}
         self._copy_reads = SingleFlight()
+        self._queries = QueryHold()
         self._meta_read.clear()
 
     # Meta records ----------------------------------------------------------------------------
@@ -221,8 +230,13 @@ class EdgeStore(Store):
         k: int,
         out_of_scope: bool | None = None,
     ) -> list[list[Record]]:
+        """Large queries (:data:`QUERY_OFF_LOOP_WORK`) run in a worker thread, while writes
+        to the classifier wait (:class:`QueryHold`); the others on the event loop, in one step."""
         mirror = await self._mirror(dimension, classifier)
-        return mirror.query(vectors, k, out_of_scope)
+        if query_work(len(vectors), len(mirror), dimension, k) < QUERY_OFF_LOOP_WORK:
+            return mirror.query(vectors, k, out_of_scope)
+        search = functools.partial(mirror.query, vectors, k, out_of_scope)
+        return await self._queries.run((dimension, classifier), search)
 
     async def _mirror(self, dimension: int, classifier: str) -> Mirror:
         """The classifier's copy, loaded on first use in a worker thread (page by page from the
@@ -246,10 +260,11 @@ class EdgeStore(Store):
         return mirror
 
     async def _copies_settled(self, dimension: int, classifiers: set[str]) -> None:
-        """Waits until no copy of ``classifiers`` is being loaded or frozen (see
-        :class:`SingleFlight`); the write that awaits this writes before either can start."""
-        await self._copy_reads.settled(
-            (kind, dimension, classifier)
-            for kind in ("load", "freeze")
-            for classifier in classifiers
-        )
+        """Waits until no copy of ``classifiers`` is being loaded, frozen or queried in a worker
+        thread (:class:`SingleFlight`, :class:`QueryHold`); queries of them asked for meanwhile
+        wait, and the write that awaits this writes before any of these can start."""
+        reads = [(kind, dimension, c) for kind in ("load", "freeze") for c in classifiers]
+        copies = [(dimension, classifier) for classifier in classifiers]
+        with self._queries.writing(copies):
+            while running := [*self._copy_reads.running(reads), *self._queries.running(copies)]:
+                await asyncio.wait(running)

@@ -5,7 +5,8 @@ Faults. Any exception out of Edge, a Rust panic included (PyO3's ``PanicExceptio
 from BaseException, so ``except Exception`` misses it), means a shard's files or the engine's
 state are damaged: it becomes :class:`Unavailable` naming the shard, and from then on the store
 refuses every call (its health check fails) until the process restarts, instead of writing on
-into a damaged shard. Edge writes through memory-mapped files, so a full disk would kill the
+into a damaged shard (a shard closed under a call, a worker thread's read as the service stops,
+fails that call alone). Edge writes through memory-mapped files, so a full disk would kill the
 process with SIGBUS: a write is refused with :class:`ResourceExhausted` when the file system
 would keep less than ``min_free_bytes`` free after it. Opening writes too (WAL replay, index
 files), so the store opens only with half that reserve free: after writes stopped at the
@@ -141,6 +142,12 @@ class EdgeShards:
         except _NOT_EDGE_FAILURES:
             raise
         except BaseException as exc:
+            if shard is not self._meta and shard not in self._shards.values():
+                # Closed under a call in a worker thread (the service stopping): not damage.
+                raise Unavailable(
+                    "the embedded store was closed during this call (the service is stopping); "
+                    "retry"
+                ) from exc
             path = self.root / name
             log.error(
                 "the embedded store shard %s failed: %r; the store refuses every call until the "

@@ -154,6 +154,15 @@ class FrozenMirror:
         return [Record(ids[row], payloads[row]) for row in self.order.tolist()], self.matrix
 
 
+def query_work(queries: int, points: int, dimension: int, k: int) -> int:
+    """An estimate of the work of :meth:`Mirror.query`, in multiply-adds of its matrix product:
+    the product; a pass over the matrix, which bounds a query of few vectors by memory; the
+    partition of each vector's scores; and a record per hit. The weights of the last three are
+    their costs measured relative to a multiply-add (docs/reliability.md)."""
+    hits = min(k, points)
+    return points * dimension * (queries + 8) + queries * (points * 240 + hits * 40_000)
+
+
 def _id_order(ids: list[str]) -> np.ndarray:
     """The order that sorts ``ids``, by numpy: Python's ``sorted`` holds the GIL for the whole
     sort, and so does numpy's conversion of a list of strings, so they are converted a slice at a

@@ -3,8 +3,9 @@
 The embedded store loads a classifier's copy from its shard, and freezes a copy for a snapshot,
 in a worker thread so that the event loop keeps answering meanwhile (docs/reliability.md). Both
 read state that writes change, so the store's writes to that classifier wait until the read is
-done (:meth:`SingleFlight.settled`): writes are few and can wait, queries cannot. Callers that
-ask for the same key while its read runs share it rather than start another.
+done (:meth:`SingleFlight.running`, awaited by ``EdgeStore``): writes are few and can wait,
+queries cannot. Callers that ask for the same key while its read runs share it rather than
+start another.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class SingleFlight:
     ) -> T:
         """``read()`` in a worker thread, or the result of the one already running for ``key``.
         ``keep`` gets a successful result on the event loop as the read ends, before any writer
-        waiting in :meth:`settled` resumes. A caller's cancellation does not stop the read: the
+        waiting for it resumes. A caller's cancellation does not stop the read: the
         thread runs on, and writers wait for it."""
         future = self._running.get(key)
         if future is None:
@@ -40,9 +41,6 @@ class SingleFlight:
             future.add_done_callback(finished)
         return cast(T, await asyncio.shield(future))
 
-    async def settled(self, keys: Iterable[Hashable]) -> None:
-        """Returns once no read of ``keys`` runs; a caller that does not await after this
-        returns writes before any other read of them starts."""
-        keys = list(keys)
-        while running := [self._running[key] for key in keys if key in self._running]:
-            await asyncio.wait(running)
+    def running(self, keys: Iterable[Hashable]) -> list[asyncio.Future[Any]]:
+        """The reads of ``keys`` running now."""
+        return [self._running[key] for key in keys if key in self._running]
