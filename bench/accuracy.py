@@ -9,6 +9,12 @@ service and scikit-learn see the same vectors and reruns embed nothing. For each
 the service's settings are tuned by leave-one-out on the training exemplars only (the Evaluate
 RPC), then measured once on the test set; "tuned" is Evaluate's overall best, applied with its
 calibration, and its ECE is the held-out expected calibration error of the returned confidence.
+
+apply_best also fits the out-of-scope threshold, which keeps --target-coverage of the training
+exemplars' leave-one-out answers. The default 1.0 keeps them all, the closed-set comparison
+with scikit-learn (which never abstains); a test text scoring under every training exemplar is
+still turned away, so "answered %" is the share of test texts the service answered, and
+accuracy counts the others as wrong.
 """
 
 from __future__ import annotations
@@ -77,11 +83,18 @@ def few_shot(train: Rows, shots: int, seed: int) -> Rows:
     return [r for label in sorted(by_label) for r in rng.sample(by_label[label], shots)]
 
 
-Score = tuple[float, float, float, str]
-"""Accuracy, macro-F1, ECE (NaN where not applicable) and the setting chosen."""
+Score = tuple[float, float, float, float, str]
+"""Accuracy, macro-F1, ECE (NaN where not applicable), share answered and the setting chosen."""
 
 
-def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[str, Score]:
+def service_scores(
+    client: Client,
+    name: str,
+    train: Rows,
+    test: Rows,
+    target_coverage: float,
+    leave_out_twins: bool | None = None,
+) -> dict[str, Score]:
     """Method -> score on the test set, settings tuned by leave-one-out on ``train``."""
     client.create_classifier(name)
     for start in range(0, len(train), 1000):
@@ -89,7 +102,14 @@ def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[s
     per_label = len(train) / len({label for _, label in train})
     ks = [k for k in K_SWEEP if k < per_label * 3 and k < len(train)] or [1]
     loo = client.evaluate(
-        name, k=ks, voting=VOTINGS, temperature=TEMPERATURES, apply_best=True, timeout=1200
+        name,
+        k=ks,
+        voting=VOTINGS,
+        temperature=TEMPERATURES,
+        apply_best=True,
+        target_coverage=target_coverage,
+        leave_out_twins=leave_out_twins,
+        timeout=1200,
     )
     scores: dict[str, Score] = {}
     for method in VOTINGS:
@@ -107,6 +127,7 @@ def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[s
             held.accuracy,
             held.macro_f1,
             held.expected_calibration_error,
+            held.coverage,
             _setting(best),
         )
     tuned = client.evaluate(name, held_out=test, timeout=1200).results[0]
@@ -114,6 +135,7 @@ def service_scores(client: Client, name: str, train: Rows, test: Rows) -> dict[s
         tuned.accuracy,
         tuned.macro_f1,
         tuned.expected_calibration_error,
+        tuned.coverage,
         _setting(tuned),
     )
     client.delete_classifier(name)
@@ -149,6 +171,7 @@ def sklearn_scores(proxy: CachingProxy, train: Rows, test: Rows) -> dict[str, Sc
             accuracy_score(y_test, predicted),
             f1_score(y_test, predicted, average="macro"),
             float("nan"),
+            1.0,
             "C=10" if isinstance(model, LogisticRegression) else "k=10 distance",
         )
     return scores
@@ -168,6 +191,19 @@ def main() -> None:
     parser.add_argument("--shots", nargs="*", type=int, default=[5, 10, 20])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--no-full", action="store_true", help="skip the full training sets")
+    parser.add_argument(
+        "--keep-twins",
+        action="store_true",
+        help="choose by the plain leave-one-out (leave_out_twins=False), as before 2026-11-30",
+    )
+    parser.add_argument(
+        "--target-coverage",
+        type=float,
+        default=1.0,
+        help="share of the training exemplars' leave-one-out answers the out-of-scope threshold "
+        "keeps (0.5-1; the service's default is 0.98); 1.0, the default, is the closed-set "
+        "comparison",
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -199,7 +235,14 @@ def main() -> None:
                     collected: dict[str, list[Score]] = defaultdict(list)
                     for i, run in enumerate(runs):
                         for method, score in {
-                            **service_scores(client, f"{dataset}-{i}", run, test),
+                            **service_scores(
+                                client,
+                                f"{dataset}-{i}",
+                                run,
+                                test,
+                                args.target_coverage,
+                                False if args.keep_twins else None,
+                            ),
                             **sklearn_scores(proxy, run, test),
                         }.items():
                             collected[method].append(score)
@@ -213,7 +256,8 @@ def main() -> None:
                                 summarise([v[0] for v in values]),
                                 summarise([v[1] for v in values]),
                                 "" if np.isnan(ece[0]) else summarise(ece),
-                                ", ".join(sorted({v[3] for v in values})),
+                                summarise([v[3] for v in values]),
+                                ", ".join(sorted({v[4] for v in values})),
                             )
                         )
                     print(
@@ -226,8 +270,11 @@ def main() -> None:
         proxy.stop()
         embedder.stop()
 
-    print("| data set | exemplars | method | accuracy % | macro-F1 % | ECE % | settings |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| data set | exemplars | method | accuracy % | macro-F1 % | ECE % | answered % "
+        "| settings |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")
     print(
