@@ -15,7 +15,8 @@ from typing import Any
 from .classifiers import Classifiers
 from .domain import ClassifierConfig
 from .embedding_pipeline import EmbeddingPipeline
-from .errors import ResourceExhausted, StartupError, Unavailable
+from .errors import Aborted, NotFound, ResourceExhausted, StartupError, Unavailable
+from .leases import redone_if_lease_lost
 from .progress import Progress
 from .settings import Settings
 from .store import Selection, Store
@@ -180,34 +181,77 @@ class StartupRepair:
         there is one, else the stored text is embedded again; dimensions are completed widest
         first, so a text is embedded once for all of them. Progress is logged. Returns how many
         (exemplar, dimension) pairs were written.
+
+        Each classifier found incomplete is completed as an exemplar write (:meth:`_repaired`):
+        on a shared store under its write lease, so no other replica's write or delete of its
+        exemplars is half done while the repair reads what is missing and writes it.
         """
         configs = await self._classifiers.all()
-        present = {
-            c.name: {d: await self._store.point_ids(d, c.name) for d in self._dimensions}
-            for c in configs
-        }
-        total = sum(
-            len(set().union(*held.values()) - ids)
-            for held in present.values()
-            for ids in held.values()
-        )
+        missing = {c.name: _missing(await self._present(c.name)) for c in configs}
+        total = sum(missing.values())
         if not total:
             return 0
         progress = Progress(log, "completing exemplars missing from some dimensions", total)
-        for config in configs:
-            held = present[config.name]
+        return sum([await self._repaired(c, progress) for c in configs if missing[c.name]])
+
+    async def _present(self, classifier: str) -> dict[int, set[str]]:
+        """The point ids of ``classifier`` in each dimension."""
+        return {d: await self._store.point_ids(d, classifier) for d in self._dimensions}
+
+    async def _repaired(self, config: ClassifierConfig, progress: Progress) -> int:
+        """Completes ``config``'s classifier; returns how many vectors were written.
+
+        A classifier whose lease another replica holds past the wait (``Leases.take``: twice
+        ``store.write_lease_s``) is skipped with a warning rather than waited for without end:
+        that replica is writing it, start-up must not hang on it, and the next start of any
+        replica completes what is still missing. A classifier deleted meanwhile is skipped."""
+        try:
+            return await redone_if_lease_lost(lambda _: self._repaired_locked(config, progress), "")
+        except NotFound:
+            log.info("classifier %s was deleted during start-up repair", config.name)
+        except Aborted as exc:
+            log.warning(
+                "start-up repair skipped classifier %s, which another replica kept writing: %s; "
+                "the next start-up completes its exemplars missing from some dimensions",
+                config.name,
+                exc,
+            )
+        return 0
+
+    async def _repaired_locked(self, config: ClassifierConfig, progress: Progress) -> int:
+        """:meth:`_repaired` under the classifier's lock and (on a shared store) its lease.
+
+        What is missing is read again under the lease: a delete of another replica that was
+        half done when :meth:`repair` looked has finished, so the points it removed are gone
+        from every dimension and are not written back. The revision moves if anything was
+        written (other replicas' models of the completed dimensions are then fitted again); if
+        the classifier was deleted or re-created meanwhile, what was written is removed, as an
+        AddExemplars does."""
+        async with self._classifiers.writing(config.name, uid=config.uid) as current:
+            held = await self._present(current.name)
             every = set().union(*held.values())
+            written: set[str] = set()
+            count = 0
             for dimension in sorted(held, reverse=True):
                 missing = every - held[dimension]
                 for source in sorted(held, reverse=True):
                     found = sorted(missing & held[source])
                     for start in range(0, len(found), _REPAIR_BATCH):
                         batch = found[start : start + _REPAIR_BATCH]
-                        await self._complete(config, dimension, source, batch)
+                        await self._complete(current, dimension, source, batch)
                         progress.advance(len(batch))
                     missing -= set(found)
                     held[dimension] |= set(found)
-        return total
+                    written |= set(found)
+                    count += len(found)
+            if not count:
+                return 0
+            try:
+                await self._classifiers.bump(current)
+            except NotFound:
+                await self._delete(Selection(current.name, ids=sorted(written)))
+                raise
+        return count
 
     async def _complete(
         self, config: ClassifierConfig, dimension: int, source: int, ids: list[str]
@@ -219,9 +263,16 @@ class StartupRepair:
                 self._embedder.prompt(config.instruction, str(r.payload["text"])) for r in records
             ]
             vectors = await self._embedder.bulk.embed(prompts)
+        await self._classifiers.keep_lease(config.name)
         await self._store.upsert(
             dimension,
             [r.id for r in records],
             truncate(vectors, dimension),
             [r.payload for r in records],
         )
+
+
+def _missing(held: dict[int, set[str]]) -> int:
+    """How many (exemplar, dimension) pairs ``held`` (point ids by dimension) lacks."""
+    every = set().union(*held.values())
+    return sum(len(every - ids) for ids in held.values())
