@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.server.domain import ExemplarInput, NewClassifier
-from knn_classifier.server.store import Selection
+from knn_classifier.server.store import Record, Selection
+from knn_classifier.server.store.base import Matrix
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
 
 from .conftest import make_settings
@@ -33,6 +35,16 @@ class DeleteGatedStore(GatedStore):
         if dimension == self.before:
             await self._gate()
         await super().delete(dimension, selection)
+
+
+class RetrieveGatedStore(GatedStore):
+    """``GatedStore`` whose reads of points by id (the repair's source points) wait, once read,
+    while ``hold`` is clear."""
+
+    async def retrieve(self, dimension: int, ids: Sequence[str]) -> tuple[list[Record], Matrix]:
+        found = await super().retrieve(dimension, ids)
+        await self._gate()
+        return found
 
 
 async def half_deleted(store: QdrantServerStore, dimension: int, exemplar_id: str) -> None:
@@ -139,3 +151,33 @@ async def test_a_classifier_whose_lease_stays_held_is_skipped_then_completed_at_
     assert record["lease_until"] == 0  # released by the repair's revision bump
     for replica in (replica_a, replica_b, replica_c):
         await replica.stop()
+
+
+async def test_a_repair_that_lost_its_lease_while_stalled_reads_what_is_missing_again(
+    tmp_path: Path, fake_embedder: FakeEmbeddingServer
+) -> None:
+    """B's repair (lease of 0.3 s) has read "half" (left in the last dimension only) to write it
+    into the first, and stalls. Its lease runs out; A takes it and deletes "half". B checks its
+    lease before its store write, finds it taken, and does the repair again under a new lease:
+    "half" is gone everywhere, nothing is written. Written on the lost lease, "half" would have
+    come back in the first dimension, and the repair done again would have copied it into the
+    last one as well."""
+    settings = make_settings(tmp_path, fake_embedder.base_url)
+    settings_b = make_settings(tmp_path, fake_embedder.base_url, store={"write_lease_s": 0.3})
+    first, last = settings.dimensions[0], settings.dimensions[-1]
+    client = AsyncQdrantClient(":memory:")
+    store_a = QdrantServerStore(client, "knn")
+    replica_a = await open_replica(settings, store_a)
+    await replica_a.create_classifier(NewClassifier("c"))
+    await replica_a.add_exemplars("c", [ExemplarInput("half words", "a", id="half")])
+    await half_deleted(store_a, first, "half")
+    store_b = RetrieveGatedStore(client)
+    store_b.hold.clear()
+    starting = asyncio.create_task(open_replica(settings_b, store_b))
+    await store_b.holding.wait()  # B read "half" from the last dimension, under its lease
+    await replica_a.delete_exemplars("c", ids=["half"])  # once B's lease has run out
+    store_b.hold.set()
+    replica_b = await starting
+    assert await contents(store_a, settings) == {first: set(), last: set()}
+    await replica_a.stop()
+    await replica_b.stop()
