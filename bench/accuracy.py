@@ -10,10 +10,10 @@ the service's settings are tuned by leave-one-out on the training exemplars only
 RPC), then measured once on the test set; "tuned" is Evaluate's overall best, applied with its
 calibration, and its ECE is the held-out expected calibration error of the returned confidence.
 
-apply_best also fits the out-of-scope threshold, which keeps --target-coverage of the training
-exemplars' leave-one-out answers. The default 1.0 keeps them all, the closed-set comparison
-with scikit-learn (which never abstains); a test text scoring under every training exemplar is
-still turned away, so "answered %" is the share of test texts the service answered, and
+apply_best also fits the out-of-scope threshold, which keeps --target-coverage of new in-scope
+texts (split conformal, from the training exemplars' leave-one-out answers). The default 1.0
+keeps every text, the closed-set comparison with scikit-learn (which never abstains); "answered
+%" is the share of test texts the service answered (below 100 % only with a lower target), and
 accuracy counts the others as wrong.
 """
 
@@ -200,8 +200,8 @@ def main() -> None:
         "--target-coverage",
         type=float,
         default=1.0,
-        help="share of the training exemplars' leave-one-out answers the out-of-scope threshold "
-        "keeps (0.5-1; the service's default is 0.98); 1.0, the default, is the closed-set "
+        help="share of new in-scope texts the out-of-scope threshold keeps (0.5-1; the "
+        "service's default is 0.98); 1.0, the default, keeps every text: the closed-set "
         "comparison",
     )
     args = parser.parse_args()

@@ -163,7 +163,8 @@ def test_apply_best_counts_exemplars_vetoed_by_negatives_as_rejected(client: Cli
     client.create_classifier("topics", k=5)
     client.add_exemplars("topics", exemplars)
     response = client.evaluate("topics", apply_best=True)
-    assert response.classifier.out_of_scope_threshold.coverage == pytest.approx(147 / 150)
+    # Conformal: a new text falls under the 3rd lowest of 150 scores with chance 3 / 151 < 2 %.
+    assert response.classifier.out_of_scope_threshold.coverage == pytest.approx(148 / 150)
 
     twins = [
         pb.ExemplarInput(id=f"twin-{i}", text=text, out_of_scope=True)

@@ -177,6 +177,27 @@ def test_coverage_threshold_keeps_at_least_the_share_asked_for() -> None:
         assert coverage <= kept < coverage + 0.01
 
 
+def test_conformal_threshold_keeps_the_share_asked_for_of_new_texts() -> None:
+    scores = np.arange(1.0, 101.0)[::-1]  # any order
+    assert open_set.conformal_threshold(scores, 0.98) == 2.0  # floor(0.02 x 101) = 2nd lowest
+    assert open_set.conformal_threshold(scores, 0.95) == 5.0
+    assert open_set.conformal_threshold(scores, 1.0) is None
+    assert open_set.conformal_threshold(np.arange(48.0), 0.98) is None  # 1 / 49 > 2 %
+    assert open_set.conformal_threshold(np.arange(49.0), 0.98) == 0.0  # 1 / 50 = 2 %
+    # A new text scored like the others falls under it at most 1 - coverage of the time, at any
+    # size; coverage_threshold's rejects it 1 / (n + 1) of the time at least.
+    rng = np.random.default_rng(0)
+    for n, coverage in ((10, 0.9), (20, 0.95), (60, 0.98), (500, 0.98)):
+        draws = rng.random((20_000, n + 1))
+        scores, new = draws[:, :n], draws[:, n]
+        rejected = np.mean(
+            [s < (open_set.conformal_threshold(row, coverage) or -np.inf) for row, s in
+             zip(scores, new, strict=True)]
+        )  # fmt: skip
+        assert rejected <= 1 - coverage + 0.005
+        assert rejected > 1 - coverage - 0.02  # not wastefully low either
+
+
 def test_the_combination_sums_the_log_p_values_among_the_references() -> None:
     reference = open_set.LeaveOneOut(
         np.array([4.0, 1, 3, 2]), np.array([10.0, 30, 20, 40]), np.array([1.0, 0.5, 1, 0.9])

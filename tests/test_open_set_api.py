@@ -144,6 +144,29 @@ def test_apply_best_fits_the_threshold_and_classify_answers_out_of_scope(
     assert measured.results[0].out_of_scope.recall == 1.0
 
 
+def test_too_few_exemplars_for_the_target_coverage_keep_every_text(client: Client) -> None:
+    """20 exemplars cannot keep a 98 % promise with a threshold: a new in-scope text falls under
+    the lowest of 20 leave-one-out scores with chance 1 / 21, about 5 %. The rule then keeps every
+    text (before: its threshold was the lowest score, and a far text was answered unknown), and
+    still scores held-out texts for Evaluate's out-of-scope AUROC."""
+    client.create_classifier("few", k=5)
+    client.add_exemplars("few", topical_texts(20, seed=0))
+    fitted = client.evaluate("few", apply_best=True).classifier.out_of_scope_threshold
+    assert fitted.target_coverage == pytest.approx(0.98)
+    assert fitted.coverage == 1.0
+    far = client.classify("few", FAR_TEXT)
+    assert far.unknown_reason != pb.UNKNOWN_REASON_OUT_OF_SCOPE
+    assert far.out_of_scope.threshold == fitted.threshold <= far.out_of_scope.score
+    held_out = client.evaluate("few", held_out=topical_texts(30, seed=1), out_of_scope=[FAR_TEXT])
+    assert held_out.results[0].out_of_scope.recall == 0.0
+    assert held_out.results[0].out_of_scope.auroc > 0.9
+    # 0.95 is within reach of 20: the lowest of the 20 scores (a new text under it: 1 / 21).
+    reached = client.evaluate("few", apply_best=True, target_coverage=0.95).classifier
+    assert reached.out_of_scope_threshold.coverage == 1.0
+    assert reached.out_of_scope_threshold.threshold > fitted.threshold
+    assert client.classify("few", FAR_TEXT).unknown_reason == pb.UNKNOWN_REASON_OUT_OF_SCOPE
+
+
 @pytest.fixture
 def twins(client: Client) -> Client:
     """ "card" and "loan" share one vocabulary: their texts are in scope but cannot be told

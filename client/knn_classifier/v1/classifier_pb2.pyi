@@ -358,7 +358,9 @@ class OutOfScopeThreshold(_message.Message):
     target_coverage: _builtins.float
     """The share of in-scope texts the threshold was fitted to keep (EvaluateRequest.target_coverage)."""
     coverage: _builtins.float
-    """The share of the leave-one-out exemplars it keeps."""
+    """The share of the leave-one-out exemplars it keeps (1 when it keeps every text: too few
+    exemplars for target_coverage, see EvaluateRequest.target_coverage).
+    """
     dimension: _builtins.int
     """The dimension it applies to."""
     reference_size: _builtins.int
@@ -1657,8 +1659,11 @@ class EvaluateRequest(_message.Message):
     """
     target_coverage: _builtins.float
     """With apply_best: fit the out-of-scope threshold (Classifier.out_of_scope_threshold) to keep
-    this share of the leave-one-out exemplars, 0.5 to 1. Unset: 0.98. In-scope exemplars whose
-    nearest exemplar is an out-of-scope example count as not kept.
+    this share of new in-scope texts, 0.5 to 1, from the leave-one-out exemplars (split
+    conformal: a new text falls under it with probability at most 1 - target_coverage). Unset:
+    0.98. With too few exemplars for the target (n exemplars: 1 - 1 / (n + 1) is the most a
+    threshold can keep; under 49 at 0.98) the threshold keeps every text. In-scope exemplars
+    whose nearest exemplar is an out-of-scope example count as not kept.
     """
     leave_out_twins: _builtins.bool
     """Leave-one-out: leave each exemplar's near-duplicates ("twins", see

@@ -326,6 +326,21 @@ def coverage_threshold(scores: npt.ArrayLike, coverage: float) -> float:
     return float(ordered[min(dropped, len(ordered) - 1)])
 
 
+def conformal_threshold(scores: npt.ArrayLike, coverage: float) -> float | None:
+    """The highest threshold under which a new in-scope text falls with probability at most
+    ``1 - coverage``, ``scores`` the leave-one-out scores of in-scope texts exchangeable with
+    it (split conformal): the m-th lowest score, m = floor((1 - coverage)(n + 1)). None when m
+    is 0: with so few scores, rejecting even below the lowest one turns away 1 / (n + 1) of new
+    texts, more than ``1 - coverage``, so only keeping every text keeps the promise.
+
+    :func:`coverage_threshold` keeps the share of ``scores`` themselves; a new text's score is
+    one more draw, which that threshold rejects with probability (dropped + 1) / (n + 1): about
+    5 % at 20 scores for any coverage from 0.95 up."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    rejected = int(np.floor((1 - coverage) * (len(ordered) + 1) + 1e-9))
+    return float(ordered[rejected - 1]) if rejected > 0 else None
+
+
 def _statistics(
     labels: Sequence[str], vectors: Matrix
 ) -> tuple[list[str], _Index, _Float, _Float, _Float]:

@@ -103,8 +103,12 @@ def fit(
     checkpoint: Callable[[], None] = lambda: None,
     vetoed: npt.NDArray[np.bool_] | None = None,
 ) -> OutOfScopeFit | None:
-    """The threshold keeping ``target_coverage`` of exemplars ``self_index``, each scored by the
-    model of every exemplar but it; None with fewer than :data:`MIN_EXEMPLARS` exemplars.
+    """The threshold keeping ``target_coverage`` of new in-scope texts, fitted on exemplars
+    ``self_index``, each scored by the model of every exemplar but it
+    (:func:`open_set.conformal_threshold`); None with fewer than :data:`MIN_EXEMPLARS`
+    exemplars. With too few for the target (under 49 at 0.98) no threshold keeps it, and the
+    threshold is the lowest score the rule gives: it keeps every text, and its references still
+    score texts (Evaluate's out-of-scope AUROC).
     ``checkpoint`` (which may raise to stop the work) is called as :func:`open_set.leave_one_out`
     goes. ``vetoed``: which of them a negative exemplar vetoes (:mod:`negatives`); they count
     as rejected, so the threshold keeps the target share of all of them, vetoed ones included,
@@ -120,7 +124,9 @@ def fit(
     free = np.ones(len(scores), dtype=bool) if vetoed is None else ~vetoed
     candidates = free if free.any() else ~free  # all vetoed: the threshold is moot
     target = min(1.0, target_coverage * len(scores) / int(candidates.sum()))
-    threshold = open_set.coverage_threshold(scores[candidates], target)
+    threshold = open_set.conformal_threshold(scores[candidates], target)
+    if threshold is None:  # too few for the target: the lowest score there is keeps every text
+        threshold = float(reference.scores(*[[-np.inf]] * len(reference.references))[0])
     coverage = float(np.mean(free & (scores >= threshold)))
     return OutOfScopeFit(
         dimension, target_coverage, threshold, coverage, similarity, mahalanobis, agreement, size
