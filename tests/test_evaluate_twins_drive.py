@@ -28,8 +28,7 @@ SENT_PRECISION = float(np.float32(TARGET_PRECISION))
 """The target as Evaluate reads it: EvaluateRequest.target_precision is a 32-bit float, so 0.8
 arrives as 0.800000012, which a cut of exactly 80% (the rule of succession's, e.g. 67 right of
 83) falls short of. The exemplars' order (random per incarnation) decides whether such a cut
-exists: fitted to 0.8 itself, the by-hand thresholds differed from Evaluate's in about half of
-the runs."""
+exists: fitted to 0.8 itself, the by-hand thresholds differed from Evaluate's in some runs."""
 
 
 @dataclass(frozen=True)
