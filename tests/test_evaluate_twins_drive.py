@@ -24,11 +24,10 @@ from .test_evaluate_twins import reference_twins, with_rewordings
 
 KS = [1, 9]
 TARGET_PRECISION = 0.8
-SENT_PRECISION = float(np.float32(TARGET_PRECISION))
-"""The target as Evaluate reads it: EvaluateRequest.target_precision is a 32-bit float, so 0.8
-arrives as 0.800000012, which a cut of exactly 80% (the rule of succession's, e.g. 67 right of
-83) falls short of. The exemplars' order (random per incarnation) decides whether such a cut
-exists: fitted to 0.8 itself, the by-hand thresholds differed from Evaluate's in some runs."""
+"""Evaluate reads it as sent (evaluation_messages.as_sent), not as the 32-bit float on the wire
+(0.800000012, which a cut of exactly 80 %, e.g. 67 right of 83, falls short of): fitted by hand
+to 0.8 itself, the thresholds equal Evaluate's whether or not such a cut exists, which the
+exemplars' order (random per incarnation) decides."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def test_choice_calibration_and_thresholds_follow_the_votes_without_twins(
             calibration.probabilities
         )
         fitted = thresholds.fit(
-            chosen.top_similarity, cross_fitted(chosen), chosen.right, SENT_PRECISION
+            chosen.top_similarity, cross_fitted(chosen), chosen.right, TARGET_PRECISION
         )
         assert fitted is not None
         assert response.thresholds.target_met

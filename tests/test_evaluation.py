@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from knn_classifier.server import evaluation_messages
 from knn_classifier.server.calibration import Calibration
 from knn_classifier.server.evaluate import (
     Evaluated,
@@ -19,6 +20,7 @@ from knn_classifier.server.evaluate import (
 )
 from knn_classifier.server.thresholds import Thresholds, fit, kept
 from knn_classifier.server.voting import Neighbour, Voting, vote
+from knn_classifier.v1 import classifier_pb2 as pb
 
 SETTING = Setting(3, Voting.MAJORITY, 8, 0.05)
 
@@ -220,3 +222,14 @@ def test_the_centroid_unless_the_discriminant_is_right_more_often_on_the_same_te
     discriminant = evaluated(Voting.DISCRIMINANT, 1, "1" * 18 + "00")
     far = evaluated(Voting.CENTROID, 1, "1" * 16 + "0000")
     assert recommended_first([best, discriminant, far], yes(20)) == [discriminant, best, far]
+
+
+def test_evaluate_reads_its_targets_as_sent_not_as_32_bit_floats() -> None:
+    """0.8 arrives as 0.800000011920929 (EvaluateRequest.target_precision is a proto float); a
+    precision of 68 / 85, exactly 0.8, must meet it."""
+    request = pb.EvaluateRequest(classifier="c", target_precision=0.8, target_coverage=0.98)
+    assert request.target_precision != 0.8
+    read = evaluation_messages.evaluate_request(request)
+    assert (read.target_precision, read.target_coverage) == (0.8, 0.98)
+    assert read.target_precision is not None
+    assert read.target_precision <= 68 / 85

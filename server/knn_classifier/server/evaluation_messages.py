@@ -5,6 +5,8 @@ which refuses bad values with :class:`errors.InvalidArgument`) and domain -> pro
 
 from __future__ import annotations
 
+import numpy as np
+
 from knn_classifier.v1 import classifier_pb2 as pb
 
 from . import errors, hygiene, messages
@@ -22,11 +24,21 @@ def evaluate_request(request: pb.EvaluateRequest) -> EvaluateRequest:
         temperature=list(request.temperatures),
         apply_best=request.apply_best,
         target_precision=(
-            request.target_precision if request.HasField("target_precision") else None
+            as_sent(request.target_precision) if request.HasField("target_precision") else None
         ),
-        target_coverage=(request.target_coverage if request.HasField("target_coverage") else None),
+        target_coverage=(
+            as_sent(request.target_coverage) if request.HasField("target_coverage") else None
+        ),
         leave_out_twins=(request.leave_out_twins if request.HasField("leave_out_twins") else True),
     )
+
+
+def as_sent(value: float) -> float:
+    """A proto ``float`` field as the caller wrote it. The field is 32-bit, so 0.8 arrives as
+    0.800000011920929; the shortest decimal that reads back to the same 32-bit value is what was
+    sent (0.8). It matters for targets compared with exact ratios: a precision of 68 / 85 meets a
+    target of 0.8 and missed 0.800000011920929."""
+    return float(str(np.float32(value)))
 
 
 def check_request(request: pb.CheckExemplarsRequest) -> hygiene.CheckRequest:
