@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import sys
 import threading
@@ -581,3 +582,53 @@ async def test_a_small_query_stays_on_the_event_loop(tmp_path: Path) -> None:
             await store.close()
     assert gate.threads == [threading.get_ident()] * 2
     assert answered.value.value[0][0].id == point_ids[1]
+
+
+async def test_a_loaded_copy_holds_no_object_per_point_the_collector_tracks(
+    tmp_path: Path,
+) -> None:
+    """Each full garbage collection visits every object the collector tracks, holding the GIL
+    throughout: a copy's payloads were tracked (their metadata, a dict, could hold a cycle), one
+    object per point of every loaded copy. Packed, they are not, so the objects tracked do not
+    grow with the points a copy holds. What it answers still carries the metadata written, in
+    payloads of the caller's own: changing one changes neither the copy nor later answers."""
+    count, dimension = 3_000, 8
+    point_ids = [str(uuid.uuid4()) for _ in range(count)]
+    vectors = unit(np.random.default_rng(2), count, dimension)
+    payloads = [
+        exemplar_payload(
+            "c",
+            str(i),
+            f"l{i % 7}",
+            f"t{i}",
+            {"n": f"{i}", "clé": 'a "quoted" été'} if i % 2 else {},
+            i,
+            i % 3 == 0,
+        )
+        for i in range(count)
+    ]
+    written = dict(zip(point_ids, payloads, strict=True))
+    store = EdgeStore(tmp_path)
+    await store.open([dimension])
+    try:
+        warm_up = [exemplar_payload("w", "w", "w", "w", {}, 0)]
+        await store.upsert(dimension, [str(uuid.uuid4())], vectors[:1], warm_up)
+        await store.query(dimension, "w", vectors[:1], 1)  # the worker threads, started
+        await store.upsert(dimension, point_ids, vectors, payloads)
+        gc.collect()
+        before = len(gc.get_objects())
+        await store.query(dimension, "c", vectors[:1], 1)  # loads the copy
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        hits = await store.query(dimension, "c", vectors[:8], 5)
+        assert [row[0].id for row in hits] == point_ids[:8]
+        assert all(h.payload == written[h.id] for row in hits for h in row)
+        for row in hits:
+            row[0].payload["metadata"]["n"] = "changed by a caller"
+        again = await store.query(dimension, "c", vectors[:8], 5)
+        records, _ = await store.vectors(dimension, "c")
+    finally:
+        await store.close()
+    assert grown < count // 10
+    assert all(h.payload == written[h.id] for row in again for h in row)
+    assert {r.id: r.payload for r in records} == written

@@ -4,7 +4,8 @@ The embedded store keeps its data in Qdrant Edge and answers nearest-neighbour q
 these copies: an exact search by one matrix product over a classifier's vectors costs a fraction
 of Edge's filtered exact search plus its payload reads (measured in docs/benchmarks.md). A copy
 holds each point's id and payload, so it can also answer for all of the classifier's points
-(:meth:`Mirror.frozen`, then :meth:`FrozenMirror.snapshot`).
+(:meth:`Mirror.frozen`, then :meth:`FrozenMirror.snapshot`). Payloads are held packed, out of the
+garbage collector's sight (:mod:`.packed`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Matrix, Record, Selection
+from .packed import PackedPayload, pack, unpack
 from .schema import ExemplarPayload
 
 
@@ -27,7 +29,7 @@ class Mirror:
         """Row i is a negative exemplar's (its payload's ``out_of_scope``)."""
         self._count = 0
         self._ids: list[str] = []
-        self._payloads: list[ExemplarPayload] = []
+        self._payloads: list[PackedPayload] = []
         self._rows: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -38,12 +40,13 @@ class Mirror:
     ) -> None:
         """Adds or replaces points; vectors are normalised, as a cosine collection does."""
         for point_id, vector, payload in zip(ids, _unit(vectors), payloads, strict=True):
+            packed = pack(payload)
             row = self._rows.get(point_id)
             if row is None:
-                row = self._append(point_id, payload)
+                row = self._append(point_id, packed)
             self._matrix[row] = vector
             self._negative[row] = payload.get("out_of_scope", False)
-            self._payloads[row] = payload
+            self._payloads[row] = packed
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
@@ -83,7 +86,7 @@ class Mirror:
         similarities = np.take_along_axis(top_scores, order, axis=1).tolist()
         return [
             [
-                Record(self._ids[row], self._payloads[row], score)
+                Record(self._ids[row], unpack(self._payloads[row]), score)
                 for row, score in zip(hit_rows, hit_scores, strict=True)
             ]
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
@@ -103,7 +106,7 @@ class Mirror:
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
 
-    def _append(self, point_id: str, payload: ExemplarPayload) -> int:
+    def _append(self, point_id: str, payload: PackedPayload) -> int:
         if self._count == len(self._matrix):
             # By a quarter, not double: growing holds the old and the new matrix at once.
             rows = max(16, len(self._matrix) + len(self._matrix) // 4)
@@ -144,14 +147,14 @@ class FrozenMirror:
     ``matrix`` row i, whose payload is ``payloads[order[i]]``."""
 
     ids: list[str]
-    payloads: list[ExemplarPayload]
+    payloads: list[PackedPayload]
     order: np.ndarray
     matrix: Matrix
 
     def snapshot(self) -> tuple[list[Record], Matrix]:
         """Every point and its vector (row i belongs to record i), in id order."""
         ids, payloads = self.ids, self.payloads
-        return [Record(ids[row], payloads[row]) for row in self.order.tolist()], self.matrix
+        return [Record(ids[row], unpack(payloads[row])) for row in self.order.tolist()], self.matrix
 
 
 def query_work(queries: int, points: int, dimension: int, k: int) -> int:
