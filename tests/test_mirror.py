@@ -362,10 +362,11 @@ async def test_a_copy_is_loaded_off_the_event_loop_once_for_the_queries_meanwhil
     on the event loop. While the load is held at its gate (its count of the classifier's
     points) in a worker thread, other tasks run; a second query shares the load rather than
     starting another, and a write to the classifier waits, so that the copy misses it not."""
-    point_ids, vectors = await written_store(tmp_path, 2_500, 8)  # several pages
     added = str(uuid.uuid4())
     payload = read_payload({"classifier": "c", "id": added, "label": "new"})
     with CallGate(count_points.__code__) as gate:
+        # Inside the gate: its upserts start the loop's worker threads.
+        point_ids, vectors = await written_store(tmp_path, 2_500, 8)  # several pages
         store = EdgeStore(tmp_path)
         await store.open([8])
         try:
@@ -394,10 +395,10 @@ async def test_a_load_that_ends_after_its_store_closed_is_not_kept(tmp_path: Pat
     """A load running in a worker thread when the store closes (held here after its last read
     of the shard) must not leave its copy to the store opened again: that copy would miss what
     was written in between."""
-    point_ids, vectors = await written_store(tmp_path, 3, 4)
     added = str(uuid.uuid4())
     payload = read_payload({"classifier": "c", "id": added, "label": "new"})
     with CallGate(Mirror.upsert.__code__) as gate:
+        point_ids, vectors = await written_store(tmp_path, 3, 4)  # loads no copy
         store = EdgeStore(tmp_path)
         await store.open([4])
         try:

@@ -145,15 +145,19 @@ class EdgeStore(Store):
         vectors: Matrix,
         payloads: Sequence[ExemplarPayload],
     ) -> None:
-        """Edge's points are built in a worker thread (the loop gets the GIL between points);
-        Edge's write, which holds the GIL throughout, and the copy's update run on the loop in
-        one step, so no load, freeze or large query of the copy starts between them."""
-        points, size = await asyncio.to_thread(_points, ids, vectors, payloads)
-        await self._copies_settled(dimension, {payload["classifier"] for payload in payloads})
+        """Edge's points are built in a worker thread (the loop gets the GIL between points),
+        while large queries of the copies asked for meanwhile wait, as they wait for a write
+        waiting for the copies to settle; Edge's write, which holds the GIL throughout, and the
+        copies' update run on the loop in one step, so no load, freeze or large query of a copy
+        starts between them."""
+        classifiers = {payload["classifier"] for payload in payloads}
+        with self._queries.writing([(dimension, classifier) for classifier in classifiers]):
+            points, size = await asyncio.to_thread(_points, ids, vectors, payloads)
+            await self._copies_settled(dimension, classifiers)
         self._shards.ensure_room(size)
         with self._shards.using(dimension) as shard:
             shard.update(qe.UpdateOperation.upsert_points(points))
-        for classifier in {payload["classifier"] for payload in payloads}:
+        for classifier in classifiers:
             mirror = self._mirrors.get((dimension, classifier))
             if mirror is not None:
                 rows = [i for i, p in enumerate(payloads) if p["classifier"] == classifier]

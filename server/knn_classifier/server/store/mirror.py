@@ -28,8 +28,11 @@ class Mirror:
         self._negative = np.zeros(capacity, dtype=bool)
         """Row i is a negative exemplar's (its payload's ``out_of_scope``)."""
         self._count = 0
-        self._ids: list[str] = []
-        self._payloads: list[PackedPayload] = []
+        self._ids = np.empty(capacity, dtype=object)
+        """Row i's point id; this and ``_payloads`` are numpy arrays, which the garbage
+        collector does not visit, where each full collection visited every item of a list."""
+        self._payloads = np.empty(capacity, dtype=object)
+        """Row i's payload, packed (:mod:`.packed`)."""
         self._rows: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -94,14 +97,15 @@ class Mirror:
 
     def frozen(self) -> FrozenMirror:
         """The points as they are now, in id order as a store's scroll gives them, in a copy
-        later writes do not change: the rows gathered by numpy, the id and payload lists copied
+        later writes do not change: the rows gathered by numpy, the id and payload arrays copied
         (references only). Meant for a worker thread, while nothing writes to this copy: numpy
         sorts and gathers without holding the GIL, so the event loop runs meanwhile.
         :meth:`FrozenMirror.snapshot` then builds the records, a Python object per point,
         outside that hold."""
-        ids = self._ids.copy()
+        ids = self._ids[: self._count].copy()
         order = _id_order(ids)
-        return FrozenMirror(ids, self._payloads.copy(), order, np.take(self._matrix, order, 0))
+        payloads = self._payloads[: self._count].copy()
+        return FrozenMirror(ids, payloads, order, np.take(self._matrix, order, 0))
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
@@ -110,20 +114,20 @@ class Mirror:
         if self._count == len(self._matrix):
             # By a quarter, not double: growing holds the old and the new matrix at once.
             rows = max(16, len(self._matrix) + len(self._matrix) // 4)
-            grown = np.empty((rows, self._matrix.shape[1]), dtype=np.float32)
-            grown[: self._count] = self._matrix[: self._count]
-            self._matrix = grown
-            self._negative = np.resize(self._negative, len(grown))
+            self._matrix = _grown(self._matrix, rows, self._count)
+            self._negative = _grown(self._negative, rows, self._count)
+            self._ids = _grown(self._ids, rows, self._count)
+            self._payloads = _grown(self._payloads, rows, self._count)
         row = self._count
         self._count += 1
-        self._ids.append(point_id)
-        self._payloads.append(payload)
+        self._ids[row] = point_id
+        self._payloads[row] = payload
         self._rows[point_id] = row
         return row
 
     def _remove(self, rows: np.ndarray) -> None:
         """Deletes ``rows`` (distinct) by moving the rows kept beyond the new count into the
-        places of those deleted below it: numpy moves the vectors, Python only the references."""
+        places of those deleted below it, by numpy; Python only updates the moved ids' rows."""
         count = self._count - len(rows)
         for row in rows.tolist():
             del self._rows[self._ids[row]]
@@ -132,12 +136,12 @@ class Mirror:
         movers = tail[~np.isin(tail, rows)]
         self._matrix[holes] = self._matrix[movers]
         self._negative[holes] = self._negative[movers]
-        for hole, mover in zip(holes.tolist(), movers.tolist(), strict=True):
-            self._ids[hole] = self._ids[mover]
-            self._payloads[hole] = self._payloads[mover]
+        self._ids[holes] = self._ids[movers]
+        self._payloads[holes] = self._payloads[movers]
+        for hole in holes.tolist():
             self._rows[self._ids[hole]] = hole
-        del self._ids[count:]
-        del self._payloads[count:]
+        self._ids[count : self._count] = None  # the references dropped
+        self._payloads[count : self._count] = None
         self._count = count
 
 
@@ -146,8 +150,8 @@ class FrozenMirror:
     """A copy of a :class:`Mirror`'s points at one moment: ``ids[order[i]]`` is the id of
     ``matrix`` row i, whose payload is ``payloads[order[i]]``."""
 
-    ids: list[str]
-    payloads: list[PackedPayload]
+    ids: np.ndarray
+    payloads: np.ndarray
     order: np.ndarray
     matrix: Matrix
 
@@ -166,7 +170,7 @@ def query_work(queries: int, points: int, dimension: int, k: int) -> int:
     return points * dimension * (queries + 8) + queries * (points * 240 + hits * 40_000)
 
 
-def _id_order(ids: list[str]) -> np.ndarray:
+def _id_order(ids: np.ndarray) -> np.ndarray:
     """The order that sorts ``ids``, by numpy: Python's ``sorted`` holds the GIL for the whole
     sort, and so does numpy's conversion of a list of strings, so they are converted a slice at a
     time. (Numpy orders strings by code point, as Python does; ids are UUIDs, so none ends in
@@ -179,6 +183,13 @@ def _id_order(ids: list[str]) -> np.ndarray:
 
 _SLICE = 10_000
 """Ids converted to numpy at a time, between which the GIL can pass to the event loop."""
+
+
+def _grown(array: np.ndarray, rows: int, count: int) -> np.ndarray:
+    """``array`` in ``rows`` rows, its first ``count`` copied."""
+    grown = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+    grown[:count] = array[:count]
+    return grown
 
 
 def _unit(vectors: Matrix) -> Matrix:
