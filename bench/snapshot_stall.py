@@ -1,10 +1,11 @@
 """How long the embedded store's calls keep the event loop from running anything else: a snapshot
 of a classifier's in-memory copy (``EdgeStore.vectors``, what a label-model refit or an Evaluate
 asks for), the first load of a copy (the first query of a classifier), and the calls of Classify,
-AddExemplars, DeleteExemplars and ListExemplars.
+AddExemplars, DeleteExemplars and ListExemplars; and what a full garbage collection costs with
+the copy loaded (``gc``).
 
     python bench/snapshot_stall.py [--points 100000] [--dimension 256] [--runs 5] [--data DIR]
-        [--measure snapshot load calls]
+        [--measure snapshot load calls gc]
 
 One classifier of ``--points`` random points in an embedded store at ``--data`` (written on the
 first run, reused after). A ticker task on the loop sleeps 1 ms at a time and records the longest
@@ -13,7 +14,9 @@ ticker's own wake-ups cost the loop thread some CPU). Per run: wall time, the lo
 time (``time.thread_time`` around the call), the process's, and the longest garbage collection
 meanwhile (it holds the GIL throughout, in whichever thread set it off). ``snapshot`` and
 ``calls`` measure a store whose copy a query loaded; ``load`` measures the first query of a
-store opened afresh for each run. To measure other code, put its ``server`` directory first on
+store opened afresh for each run; ``gc`` counts the objects the collector tracks and times a full
+collection (``gc.collect()``, the loop thread's CPU) before the load, after it, and while a
+snapshot's records are held. To measure other code, put its ``server`` directory first on
 ``PYTHONPATH``.
 """
 
@@ -88,7 +91,16 @@ async def main(points: int, dimension: int, runs: int, data: Path, measure: list
     await store.open([dimension])
     try:
         probe = np.ones((1, dimension), dtype=np.float32)
+        if "gc" in measure:
+            report_collection("before the load")
         await store.query(dimension, "c", probe, 1)
+        if "gc" in measure:
+            for run in range(runs):
+                report_collection(f"copy loaded, run {run}")
+            held = await store.vectors(dimension, "c")
+            for run in range(runs):
+                report_collection(f"copy loaded, a snapshot held, run {run}")
+            del held
         report("floor (0.5 s, no call)", await longest_gap(asyncio.sleep(0.5)))
         if "snapshot" in measure:
             for run in range(runs):
@@ -168,6 +180,16 @@ def report(name: str, measured: tuple[float, float, float, float, float]) -> Non
     )
 
 
+def report_collection(name: str) -> None:
+    thread = time.thread_time()
+    gc.collect()
+    thread = time.thread_time() - thread
+    print(
+        f"{name}: {len(gc.get_objects())} tracked objects,"
+        f" full collection's CPU {thread * 1e3:.0f} ms"
+    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=100_000)
@@ -175,7 +197,7 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--data", type=Path, default=Path("/tmp/snapshot-stall"))
     parser.add_argument(
-        "--measure", nargs="+", choices=["snapshot", "load", "calls"], default=["snapshot"]
+        "--measure", nargs="+", choices=["snapshot", "load", "calls", "gc"], default=["snapshot"]
     )
     args = parser.parse_args()
     asyncio.run(main(args.points, args.dimension, args.runs, args.data, args.measure))

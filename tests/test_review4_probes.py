@@ -67,11 +67,12 @@ async def test_a_store_closed_under_a_read_in_a_worker_thread_is_not_declared_da
     ERROR log telling the operator to restore the data directory from a backup, and the store
     object out of service for good (opened again, it refused every call). It must fail the
     read alone (UNAVAILABLE), log no error, and leave the store usable once opened again."""
-    await written_store(tmp_path, 1_500, 4)  # two scroll pages
     store = EdgeStore(tmp_path)
-    await store.open([4])
     try:
         with WorkerGate(read_payload.__code__) as gate:
+            # Inside the gate: its upserts start the loop's worker threads.
+            await written_store(tmp_path, 1_500, 4)  # two scroll pages
+            await store.open([4])
             reading = asyncio.create_task(store.vectors(4, "c"))
             assert await asyncio.to_thread(gate.entered.wait, WAIT)  # within the first page
             await store.close()

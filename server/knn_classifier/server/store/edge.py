@@ -12,7 +12,7 @@ Filtered HNSW search lost recall in our tests, so it is not used. Calls are sync
 short; they run on the event loop thread, except the whole-classifier reads: loading a copy,
 freezing one for ``vectors`` and building its records run in a worker thread, while writes to
 that classifier wait (:class:`SingleFlight`; docs/reliability.md); and so do large queries of a
-copy (:class:`QueryHold`).
+copy (:class:`QueryHold`) and the building of an upsert's points.
 """
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ _FACET_LIMIT = 1_000_000
 QUERY_OFF_LOOP_WORK = 150_000_000
 """A copy's query estimated at this much work (:func:`query_work`) or more runs in a worker
 thread; below it, on the event loop (the threshold's measurement: docs/reliability.md)."""
+
+
+def _points(
+    ids: Sequence[str], vectors: Matrix, payloads: Sequence[ExemplarPayload]
+) -> tuple[list[qe.Point], int]:
+    """Edge's points for an upsert, and the bytes the write takes on disk: the WAL and the
+    segment each hold the vectors and the payloads."""
+    size = 2 * (vectors.nbytes + len(json.dumps(list(payloads), default=str)))
+    points = [
+        qe.Point(point_id, vector, stored_payload(payload))
+        for point_id, vector, payload in zip(ids, vectors.tolist(), payloads, strict=True)
+    ]
+    return points, size
 
 
 class EdgeStore(Store):
@@ -132,18 +145,19 @@ class EdgeStore(Store):
         vectors: Matrix,
         payloads: Sequence[ExemplarPayload],
     ) -> None:
-        await self._copies_settled(dimension, {payload["classifier"] for payload in payloads})
-        # The WAL and the segment each hold the vectors and the payloads.
-        self._shards.ensure_room(
-            2 * (vectors.nbytes + len(json.dumps(list(payloads), default=str)))
-        )
-        points = [
-            qe.Point(point_id, vector, stored_payload(payload))
-            for point_id, vector, payload in zip(ids, vectors.tolist(), payloads, strict=True)
-        ]
+        """Edge's points are built in a worker thread (the loop gets the GIL between points),
+        while large queries of the copies asked for meanwhile wait, as they wait for a write
+        waiting for the copies to settle; Edge's write, which holds the GIL throughout, and the
+        copies' update run on the loop in one step, so no load, freeze or large query of a copy
+        starts between them."""
+        classifiers = {payload["classifier"] for payload in payloads}
+        with self._queries.writing([(dimension, classifier) for classifier in classifiers]):
+            points, size = await asyncio.to_thread(_points, ids, vectors, payloads)
+            await self._copies_settled(dimension, classifiers)
+        self._shards.ensure_room(size)
         with self._shards.using(dimension) as shard:
             shard.update(qe.UpdateOperation.upsert_points(points))
-        for classifier in {payload["classifier"] for payload in payloads}:
+        for classifier in classifiers:
             mirror = self._mirrors.get((dimension, classifier))
             if mirror is not None:
                 rows = [i for i, p in enumerate(payloads) if p["classifier"] == classifier]

@@ -4,7 +4,8 @@ The embedded store keeps its data in Qdrant Edge and answers nearest-neighbour q
 these copies: an exact search by one matrix product over a classifier's vectors costs a fraction
 of Edge's filtered exact search plus its payload reads (measured in docs/benchmarks.md). A copy
 holds each point's id and payload, so it can also answer for all of the classifier's points
-(:meth:`Mirror.frozen`, then :meth:`FrozenMirror.snapshot`).
+(:meth:`Mirror.frozen`, then :meth:`FrozenMirror.snapshot`). Payloads are held packed, out of the
+garbage collector's sight (:mod:`.packed`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Matrix, Record, Selection
+from .packed import PackedPayload, pack, unpack
 from .schema import ExemplarPayload
 
 
@@ -26,8 +28,11 @@ class Mirror:
         self._negative = np.zeros(capacity, dtype=bool)
         """Row i is a negative exemplar's (its payload's ``out_of_scope``)."""
         self._count = 0
-        self._ids: list[str] = []
-        self._payloads: list[ExemplarPayload] = []
+        self._ids = np.empty(capacity, dtype=object)
+        """Row i's point id; this and ``_payloads`` are numpy arrays, which the garbage
+        collector does not visit, where each full collection visited every item of a list."""
+        self._payloads = np.empty(capacity, dtype=object)
+        """Row i's payload, packed (:mod:`.packed`)."""
         self._rows: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -38,12 +43,13 @@ class Mirror:
     ) -> None:
         """Adds or replaces points; vectors are normalised, as a cosine collection does."""
         for point_id, vector, payload in zip(ids, _unit(vectors), payloads, strict=True):
+            packed = pack(payload)
             row = self._rows.get(point_id)
             if row is None:
-                row = self._append(point_id, payload)
+                row = self._append(point_id, packed)
             self._matrix[row] = vector
             self._negative[row] = payload.get("out_of_scope", False)
-            self._payloads[row] = payload
+            self._payloads[row] = packed
 
     def delete(self, selection: Selection) -> None:
         """Removes the points ``selection`` names (its classifier is this copy's)."""
@@ -83,7 +89,7 @@ class Mirror:
         similarities = np.take_along_axis(top_scores, order, axis=1).tolist()
         return [
             [
-                Record(self._ids[row], self._payloads[row], score)
+                Record(self._ids[row], unpack(self._payloads[row]), score)
                 for row, score in zip(hit_rows, hit_scores, strict=True)
             ]
             for hit_rows, hit_scores in zip(rows, similarities, strict=True)
@@ -91,36 +97,37 @@ class Mirror:
 
     def frozen(self) -> FrozenMirror:
         """The points as they are now, in id order as a store's scroll gives them, in a copy
-        later writes do not change: the rows gathered by numpy, the id and payload lists copied
+        later writes do not change: the rows gathered by numpy, the id and payload arrays copied
         (references only). Meant for a worker thread, while nothing writes to this copy: numpy
         sorts and gathers without holding the GIL, so the event loop runs meanwhile.
         :meth:`FrozenMirror.snapshot` then builds the records, a Python object per point,
         outside that hold."""
-        ids = self._ids.copy()
+        ids = self._ids[: self._count].copy()
         order = _id_order(ids)
-        return FrozenMirror(ids, self._payloads.copy(), order, np.take(self._matrix, order, 0))
+        payloads = self._payloads[: self._count].copy()
+        return FrozenMirror(ids, payloads, order, np.take(self._matrix, order, 0))
 
     def _id_rows(self, ids: Sequence[str]) -> list[int]:
         return [self._rows[point_id] for point_id in set(ids) if point_id in self._rows]
 
-    def _append(self, point_id: str, payload: ExemplarPayload) -> int:
+    def _append(self, point_id: str, payload: PackedPayload) -> int:
         if self._count == len(self._matrix):
             # By a quarter, not double: growing holds the old and the new matrix at once.
             rows = max(16, len(self._matrix) + len(self._matrix) // 4)
-            grown = np.empty((rows, self._matrix.shape[1]), dtype=np.float32)
-            grown[: self._count] = self._matrix[: self._count]
-            self._matrix = grown
-            self._negative = np.resize(self._negative, len(grown))
+            self._matrix = _grown(self._matrix, rows, self._count)
+            self._negative = _grown(self._negative, rows, self._count)
+            self._ids = _grown(self._ids, rows, self._count)
+            self._payloads = _grown(self._payloads, rows, self._count)
         row = self._count
         self._count += 1
-        self._ids.append(point_id)
-        self._payloads.append(payload)
+        self._ids[row] = point_id
+        self._payloads[row] = payload
         self._rows[point_id] = row
         return row
 
     def _remove(self, rows: np.ndarray) -> None:
         """Deletes ``rows`` (distinct) by moving the rows kept beyond the new count into the
-        places of those deleted below it: numpy moves the vectors, Python only the references."""
+        places of those deleted below it, by numpy; Python only updates the moved ids' rows."""
         count = self._count - len(rows)
         for row in rows.tolist():
             del self._rows[self._ids[row]]
@@ -129,12 +136,12 @@ class Mirror:
         movers = tail[~np.isin(tail, rows)]
         self._matrix[holes] = self._matrix[movers]
         self._negative[holes] = self._negative[movers]
-        for hole, mover in zip(holes.tolist(), movers.tolist(), strict=True):
-            self._ids[hole] = self._ids[mover]
-            self._payloads[hole] = self._payloads[mover]
+        self._ids[holes] = self._ids[movers]
+        self._payloads[holes] = self._payloads[movers]
+        for hole in holes.tolist():
             self._rows[self._ids[hole]] = hole
-        del self._ids[count:]
-        del self._payloads[count:]
+        self._ids[count : self._count] = None  # the references dropped
+        self._payloads[count : self._count] = None
         self._count = count
 
 
@@ -143,15 +150,15 @@ class FrozenMirror:
     """A copy of a :class:`Mirror`'s points at one moment: ``ids[order[i]]`` is the id of
     ``matrix`` row i, whose payload is ``payloads[order[i]]``."""
 
-    ids: list[str]
-    payloads: list[ExemplarPayload]
+    ids: np.ndarray
+    payloads: np.ndarray
     order: np.ndarray
     matrix: Matrix
 
     def snapshot(self) -> tuple[list[Record], Matrix]:
         """Every point and its vector (row i belongs to record i), in id order."""
         ids, payloads = self.ids, self.payloads
-        return [Record(ids[row], payloads[row]) for row in self.order.tolist()], self.matrix
+        return [Record(ids[row], unpack(payloads[row])) for row in self.order.tolist()], self.matrix
 
 
 def query_work(queries: int, points: int, dimension: int, k: int) -> int:
@@ -163,7 +170,7 @@ def query_work(queries: int, points: int, dimension: int, k: int) -> int:
     return points * dimension * (queries + 8) + queries * (points * 240 + hits * 40_000)
 
 
-def _id_order(ids: list[str]) -> np.ndarray:
+def _id_order(ids: np.ndarray) -> np.ndarray:
     """The order that sorts ``ids``, by numpy: Python's ``sorted`` holds the GIL for the whole
     sort, and so does numpy's conversion of a list of strings, so they are converted a slice at a
     time. (Numpy orders strings by code point, as Python does; ids are UUIDs, so none ends in
@@ -176,6 +183,13 @@ def _id_order(ids: list[str]) -> np.ndarray:
 
 _SLICE = 10_000
 """Ids converted to numpy at a time, between which the GIL can pass to the event loop."""
+
+
+def _grown(array: np.ndarray, rows: int, count: int) -> np.ndarray:
+    """``array`` in ``rows`` rows, its first ``count`` copied."""
+    grown = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+    grown[:count] = array[:count]
+    return grown
 
 
 def _unit(vectors: Matrix) -> Matrix:

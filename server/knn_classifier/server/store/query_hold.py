@@ -2,7 +2,7 @@
 
 Numpy releases the GIL for a query's matrix product and partition, so a query of many vectors
 over a large copy leaves the event loop free in a worker thread (docs/reliability.md). It reads
-the copy's rows and its id and payload lists, which a write changes together (rows rewritten
+the copy's rows and its id and payload arrays, which a write changes together (rows rewritten
 in place and moved on delete), so a write to that copy waits until the queries running end,
 and queries asked for while a write waits wait until it has written: writers first, so that a
 stream of queries cannot keep a write waiting. Writes are few and short, on the event loop.

@@ -1,0 +1,39 @@
+"""Exemplar payloads as the in-memory copies hold them: out of the garbage collector's sight.
+
+CPython's cyclic garbage collector visits every object it tracks at each full collection, which
+holds the GIL throughout, in whichever thread set it off (the event loop's included). A dict is
+tracked as soon as it holds a value that could be part of a cycle, such as another dict: each
+payload, whose ``metadata`` is a dict, was tracked, one object per point of every loaded copy,
+so the collections grew with the exemplars held (docs/reliability.md). A packed payload holds
+its metadata as JSON text (None when empty), so it holds only strings, numbers and None, and
+CPython does not track it; the payload is built again, a new dict, when a record is returned.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import cast
+
+from .schema import ExemplarPayload
+
+PackedPayload = dict[str, str | float | bool | None]
+
+
+def pack(payload: ExemplarPayload) -> PackedPayload:
+    # Built item by item: a copy of a tracked dict ({**payload}, dict(payload)) is tracked too.
+    packed = {
+        key: _metadata_text(payload["metadata"]) if key == "metadata" else value
+        for key, value in payload.items()
+    }
+    return cast(PackedPayload, packed)
+
+
+def unpack(packed: PackedPayload) -> ExemplarPayload:
+    """The payload ``packed`` was made from, a new dict (callers may change it)."""
+    text = packed["metadata"]
+    metadata = json.loads(text) if isinstance(text, str) else {}
+    return cast(ExemplarPayload, {**packed, "metadata": metadata})
+
+
+def _metadata_text(metadata: dict[str, str]) -> str | None:
+    return json.dumps(metadata, separators=(",", ":")) if metadata else None
