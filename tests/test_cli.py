@@ -254,6 +254,44 @@ def test_export_then_import_into_another_classifier(
         assert "ALREADY_EXISTS: classifier 'other' exists with other settings" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("k", "5", 'classifier.k is "5", not an integer'),
+        ("k", 2**40, "classifier.k is 1099511627776, not an integer"),
+        ("voting", "sofmax", 'classifier.voting is "sofmax", not one of majority'),
+        ("min_similarity", [0.1], "classifier.min_similarity is [0.1], not a number"),
+        ("instruction", 7, "classifier.instruction is 7, not a string"),
+        ("calibration", [0.5], "classifier.calibration is [0.5], not an object"),
+        ("calibration", {"dimension": 64, "shares": "0.5"}, "calibration.shares is"),
+        ("calibration", {"dimension": 64}, "calibration must have 1 to 64 shares"),  # server
+        ("embedder", "fake", 'embedder is "fake", not an object'),
+        ("vector_dimensions", "64", 'vector_dimensions is "64", not a list of integers'),
+    ],
+)
+def test_an_export_header_of_the_wrong_types_stops_the_import_with_a_line_naming_the_field(
+    server: ServerThread, created: Client, tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    """The header is a line anyone can edit; a field of the wrong type made the import die with
+    a Python traceback (TypeError, AttributeError, ValueError) from building the request."""
+    created.add_exemplars("intents", [("card has not arrived", "card"), ("top up", "top_up")])
+    export = tmp_path / "intents.jsonl"
+    ok(run(server, "export", "intents", "-o", str(export)))
+    header, *lines = export.read_text().splitlines()
+    head = json.loads(header)
+    if field in ("embedder", "vector_dimensions"):
+        head[field] = value
+    else:
+        head["classifier"][field] = value
+    export.write_text("\n".join([json.dumps(head), *lines]) + "\n")
+    result = run(server, "import", "copy", str(export))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("knn-classifier: error: ")
+    assert message in result.stderr
+    assert [c.name for c in created.list_classifiers()] == ["intents"]
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:
