@@ -292,6 +292,32 @@ def test_an_export_header_of_the_wrong_types_stops_the_import_with_a_line_naming
     assert [c.name for c in created.list_classifiers()] == ["intents"]
 
 
+def test_files_that_cannot_be_written_are_named_without_a_traceback(
+    server: ServerThread, created: Client, rows_csv: Path, tmp_path: Path
+) -> None:
+    """An export to a missing directory or onto a directory, and an import whose rejected rows
+    cannot be written where --rejected says, died with a Python traceback (the import's also
+    without its summary, though its rows were written)."""
+    missing = tmp_path / "missing" / "out.jsonl"
+    result = run(server, "export", "intents", "-o", str(missing))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"knn-classifier: error: cannot write {str(missing)!r}: No such file" in result.stderr
+    result = run(server, "export", "intents", "-o", str(tmp_path))
+    assert result.returncode == 1
+    assert f"cannot write {str(tmp_path)!r}: Is a directory" in result.stderr
+    assert not Path(f"{tmp_path}.partial").exists()
+
+    result = import_rows(server, rows_csv, "--rejected", str(tmp_path / "missing" / "r.csv"))
+    assert result.returncode == 3  # rows rejected
+    assert "Traceback" not in result.stderr
+    assert "cannot write the rejected rows to" in result.stderr
+    assert "name a writable file with --rejected" in result.stderr
+    assert json.loads(result.stdout)["added"] == 4
+    assert json.loads(result.stdout)["rejected_file"] is None
+    assert len(exemplars(created, "intents")) == 4
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

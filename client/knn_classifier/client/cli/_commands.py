@@ -154,6 +154,24 @@ def _rejected_path(args: argparse.Namespace, path: Path) -> Path:
     return path.with_name(f"{path.stem}.rejected{path.suffix}")
 
 
+def _write_rejected(
+    args: argparse.Namespace, path: Path, table: Table, summary: Summary
+) -> Path | None:
+    """Writes the rejected rows out for fixing; where it cannot, says so (the summary still
+    counts them) and returns None."""
+    rejected_to = _rejected_path(args, path)
+    ordered = sorted(summary.rejected, key=lambda item: item.line)
+    try:
+        write_rejected(rejected_to, table, ordered)
+    except OSError as error:
+        _note(
+            f"cannot write the rejected rows to {str(rejected_to)!r}: {error.strerror}; "
+            "name a writable file with --rejected"
+        )
+        return None
+    return rejected_to
+
+
 def _prepare(client: Client, name: str, table: Table) -> str:
     """Creates the classifier from an export's header, or checks that it exists; returns the
     embedder fingerprint to send the export's vectors with ("": embed the texts)."""
@@ -223,9 +241,7 @@ def import_rows(args: argparse.Namespace, client: Client) -> int:
     finally:
         bar.close()
         if summary.rejected:
-            rejected_to = _rejected_path(args, path)
-            ordered = sorted(summary.rejected, key=lambda item: item.line)
-            write_rejected(rejected_to, table, ordered)
+            rejected_to = _write_rejected(args, path, table, summary)
         _print_summary(args.name, summary, time.monotonic() - started, rejected_to, args.json)
     return REJECTED_ROWS if summary.rejected else 0
 
@@ -246,11 +262,18 @@ def export(args: argparse.Namespace, client: Client) -> int:
         else:
             # Written beside and renamed at the end: an interrupted export leaves no short file.
             partial = Path(f"{args.output}.partial")
-            with partial.open("w", encoding="utf-8") as out:
-                for count in _archive.export(client, classifier, out, args.page_size, args.vectors):
-                    written += count
-                    bar.update(count)
-            os.replace(partial, args.output)
+            try:
+                with partial.open("w", encoding="utf-8") as out:
+                    for count in _archive.export(
+                        client, classifier, out, args.page_size, args.vectors
+                    ):
+                        written += count
+                        bar.update(count)
+                os.replace(partial, args.output)
+            except OSError as error:
+                if partial.is_file():
+                    partial.unlink()
+                raise CliError(f"cannot write {args.output!r}: {error.strerror}") from None
     finally:
         bar.close()
     _note(f"exported {written} exemplar(s) of {args.name!r} to {args.output or 'stdout'}")
