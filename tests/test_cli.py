@@ -318,6 +318,27 @@ def test_files_that_cannot_be_written_are_named_without_a_traceback(
     assert len(exemplars(created, "intents")) == 4
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check", "intents", "--max-items", "99999999999"], "--max-items: expected a whole"),
+        (["evaluate", "intents", "--k", "5,99999999999"], "--k: 99999999999 is out of range"),
+        (["classify", "intents", "x", "--dimension", "4294967360"], "--dimension: 4294967360"),
+        (["check", "intents", "--min-label-exemplars", "-3000000000"], "-3000000000 is out"),
+        (["create", "other", "--k", "2147483648"], "--k: 2147483648 is out of range"),
+    ],
+)
+def test_numbers_too_large_for_the_request_are_refused_as_arguments(
+    server: ServerThread, created: Client, args: list[str], message: str
+) -> None:
+    """Numbers past int32 passed argparse and failed building the request: a traceback
+    (ValueError: Value out of range)."""
+    result = run(server, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

@@ -32,13 +32,27 @@ def _list_of(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
     return parse
 
 
-def _positive(value: str) -> int:
+def _whole(value: str) -> int:
+    """A whole number that fits the request's int32 field (the server checks its range; a
+    larger one would fail building the request)."""
     try:
         number = int(value)
     except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
+    if not -(2**31) <= number < 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use a 32-bit whole number")
+    return number
+
+
+def _positive(value: str) -> int:
+    try:
+        number = _whole(value)
+    except argparse.ArgumentTypeError:
         number = 0
     if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1 (and under 2^31), not {value!r}"
+        )
     return number
 
 
@@ -51,7 +65,7 @@ def _voting_list(value: str) -> list[str]:
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--k", type=int, help="neighbours that vote")
+    parser.add_argument("--k", type=_whole, help="neighbours that vote")
     parser.add_argument("--voting", choices=VOTINGS)
     parser.add_argument("--min-similarity", type=float)
     parser.add_argument("--min-confidence", type=float)
@@ -197,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("name")
     classify.add_argument("texts", nargs="*")
     _add_settings(classify)
-    classify.add_argument("--dimension", type=int)
+    classify.add_argument("--dimension", type=_whole)
     classify.add_argument("--neighbours", action="store_true", help="include the neighbours")
     classify.add_argument("--batch-size", type=_positive, default=64, help="texts per call")
 
@@ -220,9 +234,9 @@ def parser() -> argparse.ArgumentParser:
         "file like --held-out's whose labels, if any, are ignored; adds how they are told apart",
     )
     _add_columns(evaluate)
-    evaluate.add_argument("--k", type=_list_of(int), default=[], help="e.g. 5,10,20")
+    evaluate.add_argument("--k", type=_list_of(_whole), default=[], help="e.g. 5,10,20")
     evaluate.add_argument("--voting", type=_voting_list, default=[], help="e.g. softmax,centroid")
-    evaluate.add_argument("--dimension", type=_list_of(int), default=[])
+    evaluate.add_argument("--dimension", type=_list_of(_whole), default=[])
     evaluate.add_argument("--temperature", type=_list_of(float), default=[], help="e.g. 0.01,0.05")
     evaluate.add_argument(
         "--apply-best", action="store_true", help="make the best setting the defaults, calibrate"
@@ -253,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
         "--min-confidence", type=float, help="leave-one-out confidence in another label"
     )
     check.add_argument("--min-duplicate-similarity", type=float, help="cosine similarity")
-    check.add_argument("--min-label-exemplars", type=int, help="smaller labels are listed")
+    check.add_argument("--min-label-exemplars", type=_whole, help="smaller labels are listed")
     check.add_argument("--max-items", type=_positive, help="items per list")
     _add_output(check, "the whole response")
     return top
