@@ -339,6 +339,26 @@ def test_numbers_too_large_for_the_request_are_refused_as_arguments(
     assert message in result.stderr
 
 
+def test_a_held_out_or_out_of_scope_file_without_rows_is_refused(
+    server: ServerThread, created: Client, tmp_path: Path
+) -> None:
+    """A held-out file of a header alone sent no texts, so Evaluate quietly ran leave-one-out
+    and printed its table as if it were the file's; an out-of-scope file without rows quietly
+    measured nothing of out of scope."""
+    created.add_exemplars("intents", [("card has not arrived", "card"), ("top up", "top_up")])
+    created.add_exemplars("intents", [("where is my card", "card"), ("top up failed", "top_up")])
+    empty = write_csv(tmp_path / "empty.csv", [["text", "label"]])
+    held = write_csv(tmp_path / "held.csv", [["text", "label"], ["my card", "card"]])
+    for args in (
+        ["--held-out", str(empty)],
+        ["--held-out", str(held), "--out-of-scope", str(empty)],
+    ):
+        result = run(server, "evaluate", "intents", *args)
+        assert result.returncode == 1, result.stdout
+        assert f"knn-classifier: error: {empty} has no rows: give it a text" in result.stderr
+    assert ok(run(server, "evaluate", "intents", "--held-out", str(held)))
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

@@ -327,6 +327,8 @@ def _usable(path: str, table: Table, what: str) -> Table:
             f"{path}: {len(table.rejected)} row(s) without a usable {what} "
             f"(line {first.line}: {first.reason})"
         )
+    if not table.rows:  # not quietly leave-one-out, or no out-of-scope measurement
+        raise CliError(f"{path} has no rows: give it a {what} per row")
     return table
 
 
