@@ -359,6 +359,20 @@ def test_a_held_out_or_out_of_scope_file_without_rows_is_refused(
     assert ok(run(server, "evaluate", "intents", "--held-out", str(held)))
 
 
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "-5"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
+    server: ServerThread, timeout: str
+) -> None:
+    """--timeout nan or inf failed every call at once with DEADLINE_EXCEEDED and the advice to
+    give it more seconds; 0 or a negative one with UNAVAILABLE."""
+    for result in (
+        run(server, "--timeout", timeout, "list"),
+        run(server, "list", env={"KNN_TIMEOUT": timeout}),
+    ):
+        assert result.returncode == 1
+        assert f"the timeout {timeout} is not a positive number of seconds" in result.stderr
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:
