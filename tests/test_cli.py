@@ -373,6 +373,50 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
         assert f"the timeout {timeout} is not a positive number of seconds" in result.stderr
 
 
+def test_input_that_is_not_unicode_text_is_refused_or_rejected_by_row(
+    server: ServerThread, created: Client, tmp_path: Path
+) -> None:
+    """Bytes that are not UTF-8 on stdin or in an argument, and JSONL rows with a lone surrogate
+    escape, nesting deeper than the JSON parser's recursion or an integer of 5,000 digits, each
+    ended the CLI with a traceback (the import after printing a summary of nothing written)."""
+    cli: list[str | bytes] = [*CLI, "--target", server.address]
+    runs: list[tuple[list[str | bytes], bytes]] = [
+        ([*cli, "classify", "intents"], b"fine\n\xff\xfe not utf-8\n"),
+        ([*cli, "exemplars", "intents", "--label", b"\xff"], b""),
+    ]
+    for args, stdin in runs:
+        done = subprocess.run(args, input=stdin, capture_output=True, timeout=120, check=False)
+        stderr = done.stderr.decode()
+        assert done.returncode == 1
+        assert "Traceback" not in stderr
+        assert "is not UTF-8 text" in stderr
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"text": "lone \\ud800 surrogate", "label": "card"}\n'
+        + '{"text": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + ', "label": "card"}\n'
+        + '{"text": "long number", "label": '
+        + "9" * 5000
+        + "}\n"
+        + '{"text": "my card has not arrived", "label": "card"}\n'
+    )
+    result = run(server, "import", "intents", str(rows), "--json")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["added"], summary["rejected"]) == (1, 3)
+    reasons = " ".join(summary["reasons"])
+    assert "lone surrogate" in reasons
+    assert "not valid JSON" in reasons
+    rejected = (tmp_path / "rows.rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line)["line"] for line in rejected] == [1, 2, 3]
+    assert json.loads(rejected[0])["row"]["text"] == "lone \ud800 surrogate"
+    assert [e.text for e in created.iter_exemplars("intents")] == ["my card has not arrived"]
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

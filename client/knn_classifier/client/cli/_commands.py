@@ -23,7 +23,7 @@ from .._requests import voting_name
 from . import _archive, _progress
 from ._errors import CliError
 from ._importer import Importer, Summary
-from ._rows import Columns, Table, file_format, read, write_rejected
+from ._rows import Columns, Table, file_format, is_unicode, read, write_rejected
 
 REJECTED_ROWS = 3
 
@@ -285,12 +285,20 @@ def export(args: argparse.Namespace, client: Client) -> int:
 
 def _texts(args: argparse.Namespace) -> Iterator[list[str]]:
     """The texts in batches: the arguments, else the lines of stdin as they arrive."""
-    if args.texts:
-        source: Iterator[str] = iter(args.texts)
-    else:
-        source = (line.rstrip("\r\n") for line in sys.stdin)
+    source = iter(args.texts) if args.texts else _stdin_lines()
     while batch := list(islice(source, args.batch_size)):
         yield batch
+
+
+def _stdin_lines() -> Iterator[str]:
+    try:
+        for number, line in enumerate(sys.stdin, start=1):
+            text = line.rstrip("\r\n")
+            if not is_unicode(text):  # bytes that are not UTF-8, read with surrogateescape
+                raise CliError(f"line {number} of stdin is not UTF-8 text")
+            yield text
+    except UnicodeDecodeError as error:
+        raise CliError(f"stdin is not UTF-8 text: {error.reason} at byte {error.start}") from None
 
 
 def classify(args: argparse.Namespace, client: Client) -> int:

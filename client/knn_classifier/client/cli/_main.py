@@ -18,6 +18,7 @@ from .._errors import DeadlineExceededError, KnnClassifierError
 from .._requests import SCOPE_NAMES, VOTING_NAMES
 from . import _commands, _connect
 from ._errors import CliError
+from ._rows import is_unicode
 
 Command = Callable[[argparse.Namespace, Client], int]
 BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE
@@ -273,9 +274,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _check_unicode(args: argparse.Namespace) -> None:
+    """Arguments holding bytes that are not UTF-8 (decoded with surrogateescape) cannot go in a
+    request: refused naming the argument, rather than failing to build it."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(item, str) and not is_unicode(item) for item in values):
+            raise CliError(f"the argument {name!r} is not UTF-8 text")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        _check_unicode(args)
         with _connect.client(args) as client:
             status: int = args.run(args, client)
             return status
