@@ -96,7 +96,7 @@ def client(args: argparse.Namespace) -> Client:
         deadline = float(timeout) if timeout is not None else DEFAULT_TIMEOUT_S
     except ValueError:
         raise CliError(f"KNN_TIMEOUT={timeout!r} is not a number of seconds") from None
-    if not 0 < deadline < math.inf:  # NaN too: gRPC took it, and inf, for an expired deadline
+    if not 0 < deadline < math.inf:  # gRPC fails every call at once on nan, inf, 0 or less
         raise CliError(
             f"the timeout {deadline:g} is not a positive number of seconds; set --timeout or "
             f"KNN_TIMEOUT to one (default {DEFAULT_TIMEOUT_S:g})"
