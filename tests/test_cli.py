@@ -254,6 +254,169 @@ def test_export_then_import_into_another_classifier(
         assert "ALREADY_EXISTS: classifier 'other' exists with other settings" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("k", "5", 'classifier.k is "5", not an integer'),
+        ("k", 2**40, "classifier.k is 1099511627776, not an integer"),
+        ("voting", "sofmax", 'classifier.voting is "sofmax", not one of majority'),
+        ("min_similarity", [0.1], "classifier.min_similarity is [0.1], not a number"),
+        ("instruction", 7, "classifier.instruction is 7, not a string"),
+        ("calibration", [0.5], "classifier.calibration is [0.5], not an object"),
+        ("calibration", {"dimension": 64, "shares": "0.5"}, "calibration.shares is"),
+        ("calibration", {"dimension": 64}, "calibration must have 1 to 64 shares"),  # server
+        ("embedder", "fake", 'embedder is "fake", not an object'),
+        ("vector_dimensions", "64", 'vector_dimensions is "64", not a list of integers'),
+    ],
+)
+def test_an_export_header_of_the_wrong_types_stops_the_import_with_a_line_naming_the_field(
+    server: ServerThread, created: Client, tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    """The header is a line anyone can edit; a field of the wrong type made the import die with
+    a Python traceback (TypeError, AttributeError, ValueError) from building the request."""
+    created.add_exemplars("intents", [("card has not arrived", "card"), ("top up", "top_up")])
+    export = tmp_path / "intents.jsonl"
+    ok(run(server, "export", "intents", "-o", str(export)))
+    header, *lines = export.read_text().splitlines()
+    head = json.loads(header)
+    if field in ("embedder", "vector_dimensions"):
+        head[field] = value
+    else:
+        head["classifier"][field] = value
+    export.write_text("\n".join([json.dumps(head), *lines]) + "\n")
+    result = run(server, "import", "copy", str(export))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("knn-classifier: error: ")
+    assert message in result.stderr
+    assert [c.name for c in created.list_classifiers()] == ["intents"]
+
+
+def test_files_that_cannot_be_written_are_named_without_a_traceback(
+    server: ServerThread, created: Client, rows_csv: Path, tmp_path: Path
+) -> None:
+    """An export to a missing directory or onto a directory, and an import whose rejected rows
+    cannot be written where --rejected says, died with a Python traceback (the import's also
+    without its summary, though its rows were written)."""
+    missing = tmp_path / "missing" / "out.jsonl"
+    result = run(server, "export", "intents", "-o", str(missing))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"knn-classifier: error: cannot write {str(missing)!r}: No such file" in result.stderr
+    result = run(server, "export", "intents", "-o", str(tmp_path))
+    assert result.returncode == 1
+    assert f"cannot write {str(tmp_path)!r}: Is a directory" in result.stderr
+    assert not Path(f"{tmp_path}.partial").exists()
+
+    result = import_rows(server, rows_csv, "--rejected", str(tmp_path / "missing" / "r.csv"))
+    assert result.returncode == 3  # rows rejected
+    assert "Traceback" not in result.stderr
+    assert "cannot write the rejected rows to" in result.stderr
+    assert "name a writable file with --rejected" in result.stderr
+    assert json.loads(result.stdout)["added"] == 4
+    assert json.loads(result.stdout)["rejected_file"] is None
+    assert len(exemplars(created, "intents")) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check", "intents", "--max-items", "99999999999"], "--max-items: expected a whole"),
+        (["evaluate", "intents", "--k", "5,99999999999"], "--k: 99999999999 is out of range"),
+        (["classify", "intents", "x", "--dimension", "4294967360"], "--dimension: 4294967360"),
+        (["check", "intents", "--min-label-exemplars", "-3000000000"], "-3000000000 is out"),
+        (["create", "other", "--k", "2147483648"], "--k: 2147483648 is out of range"),
+    ],
+)
+def test_numbers_too_large_for_the_request_are_refused_as_arguments(
+    server: ServerThread, created: Client, args: list[str], message: str
+) -> None:
+    """Numbers past int32 passed argparse and failed building the request: a traceback
+    (ValueError: Value out of range)."""
+    result = run(server, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_a_held_out_or_out_of_scope_file_without_rows_is_refused(
+    server: ServerThread, created: Client, tmp_path: Path
+) -> None:
+    """A held-out file of a header alone sent no texts, so Evaluate quietly ran leave-one-out
+    and printed its table as if it were the file's; an out-of-scope file without rows quietly
+    measured nothing of out of scope."""
+    created.add_exemplars("intents", [("card has not arrived", "card"), ("top up", "top_up")])
+    created.add_exemplars("intents", [("where is my card", "card"), ("top up failed", "top_up")])
+    empty = write_csv(tmp_path / "empty.csv", [["text", "label"]])
+    held = write_csv(tmp_path / "held.csv", [["text", "label"], ["my card", "card"]])
+    for args in (
+        ["--held-out", str(empty)],
+        ["--held-out", str(held), "--out-of-scope", str(empty)],
+    ):
+        result = run(server, "evaluate", "intents", *args)
+        assert result.returncode == 1, result.stdout
+        assert f"knn-classifier: error: {empty} has no rows: give it a text" in result.stderr
+    assert ok(run(server, "evaluate", "intents", "--held-out", str(held)))
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "-5"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
+    server: ServerThread, timeout: str
+) -> None:
+    """--timeout nan or inf failed every call at once with DEADLINE_EXCEEDED and the advice to
+    give it more seconds; 0 or a negative one with UNAVAILABLE."""
+    for result in (
+        run(server, "--timeout", timeout, "list"),
+        run(server, "list", env={"KNN_TIMEOUT": timeout}),
+    ):
+        assert result.returncode == 1
+        assert f"the timeout {timeout} is not a positive number of seconds" in result.stderr
+
+
+def test_input_that_is_not_unicode_text_is_refused_or_rejected_by_row(
+    server: ServerThread, created: Client, tmp_path: Path
+) -> None:
+    """Bytes that are not UTF-8 on stdin or in an argument, and JSONL rows with a lone surrogate
+    escape, nesting deeper than the JSON parser's recursion or an integer of 5,000 digits, each
+    ended the CLI with a traceback (the import after printing a summary of nothing written)."""
+    cli: list[str | bytes] = [*CLI, "--target", server.address]
+    runs: list[tuple[list[str | bytes], bytes]] = [
+        ([*cli, "classify", "intents"], b"fine\n\xff\xfe not utf-8\n"),
+        ([*cli, "exemplars", "intents", "--label", b"\xff"], b""),
+    ]
+    for args, stdin in runs:
+        done = subprocess.run(args, input=stdin, capture_output=True, timeout=120, check=False)
+        stderr = done.stderr.decode()
+        assert done.returncode == 1
+        assert "Traceback" not in stderr
+        assert "is not UTF-8 text" in stderr
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"text": "lone \\ud800 surrogate", "label": "card"}\n'
+        + '{"text": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + ', "label": "card"}\n'
+        + '{"text": "long number", "label": '
+        + "9" * 5000
+        + "}\n"
+        + '{"text": "my card has not arrived", "label": "card"}\n'
+    )
+    result = run(server, "import", "intents", str(rows), "--json")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["added"], summary["rejected"]) == (1, 3)
+    reasons = " ".join(summary["reasons"])
+    assert "lone surrogate" in reasons
+    assert "not valid JSON" in reasons
+    rejected = (tmp_path / "rows.rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line)["line"] for line in rejected] == [1, 2, 3]
+    assert json.loads(rejected[0])["row"]["text"] == "lone \ud800 surrogate"
+    assert [e.text for e in created.iter_exemplars("intents")] == ["my card has not arrived"]
+
+
 def test_import_of_a_calibrated_export_says_how_to_calibrate_again(
     server: ServerThread, tmp_path: Path, fake_embedder: FakeEmbeddingServer
 ) -> None:

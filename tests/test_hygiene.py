@@ -258,6 +258,22 @@ def test_label_model_voting_finds_the_planted_mislabels(
         assert found[ids[items.index((text, label))]] != label
 
 
+def test_mixture_voting_is_checked_with_its_label_model(
+    loaded: tuple[Client, list[tuple[str, str]], list[str]],
+) -> None:
+    """Mixture voting (the neighbours' softmax and the discriminant's shares) needs the label
+    model's scores as Evaluate's sweep computes them; CheckExemplars computed them only for
+    centroid and discriminant, so a classifier voting by mixture got INTERNAL."""
+    client, items, ids = loaded
+    client.update_classifier("c", voting="mixture")
+    response = client.check_exemplars("c")
+    assert response.voting == pb.VOTING_MIXTURE
+    assert response.checked == len(items)
+    found = {m.exemplar.id: m.voted_label for m in response.likely_mislabelled_exemplars}
+    for text, label in MISLABELLED:
+        assert found[ids[items.index((text, label))]] != label
+
+
 async def test_async_client(
     server: ServerThread, loaded: tuple[Client, list[tuple[str, str]], list[str]]
 ) -> None:

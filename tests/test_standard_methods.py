@@ -53,6 +53,9 @@ def test_changing_how_votes_are_cast_drops_the_calibration(client: Client) -> No
         (["k", "name"], "update_mask.paths[1]", "FIELD_NOT_UPDATABLE", "name cannot change"),
         (["exemplar_count"], "update_mask.paths[0]", "FIELD_NOT_UPDATABLE", "output only"),
         (["colour"], "update_mask.paths[0]", "FIELD_NOT_UPDATABLE", "not a field"),
+        # Fields of Classifier, output only: not "not a field of Classifier".
+        (["calibration"], "update_mask.paths[0]", "FIELD_NOT_UPDATABLE", "output only"),
+        (["out_of_scope_threshold"], "update_mask.paths[0]", "FIELD_NOT_UPDATABLE", "output only"),
     ],
 )
 def test_update_refuses_a_mask_it_cannot_apply(

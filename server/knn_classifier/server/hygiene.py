@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from . import evaluate, negatives, paging, validation, wire_size
+from . import evaluate, label_models, negatives, paging, validation, wire_size
 from .calibration import Calibration
 from .domain import ClassifierConfig
 from .errors import FailedPrecondition, InvalidArgument, Reason
@@ -29,7 +29,6 @@ from .evaluate import Exemplars, Setting, stored_exemplars
 from .settings import Settings
 from .store import Store
 from .vectors import Matrix
-from .voting import LABEL_SCORED
 
 DUPLICATE_NEIGHBOURS = 20
 """Near-duplicates are looked for among each checked exemplar's this many nearest."""
@@ -115,7 +114,7 @@ def report(
     )
     scores = (
         evaluate.label_scores(setting.voting, exemplars, queries, sample)
-        if setting.voting in LABEL_SCORED
+        if setting.voting in label_models.FIT  # mixture's discriminant part too
         else None
     )
     outcomes = evaluate.outcomes(

@@ -25,6 +25,9 @@ _NOT_UPDATABLE = {
     "exemplar_count": "exemplar_count is output only",
     "calibrated": "calibrated is output only: Evaluate with apply_best fits the calibration",
     "etag": "etag is not a field to change: set classifier.etag to make the update conditional",
+    "calibration": "calibration is output only: Evaluate with apply_best fits it",
+    "out_of_scope_threshold": "out_of_scope_threshold is output only: Evaluate with apply_best "
+    "fits it (CreateClassifier restores an exported one)",
 }
 
 

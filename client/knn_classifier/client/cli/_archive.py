@@ -35,6 +35,7 @@ from knn_classifier.v1 import classifier_pb2 as pb
 
 from .._client import Client
 from .._requests import voting_name
+from . import _header
 from ._errors import CliError
 from ._rows import EXPORT_FORMAT, encode_vector
 
@@ -185,6 +186,7 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
             f"export format version {version!r}; this client reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    _header.check(head)
     settings = head.get("classifier")
     if not isinstance(settings, dict):
         raise CliError("the export header has no 'classifier' object")
@@ -212,7 +214,8 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
     if calibration and same and calibration.get("dimension") in kept:
         create["dimension"] = calibration["dimension"]
         create["calibration"] = pb.Calibration(
-            shares=calibration["shares"], probabilities=calibration["probabilities"]
+            shares=calibration.get("shares") or [],
+            probabilities=calibration.get("probabilities") or [],
         )
         create["embedder_fingerprint"] = fingerprint
     elif settings.get("calibrated"):

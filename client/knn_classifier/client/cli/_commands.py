@@ -23,7 +23,7 @@ from .._requests import voting_name
 from . import _archive, _progress
 from ._errors import CliError
 from ._importer import Importer, Summary
-from ._rows import Columns, Table, file_format, read, write_rejected
+from ._rows import Columns, Table, file_format, is_unicode, read, write_rejected
 
 REJECTED_ROWS = 3
 
@@ -154,6 +154,24 @@ def _rejected_path(args: argparse.Namespace, path: Path) -> Path:
     return path.with_name(f"{path.stem}.rejected{path.suffix}")
 
 
+def _write_rejected(
+    args: argparse.Namespace, path: Path, table: Table, summary: Summary
+) -> Path | None:
+    """Writes the rejected rows out for fixing; where it cannot, says so (the summary still
+    counts them) and returns None."""
+    rejected_to = _rejected_path(args, path)
+    ordered = sorted(summary.rejected, key=lambda item: item.line)
+    try:
+        write_rejected(rejected_to, table, ordered)
+    except OSError as error:
+        _note(
+            f"cannot write the rejected rows to {str(rejected_to)!r}: {error.strerror}; "
+            "name a writable file with --rejected"
+        )
+        return None
+    return rejected_to
+
+
 def _prepare(client: Client, name: str, table: Table) -> str:
     """Creates the classifier from an export's header, or checks that it exists; returns the
     embedder fingerprint to send the export's vectors with ("": embed the texts)."""
@@ -223,9 +241,7 @@ def import_rows(args: argparse.Namespace, client: Client) -> int:
     finally:
         bar.close()
         if summary.rejected:
-            rejected_to = _rejected_path(args, path)
-            ordered = sorted(summary.rejected, key=lambda item: item.line)
-            write_rejected(rejected_to, table, ordered)
+            rejected_to = _write_rejected(args, path, table, summary)
         _print_summary(args.name, summary, time.monotonic() - started, rejected_to, args.json)
     return REJECTED_ROWS if summary.rejected else 0
 
@@ -246,11 +262,18 @@ def export(args: argparse.Namespace, client: Client) -> int:
         else:
             # Written beside and renamed at the end: an interrupted export leaves no short file.
             partial = Path(f"{args.output}.partial")
-            with partial.open("w", encoding="utf-8") as out:
-                for count in _archive.export(client, classifier, out, args.page_size, args.vectors):
-                    written += count
-                    bar.update(count)
-            os.replace(partial, args.output)
+            try:
+                with partial.open("w", encoding="utf-8") as out:
+                    for count in _archive.export(
+                        client, classifier, out, args.page_size, args.vectors
+                    ):
+                        written += count
+                        bar.update(count)
+                os.replace(partial, args.output)
+            except OSError as error:
+                if partial.is_file():
+                    partial.unlink()
+                raise CliError(f"cannot write {args.output!r}: {error.strerror}") from None
     finally:
         bar.close()
     _note(f"exported {written} exemplar(s) of {args.name!r} to {args.output or 'stdout'}")
@@ -262,12 +285,20 @@ def export(args: argparse.Namespace, client: Client) -> int:
 
 def _texts(args: argparse.Namespace) -> Iterator[list[str]]:
     """The texts in batches: the arguments, else the lines of stdin as they arrive."""
-    if args.texts:
-        source: Iterator[str] = iter(args.texts)
-    else:
-        source = (line.rstrip("\r\n") for line in sys.stdin)
+    source = iter(args.texts) if args.texts else _stdin_lines()
     while batch := list(islice(source, args.batch_size)):
         yield batch
+
+
+def _stdin_lines() -> Iterator[str]:
+    try:
+        for number, line in enumerate(sys.stdin, start=1):
+            text = line.rstrip("\r\n")
+            if not is_unicode(text):  # bytes that are not UTF-8, read with surrogateescape
+                raise CliError(f"line {number} of stdin is not UTF-8 text")
+            yield text
+    except UnicodeDecodeError as error:
+        raise CliError(f"stdin is not UTF-8 text: {error.reason} at byte {error.start}") from None
 
 
 def classify(args: argparse.Namespace, client: Client) -> int:
@@ -304,6 +335,8 @@ def _usable(path: str, table: Table, what: str) -> Table:
             f"{path}: {len(table.rejected)} row(s) without a usable {what} "
             f"(line {first.line}: {first.reason})"
         )
+    if not table.rows:  # not quietly leave-one-out, or no out-of-scope measurement
+        raise CliError(f"{path} has no rows: give it a {what} per row")
     return table
 
 

@@ -17,6 +17,7 @@ can hold both.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -95,6 +96,11 @@ def client(args: argparse.Namespace) -> Client:
         deadline = float(timeout) if timeout is not None else DEFAULT_TIMEOUT_S
     except ValueError:
         raise CliError(f"KNN_TIMEOUT={timeout!r} is not a number of seconds") from None
+    if not 0 < deadline < math.inf:  # gRPC fails every call at once on nan, inf, 0 or less
+        raise CliError(
+            f"the timeout {deadline:g} is not a positive number of seconds; set --timeout or "
+            f"KNN_TIMEOUT to one (default {DEFAULT_TIMEOUT_S:g})"
+        )
     return Client(
         _setting(args.target, "KNN_TARGET") or DEFAULT_TARGET,
         api_key=_setting(args.api_key, "KNN_API_KEY"),

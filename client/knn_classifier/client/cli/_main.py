@@ -18,6 +18,7 @@ from .._errors import DeadlineExceededError, KnnClassifierError
 from .._requests import SCOPE_NAMES, VOTING_NAMES
 from . import _commands, _connect
 from ._errors import CliError
+from ._rows import is_unicode
 
 Command = Callable[[argparse.Namespace, Client], int]
 BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE
@@ -32,13 +33,27 @@ def _list_of(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
     return parse
 
 
-def _positive(value: str) -> int:
+def _whole(value: str) -> int:
+    """A whole number that fits the request's int32 field (the server checks its range; a
+    larger one would fail building the request)."""
     try:
         number = int(value)
     except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
+    if not -(2**31) <= number < 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use a 32-bit whole number")
+    return number
+
+
+def _positive(value: str) -> int:
+    try:
+        number = _whole(value)
+    except argparse.ArgumentTypeError:
         number = 0
     if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1 (and under 2^31), not {value!r}"
+        )
     return number
 
 
@@ -51,7 +66,7 @@ def _voting_list(value: str) -> list[str]:
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--k", type=int, help="neighbours that vote")
+    parser.add_argument("--k", type=_whole, help="neighbours that vote")
     parser.add_argument("--voting", choices=VOTINGS)
     parser.add_argument("--min-similarity", type=float)
     parser.add_argument("--min-confidence", type=float)
@@ -197,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("name")
     classify.add_argument("texts", nargs="*")
     _add_settings(classify)
-    classify.add_argument("--dimension", type=int)
+    classify.add_argument("--dimension", type=_whole)
     classify.add_argument("--neighbours", action="store_true", help="include the neighbours")
     classify.add_argument("--batch-size", type=_positive, default=64, help="texts per call")
 
@@ -220,9 +235,9 @@ def parser() -> argparse.ArgumentParser:
         "file like --held-out's whose labels, if any, are ignored; adds how they are told apart",
     )
     _add_columns(evaluate)
-    evaluate.add_argument("--k", type=_list_of(int), default=[], help="e.g. 5,10,20")
+    evaluate.add_argument("--k", type=_list_of(_whole), default=[], help="e.g. 5,10,20")
     evaluate.add_argument("--voting", type=_voting_list, default=[], help="e.g. softmax,centroid")
-    evaluate.add_argument("--dimension", type=_list_of(int), default=[])
+    evaluate.add_argument("--dimension", type=_list_of(_whole), default=[])
     evaluate.add_argument("--temperature", type=_list_of(float), default=[], help="e.g. 0.01,0.05")
     evaluate.add_argument(
         "--apply-best", action="store_true", help="make the best setting the defaults, calibrate"
@@ -253,15 +268,25 @@ def parser() -> argparse.ArgumentParser:
         "--min-confidence", type=float, help="leave-one-out confidence in another label"
     )
     check.add_argument("--min-duplicate-similarity", type=float, help="cosine similarity")
-    check.add_argument("--min-label-exemplars", type=int, help="smaller labels are listed")
+    check.add_argument("--min-label-exemplars", type=_whole, help="smaller labels are listed")
     check.add_argument("--max-items", type=_positive, help="items per list")
     _add_output(check, "the whole response")
     return top
 
 
+def _check_unicode(args: argparse.Namespace) -> None:
+    """Arguments holding bytes that are not UTF-8 (decoded with surrogateescape) cannot go in a
+    request: refused naming the argument, rather than failing to build it."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(item, str) and not is_unicode(item) for item in values):
+            raise CliError(f"the argument {name!r} is not UTF-8 text")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        _check_unicode(args)
         with _connect.client(args) as client:
             status: int = args.run(args, client)
             return status

@@ -165,7 +165,7 @@ def _read_jsonl(lines: Iterator[str], columns: Columns) -> Table:
             continue
         try:
             record = json.loads(raw)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # also nested too deep, integers too long
             table.rejected.append(Rejected(line, f"not valid JSON: {error}", raw.rstrip("\n")))
             continue
         if not isinstance(record, dict):
@@ -203,18 +203,32 @@ def _add(
     metadata = record.get("metadata")  # a JSON object; in CSV it is an ordinary column
     entries = dict(metadata) if isinstance(metadata, dict) else {}
     entries.update({name: record[name] for name in columns.metadata if name in record})
-    table.rows.append(
-        Row(
-            line=line,
-            text=str(text),
-            label="" if label is None else _string(label),
-            id=_string(record.get(columns.id) or ""),
-            metadata={str(key): _string(value) for key, value in entries.items()},
-            original=original,
-            vectors=vectors,
-            out_of_scope=out_of_scope,
-        )
+    row = Row(
+        line=line,
+        text=str(text),
+        label="" if label is None else _string(label),
+        id=_string(record.get(columns.id) or ""),
+        metadata={str(key): _string(value) for key, value in entries.items()},
+        original=original,
+        vectors=vectors,
+        out_of_scope=out_of_scope,
     )
+    strings = [row.text, row.label, row.id, *row.metadata, *row.metadata.values()]
+    if not all(map(is_unicode, strings)):
+        reason = "holds a lone surrogate (such as \\ud800), which is not Unicode text"
+        table.rejected.append(Rejected(line, reason, original))
+        return
+    table.rows.append(row)
+
+
+def is_unicode(value: str) -> bool:
+    """Whether ``value`` can go in a request: not if it holds a lone surrogate (a JSON escape
+    such as ``\\ud800``, or a byte that is not UTF-8 read from stdin or an argument)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _flag(value: Any) -> bool | None:
@@ -270,7 +284,10 @@ def write_rejected(path: Path, table: Table, rejected: Sequence[Rejected]) -> No
         if table.format == "jsonl":
             for item in rejected:
                 entry = {"line": item.line, "error": item.reason, "row": item.original}
-                file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                text = json.dumps(entry, ensure_ascii=False)
+                if not is_unicode(text):  # a lone surrogate stays the escape it was read as
+                    text = json.dumps(entry)
+                file.write(text + "\n")
             return
         writer = csv.writer(file, dialect="excel-tab" if table.format == "tsv" else "excel")
         writer.writerow(["line", "error", *table.fields])
