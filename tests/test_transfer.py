@@ -28,6 +28,7 @@ from knn_classifier.v1 import classifier_pb2 as pb
 from .conftest import ServerThread, make_settings
 from .fake_embedder import FakeEmbeddingServer
 from .test_cli import ok, run
+from .test_evaluate_api import topical_texts
 
 EXEMPLARS = [
     ExemplarInput(text=text, label=label, id=f"x{i}", metadata={"n": str(i)})
@@ -168,6 +169,42 @@ def test_an_export_with_vectors_imports_into_the_same_embedder_without_embedding
         expected = answers(original)
         assert answered_out_of_scope(expected) == ["weather rain storm"]
         assert answers(copy) == expected  # no Evaluate run on the copy
+
+
+def test_a_mixture_classifier_imports_with_the_label_temperature_it_was_calibrated_at(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Mixture voting's label-model shares use the temperature Evaluate fitted (not the default
+    0.01); its calibration maps those shares, so both travel together. Before, the import
+    restored the calibration at 0.01: other scores and confidences on the copy."""
+    source = servers.start("source")
+    with source.client() as client:
+        client.create_classifier("intents", k=3, voting="mixture")
+        client.add_exemplars("intents", topical_texts(60, seed=0))
+        client.evaluate("intents", voting=["mixture"], k=[3], apply_best=True)
+        fitted = client.get_classifier("intents").calibration.label_temperature
+    assert fitted > 0
+    assert fitted != pytest.approx(0.01)
+    export = tmp_path / "intents.jsonl"
+    ok(run(source, "export", "intents", "-o", str(export), "--vectors"))
+    head = json.loads(export.read_text().splitlines()[0])
+    assert head["classifier"]["calibration"]["label_temperature"] == fitted
+
+    target = servers.start("target")
+    ok(run(target, "import", "intents", str(export), "--json"))
+    with source.client() as original, target.client() as copy:
+        assert copy.get_classifier("intents").calibration.label_temperature == fitted
+        for restored, answer in zip(answers(copy), answers(original), strict=True):
+            assert isinstance(restored, pb.Prediction)
+            assert isinstance(answer, pb.Prediction)
+            assert (restored.label, restored.unknown_reason) == (
+                answer.label,
+                answer.unknown_reason,
+            )
+            # Equal but for the last bits of the label model's fit (the rows' order differs).
+            assert restored.confidence == pytest.approx(answer.confidence, abs=1e-6)
+            shares = {s.label: pytest.approx(s.score, abs=1e-6) for s in answer.scores}
+            assert {s.label: s.score for s in restored.scores} == shares
 
 
 def test_an_export_with_the_former_singular_rule_keys_still_imports_its_rule(

@@ -309,6 +309,13 @@ class Calibration(_message.Message):
 
     SHARES_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
+    LABEL_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    label_temperature: _builtins.float
+    """The temperature of the label models' shares the calibration was fitted with (centroid,
+    discriminant and mixture voting; Evaluate fits it on leave-one-out), restored with the
+    calibration by CreateClassifierRequest.calibration. 0: the default, 0.01 (also an export
+    made before this field).
+    """
     @_builtins.property
     def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The shares, ascending, in [0, 1]; at most 64."""
@@ -322,10 +329,11 @@ class Calibration(_message.Message):
         *,
         shares: _abc.Iterable[_builtins.float] | None = ...,
         probabilities: _abc.Iterable[_builtins.float] | None = ...,
+        label_temperature: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["probabilities", b"probabilities", "shares", b"shares"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_temperature", b"label_temperature", "probabilities", b"probabilities", "shares", b"shares"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -147,6 +147,8 @@ class NewClassifier:
     embedder_fingerprint: str = ""
     out_of_scope: OutOfScopeFit | None = None
     """To restore, with ``embedder_fingerprint``, like the calibration."""
+    label_temperature: float | None = None
+    """To restore with the calibration: the label models' temperature it was fitted with."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ def new_classifier(request: pb.CreateClassifierRequest) -> NewClassifier:
             else None
         ),
         embedder_fingerprint=request.embedder_fingerprint,
+        label_temperature=request.calibration.label_temperature or None,
         out_of_scope=(
             _out_of_scope_fit(request.out_of_scope_threshold)
             if request.HasField("out_of_scope_threshold")
@@ -244,7 +245,9 @@ def classifier(info: ClassifierInfo) -> pb.Classifier:
         etag=config.etag,
         calibration=(
             pb.Calibration(
-                shares=config.calibration.shares, probabilities=config.calibration.probabilities
+                shares=config.calibration.shares,
+                probabilities=config.calibration.probabilities,
+                label_temperature=config.label_temperature,
             )
             if config.calibration
             else None

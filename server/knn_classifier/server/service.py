@@ -129,6 +129,7 @@ class ClassifierService:
             if request.dimension
             else 0,
             calibration=transfer.restored_calibration(request, self._embedder.fingerprint),
+            label_temperature=transfer.restored_label_temperature(request),
             out_of_scope=transfer.restored_out_of_scope(
                 request, self._embedder.fingerprint, self._dimensions
             ),

@@ -27,6 +27,7 @@ from .errors import FailedPrecondition, InvalidArgument, Reason
 from .out_of_scope import OutOfScopeFit
 from .store import Store
 from .vectors import Fingerprint, Matrix, truncate, usable_rows
+from .voting import LABEL_TEMPERATURE
 
 MAX_CALIBRATION_POINTS = 64
 """As many points as :meth:`Calibration.fit` keeps."""
@@ -192,6 +193,15 @@ def restored_calibration(request: NewClassifier, fingerprint: Fingerprint) -> Ca
     return Calibration(tuple(x), tuple(y))
 
 
+def restored_label_temperature(request: NewClassifier) -> float:
+    """The label models' temperature to restore with CreateClassifier's calibration, checked:
+    the calibration maps shares made at it. The default without a calibration, or from an export
+    made before it was carried."""
+    if request.calibration is None or request.label_temperature is None:
+        return LABEL_TEMPERATURE
+    return validation.temperature(request.label_temperature, "calibration.label_temperature")
+
+
 # Out-of-scope rule ---------------------------------------------------------------------------
 
 
@@ -263,8 +273,8 @@ def carried(
         )
         config = dataclasses.replace(config, dimension=0)
     calibration_holds = same_vectors and fitted_at in dimensions
-    if not calibration_holds:
-        config = dataclasses.replace(config, calibration=None)
+    if not calibration_holds:  # and the label models' temperature it was fitted with
+        config = dataclasses.replace(config, calibration=None, label_temperature=LABEL_TEMPERATURE)
     elif config.calibration is not None and fitted_at != max(dimensions):
         config = dataclasses.replace(config, dimension=fitted_at)  # where it was fitted
     rule = config.out_of_scope

@@ -4,7 +4,9 @@ Header: ``{"format": "knn-classifier-export", "version": 2, "exported_at": ...,
 "classifier": {name, instruction, k, voting, min_similarity, min_confidence, temperature,
 dimension, calibrated, exemplar_count, created_at, calibration, out_of_scope_rule}, "embedder":
 {model, width, fingerprint}, "dimensions": [...], "vector_dimensions": [...]}``; ``calibration``
-is null or ``{dimension, shares, probabilities}``, the dimension it was fitted at;
+is null or ``{dimension, shares, probabilities, label_temperature}``, the dimension it was
+fitted at and the label models' temperature it was fitted with (absent before 2026-11-30: the
+default);
 ``out_of_scope_rule`` null or the fitted out-of-scope threshold whole, ``{threshold,
 target_coverage, coverage, dimension, similarity_references, mahalanobis_references,
 agreement_references, reference_size}``
@@ -87,6 +89,7 @@ def header(
             "dimension": classifier.dimension or max(info.dimensions),
             "shares": list(classifier.calibration.shares),
             "probabilities": list(classifier.calibration.probabilities),
+            "label_temperature": classifier.calibration.label_temperature,
         }
     rule = None
     if classifier.HasField("out_of_scope_threshold"):
@@ -216,6 +219,7 @@ def plan_restore(head: dict[str, Any], name: str, info: pb.ServiceInfo) -> Resto
         create["calibration"] = pb.Calibration(
             shares=calibration.get("shares") or [],
             probabilities=calibration.get("probabilities") or [],
+            label_temperature=calibration.get("label_temperature") or 0,
         )
         create["embedder_fingerprint"] = fingerprint
     elif settings.get("calibrated"):

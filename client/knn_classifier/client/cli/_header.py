@@ -70,6 +70,7 @@ def check(head: dict[str, Any]) -> None:
             "dimension": "an integer",
             "shares": "a list of numbers",
             "probabilities": "a list of numbers",
+            "label_temperature": "a number",
         },
     )
     _check(
