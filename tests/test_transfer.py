@@ -338,7 +338,16 @@ def test_vectors_and_calibrations_of_another_embedder_are_refused(
             "cal", calibration=calibration, dimension=64, embedder_fingerprint=fingerprint
         )
         assert restored.calibrated
+        assert restored.calibration.label_temperature == pytest.approx(0.01)  # 0: the default
+        restored.calibration.ClearField("label_temperature")
         assert restored.calibration == calibration
+        with pytest.raises(InvalidArgumentError, match="temperature"):
+            client.create_classifier(
+                "nan", dimension=64, embedder_fingerprint=fingerprint,
+                calibration=pb.Calibration(
+                    shares=[0.2, 1.0], probabilities=[0.3, 0.9], label_temperature=float("nan")
+                ),
+            )  # fmt: skip
 
 
 def test_list_exemplars_refuses_vector_dimensions_without_the_view(
