@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Matrix, Record, Selection
-from .packed import PackedPayload, pack, unpack
+from .base import Matrix, Record, Selection, SnapshotRecord
+from .packed import PackedPayload, fields, pack, unpack
 from .schema import ExemplarPayload
 
 
@@ -155,10 +155,12 @@ class FrozenMirror:
     order: np.ndarray
     matrix: Matrix
 
-    def snapshot(self) -> tuple[list[Record], Matrix]:
-        """Every point and its vector (row i belongs to record i), in id order."""
+    def snapshot(self) -> tuple[list[SnapshotRecord], Matrix]:
+        """Every point and its vector (row i belongs to record i), in id order; the payloads
+        without metadata (``Store.vectors``)."""
         ids, payloads = self.ids, self.payloads
-        return [Record(ids[row], unpack(payloads[row])) for row in self.order.tolist()], self.matrix
+        records = [SnapshotRecord(ids[row], fields(payloads[row])) for row in self.order.tolist()]
+        return records, self.matrix
 
 
 def query_work(queries: int, points: int, dimension: int, k: int) -> int:
