@@ -153,6 +153,31 @@ async def test_loading_spans_many_pages(tmp_path: Path) -> None:
     assert [[h.id for h in row] for row in hits] == [[point_ids[i] for i in e] for e in expected]
 
 
+async def test_the_first_writes_after_a_load_fill_the_copy_in_place(tmp_path: Path) -> None:
+    """A load allocated the copy for the classifier's points exactly, so the first upsert after
+    it grew the copy (a new matrix, the old copied into it, on the event loop); the load now
+    allocates the room that growth would have added, in its worker thread, and the writes
+    after it fill that room in place."""
+    count, dimension = 1_000, 8
+    await written_store(tmp_path, count, dimension)
+    store = EdgeStore(tmp_path)
+    await store.open([dimension])
+    try:
+        await store.query(dimension, "c", np.ones((1, dimension), dtype=np.float32), 1)
+        copy = store._mirrors[(dimension, "c")]  # the loaded copy, to read its capacity
+        loaded = copy.capacity
+        added = count // 4  # what the first growth added
+        new_ids = [str(uuid.uuid4()) for _ in range(added)]
+        new_vectors = unit(np.random.default_rng(4), added, dimension)
+        payloads = [exemplar_payload("c", i, "new", i, {}, 0) for i in new_ids]
+        await store.upsert(dimension, new_ids, new_vectors, payloads)
+        hits = await store.query(dimension, "c", new_vectors, 1)
+    finally:
+        await store.close()
+    assert (len(copy), copy.capacity) == (count + added, loaded)
+    assert [row[0].id for row in hits] == new_ids
+
+
 @pytest.mark.parametrize("how", ["query", "vectors"])
 async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
     tmp_path: Path, how: str

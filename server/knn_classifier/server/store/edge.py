@@ -36,7 +36,7 @@ from .edge_reads import (
     with_vectors,
 )
 from .edge_shards import EdgeShards
-from .mirror import FrozenMirror, Mirror, query_work
+from .mirror import FrozenMirror, Mirror, query_work, room_for
 from .query_hold import QueryHold
 from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload, stored_payload
 from .single_flight import SingleFlight
@@ -269,7 +269,7 @@ class EdgeStore(Store):
     def _load(self, dimension: int, classifier: str) -> Mirror:
         where = selection_filter(Selection(classifier))
         with self._shards.using(dimension) as shard:
-            mirror = Mirror(dimension, capacity=count_points(shard, where))
+            mirror = Mirror(dimension, capacity=room_for(count_points(shard, where)))
             for ids, vectors, stored in vector_pages(shard, where, dimension):
                 mirror.upsert(ids, vectors, [read_payload(payload) for payload in stored])
         return mirror
