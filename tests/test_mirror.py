@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from knn_classifier.server.store import EdgeStore, Selection
-from knn_classifier.server.store.base import Record
+from knn_classifier.server.store.base import Payload, SnapshotRecord
 from knn_classifier.server.store.edge import QUERY_OFF_LOOP_WORK
 from knn_classifier.server.store.edge_reads import count_points, stack_pages
 from knn_classifier.server.store.mirror import Mirror, query_work
@@ -153,6 +153,31 @@ async def test_loading_spans_many_pages(tmp_path: Path) -> None:
     assert [[h.id for h in row] for row in hits] == [[point_ids[i] for i in e] for e in expected]
 
 
+async def test_the_first_writes_after_a_load_fill_the_copy_in_place(tmp_path: Path) -> None:
+    """A load allocated the copy for the classifier's points exactly, so the first upsert after
+    it grew the copy (a new matrix, the old copied into it, on the event loop); the load now
+    allocates the room that growth would have added, in its worker thread, and the writes
+    after it fill that room in place."""
+    count, dimension = 1_000, 8
+    await written_store(tmp_path, count, dimension)
+    store = EdgeStore(tmp_path)
+    await store.open([dimension])
+    try:
+        await store.query(dimension, "c", np.ones((1, dimension), dtype=np.float32), 1)
+        copy = store._mirrors[(dimension, "c")]  # the loaded copy, to read its capacity
+        loaded = copy.capacity
+        added = count // 4  # what the first growth added
+        new_ids = [str(uuid.uuid4()) for _ in range(added)]
+        new_vectors = unit(np.random.default_rng(4), added, dimension)
+        payloads = [exemplar_payload("c", i, "new", i, {}, 0) for i in new_ids]
+        await store.upsert(dimension, new_ids, new_vectors, payloads)
+        hits = await store.query(dimension, "c", new_vectors, 1)
+    finally:
+        await store.close()
+    assert (len(copy), copy.capacity) == (count + added, loaded)
+    assert [row[0].id for row in hits] == new_ids
+
+
 @pytest.mark.parametrize("how", ["query", "vectors"])
 async def test_loading_holds_one_page_of_python_floats_not_the_classifier(
     tmp_path: Path, how: str
@@ -187,11 +212,11 @@ def test_stacked_pages_are_whole_whatever_the_count_guessed(capacity: int) -> No
     written or deleted in between make the count wrong, never the result."""
     rng = np.random.default_rng(2)
     sizes = [2, 3, 0, 1]
-    pages = [
+    pages: list[tuple[list[str], np.ndarray, list[Payload | None]]] = [
         (
             [f"p{n}-{i}" for i in range(size)],
             unit(rng, size, 4),
-            [read_payload({"id": f"p{n}-{i}"}) for i in range(size)],
+            [{"id": f"p{n}-{i}"} for i in range(size)],
         )
         for n, size in enumerate(sizes)
     ]
@@ -239,8 +264,8 @@ class CallGate:
 
 
 def record_gate() -> CallGate:
-    """A gate on the building of :class:`Record` objects."""
-    return CallGate(Record.__init__.__code__)
+    """A gate on the building of a snapshot's records (:class:`SnapshotRecord`)."""
+    return CallGate(SnapshotRecord.__init__.__code__)
 
 
 async def gated_store(path: Path, load: bool = True) -> tuple[EdgeStore, list[str], np.ndarray]:
@@ -620,7 +645,9 @@ async def test_a_loaded_copy_holds_no_object_per_point_the_collector_tracks(
     throughout: a copy's payloads were tracked (their metadata, a dict, could hold a cycle), one
     object per point of every loaded copy. Packed, they are not, so the objects tracked do not
     grow with the points a copy holds. What it answers still carries the metadata written, in
-    payloads of the caller's own: changing one changes neither the copy nor later answers."""
+    payloads of the caller's own: changing one changes neither the copy nor later answers. A
+    snapshot's payloads, without metadata (Store.vectors), hold no container, so the collector
+    does not track them either while the snapshot is held."""
     count, dimension = 3_000, 8
     point_ids = [str(uuid.uuid4()) for _ in range(count)]
     vectors = unit(np.random.default_rng(2), count, dimension)
@@ -660,4 +687,8 @@ async def test_a_loaded_copy_holds_no_object_per_point_the_collector_tracks(
         await store.close()
     assert grown < count // 10
     assert all(h.payload == written[h.id] for row in again for h in row)
-    assert {r.id: r.payload for r in records} == written
+    assert {r.id: r.payload for r in records} == {
+        point_id: {key: value for key, value in payload.items() if key != "metadata"}
+        for point_id, payload in written.items()
+    }
+    assert not any(gc.is_tracked(record.payload) for record in records)

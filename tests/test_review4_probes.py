@@ -18,7 +18,7 @@ from knn_classifier.server.domain import ExemplarInput, NewClassifier
 from knn_classifier.server.errors import Aborted, Reason, Unavailable
 from knn_classifier.server.settings.store import StoreSettings
 from knn_classifier.server.store import EdgeStore, Selection
-from knn_classifier.server.store.schema import read_payload
+from knn_classifier.server.store.schema import read_fields
 
 from .conftest import make_settings
 from .fake_embedder import FakeEmbeddingServer
@@ -69,7 +69,7 @@ async def test_a_store_closed_under_a_read_in_a_worker_thread_is_not_declared_da
     read alone (UNAVAILABLE), log no error, and leave the store usable once opened again."""
     store = EdgeStore(tmp_path)
     try:
-        with WorkerGate(read_payload.__code__) as gate:
+        with WorkerGate(read_fields.__code__) as gate:
             # Inside the gate: its upserts start the loop's worker threads.
             await written_store(tmp_path, 1_500, 4)  # two scroll pages
             await store.open([4])

@@ -264,7 +264,7 @@ async def test_payloads_read_back_whole_and_old_points_read_without_metadata(sto
     whole = exemplar_payload("a", "e1", "x", "t1", {"source": "faq"}, 1700000000.5)
     old = {"classifier": "a", "id": "e2", "label": "x", "text": "t2"}  # before metadata
     await store.upsert(4, point_ids, unit_rows([[1, 0], [0, 1]], 4), [whole, old])  # type: ignore[list-item]
-    records, _ = await store.vectors(4, "a")
+    records, _ = await store.retrieve(4, point_ids)
     by_id = {r.id: r.payload for r in records}
     assert by_id[point_ids[0]] == whole
     assert by_id[point_ids[1]] == {
@@ -273,5 +273,48 @@ async def test_payloads_read_back_whole_and_old_points_read_without_metadata(sto
         "created_at": 0.0,
         "out_of_scope": False,
     }
+    page, _ = await store.scroll(4, Selection("a"), 10, None)
+    assert {r.id: r.payload for r in page} == by_id
     hits = (await store.query(4, "a", unit_rows([[1, 0]], 4), 1))[0]
     assert hits[0].payload == whole
+    snapshot, _ = await store.vectors(4, "a")
+    assert {r.id: r.payload for r in snapshot} == {
+        point_id: without_metadata(payload) for point_id, payload in by_id.items()
+    }
+
+
+@pytest.mark.parametrize("queried_first", [False, True])
+async def test_a_snapshot_carries_every_field_but_the_metadata_in_payloads_of_its_own(
+    store: Store, queried_first: bool
+) -> None:
+    """Store.vectors leaves the metadata out (its callers, the label models and Evaluate, read
+    none), whether the store reads its points or, once a query loaded it, the embedded store's
+    in-memory copy; a snapshot's payloads are the caller's: changing one changes no later
+    answer."""
+    point_ids = ids(3)
+    payloads = [
+        exemplar_payload("a", "e1", "x", "t1", {"source": "faq", "n": "1"}, 1.5),
+        exemplar_payload("a", "e2", "y", "t2", {}, 2.5),
+        exemplar_payload("a", "e3", "z", "t3", {"source": "crm"}, 3.5, out_of_scope=True),
+    ]
+    vectors = unit_rows([[1, 0, 0], [0, 1, 0], [0, 0, 1]], 4)
+    await store.upsert(4, point_ids, vectors, payloads)
+    if queried_first:
+        await store.query(4, "a", vectors[:1], 1)
+    expected = {
+        point_id: without_metadata(payload)
+        for point_id, payload in zip(point_ids, payloads, strict=True)
+    }
+    records, _ = await store.vectors(4, "a")
+    assert {r.id: r.payload for r in records} == expected
+    for record in records:
+        record.payload["label"] = "changed by a caller"
+        record.payload["out_of_scope"] = not record.payload["out_of_scope"]
+    again, _ = await store.vectors(4, "a")
+    assert {r.id: r.payload for r in again} == expected
+    hits = (await store.query(4, "a", vectors[:1], 3))[0]
+    assert {h.id: h.payload for h in hits} == dict(zip(point_ids, payloads, strict=True))
+
+
+def without_metadata(payload: ExemplarPayload) -> dict[str, object]:
+    return {key: value for key, value in payload.items() if key != "metadata"}

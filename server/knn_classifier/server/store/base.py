@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..vectors import Matrix as Matrix  # the stores take and give vectors of this type
-from .schema import ExemplarPayload
+from .schema import ExemplarFields, ExemplarPayload
 
 Payload = dict[str, Any]
 """A meta record (classifier records, the embedder fingerprint); exemplars have
@@ -36,6 +36,15 @@ class Record:
     id: str
     payload: ExemplarPayload
     score: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """A point of a snapshot of a classifier (:meth:`Store.vectors`): its id and its payload
+    without metadata, a dict of the caller's own."""
+
+    id: str
+    payload: ExemplarFields
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +146,12 @@ class Store(ABC):
         """The points with these ids that exist, with their vectors (row i is record i)."""
 
     @abstractmethod
-    async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
-        """Every point of ``classifier`` and its stored vector (row i belongs to record i)."""
+    async def vectors(self, dimension: int, classifier: str) -> tuple[list[SnapshotRecord], Matrix]:
+        """Every point of ``classifier`` and its stored vector (row i belongs to record i), in
+        id order. The payloads leave the metadata out: the callers (label models, Evaluate) read
+        none, and building it again for each point of a large classifier cost the embedded
+        store's snapshot as much as the rest of its records (docs/reliability.md); read it with
+        :meth:`scroll`, :meth:`retrieve` or :meth:`query`."""
 
     @abstractmethod
     async def query(

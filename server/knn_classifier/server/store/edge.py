@@ -25,8 +25,9 @@ from pathlib import Path
 
 import qdrant_edge as qe
 
-from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
+from .base import Matrix, Payload, Record, Selection, SnapshotRecord, Store, meta_point_id
 from .edge_reads import (
+    WITHOUT_METADATA,
     count_points,
     scroll_all,
     selection_filter,
@@ -35,7 +36,7 @@ from .edge_reads import (
     with_vectors,
 )
 from .edge_shards import EdgeShards
-from .mirror import FrozenMirror, Mirror, query_work
+from .mirror import FrozenMirror, Mirror, query_work, room_for
 from .query_hold import QueryHold
 from .schema import CLASSIFIER, LABEL, ExemplarPayload, read_payload, stored_payload
 from .single_flight import SingleFlight
@@ -213,7 +214,7 @@ class EdgeStore(Store):
         with self._shards.using(dimension) as shard:
             return with_vectors(shard.retrieve(list(ids), True, True), dimension)
 
-    async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+    async def vectors(self, dimension: int, classifier: str) -> tuple[list[SnapshotRecord], Matrix]:
         """From the classifier's in-memory copy if a query loaded it (the label models are
         fitted after a query); else from the shard. Either way the records are built in a
         worker thread: converting tens of thousands of records held the event loop for seconds
@@ -229,11 +230,11 @@ class EdgeStore(Store):
             return await asyncio.to_thread(frozen.snapshot)
         return await asyncio.to_thread(self._vectors, dimension, classifier)
 
-    def _vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+    def _vectors(self, dimension: int, classifier: str) -> tuple[list[SnapshotRecord], Matrix]:
         where = selection_filter(Selection(classifier))
         with self._shards.using(dimension) as shard:
             # The count is a first guess only: this runs in a worker thread beside writes.
-            pages = vector_pages(shard, where, dimension)
+            pages = vector_pages(shard, where, dimension, WITHOUT_METADATA)
             return stack_pages(pages, count_points(shard, where), dimension)
 
     async def query(
@@ -268,9 +269,9 @@ class EdgeStore(Store):
     def _load(self, dimension: int, classifier: str) -> Mirror:
         where = selection_filter(Selection(classifier))
         with self._shards.using(dimension) as shard:
-            mirror = Mirror(dimension, capacity=count_points(shard, where))
-            for ids, vectors, payloads in vector_pages(shard, where, dimension):
-                mirror.upsert(ids, vectors, payloads)
+            mirror = Mirror(dimension, capacity=room_for(count_points(shard, where)))
+            for ids, vectors, stored in vector_pages(shard, where, dimension):
+                mirror.upsert(ids, vectors, [read_payload(payload) for payload in stored])
         return mirror
 
     async def _copies_settled(self, dimension: int, classifiers: set[str]) -> None:

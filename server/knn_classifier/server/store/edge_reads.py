@@ -7,8 +7,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import qdrant_edge as qe
 
-from .base import Matrix, Record, Selection
-from .schema import CLASSIFIER, LABEL, OUT_OF_SCOPE, ExemplarPayload, read_payload
+from .base import Matrix, Payload, Record, Selection, SnapshotRecord
+from .schema import CLASSIFIER, LABEL, METADATA, OUT_OF_SCOPE, read_fields, read_payload
+
+WITHOUT_METADATA = qe.PayloadSelector.Exclude([METADATA])
+"""The payload selector of a snapshot's read (``Store.vectors``)."""
 
 
 def with_vectors(records: Sequence[qe.Record], dimension: int) -> tuple[list[Record], Matrix]:
@@ -42,7 +45,7 @@ def pages(
     shard: qe.EdgeShard,
     where: qe.Filter,
     vectors: bool = False,
-    payload: bool | list[str] = True,
+    payload: bool | list[str] | qe.PayloadSelector = True,
     limit: int = 1000,
 ) -> Iterator[list[qe.Record]]:
     offset: qe.PointId | None = None
@@ -57,16 +60,19 @@ def pages(
 
 
 def vector_pages(
-    shard: qe.EdgeShard, where: qe.Filter, dimension: int
-) -> Iterator[tuple[list[str], Matrix, list[ExemplarPayload]]]:
-    """The points ``where`` selects, a page at a time: Edge gives each vector as a list of
-    Python floats (eight times the bytes of float32), so a caller that keeps each page as
-    float32 before reading the next holds one page of them, not the classifier's. Callers run
-    in a worker thread; Edge's scroll and numpy's conversion of a page each hold the GIL
-    throughout, keeping the event loop waiting, so the pages are small."""
-    for page in pages(shard, where, vectors=True, limit=_VECTOR_PAGE):
+    shard: qe.EdgeShard,
+    where: qe.Filter,
+    dimension: int,
+    payload: bool | qe.PayloadSelector = True,
+) -> Iterator[tuple[list[str], Matrix, list[Payload | None]]]:
+    """The points ``where`` selects, a page at a time, their payloads as Edge gives them: Edge
+    gives each vector as a list of Python floats (eight times the bytes of float32), so a
+    caller that keeps each page as float32 before reading the next holds one page of them, not
+    the classifier's. Callers run in a worker thread; Edge's scroll and numpy's conversion of a
+    page each hold the GIL throughout, keeping the event loop waiting, so the pages are small."""
+    for page in pages(shard, where, vectors=True, payload=payload, limit=_VECTOR_PAGE):
         vectors = np.asarray([r.vector for r in page], dtype=np.float32).reshape(-1, dimension)
-        yield [str(r.id) for r in page], vectors, [read_payload(r.payload) for r in page]
+        yield [str(r.id) for r in page], vectors, [r.payload for r in page]
 
 
 _VECTOR_PAGE = 250
@@ -74,11 +80,12 @@ _VECTOR_PAGE = 250
 
 
 def stack_pages(
-    pages: Iterable[tuple[list[str], Matrix, list[ExemplarPayload]]], capacity: int, dimension: int
-) -> tuple[list[Record], Matrix]:
-    """The points of ``pages`` in one matrix, allocated for ``capacity`` rows and grown if the
-    pages hold more (points written while they were read)."""
-    records: list[Record] = []
+    pages: Iterable[tuple[list[str], Matrix, list[Payload | None]]], capacity: int, dimension: int
+) -> tuple[list[SnapshotRecord], Matrix]:
+    """The points of ``pages`` as a snapshot's records, their vectors in one matrix, allocated
+    for ``capacity`` rows and grown if the pages hold more (points written while they were
+    read)."""
+    records: list[SnapshotRecord] = []
     matrix = np.empty((capacity, dimension), dtype=np.float32)
     for ids, vectors, payloads in pages:
         start, end = len(records), len(records) + len(ids)
@@ -86,7 +93,7 @@ def stack_pages(
             matrix = np.concatenate([matrix[:start], vectors])
         else:
             matrix[start:end] = vectors
-        records.extend(map(Record, ids, payloads))
+        records.extend(map(SnapshotRecord, ids, map(read_fields, payloads)))
     return records, matrix[: len(records)]
 
 

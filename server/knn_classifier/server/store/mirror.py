@@ -15,15 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Matrix, Record, Selection
-from .packed import PackedPayload, pack, unpack
+from .base import Matrix, Record, Selection, SnapshotRecord
+from .packed import PackedPayload, fields, pack, unpack
 from .schema import ExemplarPayload
 
 
 class Mirror:
     def __init__(self, dimension: int, capacity: int = 16) -> None:
         """``capacity``: the rows to allocate at once; loading a stored classifier allocates
-        its size, so that the copy is filled in place rather than grown and copied."""
+        :func:`room_for` its size, so that the copy is filled in place rather than grown and
+        copied, and the writes after the load fill it in place too, where the first grew it
+        (a copy of the whole matrix, on the event loop)."""
         self._matrix: Matrix = np.empty((capacity, dimension), dtype=np.float32)
         self._negative = np.zeros(capacity, dtype=bool)
         """Row i is a negative exemplar's (its payload's ``out_of_scope``)."""
@@ -37,6 +39,11 @@ class Mirror:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def capacity(self) -> int:
+        """The rows allocated: upserts beyond it grow the copy."""
+        return len(self._matrix)
 
     def upsert(
         self, ids: Sequence[str], vectors: Matrix, payloads: Sequence[ExemplarPayload]
@@ -112,8 +119,7 @@ class Mirror:
 
     def _append(self, point_id: str, payload: PackedPayload) -> int:
         if self._count == len(self._matrix):
-            # By a quarter, not double: growing holds the old and the new matrix at once.
-            rows = max(16, len(self._matrix) + len(self._matrix) // 4)
+            rows = room_for(len(self._matrix))
             self._matrix = _grown(self._matrix, rows, self._count)
             self._negative = _grown(self._negative, rows, self._count)
             self._ids = _grown(self._ids, rows, self._count)
@@ -155,10 +161,18 @@ class FrozenMirror:
     order: np.ndarray
     matrix: Matrix
 
-    def snapshot(self) -> tuple[list[Record], Matrix]:
-        """Every point and its vector (row i belongs to record i), in id order."""
+    def snapshot(self) -> tuple[list[SnapshotRecord], Matrix]:
+        """Every point and its vector (row i belongs to record i), in id order; the payloads
+        without metadata (``Store.vectors``)."""
         ids, payloads = self.ids, self.payloads
-        return [Record(ids[row], unpack(payloads[row])) for row in self.order.tolist()], self.matrix
+        records = [SnapshotRecord(ids[row], fields(payloads[row])) for row in self.order.tolist()]
+        return records, self.matrix
+
+
+def room_for(rows: int) -> int:
+    """The capacity a copy of ``rows`` rows grows to: a quarter more, not double, since growing
+    holds the old and the new matrix at once."""
+    return max(16, rows + rows // 4)
 
 
 def query_work(queries: int, points: int, dimension: int, k: int) -> int:

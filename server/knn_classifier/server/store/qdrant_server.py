@@ -30,13 +30,15 @@ from qdrant_client.conversions import common_types as types
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ..errors import Unavailable
-from .base import Matrix, Payload, Record, Selection, Store, meta_point_id
+from .base import Matrix, Payload, Record, Selection, SnapshotRecord, Store, meta_point_id
 from .compatibility import check_server_version
 from .schema import (
     CLASSIFIER,
     LABEL,
+    METADATA,
     OUT_OF_SCOPE,
     ExemplarPayload,
+    read_fields,
     read_payload,
     stored_payload,
 )
@@ -44,6 +46,8 @@ from .schema import (
 log = logging.getLogger(__name__)
 
 _FACET_LIMIT = 1_000_000
+_WITHOUT_METADATA = models.PayloadSelectorExclude(exclude=[METADATA])
+"""The payload selector of a snapshot's read (``Store.vectors``)."""
 _INT8 = models.ScalarQuantization(
     scalar=models.ScalarQuantizationConfig(
         type=models.ScalarType.INT8, quantile=0.99, always_ram=True
@@ -208,7 +212,12 @@ class QdrantServerStore(Store):
         return [dict(point.payload or {}) for point in await self._scroll_all(self._meta, where)]
 
     async def _scroll_all(
-        self, collection: str, where: models.Filter, *, payload: bool = True, vectors: bool = False
+        self,
+        collection: str,
+        where: models.Filter,
+        *,
+        payload: bool | models.PayloadSelectorExclude = True,
+        vectors: bool = False,
     ) -> list[models.Record]:
         points: list[models.Record] = []
         offset: types.PointId | None = None
@@ -297,12 +306,16 @@ class QdrantServerStore(Store):
             points = await self._client.retrieve(
                 self._collection(dimension), list(ids), with_payload=True, with_vectors=True
             )
-        return _with_vectors(points, dimension)
+        records = [Record(str(p.id), read_payload(p.payload)) for p in points]
+        return records, _matrix(points, dimension)
 
-    async def vectors(self, dimension: int, classifier: str) -> tuple[list[Record], Matrix]:
+    async def vectors(self, dimension: int, classifier: str) -> tuple[list[SnapshotRecord], Matrix]:
         where = _filter(Selection(classifier))
-        points = await self._scroll_all(self._collection(dimension), where, vectors=True)
-        return _with_vectors(points, dimension)
+        points = await self._scroll_all(
+            self._collection(dimension), where, payload=_WITHOUT_METADATA, vectors=True
+        )
+        records = [SnapshotRecord(str(p.id), read_fields(p.payload)) for p in points]
+        return records, _matrix(points, dimension)
 
     async def query(
         self,
@@ -328,10 +341,9 @@ class QdrantServerStore(Store):
         ]
 
 
-def _with_vectors(points: Sequence[models.Record], dimension: int) -> tuple[list[Record], Matrix]:
-    records = [Record(str(p.id), read_payload(p.payload)) for p in points]
+def _matrix(points: Sequence[models.Record], dimension: int) -> Matrix:
     rows = [cast(list[float], p.vector) for p in points]
-    return records, np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
+    return np.asarray(rows, dtype=np.float32).reshape(-1, dimension)
 
 
 def _filter(selection: Selection) -> models.Filter:

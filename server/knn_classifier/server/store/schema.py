@@ -19,19 +19,27 @@ LABEL: Final = "label"
 OUT_OF_SCOPE: Final = "out_of_scope"
 """Stored (true) on negative exemplars only: filters test whether it is there, since Qdrant
 Edge's Python binding cannot match a boolean value (it passes ``True`` as the integer 1)."""
+METADATA: Final = "metadata"
+"""The field a snapshot of a classifier (``Store.vectors``) leaves out (:class:`ExemplarFields`)."""
 
 
-class ExemplarPayload(TypedDict):
+class ExemplarFields(TypedDict):
+    """An exemplar's payload without its metadata: what a snapshot of a classifier
+    (``Store.vectors``) carries, since its readers (label models, Evaluate) read no metadata."""
+
     classifier: str
     id: str
     """The exemplar's id in the API (the point id is derived from it, see service.py)."""
     label: str
     text: str
-    metadata: dict[str, str]
     created_at: float
     """Seconds since the epoch."""
     out_of_scope: bool
     """A negative exemplar: it belongs to no label, and ``label`` (maybe empty) names its topic."""
+
+
+class ExemplarPayload(ExemplarFields):
+    metadata: dict[str, str]
 
 
 def exemplar_payload(
@@ -65,13 +73,18 @@ def stored_payload(payload: ExemplarPayload) -> dict[str, Any]:
 def read_payload(stored: Mapping[str, Any] | None) -> ExemplarPayload:
     """The payload a store returned; points written before metadata and creation times were
     kept read as having none."""
+    metadata = (stored or {}).get(METADATA) or {}
+    return {**read_fields(stored), METADATA: {str(k): str(v) for k, v in metadata.items()}}
+
+
+def read_fields(stored: Mapping[str, Any] | None) -> ExemplarFields:
+    """:func:`read_payload` without the metadata (``stored`` may hold it or not)."""
     stored = stored or {}
-    return exemplar_payload(
-        str(stored.get(CLASSIFIER, "")),
-        str(stored.get("id", "")),
-        str(stored.get(LABEL, "")),
-        str(stored.get("text", "")),
-        {str(k): str(v) for k, v in (stored.get("metadata") or {}).items()},
-        float(stored.get("created_at") or 0.0),
-        bool(stored.get(OUT_OF_SCOPE, False)),
-    )
+    return {
+        CLASSIFIER: str(stored.get(CLASSIFIER, "")),
+        "id": str(stored.get("id", "")),
+        LABEL: str(stored.get(LABEL, "")),
+        "text": str(stored.get("text", "")),
+        "created_at": float(stored.get("created_at") or 0.0),
+        OUT_OF_SCOPE: bool(stored.get(OUT_OF_SCOPE, False)),
+    }
