@@ -275,6 +275,12 @@ def test_export_then_import_into_another_classifier(
             },
             "classifier.calibration.label_temperature is 1000000",
         ),
+        pytest.param(
+            "out_of_scope_rule",
+            {"dimension": 64, "threshold": 10**400},
+            "out_of_scope_rule is malformed: int too large to convert to float",
+            id="rule-threshold-huge",
+        ),
         ("instruction", 7, "classifier.instruction is 7, not a string"),
         ("calibration", [0.5], "classifier.calibration is [0.5], not an object"),
         ("calibration", {"dimension": 64, "shares": "0.5"}, "calibration.shares is"),
