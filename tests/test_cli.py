@@ -261,6 +261,26 @@ def test_export_then_import_into_another_classifier(
         ("k", 2**40, "classifier.k is 1099511627776, not an integer"),
         ("voting", "sofmax", 'classifier.voting is "sofmax", not one of majority'),
         ("min_similarity", [0.1], "classifier.min_similarity is [0.1], not a number"),
+        # A JSON integer past a double's range: OverflowError building the request.
+        pytest.param(
+            "temperature", 10**400, "classifier.temperature is 100000000000", id="temperature-huge"
+        ),
+        (
+            "calibration",
+            {
+                "dimension": 64,
+                "shares": [0.5],
+                "probabilities": [0.5],
+                "label_temperature": 10**400,
+            },
+            "classifier.calibration.label_temperature is 1000000",
+        ),
+        pytest.param(
+            "out_of_scope_rule",
+            {"dimension": 64, "threshold": 10**400},
+            "out_of_scope_rule is malformed: int too large to convert to float",
+            id="rule-threshold-huge",
+        ),
         ("instruction", 7, "classifier.instruction is 7, not a string"),
         ("calibration", [0.5], "classifier.calibration is [0.5], not an object"),
         ("calibration", {"dimension": 64, "shares": "0.5"}, "calibration.shares is"),

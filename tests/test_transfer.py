@@ -207,6 +207,32 @@ def test_a_mixture_classifier_imports_with_the_label_temperature_it_was_calibrat
             assert {s.label: s.score for s in restored.scores} == shares
 
 
+def test_a_mixture_classifier_whose_calibration_an_update_dropped_imports_with_its_scores(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Changing k drops the calibration; the label temperature Evaluate fitted with it went on
+    scoring on the source, unseen and not exported, so the import scored at the default 0.01:
+    other scores. It is now reset with the calibration, as a migration to other vectors does."""
+    source = servers.start("source")
+    with source.client() as client:
+        client.create_classifier("intents", k=3, voting="mixture")
+        client.add_exemplars("intents", topical_texts(60, seed=0))
+        client.evaluate("intents", voting=["mixture"], k=[3], apply_best=True)
+        assert client.get_classifier("intents").calibration.label_temperature != pytest.approx(0.01)
+        client.update_classifier("intents", k=5)
+        assert not client.get_classifier("intents").calibrated
+    export = tmp_path / "intents.jsonl"
+    ok(run(source, "export", "intents", "-o", str(export), "--vectors"))
+    target = servers.start("target")
+    ok(run(target, "import", "intents", str(export), "--json"))
+    with source.client() as original, target.client() as copy:
+        for restored, answer in zip(answers(copy), answers(original), strict=True):
+            assert isinstance(restored, pb.Prediction)
+            assert isinstance(answer, pb.Prediction)
+            shares = {s.label: pytest.approx(s.score, abs=1e-6) for s in answer.scores}
+            assert {s.label: s.score for s in restored.scores} == shares
+
+
 def test_an_export_with_the_former_singular_rule_keys_still_imports_its_rule(
     servers: Servers, tmp_path: Path
 ) -> None:

@@ -41,7 +41,7 @@ from .settings import LimitSettings, Settings
 from .startup_repair import FINGERPRINT_KEY, StartupRepair
 from .store import Selection, Store
 from .vectors import Fingerprint, Matrix
-from .voting import Vote, Voting
+from .voting import LABEL_TEMPERATURE, Vote, Voting
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ class ClassifierService:
 
     async def update_classifier(self, update: ClassifierUpdate, etag: str = "") -> ClassifierInfo:
         """Changes the fields of ``update.paths``; changing how votes are cast drops the
-        calibration, which was fitted for the old settings."""
+        calibration, which was fitted for the old settings, and the label models' temperature
+        fitted with it (which travels only with a calibration: an export would lose it)."""
         changes = updates.validated_changes(update, self._limits, self._dimensions)
 
         def change(config: ClassifierConfig) -> ClassifierConfig:
@@ -168,7 +169,11 @@ class ClassifierService:
             voting_changed = any(
                 getattr(updated, f) != getattr(config, f) for f in ("k", "voting", "dimension")
             ) or np.float32(updated.temperature) != np.float32(config.temperature)
-            return dataclasses.replace(updated, calibration=None) if voting_changed else updated
+            if not voting_changed:
+                return updated
+            return dataclasses.replace(
+                updated, calibration=None, label_temperature=LABEL_TEMPERATURE
+            )
 
         updated = await self._classifiers.update(
             update.name, change, etag=etag, field="classifier.name"

@@ -266,5 +266,5 @@ def _out_of_scope_threshold(rule: Any) -> pb.OutOfScopeThreshold:
             current.setdefault(key, current.pop(former))
     try:
         return ParseDict(current, pb.OutOfScopeThreshold())
-    except ParseError as error:
+    except (ParseError, OverflowError) as error:  # Overflow: a JSON integer past a double
         raise CliError(f"the export header's out_of_scope_rule is malformed: {error}") from None

@@ -9,12 +9,14 @@ ascending, ...); only what the client itself reads is checked here.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from .._requests import VOTING_NAMES
 from ._errors import CliError
 
 _INT32 = range(-(2**31), 2**31)
+_DOUBLE_MAX = sys.float_info.max
 _SETTINGS = {
     "instruction": "a string",
     "k": "an integer",
@@ -33,8 +35,8 @@ def _fits(value: Any, kind: str) -> bool:
         return False
     if kind == "an integer":
         return isinstance(value, int) and value in _INT32
-    if kind == "a number":
-        return isinstance(value, int | float)
+    if kind == "a number":  # a JSON integer may be past a double's range (OverflowError)
+        return isinstance(value, float) or (isinstance(value, int) and abs(value) <= _DOUBLE_MAX)
     if kind == "a list of integers":
         return isinstance(value, list) and all(_fits(item, "an integer") for item in value)
     if kind == "a list of numbers":
