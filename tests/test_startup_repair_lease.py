@@ -18,6 +18,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from knn_classifier.server.domain import ExemplarInput, NewClassifier
+from knn_classifier.server.service import ClassifierService
+from knn_classifier.server.settings import Settings
 from knn_classifier.server.store import Record, Selection
 from knn_classifier.server.store.base import Matrix
 from knn_classifier.server.store.qdrant_server import QdrantServerStore
@@ -47,12 +49,19 @@ class RetrieveGatedStore(GatedStore):
         return found
 
 
-async def half_deleted(store: QdrantServerStore, dimension: int, exemplar_id: str) -> None:
-    """Removes exemplar ``exemplar_id`` of classifier "c" from ``dimension`` only, as a replica
-    crashing between two dimensions of its delete leaves it."""
-    records, _ = await store.vectors(dimension, "c")
-    point = next(r.id for r in records if r.payload["id"] == exemplar_id)
-    await store.delete(dimension, Selection("c", ids=[point]))
+async def replica_with_a_half_deleted_exemplar(
+    settings: Settings, store: QdrantServerStore
+) -> ClassifierService:
+    """Replica A with classifier "c" whose one exemplar "half" is missing from the first
+    dimension, as a replica crashing between two dimensions of its delete leaves it."""
+    replica = await open_replica(settings, store)
+    await replica.create_classifier(NewClassifier("c"))
+    await replica.add_exemplars("c", [ExemplarInput("half words", "a", id="half")])
+    first = settings.dimensions[0]
+    records, _ = await store.vectors(first, "c")
+    point = next(r.id for r in records if r.payload["id"] == "half")
+    await store.delete(first, Selection("c", ids=[point]))
+    return replica
 
 
 async def test_a_replica_starting_during_a_delete_on_another_does_not_write_back_what_it_removed(
@@ -98,10 +107,7 @@ async def test_a_classifier_deleted_on_another_replica_during_the_repair_keeps_n
     first = settings.dimensions[0]
     client = AsyncQdrantClient(":memory:")
     store_a = QdrantServerStore(client, "knn")
-    replica_a = await open_replica(settings, store_a)
-    await replica_a.create_classifier(NewClassifier("c"))
-    await replica_a.add_exemplars("c", [ExemplarInput("half words", "a", id="half")])
-    await half_deleted(store_a, first, "half")
+    replica_a = await replica_with_a_half_deleted_exemplar(settings, store_a)
     store_b = GatedStore(client, before=first)
     store_b.hold.clear()
     starting = asyncio.create_task(open_replica(settings, store_b))
@@ -127,10 +133,7 @@ async def test_a_classifier_whose_lease_stays_held_is_skipped_then_completed_at_
     first, last = settings.dimensions[0], settings.dimensions[-1]
     client = AsyncQdrantClient(":memory:")
     store = QdrantServerStore(client, "knn")
-    replica_a = await open_replica(settings, store)
-    await replica_a.create_classifier(NewClassifier("c"))
-    await replica_a.add_exemplars("c", [ExemplarInput("half words", "a", id="half")])
-    await half_deleted(store, first, "half")
+    replica_a = await replica_with_a_half_deleted_exemplar(settings, store)
     before = (await replica_a.get_classifier("c")).config.etag
     held = {"lease": "another-replica", "lease_until": time.time() + 600}
     await store.update_meta("classifier:c", held, {})
@@ -167,10 +170,7 @@ async def test_a_repair_that_lost_its_lease_while_stalled_reads_what_is_missing_
     first, last = settings.dimensions[0], settings.dimensions[-1]
     client = AsyncQdrantClient(":memory:")
     store_a = QdrantServerStore(client, "knn")
-    replica_a = await open_replica(settings, store_a)
-    await replica_a.create_classifier(NewClassifier("c"))
-    await replica_a.add_exemplars("c", [ExemplarInput("half words", "a", id="half")])
-    await half_deleted(store_a, first, "half")
+    replica_a = await replica_with_a_half_deleted_exemplar(settings, store_a)
     store_b = RetrieveGatedStore(client)
     store_b.hold.clear()
     starting = asyncio.create_task(open_replica(settings_b, store_b))
